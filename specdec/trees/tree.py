@@ -1,0 +1,134 @@
+"""The one token-tree type of the engine.
+
+A tree is named data: either Medusa-style rank paths ((0,), (0, 0), (1,), ...) or an EAGLE-2-style parent
+array. Node 0 is always the root: the last committed token, not yet in the KV cache. Every other node is a
+draft token. One pure derivation turns either form into a frozen `Tree` holding, in BFS order:
+
+- ``parents``   [n]      parent node index, -1 for the root
+- ``ranks``     [n]      child rank of each node under its parent (0 = most likely), 0 for the root
+- ``depth``     [n]      distance from the root (position id = committed length + depth)
+- ``mask``      [n, n]   bool, mask[i, j] = j is i or an ancestor of i
+- ``retrieve``  [leaves, max_depth + 1]  node indices root..leaf of every root-to-leaf path, -1 padded
+
+A chain of k drafts is the tree with parents (-1, 0, 1, ..., k - 1). Plain decoding is the 1-node tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class Tree:
+    parents: tuple[int, ...]
+    ranks: tuple[int, ...]
+    depth: torch.Tensor = field(repr=False)  # [n] int64
+    mask: torch.Tensor = field(repr=False)  # [n, n] bool
+    retrieve: torch.Tensor = field(repr=False)  # [leaves, max_depth + 1] int64, -1 padded
+
+    @property
+    def size(self) -> int:
+        return len(self.parents)
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depth.max())
+
+    def children(self, node: int) -> list[int]:
+        """Children of `node`, in rank order (BFS order keeps ranks sorted)."""
+        return [i for i, p in enumerate(self.parents) if p == node]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tree) and self.parents == other.parents and self.ranks == other.ranks
+
+    def __hash__(self) -> int:
+        return hash((self.parents, self.ranks))
+
+    # ----------------------------------------------------------------------------------------------
+    # construction
+
+    @staticmethod
+    def from_parents(parents: Sequence[int], ranks: Sequence[int] | None = None) -> "Tree":
+        """Build from a parent array; node 0 must be the root (-1) and parents must precede children."""
+        parents = tuple(int(p) for p in parents)
+        _check_parents(parents)
+        if ranks is None:
+            seen: dict[int, int] = {}
+            derived = [0]
+            for p in parents[1:]:
+                derived.append(seen.get(p, 0))
+                seen[p] = seen.get(p, 0) + 1
+            ranks = derived
+        return _derive(parents, tuple(int(r) for r in ranks))
+
+    @staticmethod
+    def from_rank_paths(paths: Sequence[Sequence[int]]) -> "Tree":
+        """Build from rank paths; the root is implicit. Every prefix of a path must also be a path."""
+        return _from_rank_paths(tuple(tuple(int(r) for r in p) for p in paths))
+
+    @staticmethod
+    def chain(k: int) -> "Tree":
+        """Root plus a chain of k draft tokens."""
+        return Tree.from_parents([-1] + list(range(k)))
+
+    def rank_paths(self) -> list[tuple[int, ...]]:
+        """Rank path of every non-root node (inverse of from_rank_paths)."""
+        paths: list[tuple[int, ...]] = [()]
+        for i in range(1, self.size):
+            paths.append(paths[self.parents[i]] + (self.ranks[i],))
+        return paths[1:]
+
+
+def _check_parents(parents: tuple[int, ...]) -> None:
+    if not parents or parents[0] != -1:
+        raise ValueError("tree: node 0 must be the root with parent -1")
+    for i, p in enumerate(parents[1:], start=1):
+        if not 0 <= p < i:
+            raise ValueError(f"tree: node {i} has parent {p}; parents must come before their children")
+
+
+@lru_cache(maxsize=256)
+def _from_rank_paths(paths: tuple[tuple[int, ...], ...]) -> Tree:
+    known = set(paths)
+    for p in paths:
+        if not p:
+            raise ValueError("tree: empty rank path (the root is implicit)")
+        if len(p) > 1 and p[:-1] not in known:
+            raise ValueError(f"tree: rank path {p} has no parent path {p[:-1]}")
+    if len(known) != len(paths):
+        raise ValueError("tree: duplicate rank paths")
+    ordered = sorted(paths, key=lambda p: (len(p), p))  # BFS, siblings by rank
+    index = {(): 0}
+    parents, ranks = [-1], [0]
+    for i, p in enumerate(ordered, start=1):
+        index[p] = i
+        parents.append(index[p[:-1]])
+        ranks.append(p[-1])
+    return _derive(tuple(parents), tuple(ranks))
+
+
+def _derive(parents: tuple[int, ...], ranks: tuple[int, ...]) -> Tree:
+    n = len(parents)
+    depth = [0] * n
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        mask[i, i] = True
+        if parents[i] >= 0:
+            depth[i] = depth[parents[i]] + 1
+            mask[i] |= mask[parents[i]]
+    is_parent = set(parents)
+    leaves = [i for i in range(n) if i not in is_parent]
+    max_depth = max(depth)
+    retrieve = torch.full((len(leaves), max_depth + 1), -1, dtype=torch.long)
+    for row, leaf in enumerate(leaves):
+        path = []
+        node = leaf
+        while node >= 0:
+            path.append(node)
+            node = parents[node]
+        retrieve[row, : len(path)] = torch.tensor(path[::-1])
+    return Tree(parents, ranks, torch.tensor(depth, dtype=torch.long), mask, retrieve)

@@ -1,0 +1,49 @@
+"""The verifier interface: score a whole token tree per row in one target forward, keep what is accepted.
+
+A verifier owns the target model's KV cache, organised in *slots* (one slot per sequence in flight). Per slot
+it holds the committed prefix: every token except the last committed one (the tree root), whose KV is
+produced when it is scored as node 0 of the next tree.
+
+- ``reset(num_slots, max_len)``: allocate / clear the cache for that many slots of up to max_len tokens.
+- ``prefill(slot, tokens)``: clear the slot and write the KV of ``tokens`` [p] (prompt minus its last token).
+- ``score(slots, tokens, depth, mask)``: tokens/depth [B, n], mask [B, n, n] bool (mask[b, i, j]: node i sees
+  node j). Node i of row b sits at position ``length(slot) + depth[b, i]`` and attends to the whole committed
+  prefix of its slot (subject to sliding windows) plus the tree nodes its mask allows. Returns logits
+  [B, n, V] float32. The KV of the scored nodes is held until ``commit``.
+- ``commit(slot, keep)``: append the KV of nodes ``keep`` (root first, then each accepted node in path order)
+  to the slot's prefix; the other scored nodes are discarded. Rows padded with dummy nodes simply never
+  keep them.
+- ``length(slot)``: committed prefix length.
+
+Implementations: `specdec.verifiers.hf.HFVerifier` (any supported transformers model, batch 1) and the lean
+path in `specdec.verifiers.lean`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    vocab_size: int
+    max_positions: int  # longest sequence the model supports
+
+    def reset(self, num_slots: int, max_len: int) -> None: ...
+
+    def prefill(self, slot: int, tokens: torch.Tensor) -> None: ...
+
+    def score(
+        self,
+        slots: Sequence[int],
+        tokens: torch.Tensor,  # [B, n] int64
+        depth: torch.Tensor,  # [B, n] int64
+        mask: torch.Tensor,  # [B, n, n] bool
+    ) -> torch.Tensor:  # [B, n, V] float32
+        ...
+
+    def commit(self, slot: int, keep: Sequence[int]) -> None: ...
+
+    def length(self, slot: int) -> int: ...
