@@ -1,0 +1,95 @@
+"""Verifier over an unmodified transformers model: tree mask and positions passed as forward arguments.
+
+Works for any supported causal LM (Gemma 3 with sliding-window + global layers, Qwen2, Llama) at batch 1.
+The KV cache is a plain `DynamicCache()` (full keys for every layer, so prompts longer than a sliding window
+stay exact: the window is applied by the mask, not by dropping keys). After scoring, `commit` keeps the prefix
+plus the accepted nodes: a crop when the accepted nodes are the first ones (chains), else a gather.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+class HFVerifier:
+    def __init__(self, model: PreTrainedModel, prefill_chunk: int = 512):
+        self.model = model
+        cfg = model.config
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.max_positions = int(getattr(cfg, "max_position_embeddings", 1 << 30))
+        self.prefill_chunk = prefill_chunk
+        self._layer_types = tuple(getattr(cfg, "layer_types", None) or ())
+        self._window = getattr(cfg, "sliding_window", None)
+        self._cache: DynamicCache | None = None
+        self._len = 0
+        self._pending = 0
+
+    def reset(self, num_slots: int, max_len: int) -> None:
+        if num_slots != 1:
+            raise ValueError("the transformers verifier runs one sequence at a time; use backend='lean' for batches")
+        self._cache, self._len, self._pending = DynamicCache(), 0, 0
+
+    def prefill(self, slot: int, tokens: torch.Tensor) -> None:
+        self.reset(1, 0)
+        for start in range(0, tokens.numel(), self.prefill_chunk):
+            chunk = tokens[start : start + self.prefill_chunk].view(1, -1)  # [1, c]
+            self.model(input_ids=chunk, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        self._len = tokens.numel()
+
+    def length(self, slot: int) -> int:
+        return self._len
+
+    @torch.inference_mode()
+    def score(
+        self,
+        slots: Sequence[int],
+        tokens: torch.Tensor,  # [1, n]
+        depth: torch.Tensor,  # [1, n]
+        mask: torch.Tensor,  # [1, n, n] bool
+    ) -> torch.Tensor:  # [1, n, V]
+        if self._pending:
+            raise RuntimeError("score() called twice without commit()")
+        n, prefix = tokens.shape[1], self._len
+        positions = depth + prefix  # [1, n]
+        out = self.model(
+            input_ids=tokens,
+            position_ids=positions,
+            attention_mask=self._masks(mask, positions),
+            past_key_values=self._cache,
+            use_cache=True,
+        )
+        self._pending = n
+        return out.logits.float()
+
+    def commit(self, slot: int, keep: Sequence[int]) -> None:
+        keep = list(keep)
+        if keep == list(range(len(keep))):
+            if self._pending > len(keep):
+                self._cache.crop(len(keep) - self._pending)  # negative: number of trailing entries to drop
+        else:
+            index = torch.cat([torch.arange(self._len), self._len + torch.tensor(keep)])  # [len + a]
+            for layer in self._cache.layers:
+                layer.keys = layer.keys.index_select(-2, index)
+                layer.values = layer.values.index_select(-2, index)
+        self._len += len(keep)
+        self._pending = 0
+
+    def _masks(self, tree_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | dict:
+        """Boolean [1, 1, n, prefix + n] masks (True = attend): one per layer type when the model mixes them."""
+        n, prefix = tree_mask.shape[-1], self._len
+        full = torch.ones(1, 1, n, prefix + n, dtype=torch.bool)
+        full[..., prefix:] = tree_mask[:, None]
+        if not self._layer_types:
+            return full
+        masks = {}
+        for kind in set(self._layer_types):
+            if kind == "sliding_attention" and self._window:
+                key_pos = torch.cat([torch.arange(prefix), positions[0]])  # [prefix + n]
+                near = positions[0, :, None] - key_pos[None, :] < self._window  # [n, prefix + n]
+                masks[kind] = full & near
+            else:
+                masks[kind] = full
+        return masks

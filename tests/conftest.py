@@ -1,0 +1,62 @@
+"""Shared test fixtures: tiny random Llama / Qwen2 / Gemma 3 models built in memory (no hub, no files)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+ARCHS = ("llama", "qwen2", "gemma3")
+VOCAB = 512
+SLIDING_WINDOW = 16  # small, so short test prompts cross it
+
+
+def make_tiny_model(arch: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
+    """A 2-4 layer random model; weights scaled up so greedy continuations are not all one token."""
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=2, tie_word_embeddings=False, **common))
+    elif arch == "gemma3":
+        cfg = Gemma3TextConfig(
+            num_hidden_layers=4, sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            **common,
+        )
+        model = Gemma3ForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)  # sharper distributions: fewer near-ties, more varied greedy paths
+    cfg = model.config
+    cfg._attn_implementation = "sdpa"
+    return model.eval()
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny_model(request):
+    return make_tiny_model(request.param)
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
+    """transformers' own greedy generate(): the reference every path is compared with."""
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+        eos_token_id=eos, pad_token_id=0, top_k=None, top_p=None, temperature=None,
+    )
+    return out[0, len(prompt):].tolist()
