@@ -1,0 +1,166 @@
+"""LeanVerifier: the `Verifier` protocol on a lean forward (no transformers modules in the hot path).
+
+Owns the KV cache and the per-slot committed lengths; the forward itself lives in
+`specdec.verifiers.lean_model` and GEMM orientation in `specdec.verifiers.gemm`.
+
+Cache layout: per layer, k and v [num_slots, Hkv, max_len, D]. Committed token t of a slot sits at cache index
+t (= its position). Scoring a tree writes node i of a row at index ``length + i`` (rotary position
+``length + depth[i]``); `commit` moves the kept nodes to ``length .. length + len(keep) - 1`` (nothing moves
+for a chain) and advances the length. Rejected nodes are simply overwritten later.
+
+Each call attends over cache indices ``[start, max(length) + n)`` only, never the whole max_len: ``start`` skips
+keys that every sliding-window layer would mask anyway when all layers slide.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from specdec.verifiers import gemm
+from specdec.verifiers.lean_model import LeanModel, Step
+
+PREFILL_CHUNK = 256
+
+
+class LeanVerifier:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        gemm: Literal["auto", "linear", "wxt"] = "auto",
+        compile: bool = False,
+        fuse: bool = True,
+        cache_dir: str | Path | None = None,
+        calibration_budget_s: float = 15.0,
+    ):
+        cfg = model.config
+        self.vocab_size: int = cfg.vocab_size
+        self.max_positions: int = cfg.max_position_embeddings
+        self.model = LeanModel(model, fuse)
+        self.model.use_plan(_plan_for(self.model, gemm, cache_dir, calibration_budget_s))
+        self._forward = _compiled(self.model.forward) if compile else self.model.forward
+        self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._lengths: list[int] = []
+        self._scored: dict[int, int] = {}  # slot -> node count of its last scored tree (for commit checks)
+        self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.max_len = 0
+
+    @property
+    def gemm_plan(self) -> gemm.GemmPlan:
+        return self.model.plan
+
+    # ---- Verifier protocol ---------------------------------------------------------------------------
+
+    def reset(self, num_slots: int, max_len: int) -> None:
+        a, dtype = self.model.arch, self.model.dtype
+        if max_len > self.max_positions:
+            raise ValueError(f"max_len {max_len} exceeds the model's {self.max_positions} positions")
+        shape = (num_slots, a.num_kv_heads, max_len, a.head_dim)
+        # zeros, not empty: masked keys past a row's end must not hold NaN/inf (0 * NaN poisons the output)
+        self._caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in a.windows]
+        self._lengths = [0] * num_slots
+        self._scored = {}
+        self._rope = self.model.rope_tables(max_len)
+        self.max_len = max_len
+
+    def length(self, slot: int) -> int:
+        return self._lengths[slot]
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: torch.Tensor) -> None:
+        tokens = tokens.reshape(-1).long()
+        self._lengths[slot] = 0
+        self._scored.pop(slot, None)
+        for begin in range(0, tokens.numel(), PREFILL_CHUNK):
+            chunk = tokens[begin: begin + PREFILL_CHUNK]
+            m = chunk.numel()
+            causal = torch.ones(m, m, dtype=torch.bool).tril_()
+            step = self._step([slot], torch.arange(m)[None], causal[None])
+            self.model.forward(chunk[None], step, self._caches, self._rope)  # eager: prompt lengths vary
+            self._lengths[slot] += m
+
+    @torch.inference_mode()
+    def score(
+        self,
+        slots: Sequence[int],
+        tokens: torch.Tensor,  # [B, n] int64
+        depth: torch.Tensor,  # [B, n] int64
+        mask: torch.Tensor,  # [B, n, n] bool
+    ) -> torch.Tensor:  # [B, n, V] float32
+        slots = [int(s) for s in slots]
+        if len(set(slots)) != len(slots) or tokens.shape[0] != len(slots):
+            raise ValueError("score: one distinct slot per row expected")
+        hidden = self._forward(tokens.long(), self._step(slots, depth.long(), mask.bool()), self._caches,
+                               self._rope)
+        for s in slots:
+            self._scored[s] = tokens.shape[1]
+        return self.model.logits(hidden)
+
+    def commit(self, slot: int, keep: Sequence[int]) -> None:
+        keep = [int(k) for k in keep]
+        n = self._scored.pop(slot, None)
+        if n is None:
+            raise ValueError(f"commit: slot {slot} has no scored tree")
+        if not keep or keep[0] != 0 or any(b <= a for a, b in zip(keep, keep[1:])) or keep[-1] >= n:
+            raise ValueError(f"commit: keep must start at the root and increase within {n} nodes, got {keep}")
+        base = self._lengths[slot]
+        moved = [j for j, node in enumerate(keep) if node != j]
+        if moved:
+            src = torch.tensor([base + keep[j] for j in moved])
+            dst = torch.tensor([base + j for j in moved])
+            with torch.inference_mode():
+                for k_cache, v_cache in self._caches:
+                    k_cache[slot, :, dst] = k_cache[slot, :, src]
+                    v_cache[slot, :, dst] = v_cache[slot, :, src]
+        self._lengths[slot] = base + len(keep)
+
+    # ---- per-call geometry ---------------------------------------------------------------------------
+
+    def _step(self, slots: list[int], depth: torch.Tensor, mask: torch.Tensor) -> Step:
+        """Positions, write indices and one boolean mask per distinct window for rows `slots`."""
+        batch, n = depth.shape
+        lens_list = [self._lengths[s] for s in slots]
+        end = max(lens_list) + n
+        if end > self.max_len:
+            raise ValueError(f"score: {end} cache entries needed, reset() allowed {self.max_len}")
+        windows = set(self.model.arch.windows)
+        start = 0
+        if None not in windows:  # every layer slides: keys older than the smallest reach are dead for all
+            start = max(0, min(lens_list) - max(windows) + 1)
+        lens = torch.tensor(lens_list)
+        idx = torch.arange(start, end)  # [S] cache indices attended
+        rel = idx[None, :] - lens[:, None]  # [B, S] tree node index where 0 <= rel < n
+        in_prefix = rel < 0
+        node = rel.clamp(0, n - 1)
+        visible = torch.gather(mask, 2, node[:, None, :].expand(batch, n, -1)) & (rel < n)[:, None, :]
+        visible |= in_prefix[:, None, :]  # [B, n, S]
+        q_pos = lens[:, None] + depth  # [B, n]
+        k_pos = torch.where(in_prefix, idx[None, :], lens[:, None] + torch.gather(depth, 1, node))  # [B, S]
+        masks = {}
+        for w in windows:
+            m = visible if w is None else visible & (q_pos[:, :, None] - k_pos[:, None, :] < w)
+            masks[w] = m.unsqueeze(1)
+        first = slots[0]
+        consecutive = slots == list(range(first, first + batch))
+        return Step(positions=q_pos, slots=torch.tensor(slots), write_index=lens[:, None] + torch.arange(n),
+                    kv_range=(start, end), masks=masks,
+                    slot_slice=slice(first, first + batch) if consecutive else None)
+
+
+def _plan_for(model: LeanModel, choice: str, cache_dir, budget_s: float) -> gemm.GemmPlan:
+    if choice in ("linear", "wxt"):
+        return gemm.GemmPlan.fixed(choice)  # type: ignore[arg-type]
+    if choice != "auto":
+        raise ValueError(f"gemm must be 'auto', 'linear' or 'wxt', got {choice!r}")
+    weights = [lin.weight for lin in model.linears()]
+    signature = "|".join([model.arch.model_type, str(model.dtype),
+                          ",".join(sorted({gemm.shape_key(w) for w in weights}))])
+    return gemm.load_or_calibrate(weights, signature, Path(cache_dir) if cache_dir else None, budget_s)
+
+
+def _compiled(forward):
+    return torch.compile(forward, dynamic=True)

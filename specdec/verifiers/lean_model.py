@@ -1,0 +1,276 @@
+"""The lean forward of Llama, Qwen2 and Gemma 3 (text) decoders, on the loaded transformers model's own weights.
+
+One function of (tokens, positions, KV write indices, masks) -> hidden states, in the gpt-fast manner: no
+module hooks, no cache objects, masks and positions passed in, the KV written by position into preallocated
+per-layer tensors the caller owns. This module knows the architectures (norm flavours, q/k norms, sandwich
+norms, activations, rotary tables, sliding windows) and nothing about slots, trees or acceptance: the caller
+(`specdec.verifiers.lean`) builds the `Step`.
+
+Weights are the model's tensors (no copies) except two small fusions made once: q/k/v and gate/up are
+concatenated so each layer runs 4 GEMMs instead of 7 (`fuse=False` keeps the model's tensors only).
+GEMM orientation per shape and row count comes from a `GemmPlan` (`specdec.verifiers.gemm`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from specdec.verifiers.gemm import GemmPlan, Linear
+
+SUPPORTED = ("llama", "qwen2", "gemma3_text")
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq independent of sequence length
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What differs between the supported decoders, read once from the config."""
+
+    model_type: str
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+    gemma: bool  # (1 + w) norms, q/k norms, sandwich norms, scaled embedding
+    activation: str  # "gelu_tanh" | "silu"
+    attn_scale: float
+    attn_softcap: float | None
+    final_softcap: float | None
+    windows: tuple[int | None, ...]  # per layer; None = global attention
+    rope_kinds: tuple[str, ...]  # per layer: key into the rotary tables
+
+
+@dataclass
+class Step:
+    """Everything one forward needs besides the tokens; built by the caller per call."""
+
+    positions: torch.Tensor  # [B, n] int64 rotary position of every token
+    slots: torch.Tensor  # [B] int64 cache row of every batch row
+    write_index: torch.Tensor  # [B, n] int64 cache index each token's K/V is written to
+    kv_range: tuple[int, int]  # cache indices [start, end) attended (same for every row; masks do the rest)
+    masks: dict[int | None, torch.Tensor]  # window -> [B, 1, n, end - start] bool, True = may attend
+    slot_slice: slice | None = None  # `slots` as a slice when consecutive: attend through a view, not a gather
+
+
+@dataclass
+class _Layer:
+    in_norm: torch.Tensor  # [hidden] effective RMSNorm scale
+    qkv: list[Linear]  # one fused [q; k; v] Linear, or q, k, v
+    o: Linear
+    post_attn_norm: torch.Tensor | None  # [hidden] (Gemma)
+    ff_norm: torch.Tensor  # [hidden]
+    post_ff_norm: torch.Tensor | None  # [hidden] (Gemma)
+    q_norm: torch.Tensor | None  # [head_dim] (Gemma)
+    k_norm: torch.Tensor | None  # [head_dim] (Gemma)
+    gate_up: list[Linear]  # one fused [gate; up] Linear, or gate, up
+    down: Linear
+
+
+def read_arch(model: PreTrainedModel) -> Arch:
+    cfg = model.config
+    if cfg.model_type not in SUPPORTED:
+        raise ValueError(f"lean verifier: unsupported model type {cfg.model_type!r} (supported: {SUPPORTED})")
+    gemma = cfg.model_type == "gemma3_text"
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    act = cfg.hidden_activation if gemma else cfg.hidden_act
+    if act not in ("gelu_pytorch_tanh", "silu"):
+        raise ValueError(f"lean verifier: unsupported activation {act!r}")
+    layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
+    windows = tuple(cfg.sliding_window if t == "sliding_attention" else None for t in layer_types)
+    return Arch(
+        model_type=cfg.model_type, hidden=cfg.hidden_size, num_heads=cfg.num_attention_heads,
+        num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim, eps=cfg.rms_norm_eps, gemma=gemma,
+        activation="gelu_tanh" if act == "gelu_pytorch_tanh" else "silu",
+        attn_scale=(cfg.query_pre_attn_scalar if gemma else head_dim) ** -0.5,
+        attn_softcap=getattr(cfg, "attn_logit_softcapping", None) if gemma else None,
+        final_softcap=getattr(cfg, "final_logit_softcapping", None) if gemma else None,
+        windows=windows, rope_kinds=tuple(layer_types) if gemma else ("default",) * len(windows),
+    )
+
+
+class LeanModel:
+    """The forward; holds references to the model's weights and the derived constants."""
+
+    def __init__(self, model: PreTrainedModel, fuse: bool = True):
+        self.arch = arch = read_arch(model)
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.plan = GemmPlan()
+        base = model.model
+        self.embed = base.embed_tokens.weight.detach()  # [V, hidden]
+        scale = getattr(base.embed_tokens, "embed_scale", None)
+        self.embed_scale = None if scale is None else scale.detach().to(self.dtype)
+        self.final_norm = self._norm_scale(base.norm)
+        head = model.get_output_embeddings()
+        self.lm_head = Linear(head.weight, head.bias)
+        self.layers = [self._layer(layer, fuse) for layer in base.layers]
+        self._inv_freq = _inv_freqs(base.rotary_emb, set(arch.rope_kinds), arch.gemma)
+
+    # ---- weights -------------------------------------------------------------------------------------
+
+    def _norm_scale(self, norm: torch.nn.Module) -> torch.Tensor:
+        w = norm.weight.detach().float()
+        return (1.0 + w) if self.arch.gemma else w
+
+    def _layer(self, layer: torch.nn.Module, fuse: bool) -> _Layer:
+        att, mlp, g = layer.self_attn, layer.mlp, self.arch.gemma
+        return _Layer(
+            in_norm=self._norm_scale(layer.input_layernorm),
+            qkv=self._linears([att.q_proj, att.k_proj, att.v_proj], fuse),
+            o=Linear(att.o_proj.weight, att.o_proj.bias),
+            post_attn_norm=self._norm_scale(layer.post_attention_layernorm) if g else None,
+            ff_norm=self._norm_scale(layer.pre_feedforward_layernorm if g else layer.post_attention_layernorm),
+            post_ff_norm=self._norm_scale(layer.post_feedforward_layernorm) if g else None,
+            q_norm=self._norm_scale(att.q_norm) if g else None,
+            k_norm=self._norm_scale(att.k_norm) if g else None,
+            gate_up=self._linears([mlp.gate_proj, mlp.up_proj], fuse),
+            down=Linear(mlp.down_proj.weight, mlp.down_proj.bias),
+        )
+
+    def _linears(self, mods: list[torch.nn.Linear], fuse: bool) -> list[Linear]:
+        if not fuse:
+            return [Linear(m.weight, m.bias) for m in mods]
+        biases = [m.bias for m in mods]
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        return [Linear(torch.cat([m.weight.detach() for m in mods]), bias)]
+
+    def linears(self) -> list[Linear]:
+        """Every GEMM of the forward, the LM head first."""
+        out = [self.lm_head]
+        for lw in self.layers:
+            out += lw.qkv + [lw.o] + lw.gate_up + [lw.down]
+        return out
+
+    def use_plan(self, plan: GemmPlan) -> None:
+        self.plan = plan
+        for lin in self.linears():
+            lin.use(plan)
+
+    def rope_tables(self, max_len: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """kind -> (cos, sin) [max_len, head_dim], computed as transformers does (float32 products)."""
+        pos = torch.arange(max_len, dtype=torch.float32)
+        tables = {}
+        for kind, (inv_freq, scaling) in self._inv_freq.items():
+            freqs = pos[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            tables[kind] = ((emb.cos() * scaling).to(self.dtype), (emb.sin() * scaling).to(self.dtype))
+        return tables
+
+    # ---- forward -------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, n] int64
+        step: Step,
+        caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v) [slots, Hkv, max_len, D]
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]],  # kind -> (cos, sin) [max_len, D]
+    ) -> torch.Tensor:  # [B, n, hidden], final norm applied
+        a = self.arch
+        batch, n = tokens.shape
+        x = F.embedding(tokens, self.embed).view(batch * n, a.hidden)  # [B*n, hidden]
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        cos_sin = {kind: (c[step.positions].unsqueeze(2), s[step.positions].unsqueeze(2))  # [B, n, 1, D]
+                   for kind, (c, s) in rope.items()}
+        for i, lw in enumerate(self.layers):
+            h = self._attention(rms_norm(x, lw.in_norm, a.eps), lw, batch, n, step, caches[i],
+                                cos_sin[a.rope_kinds[i]], step.masks[a.windows[i]])
+            if lw.post_attn_norm is not None:
+                h = rms_norm(h, lw.post_attn_norm, a.eps)
+            x = x + h
+            h = self._mlp(rms_norm(x, lw.ff_norm, a.eps), lw)
+            if lw.post_ff_norm is not None:
+                h = rms_norm(h, lw.post_ff_norm, a.eps)
+            x = x + h
+        return rms_norm(x, self.final_norm, a.eps).view(batch, n, a.hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, n, hidden] -> [B, n, V] float32
+        batch, n, _ = hidden.shape
+        out = self.lm_head(hidden.view(batch * n, -1)).float()
+        if self.arch.final_softcap is not None:
+            out = torch.tanh(out / self.arch.final_softcap) * self.arch.final_softcap
+        return out.contiguous().view(batch, n, -1)
+
+    def _attention(self, x, lw: _Layer, batch, n, step: Step, cache, cos_sin, mask) -> torch.Tensor:
+        a = self.arch
+        qd, kd = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        if len(lw.qkv) == 1:
+            q, k, v = lw.qkv[0](x).split([qd, kd, kd], dim=-1)
+        else:
+            q, k, v = (lin(x) for lin in lw.qkv)
+        q = q.reshape(batch, n, a.num_heads, a.head_dim)
+        k = k.reshape(batch, n, a.num_kv_heads, a.head_dim)
+        v = v.reshape(batch, n, a.num_kv_heads, a.head_dim)
+        if lw.q_norm is not None:
+            q, k = rms_norm(q, lw.q_norm, a.eps), rms_norm(k, lw.k_norm, a.eps)
+        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        k_cache, v_cache = cache
+        k_cache[step.slots[:, None], :, step.write_index] = k  # [B, n, Hkv, D] written by position
+        v_cache[step.slots[:, None], :, step.write_index] = v
+        start, end = step.kv_range
+        if step.slot_slice is not None:
+            keys, values = k_cache[step.slot_slice, :, start:end], v_cache[step.slot_slice, :, start:end]
+        else:
+            keys, values = k_cache[step.slots, :, start:end], v_cache[step.slots, :, start:end]
+        out = attend(q.transpose(1, 2), keys, values, mask, a.attn_scale, a.attn_softcap)  # [B, Hq, n, D]
+        return lw.o(out.transpose(1, 2).reshape(batch * n, qd))
+
+    def _mlp(self, x: torch.Tensor, lw: _Layer) -> torch.Tensor:
+        if len(lw.gate_up) == 1:
+            gate, up = lw.gate_up[0](x).chunk(2, dim=-1)
+        else:
+            gate, up = (lin(x) for lin in lw.gate_up)
+        if self.arch.activation == "gelu_tanh":
+            gate = F.gelu(gate, approximate="tanh")
+        else:
+            gate = F.silu(gate)
+        return lw.down(gate * up)
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * scale over the last dim, in float32 (scale already includes Gemma's 1 + w)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * scale).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, n, H, D] rotated by cos/sin [B, n, 1, D] (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attend(
+    q: torch.Tensor,  # [B, Hq, n, D]
+    k: torch.Tensor,  # [B, Hkv, S, D]
+    v: torch.Tensor,  # [B, Hkv, S, D]
+    mask: torch.Tensor,  # [B, 1, n, S] bool, True = may attend
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:  # [B, Hq, n, D]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32)
+    return (scores.to(v.dtype) @ v)
+
+
+def _inv_freqs(rotary: torch.nn.Module, kinds: set[str], gemma: bool) -> dict[str, tuple[torch.Tensor, float]]:
+    """kind -> (inv_freq [D/2] float32, attention scaling), taken from the model's rotary module."""
+    out = {}
+    for kind in kinds:
+        prefix = f"{kind}_" if gemma else ""
+        rope_type = rotary.rope_type[kind] if gemma else rotary.rope_type
+        if rope_type not in _STATIC_ROPE:
+            raise ValueError(f"lean verifier: rope type {rope_type!r} depends on sequence length; unsupported")
+        inv_freq = getattr(rotary, f"{prefix}inv_freq").detach().float()
+        scaling = float(getattr(rotary, f"{prefix}attention_scaling"))
+        out[kind] = (inv_freq, scaling if math.isfinite(scaling) else 1.0)
+    return out
