@@ -1,0 +1,234 @@
+"""Public Python API: `SpecDecoder` (keeps model, verifier and drafter state) and `generate`, a drop-in for
+transformers' `model.generate()` that returns the same tensor for the same arguments.
+
+This module is the boundary between text and token ids: it owns tokenisation, chat templates, stop strings and
+the mapping of transformers generation arguments onto the engine's `StopConditions` / `SamplingParams`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from specdec.drafters.base import Drafter
+from specdec.drafters.registry import make_drafter
+from specdec.engine import Engine, GenerationResult, StopConditions
+from specdec.errors import SpecdecError
+from specdec.models.loading import LoadedModel, load_model
+from specdec.sampling import SamplingParams
+from specdec.trees.presets import load_tree
+from specdec.verifiers.hf import HFVerifier
+
+DEFAULT_BUDGET = {"plain": 1, "ngram": 6, "recycling": 8}  # nodes per step incl. root; see issue #3 for sizing
+
+
+def make_verifier(model: PreTrainedModel, backend: str = "auto"):
+    """'hf': the unmodified transformers forward; 'lean': specdec's CPU fast path; 'auto': lean when supported."""
+    if backend not in ("auto", "hf", "lean"):
+        raise SpecdecError(f"unknown backend '{backend}': choose auto, hf or lean")
+    if backend == "hf":
+        return HFVerifier(model)
+    try:
+        from specdec.verifiers.lean import LeanVerifier
+    except ImportError:
+        if backend == "lean":
+            raise SpecdecError("the lean backend is not available in this build: use --backend hf") from None
+        return HFVerifier(model)
+    try:
+        return LeanVerifier(model)
+    except ValueError as err:
+        if backend == "lean":
+            raise SpecdecError(f"lean backend: {err}: use --backend hf") from None
+        return HFVerifier(model)
+
+
+class SpecDecoder:
+    """A loaded target model + verifier + drafter, reusable across prompts (drafter state persists: hot start)."""
+
+    def __init__(
+        self,
+        model: str | LoadedModel | PreTrainedModel | None = None,
+        tokenizer: Any = None,
+        *,
+        drafter: str | Drafter = "recycling",
+        tree: str | None = None,
+        tree_budget: int | None = None,
+        backend: str = "auto",
+        cache_dir: str | None = None,
+        drafter_options: dict[str, Any] | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        if model is None or isinstance(model, str):
+            model = load_model(model, cache_dir=cache_dir, log=log)
+        if isinstance(model, LoadedModel):
+            tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+            self.name, model = model.name, model.model
+        else:
+            self.name = getattr(model.config, "_name_or_path", "") or model.config.model_type
+        self.model, self.tokenizer = model, tokenizer
+        self.verifier = make_verifier(model, backend)
+        self.drafter = self._make_drafter(drafter, tree, drafter_options or {})
+        name = getattr(self.drafter, "name", "custom")
+        self.tree_budget = tree_budget or DEFAULT_BUDGET.get(name, 8)
+        self.engine = Engine(self.verifier, self.drafter, self.tree_budget)
+
+    def _make_drafter(self, drafter: str | Drafter, tree: str | None, options: dict[str, Any]) -> Drafter:
+        if not isinstance(drafter, str):
+            return drafter
+        try:
+            return make_drafter(
+                drafter, vocab_size=self.verifier.vocab_size, tree=load_tree(tree) if tree else None, **options
+            )
+        except (ValueError, TypeError) as err:
+            raise SpecdecError(str(err).splitlines()[0]) from None
+
+    # ------------------------------------------------------------------------------------------ token ids
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[int] | torch.Tensor,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        stop_strings: Sequence[str] = (),
+        on_tokens: Callable[[list[int]], None] | None = None,
+    ) -> GenerationResult:
+        sampling = _validated(SamplingParams(temperature, top_k, top_p, seed))
+        stop = StopConditions(
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=frozenset(self._eos_ids() if eos_token_id is None else _as_list(eos_token_id)),
+            stop_strings=tuple(stop_strings),
+            decode=self._decode if stop_strings else None,
+        )
+        return self.engine.generate(prompt_ids, stop, sampling, on_tokens)
+
+    # ------------------------------------------------------------------------------------------ text
+
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        if not prompt or not prompt.strip():
+            raise SpecdecError("empty prompt: give some text to continue")
+        tok = self._need_tokenizer()
+        if chat and getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(tok(prompt)["input_ids"])
+
+    def generate_text(self, prompt: str, *, chat: bool = True, **kwargs: Any) -> tuple[str, GenerationResult]:
+        result = self.generate_ids(self.encode(prompt, chat), **kwargs)
+        return self._decode(result.tokens), result
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._need_tokenizer().decode(ids, skip_special_tokens=True)
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise SpecdecError("this needs a tokenizer: pass tokenizer=... to SpecDecoder")
+        return self.tokenizer
+
+    def _eos_ids(self) -> list[int]:
+        ids = _as_list(self.model.generation_config.eos_token_id)
+        if not ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids = [self.tokenizer.eos_token_id]
+        return ids
+
+
+def _as_list(x: int | Sequence[int] | None) -> list[int]:
+    if x is None:
+        return []
+    return [int(x)] if isinstance(x, int) or (torch.is_tensor(x) and x.dim() == 0) else [int(i) for i in x]
+
+
+def _validated(params: SamplingParams) -> SamplingParams:
+    try:
+        return params.validate()
+    except ValueError as err:
+        raise SpecdecError(str(err)) from None
+
+
+# ---------------------------------------------------------------------------------------------- drop-in
+
+_SUPPORTED = {
+    "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
+    "pad_token_id", "stop_strings", "generation_config", "attention_mask", "seed", "num_beams",
+    "num_return_sequences", "use_cache", "bos_token_id",
+}
+
+
+def generate(
+    model: PreTrainedModel | SpecDecoder,
+    input_ids: torch.Tensor | str | None = None,
+    *,
+    tokenizer: Any = None,
+    drafter: str | Drafter = "recycling",
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Speculative `model.generate(input_ids, **kwargs)`: same arguments, same returned [B, L + new] tensor.
+
+    Rows of a batch are decoded one after another (left padding is stripped with `attention_mask`); finished
+    rows are right-padded with pad_token_id as transformers does. `input_ids` may also be a string (needs
+    `tokenizer`). Sampling uses `seed` if given, else a seed drawn from torch's global generator.
+    """
+    unknown = set(kwargs) - _SUPPORTED
+    if unknown:
+        raise SpecdecError(f"generate() argument(s) {sorted(unknown)} are not supported by specdec")
+    decoder = model if isinstance(model, SpecDecoder) else SpecDecoder(model, tokenizer, drafter=drafter)
+    if isinstance(input_ids, str):
+        input_ids = torch.tensor([decoder.encode(input_ids, chat=False)])
+    if input_ids is None:
+        raise SpecdecError("generate() needs input_ids (or a prompt string and tokenizer=...)")
+    gc = copy.deepcopy(kwargs.pop("generation_config", None) or decoder.model.generation_config)
+    mask = kwargs.pop("attention_mask", None)
+    seed = kwargs.pop("seed", None)
+    for key, value in kwargs.items():
+        setattr(gc, key, value)
+    if (gc.num_beams or 1) > 1 or (gc.num_return_sequences or 1) > 1:
+        raise SpecdecError("beam search and num_return_sequences > 1 are not speculative: use model.generate()")
+    input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    rows = _unpad(input_ids, mask)
+    args = _engine_args(gc, input_ids.shape[1], seed)
+    stop_strings = gc.stop_strings or ()
+    if isinstance(stop_strings, str):
+        stop_strings = (stop_strings,)
+    results = [decoder.generate_ids(r, stop_strings=stop_strings, **args).tokens for r in rows]
+    pad = gc.pad_token_id if gc.pad_token_id is not None else (_as_list(gc.eos_token_id) or [0])[0]
+    width = max(len(r) for r in results)
+    new = torch.full((len(rows), width), int(pad), dtype=input_ids.dtype)
+    for i, r in enumerate(results):
+        new[i, : len(r)] = torch.tensor(r, dtype=input_ids.dtype)
+    return torch.cat([input_ids, new], dim=1)
+
+
+def _unpad(input_ids: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+    if mask is None:
+        return list(input_ids)
+    rows = []
+    for ids, m in zip(input_ids, mask):
+        if bool((m[:-1] > m[1:]).any()):
+            raise SpecdecError("attention_mask must be left padding (zeros first) as transformers expects")
+        rows.append(ids[m.bool()])
+    return rows
+
+
+def _engine_args(gc: Any, prompt_width: int, seed: int | None) -> dict[str, Any]:
+    if gc.max_new_tokens is not None:
+        max_new = gc.max_new_tokens
+    else:
+        max_new = max(0, (gc.max_length or 20) - prompt_width)
+    args: dict[str, Any] = {"max_new_tokens": max_new, "eos_token_id": _as_list(gc.eos_token_id)}
+    if gc.do_sample:
+        args.update(
+            temperature=gc.temperature if gc.temperature is not None else 1.0,
+            top_k=gc.top_k or 0,
+            top_p=gc.top_p if gc.top_p is not None else 1.0,
+            seed=seed if seed is not None else int(torch.randint(0, 2**62, ())),
+        )
+    return args

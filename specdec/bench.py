@@ -1,0 +1,252 @@
+"""`specdec bench`: Spec-Bench side by side in one run, one process, same prompts, same machine.
+
+Methods: transformers `generate()` plain (hf-plain, the baseline), transformers prompt-lookup decoding (hf-pld),
+specdec plain, ngram and recycling (any registered drafter name works). Prompts are interleaved (every method
+runs prompt i before any runs prompt i + 1) so machine drift hits all methods alike. Per category: tau,
+mean per-prompt tokens/s, speedup over hf-plain, exact-match rate of the new tokens against hf-plain.
+Results go to <out>/bench-<time>.json (every prompt) and .md (the table), with hardware, dtype, threads,
+versions and prompt count in both.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from specdec.errors import SpecdecError
+
+HF_METHODS = ("hf-plain", "hf-pld")
+PLD_NUM_TOKENS = 10  # transformers' documented prompt_lookup_num_tokens example value
+PROMPT_TEMPLATE = "Question: {q}\nAnswer:"  # for tokenizers without a chat template (the default model's)
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    model: str | None = None
+    prompts: str | None = None
+    per_category: int = 1
+    max_new_tokens: int = 128
+    methods: tuple[str, ...] = ("hf-plain", "hf-pld", "plain", "ngram", "recycling")
+    out_dir: str = "bench_results"
+    cache_dir: str | None = None
+    tree: str | None = None
+    tree_budget: int | None = None
+    backend: str = "auto"
+
+
+@dataclass
+class Row:
+    question_id: int
+    category: str
+    method: str
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    tau: float
+    tokens: list[int] = field(repr=False)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def load_questions(path: str | None, per_category: int) -> list[dict]:
+    if path is None:
+        text = resources.files("specdec").joinpath("data/spec_bench/question.jsonl").read_text()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise SpecdecError(f"prompt file {p} not found: give a Spec-Bench style JSONL to --prompts")
+        text = p.read_text()
+    picked: dict[str, list[dict]] = defaultdict(list)
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            cat, turn = row["category"], row["turns"][0]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            raise SpecdecError(f"prompt file line {n} is not a Spec-Bench row (category, turns): fix it") from None
+        if len(picked[cat]) < per_category:
+            picked[cat].append({"question_id": row.get("question_id", n), "category": cat, "text": turn})
+    questions = [q for rows in picked.values() for q in rows]
+    if not questions:
+        raise SpecdecError("no prompts found: the prompt file is empty")
+    return questions
+
+
+def machine_info() -> dict:
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+class _Runner:
+    """Runs one method on one prompt; keeps the SpecDecoder of each specdec method (drafter hot start)."""
+
+    def __init__(self, spec: BenchSpec, loaded, eos: list[int]):
+        from specdec.api import SpecDecoder
+
+        self.spec, self.model, self.eos = spec, loaded.model, eos
+        self.decoders = {
+            m: SpecDecoder(loaded, drafter=m, tree=spec.tree, tree_budget=spec.tree_budget, backend=spec.backend)
+            for m in spec.methods
+            if m not in HF_METHODS
+        }
+
+    def run(self, method: str, ids: list[int], max_new: int) -> tuple[list[int], float, float]:
+        """Returns (new tokens, seconds, tau)."""
+        if method in HF_METHODS:
+            return self._run_hf(method, ids, max_new)
+        res = self.decoders[method].generate_ids(ids, max_new_tokens=max_new, eos_token_id=self.eos)
+        return res.tokens, res.stats.total_s, res.stats.tau
+
+    @torch.inference_mode()
+    def _run_hf(self, method: str, ids: list[int], max_new: int) -> tuple[list[int], float, float]:
+        x = torch.tensor([ids])
+        extra = {"prompt_lookup_num_tokens": PLD_NUM_TOKENS} if method == "hf-pld" else {}
+        t0 = time.perf_counter()
+        out = self.model.generate(
+            x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new, eos_token_id=self.eos,
+            pad_token_id=self.eos[0] if self.eos else 0, top_k=None, top_p=None, temperature=None, **extra,
+        )
+        seconds = time.perf_counter() - t0
+        return out[0, len(ids):].tolist(), seconds, float("nan")
+
+
+def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, echo: Callable[[str], None] = print) -> dict:
+    from specdec.models.loading import load_model
+
+    if not spec.methods:
+        raise SpecdecError("no methods given: use e.g. --methods hf-plain,plain,recycling")
+    questions = load_questions(spec.prompts, spec.per_category)
+    loaded = load_model(spec.model, cache_dir=spec.cache_dir, log=log)
+    tok = loaded.tokenizer
+    eos = _eos_ids(loaded)
+    runner = _Runner(spec, loaded, eos)
+    info = machine_info() | {"model": loaded.name, "prompts": len(questions), "max_new_tokens": spec.max_new_tokens,
+                             "methods": list(spec.methods), "template": _template_note(tok)}
+    log(f"bench: {len(questions)} prompts x {len(spec.methods)} methods, {spec.max_new_tokens} new tokens, "
+        f"{info['threads']} threads, {info['cpu']}")
+    warm = _encode(tok, "Warm-up: say hello.")
+    for m in spec.methods:
+        runner.run(m, warm, 4)
+    rows: list[Row] = []
+    for i, q in enumerate(questions, start=1):
+        ids = _encode(tok, q["text"])
+        for m in spec.methods:
+            tokens, secs, tau = runner.run(m, ids, spec.max_new_tokens)
+            rows.append(Row(q["question_id"], q["category"], m, len(ids), len(tokens), secs, tau, tokens))
+        done = [r for r in rows if r.question_id == q["question_id"]]
+        log(f"[{i}/{len(questions)}] {q['category']}: " + ", ".join(f"{r.method} {r.tokens_per_s:.1f} tok/s" for r in done))
+    report = summarise(rows, spec.methods, info)
+    paths = _save(report, rows, spec.out_dir)
+    echo(report["markdown"])
+    log(f"saved {paths[0]} and {paths[1]}")
+    return report
+
+
+def _eos_ids(loaded) -> list[int]:
+    eos = loaded.model.generation_config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    return ids or ([loaded.tokenizer.eos_token_id] if loaded.tokenizer.eos_token_id is not None else [])
+
+
+def _template_note(tok) -> str:
+    return "chat template" if getattr(tok, "chat_template", None) else PROMPT_TEMPLATE.replace("\n", "\\n")
+
+
+def _encode(tok, text: str) -> list[int]:
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return list(tok(PROMPT_TEMPLATE.format(q=text))["input_ids"])
+
+
+def summarise(rows: list[Row], methods: tuple[str, ...], info: dict) -> dict:
+    """Per category and overall: mean tau, mean per-prompt tokens/s, speedup vs hf-plain, exact-match rate."""
+    base = "hf-plain" if "hf-plain" in methods else methods[0]
+    ref = {r.question_id: r.tokens for r in rows if r.method == base}
+    cats = sorted({r.category for r in rows})
+    table: dict[str, dict[str, dict]] = {}
+    for cat in cats + ["overall"]:
+        sel = [r for r in rows if cat == "overall" or r.category == cat]
+        base_tps = _mean([r.tokens_per_s for r in sel if r.method == base])
+        table[cat] = {}
+        for m in methods:
+            mine = [r for r in sel if r.method == m]
+            tps = _mean([r.tokens_per_s for r in mine])
+            table[cat][m] = {
+                "n": len(mine),
+                "tau": _mean([r.tau for r in mine if r.tau == r.tau]),
+                "tokens_per_s": tps,
+                "speedup": tps / base_tps if base_tps else float("nan"),
+                "exact_match": _mean([float(r.tokens == ref[r.question_id]) for r in mine]),
+            }
+    mismatches = [
+        {"question_id": r.question_id, "method": r.method, "first_diff": _first_diff(r.tokens, ref[r.question_id])}
+        for r in rows
+        if r.method != base and r.tokens != ref[r.question_id]
+    ]
+    return {"info": info, "baseline": base, "table": table, "mismatches": mismatches,
+            "markdown": _markdown(table, methods, info, base)}
+
+
+def _first_diff(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _markdown(table: dict, methods: tuple[str, ...], info: dict, base: str) -> str:
+    head = (f"Spec-Bench: {info['prompts']} prompts, {info['max_new_tokens']} new tokens, greedy, batch 1 | "
+            f"model {info['model']} {info['dtype']} | {info['cpu']}, {info['threads']} threads | "
+            f"torch {info['torch']}, transformers {info['transformers']} | speedup and exact match vs {base}")
+    cols = "| category | " + " | ".join(f"{m} tau | {m} tok/s | {m} speedup | {m} exact" for m in methods) + " |"
+    sep = "|---|" + "---|" * (4 * len(methods))
+    lines = [head, "", cols, sep]
+    for cat, per in table.items():
+        cells = []
+        for m in methods:
+            c = per[m]
+            tau = "-" if c["tau"] != c["tau"] else f"{c['tau']:.2f}"
+            cells += [tau, f"{c['tokens_per_s']:.2f}", f"{c['speedup']:.2f}x", f"{100 * c['exact_match']:.0f}%"]
+        name = f"**{cat}**" if cat == "overall" else cat
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _save(report: dict, rows: list[Row], out_dir: str) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    j, md = out / f"bench-{stamp}.json", out / f"bench-{stamp}.md"
+    data = {k: v for k, v in report.items() if k != "markdown"} | {"rows": [asdict(r) for r in rows]}
+    j.write_text(json.dumps(data, indent=1))
+    md.write_text(report["markdown"] + "\n")
+    return j, md

@@ -1,0 +1,193 @@
+"""The `specdec` command line: parses, loads config, calls the library, prints. Nothing else lives here.
+
+User errors (`SpecdecError`) print as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from specdec.config import RunConfig, load_config
+from specdec.errors import SpecdecError
+
+
+def _user_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SpecdecError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _log(line: str) -> None:
+    click.echo(f"[specdec] {line}", err=True)
+
+
+def _setup_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@click.group()
+@click.version_option(package_name="specdec")
+def main() -> None:
+    """specdec: speculative decoding with exactly the output of plain decoding, faster."""
+
+
+def _common_options(fn: Callable) -> Callable:
+    options = [
+        click.option("--config", "config_path", type=click.Path(), help="YAML file of settings (see configs/)."),
+        click.option("--model", help="Built-in name (default gemma3-270m), a transformers directory, or a .gguf."),
+        click.option("--drafter", help="plain, ngram, recycling, or module:Class."),
+        click.option("--tree", help="Tree preset (chain-K, cpu-8, tr-80, ...) or a YAML file."),
+        click.option("--tree-budget", type=int, help="Max nodes scored per step, root included."),
+        click.option("--backend", type=click.Choice(["auto", "hf", "lean"]), help="Verifier implementation."),
+        click.option("--threads", type=int, help="torch CPU threads."),
+        click.option("--cache-dir", envvar="SPECDEC_CACHE", help="Model cache (default ~/.cache/specdec)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.argument("prompt")
+@_common_options
+@click.option("--max-new-tokens", type=int, help="Tokens to generate at most (default 128).")
+@click.option("--temperature", type=float, help="0 = greedy (default).")
+@click.option("--top-k", type=int, help="Sample from the k most likely tokens (0 = off).")
+@click.option("--top-p", type=float, help="Nucleus sampling mass (1 = off).")
+@click.option("--seed", type=int, help="Sampling seed.")
+@click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable).")
+@click.option("--raw", is_flag=True, help="Do not apply the tokenizer's chat template.")
+@click.option("--stream", is_flag=True, help="Print text as it is accepted.")
+@click.option("--stats", is_flag=True, help="Print tau, tokens/s and the accepted-length histogram.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout: text, token_ids, stats.")
+@_user_errors
+def generate(prompt: str, config_path: str | None, cache_dir: str | None, raw: bool, stream: bool, stats: bool,
+             as_json: bool, **overrides: Any) -> None:
+    """Generate a continuation of PROMPT."""
+    cfg = load_config(config_path).updated(**overrides)
+    if raw:
+        cfg = cfg.updated(chat=False)
+    _setup_threads(cfg.threads)
+    decoder = _decoder(cfg, cache_dir)
+    ids = decoder.encode(prompt, chat=cfg.chat)
+    printer = _StreamPrinter(decoder) if stream and not as_json else None
+    s = cfg.sampling()
+    result = decoder.generate_ids(
+        ids, max_new_tokens=cfg.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        seed=s.seed, stop_strings=cfg.stop_strings, on_tokens=printer,
+    )
+    text = decoder.tokenizer.decode(result.tokens, skip_special_tokens=True)
+    if as_json:
+        click.echo(json.dumps({"text": text, "token_ids": result.tokens, "stats": _stats_dict(result, cfg)}))
+        return
+    if printer:
+        printer.finish()
+    else:
+        click.echo(text)
+    if stats:
+        _print_stats(result, cfg)
+
+
+def _decoder(cfg: RunConfig, cache_dir: str | None):
+    from specdec.api import SpecDecoder
+
+    return SpecDecoder(
+        cfg.model, drafter=cfg.drafter, tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend,
+        cache_dir=cache_dir, drafter_options=cfg.drafter_options, log=_log,
+    )
+
+
+class _StreamPrinter:
+    """Prints the newly decoded text after each accepted step (decoding the whole output keeps UTF-8 intact)."""
+
+    def __init__(self, decoder):
+        self.decoder, self.ids, self.shown = decoder, [], ""
+
+    def __call__(self, new_tokens: list[int]) -> None:
+        self.ids.extend(new_tokens)
+        text = self.decoder.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return
+        click.echo(text[len(self.shown):], nl=False)
+        sys.stdout.flush()
+        self.shown = text
+
+    def finish(self) -> None:
+        text = self.decoder.tokenizer.decode(self.ids, skip_special_tokens=True)
+        click.echo(text[len(self.shown):])
+
+
+def _stats_dict(result, cfg: RunConfig) -> dict:
+    import torch
+
+    d = result.stats.as_dict()
+    d.update(finish_reason=result.finish_reason, drafter=cfg.drafter, threads=torch.get_num_threads())
+    return d
+
+
+def _print_stats(result, cfg: RunConfig) -> None:
+    d = _stats_dict(result, cfg)
+    click.echo(
+        f"[stats] drafter={d['drafter']} tau={d['tau']:.2f} tokens/s={d['tokens_per_s']:.2f} "
+        f"new_tokens={d['new_tokens']} steps={d['steps']} mean_tree={d['mean_tree_size']} "
+        f"threads={d['threads']} finish={d['finish_reason']}",
+        err=True,
+    )
+    hist = " ".join(f"{k}:{v}" for k, v in d["accept_histogram"].items())
+    click.echo(f"[stats] accepted-length histogram (tokens/step: steps): {hist}", err=True)
+
+
+@main.command()
+@_common_options
+@click.option("--prompts", type=click.Path(), help="Spec-Bench style JSONL (default: the bundled Spec-Bench).")
+@click.option("--per-category", type=int, default=1, show_default=True, help="Prompts per category.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--methods", default="hf-plain,hf-pld,plain,ngram,recycling", show_default=True,
+              help="Comma-separated: hf-plain, hf-pld, plain, ngram, recycling.")
+@click.option("--out", "out_dir", default="bench_results", show_default=True, help="Folder for JSON + Markdown.")
+@_user_errors
+def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, per_category: int,
+          max_new_tokens: int, methods: str, out_dir: str, **overrides: Any) -> None:
+    """Spec-Bench, side by side in one run: tau, tokens/s, speedup and exact-match rate per category."""
+    from specdec.bench import BenchSpec, run_bench
+
+    cfg = load_config(config_path).updated(**overrides)
+    _setup_threads(cfg.threads)
+    spec = BenchSpec(
+        model=cfg.model, prompts=prompts, per_category=per_category, max_new_tokens=max_new_tokens,
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), out_dir=out_dir, cache_dir=cache_dir,
+        tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend,
+    )
+    run_bench(spec, log=_log, echo=click.echo)
+
+
+@main.command("models")
+def models_cmd() -> None:
+    """List the built-in models."""
+    from specdec.models.loading import list_builtin
+
+    for name, desc in list_builtin().items():
+        click.echo(f"{name:24s} {desc}")
+
+
+@main.command("trees")
+def trees_cmd() -> None:
+    """List the tree presets."""
+    from specdec.trees.presets import list_trees
+
+    for name in list_trees():
+        click.echo(name)
