@@ -14,12 +14,13 @@ import torch
 from transformers import PreTrainedModel
 
 from specdec.drafters.base import Drafter
-from specdec.drafters.registry import make_drafter
+from specdec.drafters.registry import drafter_names, make_drafter
 from specdec.engine import Engine, GenerationResult, StopConditions
 from specdec.errors import SpecdecError
 from specdec.models.loading import LoadedModel, load_model
 from specdec.sampling import SamplingParams
 from specdec.trees.presets import load_tree
+from specdec.trees.tree import Tree
 from specdec.verifiers.hf import HFVerifier
 
 DEFAULT_BUDGET = {"plain": 1, "ngram": 6, "recycling": 8}  # nodes per step incl. root; see issue #3 for sizing
@@ -54,13 +55,17 @@ class SpecDecoder:
         tokenizer: Any = None,
         *,
         drafter: str | Drafter = "recycling",
-        tree: str | None = None,
+        tree: str | Tree | None = None,
         tree_budget: int | None = None,
         backend: str = "auto",
         cache_dir: str | None = None,
         drafter_options: dict[str, Any] | None = None,
         log: Callable[[str], None] | None = None,
     ):
+        tree_obj = _resolve_tree(tree)  # cheap checks first: a typo should not wait for a model load
+        if isinstance(drafter, str) and ":" not in drafter and drafter not in drafter_names():
+            raise SpecdecError(f"unknown drafter '{drafter}': choose one of {', '.join(drafter_names())}, "
+                               "or give module:Class")
         if model is None or isinstance(model, str):
             model = load_model(model, cache_dir=cache_dir, log=log)
         if isinstance(model, LoadedModel):
@@ -70,18 +75,16 @@ class SpecDecoder:
             self.name = getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.model, self.tokenizer = model, tokenizer
         self.verifier = make_verifier(model, backend)
-        self.drafter = self._make_drafter(drafter, tree, drafter_options or {})
+        self.drafter = self._make_drafter(drafter, tree_obj, drafter_options or {})
         name = getattr(self.drafter, "name", "custom")
         self.tree_budget = tree_budget or DEFAULT_BUDGET.get(name, 8)
         self.engine = Engine(self.verifier, self.drafter, self.tree_budget)
 
-    def _make_drafter(self, drafter: str | Drafter, tree: str | None, options: dict[str, Any]) -> Drafter:
+    def _make_drafter(self, drafter: str | Drafter, tree: Tree | None, options: dict[str, Any]) -> Drafter:
         if not isinstance(drafter, str):
             return drafter
         try:
-            return make_drafter(
-                drafter, vocab_size=self.verifier.vocab_size, tree=load_tree(tree) if tree else None, **options
-            )
+            return make_drafter(drafter, vocab_size=self.verifier.vocab_size, tree=tree, **options)
         except (ValueError, TypeError) as err:
             raise SpecdecError(str(err).splitlines()[0]) from None
 
@@ -137,6 +140,15 @@ class SpecDecoder:
         if not ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids = [self.tokenizer.eos_token_id]
         return ids
+
+
+def _resolve_tree(tree: str | Tree | None) -> Tree | None:
+    if tree is None or isinstance(tree, Tree):
+        return tree
+    try:
+        return load_tree(tree)
+    except ValueError as err:
+        raise SpecdecError(str(err).splitlines()[0]) from None
 
 
 def _as_list(x: int | Sequence[int] | None) -> list[int]:
@@ -221,8 +233,10 @@ def _unpad(input_ids: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Ten
 def _engine_args(gc: Any, prompt_width: int, seed: int | None) -> dict[str, Any]:
     if gc.max_new_tokens is not None:
         max_new = gc.max_new_tokens
+    elif gc.max_length is not None:
+        max_new = max(0, gc.max_length - prompt_width)
     else:
-        max_new = max(0, (gc.max_length or 20) - prompt_width)
+        max_new = 20  # transformers' model-agnostic default: 20 new tokens
     args: dict[str, Any] = {"max_new_tokens": max_new, "eos_token_id": _as_list(gc.eos_token_id)}
     if gc.do_sample:
         args.update(

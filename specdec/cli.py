@@ -32,10 +32,14 @@ def _log(line: str) -> None:
     click.echo(f"[specdec] {line}", err=True)
 
 
-def _setup_threads(threads: int | None) -> None:
-    if threads:
-        import torch
+def _setup(threads: int | None) -> None:
+    """Process-wide settings belong to the CLI (the edge): threads, and quiet transformers progress bars."""
+    import torch
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if threads:
         torch.set_num_threads(threads)
 
 
@@ -81,7 +85,7 @@ def generate(prompt: str, config_path: str | None, cache_dir: str | None, raw: b
     cfg = load_config(config_path).updated(**overrides)
     if raw:
         cfg = cfg.updated(chat=False)
-    _setup_threads(cfg.threads)
+    _setup(cfg.threads)
     decoder = _decoder(cfg, cache_dir)
     ids = decoder.encode(prompt, chat=cfg.chat)
     printer = _StreamPrinter(decoder) if stream and not as_json else None
@@ -166,7 +170,7 @@ def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, p
     from specdec.bench import BenchSpec, run_bench
 
     cfg = load_config(config_path).updated(**overrides)
-    _setup_threads(cfg.threads)
+    _setup(cfg.threads)
     spec = BenchSpec(
         model=cfg.model, prompts=prompts, per_category=per_category, max_new_tokens=max_new_tokens,
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), out_dir=out_dir, cache_dir=cache_dir,

@@ -60,3 +60,29 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = N
         eos_token_id=eos, pad_token_id=0, top_k=None, top_p=None, temperature=None,
     )
     return out[0, len(prompt):].tolist()
+
+
+def make_tiny_tokenizer(vocab: int = VOCAB):
+    """A byte-level BPE tokenizer trained on a few sentences, with <pad>=0, <bos>=1, <eos>=2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = ["The quick brown fox jumps over the lazy dog. " * 3, "Speculative decoding drafts and verifies tokens."]
+    tok.train_from_iterator(text * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Gemma 3 model + tokenizer saved as a transformers directory (what --model DIR loads)."""
+    path = tmp_path_factory.mktemp("tiny-gemma3")
+    make_tiny_model("gemma3").save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,72 @@
+"""The drop-in `specdec.generate` returns what transformers' `generate()` returns for the same arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specdec
+from conftest import make_tiny_model
+from specdec.errors import SpecdecError
+
+
+@pytest.mark.parametrize("drafter", ["plain", "ngram", "recycling"])
+def test_drop_in_single_prompt_equals_transformers(tiny_model, drafter):
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7, 64, 301, 12, 45, 5, 17, 99]])
+    ref = tiny_model.generate(ids, do_sample=False, max_new_tokens=24, pad_token_id=0)
+    out = specdec.generate(tiny_model, ids, drafter=drafter, max_new_tokens=24, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
+def test_drop_in_ragged_batch_with_eos_pads_like_transformers():
+    model = make_tiny_model("llama")
+    rows = [[5, 17, 99, 3, 250, 7], [64, 301, 12]]
+    singles = [model.generate(torch.tensor([r]), do_sample=False, max_new_tokens=12, pad_token_id=0)[0, len(r):]
+               for r in rows]
+    eos = int(singles[0][4])  # row 0 stops after 5 tokens (unless that token comes earlier)
+    left = torch.tensor([rows[0], [0, 0, 0] + rows[1]])
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    out = specdec.generate(model, left, attention_mask=mask, drafter="ngram", max_new_tokens=12,
+                           eos_token_id=eos, pad_token_id=0)
+    for b, single in enumerate(singles):
+        toks = single.tolist()
+        expect = toks[: toks.index(eos) + 1] if eos in toks else toks
+        got = out[b, 6:].tolist()
+        assert got[: len(expect)] == expect
+        assert all(t == 0 for t in got[len(expect):])  # finished rows are padded with pad_token_id
+    assert out.shape[1] == 6 + max(len(s.tolist()[: s.tolist().index(eos) + 1]) if eos in s.tolist() else 12
+                                   for s in singles)
+
+
+def test_default_max_length_is_transformers_default():
+    model = make_tiny_model("qwen2")
+    ids = torch.tensor([[5, 17, 99]])
+    ref = model.generate(ids, do_sample=False, pad_token_id=0)  # generation_config.max_length = 20
+    assert torch.equal(specdec.generate(model, ids, drafter="plain", pad_token_id=0), ref)
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = make_tiny_model("gemma3")
+    ids = torch.tensor([[5, 17, 99, 3]])
+    a = specdec.generate(model, ids, do_sample=True, temperature=1.0, max_new_tokens=16, seed=7)
+    b = specdec.generate(model, ids, do_sample=True, temperature=1.0, max_new_tokens=16, seed=7)
+    c = specdec.generate(model, ids, do_sample=True, temperature=1.0, max_new_tokens=16, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_unsupported_arguments_are_refused():
+    model = make_tiny_model("llama")
+    with pytest.raises(SpecdecError, match="not supported"):
+        specdec.generate(model, torch.tensor([[5, 6]]), output_scores=True)
+    with pytest.raises(SpecdecError, match="beam search"):
+        specdec.generate(model, torch.tensor([[5, 6]]), num_beams=2)
+
+
+def test_spec_decoder_keeps_recycling_state_across_prompts():
+    model = make_tiny_model("llama")
+    dec = specdec.SpecDecoder(model, drafter="recycling")
+    dec.generate_ids([5, 17, 99, 3], max_new_tokens=20)
+    warm = dec.drafter.adj.clone()
+    assert warm.any()  # the first prompt filled the table
+    dec.generate_ids([64, 301, 12], max_new_tokens=5)
+    assert dec.drafter.adj.any()
