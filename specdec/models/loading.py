@@ -1,0 +1,275 @@
+"""Model resolution and loading: a spec string in, an eval-mode model and its tokenizer out.
+
+A spec is a built-in name (see `specdec.models.builtin`), a transformers model directory, or a `.gguf` file.
+GGUF weights are dequantized once into a safetensors cache (`<cache_dir>/models/<name>/`), written to a
+staging directory, verified against the GGUF-loaded model's logits and renamed into place, so a killed load
+never leaves a half cache and later loads take seconds. This module owns the cache layout; it knows nothing
+about decoding. Environment variables are read only by `default_cache_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import gc
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from specdec.errors import SpecdecError
+from specdec.models.builtin import BUILTINS, DEFAULT_BUILTIN, Builtin, assemble
+
+SUPPORTED_MODEL_TYPES = ("gemma3_text", "gemma3", "qwen2", "llama")
+_PROBE_TEXT = "def fibonacci(n):\n    return n if n < 2 else"  # tokens the cache is verified on
+_GENERATION_KEYS = ("eos_token_id", "bos_token_id", "pad_token_id")
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: PreTrainedModel  # eval mode, attn_implementation="sdpa"
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # built-in name, directory name or GGUF file stem
+    source: str  # the directory the weights were loaded from
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """What a GGUF-loaded model computes, to check its dequantized copy against."""
+
+    ids: list[int]  # the tokenizer's ids for _PROBE_TEXT
+    logits: torch.Tensor  # [len(ids), vocab] float32
+    generation: dict  # _GENERATION_KEYS of the generation config
+
+
+def default_cache_dir() -> Path:
+    """`$SPECDEC_CACHE` if set, else ~/.cache/specdec."""
+    override = os.environ.get("SPECDEC_CACHE")
+    return Path(override).expanduser() if override else Path.home() / ".cache" / "specdec"
+
+
+def list_builtin() -> dict[str, str]:
+    """Built-in model names -> one-line descriptions, the default first."""
+    return {name: b.description for name, b in BUILTINS.items()}
+
+
+def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32,
+               cache_dir: str | Path | None = None, log: Log | None = None) -> LoadedModel:
+    """Resolve `spec` and load it in eval mode; SpecdecError on anything the user can fix.
+
+    `spec` is a built-in name (None: the default; a name wins over a same-named path), a transformers model
+    directory, or a .gguf file. GGUF weights are cached dequantized under `cache_dir` (default_cache_dir()).
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    say = log if log is not None else _quiet
+    spec = DEFAULT_BUILTIN if spec is None else spec
+    if spec in BUILTINS:
+        return _load_builtin(BUILTINS[spec], cache, dtype, say)
+    path = Path(spec).expanduser()
+    if spec.strip() and path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SpecdecError(f"'{spec}' is a directory without config.json: give a transformers model "
+                               f"directory (saved with save_pretrained), a .gguf file or a built-in name")
+        return _load_dir(path, path.resolve().name, dtype)
+    if spec.strip() and path.is_file() and path.suffix.lower() == ".gguf":
+        return _load_gguf_file(path, cache, dtype, say)
+    raise SpecdecError(f"model '{spec}' not found: give a built-in name ({', '.join(BUILTINS)}), "
+                       f"a transformers model directory, or a .gguf file")
+
+
+def check_same_tokenizer(target_tok: PreTrainedTokenizerBase, draft_tok: PreTrainedTokenizerBase,
+                         target_name: str, draft_name: str) -> None:
+    """SpecdecError unless the draft tokenizer maps text to the same ids as the target's."""
+    difference = _tokenizer_difference(draft_tok, target_tok)
+    if difference is not None:
+        raise SpecdecError(f"draft model '{draft_name}' uses a different tokenizer from target '{target_name}' "
+                           f"({difference}): pick a draft model from the target's family")
+
+
+def _tokenizer_difference(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> str | None:
+    """How tokenizer `a` differs from `b` (vocab size, token->id map, bos/eos ids), or None."""
+    if len(a) != len(b):
+        return f"vocab {len(a)} vs {len(b)}"
+    if a.get_vocab() != b.get_vocab():
+        return f"same vocab size {len(a)} but different token ids"
+    for attr in ("eos_token_id", "bos_token_id"):
+        if getattr(a, attr) != getattr(b, attr):
+            return f"{attr} {getattr(a, attr)} vs {getattr(b, attr)}"
+    return None
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+def _load_builtin(builtin: Builtin, cache: Path, dtype: torch.dtype, log: Log) -> LoadedModel:
+    target = cache / "models" / builtin.name
+    return _load_via_cache(lambda: assemble(builtin, cache / "gguf", log), target, builtin.name, dtype, log)
+
+
+def _load_gguf_file(path: Path, cache: Path, dtype: torch.dtype, log: Log) -> LoadedModel:
+    stat = path.stat()
+    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache / "models" / f"{path.stem}-{key}"
+    return _load_via_cache(lambda: path, target, path.stem, dtype, log)
+
+
+def _load_via_cache(get_gguf: Callable[[], Path], target: Path, name: str, dtype: torch.dtype,
+                    log: Log) -> LoadedModel:
+    """Load `target`, first filling it from the GGUF `get_gguf()` gives if it is not there yet."""
+    if not target.is_dir():  # the directory only ever appears complete (renamed into place)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(target, log):  # one process converts; others wait, then load its result
+            if not target.is_dir():
+                _convert_gguf(get_gguf(), target, log)
+    return _load_dir(target, name, dtype)
+
+
+@contextlib.contextmanager
+def _exclusive(target: Path, log: Log) -> Iterator[None]:
+    """Hold an advisory lock on the cache entry `target` (a `.<name>.lock` file beside it)."""
+    with target.with_name(f".{target.name}.lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process to finish writing {target}...")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_gguf(gguf: Path, target: Path, log: Log) -> None:
+    """Dequantize `gguf` into a verified safetensors copy at `target`, atomically."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the published cache should not be
+    try:
+        log(f"dequantizing {gguf.name} (one time, ~1 min)...")
+        probe = _dequantize_into(gguf, staging)
+        gc.collect()  # free the GGUF-loaded model before loading its copy (peak memory: one model, not two)
+        log("verifying the dequantized copy...")
+        _verify_copy(staging, probe, gguf)
+        _publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"cached at {target}")
+
+
+def _dequantize_into(gguf: Path, out: Path) -> _Probe:
+    """Load `gguf` through transformers, save a plain float32 copy (model, tokenizer, generation) in `out`."""
+    _check_architecture(_read_config(gguf.parent, gguf), str(gguf))
+    kwargs = {"gguf_file": gguf.name}
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, attn_implementation="sdpa",
+                                                 **kwargs).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    probe = _probe(model, tokenizer)
+    _save_plain(model, out)
+    tokenizer.save_pretrained(out)
+    return probe
+
+
+def _save_plain(model: PreTrainedModel, out: Path) -> None:
+    """save_pretrained refuses GGUF-quantized models, but their weights are already floats: rebuild the
+    model without the quantization config around the same tensors (no copy) and save that."""
+    config = copy.deepcopy(model.config)
+    del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), assign=True)  # tied weights: both keys share one tensor
+    plain.save_pretrained(out)
+    model.generation_config.save_pretrained(out)  # the GGUF's eos/bos/pad ids, not defaults from the config
+
+
+def _probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> _Probe:
+    ids = tokenizer(_PROBE_TEXT).input_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()  # [len(ids), vocab]
+    generation = {k: getattr(model.generation_config, k, None) for k in _GENERATION_KEYS}
+    return _Probe(ids, logits, generation)
+
+
+def _verify_copy(staging: Path, probe: _Probe, gguf: Path) -> None:
+    """The saved copy must give the GGUF model's tokens, logits and generation ids exactly."""
+    copy_ = _load_dir(staging, staging.name, torch.float32)
+    again = _probe(copy_.model, copy_.tokenizer)
+    problems = [what for what, same in (
+        ("token ids", again.ids == probe.ids),
+        ("logits", torch.equal(again.logits, probe.logits)),
+        ("generation config", again.generation == probe.generation),
+    ) if not same]
+    if problems:
+        raise SpecdecError(f"the dequantized copy of {gguf} differs from the GGUF ({', '.join(problems)}): "
+                           f"report this as a specdec bug; load a transformers directory meanwhile")
+
+
+def _publish(staging: Path, target: Path) -> None:
+    try:
+        staging.rename(target)
+    except OSError:
+        if not target.is_dir():  # a concurrent load that published first is fine; anything else is not
+            raise
+
+
+def _read_config(directory: Path, gguf: Path | None = None):
+    kwargs = {"gguf_file": gguf.name} if gguf is not None else {}
+    try:
+        return AutoConfig.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        where = gguf if gguf is not None else directory / "config.json"
+        raise SpecdecError(f"cannot read the model config in {where} ({_first_line(err)}): "
+                           f"give a supported transformers model directory or .gguf file") from err
+
+
+def _check_architecture(config, where: str) -> str:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise SpecdecError(f"model '{where}' has architecture '{model_type}', which specdec does not support: "
+                           f"use a model of type {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return model_type
+
+
+def _load_dir(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
+    config = _read_config(path)
+    model_type = _check_architecture(config, str(path))
+    try:
+        if model_type == "gemma3":
+            model = _gemma3_text_model(path, config, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as err:
+        raise SpecdecError(f"cannot load the weights in {path} ({_first_line(err)}): "
+                           f"check it is a complete transformers checkpoint") from err
+    return LoadedModel(model.eval(), _load_tokenizer(path), name, str(path))
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise SpecdecError(f"no usable tokenizer in {path} ({_first_line(err)}): "
+                           f"save the model's tokenizer there with tokenizer.save_pretrained(...)") from err
+
+
+def _gemma3_text_model(path: Path, config, dtype: torch.dtype) -> PreTrainedModel:
+    """A multimodal Gemma 3 checkpoint as a text-only Gemma3ForCausalLM (the vision tower is dropped)."""
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    text = AutoModelForCausalLM.from_config(config.text_config, dtype=dtype, attn_implementation="sdpa")
+    text.model.load_state_dict(full.model.language_model.state_dict())
+    text.lm_head.load_state_dict(full.lm_head.state_dict())
+    text.generation_config = copy.deepcopy(full.generation_config)
+    return text
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
