@@ -1,0 +1,156 @@
+"""Token Recycling (Luo et al. 2024): draft from the target's own recent top-k candidates, no draft model.
+
+Owns the adjacency matrix and the tree expansion. ``adj[v]`` [k] holds the target's top-k next tokens the last
+time token v was scored. A draft fills a static tree template from the root (the last committed token): node
+token = adj[token(parent), rank(node)]. After verification every scored node t overwrites its row:
+adj[token(t)] = the target's top-k at t.
+
+Kept across prompts (hot start): `reset()` keeps the matrix, `clear()` zeroes it.
+
+Pruned from the template before a draft is returned (each pruned node takes its subtree with it):
+- rank >= k: no candidate of that rank is stored;
+- children of a token whose row was never written: an all-zero row (a written row holds k distinct top-k
+  tokens, so at most one 0). The paper drafts those zeros; verifying them is wasted work on a CPU. With k = 1 a
+  written row [0] reads as unwritten: that child is simply not drafted;
+- a sibling repeating an earlier sibling's token (only hand-written rows repeat): it would be verified twice.
+
+The expansion is a numba kernel (`expand`) with a plain-Python oracle (`expand_reference`) it is tested against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+
+from specdec.drafters.base import Draft, Feedback
+from specdec.trees.tree import Tree
+
+
+@njit(cache=True)
+def expand(adj: np.ndarray, root: int, parents: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """adj: [V, k] int32; parents/ranks: [n] int64 of a template in BFS order, siblings contiguous by rank.
+
+    Returns (tokens [n] int64, alive [n] bool): the token of every node and whether it survives pruning.
+    """
+    n = parents.shape[0]
+    k = adj.shape[1]
+    tokens = np.zeros(n, np.int64)
+    alive = np.zeros(n, np.bool_)
+    tokens[0] = root
+    alive[0] = True
+    for i in range(1, n):
+        p = parents[i]
+        if not alive[p] or ranks[i] >= k or not _written(adj, tokens[p]):
+            continue
+        tokens[i] = adj[tokens[p], ranks[i]]
+        alive[i] = True
+        j = i - 1
+        while j > 0 and parents[j] == p:  # earlier siblings
+            if alive[j] and tokens[j] == tokens[i]:
+                alive[i] = False
+                break
+            j -= 1
+    return tokens, alive
+
+
+@njit(cache=True)
+def _written(adj: np.ndarray, token: int) -> bool:
+    for r in range(adj.shape[1]):
+        if adj[token, r] != 0:
+            return True
+    return False
+
+
+def expand_reference(adj: np.ndarray, root: int, tree: Tree) -> tuple[list[int], list[bool]]:
+    """Plain-Python oracle for `expand` over a Tree's parents and ranks."""
+    k = adj.shape[1]
+    tokens, alive = [root], [True]
+    for i in range(1, tree.size):
+        p, rank = tree.parents[i], tree.ranks[i]
+        row = [int(t) for t in adj[tokens[p]]]
+        token = row[rank] if rank < k else 0
+        siblings = [j for j in range(1, i) if tree.parents[j] == p and alive[j]]
+        ok = alive[p] and rank < k and any(row) and all(tokens[j] != token for j in siblings)
+        tokens.append(token if ok else 0)
+        alive.append(ok)
+    return tokens, alive
+
+
+class RecyclingDrafter:
+    """Token Recycling over a static template, truncated to the budget in BFS order.
+
+    vocab_size: rows of the adjacency matrix (the target's vocabulary). template: the static tree (the
+    registry's default is the paper's tr-80; on CPU a cpu-* preset). k: candidates kept per token, which is also
+    the top-k this drafter asks of the target; template ranks >= k are never drafted.
+    """
+
+    name = "recycling"
+    topk: int
+
+    def __init__(self, vocab_size: int, template: Tree, k: int = 8):
+        if k < 1:
+            raise ValueError(f"recycling: k must be >= 1, got {k}")
+        self.topk = k  # top-k tokens wanted from the target at every scored node
+        self.adj = torch.zeros(vocab_size, k, dtype=torch.int32)  # [vocab, k]
+        self._adj_np = self.adj.numpy()  # same memory, for numba and numpy indexing
+        # one canonical BFS order with siblings contiguous by rank (from_parents alone does not promise it)
+        self.template = Tree.from_rank_paths(template.rank_paths())
+        self._truncated: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # budget -> (parents [b], ranks [b])
+        self._pruned: dict[bytes, Tree] = {}  # alive mask -> pruned tree
+
+    def propose(self, context: torch.Tensor, budget: int) -> Draft:
+        """context: [L] int64. Returns the template's first `budget` nodes (BFS), filled from adj and pruned."""
+        parents, ranks = self._template_prefix(budget)
+        root = int(context[-1])
+        if not 0 <= root < self._adj_np.shape[0]:  # numba does not bounds-check
+            raise ValueError(f"recycling: token {root} is outside the vocabulary of {self._adj_np.shape[0]}")
+        tokens, alive = expand(self._adj_np, root, parents, ranks)
+        return Draft(self._pruned_tree(parents, ranks, alive), torch.from_numpy(tokens[alive]))
+
+    def observe(self, draft: Draft, feedback: Feedback) -> None:
+        """Overwrite adj[token(t)] with the target's top-k at t for every scored node t.
+
+        A token scored at several nodes gets the row of the LAST such node (highest index: deepest in BFS
+        order), chosen explicitly because fancy assignment with repeated indices has no defined winner.
+        """
+        k = self.topk
+        if feedback.topk_tokens.shape[1] < k:
+            raise ValueError(f"recycling: needs the target's top-{k}, got {feedback.topk_tokens.shape[1]}")
+        tokens = draft.tokens.numpy()  # [n]
+        n = tokens.shape[0]
+        _, first_from_end = np.unique(tokens[::-1], return_index=True)
+        last = n - 1 - first_from_end  # index of the last node holding each distinct token
+        rows = feedback.topk_tokens[:n, :k].numpy()  # [n, k]
+        self._adj_np[tokens[last]] = rows[last]
+
+    def reset(self) -> None:
+        """A new prompt: the adjacency matrix is kept (hot start)."""
+
+    def clear(self) -> None:
+        """Forget everything learnt: zero the adjacency matrix."""
+        self._adj_np[:] = 0
+
+    def _template_prefix(self, budget: int) -> tuple[np.ndarray, np.ndarray]:
+        if budget < 1:
+            raise ValueError(f"recycling: budget must be >= 1, got {budget}")
+        budget = min(budget, self.template.size)
+        if budget not in self._truncated:
+            # parents precede children, so any prefix of the BFS order is a tree
+            parents = np.array(self.template.parents[:budget], dtype=np.int64)
+            ranks = np.array(self.template.ranks[:budget], dtype=np.int64)
+            self._truncated[budget] = (parents, ranks)
+        return self._truncated[budget]
+
+    def _pruned_tree(self, parents: np.ndarray, ranks: np.ndarray, alive: np.ndarray) -> Tree:
+        key = alive.tobytes()
+        tree = self._pruned.get(key)
+        if tree is None:
+            kept = np.flatnonzero(alive)
+            new_index = np.cumsum(alive) - 1  # old node -> new node, for kept nodes
+            new_parents = [-1] + new_index[parents[kept[1:]]].tolist()
+            tree = Tree.from_parents(new_parents, ranks[kept].tolist())
+            if len(self._pruned) >= 1024:  # shapes repeat once rows are written; bound the memory anyway
+                self._pruned.clear()
+            self._pruned[key] = tree
+        return tree

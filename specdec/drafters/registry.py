@@ -1,0 +1,99 @@
+"""Drafters by name: a plain dict of factories, plus ``module.path:Name`` import paths for out-of-tree drafters.
+
+Every factory is called as ``factory(vocab_size=..., tree=..., **options)`` and returns a `Drafter`; an
+import path names a class or function with the same call signature. Drafters that build their own trees
+(plain, ngram) refuse a tree rather than silently ignoring it. Other modules add theirs with `register`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable
+
+from specdec.drafters.base import Drafter, PlainDrafter
+from specdec.trees.tree import Tree
+
+DrafterFactory = Callable[..., Drafter]  # (vocab_size: int, tree: Tree | None, **options) -> Drafter
+
+_FACTORIES: dict[str, DrafterFactory] = {}
+
+
+def register(name: str, factory: DrafterFactory) -> None:
+    """Make `factory` available as `name`; re-registering a name replaces it."""
+    if ":" in name:
+        raise ValueError(f"drafter name '{name}' must not contain ':' (that marks an import path)")
+    _FACTORIES[name] = factory
+
+
+def drafter_names() -> list[str]:
+    return list(_FACTORIES)
+
+
+def make_drafter(name: str, *, vocab_size: int, tree: Tree | None = None, **options: Any) -> Drafter:
+    """A registered name or ``module.path:Name`` -> a new drafter instance."""
+    if name in _FACTORIES:
+        factory = _FACTORIES[name]
+    elif ":" in name:
+        factory = _import(name)
+    else:
+        raise ValueError(f"unknown drafter '{name}': choose one of {', '.join(_FACTORIES)}, or give module:Class")
+    _check_call(name, factory, vocab_size=vocab_size, tree=tree, **options)
+    drafter = factory(vocab_size=vocab_size, tree=tree, **options)
+    if not isinstance(drafter, Drafter):
+        raise TypeError(f"drafter '{name}' built a {type(drafter).__name__}, which lacks name/propose/observe/reset")
+    return drafter
+
+
+def _import(path: str) -> DrafterFactory:
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"drafter '{path}': cannot import module '{module_name}' ({err})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"drafter '{path}': module '{module_name}' has no callable '{attr}'")
+    return factory
+
+
+def _check_call(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Unknown or missing options become one clear ValueError instead of a TypeError from deep inside."""
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"drafter '{name}': {err}") from None
+    except ValueError:  # no signature to inspect (some builtins): let the call itself complain
+        pass
+
+
+def _no_tree(name: str, tree: Tree | None) -> None:
+    if tree is not None:
+        raise ValueError(f"drafter '{name}' builds its own trees and takes no tree preset")
+
+
+def _plain(vocab_size: int, tree: Tree | None) -> Drafter:
+    _no_tree("plain", tree)
+    return PlainDrafter()
+
+
+def _ngram(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
+    from specdec.drafters.ngram import NgramDrafter  # numba: imported only when used
+
+    _no_tree("ngram", tree)
+    _check_call("ngram", NgramDrafter, **options)
+    return NgramDrafter(**options)
+
+
+def _recycling(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
+    from specdec.drafters.recycling import RecyclingDrafter
+    from specdec.trees.presets import load_tree
+
+    template = tree if tree is not None else load_tree("tr-80")
+    _check_call("recycling", RecyclingDrafter, vocab_size, template, **options)
+    return RecyclingDrafter(vocab_size, template, **options)
+
+
+register("plain", _plain)
+register("ngram", _ngram)
+register("recycling", _recycling)
