@@ -186,6 +186,16 @@ def test_recycling_truncation_keeps_a_valid_bfs_prefix(budget):
     assert draft.tree.rank_paths() == template.rank_paths()[: n - 1]
 
 
+@pytest.mark.parametrize("budget, preset", [(5, "cpu-4"), (9, "cpu-8"), (17, "cpu-16"), (2, "chain-1"), (1, "chain-0")])
+def test_recycling_without_template_sizes_the_tree_to_the_budget(budget, preset):
+    # no template: each budget gets the best_tree of that size, not a BFS prefix of a big tree
+    d = RecyclingDrafter(64, k=8)
+    rng = np.random.default_rng(0)
+    for t in range(64):
+        d.adj[t] = torch.from_numpy(rng.permutation(63)[:8] + 1)
+    assert d.propose(ids(5), budget).tree == load_tree(preset)
+
+
 def test_expand_numba_equals_reference():
     # random rows with zeros (unwritten) and repeats, over the paper's template
     template = load_tree("tr-80")
@@ -212,7 +222,7 @@ def test_registry_builds_the_builtin_drafters():
     assert isinstance(make_drafter("plain", vocab_size=10), PlainDrafter)
     assert make_drafter("ngram", vocab_size=10, max_ngram=4).max_ngram == 4
     rec = make_drafter("recycling", vocab_size=10, k=4)
-    assert rec.topk == 4 and rec.template == load_tree("tr-80") and rec.adj.shape == (10, 4)
+    assert rec.topk == 4 and rec.template is None and rec.adj.shape == (10, 4)
     assert make_drafter("recycling", vocab_size=10, tree=SMALL).template == SMALL
 
 
@@ -263,6 +273,7 @@ def reference(model, prompt: list[int], max_new_tokens: int = 32) -> list[int]:
     ("ngram", None, {}, 6),
     ("ngram", None, {"branches": 3, "min_ngram": 2}, 9),
     ("recycling", "cpu-8", {}, 9),
+    ("recycling", None, {"k": 4}, 7),
     ("recycling", "tr-80", {"k": 8}, 24),
 ])
 def test_drafters_match_plain_greedy_decoding(tiny_model, name, tree, options, budget):

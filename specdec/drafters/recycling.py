@@ -24,6 +24,7 @@ import torch
 from numba import njit
 
 from specdec.drafters.base import Draft, Feedback
+from specdec.trees.presets import CPU_RANK_ACCEPT, best_tree
 from specdec.trees.tree import Tree
 
 
@@ -80,22 +81,24 @@ def expand_reference(adj: np.ndarray, root: int, tree: Tree) -> tuple[list[int],
 class RecyclingDrafter:
     """Token Recycling over a static template, truncated to the budget in BFS order.
 
-    vocab_size: rows of the adjacency matrix (the target's vocabulary). template: the static tree (the
-    registry's default is the paper's tr-80; on CPU a cpu-* preset). k: candidates kept per token, which is also
-    the top-k this drafter asks of the target; template ranks >= k are never drafted.
+    vocab_size: rows of the adjacency matrix (the target's vocabulary). template: the static tree, e.g. the
+    paper's tr-80 (load_tree("tr-80")). None sizes the tree to each budget instead: best_tree(budget - 1,
+    CPU_RANK_ACCEPT), the rule that made the cpu-* presets (budget 9 gives cpu-8), because a BFS prefix of a big
+    template is all siblings (tr-80's first 8 nodes are the 8 depth-1 candidates). k: candidates kept per token,
+    which is also the top-k this drafter asks of the target; template ranks >= k are never drafted.
     """
 
     name = "recycling"
     topk: int
 
-    def __init__(self, vocab_size: int, template: Tree, k: int = 8):
+    def __init__(self, vocab_size: int, template: Tree | None = None, k: int = 8):
         if k < 1:
             raise ValueError(f"recycling: k must be >= 1, got {k}")
         self.topk = k  # top-k tokens wanted from the target at every scored node
         self.adj = torch.zeros(vocab_size, k, dtype=torch.int32)  # [vocab, k]
         self._adj_np = self.adj.numpy()  # same memory, for numba and numpy indexing
         # one canonical BFS order with siblings contiguous by rank (from_parents alone does not promise it)
-        self.template = Tree.from_rank_paths(template.rank_paths())
+        self.template = None if template is None else Tree.from_rank_paths(template.rank_paths())
         self._truncated: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # budget -> (parents [b], ranks [b])
         self._pruned: dict[bytes, Tree] = {}  # alive mask -> pruned tree
 
@@ -134,11 +137,15 @@ class RecyclingDrafter:
     def _template_prefix(self, budget: int) -> tuple[np.ndarray, np.ndarray]:
         if budget < 1:
             raise ValueError(f"recycling: budget must be >= 1, got {budget}")
-        budget = min(budget, self.template.size)
+        if self.template is not None:
+            budget = min(budget, self.template.size)
         if budget not in self._truncated:
-            # parents precede children, so any prefix of the BFS order is a tree
-            parents = np.array(self.template.parents[:budget], dtype=np.int64)
-            ranks = np.array(self.template.ranks[:budget], dtype=np.int64)
+            if self.template is None:
+                tree = Tree.from_rank_paths(best_tree(budget - 1, CPU_RANK_ACCEPT[: self.topk]))
+            else:  # parents precede children, so any prefix of the BFS order is a tree
+                tree = self.template
+            parents = np.array(tree.parents[:budget], dtype=np.int64)
+            ranks = np.array(tree.ranks[:budget], dtype=np.int64)
             self._truncated[budget] = (parents, ranks)
         return self._truncated[budget]
 

@@ -87,11 +87,9 @@ def _ngram(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
 
 def _recycling(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
     from specdec.drafters.recycling import RecyclingDrafter
-    from specdec.trees.presets import load_tree
 
-    template = tree if tree is not None else load_tree("tr-80")
-    _check_call("recycling", RecyclingDrafter, vocab_size, template, **options)
-    return RecyclingDrafter(vocab_size, template, **options)
+    _check_call("recycling", RecyclingDrafter, vocab_size, tree, **options)
+    return RecyclingDrafter(vocab_size, tree, **options)  # tree None: a tree sized to each step's budget
 
 
 register("plain", _plain)

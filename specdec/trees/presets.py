@@ -24,6 +24,7 @@ import yaml
 from specdec.trees.tree import Tree
 
 _CHAIN = re.compile(r"chain-(\d+)")
+CPU_RANK_ACCEPT = (0.6, 0.15, 0.08, 0.05)  # assumed acceptance of the rank-r child; made the cpu-* presets
 _SHOWN_CHAINS = tuple(f"chain-{k}" for k in range(1, 9))  # listed by list_trees(); any K works
 
 
