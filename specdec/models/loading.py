@@ -154,7 +154,7 @@ def _convert_gguf(gguf: Path, target: Path, log: Log) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the published cache should not be
     try:
-        log(f"dequantizing {gguf.name} (one time, ~1 min)...")
+        log(f"dequantizing {gguf.name} (one time: 1-3 min)...")
         probe = _dequantize_into(gguf, staging)
         gc.collect()  # free the GGUF-loaded model before loading its copy (peak memory: one model, not two)
         log("verifying the dequantized copy...")
@@ -200,8 +200,8 @@ def _probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> _Probe
 
 def _verify_copy(staging: Path, probe: _Probe, gguf: Path) -> None:
     """The saved copy must give the GGUF model's tokens, logits and generation ids exactly."""
-    copy_ = _load_dir(staging, staging.name, torch.float32)
-    again = _probe(copy_.model, copy_.tokenizer)
+    saved = _load_dir(staging, staging.name, torch.float32)
+    again = _probe(saved.model, saved.tokenizer)
     problems = [what for what, same in (
         ("token ids", again.ids == probe.ids),
         ("logits", torch.equal(again.logits, probe.logits)),
