@@ -149,7 +149,7 @@ class Engine:
         return committed
 
     def _observe(self, draft: Draft, logits: torch.Tensor, path: list[int], committed: list[int], n_ctx: int) -> None:
-        k = int(getattr(self.drafter, "topk", 0))
+        k = self.drafter.topk
         topk = logits.topk(k, dim=-1).indices if k > 0 else torch.empty(logits.shape[0], 0, dtype=torch.long)
         feedback = Feedback(
             accepted=torch.tensor(path, dtype=torch.long),

@@ -46,7 +46,7 @@ def test_five_node_tree_from_rank_paths():
     assert t.retrieve.tolist() == [[0, 2, -1],
                                    [0, 1, 3],
                                    [0, 1, 4]]
-    assert t.children(0) == [1, 2] and t.children(1) == [3, 4] and t.children(2) == []
+    assert t.children(0) == (1, 2) and t.children(1) == (3, 4) and t.children(2) == ()
 
 
 def test_rank_paths_are_sorted_into_bfs_order():

@@ -45,6 +45,7 @@ class Feedback:
 @runtime_checkable
 class Drafter(Protocol):
     name: str
+    topk: int  # how many of the target's top tokens per scored node observe() wants (0 = none)
 
     def propose(self, context: torch.Tensor, budget: int) -> Draft:
         """context: [L] int64 committed tokens (prompt + output). Returns a tree rooted at context[-1]."""
@@ -59,6 +60,7 @@ class PlainDrafter:
     """No drafting: a 1-node tree. Plain autoregressive decoding through the same engine."""
 
     name = "plain"
+    topk = 0
 
     def propose(self, context: torch.Tensor, budget: int) -> Draft:
         return Draft(Tree.chain(0), context[-1:].clone())

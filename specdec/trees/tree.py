@@ -2,9 +2,9 @@
 
 A tree is named data: either Medusa-style rank paths ((0,), (0, 0), (1,), ...) or an EAGLE-2-style parent
 array. Node 0 is always the root: the last committed token, not yet in the KV cache. Every other node is a
-draft token. One pure derivation turns either form into a frozen `Tree` holding, in BFS order:
+draft token. One pure derivation turns either form into a frozen `Tree` (cached per shape) holding:
 
-- ``parents``   [n]      parent node index, -1 for the root
+- ``parents``   [n]      parent node index, -1 for the root (parents precede children; presets are BFS)
 - ``ranks``     [n]      child rank of each node under its parent (0 = most likely), 0 for the root
 - ``depth``     [n]      distance from the root (position id = committed length + depth)
 - ``mask``      [n, n]   bool, mask[i, j] = j is i or an ancestor of i
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -26,6 +27,7 @@ import torch
 class Tree:
     parents: tuple[int, ...]
     ranks: tuple[int, ...]
+    child_lists: tuple[tuple[int, ...], ...] = field(repr=False)  # [n] children of each node, in node order
     depth: torch.Tensor = field(repr=False)  # [n] int64
     mask: torch.Tensor = field(repr=False)  # [n, n] bool
     retrieve: torch.Tensor = field(repr=False)  # [leaves, max_depth + 1] int64, -1 padded
@@ -38,9 +40,9 @@ class Tree:
     def max_depth(self) -> int:
         return int(self.depth.max())
 
-    def children(self, node: int) -> list[int]:
-        """Children of `node`, in rank order (BFS order keeps ranks sorted)."""
-        return [i for i, p in enumerate(self.parents) if p == node]
+    def children(self, node: int) -> tuple[int, ...]:
+        """Children of `node`, in node order (rank order for trees built from rank paths)."""
+        return self.child_lists[node]
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Tree) and self.parents == other.parents and self.ranks == other.ranks
@@ -54,16 +56,8 @@ class Tree:
     @staticmethod
     def from_parents(parents: Sequence[int], ranks: Sequence[int] | None = None) -> "Tree":
         """Build from a parent array; node 0 must be the root (-1) and parents must precede children."""
-        parents = tuple(int(p) for p in parents)
-        _check_parents(parents)
-        if ranks is None:
-            seen: dict[int, int] = {}
-            derived = [0]
-            for p in parents[1:]:
-                derived.append(seen.get(p, 0))
-                seen[p] = seen.get(p, 0) + 1
-            ranks = derived
-        return _derive(parents, tuple(int(r) for r in ranks))
+        return _from_parents(tuple(int(p) for p in parents), None if ranks is None else tuple(int(r) for r in ranks))
+
 
     @staticmethod
     def from_rank_paths(paths: Sequence[Sequence[int]]) -> "Tree":
@@ -81,6 +75,21 @@ class Tree:
         for i in range(1, self.size):
             paths.append(paths[self.parents[i]] + (self.ranks[i],))
         return paths[1:]
+
+
+@lru_cache(maxsize=1024)
+def _from_parents(parents: tuple[int, ...], ranks: tuple[int, ...] | None) -> Tree:
+    _check_parents(parents)
+    if ranks is None:  # siblings ranked in node order
+        seen: dict[int, int] = {}
+        derived = [0]
+        for p in parents[1:]:
+            derived.append(seen.get(p, 0))
+            seen[p] = seen.get(p, 0) + 1
+        ranks = tuple(derived)
+    if len(ranks) != len(parents):
+        raise ValueError(f"tree: {len(ranks)} ranks for {len(parents)} nodes")
+    return _derive(parents, ranks)
 
 
 def _check_parents(parents: tuple[int, ...]) -> None:
@@ -112,23 +121,32 @@ def _from_rank_paths(paths: tuple[tuple[int, ...], ...]) -> Tree:
 
 
 def _derive(parents: tuple[int, ...], ranks: tuple[int, ...]) -> Tree:
+    """Vectorised over nodes: each pass walks every node one level up (depth passes in all)."""
     n = len(parents)
-    depth = [0] * n
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        mask[i, i] = True
-        if parents[i] >= 0:
-            depth[i] = depth[parents[i]] + 1
-            mask[i] |= mask[parents[i]]
-    is_parent = set(parents)
-    leaves = [i for i in range(n) if i not in is_parent]
-    max_depth = max(depth)
-    retrieve = torch.full((len(leaves), max_depth + 1), -1, dtype=torch.long)
-    for row, leaf in enumerate(leaves):
-        path = []
-        node = leaf
-        while node >= 0:
-            path.append(node)
-            node = parents[node]
-        retrieve[row, : len(path)] = torch.tensor(path[::-1])
-    return Tree(parents, ranks, torch.tensor(depth, dtype=torch.long), mask, retrieve)
+    par = np.array(parents, dtype=np.int64)  # [n]
+    par[0] = 0  # the root is its own parent for the walk
+    depth = np.zeros(n, dtype=np.int64)
+    for i in range(1, n):  # parents precede children
+        depth[i] = depth[par[i]] + 1
+    max_depth = int(depth.max())
+    mask = np.eye(n, dtype=bool)  # [n, n]
+    anc = np.arange(n)
+    for _ in range(max_depth):
+        anc = par[anc]
+        mask[np.arange(n), anc] = True
+    is_leaf = np.ones(n, dtype=bool)
+    is_leaf[par[1:]] = False
+    leaves = np.flatnonzero(is_leaf)
+    retrieve = np.full((len(leaves), max_depth + 1), -1, dtype=np.int64)  # [leaves, max_depth + 1]
+    node, level = leaves.copy(), depth[leaves].copy()
+    for _ in range(max_depth + 1):  # climb from every leaf at once, filling its row right to left
+        live = level >= 0
+        retrieve[np.flatnonzero(live), level[live]] = node[live]
+        node, level = par[node], level - 1
+    children: list[list[int]] = [[] for _ in range(n)]
+    for i in range(1, n):
+        children[parents[i]].append(i)
+    return Tree(
+        parents, ranks, tuple(tuple(c) for c in children),
+        torch.from_numpy(depth), torch.from_numpy(mask), torch.from_numpy(retrieve),
+    )
