@@ -42,7 +42,9 @@ class LeanVerifier:
         self.max_positions: int = cfg.max_position_embeddings
         self.model = LeanModel(model, fuse)
         self.model.use_plan(_plan_for(self.model, gemm, cache_dir, calibration_budget_s))
-        self._forward = _compiled(self.model.forward) if compile else self.model.forward
+        self._compiled = compile
+        if compile:
+            self.model.compile()
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._lengths: list[int] = []
         self._scored: dict[int, int] = {}  # slot -> node count of its last scored tree (for commit checks)
@@ -94,8 +96,8 @@ class LeanVerifier:
         slots = [int(s) for s in slots]
         if len(set(slots)) != len(slots) or tokens.shape[0] != len(slots):
             raise ValueError("score: one distinct slot per row expected")
-        hidden = self._forward(tokens.long(), self._step(slots, depth.long(), mask.bool()), self._caches,
-                               self._rope)
+        step = self._step(slots, depth.long(), mask.bool())
+        hidden = self.model.forward(tokens.long(), step, self._caches, self._rope, compiled=self._compiled)
         for s in slots:
             self._scored[s] = tokens.shape[1]
         return self.model.logits(hidden)
@@ -160,7 +162,3 @@ def _plan_for(model: LeanModel, choice: str, cache_dir, budget_s: float) -> gemm
     signature = "|".join([model.arch.model_type, str(model.dtype),
                           ",".join(sorted({gemm.shape_key(w) for w in weights}))])
     return gemm.load_or_calibrate(weights, signature, Path(cache_dir) if cache_dir else None, budget_s)
-
-
-def _compiled(forward):
-    return torch.compile(forward, dynamic=True)

@@ -109,6 +109,8 @@ class LeanModel:
         self.lm_head = Linear(head.weight, head.bias)
         self.layers = [self._layer(layer, fuse) for layer in base.layers]
         self._inv_freq = _inv_freqs(base.rotary_emb, set(arch.rope_kinds), arch.gemma)
+        self._gqa = bool(arch.num_heads != arch.num_kv_heads)  # a bool stays a constant under torch.compile
+        self._compiled = (self.pre_attention, self.post_attention)  # replaced by compile()
 
     # ---- weights -------------------------------------------------------------------------------------
 
@@ -168,6 +170,7 @@ class LeanModel:
         step: Step,
         caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v) [slots, Hkv, max_len, D]
         rope: dict[str, tuple[torch.Tensor, torch.Tensor]],  # kind -> (cos, sin) [max_len, D]
+        compiled: bool = False,  # run the dense parts through their torch.compile'd versions
     ) -> torch.Tensor:  # [B, n, hidden], final norm applied
         a = self.arch
         batch, n = tokens.shape
@@ -176,16 +179,11 @@ class LeanModel:
             x = x * self.embed_scale
         cos_sin = {kind: (c[step.positions].unsqueeze(2), s[step.positions].unsqueeze(2))  # [B, n, 1, D]
                    for kind, (c, s) in rope.items()}
+        pre, post = self._compiled if compiled else (self.pre_attention, self.post_attention)
         for i, lw in enumerate(self.layers):
-            h = self._attention(rms_norm(x, lw.in_norm, a.eps), lw, batch, n, step, caches[i],
-                                cos_sin[a.rope_kinds[i]], step.masks[a.windows[i]])
-            if lw.post_attn_norm is not None:
-                h = rms_norm(h, lw.post_attn_norm, a.eps)
-            x = x + h
-            h = self._mlp(rms_norm(x, lw.ff_norm, a.eps), lw)
-            if lw.post_ff_norm is not None:
-                h = rms_norm(h, lw.post_ff_norm, a.eps)
-            x = x + h
+            q, k, v = pre(x, lw, *cos_sin[a.rope_kinds[i]])
+            out = self._attend_cached(q, k, v, step, caches[i], step.masks[a.windows[i]])
+            x = post(x, out, lw)
         return rms_norm(x, self.final_norm, a.eps).view(batch, n, a.hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, n, hidden] -> [B, n, V] float32
@@ -195,40 +193,62 @@ class LeanModel:
             out = torch.tanh(out / self.arch.final_softcap) * self.arch.final_softcap
         return out.contiguous().view(batch, n, -1)
 
-    def _attention(self, x, lw: _Layer, batch, n, step: Step, cache, cos_sin, mask) -> torch.Tensor:
+    def compile(self, **options) -> None:
+        """torch.compile the dense per-layer parts (everything but the cache writes and attention).
+
+        Their only varying size is the row count, so one graph per GEMM bucket serves every layer, batch
+        layout and prefix length; the KV cache and masks never enter a compiled graph.
+        """
+        self._compiled = (torch.compile(self.pre_attention, dynamic=True, **options),
+                          torch.compile(self.post_attention, dynamic=True, **options))
+
+    def pre_attention(self, x: torch.Tensor, lw: _Layer, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B*n, hidden] -> q [B, n, Hq, D], k and v [B, n, Hkv, D] (normed, rotated); cos/sin [B, n, 1, D]."""
         a = self.arch
+        batch, n = cos.shape[:2]
+        h = rms_norm(x, lw.in_norm, a.eps)
         qd, kd = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         if len(lw.qkv) == 1:
-            q, k, v = lw.qkv[0](x).split([qd, kd, kd], dim=-1)
+            q, k, v = lw.qkv[0](h).split([qd, kd, kd], dim=-1)
         else:
-            q, k, v = (lin(x) for lin in lw.qkv)
+            q, k, v = (lin(h) for lin in lw.qkv)
         q = q.reshape(batch, n, a.num_heads, a.head_dim)
         k = k.reshape(batch, n, a.num_kv_heads, a.head_dim)
         v = v.reshape(batch, n, a.num_kv_heads, a.head_dim)
         if lw.q_norm is not None:
             q, k = rms_norm(q, lw.q_norm, a.eps), rms_norm(k, lw.k_norm, a.eps)
-        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def post_attention(self, x: torch.Tensor, attn: torch.Tensor, lw: _Layer) -> torch.Tensor:
+        """Residual stream after the layer: x [B*n, hidden], attn [B*n, Hq*D] (heads concatenated)."""
+        a = self.arch
+        h = lw.o(attn)
+        if lw.post_attn_norm is not None:
+            h = rms_norm(h, lw.post_attn_norm, a.eps)
+        x = x + h
+        h = rms_norm(x, lw.ff_norm, a.eps)
+        if len(lw.gate_up) == 1:
+            gate, up = lw.gate_up[0](h).chunk(2, dim=-1)
+        else:
+            gate, up = (lin(h) for lin in lw.gate_up)
+        gate = F.gelu(gate, approximate="tanh") if a.activation == "gelu_tanh" else F.silu(gate)
+        h = lw.down(gate * up)
+        if lw.post_ff_norm is not None:
+            h = rms_norm(h, lw.post_ff_norm, a.eps)
+        return x + h
+
+    def _attend_cached(self, q, k, v, step: Step, cache, mask) -> torch.Tensor:
+        """Write k/v [B, n, Hkv, D] by position, attend q [B, n, Hq, D] over the step's range -> [B*n, Hq*D]."""
+        a = self.arch
+        batch, n = q.shape[:2]
         k_cache, v_cache = cache
-        k_cache[step.slots[:, None], :, step.write_index] = k  # [B, n, Hkv, D] written by position
+        k_cache[step.slots[:, None], :, step.write_index] = k  # advanced dims first: [B, n, Hkv, D]
         v_cache[step.slots[:, None], :, step.write_index] = v
         start, end = step.kv_range
-        if step.slot_slice is not None:
-            keys, values = k_cache[step.slot_slice, :, start:end], v_cache[step.slot_slice, :, start:end]
-        else:
-            keys, values = k_cache[step.slots, :, start:end], v_cache[step.slots, :, start:end]
-        out = attend(q.transpose(1, 2), keys, values, mask, a.attn_scale, a.attn_softcap)  # [B, Hq, n, D]
-        return lw.o(out.transpose(1, 2).reshape(batch * n, qd))
-
-    def _mlp(self, x: torch.Tensor, lw: _Layer) -> torch.Tensor:
-        if len(lw.gate_up) == 1:
-            gate, up = lw.gate_up[0](x).chunk(2, dim=-1)
-        else:
-            gate, up = (lin(x) for lin in lw.gate_up)
-        if self.arch.activation == "gelu_tanh":
-            gate = F.gelu(gate, approximate="tanh")
-        else:
-            gate = F.silu(gate)
-        return lw.down(gate * up)
+        rows = step.slot_slice if step.slot_slice is not None else step.slots
+        keys, values = k_cache[rows, :, start:end], v_cache[rows, :, start:end]  # [B, Hkv, S, D]
+        out = attend(q.transpose(1, 2), keys, values, mask, a.attn_scale, a.attn_softcap, self._gqa)
+        return out.transpose(1, 2).reshape(batch * n, a.num_heads * a.head_dim)
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -251,10 +271,10 @@ def attend(
     mask: torch.Tensor,  # [B, 1, n, S] bool, True = may attend
     scale: float,
     softcap: float | None,
+    gqa: bool,  # Hq != Hkv, passed in: SDPA wants a plain bool for enable_gqa, also under torch.compile
 ) -> torch.Tensor:  # [B, Hq, n, D]
     if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                              enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap) * softcap
