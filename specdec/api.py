@@ -8,6 +8,7 @@ the mapping of transformers generation arguments onto the engine's `StopConditio
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -17,13 +18,15 @@ from specdec.drafters.base import Drafter
 from specdec.drafters.registry import drafter_names, make_drafter
 from specdec.engine import Engine, GenerationResult, StopConditions
 from specdec.errors import SpecdecError
-from specdec.models.loading import LoadedModel, load_model
+from specdec.models.loading import LoadedModel, default_cache_dir, load_model
 from specdec.sampling import SamplingParams
 from specdec.trees.presets import load_tree
+from specdec.trees.sizing import AutoBudget, cached_curve, machine_key
 from specdec.trees.tree import Tree
 from specdec.verifiers.hf import HFVerifier
 
-DEFAULT_BUDGET = {"plain": 1, "ngram": 6, "recycling": 8}  # nodes per step incl. root; see issue #3 for sizing
+DEFAULT_BUDGET = {"plain": 1}  # nodes per step incl. root, for drafters that cannot estimate their acceptance
+AUTO_MAX_NODES = 32  # the largest tree auto-sizing considers
 
 
 def make_verifier(model: PreTrainedModel, backend: str = "auto"):
@@ -76,9 +79,24 @@ class SpecDecoder:
         self.model, self.tokenizer = model, tokenizer
         self.verifier = make_verifier(model, backend)
         self.drafter = self._make_drafter(drafter, tree_obj, drafter_options or {})
-        name = getattr(self.drafter, "name", "custom")
-        self.tree_budget = tree_budget or DEFAULT_BUDGET.get(name, 8)
+        self.cache_dir = cache_dir
+        self.tree_budget = self._budget(tree_budget, log)
         self.engine = Engine(self.verifier, self.drafter, self.tree_budget)
+
+    def _budget(self, tree_budget: int | None, log: Callable[[str], None] | None) -> int | AutoBudget:
+        """An explicit budget is used as given; otherwise size trees to this machine's measured verify cost."""
+        if tree_budget is not None:
+            if tree_budget < 1:
+                raise SpecdecError(f"tree budget must be >= 1 node, got {tree_budget}")
+            return tree_budget
+        name = getattr(self.drafter, "name", "custom")
+        if name in DEFAULT_BUDGET or not hasattr(self.drafter, "expected_tokens"):
+            return DEFAULT_BUDGET.get(name, 8)
+        cfg = self.model.config
+        model_key = f"{cfg.model_type}-h{cfg.hidden_size}-l{cfg.num_hidden_layers}-v{self.verifier.vocab_size}"
+        key = machine_key(model_key, type(self.verifier).__name__)
+        cache = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        return AutoBudget(cached_curve(self.verifier, key, cache, log), AUTO_MAX_NODES)
 
     def _make_drafter(self, drafter: str | Drafter, tree: Tree | None, options: dict[str, Any]) -> Drafter:
         if not isinstance(drafter, str):

@@ -22,6 +22,7 @@ import torch
 
 from specdec.drafters.base import Draft, Drafter, Feedback
 from specdec.errors import SpecdecError
+from specdec.trees.sizing import AutoBudget
 from specdec.sampling import SamplingParams, accept_greedy, accept_sampled, target_probs
 from specdec.verifiers.base import Verifier
 
@@ -88,9 +89,13 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, verifier: Verifier, drafter: Drafter, tree_budget: int = 8):
-        if tree_budget < 1:
-            raise SpecdecError(f"tree budget must be >= 1 node, got {tree_budget}")
+    """tree_budget: nodes scored per step (root included), or an object whose `budget(drafter)` picks it per
+    step and whose `max_nodes` bounds it (specdec.trees.sizing.AutoBudget: sized to this machine's verify cost)."""
+
+    def __init__(self, verifier: Verifier, drafter: Drafter, tree_budget: "int | AutoBudget" = 8):
+        self.max_nodes = tree_budget if isinstance(tree_budget, int) else tree_budget.max_nodes
+        if self.max_nodes < 1:
+            raise SpecdecError(f"tree budget must be >= 1 node, got {self.max_nodes}")
         self.verifier = verifier
         self.drafter = drafter
         self.tree_budget = tree_budget
@@ -111,7 +116,7 @@ class Engine:
         out: list[int] = []
         reason = "length"
         if stop.max_new_tokens > 0:
-            self.verifier.reset(1, context.numel() + stop.max_new_tokens + self.tree_budget + 1)
+            self.verifier.reset(1, context.numel() + stop.max_new_tokens + self.max_nodes + 1)
             self.verifier.prefill(0, context[:-1])
             self.drafter.reset()
             stats.prefill_s = time.perf_counter() - t0
@@ -129,7 +134,8 @@ class Engine:
 
     def _step(self, context: torch.Tensor, sampling: SamplingParams, gen: torch.Generator, stats: DecodeStats) -> list[int]:
         t0 = time.perf_counter()
-        draft = self.drafter.propose(context, self.tree_budget)
+        budget = self.tree_budget if isinstance(self.tree_budget, int) else self.tree_budget.budget(self.drafter)
+        draft = self.drafter.propose(context, budget)
         t1 = time.perf_counter()
         tree = draft.tree
         logits = self.verifier.score([0], draft.tokens[None], tree.depth[None], tree.mask[None])[0]  # [n, V]

@@ -21,6 +21,7 @@ import torch
 from numba import njit
 
 from specdec.drafters.base import Draft, Feedback
+from specdec.trees.sizing import DepthRates
 from specdec.trees.tree import Tree
 
 
@@ -117,6 +118,7 @@ class NgramDrafter:
         self.min_ngram = min_ngram
         self.max_ngram = max_ngram
         self.branches = branches
+        self.depth_rates = DepthRates()  # measured chain acceptance per depth (sizes the chain)
 
     def propose(self, context: torch.Tensor, budget: int) -> Draft:
         """context: [L] int64 committed tokens. Returns a tree of at most `budget` nodes rooted at context[-1]."""
@@ -137,10 +139,15 @@ class NgramDrafter:
         return Draft(Tree.from_rank_paths([paths[i] for i in order]), torch.tensor(draft_tokens))
 
     def observe(self, draft: Draft, feedback: Feedback) -> None:
-        pass
+        if draft.size > 1:  # steps without a match say nothing about how deep matches hold
+            self.depth_rates.update(draft.tree.max_depth, len(feedback.accepted) - 1)
 
     def reset(self) -> None:
         pass
+
+    def expected_tokens(self, max_nodes: int) -> list[float]:
+        """[max_nodes]: expected tokens per step with an n-node chain, from measured per-depth acceptance."""
+        return self.depth_rates.expected_tokens(max_nodes)
 
 
 def _branch_lengths(nodes: int, matches: int) -> list[int]:

@@ -19,12 +19,15 @@ The expansion is a numba kernel (`expand`) with a plain-Python oracle (`expand_r
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from numba import njit
 
 from specdec.drafters.base import Draft, Feedback
 from specdec.trees.presets import CPU_RANK_ACCEPT, best_tree
+from specdec.trees.sizing import RankRates
 from specdec.trees.tree import Tree
 
 
@@ -78,6 +81,9 @@ def expand_reference(adj: np.ndarray, root: int, tree: Tree) -> tuple[list[int],
     return tokens, alive
 
 
+RESIZE_EVERY = 32  # steps between re-sizing the tree from measured rank acceptance
+
+
 class RecyclingDrafter:
     """Token Recycling over a static template, truncated to the budget in BFS order.
 
@@ -100,6 +106,9 @@ class RecyclingDrafter:
         # one canonical BFS order with siblings contiguous by rank (from_parents alone does not promise it)
         self.template = None if template is None else Tree.from_rank_paths(template.rank_paths())
         self._truncated: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # budget -> (parents [b], ranks [b])
+        self.rank_rates = RankRates(CPU_RANK_ACCEPT[:k])  # measured acceptance per child rank (sizes the tree)
+        self._rates_used = self.rank_rates.rates()  # the rates the cached trees were built with
+        self._observed = 0
         self._pruned: dict[bytes, Tree] = {}  # alive mask -> pruned tree
 
     def propose(self, context: torch.Tensor, budget: int) -> Draft:
@@ -120,6 +129,10 @@ class RecyclingDrafter:
         k = self.topk
         if feedback.topk_tokens.shape[1] < k:
             raise ValueError(f"recycling: needs the target's top-{k}, got {feedback.topk_tokens.shape[1]}")
+        self.rank_rates.update(draft.tree, feedback.accepted.tolist())
+        self._observed += 1
+        if self._observed % RESIZE_EVERY == 0:
+            self._resize()
         tokens = draft.tokens.numpy()  # [n]
         n = tokens.shape[0]
         _, first_from_end = np.unique(tokens[::-1], return_index=True)
@@ -128,7 +141,28 @@ class RecyclingDrafter:
         self._adj_np[tokens[last]] = rows[last]
 
     def reset(self) -> None:
-        """A new prompt: the adjacency matrix is kept (hot start)."""
+        """A new prompt: the adjacency matrix and rank statistics are kept (hot start)."""
+        self._resize()
+
+    def _resize(self) -> None:
+        """Rebuild the budget-sized trees when the measured rank rates have moved (template=None only)."""
+        rates = self.rank_rates.rates()
+        if self.template is None and max(abs(a - b) for a, b in zip(rates, self._rates_used)) > 0.02:
+            self._rates_used = rates
+            self._truncated.clear()
+
+    def expected_tokens(self, max_nodes: int) -> list[float]:
+        """[max_nodes]: entry n - 1 = expected tokens per step with an n-node tree, from measured rank rates."""
+        rates = self._rates_used
+        if self.template is not None:
+            paths = self.template.rank_paths()[: max_nodes - 1]
+        else:
+            paths = sorted(best_tree(max_nodes - 1, rates), key=lambda p: -math.prod(rates[r] for r in p))
+        probs = [math.prod(rates[r] if r < len(rates) else 0.0 for r in p) for p in paths]
+        out = [1.0]
+        for q in probs:
+            out.append(out[-1] + q)
+        return out + [out[-1]] * (max_nodes - len(out))
 
     def clear(self) -> None:
         """Forget everything learnt: zero the adjacency matrix."""
@@ -141,7 +175,7 @@ class RecyclingDrafter:
             budget = min(budget, self.template.size)
         if budget not in self._truncated:
             if self.template is None:
-                tree = Tree.from_rank_paths(best_tree(budget - 1, CPU_RANK_ACCEPT[: self.topk]))
+                tree = Tree.from_rank_paths(best_tree(budget - 1, self._rates_used))
             else:  # parents precede children, so any prefix of the BFS order is a tree
                 tree = self.template
             parents = np.array(tree.parents[:budget], dtype=np.int64)

@@ -1,0 +1,197 @@
+"""Hardware-aware tree sizing: how many nodes to score per step on this machine, for this model.
+
+Two measured inputs, one decision:
+
+- `LatencyCurve`: the verifier's cost of scoring n nodes, measured once per machine / model / backend / thread
+  count (`calibrate`) and cached as JSON. Piecewise-linear in between the measured sizes.
+- The drafter's own estimate of the tokens a step commits with an n-node tree, `expected_tokens(n)` (bonus
+  included), kept up to date from its running acceptance statistics.
+- `choose_budget`: the n maximising expected tokens per second, expected_tokens(n) / (latency(n) + overhead).
+
+`RankRates` is the acceptance statistic tree drafters share: per child rank, how often the rank-r child was the
+accepted one when its parent was reached, smoothed by a prior so a cold start behaves like the prior.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from specdec.trees.tree import Tree
+
+CALIBRATION_SIZES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+@dataclass(frozen=True)
+class LatencyCurve:
+    sizes: tuple[int, ...]  # node counts, increasing
+    seconds: tuple[float, ...]  # median verify latency at each size
+
+    def __call__(self, n: int) -> float:
+        s, t = self.sizes, self.seconds
+        if n <= s[0]:
+            return t[0]
+        for (a, ta), (b, tb) in zip(zip(s, t), zip(s[1:], t[1:])):
+            if n <= b:
+                return ta + (tb - ta) * (n - a) / (b - a)
+        slope = (t[-1] - t[-2]) / (s[-1] - s[-2]) if len(s) > 1 else 0.0
+        return t[-1] + slope * (n - s[-1])
+
+    def ratios(self) -> dict[int, float]:
+        return {n: sec / self.seconds[0] for n, sec in zip(self.sizes, self.seconds)}
+
+    def to_json(self) -> dict:
+        return {"sizes": list(self.sizes), "seconds": list(self.seconds)}
+
+    @staticmethod
+    def from_json(d: dict) -> "LatencyCurve":
+        return LatencyCurve(tuple(d["sizes"]), tuple(d["seconds"]))
+
+
+def machine_key(model_name: str, backend: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    raw = f"{model_name}|{backend}|{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in raw)[:200]
+
+
+@torch.inference_mode()
+def calibrate(verifier, sizes: Sequence[int] = CALIBRATION_SIZES, prefix_len: int = 256, reps: int = 5) -> LatencyCurve:
+    """Median latency of scoring a chain of n nodes after a prefix_len-token prefix, for each n."""
+    gen = torch.Generator().manual_seed(0)
+    vocab_high = min(1000, verifier.vocab_size)
+    calls = len(sizes) * (reps + 1)
+    verifier.reset(1, prefix_len + calls + max(sizes) + 1)  # each call commits its root: the prefix grows by 1
+    verifier.prefill(0, torch.randint(3, vocab_high, (prefix_len,), generator=gen))
+    seconds = []
+    for n in sizes:
+        tree = Tree.chain(n - 1)
+        tokens = torch.randint(3, vocab_high, (1, n), generator=gen)
+        times = []
+        for _ in range(reps + 1):  # the first call warms up
+            t0 = time.perf_counter()
+            verifier.score([0], tokens, tree.depth[None], tree.mask[None])
+            times.append(time.perf_counter() - t0)
+            verifier.commit(0, [0])
+        seconds.append(statistics.median(times[1:]))
+    return LatencyCurve(tuple(sizes), tuple(seconds))
+
+
+def cached_curve(verifier, key: str, cache_dir: Path | None, log: Callable[[str], None] | None = None) -> LatencyCurve:
+    """Load the curve for `key` from cache_dir/latency/, or measure and store it."""
+    path = None if cache_dir is None else Path(cache_dir) / "latency" / f"{key}.json"
+    if path is not None and path.is_file():
+        try:
+            return LatencyCurve.from_json(json.loads(path.read_text()))
+        except (ValueError, KeyError):
+            pass  # a damaged cache entry is measured again
+    if log:
+        log("calibrating verify latency for this machine and model (once, a few seconds)...")
+    curve = calibrate(verifier)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(curve.to_json()))
+        tmp.replace(path)
+    return curve
+
+
+def choose_budget(curve: LatencyCurve, expected_tokens: Callable[[int], float], max_nodes: int,
+                  overhead_s: float = 0.0) -> int:
+    """The node count n in [1, max_nodes] maximising expected_tokens(n) / (latency(n) + overhead)."""
+    best, best_rate = 1, -1.0
+    for n in range(1, max_nodes + 1):
+        rate = expected_tokens(n) / (curve(n) + overhead_s)
+        if rate > best_rate + 1e-12:
+            best, best_rate = n, rate
+    return best
+
+
+class RankRates:
+    """Running P(the rank-r child is accepted | its parent was accepted and had a rank-r child proposed)."""
+
+    def __init__(self, prior: Sequence[float], strength: float = 20.0):
+        self.hits = [p * strength for p in prior]  # pseudo-counts
+        self.tries = [strength] * len(prior)
+
+    def update(self, tree: Tree, accepted: Sequence[int]) -> None:
+        """accepted: node indices root..last accepted. Each accepted node's proposed children are tries."""
+        on_path = set(accepted)
+        for node in accepted:
+            for child in tree.children(node):
+                r = tree.ranks[child]
+                if r < len(self.tries):
+                    self.tries[r] += 1
+                    self.hits[r] += child in on_path
+
+    def rates(self) -> tuple[float, ...]:
+        """Non-increasing (best_tree needs it), each in (0, 1)."""
+        out, cap = [], 1.0
+        for h, t in zip(self.hits, self.tries):
+            cap = min(cap, max(1e-4, min(0.999, h / t)))
+            out.append(cap)
+        return tuple(out)
+
+
+def expected_tokens_of_paths(paths: Sequence[tuple[int, ...]], rates: Sequence[float]) -> float:
+    """1 (the bonus) + sum over nodes of the probability that the node is accepted (its path's probability)."""
+    return 1.0 + sum(math.prod(rates[r] for r in p) for p in paths)
+
+
+class DepthRates:
+    """Running P(the depth-d draft of a chain is accepted | depth d - 1 was), for chain drafters."""
+
+    def __init__(self, prior: float = 0.5, max_depth: int = 64, strength: float = 10.0):
+        self.hits = [prior * strength] * (max_depth + 1)
+        self.tries = [strength] * (max_depth + 1)
+
+    def update(self, proposed: int, accepted: int) -> None:
+        """proposed: draft tokens in the chain; accepted: how many of them were accepted."""
+        for d in range(1, min(proposed, accepted + 1, len(self.tries) - 1) + 1):
+            self.tries[d] += 1
+            self.hits[d] += d <= accepted
+
+    def expected_tokens(self, max_nodes: int) -> list[float]:
+        """[max_nodes]: entry n - 1 is the expected tokens per step with an n-node chain (bonus included)."""
+        out, reach, total = [1.0], 1.0, 1.0
+        for d in range(1, max_nodes):
+            reach *= self.hits[min(d, len(self.hits) - 1)] / self.tries[min(d, len(self.tries) - 1)]
+            total += reach
+            out.append(total)
+        return out
+
+
+class AutoBudget:
+    """Per-step node budget from the latency curve and the drafter's `expected_tokens`, refreshed every few steps.
+
+    Drafters without `expected_tokens(max_nodes) -> list[float]` get `max_nodes`.
+    """
+
+    def __init__(self, curve: LatencyCurve, max_nodes: int, every: int = 16):
+        self.curve, self.max_nodes, self.every = curve, max_nodes, every
+        self._steps, self._budget = 0, None
+
+    def budget(self, drafter, overhead_s: float = 0.0) -> int:
+        if self._budget is None or self._steps % self.every == 0:
+            estimate = getattr(drafter, "expected_tokens", None)
+            if estimate is None:
+                self._budget = self.max_nodes
+            else:
+                table = estimate(self.max_nodes)  # [max_nodes]
+                self._budget = choose_budget(self.curve, lambda n: table[n - 1], len(table), overhead_s)
+        self._steps += 1
+        return self._budget
