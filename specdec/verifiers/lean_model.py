@@ -13,8 +13,9 @@ GEMM orientation per shape and row count comes from a `GemmPlan` (`specdec.verif
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +147,16 @@ class LeanModel:
         for lw in self.layers:
             out += lw.qkv + [lw.o] + lw.gate_up + [lw.down]
         return out
+
+    def without_layers(self, skip: set[int] | frozenset[int]) -> "LeanModel":
+        """A view running every layer but `skip` (self-speculative drafting): the same weight tensors, no
+        copies; its forward takes one cache per remaining layer."""
+        keep = [i for i in range(len(self.layers)) if i not in skip]
+        view = copy.copy(self)
+        view.layers = [self.layers[i] for i in keep]
+        view.arch = replace(self.arch, windows=tuple(self.arch.windows[i] for i in keep),
+                            rope_kinds=tuple(self.arch.rope_kinds[i] for i in keep))
+        return view
 
     def use_plan(self, plan: GemmPlan) -> None:
         self.plan = plan
