@@ -92,6 +92,22 @@ def _recycling(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
     return RecyclingDrafter(vocab_size, tree, **options)  # tree None: a tree sized to each step's budget
 
 
+def _model(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
+    from specdec.drafters.model import model_drafter  # loads a draft model: imported only when used
+
+    _check_call("model", model_drafter, vocab_size, tree, **options)
+    return model_drafter(vocab_size, tree, **options)
+
+
+def _self(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
+    from specdec.drafters.self_spec import self_drafter
+
+    _check_call("self", self_drafter, vocab_size, tree, **options)
+    return self_drafter(vocab_size, tree, **options)
+
+
 register("plain", _plain)
 register("ngram", _ngram)
 register("recycling", _recycling)
+register("model", _model)
+register("self", _self)
