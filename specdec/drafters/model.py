@@ -1,0 +1,492 @@
+"""Small-model drafter: a causal LM sharing the target's tokenizer drafts a chain or a tree with its own KV cache.
+
+Owns three things:
+
+- `DraftRunner`: the draft model's lean forward (`specdec.verifiers.lean_model`) over a KV cache of its own,
+  written by position. It holds the committed tokens plus a tree of *pending* draft nodes; `keep` compacts an
+  accepted chain of pending nodes into the committed part, `truncate` rolls back (rejection = not advancing).
+- `ModelDrafter`: what to draft. Greedy target: argmax chains, or top-`branch` trees expanded level by level
+  and trimmed to the budget by path log-probability (EAGLE-2 style); q = None (q = 1). Sampling target:
+  every node's children are drawn i.i.d. from q (with replacement), q being the draft distribution at the
+  parent after the same temperature / top-k / top-p as the target; `Draft.q` carries it, so SpecInfer's rule
+  in `specdec.sampling` stays exact. Optional adaptive draft length (transformers' "heuristic" schedule).
+- `model_drafter`: the registry factory. Loads the draft model and checks its vocabulary against the target's.
+
+Cache sync. Every `propose` first matches the committed context against the tokens whose KV the runner holds,
+keeps the KV of the accepted draft nodes the draft model already computed, and feeds only what it has not
+seen (the bonus token, or the last accepted draft and the bonus). Correctness never depends on `observe`: a
+context that diverges anywhere just truncates the cache to the common prefix.
+
+Sampling params: a constructor option today (`temperature`, `top_k`, `top_p`, `seed`). `set_sampling` lets the
+engine hand over each request's `SamplingParams` instead; either way the draws use the drafter's own
+generator, seeded apart from the engine's so drafts and acceptance uniforms stay independent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from specdec.drafters.base import Draft, Feedback
+from specdec.errors import SpecdecError
+from specdec.sampling import SamplingParams, target_probs
+from specdec.trees.tree import Tree
+from specdec.verifiers.lean_model import LeanModel, Step
+
+FEED_CHUNK = 256  # tokens per forward when the draft model catches up on a long context (the prompt)
+
+
+class DraftRunner:
+    """Batch-1 lean forward with its own KV cache: `length` committed tokens, then pending tree nodes.
+
+    Cache index = position for committed tokens. Pending node j sits at cache index ``length + j`` and rotary
+    position ``length + depth(j)``; it attends to every committed token (windows permitting) and to its
+    pending ancestors. The cache grows by doubling up to `max_positions`.
+    """
+
+    def __init__(self, lean: LeanModel, max_positions: int):
+        self.lean = lean
+        self.max_positions = max_positions
+        self.vocab_size: int = lean.lm_head.weight.shape[0]
+        self.length = 0
+        self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (k, v) [1, Hkv, capacity, D]
+        self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._capacity = 0
+        self._depth = torch.zeros(0, dtype=torch.long)  # [m] depth of each pending node
+        self._anc = torch.zeros(0, 0, dtype=torch.bool)  # [m, m] ancestor-or-self among pending nodes
+
+    @property
+    def pending(self) -> int:
+        return self._depth.numel()
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` committed tokens; drop every pending node."""
+        self.length = min(self.length, length)
+        self._depth = torch.zeros(0, dtype=torch.long)
+        self._anc = torch.zeros(0, 0, dtype=torch.bool)
+
+    @torch.inference_mode()
+    def extend(
+        self,
+        tokens: torch.Tensor,  # [n] int64
+        parents: Sequence[int] | None,  # [n] pending index (earlier node) or -1 (follows the committed tokens)
+        rows: Sequence[int],  # which of the n new nodes to return logits for
+    ) -> torch.Tensor:  # [len(rows), V] float32
+        """Append n pending nodes in one forward. parents None: a chain right after the committed tokens."""
+        m, n = self.pending, tokens.numel()
+        self._ensure(self.length + m + n)  # before _grow: the copy covers the existing pending nodes only
+        self._grow(m, n, parents)
+        step = self._step(m, n)
+        hidden = self.lean.forward(tokens.view(1, n), step, self._caches, self._rope)  # [1, n, hidden]
+        if not rows:
+            return torch.zeros(0, self.vocab_size)
+        return self.lean.logits(hidden[:, torch.as_tensor(rows, dtype=torch.long)])[0]
+
+    def keep(self, nodes: Sequence[int]) -> None:
+        """Commit pending `nodes` (a chain from depth 0, in order), drop the other pending nodes."""
+        nodes = [int(i) for i in nodes]
+        for j, node in enumerate(nodes):
+            ok = 0 <= node < self.pending and int(self._depth[node]) == j
+            if not ok or (j and not bool(self._anc[node, nodes[j - 1]])):
+                raise ValueError(f"draft runner: keep must be a chain of pending nodes from depth 0, got {nodes}")
+        moved = [j for j, node in enumerate(nodes) if node != j]
+        if moved:
+            src = torch.tensor([self.length + nodes[j] for j in moved])
+            dst = torch.tensor([self.length + j for j in moved])
+            with torch.inference_mode():
+                for k_cache, v_cache in self._caches:
+                    k_cache[0, :, dst] = k_cache[0, :, src]
+                    v_cache[0, :, dst] = v_cache[0, :, src]
+        self.truncate(self.length)
+        self.length += len(nodes)
+
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens [n >= 1] -> logits [V] after the last one
+        """Commit `tokens` (no pending nodes may exist) and return the next-token logits after them."""
+        if self.pending:
+            raise ValueError("draft runner: feed() with pending nodes; keep() or truncate() first")
+        out = torch.zeros(0)
+        for begin in range(0, tokens.numel(), FEED_CHUNK):
+            chunk = tokens[begin: begin + FEED_CHUNK]
+            last = begin + FEED_CHUNK >= tokens.numel()
+            out = self.extend(chunk, None, [chunk.numel() - 1] if last else [])
+            self.keep(range(chunk.numel()))
+        return out[0]
+
+    # ---- geometry ------------------------------------------------------------------------------------
+
+    def _grow(self, m: int, n: int, parents: Sequence[int] | None) -> None:
+        """Record depth and ancestors of n new pending nodes after the m existing ones."""
+        anc = torch.zeros(m + n, m + n, dtype=torch.bool)
+        anc[:m, :m] = self._anc
+        if parents is None:
+            depth_new = torch.arange(n)
+            anc[m:, m:] = torch.ones(n, n, dtype=torch.bool).tril_()
+            depth = torch.cat([self._depth, depth_new])
+        else:
+            depth = torch.cat([self._depth, torch.zeros(n, dtype=torch.long)])
+            for i, p in enumerate(parents):
+                if not -1 <= p < m + i:
+                    raise ValueError(f"draft runner: node {m + i} has parent {p}; parents must come first")
+                if p >= 0:
+                    anc[m + i] = anc[p]
+                    depth[m + i] = depth[p] + 1
+                anc[m + i, m + i] = True
+        self._depth, self._anc = depth, anc
+
+    def _step(self, m: int, n: int) -> Step:
+        """Positions, write indices and one [1, 1, n, S] mask per window for the n newest pending nodes."""
+        base, total = self.length, self.length + m + n
+        visible = torch.zeros(n, total, dtype=torch.bool)  # [n, S]
+        visible[:, :base] = True
+        visible[:, base:] = self._anc[m:]
+        q_pos = base + self._depth[m:]  # [n]
+        k_pos = torch.cat([torch.arange(base), base + self._depth])  # [S]
+        masks = {}
+        for w in set(self.lean.arch.windows):
+            mask = visible if w is None else visible & (q_pos[:, None] - k_pos[None, :] < w)
+            masks[w] = mask[None, None]
+        return Step(positions=q_pos[None], slots=torch.zeros(1, dtype=torch.long),
+                    write_index=(base + m + torch.arange(n))[None], kv_range=(0, total), masks=masks,
+                    slot_slice=slice(0, 1))
+
+    def _ensure(self, needed: int) -> None:
+        if needed <= self._capacity:
+            return
+        if needed > self.max_positions:
+            raise ValueError(f"draft runner: {needed} positions exceed the draft model's {self.max_positions}")
+        capacity = min(self.max_positions, max(needed, 2 * self._capacity, 256))
+        a, used = self.lean.arch, self.length + self.pending
+        shape = (1, a.num_kv_heads, capacity, a.head_dim)
+        caches = []
+        for i in range(len(self.lean.layers)):
+            k, v = torch.zeros(shape, dtype=self.lean.dtype), torch.zeros(shape, dtype=self.lean.dtype)
+            if self._caches:
+                k[:, :, :used] = self._caches[i][0][:, :, :used]
+                v[:, :, :used] = self._caches[i][1][:, :, :used]
+            caches.append((k, v))
+        self._caches, self._capacity = caches, capacity
+        self._rope = self.lean.rope_tables(capacity)
+
+
+# ------------------------------------------------------------------------------------------------------
+# drafting
+
+
+@dataclass(frozen=True)
+class _Proposal:
+    """The last draft as the runner knows it, to keep the KV of the nodes the target accepts."""
+
+    tokens: list[int]  # [n] draft node tokens (node 0 = root)
+    children: tuple[tuple[int, ...], ...]  # [n] children of every draft node
+    fed: list[int]  # [n] runner pending index of every draft node fed to the draft model, -1 otherwise
+
+    def match(self, committed: list[int]) -> list[int]:
+        """Runner pending indices of the fed nodes that spell a prefix of `committed`, root excluded."""
+        node, out = 0, []
+        for tok in committed:
+            nxt = next((c for c in self.children[node] if self.tokens[c] == tok and self.fed[c] >= 0), None)
+            if nxt is None:
+                break
+            out.append(self.fed[nxt])
+            node = nxt
+        return out
+
+
+class _Nodes:
+    """A growing draft tree: tokens, parents, scores (path log-probs), q rows and runner indices."""
+
+    def __init__(self, root: int):
+        self.tokens, self.parents, self.scores, self.fed = [root], [-1], [0.0], [-1]
+        self.q_rows: list[int] = [-1]  # index into `qs` of the distribution each node was drawn from
+        self.qs: list[torch.Tensor] = []  # [V] draft distributions
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, token: int, parent: int, score: float, q_row: int = -1) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.scores.append(score)
+        self.fed.append(-1)
+        self.q_rows.append(q_row)
+        return len(self.tokens) - 1
+
+
+class ModelDrafter:
+    """Drafts with a `DraftRunner`; see the module docstring. vocab_size: the target's vocabulary.
+
+    k: draft length (chain) or depth (tree), at most budget - 1. mode: "chain" or "tree" (top-`branch`
+    children per expanded node, the `branch` best nodes of each level expanded). adaptive: k += 2 after a
+    fully accepted draft, else k -= 1 (min 1, max budget - 1), kept across prompts like transformers'
+    "heuristic" schedule. sampling: how drafts are drawn (greedy: argmax / top-k, q = None).
+    """
+
+    topk = 0  # the target's top-k tokens are not needed
+
+    def __init__(self, runner: DraftRunner, vocab_size: int, *, k: int = 4, mode: str = "chain", branch: int = 2,
+                 adaptive: bool = False, sampling: SamplingParams = SamplingParams(), name: str = "model",
+                 info: dict | None = None):
+        if k < 1:
+            raise ValueError(f"{name}: k must be >= 1, got {k}")
+        if mode not in ("chain", "tree"):
+            raise ValueError(f"{name}: mode must be 'chain' or 'tree', got {mode!r}")
+        if branch < 1:
+            raise ValueError(f"{name}: branch must be >= 1, got {branch}")
+        self.name = name
+        self.info = info or {}  # how the drafter was built (e.g. the self drafter's calibration), for reports
+        self.runner = runner
+        self.vocab_size = vocab_size
+        self.k = k
+        self.mode = mode
+        self.branch = 1 if mode == "chain" else branch
+        self.adaptive = adaptive
+        self._gen = torch.Generator()
+        self.set_sampling(sampling)
+        self._cached = torch.zeros(0, dtype=torch.long)  # [c] committed tokens whose KV the runner holds
+        self._last: _Proposal | None = None
+        self._k_cap = k
+
+    def set_sampling(self, params: SamplingParams) -> None:
+        """Draft for this target sampling: greedy -> argmax drafts (q = None), else i.i.d. samples carrying q."""
+        self.sampling = params.validate()
+        self._gen.manual_seed(_draft_seed(params.seed))
+
+    # ---- Drafter protocol ----------------------------------------------------------------------------
+
+    def propose(self, context: torch.Tensor, budget: int) -> Draft:
+        """context: [L] int64 committed tokens. Returns a tree of at most `budget` nodes rooted at context[-1]."""
+        root = int(context[-1])
+        k = min(self.k, budget - 1)
+        if k < 1 or context.numel() + k > self.runner.max_positions:
+            return Draft(Tree.chain(0), context[-1:].clone())
+        self._k_cap = budget - 1
+        logits = self._sync(context)  # [V] draft logits after the root
+        if self.sampling.greedy:
+            nodes = self._expand_greedy(root, logits, k, budget)
+            keep = sorted(range(1, len(nodes)), key=lambda i: -nodes.scores[i])[: budget - 1]  # stable: parents first
+        else:
+            nodes = self._expand_sampled(root, logits, k, budget)
+            keep = list(range(1, len(nodes)))
+        return self._draft(nodes, keep)
+
+    def observe(self, draft: Draft, feedback: Feedback) -> None:
+        if not self.adaptive or draft.size <= 1:
+            return
+        if feedback.accepted.numel() - 1 >= draft.tree.max_depth:  # every drafted level accepted
+            self.k = min(self.k + 2, max(1, self._k_cap))
+        else:
+            self.k = max(1, self.k - 1)
+
+    def reset(self) -> None:
+        """A new prompt: the cache is rebuilt from the next context. The adaptive k is kept."""
+        self.runner.reset()
+        self._cached = torch.zeros(0, dtype=torch.long)
+        self._last = None
+
+    # ---- cache sync ----------------------------------------------------------------------------------
+
+    def _sync(self, context: torch.Tensor) -> torch.Tensor:  # -> [V] logits after context[-1]
+        n = self._cached.numel()
+        if n > context.numel() - 1 or not torch.equal(context[:n], self._cached):
+            n = _common_prefix(context[:-1], self._cached)
+            self.runner.truncate(n)
+            self._last = None
+        if self._last is not None:
+            kept = self._last.match(context[n:-1].tolist())
+            self.runner.keep(kept)
+            n += len(kept)
+            self._last = None
+        logits = self.runner.feed(context[n:])
+        self._cached = context.clone()
+        return _fit_vocab(logits, self.vocab_size)
+
+    # ---- expansion -----------------------------------------------------------------------------------
+
+    def _expand_greedy(self, root: int, logits: torch.Tensor, k: int, budget: int) -> _Nodes:
+        """Top-`branch` children per expanded node; each level expands its `branch` best nodes."""
+        nodes = _Nodes(root)
+        level = self._add_top(nodes, 0, torch.log_softmax(logits, -1), min(self.branch, budget - 1))
+        for _ in range(k - 1):
+            frontier = sorted(level, key=lambda i: -nodes.scores[i])[: self.branch]
+            if _cannot_enter(nodes, frontier, budget - 1):
+                break
+            logp = torch.log_softmax(self._feed_nodes(nodes, frontier), -1)  # [f, V]
+            level = [c for j, f in enumerate(frontier) for c in self._add_top(nodes, f, logp[j], self.branch)]
+        return nodes
+
+    def _expand_sampled(self, root: int, logits: torch.Tensor, k: int, budget: int) -> _Nodes:
+        """Children of an expanded node: `branch` i.i.d. draws from q. Counts never depend on drawn values."""
+        nodes = _Nodes(root)
+        level = self._draw(nodes, 0, target_probs(logits[None], self.sampling)[0], min(self.branch, budget - 1))
+        for _ in range(k - 1):
+            groups = min(self.branch, (budget - len(nodes)) // self.branch)
+            frontier = _distinct_best(nodes, level)[:groups]
+            if not frontier:
+                break
+            q = target_probs(self._feed_nodes(nodes, frontier), self.sampling)  # [f, V]
+            level = [c for j, f in enumerate(frontier) for c in self._draw(nodes, f, q[j], self.branch)]
+        return nodes
+
+    def _add_top(self, nodes: _Nodes, parent: int, logp: torch.Tensor, count: int) -> list[int]:
+        values, tokens = logp.topk(count)
+        base = nodes.scores[parent]
+        return [nodes.add(int(t), parent, base + float(v)) for v, t in zip(values, tokens)]
+
+    def _draw(self, nodes: _Nodes, parent: int, q: torch.Tensor, count: int) -> list[int]:
+        nodes.qs.append(q)
+        row = len(nodes.qs) - 1
+        tokens = torch.multinomial(q, count, replacement=True, generator=self._gen).tolist()
+        base = nodes.scores[parent]
+        return [nodes.add(t, parent, base + float(torch.log(q[t])), row) for t in tokens]
+
+    def _feed_nodes(self, nodes: _Nodes, frontier: list[int]) -> torch.Tensor:  # -> [f, V] logits
+        """Run the draft model on `frontier` (pending children of fed nodes or of the root)."""
+        m = self.runner.pending
+        tokens = torch.tensor([nodes.tokens[f] for f in frontier])
+        parents = [nodes.fed[nodes.parents[f]] for f in frontier]  # the root is committed: -1
+        logits = self.runner.extend(tokens, parents, list(range(len(frontier))))
+        for j, f in enumerate(frontier):
+            nodes.fed[f] = m + j
+        return _fit_vocab(logits, self.vocab_size)
+
+    def _draft(self, nodes: _Nodes, keep: list[int]) -> Draft:
+        """The kept nodes (ancestor-closed) as a Draft in depth order; remembers which of them were fed."""
+        depth = [0] * len(nodes)
+        for i in range(1, len(nodes)):
+            depth[i] = depth[nodes.parents[i]] + 1
+        order = [0] + sorted(keep, key=lambda i: (depth[i], i))
+        index = {old: new for new, old in enumerate(order)}
+        tree = Tree.from_parents([-1] + [index[nodes.parents[i]] for i in order[1:]])
+        tokens = [nodes.tokens[i] for i in order]
+        self._last = _Proposal(tokens, tree.child_lists, [nodes.fed[i] for i in order])
+        q = None
+        if not self.sampling.greedy:
+            q = torch.zeros(len(order), self.vocab_size)  # [n, V], row 0 (root) unused
+            for new, old in enumerate(order[1:], start=1):
+                q[new] = nodes.qs[nodes.q_rows[old]]
+        return Draft(tree, torch.tensor(tokens), q=q)
+
+
+def _cannot_enter(nodes: _Nodes, frontier: list[int], room: int) -> bool:
+    """True when `room` nodes already score at least the frontier's best: deeper nodes cannot be kept."""
+    if not frontier or len(nodes) - 1 < room:
+        return not frontier
+    best = max(nodes.scores[f] for f in frontier)
+    kth = sorted(nodes.scores[1:], reverse=True)[room - 1]
+    return kth >= best
+
+
+def _distinct_best(nodes: _Nodes, level: list[int]) -> list[int]:
+    """Nodes of `level`, one per (parent, token), most probable path first."""
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for i in sorted(level, key=lambda i: -nodes.scores[i]):
+        key = (nodes.parents[i], nodes.tokens[i])
+        if key not in seen:
+            seen.add(key)
+            out.append(i)
+    return out
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(a.numel(), b.numel())
+    diff = (a[:n] != b[:n]).nonzero()
+    return int(diff[0]) if diff.numel() else n
+
+
+def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:  # [..., Vd] -> [..., vocab]
+    """Draft logits over the target's ids: extra draft rows dropped, missing ones at -inf (never drafted)."""
+    have = logits.shape[-1]
+    if have == vocab:
+        return logits
+    if have > vocab:
+        return logits[..., :vocab]
+    pad = logits.new_full((*logits.shape[:-1], vocab - have), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)
+
+
+def _draft_seed(seed: int | None) -> int:
+    """A seed for the drafter's generator that differs from the engine's for the same request seed."""
+    return ((seed or 0) * 0x9E3779B97F4A7C15 + 0x5DEECE66D) % (1 << 63)
+
+
+# ------------------------------------------------------------------------------------------------------
+# construction
+
+
+def lean_forward(model: PreTrainedModel, gemm: str = "auto", cache_dir: str | Path | None = None,
+                 what: str = "draft model") -> LeanModel:
+    """`model`'s lean forward (its own weights); the GEMM plan is chosen and cached as the lean verifier does."""
+    from specdec.verifiers.lean import LeanVerifier
+
+    gemm_dir = Path(cache_dir) / "gemm" if cache_dir is not None else None
+    try:
+        return LeanVerifier(model, gemm=gemm, cache_dir=gemm_dir).model  # type: ignore[arg-type]
+    except ValueError as err:
+        raise SpecdecError(f"{what}: {err}: use a Llama, Qwen2 or Gemma 3 model") from None
+
+
+def resolve_model(spec: Any, cache_dir: str | Path | None = None) -> tuple[PreTrainedModel, Any, str]:
+    """A name/path for load_model, a LoadedModel or a PreTrainedModel -> (model, tokenizer or None, name)."""
+    from specdec.models.loading import LoadedModel, load_model
+
+    if isinstance(spec, (str, Path)):
+        spec = load_model(str(spec), cache_dir=cache_dir)
+    if isinstance(spec, LoadedModel):
+        return spec.model, spec.tokenizer, spec.name
+    if isinstance(spec, PreTrainedModel):
+        return spec.eval(), None, getattr(spec.config, "_name_or_path", "") or spec.config.model_type
+    raise SpecdecError(f"draft_model must be a model name, a directory, a .gguf file or a loaded model, "
+                       f"got {type(spec).__name__}")
+
+
+def check_vocab(model: PreTrainedModel, tokenizer: Any, vocab_size: int, target_tokenizer: Any, name: str) -> None:
+    """SpecdecError unless the draft model can draft for the target: same tokenizer when both are known
+    (embedding sizes may then differ by padding rows), else the same embedding size."""
+    from specdec.models.loading import check_same_tokenizer
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer is not None and target_tokenizer is not None:
+        check_same_tokenizer(target_tokenizer, tokenizer, "target", name)
+        if len(target_tokenizer) > min(rows, vocab_size):
+            raise SpecdecError(f"draft model '{name}' has {rows} embedding rows for a {len(target_tokenizer)}-token "
+                               "tokenizer: pick a draft model from the target's family")
+    elif rows != vocab_size:
+        raise SpecdecError(f"draft model '{name}' has a vocabulary of {rows} tokens, the target {vocab_size}: "
+                           "pick a draft model with the target's tokenizer")
+
+
+def model_drafter(
+    vocab_size: int,
+    tree: Tree | None = None,
+    *,
+    draft_model: Any,
+    k: int = 4,
+    mode: Literal["chain", "tree"] = "chain",
+    branch: int = 2,
+    adaptive: bool = False,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    target_tokenizer: Any = None,
+    cache_dir: str | None = None,
+    gemm: Literal["auto", "linear", "wxt"] = "auto",
+) -> ModelDrafter:
+    """Registry factory for `model`. draft_model: a load_model spec or a loaded model sharing the target's
+    tokenizer; target_tokenizer: checked against the draft's when both are known. temperature/top_k/top_p/seed:
+    the sampling the drafter drafts for (the engine's own params, once it passes them via set_sampling)."""
+    if tree is not None:
+        raise ValueError("drafter 'model' builds its own trees and takes no tree preset: use mode='tree'")
+    sampling = SamplingParams(temperature, top_k, top_p, seed).validate()
+    model, tokenizer, name = resolve_model(draft_model, cache_dir)
+    check_vocab(model, tokenizer, vocab_size, target_tokenizer, name)
+    runner = DraftRunner(lean_forward(model, gemm, cache_dir), int(model.config.max_position_embeddings))
+    return ModelDrafter(runner, vocab_size, k=k, mode=mode, branch=branch, adaptive=adaptive, sampling=sampling)

@@ -1,0 +1,299 @@
+"""Self-speculative drafter: the target drafts for itself by skipping some of its layers (Draft & Verify, SWIFT).
+
+Owns the choice of the skip set (calibration) and its cache. Drafting itself is `ModelDrafter` over a
+`DraftRunner` whose forward is the target's own `LeanModel.without_layers(skip)`: the same weight tensors,
+with a KV cache of its own for the layers it runs. The target's KV is not reused: a layer after a skipped one
+sees different inputs, so its keys and values differ from the full model's.
+
+Calibration (train-free, seconds to a couple of minutes, cached):
+1. Real text: a few Spec-Bench prompts (the LAST question of some categories, so the bench's first-per-category
+   prompts stay held out) and the full model's greedy continuation of each.
+2. Teacher-forced agreement: one forward of the skipping model over prompt + continuation gives its argmax
+   at every continuation position; a_t = 1 where it equals the continuation. For greedy chains that is
+   exactly "the draft of token t is accepted given an accepted prefix", so replaying the bits gives tau(k).
+3. Measured cost model: a draft forward costs head + kept layers x per-layer time; verifying n nodes v(n).
+   Predicted speedup(S, k) = tau_S(k) / ((k c_draft(S) + v(k + 1)) / v(1)).
+4. Greedy search: repeatedly skip the layer whose removal keeps agreement highest; stop when the predicted
+   speedup has not improved for `patience` steps (or the time budget is spent); keep the best (skip, k).
+Cached as JSON under <cache_dir>/self_spec/, keyed by model fingerprint + settings + machine + threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from transformers import PreTrainedModel
+
+from specdec.drafters.model import DraftRunner, ModelDrafter, lean_forward, resolve_model
+from specdec.errors import SpecdecError
+from specdec.sampling import SamplingParams
+from specdec.trees.tree import Tree
+from specdec.verifiers import gemm as gemm_plan
+from specdec.verifiers.lean_model import LeanModel
+
+
+@dataclass(frozen=True)
+class Calibration:
+    prompts: int = 3  # Spec-Bench prompts (one per category) the agreement is measured on
+    prompt_tokens: int = 64  # each prompt cut to its first tokens
+    new_tokens: int = 32  # greedy continuation scored per prompt
+    k_max: int = 8  # draft lengths considered
+    patience: int = 2  # greedy steps without a better predicted speedup before stopping
+    budget_s: float = 180.0  # stop the search after this long (the best so far is kept)
+    timing_reps: int = 5  # forwards timed per cost measurement (median)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    skip: tuple[int, ...]
+    agreement: float  # teacher-forced top-1 agreement with the full model
+    k: int  # best draft length for this skip set
+    tau: float  # replayed tau at k
+    speedup: float  # predicted by the cost model
+
+
+# ------------------------------------------------------------------------------------------------------
+# measurement
+
+
+def greedy_continuation(lean: LeanModel, prompt: list[int], new_tokens: int, max_positions: int) -> list[int]:
+    runner = DraftRunner(lean, max_positions)
+    logits = runner.feed(torch.tensor(prompt))
+    out: list[int] = []
+    for _ in range(new_tokens):
+        out.append(int(logits.argmax()))
+        logits = runner.feed(torch.tensor(out[-1:]))
+    return out
+
+
+def agreement_bits(lean: LeanModel, sequences: list[tuple[list[int], list[int]]], max_positions: int) -> list[list[bool]]:
+    """Per (prompt, continuation): does the model's teacher-forced argmax equal each continuation token."""
+    bits = []
+    for prompt, cont in sequences:
+        runner = DraftRunner(lean, max_positions)
+        seq = torch.tensor(prompt + cont[:-1])
+        rows = list(range(len(prompt) - 1, len(prompt) + len(cont) - 1))
+        argmax = runner.extend(seq, None, rows).argmax(-1).tolist()
+        bits.append([a == c for a, c in zip(argmax, cont)])
+    return bits
+
+
+def replayed_tau(bits: list[list[bool]], k: int) -> float:
+    """tau of greedy chain drafting with draft length k, replayed from per-token acceptance bits."""
+    tokens = steps = 0
+    for seq in bits:
+        t = 0
+        while t < len(seq):
+            m = 0
+            while m < k and t + m < len(seq) and seq[t + m]:
+                m += 1
+            tokens, steps, t = tokens + m + 1, steps + 1, t + m + 1
+    return tokens / max(1, steps)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds, measured: one-token forward of the full model, of no layers at all, and v(n) for n nodes."""
+
+    full: float
+    no_layers: float
+    verify: tuple[float, ...]  # verify[n - 1]: forward of n nodes with logits for all
+
+    def draft_ratio(self, layers_kept: int, layers: int) -> float:
+        per_layer = max(0.0, self.full - self.no_layers) / layers
+        return (self.no_layers + layers_kept * per_layer) / self.full
+
+    def speedup(self, tau: float, k: int, layers_kept: int, layers: int) -> float:
+        step = k * self.draft_ratio(layers_kept, layers) + self.verify[k] / self.verify[0]
+        return tau / step
+
+
+def measure_costs(lean: LeanModel, prefix: list[int], k_max: int, reps: int, max_positions: int) -> CostModel:
+    def timed(model: LeanModel, n: int) -> float:
+        runner = DraftRunner(model, max_positions)
+        runner.feed(torch.tensor(prefix))
+        tokens = torch.tensor(prefix[:n])
+        times = []
+        for _ in range(reps + 1):  # the first run warms up
+            t0 = time.perf_counter()
+            runner.extend(tokens, None, list(range(n)))
+            times.append(time.perf_counter() - t0)
+            runner.truncate(runner.length)
+        return statistics.median(times[1:])
+
+    no_layers = lean.without_layers(set(range(len(lean.layers))))
+    verify = tuple(timed(lean, n) for n in range(1, k_max + 2))
+    full_one = timed(lean, 1)  # measured apart from verify[0], next to no_layers (both taken now)
+    return CostModel(full_one, timed(no_layers, 1), verify)
+
+
+# ------------------------------------------------------------------------------------------------------
+# search
+
+
+def search_skip(lean: LeanModel, sequences: list[tuple[list[int], list[int]]], costs: CostModel,
+                settings: Calibration, max_positions: int, log: Callable[[str], None]) -> list[Candidate]:
+    """Greedy layer removal; returns every step's candidate, the full model first."""
+    layers = len(lean.layers)
+    start = time.perf_counter()
+
+    def evaluate(skip: tuple[int, ...]) -> Candidate:
+        bits = agreement_bits(lean.without_layers(set(skip)), sequences, max_positions)
+        flat = [b for seq in bits for b in seq]
+        options = [(costs.speedup(replayed_tau(bits, k), k, layers - len(skip), layers), k)
+                   for k in range(1, settings.k_max + 1)]
+        speed, k = max(options)
+        return Candidate(tuple(sorted(skip)), sum(flat) / max(1, len(flat)), k, replayed_tau(bits, k), speed)
+
+    history = [evaluate(())]
+    best, stale = history[0], 0
+    while len(history[-1].skip) < layers - 1 and stale < settings.patience:
+        if time.perf_counter() - start > settings.budget_s:
+            log(f"self: calibration stopped after {settings.budget_s:.0f} s (budget)")
+            break
+        current = history[-1].skip
+        trials = [evaluate(current + (i,)) for i in range(layers) if i not in current]
+        chosen = max(trials, key=lambda c: (c.agreement, c.speedup))
+        history.append(chosen)
+        log(f"self: skip {list(chosen.skip)} agreement {chosen.agreement:.2f} k {chosen.k} "
+            f"tau {chosen.tau:.2f} predicted {chosen.speedup:.2f}x")
+        best, stale = (chosen, 0) if chosen.speedup > best.speedup else (best, stale + 1)
+    return history
+
+
+def calibrate(lean: LeanModel, prompts: list[list[int]], settings: Calibration, max_positions: int,
+              log: Callable[[str], None]) -> dict:
+    """Measure, search and return the record that is cached: the best candidate plus how it was found."""
+    t0 = time.perf_counter()
+    cut = [p[: settings.prompt_tokens] for p in prompts]
+    sequences = [(p, greedy_continuation(lean, p, settings.new_tokens, max_positions)) for p in cut]
+    costs = measure_costs(lean, cut[0] + sequences[0][1], settings.k_max, settings.timing_reps, max_positions)
+    history = search_skip(lean, sequences, costs, settings, max_positions, log)
+    best = max(history[1:] or history, key=lambda c: c.speedup)
+    return {"skip": list(best.skip), "k": best.k, "agreement": best.agreement, "tau": best.tau,
+            "predicted_speedup": best.speedup, "history": [asdict(c) for c in history],
+            "costs": asdict(costs), "settings": asdict(settings), "seconds": time.perf_counter() - t0,
+            "threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------------------
+# prompts and cache
+
+
+def spec_bench_prompts(tokenizer: Any, count: int) -> list[list[int]]:
+    """The last question of `count` Spec-Bench categories (spread over the file), encoded for the target."""
+    text = resources.files("specdec").joinpath("data/spec_bench/question.jsonl").read_text()
+    last: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.strip():
+            row = json.loads(line)
+            last[row["category"]] = row["turns"][0]
+    questions = list(last.values())
+    step = max(1, len(questions) // max(1, count))
+    return [_encode(tokenizer, q) for q in questions[::step][:count]]
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return list(tokenizer(text)["input_ids"])
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """Config plus a few weight values: tells apart models of one architecture with different weights."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for p in (model.get_input_embeddings().weight, model.model.layers[-1].mlp.down_proj.weight):
+            h.update(p.detach().flatten()[:4096].float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_calibration(model: PreTrainedModel, lean: LeanModel, prompts: list[list[int]], settings: Calibration,
+                       cache_dir: Path, log: Callable[[str], None]) -> dict:
+    prompt_hash = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:12]
+    signature = f"self|{model_fingerprint(model)}|{prompt_hash}|{json.dumps(asdict(settings), sort_keys=True)}"
+    path = cache_dir / "self_spec" / f"{gemm_plan.cache_key(signature)}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            pass  # unreadable: calibrate again and overwrite it
+    log(f"self: calibrating the layer-skip set on {len(prompts)} prompts (one time, cached)...")
+    record = calibrate(lean, prompts, settings, int(model.config.max_position_embeddings), log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------------
+# factory
+
+
+def self_drafter(
+    vocab_size: int,
+    tree: Tree | None = None,
+    *,
+    target: Any,
+    skip: list[int] | None = None,
+    k: int | None = None,
+    mode: Literal["chain", "tree"] = "chain",
+    branch: int = 2,
+    adaptive: bool = False,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    target_tokenizer: Any = None,
+    calibration_prompts: list[list[int]] | None = None,
+    calibration: Calibration | dict | None = None,
+    cache_dir: str | None = None,
+    gemm: Literal["auto", "linear", "wxt"] = "auto",
+    log: Callable[[str], None] | None = None,
+) -> ModelDrafter:
+    """Registry factory for `self`. target: the target model (loaded model or load_model spec). skip: layer
+    indices to skip, or None to calibrate (cached); k: draft length, None = the calibrated one (4 with an
+    explicit skip). calibration_prompts: token ids to calibrate on instead of Spec-Bench text (which needs the
+    tokenizer: from a LoadedModel target or target_tokenizer)."""
+    from specdec.models.loading import default_cache_dir
+
+    if tree is not None:
+        raise ValueError("drafter 'self' builds its own trees and takes no tree preset: use mode='tree'")
+    sampling = SamplingParams(temperature, top_k, top_p, seed).validate()
+    model, tokenizer, name = resolve_model(target, cache_dir)
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows != vocab_size:
+        raise SpecdecError(f"self drafter: model '{name}' has {rows} output rows, the target {vocab_size}: "
+                           "pass the target model itself as target=")
+    lean = lean_forward(model, gemm, cache_dir, what="self drafter")
+    max_positions = int(model.config.max_position_embeddings)
+    record = None
+    if skip is None:
+        settings = calibration if isinstance(calibration, Calibration) else Calibration(**(calibration or {}))
+        prompts = calibration_prompts or _default_prompts(tokenizer or target_tokenizer, settings.prompts)
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        record = cached_calibration(model, lean, prompts, settings, cache, log or (lambda _: None))
+        skip, k = record["skip"], k or record["k"]
+    layers = len(lean.layers)
+    if any(not 0 <= i < layers for i in skip) or len(set(skip)) >= layers:
+        raise ValueError(f"self: skip must name distinct layers in 0..{layers - 1} and leave one, got {skip}")
+    runner = DraftRunner(lean.without_layers(set(skip)), max_positions)
+    return ModelDrafter(runner, vocab_size, k=k or 4, mode=mode, branch=branch, adaptive=adaptive,
+                        sampling=sampling, name="self", info={"skip": sorted(skip), "calibration": record})
+
+
+def _default_prompts(tokenizer: Any, count: int) -> list[list[int]]:
+    if tokenizer is None:
+        raise SpecdecError("self drafter: calibrating needs the target's tokenizer (a loaded model as target=, "
+                           "or target_tokenizer=), or calibration_prompts=, or an explicit skip=")
+    return spec_bench_prompts(tokenizer, count)
