@@ -1,0 +1,48 @@
+"""`specdec batch INPUT.jsonl --out OUTPUT.jsonl`: the batch-job command (registered on `specdec.cli.main`).
+
+Thin like the rest of the CLI: parses, loads config, calls `specdec.jobs.run_job`, prints the summary.
+Runnable alone too: ``python -m specdec.jobs_cli INPUT.jsonl --out OUTPUT.jsonl``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from specdec.cli import _common_options, _log, _setup, _user_errors
+from specdec.config import load_config
+
+
+@click.command("batch")
+@click.argument("input_path", metavar="INPUT.jsonl")
+@click.option("--out", "output_path", required=True, metavar="OUTPUT.jsonl",
+              help="Results, one JSON line per row; rerunning the same command resumes it.")
+@_common_options
+@click.option("--max-new-tokens", type=int, help="Default for rows without max_new_tokens (default 128).")
+@click.option("--temperature", type=float, help="Default temperature; 0 = greedy (default).")
+@click.option("--top-k", type=int, help="Default top-k (0 = off).")
+@click.option("--top-p", type=float, help="Default nucleus mass (1 = off).")
+@click.option("--seed", type=int, help="Job seed: rows without a seed sample with one derived from it and their id.")
+@click.option("--stop", "stop_strings", multiple=True, help="Default stop string (repeatable).")
+@click.option("--raw", is_flag=True, help="Do not apply the chat template to 'prompt' rows.")
+@click.option("--width", type=int, default=8, show_default=True, help="Rows decoded together (batch width).")
+@click.option("--ray", "ray_workers", type=int, default=0, help="Run on Ray with N workers (specdec[ray]).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@_user_errors
+def batch(input_path: str, output_path: str, config_path: str | None, cache_dir: str | None, raw: bool, width: int,
+          ray_workers: int, progress: bool, **overrides: Any) -> None:
+    """Decode every prompt of INPUT.jsonl ({"id": ..., "prompt": ...} or {"id": ..., "messages": [...]} per line)."""
+    from specdec.jobs import JobSettings, run_job
+
+    cfg = load_config(config_path).updated(**overrides)
+    if raw:
+        cfg = cfg.updated(chat=False)
+    _setup(cfg.threads)
+    settings = JobSettings(config=cfg, width=width, cache_dir=cache_dir)
+    summary = run_job(input_path, output_path, settings, ray_workers=ray_workers, progress=progress, log=_log)
+    click.echo(summary.line())
+
+
+if __name__ == "__main__":
+    batch()

@@ -1,0 +1,293 @@
+"""The batched engine against transformers, row by row, on tiny random models.
+
+Every row of a batch must be token-identical to decoding its prompt alone: with transformers' greedy
+`generate()` (conftest.hf_greedy) and with the simple correct reference below (`padded_reference`: EQSPEC-style
+left padding, position_ids = clamp(cumsum(mask) - 1, 0), the batch re-padded and recomputed every step, no
+cache), across batch sizes, ragged prompt lengths (crossing the tiny Gemma's sliding window of 16), every
+drafter (plus test doubles whose drafts are always accepted / always rejected / hidden behind a wrong
+sibling), EOS and max_new_tokens at different steps per row, and more prompts than width (continuous
+batching). Sampled rows must not depend on the batch they run in.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+import torch
+
+from conftest import ARCHS, hf_greedy, make_tiny_model, make_tiny_tokenizer
+from specdec.batch import (BatchEngine, BudgetPolicy, Request, batch_engine, generate_batch, inverse_cdf,
+                           slot_drafter_factory)
+from specdec.drafters.base import Draft, PlainDrafter
+from specdec.drafters.registry import make_drafter
+from specdec.engine import StopConditions
+from specdec.errors import SpecdecError
+from specdec.sampling import SamplingParams
+from specdec.trees.presets import load_tree
+from specdec.trees.tree import Tree
+from specdec.verifiers.lean import LeanVerifier
+
+VOCAB = 512
+LENGTHS = [1, 5, 13, 17, 30, 40, 3, 22, 9, 16, 2, 35, 11, 27, 7, 19]  # ragged; several cross the window (16)
+MAX_NEW = [20, 5, 24, 1, 18, 12, 24, 9, 16, 3, 24, 7, 13, 20, 2, 11]  # different per row
+
+
+@lru_cache(maxsize=None)
+def model(arch: str):
+    return make_tiny_model(arch)
+
+
+@lru_cache(maxsize=None)
+def verifier(arch: str) -> LeanVerifier:
+    return LeanVerifier(model(arch), gemm="linear")
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (LENGTHS[i % len(LENGTHS)],), generator=gen).tolist() for i in range(count)]
+
+
+@lru_cache(maxsize=None)
+def reference(arch: str, prompt: tuple[int, ...], max_new: int, eos: int | None = None) -> list[int]:
+    return hf_greedy(model(arch), list(prompt), max_new, eos=eos)
+
+
+@torch.no_grad()
+def padded_reference(m, rows: list[list[int]], max_new: list[int]) -> list[list[int]]:
+    """Greedy batch decoding the simple way: left-pad every step, positions from the mask, full recompute."""
+    seqs, out = [list(r) for r in rows], [[] for _ in rows]
+    while any(len(o) < n for o, n in zip(out, max_new)):
+        width = max(map(len, seqs))
+        ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs])  # [B, width]
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        nxt = m(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1).tolist()
+        for b, tok in enumerate(nxt):
+            if len(out[b]) < max_new[b]:
+                out[b].append(tok)
+                seqs[b].append(tok)
+    return out
+
+
+class OracleDrafter:
+    """Knows every row's reference continuation. mode 'accept': a chain of the right tokens; 'reject': a chain
+    of wrong ones; 'tree': a wrong token at rank 0 and the right one at rank 1, at every level."""
+
+    name = "oracle"
+    topk = 0
+
+    def __init__(self, full: list[list[int]], mode: str, depth: int = 5):
+        self.full, self.mode, self.depth = full, mode, depth
+
+    def propose(self, context: torch.Tensor, budget: int) -> Draft:
+        ctx = context.tolist()
+        seq = next(f for f in self.full if f[: len(ctx)] == ctx)
+        levels = budget - 1 if self.mode != "tree" else (budget - 1) // 2
+        right = seq[len(ctx): len(ctx) + min(self.depth, levels)]
+        wrong = [(t + 1) % VOCAB for t in right]
+        if self.mode in ("accept", "reject"):
+            return Draft(Tree.chain(len(right)), torch.tensor([ctx[-1]] + (right if self.mode == "accept" else wrong)))
+        parents, tokens = [-1], [ctx[-1]]
+        for r, w in zip(right, wrong):
+            node = len(parents) - 1 if len(parents) > 1 else 0
+            parents += [node, node]
+            tokens += [w, r]
+        return Draft(Tree.from_parents(parents), torch.tensor(tokens))
+
+    def observe(self, draft, feedback) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+
+def factory(arch: str, name: str, rows: list[list[int]] | None = None, refs: list[list[int]] | None = None):
+    if name in ("accept", "reject", "tree"):
+        full = [p + r for p, r in zip(rows, refs)]
+        return lambda: OracleDrafter(full, name)
+    tree = load_tree("cpu-8") if name == "recycling" else None
+    return slot_drafter_factory(make_drafter(name, vocab_size=VOCAB, tree=tree))
+
+
+def run(arch, name, rows, max_new, width, budget=8, adaptive=True, eos=None, refs=None):
+    stops = [StopConditions(n, eos_token_ids=frozenset() if e is None else frozenset({e}))
+             for n, e in zip(max_new, eos or [None] * len(rows))]
+    eng = BatchEngine(verifier(arch), factory(arch, name, rows, refs), budget, width, adaptive)
+    return eng, eng.generate([Request(p, s) for p, s in zip(rows, stops)])
+
+
+def test_padded_reference_matches_generate():
+    rows, max_new = prompts(6), MAX_NEW[:6]
+    got = padded_reference(model("gemma3"), rows, max_new)
+    assert got == [reference("gemma3", tuple(p), n) for p, n in zip(rows, max_new)]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 8, 16])
+def test_batch_sizes_match_alone_and_reference(batch):
+    rows, max_new = prompts(batch, seed=batch), MAX_NEW[:batch]
+    refs = [reference("gemma3", tuple(p), n) for p, n in zip(rows, max_new)]
+    for name, budget in (("plain", 1), ("recycling", 8)):
+        _, res = run("gemma3", name, rows, max_new, width=batch, budget=budget)
+        assert [r.tokens for r in res.results] == refs, name
+        assert all(r.finish_reason == "length" for r in res.results)
+    if batch == 16:
+        assert padded_reference(model("gemma3"), rows, max_new) == refs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ["plain", "ngram", "recycling", "accept", "reject", "tree"])
+def test_every_drafter_matches_generate(arch, name):
+    rows, max_new = prompts(7, seed=1), [24] * 7
+    refs = [reference(arch, tuple(p), 24) for p in rows]
+    budget = 1 if name == "plain" else 9
+    _, res = run(arch, name, rows, max_new, width=3, budget=budget, adaptive=False, refs=refs)
+    assert [r.tokens for r in res.results] == refs
+    if name in ("accept", "tree"):
+        assert res.stats.tau > 3.5  # 4 or 5 right tokens + bonus per step; the last step is cut by the length
+    if name in ("plain", "reject"):
+        assert res.stats.tau == 1.0
+
+
+@pytest.mark.parametrize("name", ["accept", "recycling"])
+def test_eos_at_different_steps(name):
+    rows = prompts(8, seed=2)
+    long = [reference("gemma3", tuple(p), 30) for p in rows]
+    eos = []
+    for i, ref in enumerate(long):  # row i stops at a different step: the first new token it has not seen before
+        at = next(j for j in range(2 * i + 1, 30) if ref[j] not in ref[:j])
+        eos.append(ref[at])
+    refs = [reference("gemma3", tuple(p), 30, e) for p, e in zip(rows, eos)]
+    assert len({len(r) for r in refs}) > 4  # the rows really do stop at different steps
+    _, res = run("gemma3", name, rows, [30] * 8, width=4, eos=eos, refs=long, adaptive=False)
+    assert [r.tokens for r in res.results] == refs
+    assert all(r.finish_reason == "eos" and r.tokens[-1] == e for r, e in zip(res.results, eos))
+
+
+def test_max_new_tokens_per_row_reached_inside_drafts():
+    rows, max_new = prompts(6, seed=3), [0, 1, 2, 7, 13, 30]
+    long = [reference("gemma3", tuple(p), 40) for p in rows]
+    _, res = run("gemma3", "accept", rows, max_new, width=6, refs=long, adaptive=False)
+    assert [r.tokens for r in res.results] == [ref[:n] for ref, n in zip(long, max_new)]
+    assert [r.finish_reason for r in res.results] == ["length"] * 6
+    assert res.results[0].stats.steps == 0
+
+
+def test_continuous_batching_keeps_the_width():
+    rows, max_new = prompts(12, seed=4), [6, 30, 6, 6, 30, 6, 6, 30, 6, 6, 6, 6]
+    refs = [reference("llama", tuple(p), n) for p, n in zip(rows, max_new)]
+    eng, res = run("llama", "recycling", rows, max_new, width=4)
+    assert [r.tokens for r in res.results] == refs
+    assert len(eng.drafters) == 4 and eng.verifier.length(3) > 0  # 4 slots, reused for 12 prompts
+    assert res.stats.row_steps / res.stats.steps > 2.5  # refilled as rows finish, not drained batch by batch
+    assert res.stats.new_tokens == sum(map(len, refs)) and res.stats.rows == 12
+
+
+def test_stop_strings_per_row():
+    rows = prompts(3, seed=5)
+    refs = [reference("llama", tuple(p), 20) for p in rows]
+    decode = lambda ids: " ".join(f"<{i}>" for i in ids)  # noqa: E731 - a toy detokenizer
+    stops = [StopConditions(20, stop_strings=(f"<{ref[3 + i]}>",), decode=decode) for i, ref in enumerate(refs)]
+    eng = BatchEngine(verifier("llama"), factory("llama", "accept", rows, refs), 8, 3, adaptive=False)
+    res = eng.generate([Request(p, s) for p, s in zip(rows, stops)])
+    for r, ref, s in zip(res.results, refs, stops):
+        first = next(i for i in range(20) if s.stop_strings[0] in decode(ref[: i + 1]))
+        assert r.tokens == ref[: first + 1] and r.finish_reason == "stop_string"
+
+
+def sampled(rows, seeds, width, name, budget, params=None):
+    params = params or [SamplingParams(1.0, seed=s) for s in seeds]
+    eng = BatchEngine(verifier("gemma3"), factory("gemma3", name), budget, width)
+    return [r.tokens for r in eng.generate([Request(p, StopConditions(20), s) for p, s in zip(rows, params)]).results]
+
+
+def test_sampling_is_reproducible_regardless_of_batch():
+    rows, seeds = prompts(8, seed=6), list(range(100, 108))
+    params = [SamplingParams(1.0, top_k=40 if i % 3 == 1 else 0, top_p=0.9 if i % 3 == 2 else 1.0, seed=s)
+              for i, s in enumerate(seeds)]
+    batch = sampled(rows, seeds, 8, "recycling", 8, params)
+    alone = [sampled([p], [s], 1, "plain", 1, [sp])[0] for p, s, sp in zip(rows, seeds, params)]
+    assert batch == alone  # same seed: the same tokens alone, plainly, or speculatively in a batch of 8
+    assert sampled(rows[:3], seeds[:3], 2, "ngram", 6, params[:3]) == alone[:3]
+    reseeded = sampled(rows, [s + 1 for s in seeds], 8, "plain", 1)
+    assert sum(a != b for a, b in zip(reseeded, sampled(rows, seeds, 8, "plain", 1))) >= 6
+
+
+def test_inverse_cdf_samples_the_distribution():
+    p = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05])
+    gen = torch.Generator().manual_seed(0)
+    draws = [inverse_cdf(p * 3.0, float(u)) for u in torch.rand(20000, generator=gen, dtype=torch.float64)]
+    freq = torch.bincount(torch.tensor(draws), minlength=5).double() / len(draws)
+    assert freq[1] == 0  # zero mass is never drawn
+    torch.testing.assert_close(freq, p.double(), atol=0.015, rtol=0)  # 4+ sigma for 20000 draws
+    assert inverse_cdf(p, 0.0) == 0 and inverse_cdf(p, 1.0 - 1e-17) == 4
+
+
+def feed(policy: BudgetPolicy, rows: int, latency, tau, steps: int) -> list[int]:
+    """Run the policy against a synthetic machine: latency(N) seconds per call, tau(b) tokens per row-step."""
+    chosen = []
+    for _ in range(steps):
+        b = policy.choose(rows)
+        policy.record(b, rows, b, latency(rows * b), 1e-5 * rows, round(tau(b) * rows))
+        chosen.append(b)
+    return chosen
+
+
+def test_policy_turns_drafting_off_when_verification_is_compute_bound():
+    policy = BudgetPolicy(8)
+    chosen = feed(policy, 16, lambda n: 1e-3 * n, lambda b: min(b, 1 + 0.4 * (b - 1)), 400)
+    assert chosen[:3] == [1, 2, 1]  # the climb stops at the first budget that loses
+    assert set(chosen) == {1, 2} and chosen[-100:].count(1) > 95  # then plain, exploring ever more rarely
+    assert chosen.count(1) / len(chosen) > 0.93
+
+
+def test_policy_keeps_big_trees_when_verification_is_flat():
+    policy = BudgetPolicy(8)
+    chosen = feed(policy, 2, lambda n: 0.05 + 1e-4 * n, lambda b: min(b, 1 + 0.5 * (b - 1)), 200)
+    assert chosen[:4] == [1, 2, 4, 8]  # climbs while bigger trees pay
+    assert chosen[-100:].count(8) > 90
+    assert BudgetPolicy(8, adaptive=False).choose(16) == 8 and BudgetPolicy(1).ladder == [1]
+
+
+def test_verify_latency_interpolates_and_extrapolates_pessimistically():
+    policy = BudgetPolicy(4)
+    for n, s in ((2, 1.0), (8, 4.0)):
+        policy.record(1, n, 1, s, 0.0, n)
+    assert policy.verify_latency(1) == 1.0 and policy.verify_latency(5) == pytest.approx(2.5)
+    assert policy.verify_latency(16) == pytest.approx(8.0)
+
+
+def test_bad_requests_and_drafters_raise():
+    eng = BatchEngine(verifier("llama"), PlainDrafter, 1, 2)
+    with pytest.raises(SpecdecError, match="empty prompt"):
+        eng.generate([Request([5, 6], StopConditions(4)), Request([], StopConditions(4))])
+    with pytest.raises(SpecdecError, match="exceeds the model's context"):
+        eng.generate([Request(list(range(3, 4000)), StopConditions(200))])
+
+    class Overreaching(PlainDrafter):
+        def propose(self, context: torch.Tensor, budget: int) -> Draft:
+            return Draft(Tree.chain(3), torch.cat([context[-1:], torch.tensor([10, 11, 12])]))
+
+    with pytest.raises(ValueError, match="proposed 4 nodes for a budget of 2"):  # refused, never truncated
+        BatchEngine(verifier("llama"), Overreaching, 2, 1, adaptive=False).generate([Request([5, 6], StopConditions(4))])
+
+
+def test_generate_batch_through_spec_decoder():
+    from specdec.api import SpecDecoder
+
+    m = model("qwen2")
+    dec = SpecDecoder(m, make_tiny_tokenizer(), drafter="recycling", tree_budget=8, backend="lean")
+    rows = prompts(5, seed=7)
+    engine = batch_engine(dec, width=3)
+    res = generate_batch(dec, rows, engine=engine, max_new_tokens=[12, 3, 12, 8, 1], eos_token_id=[])
+    assert [r.tokens for r in res.results] == [reference("qwen2", tuple(p), n) for p, n in zip(rows, [12, 3, 12, 8, 1])]
+    assert len(engine.drafters) == 3 and all(d is not dec.drafter for d in engine.drafters)  # one per slot
+    if hasattr(dec.drafter, "shared"):
+        assert dec.drafter.adj.any()  # the slots wrote the decoder's own table (shared, hot start)
+    text = generate_batch(dec, ["the quick brown fox", "lazy dog"], width=2, max_new_tokens=6, chat=False)
+    assert all(len(r.tokens) <= 6 for r in text.results)
+    hf = SpecDecoder(m, drafter="plain", backend="hf")
+    with pytest.raises(SpecdecError, match="lean verifier"):
+        batch_engine(hf, width=2)
+    assert generate_batch(hf, rows[:2], width=1, max_new_tokens=5, eos_token_id=[]).results[1].tokens == \
+        reference("qwen2", tuple(rows[1]), 5)

@@ -1,0 +1,184 @@
+"""`specdec batch`: JSONL in, JSONL out, every row exactly once, errors recorded, resumable after a real kill -9.
+
+The job runs the tiny Gemma 3 directory from conftest (tiny_model_dir) through the `batch` click command, in
+process (CliRunner) or as `python -m specdec.jobs_cli` in a subprocess that is killed with SIGKILL mid-job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from specdec.errors import SpecdecError
+from specdec.jobs import OutputFile, derived_seed, read_input
+from specdec.jobs_cli import batch
+
+WORDS = "the quick brown fox jumps over the lazy dog speculative decoding drafts and verifies tokens".split()
+
+
+def prompt(i: int) -> str:
+    return " ".join(WORDS[(i * 7) % 11: (i * 7) % 11 + 2 + i % 4])
+
+
+def write_rows(path: Path, count: int, sampled_every: int = 0) -> Path:
+    with path.open("w") as f:
+        for i in range(count):
+            row = {"id": f"r{i}", "prompt": prompt(i), "max_new_tokens": 8 + i % 17}
+            if sampled_every and i % sampled_every == 0:
+                row["temperature"] = 0.9
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def run(*args: str):
+    return CliRunner().invoke(batch, [*args, "--no-progress"])
+
+
+def results(path: Path) -> dict:
+    """id -> record without its timings; asserts every id appears once."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), "an id was written twice"
+    return {r["id"]: {k: v for k, v in r.items() if k != "stats"} for r in rows}
+
+
+def test_rows_errors_and_outputs(tiny_model_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    lines = [
+        json.dumps({"id": "a", "prompt": "the quick brown fox", "max_new_tokens": 12, "meta": {"k": 1}}),
+        json.dumps({"prompt": "the lazy dog", "max_new_tokens": 5}),  # id defaults to the line number: 2
+        "",  # blank lines are skipped
+        "{not json",
+        json.dumps({"id": "empty", "prompt": "   "}),
+        json.dumps({"id": "long", "prompt": "the fox", "max_new_tokens": 10_000}),
+        json.dumps({"id": "chat", "messages": [{"role": "user", "content": "hi"}]}),  # no chat template
+        json.dumps({"id": "typo", "promt": "the fox"}),
+        json.dumps({"id": "badval", "prompt": "the fox", "top_p": "high"}),
+        json.dumps({"id": 7, "prompt": "drafts and verifies", "max_new_tokens": 9, "stop": ["zzz"]}),
+    ]
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    res = run(str(src), "--out", str(out), "--model", str(tiny_model_dir), "--drafter", "ngram",
+              "--tree-budget", "4", "--width", "3", "--raw")
+    assert res.exit_code == 0, res.output
+    assert "3 ok, 6 failed" in res.stdout
+    got = results(out)
+    assert set(got) == {"a", 2, 4, "empty", "long", "chat", "typo", "badval", 7}
+    errors = {k: v["error"] for k, v in got.items() if "error" in v}
+    assert "not valid JSON" in errors[4] and "empty prompt" in errors["empty"]
+    assert "exceeds the model's context" in errors["long"] and "chat template" in errors["chat"]
+    assert "unknown field" in errors["typo"] and "'top_p' must be a number" in errors["badval"]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for rid, text, n in (("a", "the quick brown fox", 12), (2, "the lazy dog", 5), (7, "drafts and verifies", 9)):
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        ref = model.generate(ids, do_sample=False, max_new_tokens=n, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        ref = ref[: ref.index(2) + 1] if 2 in ref else ref  # the tiny model's EOS id is 2
+        assert got[rid]["token_ids"] == ref and got[rid]["text"] == tok.decode(ref, skip_special_tokens=True)
+    assert got["a"]["meta"] == {"k": 1} and got["a"]["prompt_tokens"] == tok("the quick brown fox",
+                                                                               return_tensors="pt")["input_ids"].numel()
+    again = run(str(src), "--out", str(out), "--model", str(tiny_model_dir))  # all done: nothing to decode
+    assert again.exit_code == 0 and "0 ok, 0 failed, 9 already done" in again.stdout
+
+
+def test_resume_after_kill_9_gives_every_row_once(tiny_model_dir, tmp_path):
+    src = write_rows(tmp_path / "in.jsonl", 80, sampled_every=5)
+    args = [str(src), "--model", str(tiny_model_dir), "--drafter", "recycling", "--tree-budget", "4",
+            "--width", "4", "--max-new-tokens", "24"]
+    killed = tmp_path / "killed.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "specdec.jobs_cli", *args, "--out", str(killed), "--no-progress",
+                             "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if killed.exists() and killed.read_bytes().count(b"\n") >= 10:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = killed.read_bytes().count(b"\n")
+    assert 10 <= partial < 80
+    with killed.open("ab") as f:  # as if the kill had cut a write short too
+        f.write(b'{"id": "r9999", "text": "tor')
+    resumed = run(*args, "--out", str(killed))
+    assert resumed.exit_code == 0, resumed.output
+    assert f"{partial} already done" in resumed.stdout
+    whole = tmp_path / "whole.jsonl"
+    assert run(*args, "--out", str(whole)).exit_code == 0
+    assert results(killed) == results(whole)  # every id once, the same tokens as an uninterrupted run
+    assert len(results(whole)) == 80 and all("error" not in r for r in results(whole).values())
+    sampled = results(whole)["r5"]
+    assert sampled["seed"] == derived_seed(0, "r5")  # reproducible without a seed in the row
+
+
+def test_torn_and_garbled_output_lines(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"id": "a"}\n{"id": 2}\n{"id": "c", "te')
+    with OutputFile(out) as f:
+        assert f.done() == {'"a"', "2"}
+        with pytest.raises(SpecdecError, match="another run"):
+            OutputFile(out)  # locked while this run writes it
+    assert out.read_bytes() == b'{"id": "a"}\n{"id": 2}\n'
+    out.write_bytes(b'{"id": "a"}\n{"id": 2, "te\n')  # a complete line of garbage at the end: torn too
+    with OutputFile(out) as f:
+        assert f.done() == {'"a"'}
+    assert out.read_bytes() == b'{"id": "a"}\n'
+    out.write_bytes(b'{"id": "a"}\nnot a row\n{"id": 3}\n')
+    with OutputFile(out) as f, pytest.raises(SpecdecError, match="line 2 is not a result row"):
+        f.done()
+
+
+def test_one_line_errors(tiny_model_dir, tmp_path):
+    src = write_rows(tmp_path / "in.jsonl", 2)
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"id": 1, "prompt": "a b"}\n{"prompt": "c d"}\n{"id": 1, "prompt": "e"}\n')
+    cases = [
+        ([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl")], "not found"),
+        ([str(src), "--out", str(tmp_path / "no" / "such" / "dir.jsonl")], "cannot write output file"),
+        ([str(src), "--out", str(tmp_path)], "cannot write output file"),
+        ([str(dup), "--out", str(tmp_path / "o.jsonl")], "line 3 repeats id 1"),
+        ([str(src), "--out", str(src)], "is the input file"),
+        ([str(src), "--out", str(tmp_path / "o.jsonl"), "--width", "0"], "--width must be >= 1"),
+    ]
+    for args, message in cases:
+        res = run(*args, "--model", str(tiny_model_dir))
+        assert res.exit_code == 2, res.output
+        assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_ids_must_be_strings_or_integers(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "x"}\n{"id": [1], "prompt": "y"}\n')
+    with pytest.raises(SpecdecError, match="line 2: id must be a string or an integer"):
+        read_input(src)
+
+
+def _ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ray_available(), reason="ray is not installed (pip install 'specdec[ray]')")
+def test_ray_two_workers_match_single_process(tiny_model_dir, tmp_path):
+    src = write_rows(tmp_path / "in.jsonl", 40, sampled_every=4)
+    args = [str(src), "--model", str(tiny_model_dir), "--drafter", "recycling", "--tree-budget", "4",
+            "--width", "4", "--max-new-tokens", "16"]
+    single, on_ray = tmp_path / "single.jsonl", tmp_path / "ray.jsonl"
+    assert run(*args, "--out", str(single)).exit_code == 0
+    res = run(*args, "--out", str(on_ray), "--ray", "2")
+    assert res.exit_code == 0, res.output
+    assert "40 ok" in res.stdout
+    assert results(on_ray) == results(single)
