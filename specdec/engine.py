@@ -123,7 +123,7 @@ class Engine:
             reason = None
         while reason is None:
             committed = self._step(context, sampling, generator, stats)
-            kept, reason = _apply_stop(committed, out, stop)
+            kept, reason = apply_stop(committed, out, stop)
             out.extend(kept)
             context = torch.cat([context, torch.tensor(kept, dtype=torch.long)])
             if on_tokens is not None and kept:
@@ -185,7 +185,7 @@ def _as_ids(prompt: Sequence[int] | torch.Tensor) -> torch.Tensor:
     return ids
 
 
-def _apply_stop(committed: list[int], out: list[int], stop: StopConditions) -> tuple[list[int], str | None]:
+def apply_stop(committed: list[int], out: list[int], stop: StopConditions) -> tuple[list[int], str | None]:
     """Append committed tokens one by one as plain decoding would; cut at the first stop condition."""
     kept: list[int] = []
     for tok in committed:
