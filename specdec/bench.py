@@ -40,6 +40,8 @@ class BenchSpec:
     tree: str | None = None
     tree_budget: int | None = None
     backend: str = "auto"
+    plot: bool = False
+    curve: str | None = None  # verify-curve JSON (scripts/verify_curve.py) to plot beside the results
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Row:
     seconds: float
     tau: float
     tokens: list[int] = field(repr=False)
+    prompt: list[int] = field(repr=False, default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -159,14 +162,48 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, echo: Callabl
         ids = _encode(tok, q["text"])
         for m in spec.methods:
             tokens, secs, tau = runner.run(m, ids, spec.max_new_tokens)
-            rows.append(Row(q["question_id"], q["category"], m, len(ids), len(tokens), secs, tau, tokens))
+            rows.append(Row(q["question_id"], q["category"], m, len(ids), len(tokens), secs, tau, tokens, ids))
         done = [r for r in rows if r.question_id == q["question_id"]]
         log(f"[{i}/{len(questions)}] {q['category']}: " + ", ".join(f"{r.method} {r.tokens_per_s:.1f} tok/s" for r in done))
     report = summarise(rows, spec.methods, info)
+    report["mismatches"] = [_explain(m, rows, loaded.model, tok) for m in report["mismatches"]]
+    report["markdown"] += _mismatch_lines(report["mismatches"])
     paths = _save(report, rows, spec.out_dir)
     echo(report["markdown"])
     log(f"saved {paths[0]} and {paths[1]}")
+    if spec.plot:
+        from specdec.plots import load_json, plot_bench
+
+        png = plot_bench(report, paths[0].with_suffix(".png"), load_json(spec.curve) if spec.curve else None)
+        log(f"saved {png}")
     return report
+
+
+@torch.inference_mode()
+def _explain(mismatch: dict, rows: list[Row], model, tok) -> dict:
+    """At the first differing position: the target's logits (one plain transformers forward) for both tokens."""
+    by = {(r.question_id, r.method): r for r in rows}
+    base = by.get((mismatch["question_id"], "hf-plain"))
+    ours = by[(mismatch["question_id"], mismatch["method"])]
+    pos = mismatch["first_diff"]
+    if base is None or pos >= min(len(base.tokens), len(ours.tokens)):
+        return mismatch | {"note": "one output is a prefix of the other (length / EOS)"}
+    ids = base.prompt + base.tokens[:pos]
+    logits = model(torch.tensor([ids])).logits[0, -1].float()
+    a, b = base.tokens[pos], ours.tokens[pos]
+    return mismatch | {"ref_token": a, "our_token": b, "ref_logit": float(logits[a]), "our_logit": float(logits[b]),
+                       "gap": float(logits[a] - logits[b])}
+
+
+def _mismatch_lines(mismatches: list[dict]) -> str:
+    if not mismatches:
+        return "\n\nNo mismatches: every output equals the baseline token for token."
+    lines = ["", "", "Mismatches (first differing position; target logits of both tokens there, fp32):"]
+    for m in mismatches:
+        detail = m.get("note") or (f"pos {m['first_diff']}: ref {m['ref_token']} logit {m['ref_logit']:.5f} vs "
+                                   f"ours {m['our_token']} logit {m['our_logit']:.5f} (gap {m['gap']:.2e})")
+        lines.append(f"- q{m['question_id']} {m['method']}: {detail}")
+    return "\n".join(lines)
 
 
 def _eos_ids(loaded) -> list[int]:
@@ -238,6 +275,13 @@ def _markdown(table: dict, methods: tuple[str, ...], info: dict, base: str) -> s
             cells += [tau, f"{c['tokens_per_s']:.2f}", f"{c['speedup']:.2f}x", f"{100 * c['exact_match']:.0f}%"]
         name = f"**{cat}**" if cat == "overall" else cat
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    overall = table["overall"]
+    if "plain" in overall and base != "plain":
+        split = f"Gain split: specdec plain (verifier path alone) {overall['plain']['speedup']:.2f}x over {base}"
+        for m in methods:
+            if m not in HF_METHODS and m != "plain":
+                split += f"; drafting with {m} {overall[m]['tokens_per_s'] / overall['plain']['tokens_per_s']:.2f}x"
+        lines += ["", split + " over specdec plain."]
     return "\n".join(lines)
 
 

@@ -163,9 +163,11 @@ def _print_stats(result, cfg: RunConfig) -> None:
 @click.option("--methods", default="hf-plain,hf-pld,plain,ngram,recycling", show_default=True,
               help="Comma-separated: hf-plain, hf-pld, plain, ngram, recycling.")
 @click.option("--out", "out_dir", default="bench_results", show_default=True, help="Folder for JSON + Markdown.")
+@click.option("--plot", is_flag=True, help="Also save a PNG (needs matplotlib).")
+@click.option("--curve", type=click.Path(), help="Verify-curve JSON (scripts/verify_curve.py) to plot too.")
 @_user_errors
 def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, per_category: int,
-          max_new_tokens: int, methods: str, out_dir: str, **overrides: Any) -> None:
+          max_new_tokens: int, methods: str, out_dir: str, plot: bool, curve: str | None, **overrides: Any) -> None:
     """Spec-Bench, side by side in one run: tau, tokens/s, speedup and exact-match rate per category."""
     from specdec.bench import BenchSpec, run_bench
 
@@ -174,7 +176,7 @@ def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, p
     spec = BenchSpec(
         model=cfg.model, prompts=prompts, per_category=per_category, max_new_tokens=max_new_tokens,
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), out_dir=out_dir, cache_dir=cache_dir,
-        tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend,
+        tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend, plot=plot, curve=curve,
     )
     run_bench(spec, log=_log, echo=click.echo)
 
