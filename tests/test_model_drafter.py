@@ -16,7 +16,7 @@ import torch
 from conftest import VOCAB, hf_greedy, make_tiny_model, make_tiny_tokenizer
 from test_sampling import MarkovVerifier, chi2_pvalue
 from specdec.drafters.base import Draft, Feedback
-from specdec.drafters.model import DraftRunner, ModelDrafter, lean_forward
+from specdec.drafters.model import DraftRunner, ModelDrafter, frequent_tokens, lean_forward
 from specdec.drafters.registry import make_drafter
 from specdec.engine import Engine, StopConditions
 from specdec.errors import SpecdecError
@@ -89,6 +89,26 @@ def test_cache_grows_past_its_first_allocation():
     runner.feed(torch.tensor(ids[:250]))  # first allocation: 256 slots
     out = runner.feed(torch.tensor(ids[250:]))
     torch.testing.assert_close(out, hf_logits(model, ids)[-1], atol=ATOL, rtol=0)
+
+
+def test_reduced_head_scores_only_its_tokens(tiny_model):
+    runner = DraftRunner(lean_forward(tiny_model, "linear"), 4096)
+    ids = torch.tensor([400, 3, 77, 3, 250, 9])  # unsorted, with a repeat
+    runner.restrict_head(ids)
+    out = runner.feed(torch.tensor(PROMPT))
+    ref = hf_logits(tiny_model, PROMPT)[-1]  # includes Gemma's final soft-capping
+    keep = ids.unique()
+    torch.testing.assert_close(out[keep], ref[keep], atol=ATOL, rtol=0)
+    assert torch.isinf(out).sum() == VOCAB - keep.numel()
+    runner.restrict_head(None)
+    runner.truncate(0)
+    torch.testing.assert_close(runner.feed(torch.tensor(PROMPT)), ref, atol=ATOL, rtol=0)
+
+
+def test_frequent_tokens_counts_spec_bench_text():
+    tok = make_tiny_tokenizer()
+    ids = frequent_tokens(tok, 40)
+    assert 40 <= len(ids) <= 43 and set(tok.all_special_ids) <= set(ids) and ids == sorted(ids)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -174,6 +194,20 @@ def test_matches_transformers_generate(tiny_model, mode, draft):
         assert res.stats.tau >= {"chain": 4.5, "tree": 3.0, "adaptive": 5.0}[mode]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_reduced_draft_vocabulary_stays_lossless(arch):
+    model = make_tiny_model(arch)
+    ref = hf_greedy(model, PROMPT, 40)
+    missing = {ref[10], ref[25]} - set(PROMPT)  # tokens the draft can never propose
+    assert missing
+    vocab = [t for t in range(VOCAB) if t not in missing]
+    res = Engine(HFVerifier(model), drafter(model, k=4, draft_vocab=vocab), 8).generate(PROMPT, StopConditions(40))
+    assert res.tokens == ref
+    full = Engine(HFVerifier(model), drafter(model, k=4, draft_vocab=list(range(VOCAB))), 8)
+    full_tau = full.generate(PROMPT, StopConditions(40)).stats.tau
+    assert full_tau >= 4.5 and res.stats.tau < full_tau  # drafts stop at the missing tokens
+
+
 @pytest.mark.parametrize("max_new", [1, 2, 7])
 def test_lean_verifier_and_max_new_tokens_inside_a_draft(max_new):
     model = make_tiny_model("gemma3")
@@ -202,7 +236,8 @@ def test_sampled_sequences_follow_the_target_distribution(mode):
     params = SamplingParams(temperature=0.9, top_k=5, top_p=0.95)
     p = target_probs(table, params)  # [V, V]
     draft_model = make_tiny_model("llama", seed=2, vocab=V_SMALL)  # its q is far from p: many rejections
-    options = dict(mode=mode, k=2, branch=3) if mode == "tree" else dict(mode=mode, k=2)
+    # the tree drafts from a reduced vocabulary: q is 0 outside it, the output must not notice
+    options = dict(mode=mode, k=2, branch=3, draft_vocab=[0, 1, 2, 4, 6]) if mode == "tree" else dict(mode=mode, k=2)
     d = drafter(draft_model, vocab=V_SMALL, temperature=0.9, top_k=5, top_p=0.95, seed=11, **options)
     engine = Engine(MarkovVerifier(table), d, tree_budget=7)
     counts = torch.zeros(V_SMALL, V_SMALL, V_SMALL)
@@ -255,3 +290,28 @@ def test_budget_of_one_is_a_plain_step():
     d = drafter(make_tiny_model("llama"))
     draft: Draft = d.propose(torch.tensor(PROMPT), 1)
     assert draft.size == 1 and draft.tokens.tolist() == [PROMPT[-1]]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the pairs bench, end to end on tiny models
+
+
+def test_bench_pairs_tables_on_tiny_models(tmp_path):
+    from specdec.bench import machine_info
+    from specdec.bench_pairs import PairsSpec, bench_table, pairs_methods
+    from specdec.models.loading import LoadedModel
+
+    target = LoadedModel(make_tiny_model("qwen2"), make_tiny_tokenizer(), "tiny-target", "")
+    draft = LoadedModel(noisy_copy(target.model), make_tiny_tokenizer(), "tiny-draft", "")
+    spec = PairsSpec(max_new_tokens=12, cache_dir=str(tmp_path))
+    methods = pairs_methods(spec, target, draft, [2])
+    questions = [{"question_id": 1, "category": "coding", "text": "The quick brown fox"}]
+    info = machine_info() | {"model": "tiny-target", "draft": "tiny-draft", "prompts": 1, "categories": "coding",
+                             "max_new_tokens": 12}
+    bench = bench_table("pairs", methods, questions, target, spec, info, log=lambda _: None)
+    overall = bench["table"]["overall"]
+    assert list(overall) == list(methods) and "hf-assisted" in overall
+    for m in methods:  # tiny fp32 models: every method gives transformers' tokens
+        assert overall[m]["exact_match"] == 1.0, m
+    assert overall["model-chain-k4"]["tau"] > 1.0 and overall["model-chain-k4"]["draft_share"] > 0
+    assert "| model-adaptive |" in bench["markdown"]

@@ -13,8 +13,10 @@ Calibration (train-free, seconds to a couple of minutes, cached):
    exactly "the draft of token t is accepted given an accepted prefix", so replaying the bits gives tau(k).
 3. Measured cost model: a draft forward costs head + kept layers x per-layer time; verifying n nodes v(n).
    Predicted speedup(S, k) = tau_S(k) / ((k c_draft(S) + v(k + 1)) / v(1)).
-4. Greedy search: repeatedly skip the layer whose removal keeps agreement highest; stop when the predicted
-   speedup has not improved for `patience` steps (or the time budget is spent); keep the best (skip, k).
+4. Greedy search: repeatedly skip the layer whose removal keeps agreement highest (all remaining layers are
+   screened on the first prompt, the `screen` best scored on all); stop when the predicted speedup has not
+   improved for `patience` steps (or the time budget is spent); keep the best (skip, k) seen, the empty
+   skip set included (with a reduced draft head, `draft_vocab`, the head alone can make drafting cheap).
 Cached as JSON under <cache_dir>/self_spec/, keyed by model fingerprint + settings + machine + threads.
 """
 
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -32,7 +33,7 @@ from typing import Any, Callable, Literal
 import torch
 from transformers import PreTrainedModel
 
-from specdec.drafters.model import DraftRunner, ModelDrafter, lean_forward, resolve_model
+from specdec.drafters.model import DraftRunner, ModelDrafter, draft_vocabulary, lean_forward, resolve_model
 from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams
 from specdec.trees.tree import Tree
@@ -47,8 +48,9 @@ class Calibration:
     new_tokens: int = 32  # greedy continuation scored per prompt
     k_max: int = 8  # draft lengths considered
     patience: int = 2  # greedy steps without a better predicted speedup before stopping
+    screen: int = 3  # per step, layers scored on every prompt after screening all on the first
     budget_s: float = 180.0  # stop the search after this long (the best so far is kept)
-    timing_reps: int = 5  # forwards timed per cost measurement (median)
+    timing_reps: int = 5  # forwards timed per cost measurement (the fastest counts)
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,24 @@ class Candidate:
 # measurement
 
 
-def greedy_continuation(lean: LeanModel, prompt: list[int], new_tokens: int, max_positions: int) -> list[int]:
-    runner = DraftRunner(lean, max_positions)
+@dataclass(frozen=True)
+class Drafting:
+    """How calibration runs a (layer-skipping) model: the position limit and the draft vocabulary."""
+
+    max_positions: int
+    head: torch.Tensor | None = None  # [N] draft vocabulary (calibration prompts' tokens included), or None
+
+    def runner(self, lean: LeanModel, full_head: bool = False) -> DraftRunner:
+        runner = DraftRunner(lean, self.max_positions)
+        runner.restrict_head(None if full_head else self.head)
+        return runner
+
+
+Sequences = list[tuple[list[int], list[int]]]  # (prompt, the full model's greedy continuation)
+
+
+def greedy_continuation(lean: LeanModel, prompt: list[int], new_tokens: int, how: Drafting) -> list[int]:
+    runner = how.runner(lean, full_head=True)  # the target itself
     logits = runner.feed(torch.tensor(prompt))
     out: list[int] = []
     for _ in range(new_tokens):
@@ -74,14 +92,13 @@ def greedy_continuation(lean: LeanModel, prompt: list[int], new_tokens: int, max
     return out
 
 
-def agreement_bits(lean: LeanModel, sequences: list[tuple[list[int], list[int]]], max_positions: int) -> list[list[bool]]:
+def agreement_bits(lean: LeanModel, sequences: Sequences, how: Drafting) -> list[list[bool]]:
     """Per (prompt, continuation): does the model's teacher-forced argmax equal each continuation token."""
     bits = []
     for prompt, cont in sequences:
-        runner = DraftRunner(lean, max_positions)
         seq = torch.tensor(prompt + cont[:-1])
         rows = list(range(len(prompt) - 1, len(prompt) + len(cont) - 1))
-        argmax = runner.extend(seq, None, rows).argmax(-1).tolist()
+        argmax = how.runner(lean).extend(seq, None, rows).argmax(-1).tolist()
         bits.append([a == c for a, c in zip(argmax, cont)])
     return bits
 
@@ -101,83 +118,87 @@ def replayed_tau(bits: list[list[bool]], k: int) -> float:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds, measured: one-token forward of the full model, of no layers at all, and v(n) for n nodes."""
+    """Seconds, measured: the target verifying n nodes (verify[n - 1]), and a one-token draft forward through
+    all layers and through none (embedding + draft head); layers in between are interpolated."""
 
-    full: float
-    no_layers: float
-    verify: tuple[float, ...]  # verify[n - 1]: forward of n nodes with logits for all
+    verify: tuple[float, ...]
+    draft_all_layers: float
+    draft_no_layers: float
 
     def draft_ratio(self, layers_kept: int, layers: int) -> float:
-        per_layer = max(0.0, self.full - self.no_layers) / layers
-        return (self.no_layers + layers_kept * per_layer) / self.full
+        per_layer = max(0.0, self.draft_all_layers - self.draft_no_layers) / layers
+        return (self.draft_no_layers + layers_kept * per_layer) / self.verify[0]
 
     def speedup(self, tau: float, k: int, layers_kept: int, layers: int) -> float:
         step = k * self.draft_ratio(layers_kept, layers) + self.verify[k] / self.verify[0]
         return tau / step
 
 
-def measure_costs(lean: LeanModel, prefix: list[int], k_max: int, reps: int, max_positions: int) -> CostModel:
-    def timed(model: LeanModel, n: int) -> float:
-        runner = DraftRunner(model, max_positions)
-        runner.feed(torch.tensor(prefix))
-        tokens = torch.tensor(prefix[:n])
-        times = []
-        for _ in range(reps + 1):  # the first run warms up
-            t0 = time.perf_counter()
-            runner.extend(tokens, None, list(range(n)))
-            times.append(time.perf_counter() - t0)
-            runner.truncate(runner.length)
-        return statistics.median(times[1:])
-
+def measure_costs(lean: LeanModel, prefix: list[int], k_max: int, reps: int, how: Drafting) -> CostModel:
+    """Every configuration timed once per round, rounds interleaved, the fastest round kept: a neighbour's burst
+    of load then costs one round of every configuration rather than all rounds of one."""
     no_layers = lean.without_layers(set(range(len(lean.layers))))
-    verify = tuple(timed(lean, n) for n in range(1, k_max + 2))
-    full_one = timed(lean, 1)  # measured apart from verify[0], next to no_layers (both taken now)
-    return CostModel(full_one, timed(no_layers, 1), verify)
+    configs = [(how.runner(lean, full_head=True), n) for n in range(1, k_max + 2)]
+    configs += [(how.runner(lean), 1), (how.runner(no_layers), 1)]
+    for runner, _ in configs:
+        runner.feed(torch.tensor(prefix))
+    best = [float("inf")] * len(configs)
+    for round_ in range(reps + 1):  # round 0 warms up
+        for i, (runner, n) in enumerate(configs):
+            t0 = time.perf_counter()
+            runner.extend(torch.tensor(prefix[:n]), None, list(range(n)))
+            if round_:
+                best[i] = min(best[i], time.perf_counter() - t0)
+            runner.truncate(runner.length)
+    return CostModel(tuple(best[: k_max + 1]), best[-2], best[-1])
 
 
 # ------------------------------------------------------------------------------------------------------
 # search
 
 
-def search_skip(lean: LeanModel, sequences: list[tuple[list[int], list[int]]], costs: CostModel,
-                settings: Calibration, max_positions: int, log: Callable[[str], None]) -> list[Candidate]:
-    """Greedy layer removal; returns every step's candidate, the full model first."""
+def search_skip(lean: LeanModel, sequences: Sequences, costs: CostModel, settings: Calibration, how: Drafting,
+                log: Callable[[str], None]) -> list[Candidate]:
+    """Greedy layer removal; returns every step's choice, the full model (nothing skipped) first.
+
+    Each step screens every remaining layer on the first sequence, then scores the `screen` best on all."""
     layers = len(lean.layers)
     start = time.perf_counter()
 
-    def evaluate(skip: tuple[int, ...]) -> Candidate:
-        bits = agreement_bits(lean.without_layers(set(skip)), sequences, max_positions)
+    def evaluate(skip: tuple[int, ...], seqs: Sequences = sequences) -> Candidate:
+        bits = agreement_bits(lean.without_layers(set(skip)), seqs, how)
         flat = [b for seq in bits for b in seq]
-        options = [(costs.speedup(replayed_tau(bits, k), k, layers - len(skip), layers), k)
-                   for k in range(1, settings.k_max + 1)]
-        speed, k = max(options)
+        speed, k = max((costs.speedup(replayed_tau(bits, k), k, layers - len(skip), layers), k)
+                       for k in range(1, settings.k_max + 1))
         return Candidate(tuple(sorted(skip)), sum(flat) / max(1, len(flat)), k, replayed_tau(bits, k), speed)
 
     history = [evaluate(())]
-    best, stale = history[0], 0
+    # nothing skipped with the full head is the target itself: no candidate, only the reference point
+    best, stale = (history[0] if how.head is not None else None), 0
     while len(history[-1].skip) < layers - 1 and stale < settings.patience:
         if time.perf_counter() - start > settings.budget_s:
-            log(f"self: calibration stopped after {settings.budget_s:.0f} s (budget)")
+            log(f"self: calibration stopped at its {settings.budget_s:.0f} s budget")
             break
         current = history[-1].skip
-        trials = [evaluate(current + (i,)) for i in range(layers) if i not in current]
-        chosen = max(trials, key=lambda c: (c.agreement, c.speedup))
+        screened = [evaluate(current + (i,), sequences[:1]) for i in range(layers) if i not in current]
+        shortlist = sorted(screened, key=lambda c: -c.agreement)[: settings.screen]
+        chosen = max((evaluate(c.skip) for c in shortlist), key=lambda c: (c.agreement, c.speedup))
         history.append(chosen)
         log(f"self: skip {list(chosen.skip)} agreement {chosen.agreement:.2f} k {chosen.k} "
             f"tau {chosen.tau:.2f} predicted {chosen.speedup:.2f}x")
-        best, stale = (chosen, 0) if chosen.speedup > best.speedup else (best, stale + 1)
+        best, stale = (chosen, 0) if best is None or chosen.speedup > best.speedup else (best, stale + 1)
     return history
 
 
-def calibrate(lean: LeanModel, prompts: list[list[int]], settings: Calibration, max_positions: int,
+def calibrate(lean: LeanModel, prompts: list[list[int]], settings: Calibration, how: Drafting,
               log: Callable[[str], None]) -> dict:
     """Measure, search and return the record that is cached: the best candidate plus how it was found."""
     t0 = time.perf_counter()
     cut = [p[: settings.prompt_tokens] for p in prompts]
-    sequences = [(p, greedy_continuation(lean, p, settings.new_tokens, max_positions)) for p in cut]
-    costs = measure_costs(lean, cut[0] + sequences[0][1], settings.k_max, settings.timing_reps, max_positions)
-    history = search_skip(lean, sequences, costs, settings, max_positions, log)
-    best = max(history[1:] or history, key=lambda c: c.speedup)
+    sequences = [(p, greedy_continuation(lean, p, settings.new_tokens, how)) for p in cut]
+    costs = measure_costs(lean, cut[0] + sequences[0][1], settings.k_max, settings.timing_reps, how)
+    history = search_skip(lean, sequences, costs, settings, how, log)
+    best = max(history if how.head is not None else history[1:] or history, key=lambda c: c.speedup)
     return {"skip": list(best.skip), "k": best.k, "agreement": best.agreement, "tau": best.tau,
             "predicted_speedup": best.speedup, "history": [asdict(c) for c in history],
             "costs": asdict(costs), "settings": asdict(settings), "seconds": time.perf_counter() - t0,
@@ -218,9 +239,11 @@ def model_fingerprint(model: PreTrainedModel) -> str:
 
 
 def cached_calibration(model: PreTrainedModel, lean: LeanModel, prompts: list[list[int]], settings: Calibration,
-                       cache_dir: Path, log: Callable[[str], None]) -> dict:
-    prompt_hash = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:12]
-    signature = f"self|{model_fingerprint(model)}|{prompt_hash}|{json.dumps(asdict(settings), sort_keys=True)}"
+                       head: torch.Tensor | None, cache_dir: Path, log: Callable[[str], None]) -> dict:
+    """The calibration record for this model, prompts, settings and draft vocabulary: cached, else measured."""
+    data = json.dumps([prompts, None if head is None else head.tolist()])
+    inputs_hash = hashlib.sha256(data.encode()).hexdigest()[:12]
+    signature = f"self|{model_fingerprint(model)}|{inputs_hash}|{json.dumps(asdict(settings), sort_keys=True)}"
     path = cache_dir / "self_spec" / f"{gemm_plan.cache_key(signature)}.json"
     if path.exists():
         try:
@@ -228,7 +251,10 @@ def cached_calibration(model: PreTrainedModel, lean: LeanModel, prompts: list[li
         except json.JSONDecodeError:
             pass  # unreadable: calibrate again and overwrite it
     log(f"self: calibrating the layer-skip set on {len(prompts)} prompts (one time, cached)...")
-    record = calibrate(lean, prompts, settings, int(model.config.max_position_embeddings), log)
+    if head is not None:  # as when drafting: the prompts' own tokens join the draft vocabulary
+        head = torch.cat([head, torch.tensor([t for p in prompts for t in p], dtype=torch.long)])
+    how = Drafting(int(model.config.max_position_embeddings), head)
+    record = calibrate(lean, prompts, settings, how, log)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
@@ -254,6 +280,7 @@ def self_drafter(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int | None = None,
+    draft_vocab: int | list[int] | None = None,
     target_tokenizer: Any = None,
     calibration_prompts: list[list[int]] | None = None,
     calibration: Calibration | dict | None = None,
@@ -263,8 +290,9 @@ def self_drafter(
 ) -> ModelDrafter:
     """Registry factory for `self`. target: the target model (loaded model or load_model spec). skip: layer
     indices to skip, or None to calibrate (cached); k: draft length, None = the calibrated one (4 with an
-    explicit skip). calibration_prompts: token ids to calibrate on instead of Spec-Bench text (which needs the
-    tokenizer: from a LoadedModel target or target_tokenizer)."""
+    explicit skip). draft_vocab: as for `model` (a reduced draft LM head: N frequent tokens, or ids), which
+    the calibration then measures with. calibration_prompts: token ids to calibrate on instead of Spec-Bench
+    text (which needs the tokenizer: from a LoadedModel target or target_tokenizer)."""
     from specdec.models.loading import default_cache_dir
 
     if tree is not None:
@@ -277,19 +305,21 @@ def self_drafter(
                            "pass the target model itself as target=")
     lean = lean_forward(model, gemm, cache_dir, what="self drafter")
     max_positions = int(model.config.max_position_embeddings)
+    head = draft_vocabulary(draft_vocab, tokenizer or target_tokenizer, vocab_size)
     record = None
     if skip is None:
         settings = calibration if isinstance(calibration, Calibration) else Calibration(**(calibration or {}))
         prompts = calibration_prompts or _default_prompts(tokenizer or target_tokenizer, settings.prompts)
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        record = cached_calibration(model, lean, prompts, settings, cache, log or (lambda _: None))
+        record = cached_calibration(model, lean, prompts, settings, head, cache, log or (lambda _: None))
         skip, k = record["skip"], k or record["k"]
     layers = len(lean.layers)
-    if any(not 0 <= i < layers for i in skip) or len(set(skip)) >= layers:
+    if any(not 0 <= i < layers for i in skip) or len(set(skip)) >= layers or len(set(skip)) != len(skip):
         raise ValueError(f"self: skip must name distinct layers in 0..{layers - 1} and leave one, got {skip}")
     runner = DraftRunner(lean.without_layers(set(skip)), max_positions)
     return ModelDrafter(runner, vocab_size, k=k or 4, mode=mode, branch=branch, adaptive=adaptive,
-                        sampling=sampling, name="self", info={"skip": sorted(skip), "calibration": record})
+                        sampling=sampling, name="self", head_ids=head,
+                        info={"skip": sorted(skip), "calibration": record})
 
 
 def _default_prompts(tokenizer: Any, count: int) -> list[list[int]]:

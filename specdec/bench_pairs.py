@@ -1,0 +1,243 @@
+"""`python -m specdec.bench_pairs`: the model-based drafters side by side with the baselines, in one process.
+
+Two benches, each interleaved by prompt (every method runs prompt i before any runs prompt i + 1, so machine
+drift hits all methods alike), greedy, batch 1, after one short warm-up per method:
+
+- pairs: a target with a small draft model of its family (default Qwen2.5-Coder-1.5B / 0.5B, both through
+  load_model) on a few prompts of one Spec-Bench category. Methods: transformers generate() (hf-plain, the
+  baseline), transformers assisted generation with the same draft as assistant_model (hf-assisted, its
+  default schedule), specdec plain, the `model` drafter as a fixed chain, an adaptive chain and a tree, and
+  `recycling`.
+- self: the default model (Gemma 3 270M) on one prompt per category: hf-plain, plain, ngram, recycling and
+  the `self` drafter (calibrated skip set; also with a reduced draft head, draft_vocab).
+
+Per method: tau, mean per-prompt tokens/s, speedup and exact match vs hf-plain (`specdec.bench.summarise`),
+plus the share of time spent drafting. Results go to <out>/pairs-<time>.json and .md with hardware, dtype,
+threads, versions and prompt counts. `run_pairs` is the function; `main` the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from specdec.bench import Row, load_questions, machine_info, summarise
+
+Method = Callable[[list[int], int], tuple[list[int], float, float, dict]]  # ids, max_new -> tokens, s, tau, extra
+
+
+@dataclass(frozen=True)
+class PairsSpec:
+    target: str = "qwen2.5-coder-1.5b"
+    draft: str = "qwen2.5-coder-0.5b"
+    category: str = "coding"
+    prompts: int = 4  # of `category`, for the pairs bench
+    self_model: str | None = None  # None: the default model
+    self_prompts: int = 6  # one per category, for the self bench
+    max_new_tokens: int = 64
+    k: int = 4  # draft length of the fixed chain and the tree depth; the adaptive chain starts here
+    branch: int = 2
+    draft_vocab: int = 16384  # the reduced draft head of the second self method
+    benches: tuple[str, ...] = ("pairs", "self")
+    out_dir: str = "bench_results"
+    cache_dir: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------------
+# methods
+
+
+def hf_method(model, eos: list[int], assistant=None) -> Method:
+    """transformers generate(), greedy; with `assistant` its assisted generation."""
+    extra = {} if assistant is None else {"assistant_model": assistant}
+
+    @torch.inference_mode()
+    def run(ids: list[int], max_new: int):
+        x = torch.tensor([ids])
+        t0 = time.perf_counter()
+        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new,
+                             eos_token_id=eos, pad_token_id=eos[0] if eos else 0, top_k=None, top_p=None,
+                             temperature=None, **extra)
+        return out[0, len(ids):].tolist(), time.perf_counter() - t0, float("nan"), {}
+
+    return run
+
+
+def specdec_method(decoder, eos: list[int]) -> Method:
+    def run(ids: list[int], max_new: int):
+        res = decoder.generate_ids(ids, max_new_tokens=max_new, eos_token_id=eos)
+        s = res.stats
+        return res.tokens, s.total_s, s.tau, {"draft_s": s.draft_s, "verify_s": s.verify_s, "steps": s.steps}
+
+    return run
+
+
+def pairs_methods(spec: PairsSpec, target, draft, eos: list[int]) -> dict[str, Method]:
+    from specdec.api import SpecDecoder
+
+    def model_drafter(budget: int | None = None, **options: Any) -> Method:
+        opts = dict(draft_model=draft, target_tokenizer=target.tokenizer, cache_dir=spec.cache_dir) | options
+        return specdec_method(SpecDecoder(target, drafter="model", drafter_options=opts, tree_budget=budget,
+                                          cache_dir=spec.cache_dir), eos)
+
+    return {
+        "hf-plain": hf_method(target.model, eos),
+        "hf-assisted": hf_method(target.model, eos, assistant=draft.model),
+        "plain": specdec_method(SpecDecoder(target, drafter="plain", cache_dir=spec.cache_dir), eos),
+        f"model-chain-k{spec.k}": model_drafter(spec.k + 1, k=spec.k),
+        "model-adaptive": model_drafter(16, k=spec.k, adaptive=True),
+        f"model-tree-k{spec.k}b{spec.branch}": model_drafter(8, k=spec.k, mode="tree", branch=spec.branch),
+        "recycling": specdec_method(SpecDecoder(target, drafter="recycling", cache_dir=spec.cache_dir), eos),
+    }
+
+
+def self_methods(spec: PairsSpec, target, eos: list[int], log: Callable[[str], None]) -> tuple[dict, dict]:
+    """The self bench's methods, and what the self drafters' calibrations chose (with its cost)."""
+    from specdec.api import SpecDecoder
+    from specdec.drafters.registry import make_drafter
+
+    vocab = target.model.get_output_embeddings().weight.shape[0]
+    drafters, chosen = {}, {}
+    for name, dv in (("self", None), (f"self-v{spec.draft_vocab // 1024}k", spec.draft_vocab)):
+        t0 = time.perf_counter()
+        drafters[name] = make_drafter("self", vocab_size=vocab, target=target, draft_vocab=dv,
+                                      cache_dir=spec.cache_dir, log=log)
+        record = drafters[name].info["calibration"] or {}
+        chosen[name] = {"skip": drafters[name].info["skip"], "k": drafters[name].k,
+                        "predicted_speedup": record.get("predicted_speedup"),
+                        "calibration_s": record.get("seconds"), "load_s": time.perf_counter() - t0}
+    methods = {"hf-plain": hf_method(target.model, eos)}
+    for name in ("plain", "ngram", "recycling"):
+        methods[name] = specdec_method(SpecDecoder(target, drafter=name, cache_dir=spec.cache_dir), eos)
+    for name, drafter in drafters.items():
+        methods[name] = specdec_method(SpecDecoder(target, drafter=drafter, tree_budget=drafter.k + 1,
+                                                   cache_dir=spec.cache_dir), eos)
+    return methods, chosen
+
+
+# ------------------------------------------------------------------------------------------------------
+# running
+
+
+def run_methods(methods: dict[str, Method], questions: list[dict], tokenizer, max_new: int,
+                log: Callable[[str], None]) -> tuple[list[Row], dict[str, list[dict]]]:
+    """Every method on every prompt, interleaved by prompt, after a 4-token warm-up each."""
+    warm = encode(tokenizer, "Warm-up: say hello.")
+    for run in methods.values():
+        run(warm, 4)
+    rows: list[Row] = []
+    extras: dict[str, list[dict]] = {m: [] for m in methods}
+    for i, q in enumerate(questions, start=1):
+        ids = encode(tokenizer, q["text"])
+        for name, run in methods.items():
+            tokens, seconds, tau, extra = run(ids, max_new)
+            rows.append(Row(q["question_id"], q["category"], name, len(ids), len(tokens), seconds, tau, tokens))
+            extras[name].append(extra)
+        done = rows[-len(methods):]
+        log(f"[{i}/{len(questions)}] {q['category']}: " + ", ".join(f"{r.method} {r.tokens_per_s:.2f}" for r in done))
+    return rows, extras
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """The prompt as `specdec bench` builds it: the chat template when there is one, else a plain Q/A frame."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return list(tokenizer(f"Question: {text}\nAnswer:")["input_ids"])
+
+
+def eos_ids(loaded) -> list[int]:
+    eos = loaded.model.generation_config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    return ids or ([loaded.tokenizer.eos_token_id] if loaded.tokenizer.eos_token_id is not None else [])
+
+
+def bench_table(name: str, methods: dict[str, Method], questions: list[dict], loaded, spec: PairsSpec,
+                info: dict, log: Callable[[str], None]) -> dict:
+    rows, extras = run_methods(methods, questions, loaded.tokenizer, spec.max_new_tokens, log)
+    report = summarise(rows, tuple(methods), info)
+    for m, stats in extras.items():
+        total = sum(r.seconds for r in rows if r.method == m)
+        drafting = sum(e.get("draft_s", 0.0) for e in stats)
+        report["table"]["overall"][m]["draft_share"] = drafting / total if total and stats and stats[0] else None
+    return {"name": name, "info": info, "table": report["table"], "mismatches": report["mismatches"],
+            "rows": [asdict(r) for r in rows], "markdown": markdown(name, report["table"]["overall"], info)}
+
+
+def markdown(name: str, overall: dict, info: dict) -> str:
+    head = (f"**{name}**: {info['prompts']} prompts ({info['categories']}), {info['max_new_tokens']} new tokens, "
+            f"greedy, batch 1 | target {info['model']}" + (f", draft {info['draft']}" if info.get("draft") else "")
+            + f" | {info['dtype']} | {info['cpu']}, {info['threads']} threads | torch {info['torch']}, "
+            f"transformers {info['transformers']} | speedup and exact match vs hf-plain")
+    lines = [head, "", "| method | tau | tok/s | speedup | exact match | drafting share |", "|---|---|---|---|---|---|"]
+    for m, c in overall.items():
+        tau = "-" if c["tau"] != c["tau"] else f"{c['tau']:.2f}"
+        share = "-" if c.get("draft_share") is None else f"{100 * c['draft_share']:.0f}%"
+        lines.append(f"| {m} | {tau} | {c['tokens_per_s']:.2f} | {c['speedup']:.2f}x | "
+                     f"{100 * c['exact_match']:.0f}% | {share} |")
+    return "\n".join(lines)
+
+
+def run_pairs(spec: PairsSpec = PairsSpec(), log: Callable[[str], None] = print) -> dict:
+    """Run the benches named in spec.benches; save JSON + Markdown; return the report."""
+    from specdec.models.loading import load_model
+
+    base = machine_info() | {"max_new_tokens": spec.max_new_tokens}
+    report: dict[str, Any] = {"spec": asdict(spec), "benches": []}
+    if "pairs" in spec.benches:
+        target, draft = load_model(spec.target, cache_dir=spec.cache_dir), load_model(spec.draft, cache_dir=spec.cache_dir)
+        questions = [q for q in load_questions(None, spec.prompts) if q["category"] == spec.category]
+        info = base | {"model": target.name, "draft": draft.name, "prompts": len(questions),
+                       "categories": spec.category}
+        log(f"pairs: {len(questions)} {spec.category} prompts, target {target.name}, draft {draft.name}")
+        methods = pairs_methods(spec, target, draft, eos_ids(target))
+        report["benches"].append(bench_table("pairs", methods, questions, target, spec, info, log))
+        del methods, target, draft
+    if "self" in spec.benches:
+        target = load_model(spec.self_model, cache_dir=spec.cache_dir)
+        questions = load_questions(None, 1)[: spec.self_prompts]
+        info = base | {"model": target.name, "prompts": len(questions),
+                       "categories": ", ".join(q["category"] for q in questions)}
+        methods, chosen = self_methods(spec, target, eos_ids(target), log)
+        bench = bench_table("self", methods, questions, target, spec, info, log)
+        bench["self_calibration"] = chosen
+        bench["markdown"] += "\n\n" + "\n".join(
+            f"{n}: skip {c['skip']}, k {c['k']}, predicted {c['predicted_speedup'] or float('nan'):.2f}x "
+            f"(calibration {c['calibration_s'] or 0:.0f} s, cached)" for n, c in chosen.items())
+        report["benches"].append(bench)
+    report["markdown"] = "\n\n".join(b["markdown"] for b in report["benches"])
+    save(report, spec.out_dir, log)
+    return report
+
+
+def save(report: dict, out_dir: str, log: Callable[[str], None]) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"pairs-{stamp}.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / f"pairs-{stamp}.md").write_text(report["markdown"] + "\n")
+    log(f"saved {out / f'pairs-{stamp}.json'} and .md")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m specdec.bench_pairs", description=__doc__.splitlines()[0])
+    defaults = PairsSpec()
+    for field in ("target", "draft", "category", "self_model", "out_dir", "cache_dir"):
+        parser.add_argument(f"--{field.replace('_', '-')}", default=getattr(defaults, field))
+    for field in ("prompts", "self_prompts", "max_new_tokens", "k", "branch", "draft_vocab"):
+        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
+    parser.add_argument("--benches", default=",".join(defaults.benches), help="pairs,self")
+    args = vars(parser.parse_args(argv))
+    args["benches"] = tuple(b for b in args["benches"].split(",") if b)
+    report = run_pairs(PairsSpec(**args))
+    print(report["markdown"])
+
+
+if __name__ == "__main__":
+    main()
