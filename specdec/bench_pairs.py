@@ -19,6 +19,7 @@ threads, versions and prompt counts. `run_pairs` is the function; `main` the com
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -72,28 +73,51 @@ def hf_method(model, eos: list[int], assistant=None) -> Method:
 def specdec_method(decoder, eos: list[int]) -> Method:
     def run(ids: list[int], max_new: int):
         res = decoder.generate_ids(ids, max_new_tokens=max_new, eos_token_id=eos)
-        s = res.stats
-        return res.tokens, s.total_s, s.tau, {"draft_s": s.draft_s, "verify_s": s.verify_s, "steps": s.steps}
+        return res.tokens, res.stats.total_s, res.stats.tau, _extra(res.stats)
 
     return run
 
 
-def pairs_methods(spec: PairsSpec, target, draft, eos: list[int]) -> dict[str, Method]:
-    from specdec.api import SpecDecoder
+def engine_method(engine, eos: list[int]) -> Method:
+    from specdec.engine import StopConditions
 
-    def model_drafter(budget: int | None = None, **options: Any) -> Method:
-        opts = dict(draft_model=draft, target_tokenizer=target.tokenizer, cache_dir=spec.cache_dir) | options
-        return specdec_method(SpecDecoder(target, drafter="model", drafter_options=opts, tree_budget=budget,
-                                          cache_dir=spec.cache_dir), eos)
+    def run(ids: list[int], max_new: int):
+        res = engine.generate(ids, StopConditions(max_new, eos_token_ids=frozenset(eos)))
+        return res.tokens, res.stats.total_s, res.stats.tau, _extra(res.stats)
+
+    return run
+
+
+def _extra(stats) -> dict:
+    return {"draft_s": stats.draft_s, "verify_s": stats.verify_s, "steps": stats.steps}
+
+
+def pairs_methods(spec: PairsSpec, target, draft, eos: list[int]) -> dict[str, Method]:
+    """One lean verifier and one draft forward shared by every specdec method: a 1.5B target's lean weights
+    are ~3 GB of fused copies, too many to hold once per method on a 24 GB machine."""
+    from specdec.api import SpecDecoder
+    from specdec.drafters.base import PlainDrafter
+    from specdec.drafters.model import DraftRunner, ModelDrafter
+    from specdec.drafters.registry import make_drafter
+    from specdec.engine import Engine
+
+    recycling = SpecDecoder(target, drafter="recycling", cache_dir=spec.cache_dir)  # its own budget sizing
+    verifier, vocab = recycling.verifier, recycling.verifier.vocab_size
+    chain = make_drafter("model", vocab_size=vocab, draft_model=draft, k=spec.k,
+                         target_tokenizer=target.tokenizer, cache_dir=spec.cache_dir)  # checks the tokenizers
+
+    def sharing(**options: Any) -> ModelDrafter:  # the same draft weights, a cache of its own
+        return ModelDrafter(DraftRunner(chain.runner.lean, chain.runner.max_positions), vocab, **options)
 
     return {
         "hf-plain": hf_method(target.model, eos),
         "hf-assisted": hf_method(target.model, eos, assistant=draft.model),
-        "plain": specdec_method(SpecDecoder(target, drafter="plain", cache_dir=spec.cache_dir), eos),
-        f"model-chain-k{spec.k}": model_drafter(spec.k + 1, k=spec.k),
-        "model-adaptive": model_drafter(16, k=spec.k, adaptive=True),
-        f"model-tree-k{spec.k}b{spec.branch}": model_drafter(8, k=spec.k, mode="tree", branch=spec.branch),
-        "recycling": specdec_method(SpecDecoder(target, drafter="recycling", cache_dir=spec.cache_dir), eos),
+        "plain": engine_method(Engine(verifier, PlainDrafter(), 1), eos),
+        f"model-chain-k{spec.k}": engine_method(Engine(verifier, chain, spec.k + 1), eos),
+        "model-adaptive": engine_method(Engine(verifier, sharing(k=spec.k, adaptive=True), 16), eos),
+        f"model-tree-k{spec.k}b{spec.branch}": engine_method(
+            Engine(verifier, sharing(k=spec.k, mode="tree", branch=spec.branch), 8), eos),
+        "recycling": specdec_method(recycling, eos),
     }
 
 
@@ -199,6 +223,7 @@ def run_pairs(spec: PairsSpec = PairsSpec(), log: Callable[[str], None] = print)
         methods = pairs_methods(spec, target, draft, eos_ids(target))
         report["benches"].append(bench_table("pairs", methods, questions, target, spec, info, log))
         del methods, target, draft
+        gc.collect()  # free the pair before loading the next model
     if "self" in spec.benches:
         target = load_model(spec.self_model, cache_dir=spec.cache_dir)
         questions = load_questions(None, 1)[: spec.self_prompts]

@@ -44,7 +44,7 @@ from specdec.verifiers.lean_model import LeanModel
 @dataclass(frozen=True)
 class Calibration:
     prompts: int = 3  # Spec-Bench prompts (one per category) the agreement is measured on
-    prompt_tokens: int = 64  # each prompt cut to its first tokens
+    prompt_tokens: int = 64  # each prompt cut to its last tokens (the assistant turn's start stays)
     new_tokens: int = 32  # greedy continuation scored per prompt
     k_max: int = 8  # draft lengths considered
     patience: int = 2  # greedy steps without a better predicted speedup before stopping
@@ -194,7 +194,7 @@ def calibrate(lean: LeanModel, prompts: list[list[int]], settings: Calibration, 
               log: Callable[[str], None]) -> dict:
     """Measure, search and return the record that is cached: the best candidate plus how it was found."""
     t0 = time.perf_counter()
-    cut = [p[: settings.prompt_tokens] for p in prompts]
+    cut = [p[-settings.prompt_tokens:] for p in prompts]
     sequences = [(p, greedy_continuation(lean, p, settings.new_tokens, how)) for p in cut]
     costs = measure_costs(lean, cut[0] + sequences[0][1], settings.k_max, settings.timing_reps, how)
     history = search_skip(lean, sequences, costs, settings, how, log)
