@@ -32,6 +32,7 @@ class BatchBenchSpec:
     tree: str | None = None
     tree_budget: int | None = None  # None: 8
     cache_dir: str | None = None
+    repeats: int = 2  # runs per (batch size, method), interleaved; the fastest counts
     out_dir: str | None = None  # where to save bench-batch-<time>.json / .md; None = not saved
 
 
@@ -48,7 +49,8 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
     verifier = LeanVerifier(loaded.model)
     eos = frozenset(_eos_ids(loaded))
     info = machine_info() | {"model": loaded.name, "prompts": len(prompts), "max_new_tokens": spec.max_new_tokens,
-                             "drafter": spec.drafter, "tree_budget": spec.tree_budget or 8}
+                             "drafter": spec.drafter, "tree_budget": spec.tree_budget or 8,
+                             "repeats": max(1, spec.repeats)}
     log(f"batch bench: {len(prompts)} prompts, {spec.max_new_tokens} new tokens, batch sizes "
         f"{','.join(map(str, spec.batch_sizes))}, {info['threads']} threads, {info['cpu']}")
     runner = _Runner(verifier, loaded.model.config.vocab_size, spec, eos)
@@ -56,9 +58,14 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
         runner.run(method, prompts[:2], 2, 4)
     rows = []
     for b in spec.batch_sizes:
-        for method in ("plain", "spec"):
-            rows.append(runner.run(method, prompts, b, spec.max_new_tokens) | {"batch": b, "method": method})
-            log(f"batch {b} {method}: {rows[-1]['tokens_per_s']:.2f} tokens/s, tau {rows[-1]['tau']:.2f}")
+        best: dict[str, dict] = {}
+        for _ in range(max(1, spec.repeats)):
+            for method in ("plain", "spec"):
+                r = runner.run(method, prompts, b, spec.max_new_tokens)
+                log(f"batch {b} {method}: {r['tokens_per_s']:.2f} tokens/s, tau {r['tau']:.2f}")
+                if method not in best or r["tokens_per_s"] > best[method]["tokens_per_s"]:
+                    best[method] = r
+        rows += [best[m] | {"batch": b, "method": m} for m in ("plain", "spec")]
     report = summarise(rows, info)
     echo(report["markdown"])
     if spec.out_dir:
@@ -133,7 +140,7 @@ def _markdown(table: list[dict], info: dict, base_batch: int) -> str:
     head = (f"Batched decoding: {info['prompts']} Spec-Bench prompts, {info['max_new_tokens']} new tokens, greedy | "
             f"model {info['model']} {info['dtype']} | {info['cpu']}, {info['threads']} threads | torch "
             f"{info['torch']} | spec = {info['drafter']}, tree budget <= {info['tree_budget']} chosen per step | "
-            f"exact match vs plain batch {base_batch}")
+            f"fastest of {info['repeats']} interleaved runs | exact match vs plain batch {base_batch}")
     lines = [head, "", "| batch | method | tokens/s | tau | vs plain b1 | vs plain same b | exact | budgets (steps) |",
              "|---|---|---|---|---|---|---|---|"]
     for t in table:

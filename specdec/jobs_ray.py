@@ -24,10 +24,15 @@ class JobWorker:
         import torch
 
         torch.set_num_threads(threads)
-        self.runner = JobRunner(settings)
+        self.runner, self.error = None, None
+        try:
+            self.runner = JobRunner(settings)
+        except SpecdecError as err:  # reported by ready(), as the user's one-line error
+            self.error = str(err)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str | None:
+        """None once the engine is built, else why it could not be."""
+        return self.error
 
     def run(self, rows: list[JobRow]) -> Iterator[dict]:
         yield from self.runner.run(rows)
@@ -46,6 +51,9 @@ def run_on_ray(rows: list[JobRow], settings: JobSettings, workers: int,
     actor = ray.remote(num_cpus=1)(JobWorker)
     actors = [actor.remote(settings, threads) for _ in range(min(workers, len(rows)))]
     try:
+        errors = [e for e in ray.get([a.ready.remote() for a in actors]) if e]
+        if errors:
+            raise SpecdecError(errors[0])
         if log:
             log(f"ray: {len(actors)} workers, {threads} torch threads each, {len(rows)} rows")
         streams = [a.run.options(num_returns="streaming").remote(rows[i:: len(actors)])

@@ -33,6 +33,15 @@ LENGTHS = [1, 5, 13, 17, 30, 40, 3, 22, 9, 16, 2, 35, 11, 27, 7, 19]  # ragged; 
 MAX_NEW = [20, 5, 24, 1, 18, 12, 24, 9, 16, 3, 24, 7, 13, 20, 2, 11]  # different per row
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two threads on a busy 2-core machine mostly wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @lru_cache(maxsize=None)
 def model(arch: str):
     return make_tiny_model(arch)
@@ -236,7 +245,7 @@ def feed(policy: BudgetPolicy, rows: int, latency, tau, steps: int) -> list[int]
 def test_policy_turns_drafting_off_when_verification_is_compute_bound():
     policy = BudgetPolicy(8)
     chosen = feed(policy, 16, lambda n: 1e-3 * n, lambda b: min(b, 1 + 0.4 * (b - 1)), 400)
-    assert chosen[:3] == [1, 2, 1]  # the climb stops at the first budget that loses
+    assert chosen[:4] == [1, 1, 2, 1]  # the climb stops at the first budget that loses
     assert set(chosen) == {1, 2} and chosen[-100:].count(1) > 95  # then plain, exploring ever more rarely
     assert chosen.count(1) / len(chosen) > 0.93
 
@@ -244,7 +253,7 @@ def test_policy_turns_drafting_off_when_verification_is_compute_bound():
 def test_policy_keeps_big_trees_when_verification_is_flat():
     policy = BudgetPolicy(8)
     chosen = feed(policy, 2, lambda n: 0.05 + 1e-4 * n, lambda b: min(b, 1 + 0.5 * (b - 1)), 200)
-    assert chosen[:4] == [1, 2, 4, 8]  # climbs while bigger trees pay
+    assert chosen[:7] == [1, 1, 2, 2, 4, 4, 8]  # climbs while bigger trees pay, two samples a rung
     assert chosen[-100:].count(8) > 90
     assert BudgetPolicy(8, adaptive=False).choose(16) == 8 and BudgetPolicy(1).ladder == [1]
 
@@ -291,3 +300,19 @@ def test_generate_batch_through_spec_decoder():
         batch_engine(hf, width=2)
     assert generate_batch(hf, rows[:2], width=1, max_new_tokens=5, eos_token_id=[]).results[1].tokens == \
         reference("qwen2", tuple(rows[1]), 5)
+
+
+def test_batch_bench_runs_and_reports(tiny_model_dir, tmp_path):
+    from specdec.bench_batch import BatchBenchSpec, parse_batch_sizes, pick_questions, run_batch_bench
+
+    assert parse_batch_sizes("1, 2,8") == (1, 2, 8)
+    with pytest.raises(SpecdecError, match="batch sizes >= 1"):
+        parse_batch_sizes("1,x")
+    assert len({q["category"] for q in pick_questions(None, 5)}) == 5  # spread over the categories
+    lines: list[str] = []
+    report = run_batch_bench(BatchBenchSpec(model=str(tiny_model_dir), n_prompts=3, max_new_tokens=6,
+                                            batch_sizes=(1, 2), repeats=1, out_dir=str(tmp_path)),
+                             log=lambda _: None, echo=lines.append)
+    assert [(t["batch"], t["method"]) for t in report["table"]] == [(1, "plain"), (1, "spec"), (2, "plain"), (2, "spec")]
+    assert all(t["exact_match"] == 1.0 for t in report["table"])
+    assert "| 2 | spec |" in lines[0] and len(list(tmp_path.glob("bench-batch-*.json"))) == 1
