@@ -31,7 +31,7 @@ class LeanVerifier:
         self,
         model: PreTrainedModel,
         *,
-        gemm: Literal["auto", "linear", "wxt"] = "auto",
+        gemm: Literal["auto", "linear", "wxt", "onednn"] = "auto",
         compile: bool = False,
         fuse: bool = True,
         cache_dir: str | Path | None = None,
@@ -154,10 +154,10 @@ class LeanVerifier:
 
 
 def _plan_for(model: LeanModel, choice: str, cache_dir, budget_s: float) -> gemm.GemmPlan:
-    if choice in ("linear", "wxt"):
+    if choice in gemm.available():
         return gemm.GemmPlan.fixed(choice)  # type: ignore[arg-type]
     if choice != "auto":
-        raise ValueError(f"gemm must be 'auto', 'linear' or 'wxt', got {choice!r}")
+        raise ValueError(f"gemm must be 'auto' or one of {gemm.available()}, got {choice!r}")
     weights = [lin.weight for lin in model.linears()]
     signature = "|".join([model.arch.model_type, str(model.dtype),
                           ",".join(sorted({gemm.shape_key(w) for w in weights}))])

@@ -1,0 +1,155 @@
+"""Verify-cost curve: milliseconds to score k chain nodes over a cached prefix, transformers vs the lean path.
+
+For each k in 1, 2, 4, ..., 64 it times one scoring call (logits for all k nodes) over a `--prefix`-token
+cache, for: transformers' forward with a DynamicCache (cropped back after each call), the lean verifier
+eager, and the lean verifier under torch.compile. Variants are timed round robin (one call of each per
+round) so background load on a shared machine hits them alike; the median and min of `--reps` rounds are
+reported with the ratio to k = 1. Prints hardware, dtype and threads; `--json out.json` saves everything.
+
+    python scripts/verify_curve.py --threads 2 --json verify_curve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+KS = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_DIR = "/tmp/exp/gemma_st"
+
+
+def load(spec: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if Path(spec).is_dir():
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        from specdec.models.loading import load_model
+
+        model = load_model(spec).model
+    return model.float().eval()
+
+
+def hf_scorer(model, prefix: torch.Tensor, k: int):
+    """A call scoring k new tokens over a DynamicCache of the prefix, cropping the cache back after."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(input_ids=prefix[None], past_key_values=cache, use_cache=True)
+    tokens = torch.randint(10, 1000, (1, k))
+    n_prefix = prefix.numel()
+
+    def call():
+        with torch.inference_mode():
+            model(input_ids=tokens, past_key_values=cache, use_cache=True)
+        cache.crop(n_prefix)
+
+    return call
+
+
+def lean_scorer(verifier, prefix: torch.Tensor, k: int):
+    from specdec.trees.tree import Tree
+
+    verifier.reset(1, prefix.numel() + max(KS) + 8)
+    verifier.prefill(0, prefix)
+    chain = Tree.chain(k - 1)
+    tokens = torch.randint(10, 1000, (1, k))
+    return lambda: verifier.score([0], tokens, chain.depth[None], chain.mask[None])
+
+
+def time_round_robin(calls: dict[str, callable], reps: int, warmup: int) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_DIR if Path(DEFAULT_DIR).is_dir() else "gemma3-270m",
+                    help="a transformers directory, or a spec for specdec.models.loading.load_model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefix", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--ks", default=",".join(map(str, KS)))
+    ap.add_argument("--variants", default="hf,lean,lean_compiled")
+    ap.add_argument("--gemm", default="auto", choices=["auto", "linear", "wxt"])
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    from specdec.verifiers import gemm as gemm_mod
+    from specdec.verifiers.lean import LeanVerifier
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ks = [int(k) for k in args.ks.split(",")]
+    variants = args.variants.split(",")
+    model = load(args.model)
+    prefix = torch.randint(10, 1000, (args.prefix,))
+    info = {"cpu": gemm_mod._cpu_model(), "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "dtype": str(model.dtype), "model": args.model,
+            "model_type": model.config.model_type, "prefix": args.prefix, "reps": args.reps,
+            "loadavg_start": os.getloadavg()}
+    print(" ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+
+    verifiers = {}
+    t0 = time.perf_counter()
+    if "lean" in variants or "lean_compiled" in variants:
+        verifiers["lean"] = LeanVerifier(model, gemm=args.gemm)
+        info["gemm_setup_s"] = round(time.perf_counter() - t0, 1)
+        info["gemm_plan"] = verifiers["lean"].gemm_plan.to_json()
+    if "lean_compiled" in variants:
+        verifiers["lean_compiled"] = LeanVerifier(model, gemm=args.gemm, compile=True)
+
+    results: dict[str, dict[int, dict[str, float]]] = {v: {} for v in variants}
+    for k in ks:
+        calls = {}
+        for v in variants:
+            calls[v] = hf_scorer(model, prefix, k) if v == "hf" else lean_scorer(verifiers[v], prefix, k)
+        compile_t0 = time.perf_counter()
+        times = time_round_robin(calls, args.reps, warmup=2)
+        for v, ts in times.items():
+            results[v][k] = {"median_ms": statistics.median(ts), "min_ms": min(ts)}
+        print(f"k={k:<3d} " + "  ".join(f"{v} {statistics.median(times[v]):7.1f}" for v in variants)
+              + f"   (round took {time.perf_counter() - compile_t0:.0f} s)", flush=True)
+    info["loadavg_end"] = os.getloadavg()
+    print_table(results, ks, info)
+    if args.json:
+        args.json.write_text(json.dumps({"info": info, "results": results}, indent=1))
+
+
+def print_table(results: dict, ks: list[int], info: dict) -> None:
+    print(f"\nmedian ms (min ms) to score k chain nodes over a {info['prefix']}-token prefix; "
+          f"{info['cpu']}, {info['threads']} threads, {info['dtype']}, torch {info['torch']}")
+    head = f"{'k':>4} " + "".join(f"| {v:^26} " for v in results)
+    print(head)
+    print(f"{'':>4} " + "".join(f"| {'ms':>8} {'(min)':>8} {'ratio':>7} " for _ in results))
+    for k in ks:
+        row = f"{k:>4} "
+        for v, per_k in results.items():
+            base, r = per_k[ks[0]]["median_ms"], per_k[k]
+            row += f"| {r['median_ms']:8.1f} {'(' + format(r['min_ms'], '.1f') + ')':>8} {r['median_ms'] / base:7.2f} "
+        print(row)
+    if "hf" in results:
+        for v in results:
+            if v != "hf":
+                speed = [results["hf"][k]["median_ms"] / results[v][k]["median_ms"] for k in ks]
+                print(f"speed-up of {v} over hf per k: " + " ".join(f"{s:.2f}" for s in speed))
+
+
+if __name__ == "__main__":
+    main()
