@@ -82,6 +82,7 @@ class SpecDecoder:
         self.cache_dir = cache_dir
         self.tree_budget = self._budget(tree_budget, log)
         self.engine = Engine(self.verifier, self.drafter, self.tree_budget)
+        self._batch_engine = None
 
     def _budget(self, tree_budget: int | None, log: Callable[[str], None] | None) -> int | AutoBudget:
         """An explicit budget is used as given; otherwise size trees to this machine's measured verify cost."""
@@ -124,11 +125,20 @@ class SpecDecoder:
         sampling = _validated(SamplingParams(temperature, top_k, top_p, seed))
         stop = StopConditions(
             max_new_tokens=max_new_tokens,
-            eos_token_ids=frozenset(self._eos_ids() if eos_token_id is None else _as_list(eos_token_id)),
+            eos_token_ids=frozenset(self.eos_ids() if eos_token_id is None else _as_list(eos_token_id)),
             stop_strings=tuple(stop_strings),
-            decode=self._decode if stop_strings else None,
+            decode=self.decode if stop_strings else None,
         )
         return self.engine.generate(prompt_ids, stop, sampling, on_tokens)
+
+    def generate_many(self, prompts: Sequence[Sequence[int] | str], *, width: int = 8, **kwargs: Any):
+        """Many prompts (token ids or text) with `width` rows in flight (continuous batching, lean verifier).
+        Per-row settings may be lists (max_new_tokens, temperature, top_k, top_p, seed); see specdec.batch."""
+        from specdec.batch import batch_engine, generate_batch
+
+        if self._batch_engine is None or self._batch_engine.width != width:
+            self._batch_engine = batch_engine(self, width)
+        return generate_batch(self, prompts, engine=self._batch_engine, **kwargs)
 
     # ------------------------------------------------------------------------------------------ text
 
@@ -143,9 +153,9 @@ class SpecDecoder:
 
     def generate_text(self, prompt: str, *, chat: bool = True, **kwargs: Any) -> tuple[str, GenerationResult]:
         result = self.generate_ids(self.encode(prompt, chat), **kwargs)
-        return self._decode(result.tokens), result
+        return self.decode(result.tokens), result
 
-    def _decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int]) -> str:
         return self._need_tokenizer().decode(ids, skip_special_tokens=True)
 
     def _need_tokenizer(self):
@@ -153,7 +163,7 @@ class SpecDecoder:
             raise SpecdecError("this needs a tokenizer: pass tokenizer=... to SpecDecoder")
         return self.tokenizer
 
-    def _eos_ids(self) -> list[int]:
+    def eos_ids(self) -> list[int]:
         ids = _as_list(self.model.generation_config.eos_token_id)
         if not ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids = [self.tokenizer.eos_token_id]

@@ -482,9 +482,9 @@ def make_request(decoder, prompt: str | Sequence[int] | torch.Tensor, *, max_new
         sampling = SamplingParams(temperature, top_k, top_p, seed).validate()
     except ValueError as err:
         raise SpecdecError(str(err)) from None
-    eos = decoder._eos_ids() if eos_token_id is None else _as_list(eos_token_id)
+    eos = decoder.eos_ids() if eos_token_id is None else _as_list(eos_token_id)
     stop = StopConditions(max_new_tokens=max_new_tokens, eos_token_ids=frozenset(eos),
-                          stop_strings=tuple(stop_strings), decode=decoder._decode if stop_strings else None)
+                          stop_strings=tuple(stop_strings), decode=decoder.decode if stop_strings else None)
     return Request(ids, stop, sampling)
 
 

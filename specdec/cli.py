@@ -5,42 +5,15 @@ User errors (`SpecdecError`) print as one line on stderr with exit code 2.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from typing import Any, Callable
+from typing import Any
 
 import click
 
+from specdec.cli_common import common_options, log, setup, user_errors
 from specdec.config import RunConfig, load_config
-from specdec.errors import SpecdecError
-
-
-def _user_errors(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except SpecdecError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
-
-    return wrapper
-
-
-def _log(line: str) -> None:
-    click.echo(f"[specdec] {line}", err=True)
-
-
-def _setup(threads: int | None) -> None:
-    """Process-wide settings belong to the CLI (the edge): threads, and quiet transformers progress bars."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    if threads:
-        torch.set_num_threads(threads)
+from specdec.jobs_cli import batch
 
 
 @click.group()
@@ -49,25 +22,9 @@ def main() -> None:
     """specdec: speculative decoding with exactly the output of plain decoding, faster."""
 
 
-def _common_options(fn: Callable) -> Callable:
-    options = [
-        click.option("--config", "config_path", type=click.Path(), help="YAML file of settings (see configs/)."),
-        click.option("--model", help="Built-in name (default gemma3-270m), a transformers directory, or a .gguf."),
-        click.option("--drafter", help="plain, ngram, recycling, or module:Class."),
-        click.option("--tree", help="Tree preset (chain-K, cpu-8, tr-80, ...) or a YAML file."),
-        click.option("--tree-budget", type=int, help="Max nodes scored per step, root included."),
-        click.option("--backend", type=click.Choice(["auto", "hf", "lean"]), help="Verifier implementation."),
-        click.option("--threads", type=int, help="torch CPU threads."),
-        click.option("--cache-dir", envvar="SPECDEC_CACHE", help="Model cache (default ~/.cache/specdec)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
 @main.command()
 @click.argument("prompt")
-@_common_options
+@common_options
 @click.option("--max-new-tokens", type=int, help="Tokens to generate at most (default 128).")
 @click.option("--temperature", type=float, help="0 = greedy (default).")
 @click.option("--top-k", type=int, help="Sample from the k most likely tokens (0 = off).")
@@ -78,14 +35,14 @@ def _common_options(fn: Callable) -> Callable:
 @click.option("--stream", is_flag=True, help="Print text as it is accepted.")
 @click.option("--stats", is_flag=True, help="Print tau, tokens/s and the accepted-length histogram.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout: text, token_ids, stats.")
-@_user_errors
+@user_errors
 def generate(prompt: str, config_path: str | None, cache_dir: str | None, raw: bool, stream: bool, stats: bool,
              as_json: bool, **overrides: Any) -> None:
     """Generate a continuation of PROMPT."""
     cfg = load_config(config_path).updated(**overrides)
     if raw:
         cfg = cfg.updated(chat=False)
-    _setup(cfg.threads)
+    setup(cfg.threads)
     decoder = _decoder(cfg, cache_dir)
     ids = decoder.encode(prompt, chat=cfg.chat)
     printer = _StreamPrinter(decoder) if stream and not as_json else None
@@ -111,7 +68,7 @@ def _decoder(cfg: RunConfig, cache_dir: str | None):
 
     return SpecDecoder(
         cfg.model, drafter=cfg.drafter, tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend,
-        cache_dir=cache_dir, drafter_options=cfg.drafter_options, log=_log,
+        cache_dir=cache_dir, drafter_options=cfg.drafter_options, log=log,
     )
 
 
@@ -156,29 +113,40 @@ def _print_stats(result, cfg: RunConfig) -> None:
 
 
 @main.command()
-@_common_options
+@common_options
 @click.option("--prompts", type=click.Path(), help="Spec-Bench style JSONL (default: the bundled Spec-Bench).")
 @click.option("--per-category", type=int, default=1, show_default=True, help="Prompts per category.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--methods", default="hf-plain,hf-pld,plain,ngram,recycling", show_default=True,
               help="Comma-separated: hf-plain, hf-pld, plain, ngram, recycling.")
 @click.option("--out", "out_dir", default="bench_results", show_default=True, help="Folder for JSON + Markdown.")
+@click.option("--batch", "batch_sizes", help="Batched throughput instead: comma-separated batch sizes, e.g. 1,2,4,8.")
+@click.option("--batch-prompts", type=int, default=16, show_default=True, help="Prompts for --batch.")
 @click.option("--plot", is_flag=True, help="Also save a PNG (needs matplotlib).")
 @click.option("--curve", type=click.Path(), help="Verify-curve JSON (scripts/verify_curve.py) to plot too.")
-@_user_errors
+@user_errors
 def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, per_category: int,
-          max_new_tokens: int, methods: str, out_dir: str, plot: bool, curve: str | None, **overrides: Any) -> None:
+          max_new_tokens: int, methods: str, out_dir: str, batch_sizes: str | None, batch_prompts: int, plot: bool,
+          curve: str | None, **overrides: Any) -> None:
     """Spec-Bench, side by side in one run: tau, tokens/s, speedup and exact-match rate per category."""
     from specdec.bench import BenchSpec, run_bench
 
     cfg = load_config(config_path).updated(**overrides)
-    _setup(cfg.threads)
+    setup(cfg.threads)
+    if batch_sizes:
+        from specdec.bench_batch import BatchBenchSpec, parse_batch_sizes, run_batch_bench
+
+        run_batch_bench(BatchBenchSpec(
+            model=cfg.model, prompts=prompts, n_prompts=batch_prompts, max_new_tokens=max_new_tokens,
+            batch_sizes=parse_batch_sizes(batch_sizes), drafter=cfg.drafter, tree=cfg.tree,
+            tree_budget=cfg.tree_budget, cache_dir=cache_dir, out_dir=out_dir), log=log, echo=click.echo)
+        return
     spec = BenchSpec(
         model=cfg.model, prompts=prompts, per_category=per_category, max_new_tokens=max_new_tokens,
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), out_dir=out_dir, cache_dir=cache_dir,
         tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend, plot=plot, curve=curve,
     )
-    run_bench(spec, log=_log, echo=click.echo)
+    run_bench(spec, log=log, echo=click.echo)
 
 
 @main.command("models")
@@ -197,3 +165,6 @@ def trees_cmd() -> None:
 
     for name in list_trees():
         click.echo(name)
+
+
+main.add_command(batch)

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from specdec.cli import _common_options, _log, _setup, _user_errors
+from specdec.cli_common import common_options, log, setup, user_errors
 from specdec.config import load_config
 
 
@@ -18,7 +18,7 @@ from specdec.config import load_config
 @click.argument("input_path", metavar="INPUT.jsonl")
 @click.option("--out", "output_path", required=True, metavar="OUTPUT.jsonl",
               help="Results, one JSON line per row; rerunning the same command resumes it.")
-@_common_options
+@common_options
 @click.option("--max-new-tokens", type=int, help="Default for rows without max_new_tokens (default 128).")
 @click.option("--temperature", type=float, help="Default temperature; 0 = greedy (default).")
 @click.option("--top-k", type=int, help="Default top-k (0 = off).")
@@ -29,7 +29,7 @@ from specdec.config import load_config
 @click.option("--width", type=int, default=8, show_default=True, help="Rows decoded together (batch width).")
 @click.option("--ray", "ray_workers", type=int, default=0, help="Run on Ray with N workers (specdec[ray]).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-@_user_errors
+@user_errors
 def batch(input_path: str, output_path: str, config_path: str | None, cache_dir: str | None, raw: bool, width: int,
           ray_workers: int, progress: bool, **overrides: Any) -> None:
     """Decode every prompt of INPUT.jsonl ({"id": ..., "prompt": ...} or {"id": ..., "messages": [...]} per line)."""
@@ -38,9 +38,9 @@ def batch(input_path: str, output_path: str, config_path: str | None, cache_dir:
     cfg = load_config(config_path).updated(**overrides)
     if raw:
         cfg = cfg.updated(chat=False)
-    _setup(cfg.threads)
+    setup(cfg.threads)
     settings = JobSettings(config=cfg, width=width, cache_dir=cache_dir)
-    summary = run_job(input_path, output_path, settings, ray_workers=ray_workers, progress=progress, log=_log)
+    summary = run_job(input_path, output_path, settings, ray_workers=ray_workers, progress=progress, log=log)
     click.echo(summary.line())
 
 

@@ -1,0 +1,54 @@
+"""Pieces every `specdec` subcommand shares: the common options, one-line user errors, process setup."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+
+from specdec.errors import SpecdecError
+
+
+def user_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SpecdecError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def log(line: str) -> None:
+    click.echo(f"[specdec] {line}", err=True)
+
+
+def setup(threads: int | None) -> None:
+    """Process-wide settings belong to the CLI (the edge): threads, and quiet transformers progress bars."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def common_options(fn: Callable) -> Callable:
+    options = [
+        click.option("--config", "config_path", type=click.Path(), help="YAML file of settings (see configs/)."),
+        click.option("--model", help="Built-in name (default gemma3-270m), a transformers directory, or a .gguf."),
+        click.option("--drafter", help="plain, ngram, recycling, or module:Class."),
+        click.option("--tree", help="Tree preset (chain-K, cpu-8, tr-80, ...) or a YAML file."),
+        click.option("--tree-budget", type=int, help="Max nodes scored per step, root included."),
+        click.option("--backend", type=click.Choice(["auto", "hf", "lean"]), help="Verifier implementation."),
+        click.option("--threads", type=int, help="torch CPU threads."),
+        click.option("--cache-dir", envvar="SPECDEC_CACHE", help="Model cache (default ~/.cache/specdec)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
