@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from specdec.errors import SpecdecError
+from specdec.hardware import cpu_name
 
 HF_METHODS = ("hf-plain", "hf-pld")
 PLD_NUM_TOKENS = 10  # transformers' documented prompt_lookup_num_tokens example value
@@ -89,16 +90,8 @@ def load_questions(path: str | None, per_category: int) -> list[dict]:
 def machine_info() -> dict:
     import transformers
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "dtype": "float32",
         "torch": torch.__version__,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from specdec.hardware import cpu_name
 from specdec.trees.tree import Tree
 
 CALIBRATION_SIZES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -56,15 +56,7 @@ class LatencyCurve:
 
 
 def machine_key(model_name: str, backend: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    raw = f"{model_name}|{backend}|{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    raw = f"{model_name}|{backend}|{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in raw)[:200]
 
 
