@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,44 +63,67 @@ def machine_key(model_name: str, backend: str) -> str:
 
 @torch.inference_mode()
 def calibrate(verifier, sizes: Sequence[int] = CALIBRATION_SIZES, prefix_len: int = 256, reps: int = 5) -> LatencyCurve:
-    """Fastest of `reps` timings of scoring a chain of n nodes after a prefix_len-token prefix, for each n.
+    """Verify latency of a chain of n nodes after a prefix_len-token prefix, for each n.
 
-    The minimum, not the median: on a shared machine the other load only ever adds time, and what sizing needs
-    is the verifier's own cost curve."""
+    Sizes are timed round robin (one call of each per round) and each keeps its fastest round: on a shared
+    machine other load only ever adds time. Cost never falls as n grows, so a size measured slower than a
+    larger one is given the larger one's time (noise, not the verifier).
+    """
     gen = torch.Generator().manual_seed(0)
     vocab_high = min(1000, verifier.vocab_size)
     calls = len(sizes) * (reps + 1)
     verifier.reset(1, prefix_len + calls + max(sizes) + 1)  # each call commits its root: the prefix grows by 1
     verifier.prefill(0, torch.randint(3, vocab_high, (prefix_len,), generator=gen))
-    seconds = []
-    for n in sizes:
-        tree = Tree.chain(n - 1)
-        tokens = torch.randint(3, vocab_high, (1, n), generator=gen)
-        times = []
-        for _ in range(reps + 1):  # the first call warms up
+    trees = {n: Tree.chain(n - 1) for n in sizes}
+    best = {n: float("inf") for n in sizes}
+    for rnd in range(reps + 1):  # round 0 warms up
+        for n in sizes:
+            tokens = torch.randint(3, vocab_high, (1, n), generator=gen)
             t0 = time.perf_counter()
-            verifier.score([0], tokens, tree.depth[None], tree.mask[None])
-            times.append(time.perf_counter() - t0)
+            verifier.score([0], tokens, trees[n].depth[None], trees[n].mask[None])
+            elapsed = time.perf_counter() - t0
             verifier.commit(0, [0])
-        seconds.append(min(times[1:]))
+            if rnd:
+                best[n] = min(best[n], elapsed)
+    seconds = [best[n] for n in sizes]
+    for i in range(len(seconds) - 2, -1, -1):
+        seconds[i] = min(seconds[i], seconds[i + 1])
     return LatencyCurve(tuple(sizes), tuple(seconds))
 
 
+def _overloaded() -> bool:
+    """More runnable work than cores: timings taken now measure the neighbours too."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:
+        return False
+
+
 def cached_curve(verifier, key: str, cache_dir: Path | None, log: Callable[[str], None] | None = None) -> LatencyCurve:
-    """Load the curve for `key` from cache_dir/latency/, or measure and store it."""
+    """Load the curve for `key` from cache_dir/latency/, or measure and store it.
+
+    A curve measured while the machine was overloaded is used but marked provisional, and measured again the
+    next time the machine is calmer.
+    """
     path = None if cache_dir is None else Path(cache_dir) / "latency" / f"{key}.json"
+    stored = None
     if path is not None and path.is_file():
         try:
-            return LatencyCurve.from_json(json.loads(path.read_text()))
+            data = json.loads(path.read_text())
+            stored = LatencyCurve.from_json(data)
+            if not data.get("provisional") or _overloaded():
+                return stored
         except (ValueError, KeyError):
             pass  # a damaged cache entry is measured again
     if log:
         log("calibrating verify latency for this machine and model (once, a few seconds)...")
+    busy = _overloaded()
     curve = calibrate(verifier)
+    busy = busy or _overloaded()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(curve.to_json()))
+        tmp.write_text(json.dumps(curve.to_json() | {"provisional": busy, "loadavg": os.getloadavg()[0]}))
         tmp.replace(path)
     return curve
 
