@@ -1,0 +1,51 @@
+"""The real default model (Gemma 3 270M, fp32): specdec's output equals transformers' greedy generate() token for
+token on Spec-Bench prompts. Slow (loads ~1 GB; the first load dequantizes the GGUF once); CI runs the `ci` ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec.api import SpecDecoder
+from specdec.bench import _encode, load_questions
+from specdec.models.loading import load_model
+
+PROMPTS = 5
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def real():
+    loaded = load_model()
+    questions = load_questions(None, 1)[:PROMPTS]  # the first prompt of the first five categories
+    prompts = [_encode(loaded.tokenizer, q["text"]) for q in questions]
+    eos = loaded.model.generation_config.eos_token_id
+    refs = []
+    with torch.inference_mode():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            out = loaded.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                        max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=0,
+                                        top_k=None, top_p=None, temperature=None)
+            refs.append(out[0, len(ids):].tolist())
+    return loaded, prompts, refs
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+@pytest.mark.parametrize("drafter", ["recycling", "ngram"])
+def test_default_model_matches_transformers_generate(real, drafter):
+    loaded, prompts, refs = real
+    decoder = SpecDecoder(loaded, drafter=drafter)
+    for ids, ref in zip(prompts, refs):
+        result = decoder.generate_ids(ids, max_new_tokens=NEW_TOKENS)
+        assert result.tokens == ref
+
+
+@pytest.mark.slow
+def test_default_model_plain_and_hf_backend_match(real):
+    loaded, prompts, refs = real
+    for backend in ("lean", "hf"):
+        decoder = SpecDecoder(loaded, drafter="plain", backend=backend)
+        for ids, ref in zip(prompts, refs):
+            assert decoder.generate_ids(ids, max_new_tokens=NEW_TOKENS).tokens == ref
