@@ -65,6 +65,7 @@ def test_replayed_tau_on_literal_bits():
 
 
 def test_calibration_is_cached_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr("specdec.drafters.self_spec.overloaded", lambda: False)  # a calm machine throughout
     model = make_tiny_model("gemma3")  # 4 layers
     prompts = [torch.randint(3, VOCAB, (24,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(2)]
     options = dict(calibration_prompts=prompts, calibration=dict(new_tokens=12, timing_reps=1), cache_dir=str(tmp_path))
@@ -84,6 +85,22 @@ def test_calibration_is_cached_and_reused(tmp_path, monkeypatch):
     assert again.info["skip"] == first.info["skip"]
     res = Engine(HFVerifier(model), again, 8).generate(PROMPT, StopConditions(30))
     assert res.tokens == hf_greedy(model, PROMPT, 30)
+
+
+def test_calibration_timed_under_load_is_measured_again_when_calm(tmp_path, monkeypatch):
+    busy = [True]
+    monkeypatch.setattr("specdec.drafters.self_spec.overloaded", lambda: busy[0])
+    model = make_tiny_model("llama")
+    prompts = [torch.randint(3, VOCAB, (16,), generator=torch.Generator().manual_seed(0)).tolist()]
+    options = dict(calibration_prompts=prompts, calibration=dict(new_tokens=8, timing_reps=1), cache_dir=str(tmp_path))
+    self_drafter(model, **options)
+    path = next((tmp_path / "self_spec").glob("*.json"))
+    assert json.loads(path.read_text())["provisional"]
+    self_drafter(model, **options)  # still busy: the provisional record is used as it is
+    assert json.loads(path.read_text())["provisional"]
+    busy[0] = False
+    self_drafter(model, **options)  # calm now: measured again
+    assert not json.loads(path.read_text())["provisional"]
 
 
 def test_spec_bench_calibration_prompts_are_encoded_text():

@@ -17,13 +17,16 @@ Calibration (train-free, seconds to a couple of minutes, cached):
    screened on the first prompt, the `screen` best scored on all); stop when the predicted speedup has not
    improved for `patience` steps (or the time budget is spent); keep the best (skip, k) seen, the empty
    skip set included (with a reduced draft head, `draft_vocab`, the head alone can make drafting cheap).
-Cached as JSON under <cache_dir>/self_spec/, keyed by model fingerprint + settings + machine + threads.
+Cached as JSON under <cache_dir>/self_spec/, keyed by model fingerprint + settings + machine + threads. Timings
+taken while the machine is overloaded (load > cores) make the record provisional: it is used, and measured
+again the next time the machine is calmer (as `specdec.trees.sizing` does for the verify curve).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -150,7 +153,10 @@ def measure_costs(lean: LeanModel, prefix: list[int], k_max: int, reps: int, how
             if round_:
                 best[i] = min(best[i], time.perf_counter() - t0)
             runner.truncate(runner.length)
-    return CostModel(tuple(best[: k_max + 1]), best[-2], best[-1])
+    verify = best[: k_max + 1]
+    for i in range(len(verify) - 2, -1, -1):  # cost never falls as n grows: a slower smaller n was noise
+        verify[i] = min(verify[i], verify[i + 1])
+    return CostModel(tuple(verify), best[-2], best[-1])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -193,7 +199,7 @@ def search_skip(lean: LeanModel, sequences: Sequences, costs: CostModel, setting
 def calibrate(lean: LeanModel, prompts: list[list[int]], settings: Calibration, how: Drafting,
               log: Callable[[str], None]) -> dict:
     """Measure, search and return the record that is cached: the best candidate plus how it was found."""
-    t0 = time.perf_counter()
+    t0, busy = time.perf_counter(), overloaded()
     cut = [p[-settings.prompt_tokens:] for p in prompts]
     sequences = [(p, greedy_continuation(lean, p, settings.new_tokens, how)) for p in cut]
     costs = measure_costs(lean, cut[0] + sequences[0][1], settings.k_max, settings.timing_reps, how)
@@ -202,7 +208,15 @@ def calibrate(lean: LeanModel, prompts: list[list[int]], settings: Calibration, 
     return {"skip": list(best.skip), "k": best.k, "agreement": best.agreement, "tau": best.tau,
             "predicted_speedup": best.speedup, "history": [asdict(c) for c in history],
             "costs": asdict(costs), "settings": asdict(settings), "seconds": time.perf_counter() - t0,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "provisional": busy or overloaded()}
+
+
+def overloaded() -> bool:
+    """More runnable work than cores: timings taken now measure the neighbours too."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -247,7 +261,9 @@ def cached_calibration(model: PreTrainedModel, lean: LeanModel, prompts: list[li
     path = cache_dir / "self_spec" / f"{gemm_plan.cache_key(signature)}.json"
     if path.exists():
         try:
-            return json.loads(path.read_text())
+            record = json.loads(path.read_text())
+            if not record.get("provisional") or overloaded():
+                return record  # a record timed under load is measured again once the machine is calmer
         except json.JSONDecodeError:
             pass  # unreadable: calibrate again and overwrite it
     log(f"self: calibrating the layer-skip set on {len(prompts)} prompts (one time, cached)...")
