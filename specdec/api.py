@@ -103,7 +103,8 @@ class SpecDecoder:
         if not isinstance(drafter, str):
             return drafter
         try:
-            return make_drafter(drafter, vocab_size=self.verifier.vocab_size, tree=tree, **options)
+            context = {"target": self.model, "target_tokenizer": self.tokenizer}
+            return make_drafter(drafter, vocab_size=self.verifier.vocab_size, tree=tree, context=context, **options)
         except (ValueError, TypeError) as err:
             raise SpecdecError(str(err).splitlines()[0]) from None
 

@@ -119,6 +119,8 @@ class Engine:
             self.verifier.reset(1, context.numel() + stop.max_new_tokens + self.max_nodes + 1)
             self.verifier.prefill(0, context[:-1])
             self.drafter.reset()
+            if hasattr(self.drafter, "set_sampling"):  # drafters that sample draft with this request's settings
+                self.drafter.set_sampling(sampling)
             stats.prefill_s = time.perf_counter() - t0
             reason = None
         while reason is None:

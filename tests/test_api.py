@@ -70,3 +70,15 @@ def test_spec_decoder_keeps_recycling_state_across_prompts():
     assert warm.any()  # the first prompt filled the table
     dec.generate_ids([64, 301, 12], max_new_tokens=5)
     assert dec.drafter.adj.any()
+
+
+def test_model_aware_drafters_work_by_name():
+    """'self' gets the target from the decoder, 'model' checks the tokenizer it is given; both stay lossless."""
+    model = make_tiny_model("gemma3")
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7, 64]])
+    ref = model.generate(ids, do_sample=False, max_new_tokens=16, pad_token_id=0)
+    dec = specdec.SpecDecoder(model, drafter="self", drafter_options={"skip": [1], "k": 3})
+    assert torch.equal(specdec.generate(dec, ids, max_new_tokens=16, pad_token_id=0), ref)
+    draft = make_tiny_model("gemma3", seed=5)
+    dec = specdec.SpecDecoder(model, drafter="model", drafter_options={"draft_model": draft, "k": 3})
+    assert torch.equal(specdec.generate(dec, ids, max_new_tokens=16, pad_token_id=0), ref)

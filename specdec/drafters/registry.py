@@ -30,14 +30,22 @@ def drafter_names() -> list[str]:
     return list(_FACTORIES)
 
 
-def make_drafter(name: str, *, vocab_size: int, tree: Tree | None = None, **options: Any) -> Drafter:
-    """A registered name or ``module.path:Name`` -> a new drafter instance."""
+def make_drafter(name: str, *, vocab_size: int, tree: Tree | None = None, context: dict[str, Any] | None = None,
+                 **options: Any) -> Drafter:
+    """A registered name or ``module.path:Name`` -> a new drafter instance.
+
+    context: what the engine knows (e.g. ``target``, ``target_tokenizer``); each factory gets the keys it names
+    in its ``context_keys`` attribute, unless the caller's options already set them.
+    """
     if name in _FACTORIES:
         factory = _FACTORIES[name]
     elif ":" in name:
         factory = _import(name)
     else:
         raise ValueError(f"unknown drafter '{name}': choose one of {', '.join(_FACTORIES)}, or give module:Class")
+    for key in getattr(factory, "context_keys", ()):
+        if context and key in context and key not in options:
+            options[key] = context[key]
     _check_call(name, factory, vocab_size=vocab_size, tree=tree, **options)
     drafter = factory(vocab_size=vocab_size, tree=tree, **options)
     if not isinstance(drafter, Drafter):
@@ -109,5 +117,8 @@ def _self(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
 register("plain", _plain)
 register("ngram", _ngram)
 register("recycling", _recycling)
+_model.context_keys = ("target_tokenizer",)  # type: ignore[attr-defined]
+_self.context_keys = ("target", "target_tokenizer")  # type: ignore[attr-defined]
+
 register("model", _model)
 register("self", _self)
