@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -131,22 +132,22 @@ def available() -> tuple[Orientation, ...]:
     return tuple(o for o in ORIENTATIONS if o != "onednn" or has_onednn)
 
 
-def calibrate(weights: Iterable[torch.Tensor], budget_s: float = 15.0, rounds: int = 5,
+def calibrate(weights: Iterable[torch.Tensor], budget_s: float = 10.0, rounds: int = 15,
               ) -> tuple[GemmPlan, dict[str, dict[int, dict[str, float]]]]:
     """Time every orientation for each distinct weight shape and row bucket; keep the fastest.
 
     Each timing multiplies by every weight of that shape in turn (all 18 layers' gate/up, say) and reports
     the mean per weight: the forward streams its weights from memory, so a single small weight timed hot in
     cache would rank orientations wrongly. Candidates are timed round robin (best of up to `rounds`), so
-    background load hits them alike; one more than twice as slow as the best after the first round is
-    dropped. The budget is spread evenly over (shape, bucket) pairs, so slow pairs (the LM head at 64 rows)
-    get fewer rounds. Returns the plan and the best time per candidate in ms: {shape: {bucket: {o: ms}}}.
+    background load hits them alike; one more than twice as slow as the best after two rounds is dropped. The budget is spread evenly over (shape, bucket) pairs, so slow pairs (the LM head at 64 rows)
+    get fewer rounds; a weight over 128 MB is timed on its first 128 MB of rows. Returns the plan and the best
+    time per candidate in ms (of the timed rows): {shape: {bucket: {orientation: ms}}}.
     """
     groups: dict[str, list[torch.Tensor]] = {}
     for w in weights:
         group = groups.setdefault(shape_key(w), [])
         if not any(w.data_ptr() == g.data_ptr() for g in group):  # tied weights count once
-            group.append(w.detach())
+            group.append(_sample_rows(w.detach()))
     per_pair = budget_s / max(1, len(groups) * len(BUCKETS))
     choices: dict[str, dict[int, Orientation]] = {}
     timings: dict[str, dict[int, dict[str, float]]] = {}
@@ -155,6 +156,13 @@ def calibrate(weights: Iterable[torch.Tensor], budget_s: float = 15.0, rounds: i
             timings[key] = {b: _time_candidates(group, b, per_pair, rounds) for b in BUCKETS}
             choices[key] = {b: min(ms, key=ms.get) for b, ms in timings[key].items()}  # type: ignore[misc]
     return GemmPlan(choices, "linear"), timings
+
+
+def _sample_rows(weight: torch.Tensor, max_bytes: int = 128 << 20) -> torch.Tensor:
+    """A weight far bigger than any cache (the LM head) is timed on a leading block of rows (a view): its
+    cost per row is the same and calibration takes a fraction of the time."""
+    row_bytes = weight.shape[1] * weight.element_size()
+    return weight[: max(1, max_bytes // row_bytes)] if weight.numel() * weight.element_size() > max_bytes else weight
 
 
 def _time_candidates(group: list[torch.Tensor], rows: int, budget_s: float, rounds: int) -> dict[str, float]:
@@ -169,7 +177,7 @@ def _time_candidates(group: list[torch.Tensor], rows: int, budget_s: float, roun
                 matmul(x, w, None, o).contiguous()
             if r:
                 best[o] = min(best[o], (time.perf_counter() - t0) / len(group))
-        if r == 1:
+        if r == 2:  # best of two rounds: one preempted call does not get a candidate dropped
             fastest = min(best.values())
             candidates = [o for o in candidates if best[o] <= 2 * fastest]
         if r >= 2 and time.perf_counter() - start > budget_s:
@@ -192,11 +200,15 @@ def cache_path(model_signature: str, cache_dir: Path | None = None) -> Path:
 
 
 def load_or_calibrate(
-    weights: list[torch.Tensor], model_signature: str, cache_dir: Path | None = None, budget_s: float = 15.0,
+    weights: list[torch.Tensor], model_signature: str, cache_dir: Path | None = None, budget_s: float = 10.0,
 ) -> GemmPlan:
     """The cached plan for this model + machine if there is one, else calibrate and cache it (with timings).
 
-    A plan measured while the machine was busy can be wrong: delete the file to measure again.
+    Timings taken while other processes kept the CPUs busy are meaningless (with 2 threads on 2 cores every
+    parallel region waits for a neighbour's time slice: ~8 ms per GEMM whatever its size). If others used
+    more than a quarter of the CPU time during calibration, the measured plan is not trusted: a fixed
+    oneDNN plan (the best or near-best for every shape measured quiet) is returned and nothing is cached,
+    so the next construction measures again.
     """
     path = cache_path(model_signature, cache_dir)
     if path.exists():
@@ -204,16 +216,32 @@ def load_or_calibrate(
             return GemmPlan.from_json(json.loads(path.read_text())["plan"])
         except (ValueError, KeyError, json.JSONDecodeError):
             pass  # unreadable cache: measure again and overwrite it
-    t0 = time.perf_counter()
+    t0, others0 = time.perf_counter(), _others_cpu_s()
     plan, timings = calibrate(weights, budget_s)
+    wall = time.perf_counter() - t0
+    others_share = (_others_cpu_s() - others0) / max(1e-9, wall * (os.cpu_count() or 1))
+    if others_share > 0.25:
+        return GemmPlan.fixed(available()[-1])
     record = {"model": model_signature, "cpu": _cpu_model(), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "calibration_s": round(time.perf_counter() - t0, 1),
-              "plan": plan.to_json(), "ms": timings}
+              "threads": torch.get_num_threads(), "calibration_s": round(wall, 1),
+              "others_cpu_share": round(others_share, 3), "plan": plan.to_json(), "ms": timings}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(path)
     return plan
+
+
+def _others_cpu_s() -> float:
+    """CPU seconds used so far by everything but this process (Linux); 0.0 where /proc is missing."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    busy_s = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    own = os.times()
+    return busy_s - (own.user + own.system)
 
 
 def _cpu_model() -> str:

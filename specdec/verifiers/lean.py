@@ -35,7 +35,7 @@ class LeanVerifier:
         compile: bool = False,
         fuse: bool = True,
         cache_dir: str | Path | None = None,
-        calibration_budget_s: float = 15.0,
+        calibration_budget_s: float = 10.0,
     ):
         cfg = model.config
         self.vocab_size: int = cfg.vocab_size
