@@ -22,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 import torch
+
+from specdec.hardware import cpu_name
 import torch.nn.functional as F
 
 Orientation = Literal["linear", "wxt", "onednn"]
@@ -132,16 +133,20 @@ def available() -> tuple[Orientation, ...]:
     return tuple(o for o in ORIENTATIONS if o != "onednn" or has_onednn)
 
 
-def calibrate(weights: Iterable[torch.Tensor], budget_s: float = 10.0, rounds: int = 15,
-              ) -> tuple[GemmPlan, dict[str, dict[int, dict[str, float]]]]:
+def calibrate(
+    weights: Iterable[torch.Tensor], budget_s: float = 10.0, rounds: int = 15,
+    contended: Callable[[], bool] = lambda: False,
+) -> tuple[GemmPlan, dict[str, dict[int, dict[str, float]]]] | None:
     """Time every orientation for each distinct weight shape and row bucket; keep the fastest.
 
     Each timing multiplies by every weight of that shape in turn (all 18 layers' gate/up, say) and reports
     the mean per weight: the forward streams its weights from memory, so a single small weight timed hot in
     cache would rank orientations wrongly. Candidates are timed round robin (best of up to `rounds`), so
-    background load hits them alike; one more than twice as slow as the best after two rounds is dropped. The budget is spread evenly over (shape, bucket) pairs, so slow pairs (the LM head at 64 rows)
-    get fewer rounds; a weight over 128 MB is timed on its first 128 MB of rows. Returns the plan and the best
-    time per candidate in ms (of the timed rows): {shape: {bucket: {orientation: ms}}}.
+    background load hits them alike; one more than twice as slow as the best after two rounds is dropped.
+    The budget is spread evenly over (shape, bucket) pairs, so slow pairs (the LM head at 64 rows) get fewer
+    rounds; a weight over 128 MB is timed on its first 128 MB of rows. `contended()` is asked after every
+    pair: True abandons the measurement (returns None). Returns the plan and the best time per candidate in
+    ms (of the timed rows): {shape: {bucket: {orientation: ms}}}.
     """
     groups: dict[str, list[torch.Tensor]] = {}
     for w in weights:
@@ -149,13 +154,15 @@ def calibrate(weights: Iterable[torch.Tensor], budget_s: float = 10.0, rounds: i
         if not any(w.data_ptr() == g.data_ptr() for g in group):  # tied weights count once
             group.append(_sample_rows(w.detach()))
     per_pair = budget_s / max(1, len(groups) * len(BUCKETS))
-    choices: dict[str, dict[int, Orientation]] = {}
-    timings: dict[str, dict[int, dict[str, float]]] = {}
+    timings: dict[str, dict[int, dict[str, float]]] = {key: {} for key in groups}
     with torch.inference_mode():
         for key, group in groups.items():
-            timings[key] = {b: _time_candidates(group, b, per_pair, rounds) for b in BUCKETS}
-            choices[key] = {b: min(ms, key=ms.get) for b, ms in timings[key].items()}  # type: ignore[misc]
-    return GemmPlan(choices, "linear"), timings
+            for b in BUCKETS:
+                timings[key][b] = _time_candidates(group, b, per_pair, rounds)
+                if contended():
+                    return None
+    choices = {key: {b: min(ms, key=ms.get) for b, ms in per.items()} for key, per in timings.items()}
+    return GemmPlan(choices, "linear"), timings  # type: ignore[arg-type]
 
 
 def _sample_rows(weight: torch.Tensor, max_bytes: int = 128 << 20) -> torch.Tensor:
@@ -187,7 +194,7 @@ def _time_candidates(group: list[torch.Tensor], rows: int, budget_s: float, roun
 
 def cache_key(model_signature: str) -> str:
     """File stem naming this model on this machine, torch build and thread count."""
-    info = "|".join([model_signature, _cpu_model(), torch.__version__, str(torch.get_num_threads())])
+    info = "|".join([model_signature, cpu_name(), torch.__version__, str(torch.get_num_threads())])
     return hashlib.sha1(info.encode()).hexdigest()[:16]
 
 
@@ -204,11 +211,11 @@ def load_or_calibrate(
 ) -> GemmPlan:
     """The cached plan for this model + machine if there is one, else calibrate and cache it (with timings).
 
-    Timings taken while other processes kept the CPUs busy are meaningless (with 2 threads on 2 cores every
-    parallel region waits for a neighbour's time slice: ~8 ms per GEMM whatever its size). If others used
-    more than a quarter of the CPU time during calibration, the measured plan is not trusted: a fixed
-    oneDNN plan (the best or near-best for every shape measured quiet) is returned and nothing is cached,
-    so the next construction measures again.
+    Timings taken while other processes keep the CPUs busy are meaningless (with 2 threads on 2 cores every
+    parallel region waits for a neighbour's time slice: ~8 ms per GEMM whatever its size). Once others have
+    used more than a quarter of the CPU time (checked from 0.5 s on), calibration stops and a fixed oneDNN
+    plan (best or near-best for every shape measured quiet) is returned uncached, so the next construction
+    measures again.
     """
     path = cache_path(model_signature, cache_dir)
     if path.exists():
@@ -217,14 +224,19 @@ def load_or_calibrate(
         except (ValueError, KeyError, json.JSONDecodeError):
             pass  # unreadable cache: measure again and overwrite it
     t0, others0 = time.perf_counter(), _others_cpu_s()
-    plan, timings = calibrate(weights, budget_s)
-    wall = time.perf_counter() - t0
-    others_share = (_others_cpu_s() - others0) / max(1e-9, wall * (os.cpu_count() or 1))
-    if others_share > 0.25:
+
+    def others_share() -> float:
+        wall = time.perf_counter() - t0
+        return (_others_cpu_s() - others0) / max(1e-9, wall * (os.cpu_count() or 1))
+
+    measured = calibrate(weights, budget_s,
+                         contended=lambda: time.perf_counter() - t0 > 0.5 and others_share() > 0.25)
+    if measured is None or others_share() > 0.25:
         return GemmPlan.fixed(available()[-1])
+    plan, timings = measured
     record = {"model": model_signature, "cpu": _cpu_model(), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "calibration_s": round(wall, 1),
-              "others_cpu_share": round(others_share, 3), "plan": plan.to_json(), "ms": timings}
+              "threads": torch.get_num_threads(), "calibration_s": round(time.perf_counter() - t0, 1),
+              "others_cpu_share": round(others_share(), 3), "plan": plan.to_json(), "ms": timings}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=1))
@@ -242,13 +254,3 @@ def _others_cpu_s() -> float:
     busy_s = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
     own = os.times()
     return busy_s - (own.user + own.system)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
