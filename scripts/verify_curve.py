@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from specdec.verifiers import gemm as gemm_mod
+    from specdec.hardware import cpu_name
     from specdec.verifiers.lean import LeanVerifier
 
     torch.set_num_threads(args.threads)
@@ -136,7 +136,7 @@ def main() -> None:
     variants = args.variants.split(",")
     model = load(args.model)
     prefix = torch.randint(10, 1000, (args.prefix,))
-    info = {"cpu": gemm_mod._cpu_model(), "machine": platform.machine(), "threads": torch.get_num_threads(),
+    info = {"cpu": cpu_name(), "machine": platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "dtype": str(model.dtype), "model": args.model,
             "model_type": model.config.model_type, "prefix": args.prefix, "reps": args.reps,
             "loadavg_start": os.getloadavg()}

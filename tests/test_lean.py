@@ -260,7 +260,7 @@ def test_gemm_plan_cache_round_trips(tmp_path, monkeypatch, quiet_machine):
 
 
 def test_contended_calibration_is_not_cached(tmp_path, monkeypatch):
-    clock = iter([0.0, 1e6])  # others burnt a million CPU seconds during calibration
+    clock = iter(range(0, 10**9, 10**6))  # others burn a million CPU seconds between looks
     monkeypatch.setattr(gemm, "_others_cpu_s", lambda: next(clock))
     plan = gemm.load_or_calibrate([torch.randn(48, 16)], "tiny", tmp_path, budget_s=0.2)
     assert plan == gemm.GemmPlan.fixed(gemm.available()[-1]) and not list(tmp_path.glob("*.json"))

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 import torch
+import torch.nn.functional as F
 
 from specdec.hardware import cpu_name
-import torch.nn.functional as F
 
 Orientation = Literal["linear", "wxt", "onednn"]
 ORIENTATIONS: tuple[Orientation, ...] = ("linear", "wxt", "onednn")
@@ -234,7 +234,7 @@ def load_or_calibrate(
     if measured is None or others_share() > 0.25:
         return GemmPlan.fixed(available()[-1])
     plan, timings = measured
-    record = {"model": model_signature, "cpu": _cpu_model(), "torch": torch.__version__,
+    record = {"model": model_signature, "cpu": cpu_name(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "calibration_s": round(time.perf_counter() - t0, 1),
               "others_cpu_share": round(others_share(), 3), "plan": plan.to_json(), "ms": timings}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,3 +254,4 @@ def _others_cpu_s() -> float:
     busy_s = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
     own = os.times()
     return busy_s - (own.user + own.system)
+
