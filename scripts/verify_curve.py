@@ -182,7 +182,8 @@ def print_table(results: dict, ks: list[int], info: dict) -> None:
         row = f"{k:>4} "
         for v, per_k in results.items():
             base, r = per_k[ks[0]]["median_ms"], per_k[k]
-            row += f"| {r['median_ms']:8.1f} {'(' + format(r['min_ms'], '.1f') + ')':>8} {r['median_ms'] / base:7.2f} "
+            low = f"({r['min_ms']:.1f})"
+            row += f"| {r['median_ms']:8.1f} {low:>8} {r['median_ms'] / base:7.2f} "
         print(row)
     if "hf" in results:
         for v in results:

@@ -8,8 +8,8 @@ t (= its position). Scoring a tree writes node i of a row at index ``length + i`
 ``length + depth[i]``); `commit` moves the kept nodes to ``length .. length + len(keep) - 1`` (nothing moves
 for a chain) and advances the length. Rejected nodes are simply overwritten later.
 
-Each call attends over cache indices ``[start, max(length) + n)`` only, never the whole max_len: ``start`` skips
-keys that every sliding-window layer would mask anyway when all layers slide.
+Each call attends over cache indices ``[start, max(length) + n)`` only, never the whole max_len; for
+sliding-window layers ``start`` skips the keys the window masks for every row anyway.
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ PREFILL_CHUNK = 256
 
 
 class LeanVerifier:
+    """`Verifier` for Llama, Qwen2 and Gemma 3 text models on their own weights (ValueError for others).
+
+    gemm: "auto" measures the fastest GEMM orientation per weight shape and row count once per machine
+    and caches it (see `specdec.verifiers.gemm`); or force one orientation. compile: torch.compile the
+    dense per-layer parts (scoring only; prefill stays eager). fuse: concatenate q/k/v and gate/up weights
+    once (copies ~25% of the non-embedding weights) so each layer runs 4 GEMMs instead of 7.
+    Thread count is the caller's business (torch.set_num_threads).
+    """
+
     def __init__(
         self,
         model: PreTrainedModel,
@@ -123,18 +132,14 @@ class LeanVerifier:
     # ---- per-call geometry ---------------------------------------------------------------------------
 
     def _step(self, slots: list[int], depth: torch.Tensor, mask: torch.Tensor) -> Step:
-        """Positions, write indices and one boolean mask per distinct window for rows `slots`."""
+        """Positions, write indices and, per distinct window, the attended cache range and its bool mask."""
         batch, n = depth.shape
         lens_list = [self._lengths[s] for s in slots]
         end = max(lens_list) + n
         if end > self.max_len:
             raise ValueError(f"score: {end} cache entries needed, reset() allowed {self.max_len}")
-        windows = set(self.model.arch.windows)
-        start = 0
-        if None not in windows:  # every layer slides: keys older than the smallest reach are dead for all
-            start = max(0, min(lens_list) - max(windows) + 1)
         lens = torch.tensor(lens_list)
-        idx = torch.arange(start, end)  # [S] cache indices attended
+        idx = torch.arange(end)  # [S] cache indices
         rel = idx[None, :] - lens[:, None]  # [B, S] tree node index where 0 <= rel < n
         in_prefix = rel < 0
         node = rel.clamp(0, n - 1)
@@ -142,14 +147,16 @@ class LeanVerifier:
         visible |= in_prefix[:, None, :]  # [B, n, S]
         q_pos = lens[:, None] + depth  # [B, n]
         k_pos = torch.where(in_prefix, idx[None, :], lens[:, None] + torch.gather(depth, 1, node))  # [B, S]
-        masks = {}
-        for w in windows:
+        masks, starts = {}, {}
+        for w in set(self.model.arch.windows):
+            # a window layer never sees keys before (shortest row's root position) - w + 1: skip them
+            starts[w] = 0 if w is None else max(0, min(lens_list) - w + 1)
             m = visible if w is None else visible & (q_pos[:, :, None] - k_pos[:, None, :] < w)
-            masks[w] = m.unsqueeze(1)
+            masks[w] = m[:, None, :, starts[w]:]
         first = slots[0]
         consecutive = slots == list(range(first, first + batch))
         return Step(positions=q_pos, slots=torch.tensor(slots), write_index=lens[:, None] + torch.arange(n),
-                    kv_range=(start, end), masks=masks,
+                    kv_end=end, kv_start=starts, masks=masks,
                     slot_slice=slice(first, first + batch) if consecutive else None)
 
 

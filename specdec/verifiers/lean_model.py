@@ -53,7 +53,8 @@ class Step:
     positions: torch.Tensor  # [B, n] int64 rotary position of every token
     slots: torch.Tensor  # [B] int64 cache row of every batch row
     write_index: torch.Tensor  # [B, n] int64 cache index each token's K/V is written to
-    kv_range: tuple[int, int]  # cache indices [start, end) attended (same for every row; masks do the rest)
+    kv_end: int  # cache indices attended end here (max length + n; masks hide the rest per row)
+    kv_start: dict[int | None, int]  # window -> first cache index attended (keys before it are out of reach)
     masks: dict[int | None, torch.Tensor]  # window -> [B, 1, n, end - start] bool, True = may attend
     slot_slice: slice | None = None  # `slots` as a slice when consecutive: attend through a view, not a gather
 
@@ -193,7 +194,7 @@ class LeanModel:
         pre, post = self._compiled if compiled else (self.pre_attention, self.post_attention)
         for i, lw in enumerate(self.layers):
             q, k, v = pre(x, lw, *cos_sin[a.rope_kinds[i]])
-            out = self._attend_cached(q, k, v, step, caches[i], step.masks[a.windows[i]])
+            out = self._attend_cached(q, k, v, step, caches[i], a.windows[i])
             x = post(x, out, lw)
         return rms_norm(x, self.final_norm, a.eps).view(batch, n, a.hidden)
 
@@ -248,17 +249,17 @@ class LeanModel:
             h = rms_norm(h, lw.post_ff_norm, a.eps)
         return x + h
 
-    def _attend_cached(self, q, k, v, step: Step, cache, mask) -> torch.Tensor:
+    def _attend_cached(self, q, k, v, step: Step, cache, window: int | None) -> torch.Tensor:
         """Write k/v [B, n, Hkv, D] by position, attend q [B, n, Hq, D] over the step's range -> [B*n, Hq*D]."""
         a = self.arch
         batch, n = q.shape[:2]
         k_cache, v_cache = cache
         k_cache[step.slots[:, None], :, step.write_index] = k  # advanced dims first: [B, n, Hkv, D]
         v_cache[step.slots[:, None], :, step.write_index] = v
-        start, end = step.kv_range
+        start, end = step.kv_start[window], step.kv_end
         rows = step.slot_slice if step.slot_slice is not None else step.slots
         keys, values = k_cache[rows, :, start:end], v_cache[rows, :, start:end]  # [B, Hkv, S, D]
-        out = attend(q.transpose(1, 2), keys, values, mask, a.attn_scale, a.attn_softcap, self._gqa)
+        out = attend(q.transpose(1, 2), keys, values, step.masks[window], a.attn_scale, a.attn_softcap, self._gqa)
         return out.transpose(1, 2).reshape(batch * n, a.num_heads * a.head_dim)
 
 
