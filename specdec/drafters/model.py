@@ -183,7 +183,8 @@ class DraftRunner:
             mask = visible if w is None else visible & (q_pos[:, None] - k_pos[None, :] < w)
             masks[w] = mask[None, None]
         return Step(positions=q_pos[None], slots=torch.zeros(1, dtype=torch.long),
-                    write_index=(base + m + torch.arange(n))[None], kv_range=(0, total), masks=masks,
+                    write_index=(base + m + torch.arange(n))[None], kv_end=total,
+                    kv_start={w: 0 for w in masks}, masks=masks,
                     slot_slice=slice(0, 1))
 
     def _ensure(self, needed: int) -> None:
