@@ -277,3 +277,22 @@ def test_unsupported_model_type_raises():
     tiny_gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
     with pytest.raises(ValueError, match="unsupported model type"):
         LeanVerifier(tiny_gpt2, gemm="linear")
+
+
+@pytest.mark.slow
+def test_real_gemma_tree_matches_hf():
+    """The default model (262k vocab, head_dim 256, window 512): a tree past the window vs HF's branches."""
+    from specdec.models import load_model
+
+    model = load_model("gemma3-270m").model
+    gen = torch.Generator().manual_seed(7)
+    prefix = torch.randint(10, 20000, (520,), generator=gen).tolist()  # crosses the 512-token window
+    tree = random_tree(6, gen)
+    tokens = torch.randint(10, 20000, (tree.size,), generator=gen).tolist()
+    v = LeanVerifier(model, gemm=gemm.available()[-1])
+    v.reset(1, 600)
+    v.prefill(0, torch.tensor(prefix))
+    out = score_tree(v, 0, tree, tokens)
+    for i in range(tree.size):
+        ref = hf_logits(model, prefix + [tokens[j] for j in branch(tree, i)])[-1]
+        torch.testing.assert_close(out[i], ref, atol=2e-3, rtol=1e-4)
