@@ -35,6 +35,7 @@ from specdec.hardware import cpu_name
 Orientation = Literal["linear", "wxt", "onednn"]
 ORIENTATIONS: tuple[Orientation, ...] = ("linear", "wxt", "onednn")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # row counts calibrated; larger counts use the last bucket's choice
+CALIBRATION_VERSION = 3  # part of the cache key: plans measured by an older method are not reused
 
 
 def bucket_of(rows: int) -> int:
@@ -193,8 +194,9 @@ def _time_candidates(group: list[torch.Tensor], rows: int, budget_s: float, roun
 
 
 def cache_key(model_signature: str) -> str:
-    """File stem naming this model on this machine, torch build and thread count."""
-    info = "|".join([model_signature, cpu_name(), torch.__version__, str(torch.get_num_threads())])
+    """File stem naming this model on this machine, torch build, thread count and calibration method."""
+    info = "|".join([model_signature, cpu_name(), torch.__version__, str(torch.get_num_threads()),
+                     f"v{CALIBRATION_VERSION}", ",".join(available())])
     return hashlib.sha1(info.encode()).hexdigest()[:16]
 
 
