@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 KS = (1, 2, 4, 8, 16, 32, 64)
-DEFAULT_DIR = "/tmp/exp/gemma_st"
 
 
 def load(spec: str) -> torch.nn.Module:
@@ -113,7 +112,7 @@ def time_round_robin(calls: dict[str, callable], reps: int, warmup: int, max_wai
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=DEFAULT_DIR if Path(DEFAULT_DIR).is_dir() else "gemma3-270m",
+    ap.add_argument("--model", default="gemma3-270m",
                     help="a transformers directory, or a spec for specdec.models.loading.load_model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefix", type=int, default=512)
