@@ -118,7 +118,8 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=512)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--ks", default=",".join(map(str, KS)))
-    ap.add_argument("--variants", default="hf,lean,lean_compiled")
+    ap.add_argument("--variants", default="hf,lean,lean_compiled",
+                    help="comma list of hf, lean, lean_compiled, lean_linear")
     ap.add_argument("--gemm", default="auto", choices=["auto", "linear", "wxt", "onednn"])
     ap.add_argument("--gemm-cache", type=Path, help="GEMM plan cache dir (default ~/.cache/specdec/gemm)")
     ap.add_argument("--wait-quiet", type=float, default=60.0,
@@ -153,6 +154,8 @@ def main() -> None:
             print(f"  {shape:>11}: " + " ".join(f"{b}:{o}" for b, o in per_bucket.items()))
     if "lean_compiled" in variants:
         verifiers["lean_compiled"] = LeanVerifier(model, gemm=args.gemm, cache_dir=args.gemm_cache, compile=True)
+    if "lean_linear" in variants:  # the same forward with every GEMM as F.linear: what orientation buys
+        verifiers["lean_linear"] = LeanVerifier(model, gemm="linear")
 
     results: dict[str, dict[int, dict[str, float]]] = {v: {} for v in variants}
     for k in ks:
