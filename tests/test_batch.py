@@ -33,15 +33,6 @@ LENGTHS = [1, 5, 13, 17, 30, 40, 3, 22, 9, 16, 2, 35, 11, 27, 7, 19]  # ragged; 
 MAX_NEW = [20, 5, 24, 1, 18, 12, 24, 9, 16, 3, 24, 7, 13, 20, 2, 11]  # different per row
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @lru_cache(maxsize=None)
 def model(arch: str):
     return make_tiny_model(arch)

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,15 +23,6 @@ from specdec.jobs import OutputFile, derived_seed, read_input
 from specdec.jobs_cli import batch
 
 WORDS = "the quick brown fox jumps over the lazy dog speculative decoding drafts and verifies tokens".split()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def prompt(i: int) -> str:
