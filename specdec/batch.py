@@ -8,7 +8,7 @@ One step, for the B active rows:
 1. every row's own drafter proposes a tree of at most `budget` nodes rooted at its last committed token;
 2. the trees are padded to the same node count n with dummy nodes (token 0, depth 0, mask row = only itself)
    and stacked into tokens / depth [B, n] and mask [B, n, n];
-3. ONE `verifier.score` over the B slots: each row sits at its own position (its slot's length), its KV is
+3. ONE `verifier.score_packed` (or `score`) over the B slots, the dense parts on the real nodes only: each row sits at its own position (its slot's length), its KV is
    written by position, so rows of different lengths need no padding and nothing is ever realigned;
 4. per row: acceptance (`specdec.sampling.accept_greedy`), `commit` of its slot, the engine's stop rule,
    the drafter's `observe`. A finished row frees its slot, which the next pending prompt takes at once
@@ -95,13 +95,14 @@ class BudgetPolicy:
     """The tree budget of each step (1 = plain decoding), chosen to maximise measured tokens per second.
 
     Running estimates:
-    - verify latency T(N) of one `score` call per total scored nodes N = rows x padded nodes per row: the
+    - verify latency T(N) of one `score` call per total scored nodes N (real nodes of all rows; padding costs
+      no GEMM rows, see `LeanVerifier.score_packed`): the
       median of its last 5 samples (the smaller of the first two: a first call may pay one-off warm-up, and
       interference from other processes only ever adds time). A never measured N is interpolated linearly
       between measured ones; above the largest it is extrapolated as proportional to N (compute-bound: the
       pessimistic case), below the smallest it is T(smallest);
     - per budget b, running means that turn into exponential moving averages (weight max(alpha, 1 / samples)
-      on the newest sample, so the first few samples count equally and a cold start is soon forgotten): tau(b) = tokens committed per row per step (tau(1) = 1 exactly), nodes(b) = padded nodes
+      on the newest sample, so the first few samples count equally and a cold start is soon forgotten): tau(b) = tokens committed per row per step (tau(1) = 1 exactly), nodes(b) = real nodes
       per row actually scored (drafters may propose fewer than b), host(b) = drafting + acceptance seconds per row.
     Choice, over the ladder 1, 2, 4, ..., max_budget: argmax_b rows * tau(b) / (T(rows * nodes(b)) + rows * host(b)).
     At large batch T grows with N (verification turns compute-bound), so the budget shrinks, down to 1 (plain):
@@ -154,11 +155,11 @@ class BudgetPolicy:
         return best
 
     def record(self, budget: int, rows: int, nodes: int, verify_s: float, host_s: float, committed: int) -> None:
-        """One step: `rows` rows of `nodes` nodes (padded) scored in `verify_s`, `committed` tokens in all."""
-        self._verify.setdefault(rows * nodes, deque(maxlen=5)).append(verify_s)
+        """One step: `rows` rows, `nodes` nodes in all scored in `verify_s`, `committed` tokens in all."""
+        self._verify.setdefault(nodes, deque(maxlen=5)).append(verify_s)
         self._samples[budget] += 1
         weight = max(self.alpha, 1.0 / self._samples[budget])
-        for table, value in ((self._tau, 1.0 if budget == 1 else committed / rows), (self._nodes, float(nodes)),
+        for table, value in ((self._tau, 1.0 if budget == 1 else committed / rows), (self._nodes, nodes / rows),
                              (self._host, host_s / rows)):
             table[budget] = value if budget not in table else (1 - weight) * table[budget] + weight * value
 
@@ -327,16 +328,26 @@ class BatchRun:
         budget = min(eng.policy.choose(len(rows)), cap)
         drafts = [r.drafter.propose(r.context, budget) for r in rows]
         tokens, depth, mask = stack_drafts(drafts, budget)
+        sizes = [d.size for d in drafts]
         t1 = time.perf_counter()
-        logits = eng.verifier.score([r.slot for r in rows], tokens, depth, mask)  # [B, n, V]
+        slots = [r.slot for r in rows]
+        if hasattr(eng.verifier, "score_packed"):  # the padding nodes cost no GEMM rows
+            logits = eng.verifier.score_packed(slots, tokens, depth, mask, sizes)  # [R, V], R = sum(sizes)
+        else:
+            padded = eng.verifier.score(slots, tokens, depth, mask)  # [B, n, V]
+            logits = torch.cat([padded[b, :s] for b, s in enumerate(sizes)])  # [R, V]
         t2 = time.perf_counter()
         finished, committed_total = [], 0
-        argmax = logits.argmax(dim=-1).tolist() if any(r.uniforms is None for r in rows) else None  # [B][n]
+        bounds = [0]
+        for s in sizes:
+            bounds.append(bounds[-1] + s)
+        argmax = logits.argmax(dim=-1).tolist() if any(r.uniforms is None for r in rows) else None  # [R]
         k = max(int(getattr(r.drafter, "topk", 0)) for r in rows)
-        topk = logits.topk(k, dim=-1).indices if k > 0 else None  # [B, n, k]
+        topk = logits.topk(k, dim=-1).indices if k > 0 else None  # [R, k]
         for b, (row, draft) in enumerate(zip(rows, drafts)):
-            committed = self._accept(row, draft, logits[b], argmax[b] if argmax is not None else None,
-                                     topk[b] if topk is not None else None)
+            lo, hi = bounds[b], bounds[b + 1]
+            committed = self._accept(row, draft, logits[lo:hi], argmax[lo:hi] if argmax is not None else None,
+                                     topk[lo:hi] if topk is not None else None)
             committed_total += len(committed)
             row.stats.accepted.append(len(committed))
             row.stats.tree_sizes.append(draft.size)
@@ -346,12 +357,12 @@ class BatchRun:
                 row.reason = reason
                 finished.append(row)
         t3 = time.perf_counter()
-        self._account(rows, budget, tokens.shape[1], committed_total, (t0, t1, t2, t3))
+        self._account(rows, budget, bounds[-1], committed_total, (t0, t1, t2, t3))
         return finished
 
     def _accept(self, row: _Row, draft: Draft, logits: torch.Tensor, argmax: list[int] | None,
                 topk: torch.Tensor | None) -> list[int]:
-        """logits: [n, V] of this row (padded). Accept, commit the slot, tell the drafter; returns the tokens."""
+        """logits: [size, V] of this row's nodes. Accept, commit the slot, tell the drafter; returns the tokens."""
         tokens = draft.tokens.tolist()
         if argmax is not None and row.uniforms is None:
             targets: Sequence[int] = argmax
@@ -361,7 +372,7 @@ class BatchRun:
         self.engine.verifier.commit(row.slot, path)
         committed = [tokens[i] for i in path[1:]] + [bonus]
         k = int(getattr(row.drafter, "topk", 0))
-        row_topk = topk[: draft.size, :k] if topk is not None and k > 0 else torch.empty(draft.size, 0, dtype=torch.long)
+        row_topk = topk[:, :k] if topk is not None and k > 0 else torch.empty(draft.size, 0, dtype=torch.long)
         row.drafter.observe(draft, Feedback(accepted=torch.tensor(path, dtype=torch.long),
                                             new_tokens=torch.tensor(committed, dtype=torch.long),
                                             topk_tokens=row_topk, context_len=row.n + len(committed)))
@@ -369,6 +380,7 @@ class BatchRun:
 
     def _account(self, rows: list[_Row], budget: int, nodes: int, committed: int,
                  t: tuple[float, float, float, float]) -> None:
+        """nodes: real nodes scored this step, all rows together."""
         draft_s, verify_s, accept_s = t[1] - t[0], t[2] - t[1], t[3] - t[2]
         self.engine.policy.record(budget, len(rows), nodes, verify_s, draft_s + accept_s, committed)
         s = self.stats

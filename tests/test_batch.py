@@ -228,7 +228,7 @@ def feed(policy: BudgetPolicy, rows: int, latency, tau, steps: int) -> list[int]
     chosen = []
     for _ in range(steps):
         b = policy.choose(rows)
-        policy.record(b, rows, b, latency(rows * b), 1e-5 * rows, round(tau(b) * rows))
+        policy.record(b, rows, rows * b, latency(rows * b), 1e-5 * rows, round(tau(b) * rows))
         chosen.append(b)
     return chosen
 
@@ -252,7 +252,7 @@ def test_policy_keeps_big_trees_when_verification_is_flat():
 def test_verify_latency_interpolates_and_extrapolates_pessimistically():
     policy = BudgetPolicy(4)
     for n, s in ((2, 1.0), (8, 4.0)):
-        policy.record(1, n, 1, s, 0.0, n)
+        policy.record(1, n, n, s, 0.0, n)
     assert policy.verify_latency(1) == 1.0 and policy.verify_latency(5) == pytest.approx(2.5)
     assert policy.verify_latency(16) == pytest.approx(8.0)
 

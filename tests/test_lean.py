@@ -131,8 +131,9 @@ def test_tree_nodes_match_their_branches(model, prefix_len):
         torch.testing.assert_close(out[i], hf_logits(model, seq)[-1], atol=ATOL, rtol=0, msg=f"node {i}")
 
 
+@pytest.mark.parametrize("packed", [False, True])  # padded GEMMs, or the real nodes only (score_packed)
 @pytest.mark.parametrize("slots", [[0, 1, 2], [2, 0, 1]])  # consecutive (views) and shuffled (gathers)
-def test_ragged_batch_equals_rows_alone(model, slots):
+def test_ragged_batch_equals_rows_alone(model, slots, packed):
     gen = torch.Generator().manual_seed(3)
     prefix_lens, sizes, n = [4, 13, 21], [3, 7, 5], 7
     prefixes = [torch.randint(0, VOCAB, (p,), generator=gen) for p in prefix_lens]
@@ -156,9 +157,22 @@ def test_ragged_batch_equals_rows_alone(model, slots):
     v.reset(3, 64)
     for slot, prefix in zip(slots, prefixes):
         v.prefill(slot, prefix)
-    out = v.score(slots, batch_tokens, batch_depth, batch_mask)
+    if packed:
+        flat = v.score_packed(slots, batch_tokens, batch_depth, batch_mask, sizes)
+        assert flat.shape == (sum(sizes), VOCAB)
+        out = [flat[sum(sizes[:r]): sum(sizes[: r + 1])] for r in range(3)]
+    else:
+        out = [row[:size] for row, size in zip(v.score(slots, batch_tokens, batch_depth, batch_mask), sizes)]
     for r in range(3):
-        torch.testing.assert_close(out[r, :sizes[r]], expected[r], atol=ATOL, rtol=0)
+        torch.testing.assert_close(out[r], expected[r], atol=ATOL, rtol=0)
+    # the KV the packed call wrote is what the next step reads: keep each row's deepest branch, score on
+    for r, (slot, tree, tok) in enumerate(zip(slots, trees, tokens)):
+        keep = branch(tree, tree.size - 1)
+        v.commit(slot, keep)
+        nxt = int(torch.randint(0, VOCAB, (1,), generator=gen))
+        seq = prefixes[r].tolist() + [int(tok[j]) for j in keep] + [nxt]
+        got = score_tree(v, slot, Tree.chain(0), [nxt])[0]
+        torch.testing.assert_close(got, hf_logits(model, seq)[-1], atol=ATOL, rtol=0)
 
 
 def test_commit_non_chain_equals_fresh_prefill(model):

@@ -112,6 +112,30 @@ class LeanVerifier:
             self._scored[s] = tokens.shape[1]
         return self.model.logits(hidden)
 
+    @torch.inference_mode()
+    def score_packed(
+        self,
+        slots: Sequence[int],
+        tokens: torch.Tensor,  # [B, n] int64
+        depth: torch.Tensor,  # [B, n] int64
+        mask: torch.Tensor,  # [B, n, n] bool
+        sizes: Sequence[int],  # [B] real nodes per row: nodes sizes[b]..n-1 of row b are padding
+    ) -> torch.Tensor:  # [sum(sizes), V] float32: row b's nodes at offsets sum(sizes[:b]) ..
+        """`score` for padded rows that computes only the real nodes: the GEMMs (projections, MLP, LM head:
+        nearly all the work) run on sum(sizes) rows instead of B * n; only attention sees the padded layout."""
+        slots = [int(s) for s in slots]
+        batch, n = tokens.shape
+        if len(set(slots)) != len(slots) or batch != len(slots) or len(sizes) != batch:
+            raise ValueError("score_packed: one distinct slot and one size per row expected")
+        if any(not 1 <= int(s) <= n for s in sizes):
+            raise ValueError(f"score_packed: sizes must be within 1..{n}, got {list(sizes)}")
+        step = self._step(slots, depth.long(), mask.bool())
+        step.real = torch.cat([torch.arange(int(s)) + b * n for b, s in enumerate(sizes)])  # [R]
+        hidden = self.model.forward(tokens.long(), step, self._caches, self._rope, compiled=self._compiled)
+        for s in slots:
+            self._scored[s] = n
+        return self.model.logits(hidden)
+
     def commit(self, slot: int, keep: Sequence[int]) -> None:
         keep = [int(k) for k in keep]
         n = self._scored.pop(slot, None)

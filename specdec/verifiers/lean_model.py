@@ -57,6 +57,7 @@ class Step:
     kv_start: dict[int | None, int]  # window -> first cache index attended (keys before it are out of reach)
     masks: dict[int | None, torch.Tensor]  # window -> [B, 1, n, end - start] bool, True = may attend
     slot_slice: slice | None = None  # `slots` as a slice when consecutive: attend through a view, not a gather
+    real: torch.Tensor | None = None  # [R] int64 flat indices (b * n + i) of the real nodes; None = all are real
 
 
 @dataclass
@@ -186,24 +187,29 @@ class LeanModel:
     ) -> torch.Tensor:  # [B, n, hidden], final norm applied
         a = self.arch
         batch, n = tokens.shape
-        x = F.embedding(tokens, self.embed).view(batch * n, a.hidden)  # [B*n, hidden]
+        positions = step.positions  # [B, n]
+        if step.real is not None:  # packed: the dense parts run on the R real nodes only
+            tokens, positions = tokens.view(-1)[step.real][:, None], positions.reshape(-1)[step.real][:, None]
+        x = F.embedding(tokens, self.embed).view(-1, a.hidden)  # [B*n or R, hidden]
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        cos_sin = {kind: (c[step.positions].unsqueeze(2), s[step.positions].unsqueeze(2))  # [B, n, 1, D]
+        cos_sin = {kind: (c[positions].unsqueeze(2), s[positions].unsqueeze(2))  # [B, n, 1, D] or packed [R, 1, 1, D]
                    for kind, (c, s) in rope.items()}
         pre, post = self._compiled if compiled else (self.pre_attention, self.post_attention)
         for i, lw in enumerate(self.layers):
             q, k, v = pre(x, lw, *cos_sin[a.rope_kinds[i]])
-            out = self._attend_cached(q, k, v, step, caches[i], a.windows[i])
-            x = post(x, out, lw)
-        return rms_norm(x, self.final_norm, a.eps).view(batch, n, a.hidden)
+            if step.real is not None:
+                q, k, v = (_unpack(t[:, 0], step.real, batch, n) for t in (q, k, v))  # [B, n, H, D]
+            out = self._attend_cached(q, k, v, step, caches[i], a.windows[i])  # [B*n, Hq*D]
+            x = post(x, out if step.real is None else out[step.real], lw)
+        return rms_norm(x, self.final_norm, a.eps).view(batch, n, a.hidden) if step.real is None else \
+            rms_norm(x, self.final_norm, a.eps)  # [B, n, hidden] or packed [R, hidden]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, n, hidden] -> [B, n, V] float32
-        batch, n, _ = hidden.shape
-        out = self.lm_head(hidden.view(batch * n, -1)).float()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., V] float32
+        out = self.lm_head(hidden.reshape(-1, hidden.shape[-1])).float()
         if self.arch.final_softcap is not None:
             out = torch.tanh(out / self.arch.final_softcap) * self.arch.final_softcap
-        return out.contiguous().view(batch, n, -1)
+        return out.contiguous().view(*hidden.shape[:-1], -1)
 
     def compile(self, **options) -> None:
         """torch.compile the dense per-layer parts (everything but the cache writes and attention).
@@ -261,6 +267,13 @@ class LeanModel:
         keys, values = k_cache[rows, :, start:end], v_cache[rows, :, start:end]  # [B, Hkv, S, D]
         out = attend(q.transpose(1, 2), keys, values, step.masks[window], a.attn_scale, a.attn_softcap, self._gqa)
         return out.transpose(1, 2).reshape(batch * n, a.num_heads * a.head_dim)
+
+
+def _unpack(x: torch.Tensor, real: torch.Tensor, batch: int, n: int) -> torch.Tensor:
+    """x [R, H, D] of the real nodes -> [B, n, H, D] with zeros at the padding nodes (which see only themselves)."""
+    out = x.new_zeros(batch * n, *x.shape[1:])
+    out[real] = x
+    return out.view(batch, n, *x.shape[1:])
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
