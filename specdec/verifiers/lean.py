@@ -10,6 +10,10 @@ for a chain) and advances the length. Rejected nodes are simply overwritten late
 
 Each call attends over cache indices ``[start, max(length) + n)`` only, never the whole max_len; for
 sliding-window layers ``start`` skips the keys the window masks for every row anyway.
+
+`strict=True` (opt-in) scores with row-tiled GEMMs and a per-query canonical attention
+(`specdec.verifiers.strict`): a node's logits are then bitwise what plain decoding computes at its
+position, whatever else is in the call; it costs verify time (see README, strict mode).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from transformers import PreTrainedModel
 
 from specdec.verifiers import gemm
 from specdec.verifiers.lean_model import LeanModel, Step
+from specdec.verifiers.strict import BLOCK, TILE, CanonicalTree
 
 PREFILL_CHUNK = 256
 
@@ -34,6 +39,8 @@ class LeanVerifier:
     dense per-layer parts (scoring only; prefill stays eager). fuse: concatenate q/k/v and gate/up weights
     once (copies ~25% of the non-embedding weights) so each layer runs 4 GEMMs instead of 7; off by default:
     on Gemma 3 270M (2-core EPYC) it changed no verify time by more than the noise (~1 ms).
+    strict: batch-invariant scoring (see `specdec.verifiers.strict`): tiled GEMMs in the plan's orientation
+    for TILE rows and a per-query canonical attention; not with compile. Prefill is unchanged.
     Thread count is the caller's business (torch.set_num_threads).
     """
 
@@ -46,7 +53,10 @@ class LeanVerifier:
         fuse: bool = False,
         cache_dir: str | Path | None = None,
         calibration_budget_s: float = 10.0,
+        strict: bool = False,
     ):
+        if strict and compile:
+            raise ValueError("strict scoring runs eager: compile=True cannot be combined with strict=True")
         cfg = model.config
         self.vocab_size: int = cfg.vocab_size
         self.max_positions: int = cfg.max_position_embeddings
@@ -55,6 +65,8 @@ class LeanVerifier:
         self._compiled = compile
         if compile:
             self.model.compile()
+        self.strict = strict
+        self._scorer = self.model.tiled(TILE) if strict else self.model  # the forward `score` runs
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._lengths: list[int] = []
         self._scored: dict[int, int] = {}  # slot -> node count of its last scored tree (for commit checks)
@@ -71,7 +83,8 @@ class LeanVerifier:
         a, dtype = self.model.arch, self.model.dtype
         if max_len > self.max_positions:
             raise ValueError(f"max_len {max_len} exceeds the model's {self.max_positions} positions")
-        shape = (num_slots, a.num_kv_heads, max_len, a.head_dim)
+        rows = -(-max_len // BLOCK) * BLOCK if self.strict else max_len  # strict key ranges end on a block
+        shape = (num_slots, a.num_kv_heads, rows, a.head_dim)
         # zeros, not empty: masked keys past a row's end must not hold NaN/inf (0 * NaN poisons the output)
         self._caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in a.windows]
         self._lengths = [0] * num_slots
@@ -106,11 +119,11 @@ class LeanVerifier:
         slots = [int(s) for s in slots]
         if len(set(slots)) != len(slots) or tokens.shape[0] != len(slots):
             raise ValueError("score: one distinct slot per row expected")
-        step = self._step(slots, depth.long(), mask.bool())
-        hidden = self.model.forward(tokens.long(), step, self._caches, self._rope, compiled=self._compiled)
+        step = self._step(slots, depth.long(), mask.bool(), canonical=self.strict)
+        hidden = self._scorer.forward(tokens.long(), step, self._caches, self._rope, compiled=self._compiled)
         for s in slots:
             self._scored[s] = tokens.shape[1]
-        return self.model.logits(hidden)
+        return self._scorer.logits(hidden)
 
     @torch.inference_mode()
     def score_packed(
@@ -129,12 +142,12 @@ class LeanVerifier:
             raise ValueError("score_packed: one distinct slot and one size per row expected")
         if any(not 1 <= int(s) <= n for s in sizes):
             raise ValueError(f"score_packed: sizes must be within 1..{n}, got {list(sizes)}")
-        step = self._step(slots, depth.long(), mask.bool())
+        step = self._step(slots, depth.long(), mask.bool(), canonical=self.strict)
         step.real = torch.cat([torch.arange(int(s)) + b * n for b, s in enumerate(sizes)])  # [R]
-        hidden = self.model.forward(tokens.long(), step, self._caches, self._rope, compiled=self._compiled)
+        hidden = self._scorer.forward(tokens.long(), step, self._caches, self._rope, compiled=self._compiled)
         for s in slots:
             self._scored[s] = n
-        return self.model.logits(hidden)
+        return self._scorer.logits(hidden)
 
     def commit(self, slot: int, keep: Sequence[int]) -> None:
         keep = [int(k) for k in keep]
@@ -156,8 +169,9 @@ class LeanVerifier:
 
     # ---- per-call geometry ---------------------------------------------------------------------------
 
-    def _step(self, slots: list[int], depth: torch.Tensor, mask: torch.Tensor) -> Step:
-        """Positions, write indices and, per distinct window, the attended cache range and its bool mask."""
+    def _step(self, slots: list[int], depth: torch.Tensor, mask: torch.Tensor, canonical: bool = False) -> Step:
+        """Positions, write indices and, per distinct window, the attended cache range and its bool mask;
+        with `canonical` (strict scoring) also every query's canonical key sequence."""
         batch, n = depth.shape
         lens_list = [self._lengths[s] for s in slots]
         end = max(lens_list) + n
@@ -182,7 +196,8 @@ class LeanVerifier:
         consecutive = slots == list(range(first, first + batch))
         return Step(positions=q_pos, slots=torch.tensor(slots), write_index=lens[:, None] + torch.arange(n),
                     kv_end=end, kv_start=starts, masks=masks,
-                    slot_slice=slice(first, first + batch) if consecutive else None)
+                    slot_slice=slice(first, first + batch) if consecutive else None,
+                    canonical=CanonicalTree.build(lens_list, depth, mask) if canonical else None)
 
 
 def _plan_for(model: LeanModel, choice: str, cache_dir, budget_s: float) -> gemm.GemmPlan:

@@ -9,6 +9,8 @@ norms, activations, rotary tables, sliding windows) and nothing about slots, tre
 Weights are the model's own tensors, no copies. `fuse=True` concatenates q/k/v and gate/up once (copies) so
 each layer runs 4 GEMMs instead of 7; measured on Gemma 3 270M it saved nothing, so it is off by default.
 GEMM orientation per shape and row count comes from a `GemmPlan` (`specdec.verifiers.gemm`).
+`tiled(tile)` gives the strict (batch-invariant) view: fixed-size GEMM row tiles; with `Step.canonical` set,
+attention runs per query over its canonical keys (`specdec.verifiers.strict`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from specdec.verifiers.gemm import GemmPlan, Linear
+from specdec.verifiers.strict import CanonicalTree, TiledLinear, attend_canonical
 
 SUPPORTED = ("llama", "qwen2", "gemma3_text")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq independent of sequence length
@@ -57,6 +60,7 @@ class Step:
     kv_start: dict[int | None, int]  # window -> first cache index attended (keys before it are out of reach)
     masks: dict[int | None, torch.Tensor]  # window -> [B, 1, n, end - start] bool, True = may attend
     slot_slice: slice | None = None  # `slots` as a slice when consecutive: attend through a view, not a gather
+    canonical: CanonicalTree | None = None  # strict scoring: each query over its own canonical keys
     real: torch.Tensor | None = None  # [R] int64 flat indices (b * n + i) of the real nodes; None = all are real
 
 
@@ -158,6 +162,19 @@ class LeanModel:
         view.layers = [self.layers[i] for i in keep]
         view.arch = replace(self.arch, windows=tuple(self.arch.windows[i] for i in keep),
                             rope_kinds=tuple(self.arch.rope_kinds[i] for i in keep))
+        return view
+
+    def tiled(self, tile: int) -> "LeanModel":
+        """A view whose every linear runs on fixed [tile, in] row tiles (strict scoring, see
+        `specdec.verifiers.strict`): the same weight tensors, no copies."""
+        def tiles(lin: Linear) -> TiledLinear:
+            return TiledLinear(lin.weight, lin.bias, tile)
+
+        view = copy.copy(self)
+        view.lm_head = tiles(self.lm_head)
+        view.layers = [replace(lw, qkv=[tiles(x) for x in lw.qkv], o=tiles(lw.o),
+                               gate_up=[tiles(x) for x in lw.gate_up], down=tiles(lw.down)) for lw in self.layers]
+        view.use_plan(self.plan)
         return view
 
     def use_plan(self, plan: GemmPlan) -> None:
@@ -262,6 +279,9 @@ class LeanModel:
         k_cache, v_cache = cache
         k_cache[step.slots[:, None], :, step.write_index] = k  # advanced dims first: [B, n, Hkv, D]
         v_cache[step.slots[:, None], :, step.write_index] = v
+        if step.canonical is not None:
+            return attend_canonical(q, k, v, cache, step.slots.tolist(), step.canonical, window, a.attn_scale,
+                                    a.attn_softcap)
         start, end = step.kv_start[window], step.kv_end
         rows = step.slot_slice if step.slot_slice is not None else step.slots
         keys, values = k_cache[rows, :, start:end], v_cache[rows, :, start:end]  # [B, Hkv, S, D]
