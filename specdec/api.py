@@ -29,28 +29,36 @@ DEFAULT_BUDGET = {"plain": 1}  # nodes per step incl. root, for drafters that ca
 AUTO_MAX_NODES = 32  # the largest tree auto-sizing considers
 
 
-def make_verifier(model: PreTrainedModel, backend: str = "auto"):
-    """'hf': the unmodified transformers forward; 'lean': specdec's CPU fast path; 'auto': lean when supported."""
+def make_verifier(model: PreTrainedModel, backend: str = "auto", strict: bool = False):
+    """'hf': the unmodified transformers forward; 'lean': specdec's CPU fast path; 'auto': lean when supported.
+
+    strict: batch-invariant scoring (lean only, see `specdec.verifiers.strict`): every node's logits are
+    bitwise plain decoding's at its position."""
     if backend not in ("auto", "hf", "lean"):
         raise SpecdecError(f"unknown backend '{backend}': choose auto, hf or lean")
     if backend == "hf":
+        if strict:
+            raise SpecdecError("strict mode needs the lean backend: use --backend lean (or auto), or drop --strict")
         return HFVerifier(model)
     try:
         from specdec.verifiers.lean import LeanVerifier
     except ImportError:
-        if backend == "lean":
+        if backend == "lean" or strict:
             raise SpecdecError("the lean backend is not available in this build: use --backend hf") from None
         return HFVerifier(model)
     try:
-        return LeanVerifier(model)
+        return LeanVerifier(model, strict=strict)
     except ValueError as err:
-        if backend == "lean":
-            raise SpecdecError(f"lean backend: {err}: use --backend hf") from None
+        if backend == "lean" or strict:
+            raise SpecdecError(f"lean backend: {err}: use --backend hf (without --strict)") from None
         return HFVerifier(model)
 
 
 class SpecDecoder:
-    """A loaded target model + verifier + drafter, reusable across prompts (drafter state persists: hot start)."""
+    """A loaded target model + verifier + drafter, reusable across prompts (drafter state persists: hot start).
+
+    strict=True: the lean verifier's batch-invariant mode (see `make_verifier`): slower, bit-identical scores.
+    """
 
     def __init__(
         self,
@@ -64,6 +72,7 @@ class SpecDecoder:
         cache_dir: str | None = None,
         drafter_options: dict[str, Any] | None = None,
         log: Callable[[str], None] | None = None,
+        strict: bool = False,
     ):
         tree_obj = _resolve_tree(tree)  # cheap checks first: a typo should not wait for a model load
         if isinstance(drafter, str) and ":" not in drafter and drafter not in drafter_names():
@@ -77,7 +86,7 @@ class SpecDecoder:
         else:
             self.name = getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.model, self.tokenizer = model, tokenizer
-        self.verifier = make_verifier(model, backend)
+        self.verifier = make_verifier(model, backend, strict)
         self.drafter = self._make_drafter(drafter, tree_obj, drafter_options or {})
         self.cache_dir = cache_dir
         self.tree_budget = self._budget(tree_budget, log)
@@ -95,7 +104,8 @@ class SpecDecoder:
             return DEFAULT_BUDGET.get(name, 8)
         cfg = self.model.config
         model_key = f"{cfg.model_type}-h{cfg.hidden_size}-l{cfg.num_hidden_layers}-v{self.verifier.vocab_size}"
-        key = machine_key(model_key, type(self.verifier).__name__)
+        backend = type(self.verifier).__name__ + ("-strict" if getattr(self.verifier, "strict", False) else "")
+        key = machine_key(model_key, backend)  # strict scoring has its own cost curve
         cache = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
         return AutoBudget(cached_curve(self.verifier, key, cache, log), AUTO_MAX_NODES)
 

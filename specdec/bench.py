@@ -43,6 +43,7 @@ class BenchSpec:
     backend: str = "auto"
     plot: bool = False
     curve: str | None = None  # verify-curve JSON (scripts/verify_curve.py) to plot beside the results
+    strict: bool = False  # specdec methods score with the lean verifier's batch-invariant mode
 
 
 @dataclass
@@ -108,7 +109,8 @@ class _Runner:
 
         self.spec, self.model, self.eos = spec, loaded.model, eos
         self.decoders = {
-            m: SpecDecoder(loaded, drafter=m, tree=spec.tree, tree_budget=spec.tree_budget, backend=spec.backend)
+            m: SpecDecoder(loaded, drafter=m, tree=spec.tree, tree_budget=spec.tree_budget, backend=spec.backend,
+                           strict=spec.strict)
             for m in spec.methods
             if m not in HF_METHODS
         }
@@ -144,7 +146,8 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, echo: Callabl
     eos = _eos_ids(loaded)
     runner = _Runner(spec, loaded, eos)
     info = machine_info() | {"model": loaded.name, "prompts": len(questions), "max_new_tokens": spec.max_new_tokens,
-                             "methods": list(spec.methods), "template": _template_note(tok)}
+                             "methods": list(spec.methods), "template": _template_note(tok),
+                             "strict": spec.strict}
     log(f"bench: {len(questions)} prompts x {len(spec.methods)} methods, {spec.max_new_tokens} new tokens, "
         f"{info['threads']} threads, {info['cpu']}")
     warm = _encode(tok, "Warm-up: say hello.")

@@ -13,6 +13,7 @@ import click
 
 from specdec.cli_common import common_options, log, setup, user_errors
 from specdec.config import RunConfig, load_config
+from specdec.errors import SpecdecError
 from specdec.jobs_cli import batch
 
 
@@ -68,7 +69,7 @@ def _decoder(cfg: RunConfig, cache_dir: str | None):
 
     return SpecDecoder(
         cfg.model, drafter=cfg.drafter, tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend,
-        cache_dir=cache_dir, drafter_options=cfg.drafter_options, log=log,
+        cache_dir=cache_dir, drafter_options=cfg.drafter_options, log=log, strict=cfg.strict,
     )
 
 
@@ -134,6 +135,8 @@ def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, p
     cfg = load_config(config_path).updated(**overrides)
     setup(cfg.threads)
     if batch_sizes:
+        if cfg.strict:
+            raise SpecdecError("--strict is not supported with --batch yet: drop one of them")
         from specdec.bench_batch import BatchBenchSpec, parse_batch_sizes, run_batch_bench
 
         run_batch_bench(BatchBenchSpec(
@@ -144,7 +147,7 @@ def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, p
     spec = BenchSpec(
         model=cfg.model, prompts=prompts, per_category=per_category, max_new_tokens=max_new_tokens,
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), out_dir=out_dir, cache_dir=cache_dir,
-        tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend, plot=plot, curve=curve,
+        tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend, plot=plot, curve=curve, strict=cfg.strict,
     )
     run_bench(spec, log=log, echo=click.echo)
 

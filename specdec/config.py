@@ -24,6 +24,7 @@ class RunConfig:
     tree: str | None = None  # preset name, chain-K, or a YAML file; None = the drafter's default
     tree_budget: int | None = None  # max nodes per step (root included); None = the drafter's default
     backend: str = "auto"  # auto | hf | lean
+    strict: bool = False  # lean verifier's batch-invariant scoring: bit-identical to plain decoding, slower
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int = 0

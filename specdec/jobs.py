@@ -187,7 +187,7 @@ class JobRunner:
         self.config = cfg
         self.decoder = SpecDecoder(cfg.model, drafter=cfg.drafter, tree=cfg.tree, tree_budget=cfg.tree_budget,
                                    backend=cfg.backend, cache_dir=settings.cache_dir,
-                                   drafter_options=cfg.drafter_options, log=log)
+                                   drafter_options=cfg.drafter_options, log=log, strict=cfg.strict)
         self.engine = batch_engine(self.decoder, settings.width)
 
     def run(self, rows: list[JobRow]) -> Iterator[dict]:

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from conftest import SLIDING_WINDOW, make_tiny_model
+from specdec.api import SpecDecoder
 from specdec.drafters.registry import make_drafter
 from specdec.engine import Engine, StopConditions
+from specdec.errors import SpecdecError
 from specdec.trees.tree import Tree
 from specdec.verifiers import gemm
 from specdec.verifiers.lean import LeanVerifier
@@ -200,3 +202,31 @@ def test_speculative_scores_equal_plain_scores_bitwise(model, drafter):
     for i in range(len(plain_tokens)):
         assert torch.equal(spec_rows[i], plain_rows[i]), f"position {i}"
 
+
+def test_spec_decoder_strict_option(model):
+    dec = SpecDecoder(model, drafter="ngram", tree_budget=6, strict=True, backend="lean")
+    assert dec.verifier.strict
+    plain = SpecDecoder(model, drafter="plain", strict=True)
+    assert dec.generate_ids(PROMPT, max_new_tokens=24).tokens == plain.generate_ids(PROMPT, max_new_tokens=24).tokens
+    with pytest.raises(SpecdecError, match="lean"):
+        SpecDecoder(model, drafter="plain", strict=True, backend="hf")
+    with pytest.raises(ValueError, match="compile"):
+        LeanVerifier(model, strict=True, compile=True)
+
+
+def test_cli_strict_flag(tiny_model_dir):
+    import json
+
+    from click.testing import CliRunner
+
+    from specdec.cli import main
+
+    def run(*args: str):
+        return CliRunner().invoke(main, ["generate", "the quick brown fox", "--model", str(tiny_model_dir),
+                                         "--max-new-tokens", "16", *args])
+
+    plain, strict = run("--drafter", "plain", "--json"), run("--drafter", "ngram", "--strict", "--json")
+    assert plain.exit_code == 0 and strict.exit_code == 0, strict.output
+    assert json.loads(strict.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
+    bad = run("--strict", "--backend", "hf")
+    assert bad.exit_code == 2 and "strict mode needs the lean backend" in bad.stderr
