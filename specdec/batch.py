@@ -24,7 +24,10 @@ depend only on (prompt, seed), never on the drafts, the tree budget or the batch
 alone, in a batch of 8, speculatively or plainly. (Drafters that sample their drafts from some q are still
 lossless under this rule, merely accepted a little less often than with q-ratio rejection.)
 
-Tree budget per step (`BudgetPolicy`): measured, not assumed; see its docstring.
+Tree budget per step, measured, not assumed: chain drafters that value their nodes (`node_values`: ngram)
+propose at the full budget and `specdec.trees.allocate.NodeAllocator` keeps, over the whole batch, the nodes
+that pay for their verify cost (a calibrated `LatencyCurve` scaled by the batch's own measured steps); other
+drafters get one budget for all rows per step from `BudgetPolicy` (see its docstring).
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ from specdec.drafters.base import Draft, Drafter, Feedback
 from specdec.engine import DecodeStats, GenerationResult, StopConditions, _as_ids, apply_stop
 from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams, accept_greedy, target_probs
+from specdec.trees.allocate import NodeAllocator
+from specdec.trees.sizing import LatencyCurve
+from specdec.trees.tree import Tree
 from specdec.verifiers.base import Verifier
 
 
@@ -198,12 +204,14 @@ class BatchEngine:
     """
 
     def __init__(self, verifier: Verifier, drafter_factory: Callable[[], Drafter], tree_budget: int = 8,
-                 width: int = 8, adaptive: bool = True):
+                 width: int = 8, adaptive: bool = True, curve: LatencyCurve | None = None):
         if width < 1:
             raise SpecdecError(f"batch width must be >= 1, got {width}")
         self.verifier, self.drafter_factory = verifier, drafter_factory
         self.tree_budget, self.width = tree_budget, width
         self.policy = BudgetPolicy(tree_budget, adaptive)
+        # chain drafters that value their nodes (`node_values`) get nodes allocated across the batch instead
+        self.allocator = NodeAllocator(curve) if adaptive and curve is not None and tree_budget > 1 else None
         self.drafters: list[Drafter] = []
 
     def generate(self, requests: Sequence[Request]) -> BatchResult:
@@ -325,8 +333,11 @@ class BatchRun:
         eng = self.engine
         t0 = time.perf_counter()
         cap = self.max_len - max(eng.verifier.length(r.slot) for r in rows)
-        budget = min(eng.policy.choose(len(rows)), cap)
+        allocate = eng.allocator is not None and hasattr(rows[0].drafter, "node_values")
+        budget = min(eng.tree_budget if allocate else eng.policy.choose(len(rows)), cap)
         drafts = [r.drafter.propose(r.context, budget) for r in rows]
+        if allocate:
+            drafts = self._allocate(rows, drafts)
         tokens, depth, mask = stack_drafts(drafts, budget)
         sizes = [d.size for d in drafts]
         t1 = time.perf_counter()
@@ -357,8 +368,16 @@ class BatchRun:
                 row.reason = reason
                 finished.append(row)
         t3 = time.perf_counter()
-        self._account(rows, budget, bounds[-1], committed_total, (t0, t1, t2, t3))
+        self._account(rows, budget if not allocate else max(sizes), bounds[-1], committed_total,
+                      (t0, t1, t2, t3), allocate)
         return finished
+
+    def _allocate(self, rows: list[_Row], drafts: list[Draft]) -> list[Draft]:
+        """Cut each row's chain to what `NodeAllocator` keeps; drafts without node values stay whole."""
+        values = [r.drafter.node_values(d) for r, d in zip(rows, drafts)]  # type: ignore[attr-defined]
+        keep = self.engine.allocator.allocate([v or [] for v in values])  # type: ignore[union-attr]
+        return [d if v is None or k + 1 == d.size else Draft(Tree.chain(k), d.tokens[: k + 1])
+                for d, v, k in zip(drafts, values, keep)]
 
     def _accept(self, row: _Row, draft: Draft, logits: torch.Tensor, argmax: list[int] | None,
                 topk: torch.Tensor | None) -> list[int]:
@@ -379,10 +398,13 @@ class BatchRun:
         return committed
 
     def _account(self, rows: list[_Row], budget: int, nodes: int, committed: int,
-                 t: tuple[float, float, float, float]) -> None:
-        """nodes: real nodes scored this step, all rows together."""
+                 t: tuple[float, float, float, float], allocated: bool) -> None:
+        """nodes: real nodes scored this step, all rows together; budget: the largest tree scored."""
         draft_s, verify_s, accept_s = t[1] - t[0], t[2] - t[1], t[3] - t[2]
-        self.engine.policy.record(budget, len(rows), nodes, verify_s, draft_s + accept_s, committed)
+        if allocated:
+            self.engine.allocator.record(nodes, verify_s, draft_s + accept_s)  # type: ignore[union-attr]
+        else:
+            self.engine.policy.record(budget, len(rows), nodes, verify_s, draft_s + accept_s, committed)
         s = self.stats
         s.steps += 1
         s.row_steps += len(rows)
@@ -481,7 +503,8 @@ def batch_engine(decoder, width: int = 8, adaptive: bool = True) -> BatchEngine:
                            "model): the transformers verifier decodes one row at a time; use width 1")
     budget = decoder.tree_budget  # an int, or a batch-1 AutoBudget: its bound is the ladder's top
     max_nodes = budget if isinstance(budget, int) else int(budget.max_nodes)
-    return BatchEngine(decoder.verifier, slot_drafter_factory(decoder.drafter), max_nodes, width, adaptive)
+    curve = getattr(budget, "curve", None)  # the measured verify cost, when the decoder sizes its own trees
+    return BatchEngine(decoder.verifier, slot_drafter_factory(decoder.drafter), max_nodes, width, adaptive, curve)
 
 
 def make_request(decoder, prompt: str | Sequence[int] | torch.Tensor, *, max_new_tokens: int = 128,

@@ -1,8 +1,9 @@
 """`specdec bench --batch 1,2,4,8,16`: batched throughput, plain vs speculative, both through `BatchEngine`.
 
 For each batch size B the same N Spec-Bench prompts are decoded twice with B rows in flight (continuous
-batching), greedy: "plain" (the plain drafter, tree budget 1) and "spec" (the chosen drafter, the measured
-per-step budget of `specdec.batch.BudgetPolicy`, at most the tree budget). Reported per B and method: total
+batching), greedy: "plain" (the plain drafter, tree budget 1) and "spec" (the chosen drafter; nodes per step
+chosen by measurement, at most the tree budget: `specdec.trees.allocate.NodeAllocator` for chain drafters
+that value their nodes, else `specdec.batch.BudgetPolicy`). Reported per B and method: total
 tokens/s (all new tokens / wall time of the run), speedup over plain at batch 1 and over plain at the same
 B, tau (tokens per row per step), the tree budgets the policy chose, and the exact-match rate of every row
 against its plain batch-1 output. Every run starts from fresh drafters and a fresh policy (cold), so runs are
@@ -30,7 +31,7 @@ class BatchBenchSpec:
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
     drafter: str = "recycling"
     tree: str | None = None
-    tree_budget: int | None = None  # None: 8
+    tree_budget: int | None = None  # None: 16
     cache_dir: str | None = None
     repeats: int = 2  # runs per (batch size, method), interleaved; the fastest counts
     out_dir: str | None = None  # where to save bench-batch-<time>.json / .md; None = not saved
@@ -39,7 +40,8 @@ class BatchBenchSpec:
 def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
                     echo: Callable[[str], None] = print) -> dict:
     from specdec.bench import _encode, _eos_ids, machine_info
-    from specdec.models.loading import load_model
+    from specdec.models.loading import default_cache_dir, load_model
+    from specdec.trees.sizing import cached_curve, verifier_key
     from specdec.verifiers.lean import LeanVerifier
 
     if not spec.batch_sizes or min(spec.batch_sizes) < 1:
@@ -49,11 +51,13 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
     verifier = LeanVerifier(loaded.model)
     eos = frozenset(_eos_ids(loaded))
     info = machine_info() | {"model": loaded.name, "prompts": len(prompts), "max_new_tokens": spec.max_new_tokens,
-                             "drafter": spec.drafter, "tree_budget": spec.tree_budget or 8,
+                             "drafter": spec.drafter, "tree_budget": spec.tree_budget or 16,
                              "repeats": max(1, spec.repeats)}
     log(f"batch bench: {len(prompts)} prompts, {spec.max_new_tokens} new tokens, batch sizes "
         f"{','.join(map(str, spec.batch_sizes))}, {info['threads']} threads, {info['cpu']}")
-    runner = _Runner(verifier, loaded.model.config.vocab_size, spec, eos)
+    curve = cached_curve(verifier, verifier_key(loaded.model.config, verifier),
+                         Path(spec.cache_dir) if spec.cache_dir else default_cache_dir(), log)
+    runner = _Runner(verifier, loaded.model.config.vocab_size, spec, eos, curve)
     for method in ("plain", "spec"):  # numba kernels, GEMM paths and caches warm up outside the timings
         runner.run(method, prompts[:2], 2, 4)
     rows = []
@@ -91,8 +95,8 @@ def pick_questions(path: str | None, n: int) -> list[dict]:
 class _Runner:
     """One timed pass of all prompts at one batch size; fresh drafters and policy each time."""
 
-    def __init__(self, verifier, vocab_size: int, spec: BatchBenchSpec, eos: frozenset[int]):
-        self.verifier, self.vocab_size, self.spec, self.eos = verifier, vocab_size, spec, eos
+    def __init__(self, verifier, vocab_size: int, spec: BatchBenchSpec, eos: frozenset[int], curve=None):
+        self.verifier, self.vocab_size, self.spec, self.eos, self.curve = verifier, vocab_size, spec, eos, curve
 
     def run(self, method: str, prompts: list[list[int]], width: int, max_new: int) -> dict:
         from specdec.batch import BatchEngine, Request, slot_drafter_factory
@@ -103,12 +107,12 @@ class _Runner:
         if method == "plain":
             name, tree, budget = "plain", None, 1
         else:
-            name, tree, budget = self.spec.drafter, self.spec.tree, self.spec.tree_budget or 8
+            name, tree, budget = self.spec.drafter, self.spec.tree, self.spec.tree_budget or 16
         try:
             drafter = make_drafter(name, vocab_size=self.vocab_size, tree=load_tree(tree) if tree else None)
         except ValueError as err:
             raise SpecdecError(str(err).splitlines()[0]) from None
-        engine = BatchEngine(self.verifier, slot_drafter_factory(drafter), budget, width)
+        engine = BatchEngine(self.verifier, slot_drafter_factory(drafter), budget, width, curve=self.curve)
         stop = StopConditions(max_new, eos_token_ids=self.eos)
         t0 = time.perf_counter()
         res = engine.generate([Request(p, stop) for p in prompts])

@@ -24,7 +24,9 @@ from specdec.drafters.registry import make_drafter
 from specdec.engine import StopConditions
 from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams
+from specdec.trees.allocate import NodeAllocator
 from specdec.trees.presets import load_tree
+from specdec.trees.sizing import LatencyCurve
 from specdec.trees.tree import Tree
 from specdec.verifiers.lean import LeanVerifier
 
@@ -110,11 +112,39 @@ def factory(arch: str, name: str, rows: list[list[int]] | None = None, refs: lis
     return slot_drafter_factory(make_drafter(name, vocab_size=VOCAB, tree=tree))
 
 
-def run(arch, name, rows, max_new, width, budget=8, adaptive=True, eos=None, refs=None):
+def run(arch, name, rows, max_new, width, budget=8, adaptive=True, eos=None, refs=None, curve=None):
     stops = [StopConditions(n, eos_token_ids=frozenset() if e is None else frozenset({e}))
              for n, e in zip(max_new, eos or [None] * len(rows))]
-    eng = BatchEngine(verifier(arch), factory(arch, name, rows, refs), budget, width, adaptive)
+    eng = BatchEngine(verifier(arch), factory(arch, name, rows, refs), budget, width, adaptive, curve)
     return eng, eng.generate([Request(p, s) for p, s in zip(rows, stops)])
+
+
+FLAT = LatencyCurve((1, 64), (0.01, 0.01))  # verify cost independent of node count: every node pays
+STEEP = LatencyCurve((1, 2), (0.01, 0.02))  # cost proportional to nodes: no draft node pays (values < 1)
+
+
+@pytest.mark.parametrize("curve", [FLAT, STEEP], ids=["flat", "steep"])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_allocated_ngram_batches_match_reference(batch, curve):
+    rows, max_new = prompts(batch, seed=10 + batch), MAX_NEW[:batch]
+    rows = [r + r for r in rows]  # repeats give prompt lookup something to draft
+    refs = [reference("llama", tuple(p), n) for p, n in zip(rows, max_new)]
+    eng, res = run("llama", "ngram", rows, max_new, width=batch, budget=8, curve=curve)
+    assert eng.allocator is not None
+    assert [r.tokens for r in res.results] == refs
+    if curve is FLAT:  # every proposed node is scored, and the repeats get accepted
+        assert max(res.stats.budgets) > 1 and res.stats.tau > 1.0
+
+
+def test_allocator_keeps_what_pays():
+    flat = NodeAllocator(FLAT)
+    assert flat.allocate([[0.9, 0.5, 0.1], [], [0.2]]) == [3, 0, 1]
+    assert NodeAllocator(STEEP).allocate([[0.9, 0.5, 0.1], [0.99]]) == [0, 0]
+    # cost 10 ms + 1 ms a node: a node pays when its value beats the rate of what is kept so far
+    linear = NodeAllocator(LatencyCurve((1, 101), (0.011, 0.111)))
+    assert linear.allocate([[0.9, 0.8, 0.05], [0.7, 0.6, 0.5, 0.04]]) == [2, 3]
+    linear.record(nodes=2, verify_s=2 * 0.012, host_s=0.0)  # the batch measures twice the curve
+    assert linear.latency(2) == pytest.approx(0.024)
 
 
 def test_padded_reference_matches_generate():

@@ -145,6 +145,13 @@ class NgramDrafter:
     def reset(self) -> None:
         pass
 
+    def node_values(self, draft: Draft) -> list[float] | None:
+        """P(accepted) of each draft node of a chain, in depth order (None for branched drafts): lets a batch
+        keep, over all its rows, the nodes worth scoring (`specdec.trees.allocate`)."""
+        if draft.size != draft.tree.max_depth + 1:
+            return None
+        return self.depth_rates.reach(draft.size - 1)
+
     def expected_tokens(self, max_nodes: int) -> list[float]:
         """[max_nodes]: expected tokens per step with an n-node chain, from measured per-depth acceptance."""
         return self.depth_rates.expected_tokens(max_nodes)

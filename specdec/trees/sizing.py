@@ -56,6 +56,14 @@ class LatencyCurve:
         return LatencyCurve(tuple(d["sizes"]), tuple(d["seconds"]))
 
 
+def verifier_key(config, verifier) -> str:
+    """The latency-curve cache key of a verifier over a model (its transformers config): model shape, backend
+    (strict scoring has its own cost), machine, threads, torch."""
+    model_key = f"{config.model_type}-h{config.hidden_size}-l{config.num_hidden_layers}-v{verifier.vocab_size}"
+    backend = type(verifier).__name__ + ("-strict" if getattr(verifier, "strict", False) else "")
+    return machine_key(model_key, backend)
+
+
 def machine_key(model_name: str, backend: str) -> str:
     raw = f"{model_name}|{backend}|{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in raw)[:200]
@@ -183,13 +191,19 @@ class DepthRates:
             self.tries[d] += 1
             self.hits[d] += d <= accepted
 
+    def reach(self, depth: int) -> list[float]:
+        """[depth]: entry d - 1 is P(the depth-d draft of a chain is accepted), non-increasing in d."""
+        out, p = [], 1.0
+        for d in range(1, depth + 1):
+            p *= self.hits[min(d, len(self.hits) - 1)] / self.tries[min(d, len(self.tries) - 1)]
+            out.append(p)
+        return out
+
     def expected_tokens(self, max_nodes: int) -> list[float]:
         """[max_nodes]: entry n - 1 is the expected tokens per step with an n-node chain (bonus included)."""
-        out, reach, total = [1.0], 1.0, 1.0
-        for d in range(1, max_nodes):
-            reach *= self.hits[min(d, len(self.hits) - 1)] / self.tries[min(d, len(self.tries) - 1)]
-            total += reach
-            out.append(total)
+        out = [1.0]
+        for p in self.reach(max_nodes - 1):
+            out.append(out[-1] + p)
         return out
 
 

@@ -1,0 +1,67 @@
+"""Draft nodes across the rows of a batch: which of the proposed nodes one batched verify scores.
+
+`BatchEngine` asks every row's drafter for its full draft (at the tree budget), then `NodeAllocator.allocate`
+keeps, over all rows together, the nodes most likely to be accepted, as many as pay for themselves:
+
+- each non-root node has a value, the probability that it is accepted (its chain's measured per-depth
+  acceptance multiplied down to its depth: `DepthRates.reach`), so a node is never worth more than its parent
+  and keeping the best K nodes of the whole batch keeps whole prefixes of each row's chain;
+- scoring B roots plus K draft nodes costs T(B + K) seconds: the verifier's calibrated `LatencyCurve`
+  (one row, cached per machine and model) times a scale measured on the batch's own steps (the median
+  of measured / predicted over the last steps: batched attention, the machine's current load);
+- K maximises expected committed tokens per second, (B + sum of the K best values) / (T(B + K) + host), host
+  being the measured drafting + acceptance seconds of a step.
+
+At large batch the GEMMs turn compute-bound, T rises steeply with K, and K falls to what still pays, down
+to 0 (plain batched decoding, plus the cost of drafting). A row whose drafter found nothing costs one node.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from typing import Sequence
+
+from specdec.trees.sizing import LatencyCurve
+
+
+class NodeAllocator:
+    """Chooses per step how many of its proposed chain nodes each row keeps (see the module docstring)."""
+
+    def __init__(self, curve: LatencyCurve, window: int = 32, alpha: float = 0.1):
+        self.curve, self.alpha = curve, alpha
+        self._scale: deque[float] = deque(maxlen=window)  # measured / curve-predicted verify seconds
+        self._host: float | None = None  # seconds of drafting + acceptance per step
+
+    def latency(self, nodes: int) -> float:
+        """Predicted seconds of one verify call over `nodes` nodes in all."""
+        scale = statistics.median(self._scale) if self._scale else 1.0
+        return scale * self.curve(nodes)
+
+    def record(self, nodes: int, verify_s: float, host_s: float) -> None:
+        """One step: `nodes` nodes (roots included) scored in `verify_s`, plus `host_s` of host work."""
+        self._scale.append(verify_s / max(self.curve(nodes), 1e-9))
+        self._host = host_s if self._host is None else (1 - self.alpha) * self._host + self.alpha * host_s
+
+    def allocate(self, values: Sequence[Sequence[float]]) -> list[int]:
+        """values[b]: acceptance probabilities of row b's draft nodes in depth order (non-increasing).
+
+        Returns how many of them each row keeps (a prefix of its chain)."""
+        rows = len(values)
+        host = self._host or 0.0
+        candidates = sorted(((v, d, b) for b, vs in enumerate(values) for d, v in enumerate(vs)),
+                            key=lambda c: (-c[0], c[1]))  # best first; a parent before its child on ties
+        best_k, best_rate, gain = 0, rows / (self.latency(rows) + host), 0.0
+        for k, (v, _, _) in enumerate(candidates, 1):
+            gain += v
+            rate = (rows + gain) / (self.latency(rows + k) + host)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        keep = [0] * rows
+        for _, _, b in candidates[:best_k]:
+            keep[b] += 1
+        return keep
+
+    def as_dict(self) -> dict:
+        return {"scale": round(statistics.median(self._scale), 3) if self._scale else None,
+                "host_ms": round(1e3 * self._host, 3) if self._host is not None else None}
