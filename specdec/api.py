@@ -21,7 +21,7 @@ from specdec.errors import SpecdecError
 from specdec.models.loading import LoadedModel, default_cache_dir, load_model
 from specdec.sampling import SamplingParams
 from specdec.trees.presets import load_tree
-from specdec.trees.sizing import AutoBudget, cached_curve, machine_key
+from specdec.trees.sizing import AutoBudget, cached_curve, verifier_key
 from specdec.trees.tree import Tree
 from specdec.verifiers.hf import HFVerifier
 
@@ -102,10 +102,7 @@ class SpecDecoder:
         name = getattr(self.drafter, "name", "custom")
         if name in DEFAULT_BUDGET or not hasattr(self.drafter, "expected_tokens"):
             return DEFAULT_BUDGET.get(name, 8)
-        cfg = self.model.config
-        model_key = f"{cfg.model_type}-h{cfg.hidden_size}-l{cfg.num_hidden_layers}-v{self.verifier.vocab_size}"
-        backend = type(self.verifier).__name__ + ("-strict" if getattr(self.verifier, "strict", False) else "")
-        key = machine_key(model_key, backend)  # strict scoring has its own cost curve
+        key = verifier_key(self.model.config, self.verifier)  # strict scoring has its own cost curve
         cache = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
         return AutoBudget(cached_curve(self.verifier, key, cache, log), AUTO_MAX_NODES)
 
