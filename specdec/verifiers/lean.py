@@ -143,11 +143,13 @@ class LeanVerifier:
         if any(not 1 <= int(s) <= n for s in sizes):
             raise ValueError(f"score_packed: sizes must be within 1..{n}, got {list(sizes)}")
         step = self._step(slots, depth.long(), mask.bool(), canonical=self.strict)
-        step.real = torch.cat([torch.arange(int(s)) + b * n for b, s in enumerate(sizes)])  # [R]
+        if sum(int(s) for s in sizes) < batch * n:  # no padding (plain decoding, equal trees): nothing to pack
+            step.real = torch.cat([torch.arange(int(s)) + b * n for b, s in enumerate(sizes)])  # [R]
         hidden = self._scorer.forward(tokens.long(), step, self._caches, self._rope, compiled=self._compiled)
         for s in slots:
             self._scored[s] = n
-        return self._scorer.logits(hidden)
+        logits = self._scorer.logits(hidden)  # [R, V], or [B, n, V] when nothing was packed
+        return logits.view(-1, logits.shape[-1])
 
     def commit(self, slot: int, keep: Sequence[int]) -> None:
         keep = [int(k) for k in keep]
