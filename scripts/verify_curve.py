@@ -2,7 +2,7 @@
 
 For each k in 1, 2, 4, ..., 64 it times one scoring call (logits for all k nodes) over a `--prefix`-token
 cache, for: transformers' forward with a DynamicCache (cropped back after each call), the lean verifier
-eager, and the lean verifier under torch.compile. Variants are timed round robin (one call of each per
+eager, the lean verifier under torch.compile, and (``--variants ...,lean_strict``) its strict, batch-invariant mode. Variants are timed round robin (one call of each per
 round) so background load on a shared machine hits them alike; the median and min of `--reps` rounds are
 reported with the ratio to k = 1. Prints hardware, dtype and threads; `--json out.json` saves everything.
 
@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--ks", default=",".join(map(str, KS)))
     ap.add_argument("--variants", default="hf,lean,lean_compiled",
-                    help="comma list of hf, lean, lean_compiled, lean_linear")
+                    help="comma list of hf, lean, lean_compiled, lean_linear, lean_strict")
     ap.add_argument("--gemm", default="auto", choices=["auto", "linear", "wxt", "onednn"])
     ap.add_argument("--gemm-cache", type=Path, help="GEMM plan cache dir (default ~/.cache/specdec/gemm)")
     ap.add_argument("--wait-quiet", type=float, default=60.0,
@@ -154,6 +154,8 @@ def main() -> None:
             print(f"  {shape:>11}: " + " ".join(f"{b}:{o}" for b, o in per_bucket.items()))
     if "lean_compiled" in variants:
         verifiers["lean_compiled"] = LeanVerifier(model, gemm=args.gemm, cache_dir=args.gemm_cache, compile=True)
+    if "lean_strict" in variants:  # tiled GEMMs + per-query canonical attention (specdec.verifiers.strict)
+        verifiers["lean_strict"] = LeanVerifier(model, gemm=args.gemm, cache_dir=args.gemm_cache, strict=True)
     if "lean_linear" in variants:  # the same forward with every GEMM as F.linear: what orientation buys
         verifiers["lean_linear"] = LeanVerifier(model, gemm="linear")
 

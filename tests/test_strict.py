@@ -230,3 +230,31 @@ def test_cli_strict_flag(tiny_model_dir):
     assert json.loads(strict.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
     bad = run("--strict", "--backend", "hf")
     assert bad.exit_code == 2 and "strict mode needs the lean backend" in bad.stderr
+
+
+@pytest.mark.slow
+def test_default_model_strict_tree_equals_plain_with_two_threads():
+    """The real model with its calibrated GEMM plan on 2 threads (MKL / oneDNN kernels, a 16-node tree, a
+    prefix across the 512-key window): strict node logits equal plain decoding's bitwise."""
+    from specdec.models.loading import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = load_model().model
+        v = LeanVerifier(model, strict=True)
+        tree = Tree.from_parents([-1, 0, 0, 1, 2, 3, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14])
+        gen = torch.Generator().manual_seed(0)
+        prefix, tokens = torch.randint(10, 5000, (530,), generator=gen), torch.randint(10, 5000, (16,), generator=gen)
+        v.reset(1, 600)
+        v.prefill(0, prefix)
+        out = v.score([0], tokens[None], tree.depth[None], tree.mask[None])[0]
+        for node in (5, 15):
+            v.reset(1, 600)
+            v.prefill(0, prefix)
+            for t in tokens[path_to(tree, node)].tolist():
+                expected = v.score([0], torch.tensor([[t]]), ROOT.depth[None], ROOT.mask[None])[0, 0]
+                v.commit(0, [0])
+            assert torch.equal(out[node], expected), f"node {node}"
+    finally:
+        torch.set_num_threads(threads)
