@@ -143,6 +143,8 @@ def test_allocator_keeps_what_pays():
     # cost 10 ms + 1 ms a node: a node pays when its value beats the rate of what is kept so far
     linear = NodeAllocator(LatencyCurve((1, 101), (0.011, 0.111)))
     assert linear.allocate([[0.9, 0.8, 0.05], [0.7, 0.6, 0.5, 0.04]]) == [2, 3]
+    assert linear.allocate([[0.12]]) == [0]  # pays 3% in theory: below the 10% margin, plain it is
+    assert NodeAllocator(linear.curve, min_gain=0.0).allocate([[0.12]]) == [1]
     linear.record(nodes=2, verify_s=2 * 0.012, host_s=0.0)  # the batch measures twice the curve
     assert linear.latency(2) == pytest.approx(0.024)
 
