@@ -152,6 +152,11 @@ class NgramDrafter:
             return None
         return self.depth_rates.reach(draft.size - 1)
 
+    def node_value_bound(self, budget: int) -> list[float]:
+        """The most `node_values` can give for a draft within `budget` nodes (a full-length match): if even
+        that is not worth scoring, a batch skips proposing."""
+        return self.depth_rates.reach(budget - 1)
+
     def expected_tokens(self, max_nodes: int) -> list[float]:
         """[max_nodes]: expected tokens per step with an n-node chain, from measured per-depth acceptance."""
         return self.depth_rates.expected_tokens(max_nodes)
