@@ -8,8 +8,9 @@ One step, for the B active rows:
 1. every row's own drafter proposes a tree of at most `budget` nodes rooted at its last committed token;
 2. the trees are padded to the same node count n with dummy nodes (token 0, depth 0, mask row = only itself)
    and stacked into tokens / depth [B, n] and mask [B, n, n];
-3. ONE `verifier.score_packed` (or `score`) over the B slots, the dense parts on the real nodes only: each row sits at its own position (its slot's length), its KV is
-   written by position, so rows of different lengths need no padding and nothing is ever realigned;
+3. ONE `verifier.score_packed` (or `score`) over the B slots, the dense parts on the real nodes only: each
+   row sits at its own position (its slot's length), its KV is written by position, so rows of different
+   lengths need no padding and nothing is ever realigned;
 4. per row: acceptance (`specdec.sampling.accept_greedy`), `commit` of its slot, the engine's stop rule,
    the drafter's `observe`. A finished row frees its slot, which the next pending prompt takes at once
    (continuous batching): a long job keeps `width` rows in flight until the pool runs dry.
@@ -102,14 +103,15 @@ class BudgetPolicy:
 
     Running estimates:
     - verify latency T(N) of one `score` call per total scored nodes N (real nodes of all rows; padding costs
-      no GEMM rows, see `LeanVerifier.score_packed`): the
-      median of its last 5 samples (the smaller of the first two: a first call may pay one-off warm-up, and
-      interference from other processes only ever adds time). A never measured N is interpolated linearly
+      no GEMM rows, see `LeanVerifier.score_packed`): the median of its last 5 samples (the smaller of the
+      first two: a first call may pay one-off warm-up, and interference from other processes only ever adds
+      time). A never measured N is interpolated linearly
       between measured ones; above the largest it is extrapolated as proportional to N (compute-bound: the
       pessimistic case), below the smallest it is T(smallest);
     - per budget b, running means that turn into exponential moving averages (weight max(alpha, 1 / samples)
-      on the newest sample, so the first few samples count equally and a cold start is soon forgotten): tau(b) = tokens committed per row per step (tau(1) = 1 exactly), nodes(b) = real nodes
-      per row actually scored (drafters may propose fewer than b), host(b) = drafting + acceptance seconds per row.
+      on the newest sample, so the first few samples count equally and a cold start is soon forgotten):
+      tau(b) = tokens committed per row per step (tau(1) = 1 exactly), nodes(b) = real nodes per row actually
+      scored (drafters may propose fewer than b), host(b) = drafting + acceptance seconds per row.
     Choice, over the ladder 1, 2, 4, ..., max_budget: argmax_b rows * tau(b) / (T(rows * nodes(b)) + rows * host(b)).
     At large batch T grows with N (verification turns compute-bound), so the budget shrinks, down to 1 (plain):
     the engine is then plain batched decoding plus the cost of the occasional exploration step.
