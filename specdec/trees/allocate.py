@@ -11,13 +11,14 @@ keeps, over all rows together, the nodes most likely to be accepted, as many as 
   of measured / predicted over the last steps: batched attention, the machine's current load);
 - K maximises expected committed tokens per second, (B + sum of the K best values) / (T(B + K) + host), host
   being the measured drafting + acceptance seconds of a step; unless that beats plain (K = 0) by at least
-  `min_gain` (10%), K = 0: what the model leaves out (padding and packing, the drafting itself, acceptance
-  estimated per slot) costs a few percent. Measured (64 Spec-Bench prompts, batch 16, Gemma 3 270M, 2 cores):
-  without the margin the allocator drafted 1-2 nodes a step for a predicted few percent and ran at 0.93x
-  plain.
+  `min_gain` (10%), K = 0: what the model leaves out (padding and packing, acceptance estimated per slot)
+  costs a few percent. Measured (64 Spec-Bench prompts, batch 16, Gemma 3 270M, 2 cores): without the
+  margin the allocator drafted 1-2 nodes a step for a predicted few percent and ran at 0.93x plain.
 
 At large batch the GEMMs turn compute-bound, T rises steeply with K, and K falls to what still pays, down
-to 0 (plain batched decoding, plus the cost of drafting). A row whose drafter found nothing costs one node.
+to 0: plain batched decoding. When even full-length drafts for every row could not pay, the batch does not
+propose at all (`BatchRun._worth_drafting`): proposing and cutting 16 chains a step for nothing ran at 0.92x
+plain in the same benchmark, skipping at 0.98x. A row whose drafter found nothing costs one node.
 """
 
 from __future__ import annotations
