@@ -116,14 +116,8 @@ class LeanVerifier:
         depth: torch.Tensor,  # [B, n] int64
         mask: torch.Tensor,  # [B, n, n] bool
     ) -> torch.Tensor:  # [B, n, V] float32
-        slots = [int(s) for s in slots]
-        if len(set(slots)) != len(slots) or tokens.shape[0] != len(slots):
-            raise ValueError("score: one distinct slot per row expected")
-        step = self._step(slots, depth.long(), mask.bool(), canonical=self.strict)
-        hidden = self._scorer.forward(tokens.long(), step, self._caches, self._rope, compiled=self._compiled)
-        for s in slots:
-            self._scored[s] = tokens.shape[1]
-        return self._scorer.logits(hidden)
+        batch, n = tokens.shape
+        return self.score_packed(slots, tokens, depth, mask, [n] * batch).view(batch, n, -1)
 
     @torch.inference_mode()
     def score_packed(
@@ -134,14 +128,15 @@ class LeanVerifier:
         mask: torch.Tensor,  # [B, n, n] bool
         sizes: Sequence[int],  # [B] real nodes per row: nodes sizes[b]..n-1 of row b are padding
     ) -> torch.Tensor:  # [sum(sizes), V] float32: row b's nodes at offsets sum(sizes[:b]) ..
-        """`score` for padded rows that computes only the real nodes: the GEMMs (projections, MLP, LM head:
-        nearly all the work) run on sum(sizes) rows instead of B * n; only attention sees the padded layout."""
+        """Scores only the real nodes of padded rows: the GEMMs (projections, MLP, LM head: nearly all the
+        work) run on sum(sizes) rows instead of B * n; only attention sees the padded layout. `score` is this
+        with every node real."""
         slots = [int(s) for s in slots]
         batch, n = tokens.shape
         if len(set(slots)) != len(slots) or batch != len(slots) or len(sizes) != batch:
-            raise ValueError("score_packed: one distinct slot and one size per row expected")
+            raise ValueError("score: one distinct slot and one size per row expected")
         if any(not 1 <= int(s) <= n for s in sizes):
-            raise ValueError(f"score_packed: sizes must be within 1..{n}, got {list(sizes)}")
+            raise ValueError(f"score: sizes must be within 1..{n}, got {list(sizes)}")
         step = self._step(slots, depth.long(), mask.bool(), canonical=self.strict)
         if sum(int(s) for s in sizes) < batch * n:  # no padding (plain decoding, equal trees): nothing to pack
             step.real = torch.cat([torch.arange(int(s)) + b * n for b, s in enumerate(sizes)])  # [R]

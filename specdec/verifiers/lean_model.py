@@ -201,7 +201,7 @@ class LeanModel:
         caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v) [slots, Hkv, max_len, D]
         rope: dict[str, tuple[torch.Tensor, torch.Tensor]],  # kind -> (cos, sin) [max_len, D]
         compiled: bool = False,  # run the dense parts through their torch.compile'd versions
-    ) -> torch.Tensor:  # [B, n, hidden], final norm applied
+    ) -> torch.Tensor:  # [B, n, hidden] (packed: [R, hidden]), final norm applied
         a = self.arch
         batch, n = tokens.shape
         positions = step.positions  # [B, n]
@@ -219,8 +219,8 @@ class LeanModel:
                 q, k, v = (_unpack(t[:, 0], step.real, batch, n) for t in (q, k, v))  # [B, n, H, D]
             out = self._attend_cached(q, k, v, step, caches[i], a.windows[i])  # [B*n, Hq*D]
             x = post(x, out if step.real is None else out[step.real], lw)
-        return rms_norm(x, self.final_norm, a.eps).view(batch, n, a.hidden) if step.real is None else \
-            rms_norm(x, self.final_norm, a.eps)  # [B, n, hidden] or packed [R, hidden]
+        hidden = rms_norm(x, self.final_norm, a.eps)  # [B*n or R, hidden]
+        return hidden if step.real is not None else hidden.view(batch, n, a.hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., V] float32
         out = self.lm_head(hidden.reshape(-1, hidden.shape[-1])).float()
