@@ -1,8 +1,11 @@
 """Verify-cost curve: milliseconds to score k chain nodes over a cached prefix, transformers vs the lean path.
 
-For each k in 1, 2, 4, ..., 64 it times one scoring call (logits for all k nodes) over a `--prefix`-token
-cache, for: transformers' forward with a DynamicCache (cropped back after each call), the lean verifier
-eager, the lean verifier under torch.compile, and (``--variants ...,lean_strict``) its strict, batch-invariant mode. Variants are timed round robin (one call of each per
+For each k in 1, 2, 4, ..., 64 it times one scoring call over a `--prefix`-token cache, for: transformers'
+forward with a DynamicCache (cropped back after each call, logits for all k nodes), and the lean verifier's
+greedy scoring (what greedy decoding runs: the k nodes' greedy tokens, from the bf16-screened LM head where
+that measured faster) eager, under torch.compile (``lean_compiled``), without the screen (``lean_noscreen``:
+full fp32 logits and their argmax), and in its strict, batch-invariant mode (``lean_strict``). Variants are
+timed round robin (one call of each per
 round) so background load on a shared machine hits them alike; the median and min of `--reps` rounds are
 reported with the ratio to k = 1. Prints hardware, dtype and threads; `--json out.json` saves everything.
 
@@ -60,7 +63,7 @@ def lean_scorer(verifier, prefix: torch.Tensor, k: int):
     verifier.prefill(0, prefix)
     chain = Tree.chain(k - 1)
     tokens = torch.randint(10, 1000, (1, k))
-    return lambda: verifier.score([0], tokens, chain.depth[None], chain.mask[None])
+    return lambda: verifier.score_nodes([0], tokens, chain.depth[None], chain.mask[None]).greedy()
 
 
 def busy_fraction(window_s: float = 0.2) -> float:
@@ -119,7 +122,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--ks", default=",".join(map(str, KS)))
     ap.add_argument("--variants", default="hf,lean,lean_compiled",
-                    help="comma list of hf, lean, lean_compiled, lean_linear, lean_strict")
+                    help="comma list of hf, lean, lean_compiled, lean_noscreen, lean_linear, lean_strict")
     ap.add_argument("--gemm", default="auto", choices=["auto", "linear", "wxt", "onednn"])
     ap.add_argument("--gemm-cache", type=Path, help="GEMM plan cache dir (default ~/.cache/specdec/gemm)")
     ap.add_argument("--wait-quiet", type=float, default=60.0,
@@ -156,6 +159,8 @@ def main() -> None:
         verifiers["lean_compiled"] = LeanVerifier(model, gemm=args.gemm, cache_dir=args.gemm_cache, compile=True)
     if "lean_strict" in variants:  # tiled GEMMs + per-query canonical attention (specdec.verifiers.strict)
         verifiers["lean_strict"] = LeanVerifier(model, gemm=args.gemm, cache_dir=args.gemm_cache, strict=True)
+    if "lean_noscreen" in variants:  # the fp32 LM head on every row count: what the screen buys
+        verifiers["lean_noscreen"] = LeanVerifier(model, gemm=args.gemm, cache_dir=args.gemm_cache, screen=False)
     if "lean_linear" in variants:  # the same forward with every GEMM as F.linear: what orientation buys
         verifiers["lean_linear"] = LeanVerifier(model, gemm="linear")
 

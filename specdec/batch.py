@@ -8,7 +8,7 @@ One step, for the B active rows:
 1. every row's own drafter proposes a tree of at most `budget` nodes rooted at its last committed token;
 2. the trees are padded to the same node count n with dummy nodes (token 0, depth 0, mask row = only itself)
    and stacked into tokens / depth [B, n] and mask [B, n, n];
-3. ONE `verifier.score_packed` (or `score`) over the B slots, the dense parts on the real nodes only: each
+3. ONE `verifier.score_nodes` (or `score`) over the B slots, the dense parts on the real nodes only: each
    row sits at its own position (its slot's length), its KV is written by position, so rows of different
    lengths need no padding and nothing is ever realigned;
 4. per row: acceptance (`specdec.sampling.accept_greedy`), `commit` of its slot, the engine's stop rule,
@@ -43,13 +43,13 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from specdec.drafters.base import Draft, Drafter, Feedback
-from specdec.engine import DecodeStats, GenerationResult, StopConditions, _as_ids, apply_stop
+from specdec.engine import DecodeStats, GenerationResult, StopConditions, _as_ids, apply_stop, score_nodes
 from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams, accept_greedy, target_probs
 from specdec.trees.allocate import NodeAllocator
 from specdec.trees.sizing import LatencyCurve
 from specdec.trees.tree import Tree
-from specdec.verifiers.base import Verifier
+from specdec.verifiers.base import NodeScores, Verifier
 
 
 @dataclass(frozen=True)
@@ -346,24 +346,22 @@ class BatchRun:
         tokens, depth, mask = stack_drafts(drafts, budget)
         sizes = [d.size for d in drafts]
         t1 = time.perf_counter()
-        slots = [r.slot for r in rows]
-        if hasattr(eng.verifier, "score_packed"):  # the padding nodes cost no GEMM rows
-            logits = eng.verifier.score_packed(slots, tokens, depth, mask, sizes)  # [R, V], R = sum(sizes)
-        else:
-            padded = eng.verifier.score(slots, tokens, depth, mask)  # [B, n, V]
-            logits = torch.cat([padded[b, :s] for b, s in enumerate(sizes)])  # [R, V]
+        scores = score_nodes(eng.verifier, [r.slot for r in rows], tokens, depth, mask, sizes)  # R = sum(sizes)
+        k = max(int(getattr(r.drafter, "topk", 0)) for r in rows)
+        if any(r.uniforms is None for r in rows):
+            argmax, hints = scores.greedy(k)  # [R], [R, k]: the LM head, timed as part of the verify
+            argmax_list: list[int] | None = argmax.tolist()
+        else:  # every row samples: one LM head GEMM over all nodes (cached by the scores), no screening
+            scores.logits()
+            argmax_list, hints = None, scores.topk(k)
         t2 = time.perf_counter()
         finished, committed_total = [], 0
         bounds = [0]
         for s in sizes:
             bounds.append(bounds[-1] + s)
-        argmax = logits.argmax(dim=-1).tolist() if any(r.uniforms is None for r in rows) else None  # [R]
-        k = max(int(getattr(r.drafter, "topk", 0)) for r in rows)
-        topk = logits.topk(k, dim=-1).indices if k > 0 else None  # [R, k]
         for b, (row, draft) in enumerate(zip(rows, drafts)):
             lo, hi = bounds[b], bounds[b + 1]
-            committed = self._accept(row, draft, logits[lo:hi], argmax[lo:hi] if argmax is not None else None,
-                                     topk[lo:hi] if topk is not None else None)
+            committed = self._accept(row, draft, scores, lo, hi, argmax_list, hints[lo:hi])
             committed_total += len(committed)
             row.stats.accepted.append(len(committed))
             row.stats.tree_sizes.append(draft.size)
@@ -391,22 +389,23 @@ class BatchRun:
         return [d if v is None or k + 1 == d.size else Draft(Tree.chain(k), d.tokens[: k + 1])
                 for d, v, k in zip(drafts, values, keep)]
 
-    def _accept(self, row: _Row, draft: Draft, logits: torch.Tensor, argmax: list[int] | None,
-                topk: torch.Tensor | None) -> list[int]:
-        """logits: [size, V] of this row's nodes. Accept, commit the slot, tell the drafter; returns the tokens."""
+    def _accept(self, row: _Row, draft: Draft, scores: NodeScores, lo: int, hi: int, argmax: list[int] | None,
+                topk: torch.Tensor) -> list[int]:
+        """This row's nodes are lo..hi-1 of `scores` (argmax: all nodes' greedy tokens, topk [hi - lo, k]).
+        Accept, commit the slot, tell the drafter; returns the committed tokens."""
         tokens = draft.tokens.tolist()
-        if argmax is not None and row.uniforms is None:
-            targets: Sequence[int] = argmax
+        if row.uniforms is None:
+            targets: Sequence[int] = argmax[lo:hi]  # type: ignore[index]
         else:
-            targets = _SampledTargets(logits, draft.tree.depth.tolist(), len(row.out), row.sampling, row.uniforms)
+            targets = _SampledTargets(scores.logits(lo, hi), draft.tree.depth.tolist(), len(row.out), row.sampling,
+                                      row.uniforms)
         path, bonus = accept_greedy(draft.tree, tokens, targets)  # type: ignore[arg-type]
         self.engine.verifier.commit(row.slot, path)
         committed = [tokens[i] for i in path[1:]] + [bonus]
         k = int(getattr(row.drafter, "topk", 0))
-        row_topk = topk[:, :k] if topk is not None and k > 0 else torch.empty(draft.size, 0, dtype=torch.long)
         row.drafter.observe(draft, Feedback(accepted=torch.tensor(path, dtype=torch.long),
                                             new_tokens=torch.tensor(committed, dtype=torch.long),
-                                            topk_tokens=row_topk, context_len=row.n + len(committed)))
+                                            topk_tokens=topk[:, :k], context_len=row.n + len(committed)))
         return committed
 
     def _account(self, rows: list[_Row], budget: int, nodes: int, committed: int,

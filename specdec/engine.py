@@ -24,7 +24,7 @@ from specdec.drafters.base import Draft, Drafter, Feedback
 from specdec.errors import SpecdecError
 from specdec.trees.sizing import AutoBudget
 from specdec.sampling import SamplingParams, accept_greedy, accept_sampled, target_probs
-from specdec.verifiers.base import Verifier
+from specdec.verifiers.base import DenseScores, NodeScores, Verifier
 
 
 @dataclass(frozen=True)
@@ -140,15 +140,18 @@ class Engine:
         draft = self.drafter.propose(context, budget)
         t1 = time.perf_counter()
         tree = draft.tree
-        logits = self.verifier.score([0], draft.tokens[None], tree.depth[None], tree.mask[None])[0]  # [n, V]
+        scores = score_nodes(self.verifier, [0], draft.tokens[None], tree.depth[None], tree.mask[None], [tree.size])
         tokens = draft.tokens.tolist()
+        k = self.drafter.topk
         if sampling.greedy:
-            path, bonus = accept_greedy(tree, tokens, logits.argmax(dim=-1).tolist())
+            argmax, hints = scores.greedy(k)
+            path, bonus = accept_greedy(tree, tokens, argmax.tolist())
         else:
-            path, bonus = accept_sampled(tree, tokens, target_probs(logits, sampling), draft.q, gen)
+            path, bonus = accept_sampled(tree, tokens, target_probs(scores.logits(), sampling), draft.q, gen)
+            hints = scores.topk(k)
         self.verifier.commit(0, path)
         committed = [tokens[i] for i in path[1:]] + [bonus]
-        self._observe(draft, logits, path, committed, context.numel())
+        self._observe(draft, hints, path, committed, context.numel())
         stats.draft_s += t1 - t0
         stats.verify_s += time.perf_counter() - t1
         stats.steps += 1
@@ -156,9 +159,7 @@ class Engine:
         stats.tree_sizes.append(tree.size)
         return committed
 
-    def _observe(self, draft: Draft, logits: torch.Tensor, path: list[int], committed: list[int], n_ctx: int) -> None:
-        k = self.drafter.topk
-        topk = logits.topk(k, dim=-1).indices if k > 0 else torch.empty(logits.shape[0], 0, dtype=torch.long)
+    def _observe(self, draft: Draft, topk: torch.Tensor, path: list[int], committed: list[int], n_ctx: int) -> None:
         feedback = Feedback(
             accepted=torch.tensor(path, dtype=torch.long),
             new_tokens=torch.tensor(committed, dtype=torch.long),
@@ -176,6 +177,16 @@ class Engine:
                 f"prompt of {prompt_len} tokens + max_new_tokens {max_new} exceeds the model's context of "
                 f"{limit} tokens: shorten the prompt or lower max_new_tokens"
             )
+
+
+def score_nodes(verifier: Verifier, slots: Sequence[int], tokens: torch.Tensor, depth: torch.Tensor,
+                mask: torch.Tensor, sizes: Sequence[int]) -> NodeScores:
+    """One verify call as `NodeScores` over the sum(sizes) real nodes (row by row), whatever the verifier offers:
+    its own `score_nodes`, or `score`'s padded logits [B, n, V] cut to the real nodes."""
+    if hasattr(verifier, "score_nodes"):
+        return verifier.score_nodes(slots, tokens, depth, mask, sizes)  # type: ignore[attr-defined]
+    padded = verifier.score(slots, tokens, depth, mask)  # [B, n, V]
+    return DenseScores(torch.cat([padded[b, :s] for b, s in enumerate(sizes)]))  # [R, V]
 
 
 def _as_ids(prompt: Sequence[int] | torch.Tensor) -> torch.Tensor:

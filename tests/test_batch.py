@@ -41,8 +41,9 @@ def model(arch: str):
 
 
 @lru_cache(maxsize=None)
-def verifier(arch: str) -> LeanVerifier:
-    return LeanVerifier(model(arch), gemm="linear")
+def verifier(arch: str, screen: bool = False) -> LeanVerifier:
+    """screen=True: greedy tokens from the bf16-screened LM head at every row count (specdec.verifiers.screen)."""
+    return LeanVerifier(model(arch), gemm="linear", screen=screen)
 
 
 def prompts(count: int, seed: int = 0) -> list[list[int]]:
@@ -112,10 +113,10 @@ def factory(arch: str, name: str, rows: list[list[int]] | None = None, refs: lis
     return slot_drafter_factory(make_drafter(name, vocab_size=VOCAB, tree=tree))
 
 
-def run(arch, name, rows, max_new, width, budget=8, adaptive=True, eos=None, refs=None, curve=None):
+def run(arch, name, rows, max_new, width, budget=8, adaptive=True, eos=None, refs=None, curve=None, screen=False):
     stops = [StopConditions(n, eos_token_ids=frozenset() if e is None else frozenset({e}))
              for n, e in zip(max_new, eos or [None] * len(rows))]
-    eng = BatchEngine(verifier(arch), factory(arch, name, rows, refs), budget, width, adaptive, curve)
+    eng = BatchEngine(verifier(arch, screen), factory(arch, name, rows, refs), budget, width, adaptive, curve)
     return eng, eng.generate([Request(p, s) for p, s in zip(rows, stops)])
 
 
@@ -155,25 +156,30 @@ def test_padded_reference_matches_generate():
     assert got == [reference("gemma3", tuple(p), n) for p, n in zip(rows, max_new)]
 
 
+@pytest.mark.parametrize("screen", [False, True], ids=["fp32-head", "screened-head"])
 @pytest.mark.parametrize("batch", [1, 2, 3, 8, 16])
-def test_batch_sizes_match_alone_and_reference(batch):
+def test_batch_sizes_match_alone_and_reference(batch, screen):
     rows, max_new = prompts(batch, seed=batch), MAX_NEW[:batch]
     refs = [reference("gemma3", tuple(p), n) for p, n in zip(rows, max_new)]
+    screened = verifier("gemma3", True).screen.counts["rows"]
     for name, budget in (("plain", 1), ("recycling", 8)):
-        _, res = run("gemma3", name, rows, max_new, width=batch, budget=budget)
+        _, res = run("gemma3", name, rows, max_new, width=batch, budget=budget, screen=screen)
         assert [r.tokens for r in res.results] == refs, name
         assert all(r.finish_reason == "length" for r in res.results)
+    if screen:  # every greedy token of both runs came through the screen
+        assert verifier("gemma3", True).screen.counts["rows"] - screened >= 2 * sum(max_new) // 8
     if batch == 16:
         assert padded_reference(model("gemma3"), rows, max_new) == refs
 
 
+@pytest.mark.parametrize("screen", [False, True], ids=["fp32-head", "screened-head"])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", ["plain", "ngram", "recycling", "accept", "reject", "tree"])
-def test_every_drafter_matches_generate(arch, name):
+def test_every_drafter_matches_generate(arch, name, screen):
     rows, max_new = prompts(7, seed=1), [24] * 7
     refs = [reference(arch, tuple(p), 24) for p in rows]
     budget = 1 if name == "plain" else 9
-    _, res = run(arch, name, rows, max_new, width=3, budget=budget, adaptive=False, refs=refs)
+    _, res = run(arch, name, rows, max_new, width=3, budget=budget, adaptive=False, refs=refs, screen=screen)
     assert [r.tokens for r in res.results] == refs
     if name in ("accept", "tree"):
         assert res.stats.tau > 3.5  # 4 or 5 right tokens + bonus per step; the last step is cut by the length

@@ -175,6 +175,52 @@ def test_ragged_batch_equals_rows_alone(model, slots, packed):
         torch.testing.assert_close(got, hf_logits(model, seq)[-1], atol=ATOL, rtol=0)
 
 
+def test_screened_greedy_equals_the_full_logits_argmax(model):
+    """score_nodes().greedy() through the bf16-screened LM head: the same tokens as the fp32 logits' argmax,
+    and top-k hints equal to the logits' top-k, on ragged packed rows of trees."""
+    gen = torch.Generator().manual_seed(8)
+    prefix_lens, sizes, n = [5, 19, 11], [6, 1, 4], 6
+    trees = [random_tree(s, gen) for s in sizes]
+    batch_tokens = torch.randint(0, VOCAB, (3, n), generator=gen)
+    batch_depth = torch.zeros(3, n, dtype=torch.long)
+    batch_mask = torch.eye(n, dtype=torch.bool).repeat(3, 1, 1)
+    for r, tree in enumerate(trees):
+        batch_depth[r, : tree.size], batch_mask[r, : tree.size, : tree.size] = tree.depth, tree.mask
+    outs = {}
+    for screen in (False, True):
+        v = LeanVerifier(model, gemm="linear", screen=screen)
+        assert (v.screen is not None) == screen
+        v.reset(3, 64)
+        gen_p = torch.Generator().manual_seed(9)
+        for slot, p in enumerate(prefix_lens):
+            v.prefill(slot, torch.randint(0, VOCAB, (p,), generator=gen_p))
+        scores = v.score_nodes([0, 1, 2], batch_tokens, batch_depth, batch_mask, sizes)
+        outs[screen] = scores.greedy(3), scores.logits()
+    (argmax, hints), logits = outs[True]
+    assert torch.equal(argmax, logits.argmax(dim=-1)) and torch.equal(argmax, outs[False][0][0])
+    assert torch.equal(hints, logits.topk(3, dim=-1).indices)
+    torch.testing.assert_close(logits, outs[False][1], atol=0, rtol=0)  # the logits themselves are fp32 as ever
+
+
+def test_engine_on_the_screened_head_matches_generate(model):
+    """Batch-1 decoding with Token Recycling (top-k hints from the screen) equals transformers' greedy."""
+    from specdec.drafters.registry import make_drafter
+    from specdec.engine import Engine, StopConditions
+
+    prompt = torch.randint(0, VOCAB, (14,), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        ref = model.generate(prompt[None], attention_mask=torch.ones(1, 14, dtype=torch.long), do_sample=False,
+                             max_new_tokens=30, pad_token_id=0, eos_token_id=None)[0, 14:].tolist()
+    v = LeanVerifier(model, gemm="linear", screen=True)
+    res = Engine(v, make_drafter("recycling", vocab_size=VOCAB), 8).generate(prompt, StopConditions(30))
+    assert res.tokens == ref and v.screen.counts["rows"] >= 30
+
+
+def test_screen_is_off_where_it_cannot_be_exact(model):
+    assert LeanVerifier(model, gemm="linear").screen is None  # "auto" screens only with a measured GEMM plan
+    assert LeanVerifier(model, gemm="linear", screen=True, strict=True).screen is None  # strict: full fp32 head
+
+
 def test_commit_non_chain_equals_fresh_prefill(model):
     gen = torch.Generator().manual_seed(4)
     prefix = torch.randint(0, VOCAB, (10,), generator=gen).tolist()
@@ -295,7 +341,8 @@ def test_contended_calibration_is_not_cached(tmp_path, monkeypatch):
 def test_auto_gemm_verifier_uses_cache_dir(tmp_path, quiet_machine):
     model = make_model("llama")
     v = LeanVerifier(model, gemm="auto", cache_dir=tmp_path, calibration_budget_s=0.5)
-    assert len(list(tmp_path.glob("*.json"))) == 1
+    assert len(list(tmp_path.glob("[0-9a-f]*.json"))) == 1  # the GEMM plan
+    assert len(list(tmp_path.glob("screen-*.json"))) == 1  # where the screened LM head pays, measured beside it
     assert set(v.gemm_plan.choices) >= {"96x64"}  # the LM head shape was measured
 
 

@@ -28,6 +28,7 @@ from specdec.hardware import cpu_name
 from specdec.trees.tree import Tree
 
 CALIBRATION_SIZES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CURVE_VERSION = 2  # part of the cache key: curves measured before the screened LM head are not reused
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,10 @@ class LatencyCurve:
 
 def verifier_key(config, verifier) -> str:
     """The latency-curve cache key of a verifier over a model (its transformers config): model shape, backend
-    (strict scoring has its own cost), machine, threads, torch."""
+    (strict scoring and the screened LM head have their own costs), machine, threads, torch."""
     model_key = f"{config.model_type}-h{config.hidden_size}-l{config.num_hidden_layers}-v{verifier.vocab_size}"
-    backend = type(verifier).__name__ + ("-strict" if getattr(verifier, "strict", False) else "")
+    backend = (type(verifier).__name__ + ("-strict" if getattr(verifier, "strict", False) else "")
+               + ("-screen" if getattr(verifier, "screen", None) is not None else "") + f"-c{CURVE_VERSION}")
     return machine_key(model_key, backend)
 
 
@@ -88,7 +90,10 @@ def calibrate(verifier, sizes: Sequence[int] = CALIBRATION_SIZES, prefix_len: in
         for n in sizes:
             tokens = torch.randint(3, vocab_high, (1, n), generator=gen)
             t0 = time.perf_counter()
-            verifier.score([0], tokens, trees[n].depth[None], trees[n].mask[None])
+            if hasattr(verifier, "score_nodes"):  # what greedy decoding runs: the scores' greedy tokens
+                verifier.score_nodes([0], tokens, trees[n].depth[None], trees[n].mask[None]).greedy()
+            else:
+                verifier.score([0], tokens, trees[n].depth[None], trees[n].mask[None])
             elapsed = time.perf_counter() - t0
             verifier.commit(0, [0])
             if rnd:

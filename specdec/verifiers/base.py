@@ -15,6 +15,12 @@ produced when it is scored as node 0 of the next tree.
   keep them.
 - ``length(slot)``: committed prefix length.
 
+Optionally ``score_nodes(slots, tokens, depth, mask, sizes)``: the same call for rows of ``sizes[b]`` real nodes
+(the rest padding), returning `NodeScores` over the R = sum(sizes) real nodes, packed row by row, that compute
+only what acceptance asks for: greedy tokens (exact, possibly without the full logits: see
+`specdec.verifiers.screen`), top-k hints for drafters, full logits for sampling. The engines use it when a
+verifier has it and wrap ``score``'s logits in `DenseScores` otherwise.
+
 Implementations: `specdec.verifiers.hf.HFVerifier` (any supported transformers model, batch 1) and the lean
 path in `specdec.verifiers.lean`.
 """
@@ -47,3 +53,35 @@ class Verifier(Protocol):
     def commit(self, slot: int, keep: Sequence[int]) -> None: ...
 
     def length(self, slot: int) -> int: ...
+
+
+class NodeScores(Protocol):
+    """What one call's R scored nodes (packed row by row) give acceptance and drafters."""
+
+    def greedy(self, k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """argmax [R] int64 (the fp32 logits' argmax, lowest id on ties), top-k hints [R, k] int64."""
+        ...
+
+    def topk(self, k: int) -> torch.Tensor:  # [R, k] int64 drafter hints
+        ...
+
+    def logits(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:  # [hi - lo, V] float32, nodes lo..hi-1
+        ...
+
+
+class DenseScores:
+    """`NodeScores` over full logits [R, V] (any verifier's ``score``)."""
+
+    def __init__(self, logits: torch.Tensor):
+        self._logits = logits  # [R, V] float32
+
+    def greedy(self, k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._logits.argmax(dim=-1), self.topk(k)
+
+    def topk(self, k: int) -> torch.Tensor:
+        if k <= 0:
+            return torch.empty(self._logits.shape[0], 0, dtype=torch.long)
+        return self._logits.topk(k, dim=-1).indices
+
+    def logits(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        return self._logits[lo:hi]

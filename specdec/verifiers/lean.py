@@ -11,9 +11,14 @@ for a chain) and advances the length. Rejected nodes are simply overwritten late
 Each call attends over cache indices ``[start, max(length) + n)`` only, never the whole max_len; for
 sliding-window layers ``start`` skips the keys the window masks for every row anyway.
 
+`score_nodes` returns `LeanScores`: the final hidden states of the scored nodes, turned into greedy tokens by
+the bf16-screened LM head (`specdec.verifiers.screen`, exact fp32 argmax at about half the LM head's cost) at
+the row counts where that was measured faster, else by the full fp32 LM head; full logits only for what asks
+for them (sampling).
+
 `strict=True` (opt-in) scores with row-tiled GEMMs and a per-query canonical attention
 (`specdec.verifiers.strict`): a node's logits are then bitwise what plain decoding computes at its
-position, whatever else is in the call; it costs verify time (see README, strict mode).
+position, whatever else is in the call; it costs verify time (see README, strict mode). Strict never screens.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import torch
 from transformers import PreTrainedModel
 
 from specdec.verifiers import gemm
-from specdec.verifiers.lean_model import LeanModel, Step
+from specdec.verifiers.lean_model import LeanModel, RowSpans, Step
+from specdec.verifiers.screen import ScreenedHead, measure_screen
 from specdec.verifiers.strict import BLOCK, TILE, CanonicalTree
 
 PREFILL_CHUNK = 256
@@ -41,6 +47,10 @@ class LeanVerifier:
     on Gemma 3 270M (2-core EPYC) it changed no verify time by more than the noise (~1 ms).
     strict: batch-invariant scoring (see `specdec.verifiers.strict`): tiled GEMMs in the plan's orientation
     for TILE rows and a per-query canonical attention; not with compile. Prefill is unchanged.
+    screen: greedy tokens from the bf16-screened LM head (`specdec.verifiers.screen`, exact): "auto" at the
+    row counts where it measured faster than the fp32 head on this machine (measured with the GEMM plan,
+    cached beside it; only with gemm="auto"), True at every row count, False never. Off for strict scoring,
+    LM heads with a bias or a final softcap, and when the bf16 GEMM fails its self-check.
     Thread count is the caller's business (torch.set_num_threads).
     """
 
@@ -54,6 +64,7 @@ class LeanVerifier:
         cache_dir: str | Path | None = None,
         calibration_budget_s: float = 10.0,
         strict: bool = False,
+        screen: bool | Literal["auto"] = "auto",
     ):
         if strict and compile:
             raise ValueError("strict scoring runs eager: compile=True cannot be combined with strict=True")
@@ -67,6 +78,7 @@ class LeanVerifier:
             self.model.compile()
         self.strict = strict
         self._scorer = self.model.tiled(TILE) if strict else self.model  # the forward `score` runs
+        self.screen, self.screen_buckets = self._screen_for(screen, gemm, cache_dir)
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._lengths: list[int] = []
         self._scored: dict[int, int] = {}  # slot -> node count of its last scored tree (for commit checks)
@@ -104,7 +116,7 @@ class LeanVerifier:
             chunk = tokens[begin: begin + PREFILL_CHUNK]
             m = chunk.numel()
             causal = torch.ones(m, m, dtype=torch.bool).tril_()
-            step = self._step([slot], torch.arange(m)[None], causal[None])
+            step = self._step([slot], torch.arange(m)[None], causal[None], sizes=[m])
             self.model.forward(chunk[None], step, self._caches, self._rope)  # eager: prompt lengths vary
             self._lengths[slot] += m
 
@@ -131,20 +143,32 @@ class LeanVerifier:
         """Scores only the real nodes of padded rows: the GEMMs (projections, MLP, LM head: nearly all the
         work) run on sum(sizes) rows instead of B * n; only attention sees the padded layout. `score` is this
         with every node real."""
+        return self.score_nodes(slots, tokens, depth, mask, sizes).logits()
+
+    @torch.inference_mode()
+    def score_nodes(
+        self,
+        slots: Sequence[int],
+        tokens: torch.Tensor,  # [B, n] int64
+        depth: torch.Tensor,  # [B, n] int64
+        mask: torch.Tensor,  # [B, n, n] bool
+        sizes: Sequence[int] | None = None,  # [B] real nodes per row (default: all n)
+    ) -> "LeanScores":
+        """`score_packed` without the LM head: `LeanScores` over the sum(sizes) real nodes, row by row."""
         slots = [int(s) for s in slots]
         batch, n = tokens.shape
+        sizes = [n] * batch if sizes is None else sizes
         if len(set(slots)) != len(slots) or batch != len(slots) or len(sizes) != batch:
             raise ValueError("score: one distinct slot and one size per row expected")
         if any(not 1 <= int(s) <= n for s in sizes):
             raise ValueError(f"score: sizes must be within 1..{n}, got {list(sizes)}")
-        step = self._step(slots, depth.long(), mask.bool(), canonical=self.strict)
+        step = self._step(slots, depth.long(), mask.bool(), canonical=self.strict, sizes=[int(s) for s in sizes])
         if sum(int(s) for s in sizes) < batch * n:  # no padding (plain decoding, equal trees): nothing to pack
             step.real = torch.cat([torch.arange(int(s)) + b * n for b, s in enumerate(sizes)])  # [R]
         hidden = self._scorer.forward(tokens.long(), step, self._caches, self._rope, compiled=self._compiled)
         for s in slots:
             self._scored[s] = n
-        logits = self._scorer.logits(hidden)  # [R, V], or [B, n, V] when nothing was packed
-        return logits.view(-1, logits.shape[-1])
+        return LeanScores(self, hidden.reshape(-1, hidden.shape[-1]))  # [R, hidden]
 
     def commit(self, slot: int, keep: Sequence[int]) -> None:
         keep = [int(k) for k in keep]
@@ -164,24 +188,47 @@ class LeanVerifier:
                     v_cache[slot, :, dst] = v_cache[slot, :, src]
         self._lengths[slot] = base + len(keep)
 
+    # ---- LM head -------------------------------------------------------------------------------------
+
+    def _screen_for(self, choice, gemm_choice: str, cache_dir) -> tuple[ScreenedHead | None, frozenset[int]]:
+        """The screened head and the row buckets it serves (see the class docstring's `screen`)."""
+        m = self.model
+        usable = (not self.strict and m.lm_head.bias is None and m.arch.final_softcap is None
+                  and m.dtype == torch.float32)
+        if choice is False or not usable or (choice == "auto" and gemm_choice != "auto"):
+            return None, frozenset()
+        head = ScreenedHead(m.lm_head.weight)
+        if choice is True:
+            return (head, frozenset(gemm.BUCKETS)) if head.self_check() else (None, frozenset())
+        signature = "|".join([m.arch.model_type, str(m.dtype), gemm.shape_key(m.lm_head.weight), "screen-v1"])
+        path = Path(cache_dir or gemm.default_cache_dir()) / f"screen-{gemm.cache_key(signature)}.json"
+        buckets = measure_screen(head, lambda h: m.logits(h).argmax(dim=-1), gemm.BUCKETS, path)
+        return (head, buckets) if buckets else (None, frozenset())
+
     # ---- per-call geometry ---------------------------------------------------------------------------
 
-    def _step(self, slots: list[int], depth: torch.Tensor, mask: torch.Tensor, canonical: bool = False) -> Step:
-        """Positions, write indices and, per distinct window, the attended cache range and its bool mask;
-        with `canonical` (strict scoring) also every query's canonical key sequence."""
+    def _step(self, slots: list[int], depth: torch.Tensor, mask: torch.Tensor, canonical: bool = False,
+              sizes: list[int] | None = None) -> Step:
+        """Positions, write indices and the attention geometry of one call: per row its own key range and
+        mask (`RowSpans`: row b's first sizes[b] nodes are real), or with `canonical` (strict scoring) one
+        batched range and mask per window plus every query's canonical key sequence."""
         batch, n = depth.shape
         lens_list = [self._lengths[s] for s in slots]
         end = max(lens_list) + n
         if end > self.max_len:
             raise ValueError(f"score: {end} cache entries needed, reset() allowed {self.max_len}")
         lens = torch.tensor(lens_list)
+        q_pos = lens[:, None] + depth  # [B, n]
+        write_index = lens[:, None] + torch.arange(n)  # [B, n]
+        if not canonical:
+            return Step(positions=q_pos, slots=torch.tensor(slots), write_index=write_index, kv_end=end,
+                        kv_start={}, masks={}, rows=self._row_spans(slots, lens_list, depth, mask, sizes or [n] * batch))
         idx = torch.arange(end)  # [S] cache indices
         rel = idx[None, :] - lens[:, None]  # [B, S] tree node index where 0 <= rel < n
         in_prefix = rel < 0
         node = rel.clamp(0, n - 1)
         visible = torch.gather(mask, 2, node[:, None, :].expand(batch, n, -1)) & (rel < n)[:, None, :]
         visible |= in_prefix[:, None, :]  # [B, n, S]
-        q_pos = lens[:, None] + depth  # [B, n]
         k_pos = torch.where(in_prefix, idx[None, :], lens[:, None] + torch.gather(depth, 1, node))  # [B, S]
         masks, starts = {}, {}
         for w in set(self.model.arch.windows):
@@ -191,10 +238,43 @@ class LeanVerifier:
             masks[w] = m[:, None, :, starts[w]:]
         first = slots[0]
         consecutive = slots == list(range(first, first + batch))
-        return Step(positions=q_pos, slots=torch.tensor(slots), write_index=lens[:, None] + torch.arange(n),
+        return Step(positions=q_pos, slots=torch.tensor(slots), write_index=write_index,
                     kv_end=end, kv_start=starts, masks=masks,
                     slot_slice=slice(first, first + batch) if consecutive else None,
-                    canonical=CanonicalTree.build(lens_list, depth, mask) if canonical else None)
+                    canonical=CanonicalTree.build(lens_list, depth, mask))
+
+    def _row_spans(self, slots: list[int], lens: list[int], depth: torch.Tensor, mask: torch.Tensor,
+                   sizes: list[int]) -> RowSpans:
+        """Row b (committed length lens[b], real nodes 0..sizes[b]-1) attends over cache indices
+        [start, lens[b] + sizes[b]): start = 0 for global layers and the first key its root can see for a
+        window layer; a row of one node (plain decoding) sees every key of that range and needs no mask."""
+        bounds = [0]
+        for s in sizes:
+            bounds.append(bounds[-1] + s)
+        node_slot = torch.cat([torch.full((s,), slot, dtype=torch.long) for slot, s in zip(slots, sizes)])  # [R]
+        node_write = torch.cat([length + torch.arange(s) for length, s in zip(lens, sizes)])  # [R]
+        ranges: dict[int | None, list[tuple[int, int, torch.Tensor | None]]] = {}
+        for w in set(self.model.arch.windows):
+            per_row = []
+            for b, (length, s) in enumerate(zip(lens, sizes)):
+                start = 0 if w is None else max(0, length - w + 1)
+                per_row.append((start, length + s, None if s == 1 else
+                                _row_mask(length, start, depth[b, :s], mask[b, :s, :s], w)))
+            ranges[w] = per_row
+        return RowSpans(slots=list(slots), bounds=bounds, node_slot=node_slot, node_write=node_write, ranges=ranges)
+
+
+def _row_mask(length: int, start: int, depth: torch.Tensor, tree_mask: torch.Tensor,
+              window: int | None) -> torch.Tensor:
+    """[1, 1, s, length + s - start] bool: node i sees the committed keys start..length-1 (within its window)
+    and the tree nodes tree_mask[i] allows; depth [s], tree_mask [s, s]."""
+    s = depth.numel()
+    visible = torch.cat([torch.ones(s, length - start, dtype=torch.bool), tree_mask], dim=1)  # [s, S]
+    if window is not None:
+        q_pos = length + depth  # [s]
+        k_pos = torch.cat([torch.arange(start, length), length + depth])  # [S]
+        visible &= q_pos[:, None] - k_pos[None, :] < window
+    return visible[None, None]
 
 
 def _plan_for(model: LeanModel, choice: str, cache_dir, budget_s: float) -> gemm.GemmPlan:
@@ -206,3 +286,38 @@ def _plan_for(model: LeanModel, choice: str, cache_dir, budget_s: float) -> gemm
     signature = "|".join([model.arch.model_type, str(model.dtype),
                           ",".join(sorted({gemm.shape_key(w) for w in weights}))])
     return gemm.load_or_calibrate(weights, signature, Path(cache_dir) if cache_dir else None, budget_s)
+
+
+class LeanScores:
+    """`NodeScores` of one lean call: the R scored nodes' final hidden states, LM head applied on demand."""
+
+    def __init__(self, verifier: LeanVerifier, hidden: torch.Tensor):
+        self.verifier, self.hidden = verifier, hidden  # hidden [R, H]
+        self._logits: torch.Tensor | None = None  # [R, V] once computed in full
+
+    def logits(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:  # [hi - lo, V] float32
+        if self._logits is None and (lo, hi) in ((0, None), (0, self.hidden.shape[0])):
+            self._logits = self.verifier._scorer.logits(self.hidden)
+        if self._logits is not None:
+            return self._logits[lo:hi]
+        return self.verifier._scorer.logits(self.hidden[lo:hi])
+
+    def topk(self, k: int) -> torch.Tensor:  # [R, k] int64
+        if k <= 0:
+            return torch.empty(self.hidden.shape[0], 0, dtype=torch.long)
+        if self._logits is None and self._screened():
+            return self.greedy(k)[1]
+        return self.logits().topk(k, dim=-1).indices
+
+    def greedy(self, k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """argmax [R] int64 and top-k hints [R, k] int64; screened where that is faster (exact either way)."""
+        v, rows = self.verifier, self.hidden.shape[0]
+        if self._logits is not None or not self._screened():
+            logits = self.logits()
+            hints = logits.topk(k, dim=-1).indices if k > 0 else torch.empty(rows, 0, dtype=torch.long)
+            return logits.argmax(dim=-1), hints
+        return v.screen.select(self.hidden, k)  # type: ignore[union-attr]
+
+    def _screened(self) -> bool:
+        v = self.verifier
+        return v.screen is not None and gemm.bucket_of(self.hidden.shape[0]) in v.screen_buckets

@@ -50,6 +50,20 @@ class Arch:
 
 
 @dataclass
+class RowSpans:
+    """Per-row attention over packed nodes (ragged batches): row r's nodes are packed nodes
+    bounds[r]..bounds[r+1]-1 and sit in cache slot slots[r]; each row attends only over its own key range, so
+    a short row never reads a long row's padding and a sliding-window layer reads at most its window."""
+
+    slots: list[int]  # [B] cache slot of every row
+    bounds: list[int]  # [B + 1] packed node offsets of the rows
+    node_slot: torch.Tensor  # [R] int64 cache slot of every packed node
+    node_write: torch.Tensor  # [R] int64 cache index every packed node's K/V is written to
+    ranges: dict[int | None, list[tuple[int, int, torch.Tensor | None]]]  # window -> per row (start, end,
+    # mask [1, 1, nodes, end - start] bool or None = every key in range visible)
+
+
+@dataclass
 class Step:
     """Everything one forward needs besides the tokens; built by the caller per call."""
 
@@ -62,6 +76,7 @@ class Step:
     slot_slice: slice | None = None  # `slots` as a slice when consecutive: attend through a view, not a gather
     canonical: CanonicalTree | None = None  # strict scoring: each query over its own canonical keys
     real: torch.Tensor | None = None  # [R] int64 flat indices (b * n + i) of the real nodes; None = all are real
+    rows: RowSpans | None = None  # attention row by row over packed nodes (needs `real`); None = batched
 
 
 @dataclass
@@ -215,6 +230,10 @@ class LeanModel:
         pre, post = self._compiled if compiled else (self.pre_attention, self.post_attention)
         for i, lw in enumerate(self.layers):
             q, k, v = pre(x, lw, *cos_sin[a.rope_kinds[i]])
+            if step.rows is not None:  # row by row over the nodes in packed order ([R, H, D]; all real: R = B*n)
+                q, k, v = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
+                x = post(x, self._attend_rows(q, k, v, step.rows, caches[i], a.windows[i]), lw)
+                continue
             if step.real is not None:
                 q, k, v = (_unpack(t[:, 0], step.real, batch, n) for t in (q, k, v))  # [B, n, H, D]
             out = self._attend_cached(q, k, v, step, caches[i], a.windows[i])  # [B*n, Hq*D]
@@ -288,6 +307,22 @@ class LeanModel:
         out = attend(q.transpose(1, 2), keys, values, step.masks[window], a.attn_scale, a.attn_softcap, self._gqa)
         return out.transpose(1, 2).reshape(batch * n, a.num_heads * a.head_dim)
 
+    def _attend_rows(self, q, k, v, rows: RowSpans, cache, window: int | None) -> torch.Tensor:
+        """Write packed k/v [R, Hkv, D] by position; each row's queries q [R, Hq, D] attend over that row's own
+        key range -> [R, Hq*D]."""
+        a = self.arch
+        k_cache, v_cache = cache
+        k_cache[rows.node_slot, :, rows.node_write] = k  # advanced dims first: [R, Hkv, D]
+        v_cache[rows.node_slot, :, rows.node_write] = v
+        outs = []
+        for r, (start, end, mask) in enumerate(rows.ranges[window]):
+            lo, hi, slot = rows.bounds[r], rows.bounds[r + 1], rows.slots[r]
+            qr = q[lo:hi].transpose(0, 1)[None]  # [1, Hq, s, D]
+            keys, values = k_cache[slot: slot + 1, :, start:end], v_cache[slot: slot + 1, :, start:end]  # [1, Hkv, S, D]
+            out = attend(qr, keys, values, mask, a.attn_scale, a.attn_softcap, self._gqa)  # [1, Hq, s, D]
+            outs.append(out[0].transpose(0, 1).reshape(hi - lo, a.num_heads * a.head_dim))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
 
 def _unpack(x: torch.Tensor, real: torch.Tensor, batch: int, n: int) -> torch.Tensor:
     """x [R, H, D] of the real nodes -> [B, n, H, D] with zeros at the padding nodes (which see only themselves)."""
@@ -312,7 +347,7 @@ def attend(
     q: torch.Tensor,  # [B, Hq, n, D]
     k: torch.Tensor,  # [B, Hkv, S, D]
     v: torch.Tensor,  # [B, Hkv, S, D]
-    mask: torch.Tensor,  # [B, 1, n, S] bool, True = may attend
+    mask: torch.Tensor | None,  # [B, 1, n, S] bool, True = may attend; None = every key
     scale: float,
     softcap: float | None,
     gqa: bool,  # Hq != Hkv, passed in: SDPA wants a plain bool for enable_gqa, also under torch.compile
@@ -322,7 +357,9 @@ def attend(
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.softmax(dim=-1, dtype=torch.float32)
     return (scores.to(v.dtype) @ v)
 
 
