@@ -60,3 +60,25 @@ def test_default_model_batches_match_transformers_generate(real, drafter):
     result = decoder.generate_many(prompts, width=3, max_new_tokens=NEW_TOKENS)
     assert [r.tokens for r in result.results] == refs
     assert result.stats.tau > 1.0  # drafts were scored and accepted, not plain decoding throughout
+
+
+@pytest.mark.slow
+def test_default_model_screened_head_equals_fp32_argmax(real):
+    """The bf16-screened LM head on real hidden states: at every node of a 64-node chain per prompt (the
+    reference continuation, scored in one call), its greedy token is the fp32 logits' argmax, and the
+    references' own tokens come out."""
+    from specdec.trees.tree import Tree
+    from specdec.verifiers.lean import LeanVerifier
+
+    loaded, prompts, refs = real
+    v = LeanVerifier(loaded.model, screen=True)
+    assert v.screen is not None  # the bf16 GEMM passed its self-check
+    for ids, ref in zip(prompts, refs):
+        v.reset(1, len(ids) + len(ref) + 1)
+        v.prefill(0, torch.tensor(ids[:-1]))
+        chain = Tree.chain(len(ref) - 1)
+        tokens = torch.tensor([[ids[-1]] + ref[:-1]])  # [1, n]: node i predicts ref[i]
+        scores = v.score_nodes([0], tokens, chain.depth[None], chain.mask[None])
+        argmax, _ = scores.greedy()
+        assert torch.equal(argmax, scores.logits().argmax(dim=-1))
+        assert argmax.tolist() == ref
