@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -38,6 +37,7 @@ from transformers import PreTrainedModel
 
 from specdec.drafters.model import DraftRunner, ModelDrafter, draft_vocabulary, lean_forward, resolve_model
 from specdec.errors import SpecdecError
+from specdec.measured import overloaded, save_json
 from specdec.sampling import SamplingParams
 from specdec.trees.tree import Tree
 from specdec.verifiers import gemm as gemm_plan
@@ -211,14 +211,6 @@ def calibrate(lean: LeanModel, prompts: list[list[int]], settings: Calibration, 
             "threads": torch.get_num_threads(), "provisional": busy or overloaded()}
 
 
-def overloaded() -> bool:
-    """More runnable work than cores: timings taken now measure the neighbours too."""
-    try:
-        return os.getloadavg()[0] > (os.cpu_count() or 1)
-    except OSError:
-        return False
-
-
 # ------------------------------------------------------------------------------------------------------
 # prompts and cache
 
@@ -271,10 +263,7 @@ def cached_calibration(model: PreTrainedModel, lean: LeanModel, prompts: list[li
         head = torch.cat([head, torch.tensor([t for p in prompts for t in p], dtype=torch.long)])
     how = Drafting(int(model.config.max_position_embeddings), head)
     record = calibrate(lean, prompts, settings, how, log)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
+    save_json(path, record)
     return record
 
 

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from specdec.hardware import cpu_name
+from specdec.measured import overloaded, save_json
 from specdec.trees.tree import Tree
 
 CALIBRATION_SIZES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -104,14 +105,6 @@ def calibrate(verifier, sizes: Sequence[int] = CALIBRATION_SIZES, prefix_len: in
     return LatencyCurve(tuple(sizes), tuple(seconds))
 
 
-def _overloaded() -> bool:
-    """More runnable work than cores: timings taken now measure the neighbours too."""
-    try:
-        return os.getloadavg()[0] > (os.cpu_count() or 1)
-    except OSError:
-        return False
-
-
 def cached_curve(verifier, key: str, cache_dir: Path | None, log: Callable[[str], None] | None = None) -> LatencyCurve:
     """Load the curve for `key` from cache_dir/latency/, or measure and store it.
 
@@ -124,20 +117,17 @@ def cached_curve(verifier, key: str, cache_dir: Path | None, log: Callable[[str]
         try:
             data = json.loads(path.read_text())
             stored = LatencyCurve.from_json(data)
-            if not data.get("provisional") or _overloaded():
+            if not data.get("provisional") or overloaded():
                 return stored
         except (ValueError, KeyError):
             pass  # a damaged cache entry is measured again
     if log:
         log("calibrating verify latency for this machine and model (once, a few seconds)...")
-    busy = _overloaded()
+    busy = overloaded()
     curve = calibrate(verifier)
-    busy = busy or _overloaded()
+    busy = busy or overloaded()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(curve.to_json() | {"provisional": busy, "loadavg": os.getloadavg()[0]}))
-        tmp.replace(path)
+        save_json(path, curve.to_json() | {"provisional": busy, "loadavg": os.getloadavg()[0]})
     return curve
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from specdec.hardware import cpu_name
+from specdec.measured import save_json
 
 Orientation = Literal["linear", "wxt", "onednn"]
 ORIENTATIONS: tuple[Orientation, ...] = ("linear", "wxt", "onednn")
@@ -239,10 +240,7 @@ def load_or_calibrate(
     record = {"model": model_signature, "cpu": cpu_name(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "calibration_s": round(time.perf_counter() - t0, 1),
               "others_cpu_share": round(others_share(), 3), "plan": plan.to_json(), "ms": timings}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
+    save_json(path, record)
     return plan
 
 

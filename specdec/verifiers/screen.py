@@ -38,14 +38,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from specdec.measured import overloaded, save_json
 
 _U_OUT = 2.0 ** -8  # bound on |x - bf16(x)| / |bf16(x)| (round to nearest: 2^-9 |x|, |x| <= (1 + 2^-8) |bf16(x)|)
 
@@ -151,18 +152,7 @@ def measure_screen(head: ScreenedHead, full_argmax: Callable[[torch.Tensor], tor
                         if r:
                             best[b][name] = min(best[b][name], time.perf_counter() - t0)
     chosen = frozenset(b for b in buckets if ok and best[b]["screen"] < 0.95 * best[b]["full"])
-    if path is not None and not _overloaded():
-        record = {"screen_buckets": sorted(chosen), "self_check": ok,
-                  "ms": {b: {k: round(1e3 * t, 3) for k, t in v.items()} for b, v in best.items()}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(path)
+    if path is not None and not overloaded():
+        save_json(path, {"screen_buckets": sorted(chosen), "self_check": ok,
+                         "ms": {b: {k: round(1e3 * t, 3) for k, t in v.items()} for b, v in best.items()}})
     return chosen
-
-
-def _overloaded() -> bool:
-    try:
-        return os.getloadavg()[0] > (os.cpu_count() or 1)
-    except OSError:
-        return False
