@@ -70,6 +70,11 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
                 if method not in best or r["tokens_per_s"] > best[method]["tokens_per_s"]:
                     best[method] = r
         rows += [best[m] | {"batch": b, "method": m} for m in ("plain", "spec")]
+    if verifier.screen is not None:  # how the screened LM head decided the greedy tokens of all runs
+        counts = verifier.screen.counts
+        info["screen"] = dict(counts) | {"candidates_per_row": round(counts["candidates"] / max(1, counts["rows"]), 2)}
+        log(f"screened LM head: {counts['rows']} nodes, {info['screen']['candidates_per_row']} fp32 candidates a node, "
+            f"{counts['wide']} looked past the top {verifier.screen.width}, {counts['full']} needed full logits")
     report = summarise(rows, info)
     echo(report["markdown"])
     if spec.out_dir:
