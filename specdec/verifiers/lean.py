@@ -8,8 +8,9 @@ t (= its position). Scoring a tree writes node i of a row at index ``length + i`
 ``length + depth[i]``); `commit` moves the kept nodes to ``length .. length + len(keep) - 1`` (nothing moves
 for a chain) and advances the length. Rejected nodes are simply overwritten later.
 
-Each call attends over cache indices ``[start, max(length) + n)`` only, never the whole max_len; for
-sliding-window layers ``start`` skips the keys the window masks for every row anyway.
+Attention runs row by row (`RowSpans`): row b attends over cache indices ``[start_b, length_b + nodes_b)``
+only, ``start_b`` being 0 for global layers and the first key its root can see for sliding-window ones, so no
+row reads another row's length or padding. (Strict scoring attends per query, see below.)
 
 `score_nodes` returns `LeanScores`: the final hidden states of the scored nodes, turned into greedy tokens by
 the bf16-screened LM head (`specdec.verifiers.screen`, exact fp32 argmax at about half the LM head's cost) at
@@ -141,8 +142,8 @@ class LeanVerifier:
         sizes: Sequence[int],  # [B] real nodes per row: nodes sizes[b]..n-1 of row b are padding
     ) -> torch.Tensor:  # [sum(sizes), V] float32: row b's nodes at offsets sum(sizes[:b]) ..
         """Scores only the real nodes of padded rows: the GEMMs (projections, MLP, LM head: nearly all the
-        work) run on sum(sizes) rows instead of B * n; only attention sees the padded layout. `score` is this
-        with every node real."""
+        work) run on sum(sizes) rows instead of B * n, attention on each row's own nodes. `score` is this with
+        every node real; `score_nodes` the same without computing every node's full logits."""
         return self.score_nodes(slots, tokens, depth, mask, sizes).logits()
 
     @torch.inference_mode()

@@ -9,6 +9,8 @@ norms, activations, rotary tables, sliding windows) and nothing about slots, tre
 Weights are the model's own tensors, no copies. `fuse=True` concatenates q/k/v and gate/up once (copies) so
 each layer runs 4 GEMMs instead of 7; measured on Gemma 3 270M it saved nothing, so it is off by default.
 GEMM orientation per shape and row count comes from a `GemmPlan` (`specdec.verifiers.gemm`).
+Attention is either batched (one key range and mask per window for all rows: the draft model's runner) or,
+with `Step.rows` (the verifier's ragged batches), row by row over each row's own key range.
 `tiled(tile)` gives the strict (batch-invariant) view: fixed-size GEMM row tiles; with `Step.canonical` set,
 attention runs per query over its canonical keys (`specdec.verifiers.strict`).
 """
@@ -76,7 +78,7 @@ class Step:
     slot_slice: slice | None = None  # `slots` as a slice when consecutive: attend through a view, not a gather
     canonical: CanonicalTree | None = None  # strict scoring: each query over its own canonical keys
     real: torch.Tensor | None = None  # [R] int64 flat indices (b * n + i) of the real nodes; None = all are real
-    rows: RowSpans | None = None  # attention row by row over packed nodes (needs `real`); None = batched
+    rows: RowSpans | None = None  # attention row by row over the nodes in packed order; None = batched (masks)
 
 
 @dataclass
