@@ -111,7 +111,7 @@ class ScreenedHead:
 
     def self_check(self, samples: int = 8, block: int = 4096, seed: int = 0) -> bool:
         """True when the bf16 GEMM's error stays within half the bound, on inputs aligned with weight rows
-        (where an accumulator narrower than fp32 would exceed it many times over) and on random ones; timed
+        (where an accumulator narrower than fp32 would exceed it many times over) and on random ones; checked
         on `block` weight rows plus the aligned ones."""
         gen = torch.Generator().manual_seed(seed)
         vocab, hidden_size = self.weight.shape
