@@ -43,13 +43,13 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from specdec.drafters.base import Draft, Drafter, Feedback
-from specdec.engine import DecodeStats, GenerationResult, StopConditions, _as_ids, apply_stop, score_nodes
+from specdec.engine import DecodeStats, GenerationResult, StopConditions, _as_ids, apply_stop
 from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams, accept_greedy, target_probs
 from specdec.trees.allocate import NodeAllocator
 from specdec.trees.sizing import LatencyCurve
 from specdec.trees.tree import Tree
-from specdec.verifiers.base import NodeScores, Verifier
+from specdec.verifiers.base import NodeScores, Verifier, score_nodes
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from specdec.drafters.base import Draft, Drafter, Feedback
 from specdec.errors import SpecdecError
 from specdec.trees.sizing import AutoBudget
 from specdec.sampling import SamplingParams, accept_greedy, accept_sampled, target_probs
-from specdec.verifiers.base import DenseScores, NodeScores, Verifier
+from specdec.verifiers.base import Verifier, score_nodes
 
 
 @dataclass(frozen=True)
@@ -177,16 +177,6 @@ class Engine:
                 f"prompt of {prompt_len} tokens + max_new_tokens {max_new} exceeds the model's context of "
                 f"{limit} tokens: shorten the prompt or lower max_new_tokens"
             )
-
-
-def score_nodes(verifier: Verifier, slots: Sequence[int], tokens: torch.Tensor, depth: torch.Tensor,
-                mask: torch.Tensor, sizes: Sequence[int]) -> NodeScores:
-    """One verify call as `NodeScores` over the sum(sizes) real nodes (row by row), whatever the verifier offers:
-    its own `score_nodes`, or `score`'s padded logits [B, n, V] cut to the real nodes."""
-    if hasattr(verifier, "score_nodes"):
-        return verifier.score_nodes(slots, tokens, depth, mask, sizes)  # type: ignore[attr-defined]
-    padded = verifier.score(slots, tokens, depth, mask)  # [B, n, V]
-    return DenseScores(torch.cat([padded[b, :s] for b, s in enumerate(sizes)]))  # [R, V]
 
 
 def _as_ids(prompt: Sequence[int] | torch.Tensor) -> torch.Tensor:

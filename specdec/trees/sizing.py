@@ -26,6 +26,7 @@ import torch
 
 from specdec.hardware import cpu_name
 from specdec.measured import overloaded, save_json
+from specdec.verifiers.base import score_nodes
 from specdec.trees.tree import Tree
 
 CALIBRATION_SIZES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -91,10 +92,8 @@ def calibrate(verifier, sizes: Sequence[int] = CALIBRATION_SIZES, prefix_len: in
         for n in sizes:
             tokens = torch.randint(3, vocab_high, (1, n), generator=gen)
             t0 = time.perf_counter()
-            if hasattr(verifier, "score_nodes"):  # what greedy decoding runs: the scores' greedy tokens
-                verifier.score_nodes([0], tokens, trees[n].depth[None], trees[n].mask[None]).greedy()
-            else:
-                verifier.score([0], tokens, trees[n].depth[None], trees[n].mask[None])
+            # what greedy decoding runs: the scores' greedy tokens (screened LM head where the verifier has one)
+            score_nodes(verifier, [0], tokens, trees[n].depth[None], trees[n].mask[None], [n]).greedy()
             elapsed = time.perf_counter() - t0
             verifier.commit(0, [0])
             if rnd:

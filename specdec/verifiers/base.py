@@ -85,3 +85,13 @@ class DenseScores:
 
     def logits(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         return self._logits[lo:hi]
+
+
+def score_nodes(verifier: Verifier, slots: Sequence[int], tokens: torch.Tensor, depth: torch.Tensor,
+                mask: torch.Tensor, sizes: Sequence[int]) -> NodeScores:
+    """One verify call as `NodeScores` over the sum(sizes) real nodes (row by row), whatever the verifier offers:
+    its own `score_nodes`, or `score`'s padded logits [B, n, V] cut to the real nodes."""
+    if hasattr(verifier, "score_nodes"):
+        return verifier.score_nodes(slots, tokens, depth, mask, sizes)  # type: ignore[attr-defined]
+    padded = verifier.score(slots, tokens, depth, mask)  # [B, n, V]
+    return DenseScores(torch.cat([padded[b, :s] for b, s in enumerate(sizes)]))  # [R, V]

@@ -303,11 +303,9 @@ class LeanScores:
             return self._logits[lo:hi]
         return self.verifier._scorer.logits(self.hidden[lo:hi])
 
-    def topk(self, k: int) -> torch.Tensor:  # [R, k] int64
+    def topk(self, k: int) -> torch.Tensor:  # [R, k] int64 (sampling's callers hold the full logits already)
         if k <= 0:
             return torch.empty(self.hidden.shape[0], 0, dtype=torch.long)
-        if self._logits is None and self._screened():
-            return self.greedy(k)[1]
         return self.logits().topk(k, dim=-1).indices
 
     def greedy(self, k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,7 +72,8 @@ class ScreenedHead:
         hidden = weight.shape[1]
         u = 2.0 ** -9
         gamma = hidden * 2.0 ** -24 / (1 - hidden * 2.0 ** -24)
-        max_norm = float(self.weight.double().norm(dim=1).max())
+        # in float64, a block of rows at a time (the whole head in float64 would be a 1.3 GB temporary)
+        max_norm = max(float(block.double().norm(dim=1).max()) for block in self.weight.split(16384))
         # the constant of e = c ||h|| max||W_v||, rounded up generously (fp32 norms of h are computed below)
         self._c = (2 * u + u * u + 2.01 * gamma) * max_norm * (1 + 1e-3)
 
