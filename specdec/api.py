@@ -14,26 +14,32 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from specdec.drafters.base import Drafter
+from specdec.drafters.base import Drafter, missing_members
 from specdec.drafters.registry import drafter_names, make_drafter
-from specdec.engine import Engine, GenerationResult, StopConditions
+from specdec.engine import BatchResult, Engine, GenerationResult, OnTokens, Request, StopConditions, as_ids
 from specdec.errors import SpecdecError
 from specdec.models.loading import LoadedModel, default_cache_dir, load_model
 from specdec.sampling import SamplingParams
+from specdec.text import encode_prompt
+from specdec.trees.budget import BatchSizer
 from specdec.trees.presets import load_tree
 from specdec.trees.sizing import AutoBudget, cached_curve, verifier_key
 from specdec.trees.tree import Tree
 from specdec.verifiers.hf import HFVerifier
 
+MAX_DROP_IN_WIDTH = 8  # rows of one drop-in generate() call in flight at once
+_PER_ROW = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 DEFAULT_BUDGET = {"plain": 1}  # nodes per step incl. root, for drafters that cannot estimate their acceptance
 AUTO_MAX_NODES = 32  # the largest tree auto-sizing considers
 
 
-def make_verifier(model: PreTrainedModel, backend: str = "auto", strict: bool = False):
-    """'hf': the unmodified transformers forward; 'lean': specdec's CPU fast path; 'auto': lean when supported.
+def make_verifier(model: PreTrainedModel, backend: str = "auto", strict: bool = False,
+                  cache_dir: str | Path | None = None):
+    """'hf': the unmodified transformers forward; 'lean': specdec's fast path; 'auto': lean when supported.
 
     strict: batch-invariant scoring (lean only, see `specdec.verifiers.strict`): every node's logits are
-    bitwise plain decoding's at its position."""
+    bitwise plain decoding's at its position. cache_dir: where the lean verifier keeps its per-machine GEMM
+    plan and LM-head screen calibration (<cache_dir>/gemm; default: the specdec cache)."""
     if backend not in ("auto", "hf", "lean"):
         raise SpecdecError(f"unknown backend '{backend}': choose auto, hf or lean")
     if backend == "hf":
@@ -47,7 +53,7 @@ def make_verifier(model: PreTrainedModel, backend: str = "auto", strict: bool = 
             raise SpecdecError("the lean backend is not available in this build: use --backend hf") from None
         return HFVerifier(model)
     try:
-        return LeanVerifier(model, strict=strict)
+        return LeanVerifier(model, strict=strict, cache_dir=None if cache_dir is None else Path(cache_dir) / "gemm")
     except ValueError as err:
         if backend == "lean" or strict:
             raise SpecdecError(f"lean backend: {err}: use --backend hf (without --strict)") from None
@@ -57,6 +63,9 @@ def make_verifier(model: PreTrainedModel, backend: str = "auto", strict: bool = 
 class SpecDecoder:
     """A loaded target model + verifier + drafter, reusable across prompts (drafter state persists: hot start).
 
+    Every call runs through the one loop (`specdec.engine.Engine`): `generate_ids` / `generate_text` at width 1,
+    `generate_many` with `width` rows in flight, both with the same drafter and the same sampling rule, so a
+    prompt gives the same tokens (greedy, or sampled with the same seed) alone or in a batch.
     strict=True: the lean verifier's batch-invariant mode (see `make_verifier`): slower, bit-identical scores.
     """
 
@@ -86,12 +95,27 @@ class SpecDecoder:
         else:
             self.name = getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.model, self.tokenizer = model, tokenizer
-        self.verifier = make_verifier(model, backend, strict)
-        self.drafter = self._make_drafter(drafter, tree_obj, drafter_options or {})
         self.cache_dir = cache_dir
+        self.verifier = make_verifier(model, backend, strict, cache_dir)
+        self.drafter = self._make_drafter(drafter, tree_obj, drafter_options or {})
         self.tree_budget = self._budget(tree_budget, log)
-        self.engine = Engine(self.verifier, self.drafter, self.tree_budget)
-        self._batch_engine = None
+        self.engine = Engine(self.verifier, self.drafter, self.tree_budget)  # width 1
+        self._engines: dict[int, Engine] = {1: self.engine}
+
+    def engine_for(self, width: int) -> Engine:
+        """The loop with `width` rows in flight (kept across calls: its budget measurements persist).
+
+        Width 1 sizes trees with the calibrated latency curve (or the fixed budget); wider batches measure
+        their own step costs (`specdec.trees.budget.BatchSizer`)."""
+        if width not in self._engines:
+            if width > 1 and not self.verifier.batched:
+                raise SpecdecError("batches need the lean verifier (backend 'lean' or 'auto' on a Gemma 3 / Qwen2 / "
+                                   "Llama model): the transformers verifier decodes one row at a time; use width 1")
+            budget = self.tree_budget
+            max_nodes = budget if isinstance(budget, int) else int(budget.max_nodes)
+            curve = budget.curve if isinstance(budget, AutoBudget) else None
+            self._engines[width] = Engine(self.verifier, self.drafter, BatchSizer(max_nodes, True, curve), width)
+        return self._engines[width]
 
     def _budget(self, tree_budget: int | None, log: Callable[[str], None] | None) -> int | AutoBudget:
         """An explicit budget is used as given; otherwise size trees to this machine's measured verify cost."""
@@ -99,8 +123,8 @@ class SpecDecoder:
             if tree_budget < 1:
                 raise SpecdecError(f"tree budget must be >= 1 node, got {tree_budget}")
             return tree_budget
-        name = getattr(self.drafter, "name", "custom")
-        if name in DEFAULT_BUDGET or not hasattr(self.drafter, "expected_tokens"):
+        name = self.drafter.name
+        if name in DEFAULT_BUDGET or self.drafter.expected_tokens(0, 2) is None:
             return DEFAULT_BUDGET.get(name, 8)
         key = verifier_key(self.model.config, self.verifier)  # strict scoring has its own cost curve
         cache = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
@@ -108,6 +132,12 @@ class SpecDecoder:
 
     def _make_drafter(self, drafter: str | Drafter, tree: Tree | None, options: dict[str, Any]) -> Drafter:
         if not isinstance(drafter, str):
+            missing = missing_members(drafter)
+            if missing:
+                raise SpecdecError(f"drafter {type(drafter).__name__} lacks {', '.join(missing)} of the drafter "
+                                   "protocol (specdec.drafters.base.Drafter; subclass BaseDrafter for the defaults)")
+            if tree is not None:
+                raise SpecdecError("tree= is for a drafter given by name; a drafter object builds its own trees")
             return drafter
         try:
             context = {"target": self.model, "target_tokenizer": self.tokenizer}
@@ -117,47 +147,54 @@ class SpecDecoder:
 
     # ------------------------------------------------------------------------------------------ token ids
 
+    def request(self, prompt: str | Sequence[int] | torch.Tensor, *, max_new_tokens: int = 128,
+                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+                chat: bool = True) -> Request:
+        """One row for the loop, validated here (the API boundary); a str prompt is encoded first."""
+        ids = self.encode(prompt, chat) if isinstance(prompt, str) else prompt
+        sampling = _validated(SamplingParams(temperature, top_k, top_p, seed))
+        if isinstance(stop_strings, str):
+            stop_strings = (stop_strings,)
+        if any(not isinstance(s, str) or not s for s in stop_strings):
+            raise SpecdecError("stop strings must be non-empty text")
+        eos = self.eos_ids() if eos_token_id is None else _as_list(eos_token_id)
+        if any(t < 0 or t >= self.verifier.vocab_size for t in eos):
+            raise SpecdecError(f"eos_token_id must be in 0..{self.verifier.vocab_size - 1}, got {eos}")
+        stop = StopConditions(max_new_tokens=max_new_tokens, eos_token_ids=frozenset(eos),
+                              stop_strings=tuple(stop_strings), decode=self.decode if stop_strings else None)
+        return Request(as_ids(ids), stop, sampling)
+
     def generate_ids(
         self,
         prompt_ids: Sequence[int] | torch.Tensor,
         *,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
-        stop_strings: Sequence[str] = (),
         on_tokens: Callable[[list[int]], None] | None = None,
+        **kwargs: Any,
     ) -> GenerationResult:
-        sampling = _validated(SamplingParams(temperature, top_k, top_p, seed))
-        stop = StopConditions(
-            max_new_tokens=max_new_tokens,
-            eos_token_ids=frozenset(self.eos_ids() if eos_token_id is None else _as_list(eos_token_id)),
-            stop_strings=tuple(stop_strings),
-            decode=self.decode if stop_strings else None,
-        )
-        return self.engine.generate(prompt_ids, stop, sampling, on_tokens)
+        """One prompt of token ids; kwargs are `request`'s (max_new_tokens, temperature, ...)."""
+        request = self.request(prompt_ids, **kwargs)
+        callback = None if on_tokens is None else (lambda _index, tokens: on_tokens(tokens))
+        return self.engine.generate_batch([request], callback).results[0]
 
-    def generate_many(self, prompts: Sequence[Sequence[int] | str], *, width: int = 8, **kwargs: Any):
-        """Many prompts (token ids or text) with `width` rows in flight (continuous batching, lean verifier).
-        Per-row settings may be lists (max_new_tokens, temperature, top_k, top_p, seed); see specdec.batch."""
-        from specdec.batch import batch_engine, generate_batch
+    def generate_many(self, prompts: Sequence[Sequence[int] | str], *, width: int = 8,
+                      on_tokens: OnTokens | None = None, **kwargs: Any) -> BatchResult:
+        """Many prompts (token ids or text) with `width` rows in flight (continuous batching; lean verifier).
 
-        if self._batch_engine is None or self._batch_engine.width != width:
-            self._batch_engine = batch_engine(self, width)
-        return generate_batch(self, prompts, engine=self._batch_engine, **kwargs)
+        kwargs are `request`'s; max_new_tokens, temperature, top_k, top_p and seed may also be given per row as
+        a list of len(prompts). on_tokens(index, tokens) streams each row's committed tokens."""
+        per_row = {k: v for k, v in kwargs.items() if k in _PER_ROW and isinstance(v, (list, tuple))}
+        for name, values in per_row.items():
+            if len(values) != len(prompts):
+                raise SpecdecError(f"{name}: {len(values)} values given for {len(prompts)} prompts")
+        requests = [self.request(p, **(kwargs | {k: v[i] for k, v in per_row.items()}))
+                    for i, p in enumerate(prompts)]
+        return self.engine_for(width).generate_batch(requests, on_tokens)
 
     # ------------------------------------------------------------------------------------------ text
 
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
-        if not prompt or not prompt.strip():
-            raise SpecdecError("empty prompt: give some text to continue")
-        tok = self._need_tokenizer()
-        if chat and getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return list(tok(prompt)["input_ids"])
+        return encode_prompt(self._need_tokenizer(), prompt, chat)
 
     def generate_text(self, prompt: str, *, chat: bool = True, **kwargs: Any) -> tuple[str, GenerationResult]:
         result = self.generate_ids(self.encode(prompt, chat), **kwargs)
@@ -214,19 +251,27 @@ def generate(
     input_ids: torch.Tensor | str | None = None,
     *,
     tokenizer: Any = None,
-    drafter: str | Drafter = "recycling",
+    drafter: str | Drafter | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
     """Speculative `model.generate(input_ids, **kwargs)`: same arguments, same returned [B, L + new] tensor.
 
-    Rows of a batch are decoded one after another (left padding is stripped with `attention_mask`); finished
-    rows are right-padded with pad_token_id as transformers does. `input_ids` may also be a string (needs
-    `tokenizer`). Sampling uses `seed` if given, else a seed drawn from torch's global generator.
+    The rows of a batch go through the one loop together (width B, at most 8 in flight; the transformers
+    verifier: one at a time); left padding is stripped with `attention_mask`; finished rows are right-padded
+    with pad_token_id as transformers does. `input_ids` may also be a string (needs `tokenizer`). drafter:
+    default recycling. Sampling uses `seed` if given (every row the same), else a seed drawn from torch's
+    global generator. Given a SpecDecoder, its own drafter and tokenizer are used: passing either is an error.
     """
     unknown = set(kwargs) - _SUPPORTED
     if unknown:
         raise SpecdecError(f"generate() argument(s) {sorted(unknown)} are not supported by specdec")
-    decoder = model if isinstance(model, SpecDecoder) else SpecDecoder(model, tokenizer, drafter=drafter)
+    if isinstance(model, SpecDecoder):
+        if drafter is not None or tokenizer is not None:
+            raise SpecdecError("generate(SpecDecoder, ...) uses the decoder's own drafter and tokenizer: pass "
+                               "drafter= / tokenizer= to SpecDecoder(...) instead")
+        decoder = model
+    else:
+        decoder = SpecDecoder(model, tokenizer, drafter=drafter or "recycling")
     if isinstance(input_ids, str):
         input_ids = torch.tensor([decoder.encode(input_ids, chat=False)])
     if input_ids is None:
@@ -246,7 +291,9 @@ def generate(
     stop_strings = gc.stop_strings or ()
     if isinstance(stop_strings, str):
         stop_strings = (stop_strings,)
-    results = [decoder.generate_ids(r, stop_strings=stop_strings, **args).tokens for r in rows]
+    width = min(len(rows), MAX_DROP_IN_WIDTH) if decoder.verifier.batched else 1
+    batch = decoder.generate_many(rows, width=width, stop_strings=stop_strings, **args)
+    results = [r.tokens for r in batch.results]
     pad = gc.pad_token_id if gc.pad_token_id is not None else (_as_list(gc.eos_token_id) or [0])[0]
     width = max(len(r) for r in results)
     new = torch.full((len(rows), width), int(pad), dtype=input_ids.dtype)
@@ -274,6 +321,9 @@ def _engine_args(gc: Any, prompt_width: int, seed: int | None) -> dict[str, Any]
     else:
         max_new = 20  # transformers' model-agnostic default: 20 new tokens
     args: dict[str, Any] = {"max_new_tokens": max_new, "eos_token_id": _as_list(gc.eos_token_id)}
+    if gc.do_sample and gc.temperature is not None and gc.temperature == 0:
+        raise SpecdecError("do_sample=True with temperature=0 is contradictory: drop do_sample for greedy "
+                           "decoding, or give a temperature > 0")
     if gc.do_sample:
         args.update(
             temperature=gc.temperature if gc.temperature is not None else 1.0,

@@ -11,10 +11,10 @@ from typing import Any
 
 import click
 
-from specdec.cli_common import common_options, log, setup, user_errors
+from specdec.cli_common import common_options, log, sampling_options, setup, user_errors
 from specdec.config import RunConfig, load_config
 from specdec.errors import SpecdecError
-from specdec.jobs_cli import batch
+from specdec.jobs.cli import batch
 
 
 @click.group()
@@ -26,13 +26,7 @@ def main() -> None:
 @main.command()
 @click.argument("prompt")
 @common_options
-@click.option("--max-new-tokens", type=int, help="Tokens to generate at most (default 128).")
-@click.option("--temperature", type=float, help="0 = greedy (default).")
-@click.option("--top-k", type=int, help="Sample from the k most likely tokens (0 = off).")
-@click.option("--top-p", type=float, help="Nucleus sampling mass (1 = off).")
-@click.option("--seed", type=int, help="Sampling seed.")
-@click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable).")
-@click.option("--raw", is_flag=True, help="Do not apply the tokenizer's chat template.")
+@sampling_options
 @click.option("--stream", is_flag=True, help="Print text as it is accepted.")
 @click.option("--stats", is_flag=True, help="Print tau, tokens/s and the accepted-length histogram.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout: text, token_ids, stats.")
@@ -119,40 +113,50 @@ def _print_stats(result, cfg: RunConfig) -> None:
 @click.option("--per-category", type=int, default=1, show_default=True, help="Prompts per category.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--methods", default="hf-plain,hf-pld,plain,ngram,recycling", show_default=True,
-              help="Comma-separated: hf-plain, hf-pld, plain, ngram, recycling.")
+              help="Comma-separated: hf-plain, hf-pld, or drafter names; --drafter (with the config's "
+                   "drafter_options) is added when missing.")
 @click.option("--out", "out_dir", default="bench_results", show_default=True, help="Folder for JSON + Markdown.")
 @click.option("--batch", "batch_sizes", help="Batched throughput instead: comma-separated batch sizes, e.g. 1,2,4,8.")
 @click.option("--batch-prompts", type=int, default=16, show_default=True, help="Prompts for --batch.")
 @click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True,
               help="--batch: interleaved runs per batch size and method; the fastest counts.")
 @click.option("--plot", is_flag=True, help="Also save a PNG (needs matplotlib).")
-@click.option("--curve", type=click.Path(), help="Verify-curve JSON (scripts/verify_curve.py) to plot too.")
+@click.option("--curve", type=click.Path(),
+              help="Verify-curve JSON (python -m specdec.bench.verify_curve) to plot too.")
 @user_errors
 def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, per_category: int,
           max_new_tokens: int, methods: str, out_dir: str, batch_sizes: str | None, batch_prompts: int, repeats: int,
           plot: bool, curve: str | None, **overrides: Any) -> None:
     """Spec-Bench, side by side in one run: tau, tokens/s, speedup and exact-match rate per category."""
-    from specdec.bench import BenchSpec, run_bench
-
     cfg = load_config(config_path).updated(**overrides)
     setup(cfg.threads)
     if batch_sizes:
         if cfg.strict:
             raise SpecdecError("--strict is not supported with --batch yet: drop one of them")
-        from specdec.bench_batch import BatchBenchSpec, parse_batch_sizes, run_batch_bench
+        from specdec.bench.batch import BatchBenchSpec, parse_batch_sizes, run_batch_bench
 
         run_batch_bench(BatchBenchSpec(
             model=cfg.model, prompts=prompts, n_prompts=batch_prompts, max_new_tokens=max_new_tokens,
-            batch_sizes=parse_batch_sizes(batch_sizes), drafter=cfg.drafter, tree=cfg.tree,
-            tree_budget=cfg.tree_budget, cache_dir=cache_dir, repeats=repeats, out_dir=out_dir), log=log,
-            echo=click.echo)
+            batch_sizes=parse_batch_sizes(batch_sizes), drafter=cfg.drafter, drafter_options=cfg.drafter_options,
+            backend=cfg.backend, tree=cfg.tree, tree_budget=cfg.tree_budget, cache_dir=cache_dir, repeats=repeats,
+            out_dir=out_dir), log=log, echo=click.echo)
         return
+    from specdec.bench.spec_bench import BenchSpec, run_bench
+
     spec = BenchSpec(
         model=cfg.model, prompts=prompts, per_category=per_category, max_new_tokens=max_new_tokens,
-        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), out_dir=out_dir, cache_dir=cache_dir,
-        tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend, plot=plot, curve=curve, strict=cfg.strict,
+        methods=_bench_methods(methods, cfg, drafter_given=overrides.get("drafter") is not None), out_dir=out_dir,
+        cache_dir=cache_dir, tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend, plot=plot,
+        curve=curve, strict=cfg.strict, drafter=cfg.drafter, drafter_options=cfg.drafter_options,
     )
     run_bench(spec, log=log, echo=click.echo)
+
+
+def _bench_methods(methods: str, cfg: RunConfig, drafter_given: bool) -> tuple[str, ...]:
+    """--methods, plus the configured drafter when it was chosen (--drafter, a config file, drafter_options)."""
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    chosen = drafter_given or cfg.drafter != RunConfig.drafter or bool(cfg.drafter_options)
+    return names + (cfg.drafter,) if chosen and cfg.drafter not in names else names
 
 
 @main.command("models")

@@ -1,4 +1,4 @@
-"""Pieces every `specdec` subcommand shares: the common options, one-line user errors, process setup."""
+"""Pieces every `specdec` subcommand shares: the common and sampling options, one-line user errors, setup."""
 
 from __future__ import annotations
 
@@ -50,6 +50,24 @@ def common_options(fn: Callable) -> Callable:
                      help="Batch-invariant scoring (lean): logits bitwise equal to plain decoding's; slower."),
         click.option("--threads", type=int, help="torch CPU threads."),
         click.option("--cache-dir", envvar="SPECDEC_CACHE", help="Model cache (default ~/.cache/specdec)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def sampling_options(fn: Callable) -> Callable:
+    """What to generate: `generate` uses these for its prompt, `batch` as defaults for rows without their own."""
+    options = [
+        click.option("--max-new-tokens", type=int, help="Tokens to generate at most (default 128)."),
+        click.option("--temperature", type=float, help="0 = greedy (default)."),
+        click.option("--top-k", type=int, help="Sample from the k most likely tokens (0 = off)."),
+        click.option("--top-p", type=float, help="Nucleus sampling mass (1 = off)."),
+        click.option("--seed", type=int,
+                     help="Sampling seed (batch: rows without a seed derive theirs from it and their id)."),
+        click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable)."),
+        click.option("--raw", is_flag=True,
+                     help="Do not apply the tokenizer's chat template (batch: to 'prompt' rows)."),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -1,30 +1,45 @@
-"""The decoding loop: propose -> verify -> accept -> commit -> observe, one sequence at a time.
+"""The one decoding loop: propose -> verify -> accept -> commit -> observe, for a batch of rows.
 
-The engine knows nothing about text: token ids in, token ids out (stop strings come in as a callable that
-decodes). Per step the drafter proposes a tree rooted at the last committed token, the verifier scores every
-node in one target forward, the acceptance rule (`specdec.sampling`) picks the accepted path plus one bonus
-token, the verifier keeps the accepted nodes' KV, and the drafter observes the result. `plain` decoding is the
-same loop with a 1-node tree, so every comparison is like for like.
+The engine knows nothing about text: token ids in, token ids out (stop strings come in through each request's
+`StopConditions.decode`). Single calls are width 1 of the same step; every entry point (SpecDecoder, the drop-in
+`generate`, the CLI, batch jobs, Ray workers, the benches) runs through `Engine.stream`.
+
+One step, for the B active rows (`width` at most; a finished row frees its slot for the next pending request at
+once, continuous batching):
+1. the `Sizer` (`specdec.trees.budget`) gives each row a node budget; the drafter proposes all rows' trees in
+   one call (`specdec.drafters.base`), optionally with auxiliary nodes;
+2. the trees (real nodes, then aux nodes) are padded to the same node count with dummy nodes and stacked;
+   ONE `verifier.score_nodes` scores the real nodes of every row: each row at its own position (its slot's
+   length), its KV written by position, so rows of different lengths need no padding or realignment;
+3. per row: acceptance over the real tree (`specdec.sampling`), `commit` of the accepted path, the stop rule
+   (`apply_stop`), streaming callback, and the drafter's `observe` with lazily read scores.
+
+Sampling (one rule for every drafter, width and batch): the token at output index t is inverse_cdf(p_t, u_t),
+u_t from the row's own seed (`specdec.sampling.Uniforms`), and a deterministic draft token is accepted iff it
+equals that token. So for q = 1 drafts the sampled output is token for token plain sampling's with the same seed.
+Drafts carrying q (sampled draft-model drafts) use the q-ratio rule with randomness keyed by (seed, position):
+exact in distribution.
 
 Stopping is exactly plain decoding's: committed tokens are appended one by one and the sequence ends at the
-first EOS (kept), at max_new_tokens, or at the token that completes a stop string — no token after it, even
-when an accepted draft ran past it.
+first EOS (kept), at max_new_tokens, or at the token that completes a stop string.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from specdec.drafters.base import Draft, Drafter, Feedback
+from specdec.drafters.base import Draft, Drafter, DraftRow, Feedback
 from specdec.errors import SpecdecError
+from specdec.sampling import (SamplingParams, SampledTargets, Uniforms, accept_greedy, accept_sampled,
+                              step_generator, target_probs)
+from specdec.trees.budget import CurveSizer, FixedSizer, Sizer, StepPlan
 from specdec.trees.sizing import AutoBudget
-from specdec.sampling import SamplingParams, accept_greedy, accept_sampled, target_probs
-from specdec.verifiers.base import Verifier, score_nodes
+from specdec.verifiers.base import NodeInputs, NodeScores, Verifier
 
 
 @dataclass(frozen=True)
@@ -35,10 +50,19 @@ class StopConditions:
     decode: Callable[[list[int]], str] | None = None  # needed when stop_strings is set
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise SpecdecError(f"max_new_tokens must be a whole number, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 0:
             raise SpecdecError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.stop_strings and self.decode is None:
             raise SpecdecError("stop strings need a tokenizer to decode with: pass tokenizer=...")
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: Sequence[int] | torch.Tensor  # [L] token ids
+    stop: StopConditions
+    sampling: SamplingParams = SamplingParams()
 
 
 @dataclass
@@ -88,104 +112,383 @@ class GenerationResult:
     stats: DecodeStats
 
 
+@dataclass
+class BatchStats:
+    rows: int = 0
+    new_tokens: int = 0
+    steps: int = 0  # batched verifier calls
+    row_steps: int = 0  # rows scored, summed over steps
+    committed: int = 0  # tokens committed per row-step (bonus included), summed, before stop cuts
+    budgets: Counter = field(default_factory=Counter)  # tree budget -> steps it was chosen for
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    accept_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per row per target forward (plain decoding: 1.0)."""
+        return self.committed / max(1, self.row_steps)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "rows": self.rows, "new_tokens": self.new_tokens, "steps": self.steps,
+            "mean_rows_per_step": round(self.row_steps / max(1, self.steps), 2), "tau": round(self.tau, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3), "budget_histogram": dict(sorted(self.budgets.items())),
+            "prefill_s": round(self.prefill_s, 4), "draft_s": round(self.draft_s, 4),
+            "verify_s": round(self.verify_s, 4), "accept_s": round(self.accept_s, 4), "wall_s": round(self.wall_s, 4),
+        }
+
+
+@dataclass
+class BatchResult:
+    results: list[GenerationResult]  # one per request, in input order
+    stats: BatchStats
+
+
+OnTokens = Callable[[int, list[int]], None]  # (request index, tokens just committed)
+
+
 class Engine:
-    """tree_budget: nodes scored per step (root included), or an object whose `budget(drafter)` picks it per
-    step and whose `max_nodes` bounds it (specdec.trees.sizing.AutoBudget: sized to this machine's verify cost)."""
+    """The loop over `width` rows in flight on one verifier with `width` slots and ONE drafter for all rows.
 
-    def __init__(self, verifier: Verifier, drafter: Drafter, tree_budget: "int | AutoBudget" = 8):
-        self.max_nodes = tree_budget if isinstance(tree_budget, int) else tree_budget.max_nodes
-        if self.max_nodes < 1:
-            raise SpecdecError(f"tree budget must be >= 1 node, got {self.max_nodes}")
-        self.verifier = verifier
-        self.drafter = drafter
-        self.tree_budget = tree_budget
+    sizer: per-step budgets (`specdec.trees.budget`); an int is a fixed budget, an `AutoBudget` sizes each row's
+    tree to the machine's measured verify cost. The engine keeps its drafter and sizer across calls (hot start).
+    """
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        prompt: Sequence[int] | torch.Tensor,
-        stop: StopConditions,
-        sampling: SamplingParams = SamplingParams(),
-        on_tokens: Callable[[list[int]], None] | None = None,
-    ) -> GenerationResult:
-        t0 = time.perf_counter()
-        context = _as_ids(prompt)  # [L]
-        self._check_length(context.numel(), stop.max_new_tokens)
-        stats = DecodeStats(prompt_tokens=context.numel())
-        generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else 0)
-        out: list[int] = []
-        reason = "length"
-        if stop.max_new_tokens > 0:
-            self.verifier.reset(1, context.numel() + stop.max_new_tokens + self.max_nodes + 1)
-            self.verifier.prefill(0, context[:-1])
-            self.drafter.reset()
-            if hasattr(self.drafter, "set_sampling"):  # drafters that sample draft with this request's settings
-                self.drafter.set_sampling(sampling)
-            stats.prefill_s = time.perf_counter() - t0
-            reason = None
-        while reason is None:
-            committed = self._step(context, sampling, generator, stats)
-            kept, reason = apply_stop(committed, out, stop)
-            out.extend(kept)
-            context = torch.cat([context, torch.tensor(kept, dtype=torch.long)])
-            if on_tokens is not None and kept:
-                on_tokens(kept)
-        stats.new_tokens = len(out)
-        stats.total_s = time.perf_counter() - t0
-        return GenerationResult(out, reason, stats)
+    def __init__(self, verifier: Verifier, drafter: Drafter, sizer: "int | AutoBudget | Sizer" = 8,
+                 width: int = 1):
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise SpecdecError(f"batch width must be a whole number >= 1, got {width!r}")
+        if isinstance(sizer, int):
+            sizer = FixedSizer(sizer)
+        elif isinstance(sizer, AutoBudget):
+            sizer = CurveSizer(sizer)
+        self.verifier, self.drafter, self.sizer, self.width = verifier, drafter, sizer, width
 
-    def _step(self, context: torch.Tensor, sampling: SamplingParams, gen: torch.Generator, stats: DecodeStats) -> list[int]:
-        t0 = time.perf_counter()
-        budget = self.tree_budget if isinstance(self.tree_budget, int) else self.tree_budget.budget(self.drafter)
-        draft = self.drafter.propose(context, budget)
-        t1 = time.perf_counter()
-        tree = draft.tree
-        scores = score_nodes(self.verifier, [0], draft.tokens[None], tree.depth[None], tree.mask[None], [tree.size])
-        tokens = draft.tokens.tolist()
-        k = self.drafter.topk
-        if sampling.greedy:
-            argmax, hints = scores.greedy(k)
-            path, bonus = accept_greedy(tree, tokens, argmax.tolist())
-        else:
-            path, bonus = accept_sampled(tree, tokens, target_probs(scores.logits(), sampling), draft.q, gen)
-            hints = scores.topk(k)
-        self.verifier.commit(0, path)
-        committed = [tokens[i] for i in path[1:]] + [bonus]
-        self._observe(draft, hints, path, committed, context.numel())
-        stats.draft_s += t1 - t0
-        stats.verify_s += time.perf_counter() - t1
-        stats.steps += 1
-        stats.accepted.append(len(committed))
-        stats.tree_sizes.append(tree.size)
-        return committed
+    @property
+    def max_nodes(self) -> int:
+        return self.sizer.max_nodes
 
-    def _observe(self, draft: Draft, topk: torch.Tensor, path: list[int], committed: list[int], n_ctx: int) -> None:
-        feedback = Feedback(
-            accepted=torch.tensor(path, dtype=torch.long),
-            new_tokens=torch.tensor(committed, dtype=torch.long),
-            topk_tokens=topk,  # [n, k]
-            context_len=n_ctx + len(committed),
-        )
-        self.drafter.observe(draft, feedback)
+    def generate(self, prompt: Sequence[int] | torch.Tensor, stop: StopConditions,
+                 sampling: SamplingParams = SamplingParams(),
+                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+        """One sequence (width 1 of the loop)."""
+        callback = None if on_tokens is None else (lambda _index, tokens: on_tokens(tokens))
+        run = self.stream([Request(prompt, stop, sampling)], callback)
+        return next(iter(run))[1]
 
-    def _check_length(self, prompt_len: int, max_new: int) -> None:
-        if prompt_len == 0:
+    def generate_batch(self, requests: Sequence[Request], on_tokens: OnTokens | None = None) -> BatchResult:
+        run = self.stream(requests, on_tokens)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for index, result in run:
+            results[index] = result
+        return BatchResult(results, run.stats)  # type: ignore[arg-type]
+
+    def stream(self, requests: Sequence[Request], on_tokens: OnTokens | None = None) -> "Run":
+        """An iterator of (request index, result) in the order rows finish; its `.stats` fill as it runs."""
+        return Run(self, requests, on_tokens)
+
+    def check(self, request: Request) -> None:
+        """SpecdecError if `request` cannot be decoded (empty prompt, longer than the model's context)."""
+        n = as_ids(request.prompt).numel()
+        if n == 0:
             raise SpecdecError("empty prompt: give at least one token (or non-empty text)")
         limit = self.verifier.max_positions
-        if prompt_len + max_new > limit:
-            raise SpecdecError(
-                f"prompt of {prompt_len} tokens + max_new_tokens {max_new} exceeds the model's context of "
-                f"{limit} tokens: shorten the prompt or lower max_new_tokens"
-            )
+        if n + request.stop.max_new_tokens > limit:
+            raise SpecdecError(f"prompt of {n} tokens + max_new_tokens {request.stop.max_new_tokens} exceeds the "
+                               f"model's context of {limit} tokens: shorten the prompt or lower max_new_tokens")
 
 
-def _as_ids(prompt: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    ids = torch.as_tensor(prompt, dtype=torch.long)
+class _Row:
+    """One sequence in flight: its slot, committed tokens (a preallocated buffer), sampler and stats."""
+
+    def __init__(self, index: int, slot: int, request: Request):
+        ids = as_ids(request.prompt)
+        self.index, self.slot = index, slot
+        self.stop, self.sampling = request.stop, request.sampling
+        self.buf = torch.empty(ids.numel() + request.stop.max_new_tokens, dtype=torch.long)  # [L + max_new]
+        self.buf[: ids.numel()] = ids
+        self.n = ids.numel()
+        self.out: list[int] = []
+        self.stats = DecodeStats(prompt_tokens=ids.numel())
+        self.seed = request.sampling.seed or 0
+        self.uniforms = None if request.sampling.greedy else Uniforms(self.seed)
+        self.reason: str | None = None
+        self.t0 = time.perf_counter()
+
+    @property
+    def context(self) -> torch.Tensor:  # [n] committed tokens
+        return self.buf[: self.n]
+
+    def extend(self, kept: list[int]) -> None:
+        self.buf[self.n: self.n + len(kept)] = torch.tensor(kept, dtype=torch.long)
+        self.n += len(kept)
+        self.out.extend(kept)
+
+
+class Run:
+    """One pass over a pool of requests; iterate it for (index, result) as rows finish."""
+
+    def __init__(self, engine: Engine, requests: Sequence[Request], on_tokens: OnTokens | None = None):
+        self.engine, self.requests, self.on_tokens = engine, list(requests), on_tokens
+        for r in self.requests:
+            engine.check(r)
+        self.stats = BatchStats(rows=len(self.requests))
+
+    def __iter__(self) -> Iterator[tuple[int, GenerationResult]]:
+        t0 = time.perf_counter()
+        try:
+            yield from self._run()
+        finally:
+            self.stats.wall_s += time.perf_counter() - t0
+
+    def _run(self) -> Iterator[tuple[int, GenerationResult]]:
+        eng, v = self.engine, self.engine.verifier
+        pending = []
+        for i, r in enumerate(self.requests):
+            if r.stop.max_new_tokens == 0:
+                yield i, GenerationResult([], "length", DecodeStats(prompt_tokens=as_ids(r.prompt).numel()))
+            else:
+                pending.append(i)
+        if not pending:
+            return
+        width = min(eng.width, len(pending))
+        longest = max(as_ids(self.requests[i].prompt).numel() + self.requests[i].stop.max_new_tokens
+                      for i in pending)
+        # room for the largest tree (and its aux nodes) after the longest row; never past the model's context
+        self.max_len = min(v.max_positions, longest + eng.max_nodes + eng.drafter.needs.max_aux)
+        v.reset(width, self.max_len)
+        pending.reverse()  # pop() takes the next in input order
+        rows: dict[int, _Row] = {}  # slot -> row
+        for slot in range(width):
+            rows[slot] = self._admit(pending.pop(), slot)
+        while rows:
+            active = [rows[s] for s in sorted(rows)]
+            for row in self._step(active):
+                yield row.index, self._finish(row)
+                del rows[row.slot]
+                if pending:
+                    rows[row.slot] = self._admit(pending.pop(), row.slot)
+
+    def _admit(self, index: int, slot: int) -> _Row:
+        t0 = time.perf_counter()
+        request = self.requests[index]
+        self.engine.drafter.reset(slot, request.sampling)
+        row = _Row(index, slot, request)
+        with torch.inference_mode():
+            self.engine.verifier.prefill(slot, row.context[:-1])
+        row.stats.prefill_s = time.perf_counter() - t0
+        self.stats.prefill_s += row.stats.prefill_s
+        row.t0 = t0
+        return row
+
+    def _finish(self, row: _Row) -> GenerationResult:
+        row.stats.new_tokens = len(row.out)
+        row.stats.total_s = time.perf_counter() - row.t0
+        self.stats.new_tokens += len(row.out)
+        return GenerationResult(row.out, row.reason, row.stats)  # type: ignore[arg-type]
+
+    @torch.inference_mode()
+    def _step(self, rows: list[_Row]) -> list[_Row]:
+        """One batched step over `rows`; returns the rows that finished."""
+        eng = self.engine
+        t0 = time.perf_counter()
+        cap = self.max_len - max(eng.verifier.length(r.slot) for r in rows)
+        slots = [r.slot for r in rows]
+        views = [DraftRow(r.slot, r.context) for r in rows]  # contexts as of this step's start
+        plan = eng.sizer.plan(eng.drafter, slots, cap)
+        drafts = self._propose(views, plan, cap)
+        batch = pack(drafts, eng.verifier.device)
+        t1 = time.perf_counter()
+        needs = eng.drafter.needs
+        scores = eng.verifier.score_nodes(slots, batch.tokens, batch.depth, batch.mask, batch.sizes,
+                                          embeds=batch.embeds, hidden_layers=needs.hidden_layers)
+        if any(r.uniforms is None for r in rows):
+            argmax, hints = scores.greedy(needs.topk)  # [R], [R, k]: the LM head, timed as part of the verify
+            argmax_list: list[int] | None = argmax.tolist()
+        else:  # every row samples: one LM head GEMM over all nodes (cached by the scores), no screening
+            scores.logits()
+            argmax_list, hints = None, scores.topk(needs.topk)
+        hints = hints.cpu()
+        t2 = time.perf_counter()
+        finished, committed_total, feedback = [], 0, []
+        for b, (row, draft) in enumerate(zip(rows, drafts)):
+            lo = batch.bounds[b]
+            path, committed = self._accept(row, draft, scores, lo, argmax_list)
+            eng.verifier.commit(row.slot, path)
+            committed_total += len(committed)
+            feedback.append(Feedback(
+                accepted=torch.tensor(path, dtype=torch.long), new_tokens=torch.tensor(committed, dtype=torch.long),
+                topk_tokens=hints[lo: lo + draft.size], context_len=row.n + len(committed), scores=scores, lo=lo,
+                n=draft.size, m=0 if draft.aux is None else draft.aux.size))
+            row.stats.accepted.append(len(committed))
+            row.stats.tree_sizes.append(draft.size)
+            kept, reason = apply_stop(committed, row.out, row.stop)
+            row.extend(kept)  # the views above keep their own (pre-step) length
+            if kept and self.on_tokens is not None:
+                self.on_tokens(row.index, kept)
+            if reason is not None:
+                row.reason = reason
+                finished.append(row)
+        eng.drafter.observe(views, drafts, feedback)
+        t3 = time.perf_counter()
+        self._account(rows, plan, sum(batch.sizes), committed_total, (t0, t1, t2, t3))
+        return finished
+
+    def _propose(self, views: list[DraftRow], plan: StepPlan, cap: int) -> list[Draft]:
+        eng = self.engine
+        if not plan.propose:
+            return [Draft.root_only(r.context) for r in views]
+        name = getattr(eng.drafter, "name", type(eng.drafter).__name__)
+        try:
+            drafts = eng.drafter.propose(views, plan.budgets)
+        except SpecdecError:
+            raise
+        except Exception as err:  # a drafter's bug must name the drafter, not surface as the engine's
+            raise SpecdecError(f"drafter '{name}' failed in propose: {type(err).__name__}: {err}") from err
+        if len(drafts) != len(views):
+            raise SpecdecError(f"drafter '{name}' returned {len(drafts)} drafts for {len(views)} rows")
+        drafts = eng.sizer.trim(plan, eng.drafter, [r.slot for r in views], list(drafts))
+        return [self._checked(name, r, d, b, cap) for r, d, b in zip(views, drafts, plan.budgets)]
+
+    def _checked(self, name: str, row: DraftRow, draft: Draft, budget: int, cap: int) -> Draft:
+        """The draft if it is one the loop can score: within budget, rooted at the last token, in vocabulary."""
+        if draft.size > budget:
+            raise SpecdecError(f"drafter '{name}' proposed {draft.size} nodes for a budget of {budget}")
+        tokens = draft.tokens
+        if int(tokens[0]) != int(row.context[-1]):
+            raise SpecdecError(f"drafter '{name}' proposed a tree whose root is not the last committed token")
+        vocab = self.engine.verifier.vocab_size
+        if draft.size > 1 and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+            raise SpecdecError(f"drafter '{name}' proposed a token outside the vocabulary 0..{vocab - 1}")
+        aux = draft.aux
+        if aux is not None and (aux.size > self.engine.drafter.needs.max_aux or draft.size + aux.size > cap):
+            return replace(draft, aux=None)  # no room (or more than declared): scored without its aux nodes
+        return draft
+
+    def _accept(self, row: _Row, draft: Draft, scores: NodeScores, lo: int,
+                argmax: list[int] | None) -> tuple[list[int], list[int]]:
+        """This row's real nodes are lo..lo+n-1 of `scores`. Returns (accepted path, committed tokens)."""
+        tokens = draft.tokens.tolist()
+        hi = lo + draft.size
+        if row.uniforms is None:
+            path, bonus = accept_greedy(draft.tree, tokens, argmax[lo:hi])  # type: ignore[index]
+        elif draft.q is None:  # position-keyed: token for token plain sampling's output
+            targets = SampledTargets(scores.logits(lo, hi), draft.tree.depth.tolist(), len(row.out), row.sampling,
+                                     row.uniforms)
+            path, bonus = accept_greedy(draft.tree, tokens, targets)  # type: ignore[arg-type]
+        else:  # sampled drafts carrying q: the q-ratio rule, randomness keyed by (seed, position)
+            probs = target_probs(scores.logits(lo, hi), row.sampling).cpu()
+            path, bonus = accept_sampled(draft.tree, tokens, probs, draft.q, step_generator(row.seed, len(row.out)))
+        return path, [tokens[i] for i in path[1:]] + [bonus]
+
+    def _account(self, rows: list[_Row], plan: StepPlan, nodes: int, committed: int,
+                 t: tuple[float, float, float, float]) -> None:
+        """nodes: nodes scored this step, all rows together."""
+        draft_s, verify_s, accept_s = t[1] - t[0], t[2] - t[1], t[3] - t[2]
+        self.engine.sizer.record(plan, len(rows), nodes, verify_s, draft_s + accept_s, committed)
+        s = self.stats
+        s.steps += 1
+        s.row_steps += len(rows)
+        s.committed += committed
+        s.budgets[plan.label] += 1
+        s.draft_s, s.verify_s, s.accept_s = s.draft_s + draft_s, s.verify_s + verify_s, s.accept_s + accept_s
+        for row in rows:  # per row: its share of drafting, and the whole batched call it waited for
+            row.stats.steps += 1
+            row.stats.draft_s += draft_s / len(rows)
+            row.stats.verify_s += verify_s
+
+
+@dataclass
+class Packed:
+    """One verify call's inputs: every row's real nodes then its aux nodes, padded to the longest row."""
+
+    tokens: torch.Tensor  # [B, n] int64
+    depth: torch.Tensor  # [B, n] int64
+    mask: torch.Tensor  # [B, n, n] bool
+    sizes: list[int]  # [B] scored nodes per row (real + aux)
+    bounds: list[int]  # [B + 1] packed offsets of the rows in the scores
+    embeds: NodeInputs | None  # aux nodes given as vectors, by packed index
+
+
+def pack(drafts: Sequence[Draft], device: torch.device | str = "cpu") -> Packed:
+    """Pad trees to the largest one with dummy nodes (token 0, depth 0, seeing only themselves) and stack.
+
+    A dummy node is never an ancestor of a real node and is never kept, so padding changes no real node's
+    logits; neither do aux nodes, which no real node sees.
+    """
+    trees = [_with_aux(d) for d in drafts]
+    sizes = [t[0].numel() for t in trees]
+    bounds = [0]
+    for s in sizes:
+        bounds.append(bounds[-1] + s)
+    if len(drafts) == 1:  # width 1: nothing to pad
+        tokens, depth, mask = trees[0]
+        t, d, m = tokens[None], depth[None], mask[None]
+    else:
+        batch, n = len(drafts), max(sizes)
+        t = torch.zeros(batch, n, dtype=torch.long)
+        d = torch.zeros(batch, n, dtype=torch.long)
+        m = torch.eye(n, dtype=torch.bool).repeat(batch, 1, 1)
+        for b, (tokens, depth, mask) in enumerate(trees):
+            s = sizes[b]
+            t[b, :s], d[b, :s], m[b, :s, :s] = tokens, depth, mask
+    index, vectors = [], []
+    for b, dr in enumerate(drafts):
+        if dr.aux is not None and dr.aux.embeds is not None:
+            index.append(torch.arange(dr.aux.size) + bounds[b] + dr.size)
+            vectors.append(dr.aux.embeds)
+    embeds = NodeInputs(torch.cat(index).to(device), torch.cat(vectors).to(device)) if index else None
+    return Packed(t.to(device), d.to(device), m.to(device), sizes, bounds, embeds)
+
+
+def _with_aux(draft: Draft) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens [s], depth [s], mask [s, s]) of the real tree followed by its aux nodes (s = n + m)."""
+    tree, aux = draft.tree, draft.aux
+    if aux is None:
+        return draft.tokens, tree.depth, tree.mask
+    n, m = tree.size, aux.size
+    parents = aux.parents.tolist()
+    if any(not 0 <= p < n + j for j, p in enumerate(parents)):
+        raise SpecdecError("aux nodes: each parent must be a real node or an earlier aux node")
+    depth = torch.cat([tree.depth, torch.zeros(m, dtype=torch.long)])
+    mask = torch.zeros(n + m, n + m, dtype=torch.bool)
+    mask[:n, :n] = tree.mask
+    for j, p in enumerate(parents):
+        depth[n + j] = depth[p] + 1
+        mask[n + j] = mask[p]
+        mask[n + j, n + j] = True
+    return torch.cat([draft.tokens, aux.tokens.long()]), depth, mask
+
+
+def as_ids(prompt: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """A prompt as [L] int64 token ids on the CPU; SpecdecError for anything else (floats, 2-D batches)."""
+    if torch.is_tensor(prompt):
+        if prompt.is_floating_point() or prompt.is_complex():
+            raise SpecdecError(f"token ids must be integers, got a {prompt.dtype} tensor")
+        ids = prompt.detach().cpu().long()
+    else:
+        try:
+            ids = torch.tensor([_token_id(t) for t in prompt], dtype=torch.long)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise SpecdecError(f"token ids must be integers: {err}") from None
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.dim() != 1:
         raise SpecdecError(f"expected one prompt of token ids, got a tensor of shape {tuple(ids.shape)}")
     return ids
+
+
+def _token_id(t: object) -> int:
+    if isinstance(t, bool) or not hasattr(t, "__index__"):
+        raise TypeError(f"got {t!r}")
+    return t.__index__()  # type: ignore[attr-defined]
 
 
 def apply_stop(committed: list[int], out: list[int], stop: StopConditions) -> tuple[list[int], str | None]:
@@ -203,5 +506,5 @@ def apply_stop(committed: list[int], out: list[int], stop: StopConditions) -> tu
 
 
 def _has_stop_string(tokens: list[int], stop: StopConditions) -> bool:
-    text = stop.decode(tokens)
+    text = stop.decode(tokens)  # type: ignore[misc]
     return any(s in text for s in stop.stop_strings)

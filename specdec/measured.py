@@ -1,24 +1,64 @@
-"""Measurements kept per machine: when timings can be trusted, and how their JSON records are written.
+"""Measurements kept per machine: whether the machine is busy (so timings can be trusted), and how their JSON
+records are written.
 
 GEMM plans, the screened LM head's row counts, verify-latency curves and the self drafter's layer choice are
 all timed once and cached as small JSON files. Timings taken while more work is runnable than there are cores
-measure the neighbours, not the code (`overloaded`); records are written atomically (`save_json`) so a killed
-process or two processes calibrating at once never leave a half-written file.
+measure the neighbours, not the code: `load_average` and `overloaded` (the 1-minute load average) say so for a
+whole calibration, `busy_fraction` and `wait_for_quiet` (CPU time over a short window) for one timing round.
+Records are written atomically (`save_json`) so a killed process or two processes calibrating at once never
+leave a half-written file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
+
+
+def load_average() -> float:
+    """The 1-minute load average (runnable processes); 0.0 where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
 
 
 def overloaded() -> bool:
     """More runnable work than cores (1-minute load average): timings taken now measure the neighbours too."""
+    return load_average() > (os.cpu_count() or 1)
+
+
+def busy_fraction(window_s: float = 0.2) -> float:
+    """Fraction of all CPUs busy over `window_s` (Linux /proc/stat); 0.0 where unavailable."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
+
     try:
-        return os.getloadavg()[0] > (os.cpu_count() or 1)
-    except OSError:
-        return False
+        total0, idle0 = sample()
+        time.sleep(window_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.15) -> bool:
+    """Wait until other processes leave the CPUs (mostly) idle; False if they never did within max_wait_s.
+
+    On a shared 2-core machine one busy neighbour turns every OpenMP barrier into a scheduler wait, and a
+    40 ms forward takes 400 ms: numbers taken then measure the neighbour, not the code.
+    """
+    deadline = time.perf_counter() + max_wait_s
+    while time.perf_counter() < deadline:
+        if busy_fraction() < threshold:
+            return True
+        time.sleep(0.3)
+    return False
 
 
 def save_json(path: Path, record: dict) -> None:

@@ -11,12 +11,22 @@ Pure functions over tensors, no model in sight:
   children are rejected the token is drawn from p'. With q given (drafts sampled i.i.d. from q at their
   parent), child x is accepted with min(1, p'(x) / q(x)) and on rejection p' = norm(max(0, p' - q)).
 
+- Position-keyed sampling (`Uniforms`, `SampledTargets`, `inverse_cdf`): the token plain sampling draws at output
+  index t is inverse_cdf(p_t, u_t), u_t the t-th uniform of the row's own stream, which depends on nothing but
+  the row's seed. Speculative decoding with deterministic drafts (q = 1) accepts a draft token iff it equals that
+  token (`accept_greedy` with the sampled token in place of the argmax), and the bonus token is the same draw:
+  the output is token for token the plain sampled output with that seed, whatever the drafter, tree, width or
+  batch. A child is accepted with probability p(child), as with multi-round rejection sampling.
+- Drafts that carry their q (sampled draft-model drafts) keep `accept_sampled`'s q-ratio rule, its randomness
+  drawn from `step_generator(seed, t)`: exact in distribution, not token for token.
+
 Terms: the *accepted* nodes are the root plus the draft nodes that passed; the *bonus* token is the one extra
 token drawn from the target at the last accepted node (called "recovered" when it follows a rejection).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +46,12 @@ class SamplingParams:
         return self.temperature <= 0.0
 
     def validate(self) -> "SamplingParams":
+        for name, value in (("temperature", self.temperature), ("top_p", self.top_p)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name, value, optional in (("top_k", self.top_k, False), ("seed", self.seed, True)):
+            if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if self.top_k < 0:
@@ -122,3 +138,51 @@ def _uniform(generator: torch.Generator) -> float:
 def _sample(p: torch.Tensor, generator: torch.Generator) -> int:
     """p: [V] nonnegative, unnormalised."""
     return int(torch.multinomial(p.double() / p.double().sum(), 1, generator=generator))
+
+
+class Uniforms:
+    """u_0, u_1, ...: one row's uniform stream, a pure function of its seed (drawn in fixed chunks of CHUNK from a
+    generator seeded with it, so u_t never depends on how far anyone read before)."""
+
+    CHUNK = 64
+
+    def __init__(self, seed: int):
+        self._gen = torch.Generator().manual_seed(seed)
+        self._u: list[float] = []
+
+    def __getitem__(self, t: int) -> float:
+        while len(self._u) <= t:
+            self._u.extend(torch.rand(self.CHUNK, generator=self._gen, dtype=torch.float64).tolist())
+        return self._u[t]
+
+
+class SampledTargets:
+    """node -> the token the target samples there: inverse_cdf(p(node), u[first + depth(node)]), computed lazily
+    (acceptance only visits the accepted path). Indexable like the argmax list `accept_greedy` takes."""
+
+    def __init__(self, logits: torch.Tensor, depth: list[int], first: int, sampling: SamplingParams,
+                 uniforms: Uniforms):
+        self.logits, self.depth, self.first = logits, depth, first  # logits [n, V]
+        self.sampling, self.uniforms = sampling, uniforms
+        self._cache: dict[int, int] = {}
+
+    def __getitem__(self, node: int) -> int:
+        if node not in self._cache:
+            p = target_probs(self.logits[node: node + 1], self.sampling)[0]  # [V]
+            self._cache[node] = inverse_cdf(p, self.uniforms[self.first + self.depth[node]])
+        return self._cache[node]
+
+
+def inverse_cdf(p: torch.Tensor, u: float) -> int:
+    """p: [V] nonnegative (unnormalised is fine); u in [0, 1). The smallest i with cdf(i) > u * total."""
+    cdf = p.double().cumsum(0)
+    i = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=torch.float64, device=cdf.device),
+                               right=True))
+    if i >= p.numel():  # u * total rounded up to the total: the last token with mass
+        i = int(torch.nonzero(p > 0)[-1])
+    return i
+
+
+def step_generator(seed: int, position: int) -> torch.Generator:
+    """The generator of one q-ratio acceptance step starting at output index `position` (keyed, not shared)."""
+    return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9) % (1 << 63))

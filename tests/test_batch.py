@@ -17,14 +17,13 @@ import pytest
 import torch
 
 from conftest import ARCHS, hf_greedy, make_tiny_model, make_tiny_tokenizer
-from specdec.batch import (BatchEngine, BudgetPolicy, Request, batch_engine, generate_batch, inverse_cdf,
-                           slot_drafter_factory)
-from specdec.drafters.base import Draft, PlainDrafter
+from specdec.drafters.base import BaseDrafter, Draft, PlainDrafter
 from specdec.drafters.registry import make_drafter
-from specdec.engine import StopConditions
+from specdec.engine import Engine, Request, StopConditions
 from specdec.errors import SpecdecError
-from specdec.sampling import SamplingParams
+from specdec.sampling import SamplingParams, inverse_cdf
 from specdec.trees.allocate import NodeAllocator
+from specdec.trees.budget import BatchSizer, BudgetPolicy
 from specdec.trees.presets import load_tree
 from specdec.trees.sizing import LatencyCurve
 from specdec.trees.tree import Tree
@@ -73,17 +72,16 @@ def padded_reference(m, rows: list[list[int]], max_new: list[int]) -> list[list[
     return out
 
 
-class OracleDrafter:
+class OracleDrafter(BaseDrafter):
     """Knows every row's reference continuation. mode 'accept': a chain of the right tokens; 'reject': a chain
     of wrong ones; 'tree': a wrong token at rank 0 and the right one at rank 1, at every level."""
 
     name = "oracle"
-    topk = 0
 
     def __init__(self, full: list[list[int]], mode: str, depth: int = 5):
         self.full, self.mode, self.depth = full, mode, depth
 
-    def propose(self, context: torch.Tensor, budget: int) -> Draft:
+    def propose_row(self, slot: int, context: torch.Tensor, budget: int) -> Draft:
         ctx = context.tolist()
         seq = next(f for f in self.full if f[: len(ctx)] == ctx)
         levels = budget - 1 if self.mode != "tree" else (budget - 1) // 2
@@ -98,26 +96,24 @@ class OracleDrafter:
             tokens += [w, r]
         return Draft(Tree.from_parents(parents), torch.tensor(tokens))
 
-    def observe(self, draft, feedback) -> None:
-        pass
 
-    def reset(self) -> None:
-        pass
-
-
-def factory(arch: str, name: str, rows: list[list[int]] | None = None, refs: list[list[int]] | None = None):
+def drafter(arch: str, name: str, rows: list[list[int]] | None = None, refs: list[list[int]] | None = None):
     if name in ("accept", "reject", "tree"):
         full = [p + r for p, r in zip(rows, refs)]
-        return lambda: OracleDrafter(full, name)
+        return OracleDrafter(full, name)
     tree = load_tree("cpu-8") if name == "recycling" else None
-    return slot_drafter_factory(make_drafter(name, vocab_size=VOCAB, tree=tree))
+    return make_drafter(name, vocab_size=VOCAB, tree=tree)
+
+
+def engine(arch, drafter_, budget, width, adaptive=True, curve=None, screen=False) -> Engine:
+    return Engine(verifier(arch, screen), drafter_, BatchSizer(budget, adaptive, curve), width)
 
 
 def run(arch, name, rows, max_new, width, budget=8, adaptive=True, eos=None, refs=None, curve=None, screen=False):
     stops = [StopConditions(n, eos_token_ids=frozenset() if e is None else frozenset({e}))
              for n, e in zip(max_new, eos or [None] * len(rows))]
-    eng = BatchEngine(verifier(arch, screen), factory(arch, name, rows, refs), budget, width, adaptive, curve)
-    return eng, eng.generate([Request(p, s) for p, s in zip(rows, stops)])
+    eng = engine(arch, drafter(arch, name, rows, refs), budget, width, adaptive, curve, screen)
+    return eng, eng.generate_batch([Request(p, s) for p, s in zip(rows, stops)])
 
 
 FLAT = LatencyCurve((1, 64), (0.01, 0.01))  # verify cost independent of node count: every node pays
@@ -131,7 +127,7 @@ def test_allocated_ngram_batches_match_reference(batch, curve):
     rows = [r + r for r in rows]  # repeats give prompt lookup something to draft
     refs = [reference("llama", tuple(p), n) for p, n in zip(rows, max_new)]
     eng, res = run("llama", "ngram", rows, max_new, width=batch, budget=8, curve=curve)
-    assert eng.allocator is not None
+    assert eng.sizer.allocator is not None
     assert [r.tokens for r in res.results] == refs
     if curve is FLAT:  # every proposed node is scored, and the repeats get accepted
         assert max(res.stats.budgets) > 1 and res.stats.tau > 1.0
@@ -216,7 +212,8 @@ def test_continuous_batching_keeps_the_width():
     refs = [reference("llama", tuple(p), n) for p, n in zip(rows, max_new)]
     eng, res = run("llama", "recycling", rows, max_new, width=4)
     assert [r.tokens for r in res.results] == refs
-    assert len(eng.drafters) == 4 and eng.verifier.length(3) > 0  # 4 slots, reused for 12 prompts
+    assert sorted(eng.drafter._tables) == [0, 1, 2, 3] and eng.verifier.length(3) > 0  # 4 slots, reused for 12
+    assert all(t.adj.any() for t in eng.drafter._tables.values())  # every slot's own table learnt
     assert res.stats.row_steps / res.stats.steps > 2.5  # refilled as rows finish, not drained batch by batch
     assert res.stats.new_tokens == sum(map(len, refs)) and res.stats.rows == 12
 
@@ -226,8 +223,8 @@ def test_stop_strings_per_row():
     refs = [reference("llama", tuple(p), 20) for p in rows]
     decode = lambda ids: " ".join(f"<{i}>" for i in ids)  # noqa: E731 - a toy detokenizer
     stops = [StopConditions(20, stop_strings=(f"<{ref[3 + i]}>",), decode=decode) for i, ref in enumerate(refs)]
-    eng = BatchEngine(verifier("llama"), factory("llama", "accept", rows, refs), 8, 3, adaptive=False)
-    res = eng.generate([Request(p, s) for p, s in zip(rows, stops)])
+    eng = engine("llama", drafter("llama", "accept", rows, refs), 8, 3, adaptive=False)
+    res = eng.generate_batch([Request(p, s) for p, s in zip(rows, stops)])
     for r, ref, s in zip(res.results, refs, stops):
         first = next(i for i in range(20) if s.stop_strings[0] in decode(ref[: i + 1]))
         assert r.tokens == ref[: first + 1] and r.finish_reason == "stop_string"
@@ -235,8 +232,8 @@ def test_stop_strings_per_row():
 
 def sampled(rows, seeds, width, name, budget, params=None):
     params = params or [SamplingParams(1.0, seed=s) for s in seeds]
-    eng = BatchEngine(verifier("gemma3"), factory("gemma3", name), budget, width)
-    return [r.tokens for r in eng.generate([Request(p, StopConditions(20), s) for p, s in zip(rows, params)]).results]
+    eng = engine("gemma3", drafter("gemma3", name), budget, width)
+    return [r.tokens for r in eng.generate_batch([Request(p, StopConditions(20), s) for p, s in zip(rows, params)]).results]
 
 
 def test_sampling_is_reproducible_regardless_of_batch():
@@ -296,43 +293,41 @@ def test_verify_latency_interpolates_and_extrapolates_pessimistically():
 
 
 def test_bad_requests_and_drafters_raise():
-    eng = BatchEngine(verifier("llama"), PlainDrafter, 1, 2)
+    eng = engine("llama", PlainDrafter(), 1, 2)
     with pytest.raises(SpecdecError, match="empty prompt"):
-        eng.generate([Request([5, 6], StopConditions(4)), Request([], StopConditions(4))])
+        eng.generate_batch([Request([5, 6], StopConditions(4)), Request([], StopConditions(4))])
     with pytest.raises(SpecdecError, match="exceeds the model's context"):
-        eng.generate([Request(list(range(3, 4000)), StopConditions(200))])
+        eng.generate_batch([Request(list(range(3, 4000)), StopConditions(200))])
 
     class Overreaching(PlainDrafter):
-        def propose(self, context: torch.Tensor, budget: int) -> Draft:
+        def propose_row(self, slot: int, context: torch.Tensor, budget: int) -> Draft:
             return Draft(Tree.chain(3), torch.cat([context[-1:], torch.tensor([10, 11, 12])]))
 
-    with pytest.raises(ValueError, match="proposed 4 nodes for a budget of 2"):  # refused, never truncated
-        BatchEngine(verifier("llama"), Overreaching, 2, 1, adaptive=False).generate([Request([5, 6], StopConditions(4))])
+    with pytest.raises(SpecdecError, match="'plain' proposed 4 nodes for a budget of 2"):  # refused, never cut
+        engine("llama", Overreaching(), 2, 1, adaptive=False).generate_batch([Request([5, 6], StopConditions(4))])
 
 
-def test_generate_batch_through_spec_decoder():
+def test_generate_many_through_spec_decoder():
     from specdec.api import SpecDecoder
 
     m = model("qwen2")
     dec = SpecDecoder(m, make_tiny_tokenizer(), drafter="recycling", tree_budget=8, backend="lean")
     rows = prompts(5, seed=7)
-    engine = batch_engine(dec, width=3)
-    res = generate_batch(dec, rows, engine=engine, max_new_tokens=[12, 3, 12, 8, 1], eos_token_id=[])
+    res = dec.generate_many(rows, width=3, max_new_tokens=[12, 3, 12, 8, 1], eos_token_id=[])
     assert [r.tokens for r in res.results] == [reference("qwen2", tuple(p), n) for p, n in zip(rows, [12, 3, 12, 8, 1])]
-    assert len(engine.drafters) == 3 and all(d is not dec.drafter for d in engine.drafters)  # one per slot
-    if hasattr(dec.drafter, "shared"):
-        assert dec.drafter.adj.any()  # the slots wrote the decoder's own table (shared, hot start)
-    text = generate_batch(dec, ["the quick brown fox", "lazy dog"], width=2, max_new_tokens=6, chat=False)
+    assert dec.engine_for(3).drafter is dec.drafter  # one drafter, a table per slot
+    assert sorted(dec.drafter._tables) == [0, 1, 2] and all(t.adj.any() for t in dec.drafter._tables.values())
+    text = dec.generate_many(["the quick brown fox", "lazy dog"], width=2, max_new_tokens=6, chat=False)
     assert all(len(r.tokens) <= 6 for r in text.results)
     hf = SpecDecoder(m, drafter="plain", backend="hf")
     with pytest.raises(SpecdecError, match="lean verifier"):
-        batch_engine(hf, width=2)
-    assert generate_batch(hf, rows[:2], width=1, max_new_tokens=5, eos_token_id=[]).results[1].tokens == \
+        hf.generate_many(rows[:2], width=2, max_new_tokens=5)
+    assert hf.generate_many(rows[:2], width=1, max_new_tokens=5, eos_token_id=[]).results[1].tokens == \
         reference("qwen2", tuple(rows[1]), 5)
 
 
 def test_batch_bench_runs_and_reports(tiny_model_dir, tmp_path):
-    from specdec.bench_batch import BatchBenchSpec, parse_batch_sizes, pick_questions, run_batch_bench
+    from specdec.bench.batch import BatchBenchSpec, parse_batch_sizes, pick_questions, run_batch_bench
 
     assert parse_batch_sizes("1, 2,8") == (1, 2, 8)
     with pytest.raises(SpecdecError, match="batch sizes >= 1"):

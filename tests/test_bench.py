@@ -1,14 +1,18 @@
 """`specdec bench` end to end on a tiny model: every method runs, the table and files are written, and outputs of
-lossless methods match the transformers baseline."""
+lossless methods match the transformers baseline. Also the pieces every bench shares: the Spec-Bench reader and
+the report files, which never overwrite a result and refuse a bad --out before any measuring starts."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
-from specdec.bench import load_questions
+from specdec.bench.report import output_dir, save_report, write_new
 from specdec.cli import main
+from specdec.data.spec_bench import read_questions
+from specdec.errors import SpecdecError
 
 
 def test_bench_runs_side_by_side(tiny_model_dir, tmp_path):
@@ -28,6 +32,60 @@ def test_bench_runs_side_by_side(tiny_model_dir, tmp_path):
     assert "Gain split" in res.output and next(out.glob("*.png")).stat().st_size > 10_000
 
 
-def test_load_questions_per_category():
-    qs = load_questions(None, 2)
+def test_read_questions_per_category_and_limit():
+    qs = read_questions(per_category=2)
     assert len(qs) == 26 and len({q["category"] for q in qs}) == 13
+    assert [q["category"] for q in qs[:2]] == [qs[0]["category"]] * 2  # grouped by category
+    assert len(read_questions()) == 480 and len(read_questions(per_category=1, limit=5)) == 5
+
+
+def test_read_questions_errors_are_one_line(tmp_path):
+    with pytest.raises(SpecdecError, match="not found: give a Spec-Bench style JSONL to --prompts"):
+        read_questions(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"category": "x", "turns": ["q"]}\n{"category": "x"}\n')
+    with pytest.raises(SpecdecError, match="line 2 is not a Spec-Bench row"):
+        read_questions(bad)
+    bad.write_text("\n\n")
+    with pytest.raises(SpecdecError, match="no prompts found"):
+        read_questions(bad)
+
+
+def test_reports_never_overwrite(tmp_path, monkeypatch):
+    monkeypatch.setattr("specdec.bench.report.time.strftime", lambda *_: "20250101-000000")  # one clock second
+    out = tmp_path / "new" / "folder"  # created
+    report = {"info": {"cpu": "x"}, "table": [1, 2], "markdown": "| a |"}
+    first = save_report(report, out, "bench")
+    second = save_report(report | {"table": [3]}, out, "bench")
+    assert [p.name for p in first] == ["bench-20250101-000000.json", "bench-20250101-000000.md"]
+    assert [p.name for p in second] == ["bench-20250101-000000-2.json", "bench-20250101-000000-2.md"]
+    assert json.loads(first[0].read_text()) == {"info": {"cpu": "x"}, "table": [1, 2]}  # untouched
+    assert json.loads(second[0].read_text())["table"] == [3] and first[1].read_text() == "| a |\n"
+    assert write_new(out / "plot.png", b"\x89PNG") == out / "plot.png"
+    assert write_new(out / "plot.png", b"again") == out / "plot-2.png"
+    assert (out / "plot.png").read_bytes() == b"\x89PNG"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary files left
+
+
+def test_out_that_is_a_file_fails_before_the_bench_runs(tmp_path):
+    taken = tmp_path / "results.json"
+    taken.write_text("an earlier result")
+    with pytest.raises(SpecdecError, match="is a file, not a folder"):
+        output_dir(taken)
+    with pytest.raises(SpecdecError, match="cannot create the results folder"):
+        output_dir(taken / "sub")
+    nowhere = str(tmp_path / "no-such-model")  # fails before loading it: the --out check comes first
+    for extra in ([], ["--batch", "1,2"]):
+        res = CliRunner().invoke(main, ["bench", "--model", nowhere, "--out", str(taken), *extra])
+        assert res.exit_code == 2, res.output
+        assert "is a file, not a folder" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert taken.read_text() == "an earlier result"
+
+
+def test_pairs_bench_checks_its_out_first(tmp_path):
+    from specdec.bench.pairs import PairsSpec, run_pairs
+
+    taken = tmp_path / "pairs"
+    taken.write_text("x")
+    with pytest.raises(SpecdecError, match="is a file, not a folder"):
+        run_pairs(PairsSpec(target="no-such-model", out_dir=str(taken)), log=lambda _: None)

@@ -1,5 +1,5 @@
-"""The command line through click's CliRunner: JSON output equals transformers' greedy output; bad input gives
-one error line and exit code 2."""
+"""The command line through click's CliRunner: JSON output equals transformers' greedy output, streamed text
+equals the printed text; bench options reach the bench's spec; bad input gives one error line and exit code 2."""
 
 from __future__ import annotations
 
@@ -16,27 +16,40 @@ def run(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
+def reference(model_dir, text: str, max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation of `text` (no chat template: the tiny tokenizer has none), cut at EOS."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    ref = model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)[0, ids.shape[1]:]
+    ref = ref.tolist()
+    return ref[: ref.index(2) + 1] if 2 in ref else ref  # the model's EOS id is 2
+
+
 @pytest.mark.parametrize("drafter", ["plain", "ngram", "recycling"])
 def test_generate_json_matches_transformers(tiny_model_dir, drafter):
     res = run("generate", "the quick brown fox", "--model", str(tiny_model_dir), "--drafter", drafter,
               "--max-new-tokens", "20", "--json")
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    ids = tok("the quick brown fox", return_tensors="pt")["input_ids"]
-    ref = model.generate(ids, do_sample=False, max_new_tokens=20, pad_token_id=0)[0, ids.shape[1]:].tolist()
-    ref = ref[: ref.index(2) + 1] if 2 in ref else ref  # the model's EOS id is 2
-    assert out["token_ids"] == ref
-    assert out["text"] == tok.decode(ref, skip_special_tokens=True)
+    ref = reference(tiny_model_dir, "the quick brown fox", 20)
+    assert out["token_ids"] == ref and len(ref) >= 1
+    assert out["text"] == AutoTokenizer.from_pretrained(tiny_model_dir).decode(ref, skip_special_tokens=True)
     assert out["stats"]["new_tokens"] == len(ref) and out["stats"]["tau"] >= 1.0
 
 
-def test_stream_and_stats(tiny_model_dir):
-    res = run("generate", "the lazy dog", "--model", str(tiny_model_dir), "--drafter", "ngram",
-              "--max-new-tokens", "12", "--stream", "--stats")
-    assert res.exit_code == 0, res.output
-    assert "tau=" in res.stderr and "histogram" in res.stderr
+def test_stream_prints_the_same_text_and_stats(tiny_model_dir):
+    args = ["generate", "the lazy dog", "--model", str(tiny_model_dir), "--drafter", "ngram", "--max-new-tokens", "12"]
+    whole = run(*args, "--json")
+    assert whole.exit_code == 0, whole.output
+    out = json.loads(whole.stdout)
+    assert out["token_ids"] == reference(tiny_model_dir, "the lazy dog", 12) and out["stats"]["new_tokens"] >= 1
+    printed = run(*args)
+    streamed = run(*args, "--stream", "--stats")
+    assert printed.exit_code == 0 and streamed.exit_code == 0, streamed.output
+    assert printed.stdout == out["text"] + "\n"
+    assert streamed.stdout == printed.stdout  # pieces as steps are accepted, the same text in the end
+    assert "tau=" in streamed.stderr and "histogram" in streamed.stderr
 
 
 def test_config_file_and_override(tiny_model_dir, tmp_path):
@@ -44,10 +57,39 @@ def test_config_file_and_override(tiny_model_dir, tmp_path):
     cfg.write_text(f"model: {tiny_model_dir}\ndrafter: ngram\nmax_new_tokens: 7\n")
     res = run("generate", "the quick", "--config", str(cfg), "--json")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["stats"]["drafter"] == "ngram"
-    assert json.loads(res.stdout)["stats"]["new_tokens"] <= 7
+    out = json.loads(res.stdout)
+    ref = reference(tiny_model_dir, "the quick", 7)
+    assert out["stats"]["drafter"] == "ngram" and out["token_ids"] == ref
+    assert out["stats"]["new_tokens"] == len(ref) >= 1 and (len(ref) == 7 or ref[-1] == 2)  # 7 unless EOS
     res = run("generate", "the quick", "--config", str(cfg), "--max-new-tokens", "3", "--json")
-    assert json.loads(res.stdout)["stats"]["new_tokens"] <= 3
+    out = json.loads(res.stdout)
+    assert out["token_ids"] == ref[:3] and 1 <= out["stats"]["new_tokens"] <= 3  # the flag wins over the file
+
+
+def test_bench_options_reach_the_spec(tmp_path, monkeypatch):
+    got = []
+    monkeypatch.setattr("specdec.bench.spec_bench.run_bench", lambda spec, **_: got.append(spec))
+    monkeypatch.setattr("specdec.bench.batch.run_batch_bench", lambda spec, **_: got.append(spec))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("drafter: model\ndrafter_options: {draft_model: tiny, k: 3}\nbackend: lean\n")
+    assert run("bench", "--drafter", "ngram", "--methods", "hf-plain,plain").exit_code == 0
+    assert run("bench", "--config", str(cfg), "--methods", "hf-plain,plain", "--backend", "hf").exit_code == 0
+    assert run("bench", "--methods", "hf-plain,plain").exit_code == 0  # nothing chosen: the methods as given
+    assert run("bench", "--batch", "1,2", "--drafter", "ngram", "--backend", "lean").exit_code == 0
+    assert run("bench", "--batch", "1", "--config", str(cfg)).exit_code == 0
+    flag, config, plain, batch_flag, batch_config = got
+    assert flag.methods == ("hf-plain", "plain", "ngram") and flag.drafter == "ngram" and flag.drafter_options == {}
+    assert config.methods == ("hf-plain", "plain", "model") and config.drafter == "model"
+    assert config.drafter_options == {"draft_model": "tiny", "k": 3} and config.backend == "hf"
+    assert plain.methods == ("hf-plain", "plain")
+    assert (batch_flag.drafter, batch_flag.backend, batch_flag.batch_sizes) == ("ngram", "lean", (1, 2))
+    assert batch_config.drafter_options == {"draft_model": "tiny", "k": 3} and batch_config.backend == "lean"
+
+
+def test_batch_bench_refuses_the_hf_backend_before_loading(tmp_path):
+    res = run("bench", "--batch", "1,2", "--backend", "hf", "--model", str(tmp_path / "nowhere"))
+    assert res.exit_code == 2 and "use --backend lean or auto" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(

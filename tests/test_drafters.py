@@ -8,6 +8,7 @@ import torch
 
 from conftest import hf_greedy, make_tiny_model
 from specdec.drafters.base import Draft, Drafter, Feedback, PlainDrafter
+from specdec.sampling import SamplingParams
 from specdec.drafters.ngram import NgramDrafter, continuation, find_matches, find_matches_reference
 from specdec.drafters.recycling import RecyclingDrafter, expand, expand_reference
 from specdec.drafters.registry import drafter_names, make_drafter, register
@@ -29,20 +30,20 @@ def feedback(draft: Draft, rows: list[list[int]]) -> Feedback:
 
 def test_ngram_longest_match_beats_a_more_recent_shorter_one():
     # suffix [1, 2, 3] occurs in full at the start (-> 9 5 4); only [2, 3] recurs later (-> 8)
-    d = NgramDrafter(max_ngram=3).propose(ids(1, 2, 3, 9, 5, 4, 2, 3, 8, 6, 1, 2, 3), budget=4)
+    d = NgramDrafter(max_ngram=3).draft(ids(1, 2, 3, 9, 5, 4, 2, 3, 8, 6, 1, 2, 3), 4)
     assert d.tree == Tree.chain(3)
     assert d.tokens.tolist() == [3, 9, 5, 4]
 
 
 def test_ngram_most_recent_of_equal_length_matches():
     # [1, 2] occurs twice: followed by 4 (old) and by 5 (recent). The recent one wins (transformers: the old one)
-    d = NgramDrafter(max_ngram=3).propose(ids(7, 1, 2, 4, 6, 1, 2, 5, 0, 1, 2), budget=4)
+    d = NgramDrafter(max_ngram=3).draft(ids(7, 1, 2, 4, 6, 1, 2, 5, 0, 1, 2), 4)
     assert d.tokens.tolist() == [2, 5, 0, 1]
 
 
 def test_ngram_copies_with_overlap_past_the_end():
     # the match [4, 5, 6] is 3 tokens back: its continuation runs out after 3 tokens and keeps repeating
-    d = NgramDrafter().propose(ids(8, 4, 5, 6, 4, 5, 6), budget=6)
+    d = NgramDrafter().draft(ids(8, 4, 5, 6, 4, 5, 6), 6)
     assert d.tokens.tolist() == [6, 4, 5, 6, 4, 5]
     assert continuation(np.array([1, 2, 3, 9, 9]), 3, 4).tolist() == [9, 9, 9, 9]
 
@@ -50,7 +51,7 @@ def test_ngram_copies_with_overlap_past_the_end():
 @pytest.mark.parametrize("budget", [1, 2, 3, 8, 17])
 def test_ngram_respects_budget(budget):
     context = torch.tensor(np.random.default_rng(budget).integers(0, 5, 300))
-    d = NgramDrafter().propose(context, budget)
+    d = NgramDrafter().draft(context, budget)
     assert d.size == budget  # a 5-token vocabulary always matches, and the copy always fills the budget
     assert d.tokens[0] == context[-1] and d.tokens.dtype == torch.long
 
@@ -58,7 +59,7 @@ def test_ngram_respects_budget(budget):
 @pytest.mark.parametrize("context", [[4], [1, 2, 3, 4], [7, 7]])
 def test_ngram_no_match_is_a_plain_step(context):
     # [4] and [1, 2, 3, 4]: the last token never occurred before; [7, 7] matches itself (overlap) -> [7]
-    d = NgramDrafter().propose(ids(*context), budget=5)
+    d = NgramDrafter().draft(ids(*context), 5)
     if context == [7, 7]:
         assert d.tokens.tolist() == [7, 7, 7, 7, 7]
     else:
@@ -68,21 +69,21 @@ def test_ngram_no_match_is_a_plain_step(context):
 def test_ngram_min_ngram_rejects_short_matches():
     # only the unigram [3] recurs
     context = ids(3, 8, 9, 1, 3)
-    assert NgramDrafter(min_ngram=1).propose(context, 3).tokens.tolist() == [3, 8, 9]
-    assert NgramDrafter(min_ngram=2).propose(context, 3).size == 1
+    assert NgramDrafter(min_ngram=1).draft(context, 3).tokens.tolist() == [3, 8, 9]
+    assert NgramDrafter(min_ngram=2).draft(context, 3).size == 1
 
 
 def test_ngram_branches_become_sibling_chains():
     # [1, 2] is followed by 8 8 4 (recent) and 7 7 3 (old): the recent one is the rank-0 branch and gets
     # most of the 6 draft nodes; the other gets 6 // 3 = 2
-    d = NgramDrafter(max_ngram=3, branches=2).propose(ids(1, 2, 7, 7, 3, 1, 2, 8, 8, 4, 1, 2), budget=7)
+    d = NgramDrafter(max_ngram=3, branches=2).draft(ids(1, 2, 7, 7, 3, 1, 2, 8, 8, 4, 1, 2), 7)
     assert d.tree == Tree.from_rank_paths([[0], [1], [0, 0], [1, 0], [0, 0, 0], [0, 0, 0, 0]])
     assert d.tokens.tolist() == [2, 8, 7, 8, 7, 4, 1]
 
 
 def test_ngram_branches_skip_matches_with_the_same_next_token():
     # both [1, 2] matches continue with 8: one branch only
-    d = NgramDrafter(branches=3).propose(ids(1, 2, 8, 5, 1, 2, 8, 6, 1, 2), budget=4)
+    d = NgramDrafter(branches=3).draft(ids(1, 2, 8, 5, 1, 2, 8, 6, 1, 2), 4)
     assert d.tree == Tree.chain(3) and d.tokens.tolist() == [2, 8, 6, 1]
 
 
@@ -99,7 +100,7 @@ def test_find_matches_numba_equals_reference(vocab):
 
 
 def test_ngram_needs_no_topk_and_rejects_bad_options():
-    assert NgramDrafter.topk == 0
+    assert NgramDrafter.needs.topk == 0
     with pytest.raises(ValueError, match="min_ngram"):
         NgramDrafter(min_ngram=3, max_ngram=2)
     with pytest.raises(ValueError, match="branches"):
@@ -123,7 +124,7 @@ def recycler(rows: dict[int, list[int]], k: int = 2, template: Tree = SMALL, voc
 def test_recycling_fills_the_template_from_adjacency():
     # k = 3: 3 -> (5, 6, 4); 5 -> (7, 8, 1); 6 -> (9, 1, 2)
     d = recycler({3: [5, 6, 4], 5: [7, 8, 1], 6: [9, 1, 2]}, k=3)
-    draft = d.propose(ids(0, 3), budget=100)
+    draft = d.draft(ids(0, 3), 100)
     assert draft.tree == SMALL
     assert draft.tokens.tolist() == [3, 5, 6, 4, 7, 8, 9]
 
@@ -131,7 +132,7 @@ def test_recycling_fills_the_template_from_adjacency():
 def test_recycling_prunes_ranks_beyond_k_and_unwritten_rows():
     # k = 2: rank-2 child [2] has no candidate; row 6 was never written, so [1, 0] is not drafted
     d = recycler({3: [5, 6], 5: [7, 8]}, k=2)
-    draft = d.propose(ids(3), budget=100)
+    draft = d.draft(ids(3), 100)
     assert draft.tree == Tree.from_rank_paths([[0], [1], [0, 0], [0, 1]])
     assert draft.tokens.tolist() == [3, 5, 6, 7, 8]
 
@@ -139,37 +140,37 @@ def test_recycling_prunes_ranks_beyond_k_and_unwritten_rows():
 def test_recycling_prunes_duplicate_siblings_with_their_subtrees():
     # row 3 repeats 5: the rank-1 sibling (and its child [1, 0]) would verify the same token twice
     d = recycler({3: [5, 5, 4], 5: [7, 7, 1]}, k=3)
-    draft = d.propose(ids(3), budget=100)
+    draft = d.draft(ids(3), 100)
     assert draft.tree.parents == (-1, 0, 0, 1)  # [0], [2], [0, 0]
     assert draft.tree.ranks == (0, 0, 2, 0)  # ranks are the adjacency columns the tokens came from
     assert draft.tokens.tolist() == [3, 5, 4, 7]
 
 
 def test_recycling_cold_start_is_a_plain_step():
-    draft = RecyclingDrafter(10, SMALL).propose(ids(3), budget=100)
+    draft = RecyclingDrafter(10, SMALL).draft(ids(3), 100)
     assert draft.tree == Tree.chain(0) and draft.tokens.tolist() == [3]
 
 
 def test_recycling_observe_overwrites_whole_rows_and_the_later_node_wins():
     d = recycler({3: [5, 6, 7, 8]}, k=4)
     draft = Draft(Tree.chain(2), ids(3, 5, 3))  # token 3 scored at nodes 0 and 2
-    d.observe(draft, feedback(draft, [[1, 2, 4, 9, 0], [6, 7, 8, 9, 0], [9, 8, 2, 1, 0]]))  # 5 > k columns
+    d.observe_row(0, draft, feedback(draft, [[1, 2, 4, 9, 0], [6, 7, 8, 9, 0], [9, 8, 2, 1, 0]]))  # 5 > k columns
     assert d.adj[3].tolist() == [9, 8, 2, 1]  # node 2's row, not merged with the old one, first k columns
     assert d.adj[5].tolist() == [6, 7, 8, 9]
     with pytest.raises(ValueError, match="top-4"):
-        d.observe(draft, feedback(draft, [[1, 2], [1, 2], [1, 2]]))
+        d.observe_row(0, draft, feedback(draft, [[1, 2], [1, 2], [1, 2]]))
 
 
 def test_recycling_hot_start_survives_reset_not_clear():
     d = recycler({3: [5, 6]})
-    d.reset()
-    assert d.adj[3].tolist() == [5, 6] and d.propose(ids(3), 3).size == 3
+    d.reset(0, SamplingParams())
+    assert d.adj[3].tolist() == [5, 6] and d.draft(ids(3), 3).size == 3
     d.clear()
-    assert int(d.adj.abs().sum()) == 0 and d.propose(ids(3), 3).size == 1
+    assert int(d.adj.abs().sum()) == 0 and d.draft(ids(3), 3).size == 1
 
 
 def test_recycling_declares_its_topk():
-    assert RecyclingDrafter(10, SMALL, k=5).topk == 5
+    assert RecyclingDrafter(10, SMALL, k=5).needs.topk == 5
 
 
 @pytest.mark.parametrize("budget", range(1, 83))
@@ -180,7 +181,7 @@ def test_recycling_truncation_keeps_a_valid_bfs_prefix(budget):
     rng = np.random.default_rng(0)
     for t in range(64):
         d.adj[t] = torch.from_numpy(rng.permutation(63)[:8] + 1)
-    draft = d.propose(ids(5), budget)
+    draft = d.draft(ids(5), budget)
     n = min(budget, 81)
     assert draft.size == n and draft.tokens.shape == (n,)
     assert draft.tree.rank_paths() == template.rank_paths()[: n - 1]
@@ -193,7 +194,7 @@ def test_recycling_without_template_sizes_the_tree_to_the_budget(budget, preset)
     rng = np.random.default_rng(0)
     for t in range(64):
         d.adj[t] = torch.from_numpy(rng.permutation(63)[:8] + 1)
-    assert d.propose(ids(5), budget).tree == load_tree(preset)
+    assert d.draft(ids(5), budget).tree == load_tree(preset)
 
 
 def test_expand_numba_equals_reference():
@@ -222,7 +223,7 @@ def test_registry_builds_the_builtin_drafters():
     assert isinstance(make_drafter("plain", vocab_size=10), PlainDrafter)
     assert make_drafter("ngram", vocab_size=10, max_ngram=4).max_ngram == 4
     rec = make_drafter("recycling", vocab_size=10, k=4)
-    assert rec.topk == 4 and rec.template is None and rec.adj.shape == (10, 4)
+    assert rec.needs.topk == 4 and rec.template is None and rec.adj.shape == (10, 4)
     assert make_drafter("recycling", vocab_size=10, tree=SMALL).template == SMALL
 
 
@@ -282,7 +283,7 @@ def test_drafters_match_plain_greedy_decoding(tiny_model, name, tree, options, b
 
     vocab = tiny_model.config.vocab_size
     drafter = make_drafter(name, vocab_size=vocab, tree=load_tree(tree) if tree else None, **options)
-    engine = Engine(HFVerifier(tiny_model), drafter, tree_budget=budget)
+    engine = Engine(HFVerifier(tiny_model), drafter, sizer=budget)
     accepted = 0
     for prompt in (REPETITIVE, REPETITIVE[3:] + [41, 42]):  # the second prompt starts recycling hot
         ref = reference(tiny_model, prompt)
@@ -301,5 +302,5 @@ def test_eos_inside_an_accepted_draft_stops_like_plain_decoding():
     ref = hf_greedy(model, REPETITIVE, 30)
     eos = ref[12]  # a token the greedy continuation produces: stop there
     drafter = make_drafter("ngram", vocab_size=model.config.vocab_size)
-    res = Engine(HFVerifier(model), drafter, tree_budget=8).generate(REPETITIVE, StopConditions(30, frozenset({eos})))
+    res = Engine(HFVerifier(model), drafter, sizer=8).generate(REPETITIVE, StopConditions(30, frozenset({eos})))
     assert res.tokens == ref[: ref.index(eos) + 1] and res.finish_reason == "eos"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import hf_greedy, make_tiny_model
-from specdec.drafters.base import Draft, PlainDrafter
+from specdec.drafters.base import BaseDrafter, Draft, PlainDrafter
 from specdec.engine import Engine, StopConditions
 from specdec.errors import SpecdecError
 from specdec.trees.tree import Tree
@@ -20,17 +20,16 @@ from specdec.verifiers.hf import HFVerifier
 PROMPT = [5, 17, 99, 3, 250, 7, 64, 301, 12, 45, 46, 47, 9, 130, 220, 18, 77, 19, 400, 6]  # 20 > window 16
 
 
-class OracleDrafter:
+class OracleDrafter(BaseDrafter):
     """Proposes the reference continuation. mode: 'accept' (chain of right tokens), 'reject' (chain of wrong
     tokens), 'tree' (wrong token at rank 0, right one at rank 1, at every level)."""
 
     name = "oracle"
-    topk = 0
 
     def __init__(self, prompt: list[int], reference: list[int], vocab: int, mode: str, depth: int = 4):
         self.full, self.vocab, self.mode, self.depth = prompt + reference, vocab, mode, depth
 
-    def propose(self, context: torch.Tensor, budget: int) -> Draft:
+    def propose_row(self, slot: int, context: torch.Tensor, budget: int) -> Draft:
         n = context.numel()
         right = self.full[n : n + self.depth]
         if self.mode == "accept":
@@ -46,10 +45,10 @@ class OracleDrafter:
             node = len(parents) - 1
         return Draft(Tree.from_parents(parents), torch.tensor(tokens))
 
-    def observe(self, draft, feedback) -> None:
+    def observe_row(self, slot, draft, feedback) -> None:
         pass
 
-    def reset(self) -> None:
+    def reset(self, slot, sampling) -> None:
         pass
 
 
@@ -57,7 +56,7 @@ class OracleDrafter:
 def test_matches_transformers_generate(tiny_model, mode):
     ref = hf_greedy(tiny_model, PROMPT, 40)
     drafter = OracleDrafter(PROMPT, ref, tiny_model.config.vocab_size, mode)
-    res = Engine(HFVerifier(tiny_model), drafter, tree_budget=16).generate(PROMPT, StopConditions(40))
+    res = Engine(HFVerifier(tiny_model), drafter, sizer=16).generate(PROMPT, StopConditions(40))
     assert res.tokens == ref
     expected_tau = {"accept": 5.0, "reject": 1.0, "tree": 5.0}[mode]
     assert res.stats.tau == pytest.approx(expected_tau, abs=0.6)  # the last step may be cut by the length limit
@@ -65,7 +64,7 @@ def test_matches_transformers_generate(tiny_model, mode):
 
 def test_plain_drafter_matches(tiny_model):
     ref = hf_greedy(tiny_model, PROMPT, 25)
-    res = Engine(HFVerifier(tiny_model), PlainDrafter(), tree_budget=1).generate(PROMPT, StopConditions(25))
+    res = Engine(HFVerifier(tiny_model), PlainDrafter(), sizer=1).generate(PROMPT, StopConditions(25))
     assert res.tokens == ref and res.stats.tau == 1.0 and res.finish_reason == "length"
 
 
@@ -74,7 +73,7 @@ def test_max_new_tokens_reached_inside_a_draft(max_new):
     model = make_tiny_model("gemma3")
     ref = hf_greedy(model, PROMPT, max_new)
     drafter = OracleDrafter(PROMPT, hf_greedy(model, PROMPT, max_new + 8), model.config.vocab_size, "accept", depth=5)
-    res = Engine(HFVerifier(model), drafter, tree_budget=8).generate(PROMPT, StopConditions(max_new))
+    res = Engine(HFVerifier(model), drafter, sizer=8).generate(PROMPT, StopConditions(max_new))
     assert res.tokens == ref and len(res.tokens) == max_new
 
 
@@ -85,7 +84,7 @@ def test_eos_inside_an_accepted_draft():
     ref = hf_greedy(model, PROMPT, 30, eos=eos)
     assert ref == long_ref[: long_ref.index(eos) + 1]
     drafter = OracleDrafter(PROMPT, long_ref, model.config.vocab_size, "accept", depth=6)
-    res = Engine(HFVerifier(model), drafter, tree_budget=8).generate(
+    res = Engine(HFVerifier(model), drafter, sizer=8).generate(
         PROMPT, StopConditions(30, eos_token_ids=frozenset({eos}))
     )
     assert res.tokens == ref and res.finish_reason == "eos"

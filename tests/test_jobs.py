@@ -1,7 +1,7 @@
 """`specdec batch`: JSONL in, JSONL out, every row exactly once, errors recorded, resumable after a real kill -9.
 
 The job runs the tiny Gemma 3 directory from conftest (tiny_model_dir) through the `batch` click command, in
-process (CliRunner) or as `python -m specdec.jobs_cli` in a subprocess that is killed with SIGKILL mid-job.
+process (CliRunner) or as `python -m specdec.jobs.cli` in a subprocess that is killed with SIGKILL mid-job.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specdec.errors import SpecdecError
-from specdec.jobs import OutputFile, derived_seed, read_input
-from specdec.jobs_cli import batch
+from specdec.config import RunConfig
+from specdec.jobs import OutputFile, derived_seed, read_input, row_options
+from specdec.jobs.cli import batch
 
 WORDS = "the quick brown fox jumps over the lazy dog speculative decoding drafts and verifies tokens".split()
 
@@ -76,7 +77,7 @@ def test_rows_errors_and_outputs(tiny_model_dir, tmp_path):
     errors = {k: v["error"] for k, v in got.items() if "error" in v}
     assert "not valid JSON" in errors[4] and "empty prompt" in errors["empty"]
     assert "exceeds the model's context" in errors["long"] and "chat template" in errors["chat"]
-    assert "unknown field" in errors["typo"] and "'top_p' must be a number" in errors["badval"]
+    assert "unknown field" in errors["typo"] and "'top_p' must be a finite number" in errors["badval"]
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     for rid, text, n in (("a", "the quick brown fox", 12), (2, "the lazy dog", 5), (7, "drafts and verifies", 9)):
@@ -90,12 +91,62 @@ def test_rows_errors_and_outputs(tiny_model_dir, tmp_path):
     assert again.exit_code == 0 and "0 ok, 0 failed, 9 already done" in again.stdout
 
 
+def test_null_nan_and_infinite_values_are_error_rows_not_a_crash(tiny_model_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join([
+        json.dumps({"id": "ok1", "prompt": "the quick brown fox", "max_new_tokens": 4}),
+        json.dumps({"id": "null-max", "prompt": "the fox", "max_new_tokens": None}),
+        json.dumps({"id": "null-temp", "prompt": "the fox", "temperature": None}),
+        '{"id": "nan-temp", "prompt": "the fox", "temperature": NaN}',  # Python's json reads these literals
+        '{"id": "inf-temp", "prompt": "the fox", "temperature": Infinity}',
+        '{"id": "inf-top-p", "prompt": "the fox", "top_p": -Infinity}',
+        json.dumps({"id": "huge-seed", "prompt": "the fox", "temperature": 0.8, "seed": 2 ** 70}),
+        json.dumps({"id": "ok2", "prompt": "the lazy dog", "max_new_tokens": 3}),
+    ]) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = [str(src), "--out", str(out), "--model", str(tiny_model_dir), "--drafter", "ngram", "--tree-budget", "4",
+            "--width", "2"]
+    res = run(*args)
+    assert res.exit_code == 0, res.output
+    assert "2 ok, 6 failed" in res.stdout
+    got = results(out)
+    assert len(got["ok1"]["token_ids"]) >= 1 and len(got["ok2"]["token_ids"]) >= 1
+    errors = {k: v["error"] for k, v in got.items() if "error" in v}
+    assert set(errors) == {"null-max", "null-temp", "nan-temp", "inf-temp", "inf-top-p", "huge-seed"}
+    assert "'max_new_tokens' must be an integer, got null" in errors["null-max"]
+    assert "'temperature' must be a finite number, got null" in errors["null-temp"]
+    assert "got NaN" in errors["nan-temp"] and "got Infinity" in errors["inf-temp"]
+    assert "got -Infinity" in errors["inf-top-p"] and "'seed' must be in 0.." in errors["huge-seed"]
+    assert all(len(e.splitlines()) == 1 for e in errors.values())
+    again = run(*args)  # the error rows are recorded: a rerun has nothing left to do
+    assert again.exit_code == 0 and "0 ok, 0 failed, 8 already done" in again.stdout, again.output
+
+
+def test_row_options_defaults_and_checks():
+    cfg = RunConfig(max_new_tokens=9, temperature=0.0, seed=5)
+    assert row_options({"prompt": "x"}, cfg, "a")["max_new_tokens"] == 9  # absent: the job's setting
+    sampled = row_options({"prompt": "x", "temperature": 1}, cfg, "a")
+    assert sampled["temperature"] == 1.0 and sampled["seed"] == derived_seed(5, "a")  # not the job seed itself
+    assert row_options({"prompt": "x", "temperature": 1, "seed": 3}, cfg, "a")["seed"] == 3
+    for fields, message in [
+        ({"max_new_tokens": None}, "must be an integer, got null"),
+        ({"max_new_tokens": 2.5}, "must be an integer, got 2.5"),
+        ({"top_k": True}, "must be an integer, got true"),
+        ({"temperature": float("nan")}, "must be a finite number, got NaN"),
+        ({"top_p": 10 ** 400}, "must be a finite number"),
+        ({"seed": -1}, "'seed' must be in 0.."),
+        ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
+    ]:
+        with pytest.raises(SpecdecError, match=message):
+            row_options({"prompt": "x", **fields}, cfg, "a")
+
+
 def test_resume_after_kill_9_gives_every_row_once(tiny_model_dir, tmp_path):
     src = write_rows(tmp_path / "in.jsonl", 80, sampled_every=5)
     args = [str(src), "--model", str(tiny_model_dir), "--drafter", "recycling", "--tree-budget", "4",
             "--width", "4", "--max-new-tokens", "24"]
     killed = tmp_path / "killed.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "specdec.jobs_cli", *args, "--out", str(killed), "--no-progress",
+    proc = subprocess.Popen([sys.executable, "-m", "specdec.jobs.cli", *args, "--out", str(killed), "--no-progress",
                              "--threads", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

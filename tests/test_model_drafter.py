@@ -118,7 +118,7 @@ def test_frequent_tokens_counts_spec_bench_text():
 def test_greedy_tree_holds_the_draft_models_top_children():
     model = make_tiny_model("gemma3")
     d = drafter(model, mode="tree", branch=3, k=2)
-    draft = d.propose(torch.tensor(PROMPT), budget=13)
+    draft = d.draft(torch.tensor(PROMPT), 13)
     assert draft.q is None and draft.tokens[0] == PROMPT[-1]
     root_top = hf_logits(model, PROMPT)[-1].topk(3).indices.tolist()
     assert [int(draft.tokens[c]) for c in draft.tree.children(0)] == root_top
@@ -131,7 +131,7 @@ def test_sampled_tree_carries_the_distribution_each_node_was_drawn_from():
     model = make_tiny_model("llama")
     params = dict(temperature=0.7, top_k=20, top_p=0.9, seed=3)
     d = drafter(model, mode="tree", branch=3, k=3, **params)
-    draft = d.propose(torch.tensor(PROMPT), budget=13)
+    draft = d.draft(torch.tensor(PROMPT), 13)
     assert draft.size == 13  # 3 children of the root, then groups of 3 while they fit
     sampling = SamplingParams(**params)
     tokens, tree = draft.tokens.tolist(), draft.tree
@@ -150,10 +150,10 @@ def test_adaptive_length_follows_the_heuristic_schedule():
     tokens = torch.tensor(PROMPT)
 
     def step(accepted: int) -> int:
-        draft = d.propose(tokens, budget=8)
+        draft = d.draft(tokens, 8)
         fb = Feedback(torch.arange(accepted + 1), torch.zeros(accepted + 1, dtype=torch.long),
                       torch.zeros(draft.size, 0, dtype=torch.long), len(PROMPT))
-        d.observe(draft, fb)
+        d.observe_row(0, draft, fb)
         return d.k
 
     assert step(3) == 5  # all 3 accepted: +2
@@ -166,12 +166,12 @@ def test_adaptive_length_follows_the_heuristic_schedule():
 def test_same_or_diverging_context_resyncs_the_cache():
     model = make_tiny_model("qwen2")
     d = drafter(model, k=4)
-    first = d.propose(torch.tensor(PROMPT), 8)
-    again = d.propose(torch.tensor(PROMPT), 8)  # nothing committed in between
+    first = d.draft(torch.tensor(PROMPT), 8)
+    again = d.draft(torch.tensor(PROMPT), 8)  # nothing committed in between
     assert again.tokens.tolist() == first.tokens.tolist()
     other = PROMPT[:10] + [3, 3, 3]  # a different sequence sharing a prefix, without reset()
-    fresh = drafter(model, k=4).propose(torch.tensor(other), 8)
-    assert d.propose(torch.tensor(other), 8).tokens.tolist() == fresh.tokens.tolist()
+    fresh = drafter(model, k=4).draft(torch.tensor(other), 8)
+    assert d.draft(torch.tensor(other), 8).tokens.tolist() == fresh.tokens.tolist()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def test_sampled_sequences_follow_the_target_distribution(mode):
     # the tree drafts from a reduced vocabulary: q is 0 outside it, the output must not notice
     options = dict(mode=mode, k=2, branch=3, draft_vocab=[0, 1, 2, 4, 6]) if mode == "tree" else dict(mode=mode, k=2)
     d = drafter(draft_model, vocab=V_SMALL, temperature=0.9, top_k=5, top_p=0.95, seed=11, **options)
-    engine = Engine(MarkovVerifier(table), d, tree_budget=7)
+    engine = Engine(MarkovVerifier(table), d, sizer=7)
     counts = torch.zeros(V_SMALL, V_SMALL, V_SMALL)
     n = 2000
     rejected = 0
@@ -288,7 +288,7 @@ def test_bad_options_raise():
 
 def test_budget_of_one_is_a_plain_step():
     d = drafter(make_tiny_model("llama"))
-    draft: Draft = d.propose(torch.tensor(PROMPT), 1)
+    draft: Draft = d.draft(torch.tensor(PROMPT), 1)
     assert draft.size == 1 and draft.tokens.tolist() == [PROMPT[-1]]
 
 
@@ -297,8 +297,8 @@ def test_budget_of_one_is_a_plain_step():
 
 
 def test_bench_pairs_tables_on_tiny_models(tmp_path):
-    from specdec.bench import machine_info
-    from specdec.bench_pairs import PairsSpec, bench_table, pairs_methods
+    from specdec.bench.report import machine_info
+    from specdec.bench.pairs import PairsSpec, bench_table, pairs_methods
     from specdec.models.loading import LoadedModel
 
     target = LoadedModel(make_tiny_model("qwen2"), make_tiny_tokenizer(), "tiny-target", "")

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from specdec.api import SpecDecoder
-from specdec.bench import _encode, load_questions
+from specdec.bench.spec_bench import PROMPT_TEMPLATE
+from specdec.data.spec_bench import read_questions
 from specdec.models.loading import load_model
+from specdec.text import encode_prompt
 
 PROMPTS = 5
 NEW_TOKENS = 64
@@ -17,8 +19,8 @@ NEW_TOKENS = 64
 @pytest.fixture(scope="module")
 def real():
     loaded = load_model()
-    questions = load_questions(None, 1)[:PROMPTS]  # the first prompt of the first five categories
-    prompts = [_encode(loaded.tokenizer, q["text"]) for q in questions]
+    questions = read_questions(per_category=1, limit=PROMPTS)  # the first prompt of the first five categories
+    prompts = [encode_prompt(loaded.tokenizer, q["text"], template=PROMPT_TEMPLATE) for q in questions]
     eos = loaded.model.generation_config.eos_token_id
     refs = []
     with torch.inference_mode():

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec.drafters.base import Draft
+from specdec.verifiers.base import LogitsVerifier
+
+from specdec.drafters.base import BaseDrafter, Draft
 from specdec.engine import Engine, StopConditions
 from specdec.sampling import SamplingParams, accept_greedy, accept_sampled, target_probs
 from specdec.trees.tree import Tree
@@ -87,7 +89,7 @@ def test_sampled_chain_with_q_first_token_follows_p():
 
 # ---------------------------------------------------------------- whole sequences through the engine
 
-class MarkovVerifier:
+class MarkovVerifier(LogitsVerifier):
     """A fake target whose next-token logits depend only on the current token: exact sequence probabilities
     are known in closed form. Implements the Verifier protocol for one slot."""
 
@@ -110,30 +112,30 @@ class MarkovVerifier:
     def length(self, slot):
         return self._len
 
-class FixedTreeDrafter:
+class FixedTreeDrafter(BaseDrafter):
     """Deterministic drafts: every level proposes tokens (2, 0) under the rank-0 branch, chain-like."""
 
-    name, topk = "fixed", 0
+    name = "fixed"
 
-    def propose(self, context, budget):
+    def propose_row(self, slot, context, budget):
         tree = Tree.from_parents([-1, 0, 0, 1, 1])
         return Draft(tree, torch.tensor([int(context[-1]), 2, 0, 1, 2]))
 
-    def observe(self, draft, feedback):
+    def observe_row(self, slot, draft, feedback):
         pass
 
-    def reset(self):
+    def reset(self, slot, sampling):
         pass
 
-class SampledChainDrafter:
+class SampledChainDrafter(BaseDrafter):
     """Draws a 2-token chain from its own (wrong) Markov table q and reports q, as a draft model would."""
 
-    name, topk = "sampled", 0
+    name = "sampled"
 
     def __init__(self, q_table: torch.Tensor, seed: int):
         self.q_table, self.gen = q_table, torch.Generator().manual_seed(seed)
 
-    def propose(self, context, budget):
+    def propose_row(self, slot, context, budget):
         toks, qs = [int(context[-1])], [torch.zeros(V)]
         for _ in range(2):
             q = self.q_table[toks[-1]]
@@ -141,10 +143,10 @@ class SampledChainDrafter:
             qs.append(q)
         return Draft(Tree.chain(2), torch.tensor(toks), q=torch.stack(qs))
 
-    def observe(self, draft, feedback):
+    def observe_row(self, slot, draft, feedback):
         pass
 
-    def reset(self):
+    def reset(self, slot, sampling):
         pass
 
 @pytest.mark.parametrize("drafter_kind", ["tree", "sampled_chain"])
@@ -158,7 +160,7 @@ def test_sequences_follow_the_target_distribution(drafter_kind):
     n = 4000
     for seed in range(n):
         drafter = FixedTreeDrafter() if drafter_kind == "tree" else SampledChainDrafter(q_table, seed + 10**6)
-        engine = Engine(MarkovVerifier(table), drafter, tree_budget=5)
+        engine = Engine(MarkovVerifier(table), drafter, sizer=5)
         res = engine.generate([3], StopConditions(3), SamplingParams(0.8, 3, 1.0, seed))
         counts[tuple(res.tokens)] += 1
     exact = torch.einsum("a,ab,bc->abc", p[3], p, p)  # P(x1, x2, x3 | x0 = 3)

@@ -49,7 +49,7 @@ class _Estimator:
     def __init__(self, table):
         self.table = table
 
-    def expected_tokens(self, max_nodes):
+    def expected_tokens(self, slot, max_nodes):
         return self.table[:max_nodes]
 
 

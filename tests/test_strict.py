@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from specdec.verifiers.base import LogitsVerifier
+
 from conftest import SLIDING_WINDOW, make_tiny_model
 from specdec.api import SpecDecoder
 from specdec.drafters.registry import make_drafter
@@ -158,7 +160,7 @@ def test_tiled_linear_row_is_independent_of_neighbours_and_position(orientation,
         assert torch.equal(lin(x)[at], alone[0]), f"{m} rows, position {at}"
 
 
-class Recorder:
+class Recorder(LogitsVerifier):
     """A `Verifier` that passes everything on and keeps, per committed position, the logits that chose it."""
 
     def __init__(self, inner: LeanVerifier):

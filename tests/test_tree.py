@@ -127,7 +127,9 @@ def test_tr80_is_the_papers_template():
 def test_cpu_presets_match_their_generator(n):
     t = load_tree(f"cpu-{n}")
     assert t.size == n + 1
-    assert t.rank_paths() == best_tree(n, CPU_RANK_ACCEPT) == best_tree(n, [0.6, 0.15, 0.08, 0.05])
+    assert t.rank_paths() == best_tree(n, CPU_RANK_ACCEPT)
+    if n == 4:  # by hand from the rates 0.6, 0.15, 0.08: path probabilities .6, .36, .216, then .15 for rank 1
+        assert t.rank_paths() == [(0,), (1,), (0, 0), (0, 0, 0)]
 
 
 def test_best_tree_prefers_rank_zero():

@@ -1,25 +1,78 @@
-"""The drafter interface: what every drafter proposes and what it is told afterwards.
+"""The drafter protocol (v2): what every drafter proposes for a batch of rows and what it is told afterwards.
 
-A drafter owns its own state (tables, a draft model's cache) on the instance. The engine calls, per row:
+One drafter instance serves every row of the engine. A row is identified by its *slot* (`DraftRow.slot`); the
+drafter keeps per-sequence state under it (a draft model's KV cache, a per-row table) and may keep state across
+sequences and rows (hot start). The engine calls, once per step for all active rows:
 
-- ``propose(context, budget)`` -> `Draft`: a token tree rooted at ``context[-1]`` (the last committed token,
-  not yet scored by the target). ``budget`` is the largest tree (in nodes, root included) the engine wants.
-- ``observe(draft, feedback)``: the verification result — which nodes were accepted, the committed tokens, and
-  the target's top-k at every scored node — to update the drafter's state.
-- ``reset()``: forget per-sequence state (a new prompt). Cross-prompt state (hot start) may be kept.
+- ``reset(slot, sampling)``: a new sequence starts in ``slot``, decoded with ``sampling``. Per-sequence state of
+  that slot is forgotten; cross-prompt state may be kept.
+- ``propose(rows, budgets)`` -> one `Draft` per row: a token tree rooted at ``rows[i].context[-1]`` (the last
+  committed token, not yet scored) of at most ``budgets[i]`` real nodes (root included). One call for the
+  whole batch, so a neural drafter runs one forward for all rows.
+- ``observe(rows, drafts, feedback)``: the verification of those drafts, one `Feedback` per row: accepted nodes,
+  committed tokens, and the target's scores at the scored nodes, read lazily (top-k, logits, hidden states:
+  only what `needs` asked for is guaranteed to be cheap or available).
 
-Drafts are deterministic (q = 1, the default) unless ``q`` carries the draft distribution each draft token
-was sampled from; the acceptance rule in `specdec.sampling` needs q to stay lossless in that case.
+What a drafter may use or offer is declared here, not discovered:
+
+- ``needs: Needs``: top-k tokens per scored node, full logits, target hidden states at given layers, and how
+  many *auxiliary nodes* a row's draft may carry at most.
+- Auxiliary nodes (`AuxNodes` on a `Draft`): extra nodes appended after a row's real tree and scored in the
+  same target forward. They may see real nodes (their ancestors) but no real node sees them; they are never
+  accepted or committed; their logits and hidden states come back in the feedback (`Feedback.aux_logits`,
+  `aux_hidden`). Their input is a token id or an embedding vector (the residual stream's input, i.e. after
+  any embedding scale the model applies). This is how a drafter gets predictions for the next step without a
+  forward of its own (lexical-unit placeholders).
+- Acceptance estimates for sizing trees (`expected_tokens`, `node_values`, `node_value_bound`): None means
+  "no estimate" and the engine falls back to fixed or measured budgets.
+
+Drafts are deterministic (q = 1, the default) unless ``q`` carries the distribution each draft token was sampled
+from; `specdec.sampling` then uses the lossless q-ratio rule (equal in distribution, not token for token).
+
+`BaseDrafter` implements the protocol's defaults for drafters whose proposals are naturally per row: subclass it
+and write `propose_row` / `observe_row`. A custom drafter given as ``module:Class`` must provide every member of
+`Drafter` (inheriting `BaseDrafter` is the easy way); `missing_members` names what one lacks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from specdec.sampling import SamplingParams
 from specdec.trees.tree import Tree
+
+if TYPE_CHECKING:
+    from specdec.verifiers.base import NodeScores
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a drafter asks of each verify call (the engine computes no more than the drafters need)."""
+
+    topk: int = 0  # the target's top-k tokens at every scored node (Feedback.topk_tokens)
+    hidden_layers: tuple[int, ...] = ()  # target hidden states wanted: layer l in 0..L-1 is the residual stream
+    # entering decoder layer l (0 = the embeddings), L (or -1) the final normed state the LM head reads
+    max_aux: int = 0  # auxiliary nodes one row's draft may carry at most
+
+    def merged(self, other: "Needs") -> "Needs":
+        return Needs(max(self.topk, other.topk), tuple(sorted(set(self.hidden_layers) | set(other.hidden_layers))),
+                     max(self.max_aux, other.max_aux))
+
+
+@dataclass(frozen=True)
+class AuxNodes:
+    """m auxiliary nodes appended after a draft's n real nodes (combined indices n .. n + m - 1)."""
+
+    parents: torch.Tensor  # [m] int64 combined index of each aux node's parent (any real node or an earlier aux)
+    tokens: torch.Tensor  # [m] int64 input token ids (ignored where `embeds` is given)
+    embeds: torch.Tensor | None = None  # [m, hidden] input vectors (model dtype) replacing the token embeddings
+
+    @property
+    def size(self) -> int:
+        return int(self.parents.numel())
 
 
 @dataclass(frozen=True)
@@ -28,45 +81,135 @@ class Draft:
     tokens: torch.Tensor  # [n] int64, tokens[0] is the root (last committed token)
     q: torch.Tensor | None = None  # [n, vocab] float32 draft distribution at each node's parent, or None (q = 1)
     scores: torch.Tensor | None = None  # [n] float32 drafter's log-confidence per node (dynamic trees), optional
+    aux: AuxNodes | None = None  # nodes scored alongside, never accepted (see the module docstring)
 
     @property
     def size(self) -> int:
         return self.tree.size
 
+    @staticmethod
+    def root_only(context: torch.Tensor) -> "Draft":
+        """The 1-node tree: plain decoding's step."""
+        return Draft(Tree.chain(0), context[-1:].clone())
+
 
 @dataclass(frozen=True)
+class DraftRow:
+    slot: int  # the row's identity for per-sequence drafter state
+    context: torch.Tensor  # [L] int64 committed tokens (prompt + output), CPU
+
+
+@dataclass
 class Feedback:
+    """One row's verification. Scores are those of the row's own nodes, read on demand from the verify call."""
+
     accepted: torch.Tensor  # [a] int64 node indices root..last accepted node (root included)
     new_tokens: torch.Tensor  # [a] int64 tokens committed this step (accepted drafts + the bonus token)
-    topk_tokens: torch.Tensor  # [n, k] int64 the target's top-k tokens at every scored node
+    topk_tokens: torch.Tensor  # [n, k] int64 the target's top-k tokens at every real scored node (k = needs.topk)
     context_len: int  # committed length after this step
+    scores: "NodeScores | None" = field(default=None, repr=False)  # the whole call's scores
+    lo: int = 0  # this row's first node in `scores`
+    n: int = 0  # real nodes of this row (aux nodes follow them in `scores`)
+    m: int = 0  # aux nodes of this row
+
+    def logits(self) -> torch.Tensor:  # [n, V] float32 target logits at the real nodes
+        return self._scores().logits(self.lo, self.lo + self.n)
+
+    def hidden(self, layer: int) -> torch.Tensor:  # [n, H] target hidden state at the real nodes
+        return self._scores().hidden(layer, self.lo, self.lo + self.n)
+
+    def aux_logits(self) -> torch.Tensor:  # [m, V] float32 target logits at the aux nodes
+        return self._scores().logits(self.lo + self.n, self.lo + self.n + self.m)
+
+    def aux_hidden(self, layer: int) -> torch.Tensor:  # [m, H]
+        return self._scores().hidden(layer, self.lo + self.n, self.lo + self.n + self.m)
+
+    def _scores(self) -> "NodeScores":
+        if self.scores is None:
+            raise ValueError("this feedback carries no scores (built outside the engine)")
+        return self.scores
 
 
 @runtime_checkable
 class Drafter(Protocol):
     name: str
-    topk: int  # how many of the target's top tokens per scored node observe() wants (0 = none)
+    needs: Needs
 
-    def propose(self, context: torch.Tensor, budget: int) -> Draft:
-        """context: [L] int64 committed tokens (prompt + output). Returns a tree rooted at context[-1]."""
+    def reset(self, slot: int, sampling: SamplingParams) -> None: ...
+
+    def propose(self, rows: Sequence[DraftRow], budgets: Sequence[int]) -> list[Draft]: ...
+
+    def observe(self, rows: Sequence[DraftRow], drafts: Sequence[Draft], feedback: Sequence[Feedback]) -> None: ...
+
+    def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
+        """[max_nodes]: entry n - 1 = expected tokens per step with an n-node tree (bonus included), or None."""
         ...
 
-    def observe(self, draft: Draft, feedback: Feedback) -> None: ...
+    def node_values(self, slot: int, draft: Draft) -> list[float] | None:
+        """P(accepted) of each draft node of a chain in depth order, or None: lets a batch keep the nodes worth
+        their verify cost across rows (`specdec.trees.allocate`)."""
+        ...
 
-    def reset(self) -> None: ...
+    def node_value_bound(self, slot: int, budget: int) -> list[float] | None:
+        """The most `node_values` could give within `budget` nodes (None: no bound); a batch skips proposing
+        when even that is not worth scoring."""
+        ...
 
 
-class PlainDrafter:
+PROTOCOL_MEMBERS = ("name", "needs", "reset", "propose", "observe", "expected_tokens", "node_values",
+                    "node_value_bound")
+
+
+def missing_members(obj: object) -> list[str]:
+    """The `Drafter` members `obj` lacks (attributes, or methods that are not callable)."""
+    out = []
+    for member in PROTOCOL_MEMBERS:
+        value = getattr(obj, member, None)
+        if value is None or (member not in ("name", "needs") and not callable(value)):
+            out.append(member)
+    if "needs" not in out and not isinstance(getattr(obj, "needs"), Needs):
+        out.append("needs (a specdec.drafters.base.Needs)")
+    return out
+
+
+class BaseDrafter:
+    """Protocol defaults for drafters that propose row by row: override `propose_row` and `observe_row`."""
+
+    name = "base"
+    needs = Needs()
+
+    def reset(self, slot: int, sampling: SamplingParams) -> None:
+        pass
+
+    def propose(self, rows: Sequence[DraftRow], budgets: Sequence[int]) -> list[Draft]:
+        return [self.propose_row(r.slot, r.context, b) for r, b in zip(rows, budgets)]
+
+    def observe(self, rows: Sequence[DraftRow], drafts: Sequence[Draft], feedback: Sequence[Feedback]) -> None:
+        for r, d, f in zip(rows, drafts, feedback):
+            self.observe_row(r.slot, d, f)
+
+    def propose_row(self, slot: int, context: torch.Tensor, budget: int) -> Draft:
+        """context: [L] int64 committed tokens. A tree of at most `budget` nodes rooted at context[-1]."""
+        return Draft.root_only(context)
+
+    def observe_row(self, slot: int, draft: Draft, feedback: Feedback) -> None:
+        pass
+
+    def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
+        return None
+
+    def node_values(self, slot: int, draft: Draft) -> list[float] | None:
+        return None
+
+    def node_value_bound(self, slot: int, budget: int) -> list[float] | None:
+        return None
+
+    def draft(self, context: torch.Tensor, budget: int, slot: int = 0) -> Draft:
+        """One row's proposal outside the engine (tools, tests)."""
+        return self.propose([DraftRow(slot, context)], [budget])[0]
+
+
+class PlainDrafter(BaseDrafter):
     """No drafting: a 1-node tree. Plain autoregressive decoding through the same engine."""
 
     name = "plain"
-    topk = 0
-
-    def propose(self, context: torch.Tensor, budget: int) -> Draft:
-        return Draft(Tree.chain(0), context[-1:].clone())
-
-    def observe(self, draft: Draft, feedback: Feedback) -> None:
-        pass
-
-    def reset(self) -> None:
-        pass

@@ -20,24 +20,23 @@ keeps the KV of the accepted draft nodes the draft model already computed, and f
 seen (the bonus token, or the last accepted draft and the bonus). Correctness never depends on `observe`: a
 context that diverges anywhere just truncates the cache to the common prefix.
 
-Sampling params: a constructor option today (`temperature`, `top_k`, `top_p`, `seed`). `set_sampling` lets the
-engine hand over each request's `SamplingParams` instead; either way the draws use the drafter's own
+Sampling params: a constructor option (`temperature`, `top_k`, `top_p`, `seed`) until the engine's
+`reset(slot, sampling)` hands over each request's own `SamplingParams`; either way the draws use the slot's own
 generator, seeded apart from the engine's so drafts and acceptance uniforms stay independent.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
 from transformers import PreTrainedModel
 
-from specdec.drafters.base import Draft, Feedback
+from specdec.data.spec_bench import read_questions
+from specdec.drafters.base import BaseDrafter, Draft, Feedback, Needs
 from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams, target_probs
 from specdec.trees.tree import Tree
@@ -250,18 +249,17 @@ class _Nodes:
         return len(self.tokens) - 1
 
 
-class ModelDrafter:
-    """Drafts with a `DraftRunner`; see the module docstring. vocab_size: the target's vocabulary.
+class ModelDrafter(BaseDrafter):
+    """Drafts with a `DraftRunner` per slot (all over the same draft weights); see the module docstring.
 
-    k: draft length (chain) or depth (tree), at most budget - 1. mode: "chain" or "tree" (top-`branch`
-    children per expanded node, the `branch` best nodes of each level expanded). adaptive: k += 2 after a
-    fully accepted draft, else k -= 1 (min 1, max budget - 1), kept across prompts like transformers'
-    "heuristic" schedule. sampling: how drafts are drawn (greedy: argmax / top-k, q = None). head_ids: draft
-    only these tokens plus each prompt's own (a reduced LM head; the target still verifies, so it stays
-    lossless), None: the whole vocabulary.
+    vocab_size: the target's vocabulary. k: draft length (chain) or depth (tree), at most budget - 1. mode:
+    "chain" or "tree" (top-`branch` children per expanded node, the `branch` best nodes of each level
+    expanded). adaptive: k += 2 after a fully accepted draft, else k -= 1 (min 1, max budget - 1), kept across
+    prompts like transformers' "heuristic" schedule. sampling: how drafts are drawn until `reset` hands over a
+    request's own (greedy: argmax / top-k, q = None). head_ids: draft only these tokens plus each prompt's own
+    (a reduced LM head; the target still verifies, so it stays lossless), None: the whole vocabulary.
+    Rows are drafted one after another (one runner forward per row and level), not in one batched forward.
     """
-
-    topk = 0  # the target's top-k tokens are not needed
 
     def __init__(self, runner: DraftRunner, vocab_size: int, *, k: int = 4, mode: str = "chain", branch: int = 2,
                  adaptive: bool = False, sampling: SamplingParams = SamplingParams(), name: str = "model",
@@ -273,14 +271,45 @@ class ModelDrafter:
         if branch < 1:
             raise ValueError(f"{name}: branch must be >= 1, got {branch}")
         self.name = name
+        self.needs = Needs()  # the target's scores are not needed
         self.info = info or {}  # how the drafter was built (e.g. the self drafter's calibration), for reports
+        self._settings = dict(vocab_size=vocab_size, mode=mode, branch=1 if mode == "chain" else branch,
+                              adaptive=adaptive, head_ids=head_ids)
+        self._seqs = {0: _Sequence(runner, k=k, sampling=sampling, **self._settings)}
+
+    @property
+    def k(self) -> int:  # slot 0's draft length
+        return self._seqs[0].k
+
+    def sequence(self, slot: int) -> "_Sequence":
+        if slot not in self._seqs:
+            first = self._seqs[0]
+            runner = DraftRunner(first.runner.lean, first.runner.max_positions)  # same weights, own cache
+            self._seqs[slot] = _Sequence(runner, k=first.k, sampling=first.sampling, **self._settings)
+        return self._seqs[slot]
+
+    def reset(self, slot: int, sampling: SamplingParams) -> None:
+        """A new prompt in `slot`, drafted for `sampling`: the cache is rebuilt from the next context."""
+        seq = self.sequence(slot)
+        seq.reset()
+        seq.set_sampling(sampling)
+
+    def propose_row(self, slot: int, context: torch.Tensor, budget: int) -> Draft:
+        return self.sequence(slot).propose(context, budget)
+
+    def observe_row(self, slot: int, draft: Draft, feedback: Feedback) -> None:
+        self.sequence(slot).observe(draft, feedback)
+
+
+class _Sequence:
+    """One slot's drafting state: its runner (KV cache), what it holds, the last proposal, sampling, k."""
+
+    def __init__(self, runner: DraftRunner, vocab_size: int, *, k: int, mode: str, branch: int, adaptive: bool,
+                 sampling: SamplingParams, head_ids: torch.Tensor | None):
         self.runner = runner
         self.vocab_size = vocab_size
         self.head_ids = head_ids  # [N] draft vocabulary (each prompt's tokens join it), or None: the full head
-        self.k = k
-        self.mode = mode
-        self.branch = 1 if mode == "chain" else branch
-        self.adaptive = adaptive
+        self.k, self.mode, self.branch, self.adaptive = k, mode, branch, adaptive
         self._gen = torch.Generator()
         self.set_sampling(sampling)
         self._cached = torch.zeros(0, dtype=torch.long)  # [c] committed tokens whose KV the runner holds
@@ -292,14 +321,12 @@ class ModelDrafter:
         self.sampling = params.validate()
         self._gen.manual_seed(_draft_seed(params.seed))
 
-    # ---- Drafter protocol ----------------------------------------------------------------------------
-
     def propose(self, context: torch.Tensor, budget: int) -> Draft:
         """context: [L] int64 committed tokens. Returns a tree of at most `budget` nodes rooted at context[-1]."""
         root = int(context[-1])
         k = min(self.k, budget - 1)
         if k < 1 or context.numel() + k > self.runner.max_positions:
-            return Draft(Tree.chain(0), context[-1:].clone())
+            return Draft.root_only(context)
         self._k_cap = budget - 1
         logits = self._sync(context)  # [V] draft logits after the root
         if self.sampling.greedy:
@@ -519,7 +546,7 @@ def model_drafter(
 ) -> ModelDrafter:
     """Registry factory for `model`. draft_model: a load_model spec or a loaded model sharing the target's
     tokenizer; target_tokenizer: checked against the draft's when both are known. temperature/top_k/top_p/seed:
-    the sampling the drafter drafts for (the engine's own params, once it passes them via set_sampling).
+    the sampling the drafter drafts for until the engine's `reset` passes each request's own.
     draft_vocab: N = draft only the N most frequent tokens (`frequent_tokens`) plus the prompt's, or token ids."""
     if tree is not None:
         raise ValueError("drafter 'model' builds its own trees and takes no tree preset: use mode='tree'")
@@ -550,14 +577,10 @@ def draft_vocabulary(spec: int | Sequence[int] | None, tokenizer: Any, vocab_siz
 def frequent_tokens(tokenizer: Any, count: int) -> list[int]:
     """The `count` most frequent ids in Spec-Bench questions (all but each category's first, which `specdec
     bench` runs) under `tokenizer`, plus its special tokens."""
-    text = resources.files("specdec").joinpath("data/spec_bench/question.jsonl").read_text()
     seen: set[str] = set()
     counts: Counter[int] = Counter()
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if row["category"] in seen:
-            counts.update(tokenizer(row["turns"][0])["input_ids"])
-        seen.add(row["category"])
+    for q in read_questions():
+        if q["category"] in seen:
+            counts.update(tokenizer(q["text"])["input_ids"])
+        seen.add(q["category"])
     return sorted({t for t, _ in counts.most_common(count)} | set(tokenizer.all_special_ids))

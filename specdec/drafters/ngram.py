@@ -11,16 +11,19 @@ latest version of a name or line. An early match runs until the end of the conte
 end sooner, so the continuation then keeps copying with the same offset (LZ77-style overlapping copy: a match
 `period` tokens back predicts that the last `period` tokens repeat), which always fills the budget.
 
-Drafts are deterministic (q = 1). `topk = 0`: the drafter needs no top-k tokens from the target.
+Drafts are deterministic (q = 1). The drafter needs nothing from the target's scores (`Needs()`); the only state
+is each slot's measured acceptance per chain depth (`DepthRates`), which sizes its chains.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import torch
 from numba import njit
 
-from specdec.drafters.base import Draft, Feedback
+from specdec.drafters.base import BaseDrafter, Draft, Feedback
 from specdec.trees.sizing import DepthRates
 from specdec.trees.tree import Tree
 
@@ -97,7 +100,7 @@ def continuation(tokens: np.ndarray, start: int, count: int) -> np.ndarray:
     return tokens[start + np.arange(count) % period]
 
 
-class NgramDrafter:
+class NgramDrafter(BaseDrafter):
     """Prompt lookup: a chain copied from the best earlier match, or a few branches from distinct matches.
 
     min_ngram / max_ngram: n-gram sizes tried, longest first (transformers' max_matching_ngram_size defaults
@@ -108,7 +111,6 @@ class NgramDrafter:
     """
 
     name = "ngram"
-    topk = 0
 
     def __init__(self, min_ngram: int = 1, max_ngram: int = 3, branches: int = 1):
         if not 1 <= min_ngram <= max_ngram:
@@ -118,16 +120,22 @@ class NgramDrafter:
         self.min_ngram = min_ngram
         self.max_ngram = max_ngram
         self.branches = branches
-        self.depth_rates = DepthRates()  # measured chain acceptance per depth (sizes the chain)
+        self._rates: dict[int, DepthRates] = {}  # slot -> measured chain acceptance per depth (sizes the chain)
 
-    def propose(self, context: torch.Tensor, budget: int) -> Draft:
+    def depth_rates(self, slot: int) -> DepthRates:
+        """The slot's statistics; a new slot starts from slot 0's (what single calls learnt), else the prior."""
+        if slot not in self._rates:
+            self._rates[slot] = copy.deepcopy(self._rates[0]) if 0 in self._rates else DepthRates()
+        return self._rates[slot]
+
+    def propose_row(self, slot: int, context: torch.Tensor, budget: int) -> Draft:
         """context: [L] int64 committed tokens. Returns a tree of at most `budget` nodes rooted at context[-1]."""
         if budget <= 1:
-            return Draft(Tree.chain(0), context[-1:].clone())
+            return Draft.root_only(context)
         tokens = np.ascontiguousarray(context.numpy())
         starts = find_matches(tokens, self.min_ngram, self.max_ngram, min(self.branches, budget - 1))
         if len(starts) == 0:
-            return Draft(Tree.chain(0), context[-1:].clone())
+            return Draft.root_only(context)
         lengths = _branch_lengths(budget - 1, len(starts))
         paths: list[tuple[int, ...]] = []
         values: list[int] = []
@@ -138,28 +146,25 @@ class NgramDrafter:
         draft_tokens = [int(tokens[-1])] + [values[i] for i in order]
         return Draft(Tree.from_rank_paths([paths[i] for i in order]), torch.tensor(draft_tokens))
 
-    def observe(self, draft: Draft, feedback: Feedback) -> None:
+    def observe_row(self, slot: int, draft: Draft, feedback: Feedback) -> None:
         if draft.size > 1:  # steps without a match say nothing about how deep matches hold
-            self.depth_rates.update(draft.tree.max_depth, len(feedback.accepted) - 1)
+            self.depth_rates(slot).update(draft.tree.max_depth, len(feedback.accepted) - 1)
 
-    def reset(self) -> None:
-        pass
-
-    def node_values(self, draft: Draft) -> list[float] | None:
+    def node_values(self, slot: int, draft: Draft) -> list[float] | None:
         """P(accepted) of each draft node of a chain, in depth order (None for branched drafts): lets a batch
         keep, over all its rows, the nodes worth scoring (`specdec.trees.allocate`)."""
         if draft.size != draft.tree.max_depth + 1:
             return None
-        return self.depth_rates.reach(draft.size - 1)
+        return self.depth_rates(slot).reach(draft.size - 1)
 
-    def node_value_bound(self, budget: int) -> list[float]:
+    def node_value_bound(self, slot: int, budget: int) -> list[float] | None:
         """The most `node_values` can give for a draft within `budget` nodes (a full-length match): if even
         that is not worth scoring, a batch skips proposing."""
-        return self.depth_rates.reach(budget - 1)
+        return self.depth_rates(slot).reach(budget - 1)
 
-    def expected_tokens(self, max_nodes: int) -> list[float]:
+    def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
         """[max_nodes]: expected tokens per step with an n-node chain, from measured per-depth acceptance."""
-        return self.depth_rates.expected_tokens(max_nodes)
+        return self.depth_rates(slot).expected_tokens(max_nodes)
 
 
 def _branch_lengths(nodes: int, matches: int) -> list[int]:

@@ -1,7 +1,8 @@
 """Drafters by name: a plain dict of factories, plus ``module.path:Name`` import paths for out-of-tree drafters.
 
 Every factory is called as ``factory(vocab_size=..., tree=..., **options)`` and returns a `Drafter`; an
-import path names a class or function with the same call signature. Drafters that build their own trees
+import path names a class or function with the same call signature. Loading ``module.path:Name`` IMPORTS
+that module, i.e. runs its code: it must be importable (on sys.path) and trusted, like any Python you run. Drafters that build their own trees
 (plain, ngram) refuse a tree rather than silently ignoring it. Other modules add theirs with `register`.
 """
 
@@ -11,7 +12,7 @@ import importlib
 import inspect
 from typing import Any, Callable
 
-from specdec.drafters.base import Drafter, PlainDrafter
+from specdec.drafters.base import Drafter, PlainDrafter, missing_members
 from specdec.trees.tree import Tree
 
 DrafterFactory = Callable[..., Drafter]  # (vocab_size: int, tree: Tree | None, **options) -> Drafter
@@ -48,8 +49,10 @@ def make_drafter(name: str, *, vocab_size: int, tree: Tree | None = None, contex
             options[key] = context[key]
     _check_call(name, factory, vocab_size=vocab_size, tree=tree, **options)
     drafter = factory(vocab_size=vocab_size, tree=tree, **options)
-    if not isinstance(drafter, Drafter):
-        raise TypeError(f"drafter '{name}' built a {type(drafter).__name__}, which lacks name/propose/observe/reset")
+    missing = missing_members(drafter)
+    if missing:
+        raise TypeError(f"drafter '{name}' built a {type(drafter).__name__}, which lacks {', '.join(missing)} of the "
+                        "drafter protocol (specdec.drafters.base.Drafter; subclass BaseDrafter for the defaults)")
     return drafter
 
 

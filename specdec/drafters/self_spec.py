@@ -28,17 +28,18 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 from transformers import PreTrainedModel
 
+from specdec.data.spec_bench import read_questions
 from specdec.drafters.model import DraftRunner, ModelDrafter, draft_vocabulary, lean_forward, resolve_model
 from specdec.errors import SpecdecError
 from specdec.measured import overloaded, save_json
 from specdec.sampling import SamplingParams
+from specdec.text import encode_prompt
 from specdec.trees.tree import Tree
 from specdec.verifiers import gemm as gemm_plan
 from specdec.verifiers.lean_model import LeanModel
@@ -217,22 +218,10 @@ def calibrate(lean: LeanModel, prompts: list[list[int]], settings: Calibration, 
 
 def spec_bench_prompts(tokenizer: Any, count: int) -> list[list[int]]:
     """The last question of `count` Spec-Bench categories (spread over the file), encoded for the target."""
-    text = resources.files("specdec").joinpath("data/spec_bench/question.jsonl").read_text()
-    last: dict[str, str] = {}
-    for line in text.splitlines():
-        if line.strip():
-            row = json.loads(line)
-            last[row["category"]] = row["turns"][0]
+    last = {q["category"]: q["text"] for q in read_questions()}  # the last question wins
     questions = list(last.values())
     step = max(1, len(questions) // max(1, count))
-    return [_encode(tokenizer, q) for q in questions[::step][:count]]
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    return list(tokenizer(text)["input_ids"])
+    return [encode_prompt(tokenizer, q) for q in questions[::step][:count]]
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:

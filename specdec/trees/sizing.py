@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from specdec.hardware import cpu_name
-from specdec.measured import overloaded, save_json
-from specdec.verifiers.base import score_nodes
+from specdec.measured import load_average, overloaded, save_json
 from specdec.trees.tree import Tree
 
 CALIBRATION_SIZES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -93,7 +91,7 @@ def calibrate(verifier, sizes: Sequence[int] = CALIBRATION_SIZES, prefix_len: in
             tokens = torch.randint(3, vocab_high, (1, n), generator=gen)
             t0 = time.perf_counter()
             # what greedy decoding runs: the scores' greedy tokens (screened LM head where the verifier has one)
-            score_nodes(verifier, [0], tokens, trees[n].depth[None], trees[n].mask[None], [n]).greedy()
+            verifier.score_nodes([0], tokens, trees[n].depth[None], trees[n].mask[None], [n]).greedy()
             elapsed = time.perf_counter() - t0
             verifier.commit(0, [0])
             if rnd:
@@ -126,7 +124,7 @@ def cached_curve(verifier, key: str, cache_dir: Path | None, log: Callable[[str]
     curve = calibrate(verifier)
     busy = busy or overloaded()
     if path is not None:
-        save_json(path, curve.to_json() | {"provisional": busy, "loadavg": os.getloadavg()[0]})
+        save_json(path, curve.to_json() | {"provisional": busy, "loadavg": load_average()})
     return curve
 
 
@@ -204,20 +202,19 @@ class DepthRates:
 class AutoBudget:
     """Per-step node budget from the latency curve and the drafter's `expected_tokens`, refreshed every few steps.
 
-    Drafters without `expected_tokens(max_nodes) -> list[float]` get `max_nodes`.
+    Drafters whose `expected_tokens` gives None get `max_nodes`.
     """
 
     def __init__(self, curve: LatencyCurve, max_nodes: int, every: int = 16):
         self.curve, self.max_nodes, self.every = curve, max_nodes, every
         self._steps, self._budget = 0, None
 
-    def budget(self, drafter, overhead_s: float = 0.0) -> int:
+    def budget(self, drafter, slot: int = 0, overhead_s: float = 0.0) -> int:
         if self._budget is None or self._steps % self.every == 0:
-            estimate = getattr(drafter, "expected_tokens", None)
-            if estimate is None:
+            table = drafter.expected_tokens(slot, self.max_nodes)  # [max_nodes] or None
+            if table is None:
                 self._budget = self.max_nodes
             else:
-                table = estimate(self.max_nodes)  # [max_nodes]
                 self._budget = choose_budget(self.curve, lambda n: table[n - 1], len(table), overhead_s)
         self._steps += 1
         return self._budget

@@ -15,11 +15,13 @@ produced when it is scored as node 0 of the next tree.
   keep them.
 - ``length(slot)``: committed prefix length.
 
-Optionally ``score_nodes(slots, tokens, depth, mask, sizes)``: the same call for rows of ``sizes[b]`` real nodes
-(the rest padding), returning `NodeScores` over the R = sum(sizes) real nodes, packed row by row, that compute
-only what acceptance asks for: greedy tokens (exact, possibly without the full logits: see
-`specdec.verifiers.screen`), top-k hints for drafters, full logits for sampling. The engines use it when a
-verifier has it and wrap ``score``'s logits in `DenseScores` otherwise.
+- ``score_nodes(slots, tokens, depth, mask, sizes, *, embeds=None, hidden_layers=())``: the same call for rows of
+  ``sizes[b]`` real nodes (the rest padding), returning `NodeScores` over the R = sum(sizes) real nodes, packed
+  row by row, that compute only what is asked for: greedy tokens (exact, possibly without the full logits: see
+  `specdec.verifiers.screen`), top-k hints, full logits, hidden states at ``hidden_layers`` (l in 0..L-1: the
+  residual stream entering decoder layer l, 0 = embeddings; L or -1: the final normed state). ``embeds``
+  (`NodeInputs`) replaces the input embedding of some packed nodes by given vectors (auxiliary nodes).
+- ``device``: where the model, the cache and every tensor of a call live; callers build inputs there.
 
 Implementations: `specdec.verifiers.hf.HFVerifier` (any supported transformers model, batch 1) and the lean
 path in `specdec.verifiers.lean`.
@@ -27,15 +29,27 @@ path in `specdec.verifiers.lean`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
+
+
+@dataclass(frozen=True)
+class NodeInputs:
+    """Input vectors for some packed nodes of a call, replacing their token embeddings."""
+
+    index: torch.Tensor  # [E] int64 packed node indices (0 .. R - 1)
+    embeds: torch.Tensor  # [E, hidden] the residual stream's input at those nodes (after any embedding scale)
 
 
 @runtime_checkable
 class Verifier(Protocol):
     vocab_size: int
     max_positions: int  # longest sequence the model supports
+    num_layers: int  # decoder layers (hidden-state layer L is the final normed state)
+    device: torch.device
+    batched: bool  # scores several slots in one call (False: one row at a time)
 
     def reset(self, num_slots: int, max_len: int) -> None: ...
 
@@ -49,6 +63,18 @@ class Verifier(Protocol):
         mask: torch.Tensor,  # [B, n, n] bool
     ) -> torch.Tensor:  # [B, n, V] float32
         ...
+
+    def score_nodes(
+        self,
+        slots: Sequence[int],
+        tokens: torch.Tensor,  # [B, n] int64
+        depth: torch.Tensor,  # [B, n] int64
+        mask: torch.Tensor,  # [B, n, n] bool
+        sizes: Sequence[int] | None = None,  # [B] real nodes per row (default all n)
+        *,
+        embeds: NodeInputs | None = None,
+        hidden_layers: Sequence[int] = (),
+    ) -> "NodeScores": ...
 
     def commit(self, slot: int, keep: Sequence[int]) -> None: ...
 
@@ -68,30 +94,67 @@ class NodeScores(Protocol):
     def logits(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:  # [hi - lo, V] float32, nodes lo..hi-1
         ...
 
+    def hidden(self, layer: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:  # [hi - lo, H]
+        """Hidden states of nodes lo..hi-1 at `layer` (one of the call's `hidden_layers`)."""
+        ...
+
 
 class DenseScores:
-    """`NodeScores` over full logits [R, V] (any verifier's ``score``)."""
+    """`NodeScores` over full logits [R, V] (and the hidden states asked for)."""
 
-    def __init__(self, logits: torch.Tensor):
+    def __init__(self, logits: torch.Tensor, hidden: dict[int, torch.Tensor] | None = None, num_layers: int = 0):
         self._logits = logits  # [R, V] float32
+        self._hidden = hidden or {}  # layer -> [R, H]
+        self._layers = num_layers
 
     def greedy(self, k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         return self._logits.argmax(dim=-1), self.topk(k)
 
     def topk(self, k: int) -> torch.Tensor:
         if k <= 0:
-            return torch.empty(self._logits.shape[0], 0, dtype=torch.long)
+            return torch.empty(self._logits.shape[0], 0, dtype=torch.long, device=self._logits.device)
         return self._logits.topk(k, dim=-1).indices
 
     def logits(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         return self._logits[lo:hi]
 
+    def hidden(self, layer: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        return captured(self._hidden, layer, self._layers)[lo:hi]
 
-def score_nodes(verifier: Verifier, slots: Sequence[int], tokens: torch.Tensor, depth: torch.Tensor,
-                mask: torch.Tensor, sizes: Sequence[int]) -> NodeScores:
-    """One verify call as `NodeScores` over the sum(sizes) real nodes (row by row), whatever the verifier offers:
-    its own `score_nodes`, or `score`'s padded logits [B, n, V] cut to the real nodes."""
-    if hasattr(verifier, "score_nodes"):
-        return verifier.score_nodes(slots, tokens, depth, mask, sizes)  # type: ignore[attr-defined]
-    padded = verifier.score(slots, tokens, depth, mask)  # [B, n, V]
-    return DenseScores(torch.cat([padded[b, :s] for b, s in enumerate(sizes)]))  # [R, V]
+
+def captured(hidden: dict[int, torch.Tensor], layer: int, num_layers: int) -> torch.Tensor:
+    """hidden[layer] with -1 read as the final layer; a clear error for a layer the call did not capture."""
+    key = num_layers if layer == -1 else layer
+    if key not in hidden:
+        raise ValueError(f"hidden states of layer {layer} were not captured: declare it in the drafter's "
+                         f"Needs.hidden_layers (captured: {sorted(hidden)})")
+    return hidden[key]
+
+
+def hidden_keys(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """Requested layers as indices 0..L (-1 -> L); ValueError for one out of range."""
+    out = []
+    for layer in layers:
+        key = num_layers if layer == -1 else int(layer)
+        if not 0 <= key <= num_layers:
+            raise ValueError(f"hidden layer {layer} is outside 0..{num_layers} (or -1 for the final state)")
+        out.append(key)
+    return tuple(sorted(set(out)))
+
+
+class LogitsVerifier:
+    """Protocol members a simple verifier gets from its own ``score`` (test doubles, wrappers): `score_nodes` over
+    full logits, one CPU row at a time, no hidden states or input vectors."""
+
+    device = torch.device("cpu")
+    num_layers = 0
+    batched = False
+
+    def score_nodes(self, slots: Sequence[int], tokens: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor,
+                    sizes: Sequence[int] | None = None, *, embeds: NodeInputs | None = None,
+                    hidden_layers: Sequence[int] = ()) -> DenseScores:
+        if embeds is not None or hidden_layers:
+            raise ValueError(f"{type(self).__name__} scores token ids only (no input vectors, no hidden states)")
+        padded = self.score(slots, tokens, depth, mask)  # type: ignore[attr-defined]  # [B, n, V]
+        sizes = [tokens.shape[1]] * tokens.shape[0] if sizes is None else sizes
+        return DenseScores(torch.cat([padded[b, :s] for b, s in enumerate(sizes)]))  # [R, V]

@@ -202,7 +202,10 @@ def cache_key(model_signature: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "specdec" / "gemm"
+    """<the specdec cache ($SPECDEC_CACHE or ~/.cache/specdec)>/gemm."""
+    from specdec.models.loading import default_cache_dir as cache_root
+
+    return cache_root() / "gemm"
 
 
 def cache_path(model_signature: str, cache_dir: Path | None = None) -> Path:

@@ -1,6 +1,8 @@
 """Verifier over an unmodified transformers model: tree mask and positions passed as forward arguments.
 
-Works for any supported causal LM (Gemma 3 with sliding-window + global layers, Qwen2, Llama) at batch 1.
+Works for any supported causal LM (Gemma 3 with sliding-window + global layers, Qwen2, Llama) at batch 1, on the
+model's device. `score_nodes` passes input vectors through ``inputs_embeds`` and hidden states through
+``output_hidden_states`` (transformers' hidden_states[l] is the input of layer l; the last, the final normed).
 The KV cache is a plain `DynamicCache()` (full keys for every layer, so prompts longer than a sliding window
 stay exact: the window is applied by the mask, not by dropping keys). After scoring, `commit` keeps the prefix
 plus the accepted nodes: a crop when the accepted nodes are the first ones (chains), else a gather.
@@ -13,13 +15,19 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from specdec.verifiers.base import DenseScores, NodeInputs, hidden_keys
+
 
 class HFVerifier:
+    batched = False  # one sequence at a time
+
     def __init__(self, model: PreTrainedModel, prefill_chunk: int = 512):
         self.model = model
         cfg = model.config
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 1 << 30))
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.device = model.get_input_embeddings().weight.device
         self.prefill_chunk = prefill_chunk
         self._layer_types = tuple(getattr(cfg, "layer_types", None) or ())
         self._window = getattr(cfg, "sliding_window", None)
@@ -34,6 +42,7 @@ class HFVerifier:
 
     def prefill(self, slot: int, tokens: torch.Tensor) -> None:
         self.reset(1, 0)
+        tokens = tokens.to(self.device)
         for start in range(0, tokens.numel(), self.prefill_chunk):
             chunk = tokens[start : start + self.prefill_chunk].view(1, -1)  # [1, c]
             self.model(input_ids=chunk, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
@@ -50,19 +59,48 @@ class HFVerifier:
         depth: torch.Tensor,  # [1, n]
         mask: torch.Tensor,  # [1, n, n] bool
     ) -> torch.Tensor:  # [1, n, V]
+        return self._forward(tokens, depth, mask, None, ()).logits.float()
+
+    @torch.inference_mode()
+    def score_nodes(
+        self,
+        slots: Sequence[int],
+        tokens: torch.Tensor,  # [1, n] int64
+        depth: torch.Tensor,  # [1, n] int64
+        mask: torch.Tensor,  # [1, n, n] bool
+        sizes: Sequence[int] | None = None,  # [1] real nodes (the rest padding)
+        *,
+        embeds: NodeInputs | None = None,
+        hidden_layers: Sequence[int] = (),
+    ) -> DenseScores:
+        size = tokens.shape[1] if sizes is None else int(sizes[0])
+        keys = hidden_keys(hidden_layers, self.num_layers)
+        out = self._forward(tokens, depth, mask, embeds, keys)
+        hidden = {k: out.hidden_states[k][0, :size] for k in keys}
+        return DenseScores(out.logits[0, :size].float(), hidden, self.num_layers)  # [size, V]
+
+    def _forward(self, tokens, depth, mask, embeds: NodeInputs | None, hidden: tuple[int, ...]):
         if self._pending:
             raise RuntimeError("score() called twice without commit()")
+        if tokens.shape[0] != 1:
+            raise ValueError("the transformers verifier scores one row at a time")
+        tokens, depth, mask = tokens.to(self.device), depth.to(self.device), mask.to(self.device)
         n, prefix = tokens.shape[1], self._len
         positions = depth + prefix  # [1, n]
+        inputs = {"input_ids": tokens}
+        if embeds is not None:
+            x = self.model.get_input_embeddings()(tokens)  # [1, n, H], any embedding scale applied
+            inputs = {"inputs_embeds": x.index_copy(1, embeds.index.to(self.device), embeds.embeds[None].to(x))}
         out = self.model(
-            input_ids=tokens,
+            **inputs,
             position_ids=positions,
             attention_mask=self._masks(mask, positions),
             past_key_values=self._cache,
             use_cache=True,
+            output_hidden_states=bool(hidden),
         )
         self._pending = n
-        return out.logits.float()
+        return out
 
     def commit(self, slot: int, keep: Sequence[int]) -> None:
         keep = list(keep)
@@ -70,7 +108,7 @@ class HFVerifier:
             if self._pending > len(keep):
                 self._cache.crop(len(keep) - self._pending)  # negative: number of trailing entries to drop
         else:
-            index = torch.cat([torch.arange(self._len), self._len + torch.tensor(keep)])  # [len + a]
+            index = torch.cat([torch.arange(self._len), self._len + torch.tensor(keep)]).to(self.device)  # [len + a]
             for layer in self._cache.layers:
                 layer.keys = layer.keys.index_select(-2, index)
                 layer.values = layer.values.index_select(-2, index)
@@ -80,14 +118,14 @@ class HFVerifier:
     def _masks(self, tree_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | dict:
         """Boolean [1, 1, n, prefix + n] masks (True = attend): one per layer type when the model mixes them."""
         n, prefix = tree_mask.shape[-1], self._len
-        full = torch.ones(1, 1, n, prefix + n, dtype=torch.bool)
+        full = torch.ones(1, 1, n, prefix + n, dtype=torch.bool, device=tree_mask.device)
         full[..., prefix:] = tree_mask[:, None]
         if not self._layer_types:
             return full
         masks = {}
         for kind in set(self._layer_types):
             if kind == "sliding_attention" and self._window:
-                key_pos = torch.cat([torch.arange(prefix), positions[0]])  # [prefix + n]
+                key_pos = torch.cat([torch.arange(prefix, device=positions.device), positions[0]])  # [prefix + n]
                 near = positions[0, :, None] - key_pos[None, :] < self._window  # [n, prefix + n]
                 masks[kind] = full & near
             else:

@@ -31,9 +31,11 @@ import torch
 from transformers import PreTrainedModel
 
 from specdec.verifiers import gemm
+from specdec.verifiers.base import NodeInputs, captured, hidden_keys
 from specdec.verifiers.lean_model import LeanModel, RowSpans, Step
 from specdec.verifiers.screen import ScreenedHead, measure_screen
 from specdec.verifiers.strict import BLOCK, TILE, CanonicalTree
+from specdec.verifiers.tree_attention import triton_available
 
 PREFILL_CHUNK = 256
 
@@ -52,8 +54,13 @@ class LeanVerifier:
     row counts where it measured faster than the fp32 head on this machine (measured with the GEMM plan,
     cached beside it; only with gemm="auto"), True at every row count, False never. Off for strict scoring,
     LM heads with a bias or a final softcap, and when the bf16 GEMM fails its self-check.
-    Thread count is the caller's business (torch.set_num_threads).
+    attention: "auto" runs tree attention through the triton kernel (`specdec.verifiers.tree_attention`) when
+    the model is on CUDA and triton is installed, else torch SDPA with a mask (CPU: always SDPA); or force one.
+    Strict scoring keeps its own canonical attention.
+    Thread count is the caller's business (torch.set_num_threads). Everything lives on the model's device.
     """
+
+    batched = True
 
     def __init__(
         self,
@@ -66,6 +73,7 @@ class LeanVerifier:
         calibration_budget_s: float = 10.0,
         strict: bool = False,
         screen: bool | Literal["auto"] = "auto",
+        attention: Literal["auto", "sdpa", "triton"] = "auto",
     ):
         if strict and compile:
             raise ValueError("strict scoring runs eager: compile=True cannot be combined with strict=True")
@@ -73,6 +81,9 @@ class LeanVerifier:
         self.vocab_size: int = cfg.vocab_size
         self.max_positions: int = cfg.max_position_embeddings
         self.model = LeanModel(model, fuse)
+        self.device: torch.device = self.model.embed.device
+        self.num_layers: int = len(self.model.layers)
+        self.tree_kernel = _use_tree_kernel(attention, self.device)
         self.model.use_plan(_plan_for(self.model, gemm, cache_dir, calibration_budget_s))
         self._compiled = compile
         if compile:
@@ -99,7 +110,8 @@ class LeanVerifier:
         rows = -(-max_len // BLOCK) * BLOCK if self.strict else max_len  # strict key ranges end on a block
         shape = (num_slots, a.num_kv_heads, rows, a.head_dim)
         # zeros, not empty: masked keys past a row's end must not hold NaN/inf (0 * NaN poisons the output)
-        self._caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in a.windows]
+        self._caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
+                         torch.zeros(shape, dtype=dtype, device=self.device)) for _ in a.windows]
         self._lengths = [0] * num_slots
         self._scored = {}
         self._rope = self.model.rope_tables(max_len)
@@ -110,14 +122,14 @@ class LeanVerifier:
 
     @torch.inference_mode()
     def prefill(self, slot: int, tokens: torch.Tensor) -> None:
-        tokens = tokens.reshape(-1).long()
+        tokens = tokens.reshape(-1).long().to(self.device)
         self._lengths[slot] = 0
         self._scored.pop(slot, None)
         for begin in range(0, tokens.numel(), PREFILL_CHUNK):
             chunk = tokens[begin: begin + PREFILL_CHUNK]
             m = chunk.numel()
-            causal = torch.ones(m, m, dtype=torch.bool).tril_()
-            step = self._step([slot], torch.arange(m)[None], causal[None], sizes=[m])
+            causal = torch.ones(m, m, dtype=torch.bool, device=self.device).tril_()
+            step = self._step([slot], torch.arange(m, device=self.device)[None], causal[None], sizes=[m])
             self.model.forward(chunk[None], step, self._caches, self._rope)  # eager: prompt lengths vary
             self._lengths[slot] += m
 
@@ -154,8 +166,12 @@ class LeanVerifier:
         depth: torch.Tensor,  # [B, n] int64
         mask: torch.Tensor,  # [B, n, n] bool
         sizes: Sequence[int] | None = None,  # [B] real nodes per row (default: all n)
+        *,
+        embeds: NodeInputs | None = None,
+        hidden_layers: Sequence[int] = (),
     ) -> "LeanScores":
-        """`score_packed` without the LM head: `LeanScores` over the sum(sizes) real nodes, row by row."""
+        """`score_packed` without the LM head: `LeanScores` over the sum(sizes) real nodes, row by row (see the
+        `Verifier` protocol for `embeds` and `hidden_layers`)."""
         slots = [int(s) for s in slots]
         batch, n = tokens.shape
         sizes = [n] * batch if sizes is None else sizes
@@ -163,13 +179,18 @@ class LeanVerifier:
             raise ValueError("score: one distinct slot and one size per row expected")
         if any(not 1 <= int(s) <= n for s in sizes):
             raise ValueError(f"score: sizes must be within 1..{n}, got {list(sizes)}")
-        step = self._step(slots, depth.long(), mask.bool(), canonical=self.strict, sizes=[int(s) for s in sizes])
+        dev = self.device
+        step = self._step(slots, depth.long().to(dev), mask.bool().to(dev), canonical=self.strict,
+                          sizes=[int(s) for s in sizes])
         if sum(int(s) for s in sizes) < batch * n:  # no padding (plain decoding, equal trees): nothing to pack
-            step.real = torch.cat([torch.arange(int(s)) + b * n for b, s in enumerate(sizes)])  # [R]
-        hidden = self._scorer.forward(tokens.long(), step, self._caches, self._rope, compiled=self._compiled)
+            step.real = torch.cat([torch.arange(int(s), device=dev) + b * n for b, s in enumerate(sizes)])  # [R]
+        capture = dict.fromkeys(hidden_keys(hidden_layers, self.num_layers)) or None
+        vectors = None if embeds is None else (embeds.index.to(dev), embeds.embeds.to(dev))
+        hidden = self._scorer.forward(tokens.long().to(dev), step, self._caches, self._rope,
+                                      compiled=self._compiled, embeds=vectors, capture=capture)
         for s in slots:
             self._scored[s] = n
-        return LeanScores(self, hidden.reshape(-1, hidden.shape[-1]))  # [R, hidden]
+        return LeanScores(self, hidden.reshape(-1, hidden.shape[-1]), capture or {})  # [R, hidden]
 
     def commit(self, slot: int, keep: Sequence[int]) -> None:
         keep = [int(k) for k in keep]
@@ -181,8 +202,8 @@ class LeanVerifier:
         base = self._lengths[slot]
         moved = [j for j, node in enumerate(keep) if node != j]
         if moved:
-            src = torch.tensor([base + keep[j] for j in moved])
-            dst = torch.tensor([base + j for j in moved])
+            src = torch.tensor([base + keep[j] for j in moved], device=self.device)
+            dst = torch.tensor([base + j for j in moved], device=self.device)
             with torch.inference_mode():
                 for k_cache, v_cache in self._caches:
                     k_cache[slot, :, dst] = k_cache[slot, :, src]
@@ -218,13 +239,14 @@ class LeanVerifier:
         end = max(lens_list) + n
         if end > self.max_len:
             raise ValueError(f"score: {end} cache entries needed, reset() allowed {self.max_len}")
-        lens = torch.tensor(lens_list)
+        dev = self.device
+        lens = torch.tensor(lens_list, device=dev)
         q_pos = lens[:, None] + depth  # [B, n]
-        write_index = lens[:, None] + torch.arange(n)  # [B, n]
+        write_index = lens[:, None] + torch.arange(n, device=dev)  # [B, n]
         if not canonical:
-            return Step(positions=q_pos, slots=torch.tensor(slots), write_index=write_index, kv_end=end,
+            return Step(positions=q_pos, slots=torch.tensor(slots, device=dev), write_index=write_index, kv_end=end,
                         kv_start={}, masks={}, rows=self._row_spans(slots, lens_list, depth, mask, sizes or [n] * batch))
-        idx = torch.arange(end)  # [S] cache indices
+        idx = torch.arange(end, device=dev)  # [S] cache indices
         rel = idx[None, :] - lens[:, None]  # [B, S] tree node index where 0 <= rel < n
         in_prefix = rel < 0
         node = rel.clamp(0, n - 1)
@@ -239,7 +261,7 @@ class LeanVerifier:
             masks[w] = m[:, None, :, starts[w]:]
         first = slots[0]
         consecutive = slots == list(range(first, first + batch))
-        return Step(positions=q_pos, slots=torch.tensor(slots), write_index=write_index,
+        return Step(positions=q_pos, slots=torch.tensor(slots, device=dev), write_index=write_index,
                     kv_end=end, kv_start=starts, masks=masks,
                     slot_slice=slice(first, first + batch) if consecutive else None,
                     canonical=CanonicalTree.build(lens_list, depth, mask))
@@ -252,8 +274,13 @@ class LeanVerifier:
         bounds = [0]
         for s in sizes:
             bounds.append(bounds[-1] + s)
-        node_slot = torch.cat([torch.full((s,), slot, dtype=torch.long) for slot, s in zip(slots, sizes)])  # [R]
-        node_write = torch.cat([length + torch.arange(s) for length, s in zip(lens, sizes)])  # [R]
+        dev = self.device
+        node_slot = torch.cat([torch.full((s,), slot, dtype=torch.long, device=dev)
+                               for slot, s in zip(slots, sizes)])  # [R]
+        node_write = torch.cat([length + torch.arange(s, device=dev) for length, s in zip(lens, sizes)])  # [R]
+        trees = None
+        if self.tree_kernel:
+            trees = [(length, depth[b, :s], mask[b, :s, :s]) for b, (length, s) in enumerate(zip(lens, sizes))]
         ranges: dict[int | None, list[tuple[int, int, torch.Tensor | None]]] = {}
         for w in set(self.model.arch.windows):
             per_row = []
@@ -262,18 +289,19 @@ class LeanVerifier:
                 per_row.append((start, length + s, None if s == 1 else
                                 _row_mask(length, start, depth[b, :s], mask[b, :s, :s], w)))
             ranges[w] = per_row
-        return RowSpans(slots=list(slots), bounds=bounds, node_slot=node_slot, node_write=node_write, ranges=ranges)
+        return RowSpans(slots=list(slots), bounds=bounds, node_slot=node_slot, node_write=node_write, ranges=ranges,
+                        trees=trees)
 
 
 def _row_mask(length: int, start: int, depth: torch.Tensor, tree_mask: torch.Tensor,
               window: int | None) -> torch.Tensor:
     """[1, 1, s, length + s - start] bool: node i sees the committed keys start..length-1 (within its window)
     and the tree nodes tree_mask[i] allows; depth [s], tree_mask [s, s]."""
-    s = depth.numel()
-    visible = torch.cat([torch.ones(s, length - start, dtype=torch.bool), tree_mask], dim=1)  # [s, S]
+    s, dev = depth.numel(), depth.device
+    visible = torch.cat([torch.ones(s, length - start, dtype=torch.bool, device=dev), tree_mask], dim=1)  # [s, S]
     if window is not None:
         q_pos = length + depth  # [s]
-        k_pos = torch.cat([torch.arange(start, length), length + depth])  # [S]
+        k_pos = torch.cat([torch.arange(start, length, device=dev), length + depth])  # [S]
         visible &= q_pos[:, None] - k_pos[None, :] < window
     return visible[None, None]
 
@@ -289,34 +317,47 @@ def _plan_for(model: LeanModel, choice: str, cache_dir, budget_s: float) -> gemm
     return gemm.load_or_calibrate(weights, signature, Path(cache_dir) if cache_dir else None, budget_s)
 
 
+def _use_tree_kernel(choice: str, device: torch.device) -> bool:
+    if choice not in ("auto", "sdpa", "triton"):
+        raise ValueError(f"attention must be 'auto', 'sdpa' or 'triton', got {choice!r}")
+    if choice == "triton" and not triton_available():
+        raise ValueError("attention='triton' needs triton: pip install triton")
+    return choice == "triton" or (choice == "auto" and device.type == "cuda" and triton_available())
+
+
 class LeanScores:
     """`NodeScores` of one lean call: the R scored nodes' final hidden states, LM head applied on demand."""
 
-    def __init__(self, verifier: LeanVerifier, hidden: torch.Tensor):
-        self.verifier, self.hidden = verifier, hidden  # hidden [R, H]
+    def __init__(self, verifier: LeanVerifier, states: torch.Tensor, layers: dict | None = None):
+        self.verifier, self.states = verifier, states  # [R, H] final normed hidden states
+        self._captured = layers or {}  # layer -> [R, H] hidden states the call was asked for
         self._logits: torch.Tensor | None = None  # [R, V] once computed in full
 
+    def hidden(self, layer: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:  # [hi - lo, H]
+        return captured(self._captured, layer, self.verifier.num_layers)[lo:hi]
+
     def logits(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:  # [hi - lo, V] float32
-        if self._logits is None and (lo, hi) in ((0, None), (0, self.hidden.shape[0])):
-            self._logits = self.verifier._scorer.logits(self.hidden)
+        if self._logits is None and (lo, hi) in ((0, None), (0, self.states.shape[0])):
+            self._logits = self.verifier._scorer.logits(self.states)
         if self._logits is not None:
             return self._logits[lo:hi]
-        return self.verifier._scorer.logits(self.hidden[lo:hi])
+        return self.verifier._scorer.logits(self.states[lo:hi])
 
     def topk(self, k: int) -> torch.Tensor:  # [R, k] int64 (sampling's callers hold the full logits already)
         if k <= 0:
-            return torch.empty(self.hidden.shape[0], 0, dtype=torch.long)
+            return torch.empty(self.states.shape[0], 0, dtype=torch.long, device=self.states.device)
         return self.logits().topk(k, dim=-1).indices
 
     def greedy(self, k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """argmax [R] int64 and top-k hints [R, k] int64; screened where that is faster (exact either way)."""
-        v, rows = self.verifier, self.hidden.shape[0]
+        v, rows = self.verifier, self.states.shape[0]
         if self._logits is not None or not self._screened():
             logits = self.logits()
-            hints = logits.topk(k, dim=-1).indices if k > 0 else torch.empty(rows, 0, dtype=torch.long)
+            hints = (logits.topk(k, dim=-1).indices if k > 0
+                     else torch.empty(rows, 0, dtype=torch.long, device=logits.device))
             return logits.argmax(dim=-1), hints
-        return v.screen.select(self.hidden, k)  # type: ignore[union-attr]
+        return v.screen.select(self.states, k)  # type: ignore[union-attr]
 
     def _screened(self) -> bool:
         v = self.verifier
-        return v.screen is not None and gemm.bucket_of(self.hidden.shape[0]) in v.screen_buckets
+        return v.screen is not None and gemm.bucket_of(self.states.shape[0]) in v.screen_buckets

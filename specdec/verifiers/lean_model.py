@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from specdec.verifiers.gemm import GemmPlan, Linear
 from specdec.verifiers.strict import CanonicalTree, TiledLinear, attend_canonical
+from specdec.verifiers.tree_attention import tree_attention
 
 SUPPORTED = ("llama", "qwen2", "gemma3_text")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq independent of sequence length
@@ -63,6 +64,8 @@ class RowSpans:
     node_write: torch.Tensor  # [R] int64 cache index every packed node's K/V is written to
     ranges: dict[int | None, list[tuple[int, int, torch.Tensor | None]]]  # window -> per row (start, end,
     # mask [1, 1, nodes, end - start] bool or None = every key in range visible)
+    trees: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None  # per row (committed length, depth [s],
+    # tree mask [s, s]): set when attention runs through the tree-attention kernel instead of SDPA with a mask
 
 
 @dataclass
@@ -218,6 +221,10 @@ class LeanModel:
         caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v) [slots, Hkv, max_len, D]
         rope: dict[str, tuple[torch.Tensor, torch.Tensor]],  # kind -> (cos, sin) [max_len, D]
         compiled: bool = False,  # run the dense parts through their torch.compile'd versions
+        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,  # (index [E], vectors [E, hidden]): inputs of
+        # some (packed) nodes given as vectors instead of token embeddings
+        capture: dict[int, torch.Tensor | None] | None = None,  # layer -> filled with [B*n or R, hidden]: the
+        # residual stream entering that layer (0 = embeddings; len(layers) = the final normed state)
     ) -> torch.Tensor:  # [B, n, hidden] (packed: [R, hidden]), final norm applied
         a = self.arch
         batch, n = tokens.shape
@@ -227,10 +234,14 @@ class LeanModel:
         x = F.embedding(tokens, self.embed).view(-1, a.hidden)  # [B*n or R, hidden]
         if self.embed_scale is not None:
             x = x * self.embed_scale
+        if embeds is not None:
+            x = x.index_copy(0, embeds[0], embeds[1].to(x.dtype))
         cos_sin = {kind: (c[positions].unsqueeze(2), s[positions].unsqueeze(2))  # [B, n, 1, D] or packed [R, 1, 1, D]
                    for kind, (c, s) in rope.items()}
         pre, post = self._compiled if compiled else (self.pre_attention, self.post_attention)
         for i, lw in enumerate(self.layers):
+            if capture is not None and i in capture:
+                capture[i] = x
             q, k, v = pre(x, lw, *cos_sin[a.rope_kinds[i]])
             if step.rows is not None:  # row by row over the nodes in packed order ([R, H, D]; all real: R = B*n)
                 q, k, v = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
@@ -241,6 +252,8 @@ class LeanModel:
             out = self._attend_cached(q, k, v, step, caches[i], a.windows[i])  # [B*n, Hq*D]
             x = post(x, out if step.real is None else out[step.real], lw)
         hidden = rms_norm(x, self.final_norm, a.eps)  # [B*n or R, hidden]
+        if capture is not None and len(self.layers) in capture:
+            capture[len(self.layers)] = hidden
         return hidden if step.real is not None else hidden.view(batch, n, a.hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., V] float32
@@ -320,6 +333,13 @@ class LeanModel:
         for r, (start, end, mask) in enumerate(rows.ranges[window]):
             lo, hi, slot = rows.bounds[r], rows.bounds[r + 1], rows.slots[r]
             qr = q[lo:hi].transpose(0, 1)[None]  # [1, Hq, s, D]
+            if rows.trees is not None:  # the tree-attention kernel reads the committed prefix + tree in place
+                length, depth, tree_mask = rows.trees[r]
+                out = tree_attention(qr, k_cache[slot: slot + 1], v_cache[slot: slot + 1],
+                                     torch.tensor([length], device=q.device), depth[None], tree_mask[None],
+                                     a.attn_scale, window, a.attn_softcap, force="triton")  # [1, Hq, s, D]
+                outs.append(out[0].transpose(0, 1).reshape(hi - lo, a.num_heads * a.head_dim))
+                continue
             keys, values = k_cache[slot: slot + 1, :, start:end], v_cache[slot: slot + 1, :, start:end]  # [1, Hkv, S, D]
             out = attend(qr, keys, values, mask, a.attn_scale, a.attn_softcap, self._gqa)  # [1, Hq, s, D]
             outs.append(out[0].transpose(0, 1).reshape(hi - lo, a.num_heads * a.head_dim))

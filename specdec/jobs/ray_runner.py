@@ -2,7 +2,7 @@
 
 One `JobRunner` (model + batch engine) per Ray actor; the rows still to do are sharded round-robin across
 the actors, and each actor streams its output records back as its rows finish (a Ray streaming generator).
-The driver alone reads the input and writes the output (`specdec.jobs`), so resuming after a kill works
+The driver alone reads the input and writes the output (`specdec.jobs.runner`), so resuming after a kill works
 exactly as in a single process, and since a row's tokens depend only on its prompt and seed, the output is
 the single-process run's, row for row. Without a running cluster (RAY_ADDRESS unset) a local one is started
 with one CPU per worker and stopped afterwards.
@@ -14,7 +14,8 @@ import os
 from typing import Callable, Iterator
 
 from specdec.errors import SpecdecError
-from specdec.jobs import JobRow, JobRunner, JobSettings
+from specdec.jobs.rows import JobRow
+from specdec.jobs.runner import JobRunner, JobSettings
 
 
 class JobWorker:

@@ -1,32 +1,30 @@
 """`specdec bench`: Spec-Bench side by side in one run, one process, same prompts, same machine.
 
 Methods: transformers `generate()` plain (hf-plain, the baseline), transformers prompt-lookup decoding (hf-pld),
-specdec plain, ngram and recycling (any registered drafter name works). Prompts are interleaved (every method
-runs prompt i before any runs prompt i + 1) so machine drift hits all methods alike. Per category: tau,
-mean per-prompt tokens/s, speedup over hf-plain, exact-match rate of the new tokens against hf-plain.
-Results go to <out>/bench-<time>.json (every prompt) and .md (the table), with hardware, dtype, threads,
-versions and prompt count in both.
+specdec plain, ngram and recycling (any registered drafter name works; the configured drafter gets the
+config's drafter_options). Prompts are interleaved (every method runs prompt i before any runs prompt i + 1)
+so machine drift hits all methods alike. Per category: tau, mean per-prompt tokens/s, speedup over hf-plain,
+exact-match rate of the new tokens against hf-plain. Results go to <out>/bench-<time>.json (every prompt) and
+.md (the table), with hardware, dtype, threads, versions and prompt count in both (`specdec.bench.report`).
+Also here, for the other benches: `Row`, `summarise`, `eos_ids`, `hf_generate` and `PROMPT_TEMPLATE`.
 """
 
 from __future__ import annotations
 
-import json
-import platform
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from importlib import resources
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from specdec.bench.report import machine_info, output_dir, save_report, write_new
+from specdec.data.spec_bench import read_questions
 from specdec.errors import SpecdecError
-from specdec.hardware import cpu_name
+from specdec.text import encode_prompt
 
 HF_METHODS = ("hf-plain", "hf-pld")
 PLD_NUM_TOKENS = 10  # transformers' documented prompt_lookup_num_tokens example value
-PROMPT_TEMPLATE = "Question: {q}\nAnswer:"  # for tokenizers without a chat template (the default model's)
+PROMPT_TEMPLATE = "Question: {prompt}\nAnswer:"  # for tokenizers without a chat template (the default model's)
 
 
 @dataclass(frozen=True)
@@ -42,8 +40,10 @@ class BenchSpec:
     tree_budget: int | None = None
     backend: str = "auto"
     plot: bool = False
-    curve: str | None = None  # verify-curve JSON (scripts/verify_curve.py) to plot beside the results
+    curve: str | None = None  # verify-curve JSON (python -m specdec.bench.verify_curve) to plot beside the results
     strict: bool = False  # specdec methods score with the lean verifier's batch-invariant mode
+    drafter: str | None = None  # the configured drafter: the method of this name gets drafter_options
+    drafter_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,44 +63,6 @@ class Row:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def load_questions(path: str | None, per_category: int) -> list[dict]:
-    if path is None:
-        text = resources.files("specdec").joinpath("data/spec_bench/question.jsonl").read_text()
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise SpecdecError(f"prompt file {p} not found: give a Spec-Bench style JSONL to --prompts")
-        text = p.read_text()
-    picked: dict[str, list[dict]] = defaultdict(list)
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            cat, turn = row["category"], row["turns"][0]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise SpecdecError(f"prompt file line {n} is not a Spec-Bench row (category, turns): fix it") from None
-        if len(picked[cat]) < per_category:
-            picked[cat].append({"question_id": row.get("question_id", n), "category": cat, "text": turn})
-    questions = [q for rows in picked.values() for q in rows]
-    if not questions:
-        raise SpecdecError("no prompts found: the prompt file is empty")
-    return questions
-
-
-def machine_info() -> dict:
-    import transformers
-
-    return {
-        "cpu": cpu_name(),
-        "threads": torch.get_num_threads(),
-        "dtype": "float32",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
 class _Runner:
     """Runs one method on one prompt; keeps the SpecDecoder of each specdec method (drafter hot start)."""
 
@@ -110,7 +72,8 @@ class _Runner:
         self.spec, self.model, self.eos = spec, loaded.model, eos
         self.decoders = {
             m: SpecDecoder(loaded, drafter=m, tree=spec.tree, tree_budget=spec.tree_budget, backend=spec.backend,
-                           strict=spec.strict)
+                           cache_dir=spec.cache_dir, strict=spec.strict,
+                           drafter_options=spec.drafter_options if m == spec.drafter else None)
             for m in spec.methods
             if m not in HF_METHODS
         }
@@ -122,17 +85,21 @@ class _Runner:
         res = self.decoders[method].generate_ids(ids, max_new_tokens=max_new, eos_token_id=self.eos)
         return res.tokens, res.stats.total_s, res.stats.tau
 
-    @torch.inference_mode()
     def _run_hf(self, method: str, ids: list[int], max_new: int) -> tuple[list[int], float, float]:
-        x = torch.tensor([ids])
         extra = {"prompt_lookup_num_tokens": PLD_NUM_TOKENS} if method == "hf-pld" else {}
-        t0 = time.perf_counter()
-        out = self.model.generate(
-            x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new, eos_token_id=self.eos,
-            pad_token_id=self.eos[0] if self.eos else 0, top_k=None, top_p=None, temperature=None, **extra,
-        )
-        seconds = time.perf_counter() - t0
-        return out[0, len(ids):].tolist(), seconds, float("nan")
+        tokens, seconds = hf_generate(self.model, ids, max_new, self.eos, **extra)
+        return tokens, seconds, float("nan")
+
+
+@torch.inference_mode()
+def hf_generate(model, ids: list[int], max_new: int, eos: list[int], **extra: Any) -> tuple[list[int], float]:
+    """transformers generate(), greedy, timed: (new tokens, seconds). extra: e.g. assistant_model."""
+    x = torch.tensor([ids])
+    t0 = time.perf_counter()
+    out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new,
+                         eos_token_id=eos, pad_token_id=eos[0] if eos else 0, top_k=None, top_p=None,
+                         temperature=None, **extra)
+    return out[0, len(ids):].tolist(), time.perf_counter() - t0
 
 
 def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, echo: Callable[[str], None] = print) -> dict:
@@ -140,22 +107,26 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, echo: Callabl
 
     if not spec.methods:
         raise SpecdecError("no methods given: use e.g. --methods hf-plain,plain,recycling")
-    questions = load_questions(spec.prompts, spec.per_category)
+    if spec.drafter_options and spec.drafter not in spec.methods:
+        raise SpecdecError(f"drafter_options are for drafter '{spec.drafter}', which the methods do not list: "
+                           f"add {spec.drafter} to --methods")
+    output_dir(spec.out_dir)  # a bad --out fails now, not after the run
+    questions = read_questions(spec.prompts, spec.per_category)
     loaded = load_model(spec.model, cache_dir=spec.cache_dir, log=log)
     tok = loaded.tokenizer
-    eos = _eos_ids(loaded)
+    eos = eos_ids(loaded)
     runner = _Runner(spec, loaded, eos)
     info = machine_info() | {"model": loaded.name, "prompts": len(questions), "max_new_tokens": spec.max_new_tokens,
                              "methods": list(spec.methods), "template": _template_note(tok),
-                             "strict": spec.strict}
+                             "strict": spec.strict, "drafter_options": spec.drafter_options}
     log(f"bench: {len(questions)} prompts x {len(spec.methods)} methods, {spec.max_new_tokens} new tokens, "
         f"{info['threads']} threads, {info['cpu']}")
-    warm = _encode(tok, "Warm-up: say hello.")
+    warm = encode_prompt(tok, "Warm-up: say hello.", template=PROMPT_TEMPLATE)
     for m in spec.methods:
         runner.run(m, warm, 4)
     rows: list[Row] = []
     for i, q in enumerate(questions, start=1):
-        ids = _encode(tok, q["text"])
+        ids = encode_prompt(tok, q["text"], template=PROMPT_TEMPLATE)
         for m in spec.methods:
             tokens, secs, tau = runner.run(m, ids, spec.max_new_tokens)
             rows.append(Row(q["question_id"], q["category"], m, len(ids), len(tokens), secs, tau, tokens, ids))
@@ -164,14 +135,14 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, echo: Callabl
     report = summarise(rows, spec.methods, info)
     report["mismatches"] = [_explain(m, rows, loaded.model, tok) for m in report["mismatches"]]
     report["markdown"] += _mismatch_lines(report["mismatches"])
-    paths = _save(report, rows, spec.out_dir)
+    paths = save_report(report | {"rows": [asdict(r) for r in rows]}, spec.out_dir, "bench")
     echo(report["markdown"])
     log(f"saved {paths[0]} and {paths[1]}")
     if spec.plot:
-        from specdec.plots import load_json, plot_bench
+        from specdec.bench.plots import load_json, plot_bench
 
-        png = plot_bench(report, paths[0].with_suffix(".png"), load_json(spec.curve) if spec.curve else None)
-        log(f"saved {png}")
+        png = plot_bench(report, load_json(spec.curve) if spec.curve else None)
+        log(f"saved {write_new(paths[0].with_suffix('.png'), png)}")
     return report
 
 
@@ -202,7 +173,8 @@ def _mismatch_lines(mismatches: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _eos_ids(loaded) -> list[int]:
+def eos_ids(loaded) -> list[int]:
+    """The model's EOS ids (generation config, else the tokenizer's)."""
     eos = loaded.model.generation_config.eos_token_id
     ids = [eos] if isinstance(eos, int) else list(eos or [])
     return ids or ([loaded.tokenizer.eos_token_id] if loaded.tokenizer.eos_token_id is not None else [])
@@ -210,13 +182,6 @@ def _eos_ids(loaded) -> list[int]:
 
 def _template_note(tok) -> str:
     return "chat template" if getattr(tok, "chat_template", None) else PROMPT_TEMPLATE.replace("\n", "\\n")
-
-
-def _encode(tok, text: str) -> list[int]:
-    if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    return list(tok(PROMPT_TEMPLATE.format(q=text))["input_ids"])
 
 
 def summarise(rows: list[Row], methods: tuple[str, ...], info: dict) -> dict:
@@ -279,14 +244,3 @@ def _markdown(table: dict, methods: tuple[str, ...], info: dict, base: str) -> s
                 split += f"; drafting with {m} {overall[m]['tokens_per_s'] / overall['plain']['tokens_per_s']:.2f}x"
         lines += ["", split + " over specdec plain."]
     return "\n".join(lines)
-
-
-def _save(report: dict, rows: list[Row], out_dir: str) -> tuple[Path, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    j, md = out / f"bench-{stamp}.json", out / f"bench-{stamp}.md"
-    data = {k: v for k, v in report.items() if k != "markdown"} | {"rows": [asdict(r) for r in rows]}
-    j.write_text(json.dumps(data, indent=1))
-    md.write_text(report["markdown"] + "\n")
-    return j, md

@@ -1,24 +1,26 @@
-"""`specdec bench --batch 1,2,4,8,16`: batched throughput, plain vs speculative, both through `BatchEngine`.
+"""`specdec bench --batch 1,2,4,8,16`: batched throughput, plain vs speculative, both through the one loop (`specdec.engine.Engine`).
 
 For each batch size B the same N Spec-Bench prompts are decoded twice with B rows in flight (continuous
 batching), greedy: "plain" (the plain drafter, tree budget 1) and "spec" (the chosen drafter; nodes per step
 chosen by measurement, at most the tree budget: `specdec.trees.allocate.NodeAllocator` for chain drafters
-that value their nodes, else `specdec.batch.BudgetPolicy`). Reported per B and method: total
+that value their nodes, else `specdec.trees.budget.BudgetPolicy`). Reported per B and method: total
 tokens/s (all new tokens / wall time of the run), speedup over plain at batch 1 and over plain at the same
 B, tau (tokens per row per step), the tree budgets the policy chose, and the exact-match rate of every row
 against its plain batch-1 output. Every run starts from fresh drafters and a fresh policy (cold), so runs are
 comparable; one untimed warm-up run per method comes first. Hardware, dtype, threads and prompt count are
-printed with the table. Absolute times on shared machines are noisy: compare ratios from one run.
+printed with the table. Absolute times on shared machines are noisy: compare ratios from one run. Batches run
+on the lean verifier (per-row positions and caches): `--backend hf` is refused, not ignored.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from specdec.bench.report import machine_info, output_dir, save_report
+from specdec.data.spec_bench import read_questions
 from specdec.errors import SpecdecError
 
 
@@ -30,6 +32,8 @@ class BatchBenchSpec:
     max_new_tokens: int = 64
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
     drafter: str = "recycling"
+    drafter_options: dict[str, Any] = field(default_factory=dict)  # for `drafter` (the spec method)
+    backend: str = "auto"  # auto | lean; hf cannot batch
     tree: str | None = None
     tree_budget: int | None = None  # None: 16
     cache_dir: str | None = None
@@ -39,25 +43,31 @@ class BatchBenchSpec:
 
 def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
                     echo: Callable[[str], None] = print) -> dict:
-    from specdec.bench import _encode, _eos_ids, machine_info
+    from specdec.bench.spec_bench import PROMPT_TEMPLATE, eos_ids
     from specdec.models.loading import default_cache_dir, load_model
+    from specdec.text import encode_prompt
     from specdec.trees.sizing import cached_curve, verifier_key
-    from specdec.verifiers.lean import LeanVerifier
 
     if not spec.batch_sizes or min(spec.batch_sizes) < 1:
         raise SpecdecError("--batch takes batch sizes >= 1, e.g. 1,2,4,8,16")
+    if spec.backend not in ("auto", "lean"):
+        raise SpecdecError(f"--batch decodes rows together on the lean verifier: use --backend lean or auto, "
+                           f"not {spec.backend}")
+    if spec.out_dir:
+        output_dir(spec.out_dir)  # a bad --out fails now, not after the run
+    questions = pick_questions(spec.prompts, spec.n_prompts)
     loaded = load_model(spec.model, cache_dir=spec.cache_dir, log=log)
-    prompts = [_encode(loaded.tokenizer, q["text"]) for q in pick_questions(spec.prompts, spec.n_prompts)]
-    verifier = LeanVerifier(loaded.model)
-    eos = frozenset(_eos_ids(loaded))
+    prompts = [encode_prompt(loaded.tokenizer, q["text"], template=PROMPT_TEMPLATE) for q in questions]
+    verifier = _lean_verifier(loaded.model)
+    eos = frozenset(eos_ids(loaded))
     info = machine_info() | {"model": loaded.name, "prompts": len(prompts), "max_new_tokens": spec.max_new_tokens,
-                             "drafter": spec.drafter, "tree_budget": spec.tree_budget or 16,
-                             "repeats": max(1, spec.repeats)}
+                             "drafter": spec.drafter, "drafter_options": spec.drafter_options,
+                             "tree_budget": spec.tree_budget or 16, "repeats": max(1, spec.repeats)}
     log(f"batch bench: {len(prompts)} prompts, {spec.max_new_tokens} new tokens, batch sizes "
         f"{','.join(map(str, spec.batch_sizes))}, {info['threads']} threads, {info['cpu']}")
     curve = cached_curve(verifier, verifier_key(loaded.model.config, verifier),
                          Path(spec.cache_dir) if spec.cache_dir else default_cache_dir(), log)
-    runner = _Runner(verifier, loaded.model.config.vocab_size, spec, eos, curve)
+    runner = _Runner(verifier, loaded, spec, eos, curve)
     for method in ("plain", "spec"):  # numba kernels, GEMM paths and caches warm up outside the timings
         runner.run(method, prompts[:2], 2, 4)
     rows = []
@@ -78,18 +88,26 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
     report = summarise(rows, info)
     echo(report["markdown"])
     if spec.out_dir:
-        _save(report, Path(spec.out_dir), log)
+        paths = save_report(report, spec.out_dir, "bench-batch")
+        log(f"saved {paths[0]} and {paths[1]}")
     return report
+
+
+def _lean_verifier(model):
+    from specdec.verifiers.lean import LeanVerifier
+
+    try:
+        return LeanVerifier(model)
+    except ValueError as err:
+        raise SpecdecError(f"--batch needs the lean verifier, which this model lacks: {err}") from None
 
 
 def pick_questions(path: str | None, n: int) -> list[dict]:
     """n prompts spread over the categories: round-robin over categories, in file order within each."""
-    from specdec.bench import load_questions
-
     if n < 1:
         raise SpecdecError(f"need at least 1 prompt, got {n}")
     by_cat: dict[str, list[dict]] = {}
-    for q in load_questions(path, per_category=n):
+    for q in read_questions(path, per_category=n):
         by_cat.setdefault(q["category"], []).append(q)
     picked: list[dict] = []
     for i in range(max(map(len, by_cat.values()))):
@@ -100,27 +118,31 @@ def pick_questions(path: str | None, n: int) -> list[dict]:
 class _Runner:
     """One timed pass of all prompts at one batch size; fresh drafters and policy each time."""
 
-    def __init__(self, verifier, vocab_size: int, spec: BatchBenchSpec, eos: frozenset[int], curve=None):
-        self.verifier, self.vocab_size, self.spec, self.eos, self.curve = verifier, vocab_size, spec, eos, curve
+    def __init__(self, verifier, loaded, spec: BatchBenchSpec, eos: frozenset[int], curve=None):
+        self.verifier, self.spec, self.eos, self.curve = verifier, spec, eos, curve
+        self.vocab_size = loaded.model.config.vocab_size
+        self.context = {"target": loaded.model, "target_tokenizer": loaded.tokenizer}  # for model / self drafters
 
     def run(self, method: str, prompts: list[list[int]], width: int, max_new: int) -> dict:
-        from specdec.batch import BatchEngine, Request, slot_drafter_factory
         from specdec.drafters.registry import make_drafter
-        from specdec.engine import StopConditions
+        from specdec.engine import Engine, Request, StopConditions
+        from specdec.trees.budget import BatchSizer
         from specdec.trees.presets import load_tree
 
         if method == "plain":
-            name, tree, budget = "plain", None, 1
+            name, tree, budget, options = "plain", None, 1, {}
         else:
             name, tree, budget = self.spec.drafter, self.spec.tree, self.spec.tree_budget or 16
+            options = dict(self.spec.drafter_options)
         try:
-            drafter = make_drafter(name, vocab_size=self.vocab_size, tree=load_tree(tree) if tree else None)
-        except ValueError as err:
+            drafter = make_drafter(name, vocab_size=self.vocab_size, tree=load_tree(tree) if tree else None,
+                                   context=self.context, **options)
+        except (ValueError, TypeError) as err:
             raise SpecdecError(str(err).splitlines()[0]) from None
-        engine = BatchEngine(self.verifier, slot_drafter_factory(drafter), budget, width, curve=self.curve)
+        engine = Engine(self.verifier, drafter, BatchSizer(budget, True, self.curve), width)
         stop = StopConditions(max_new, eos_token_ids=self.eos)
         t0 = time.perf_counter()
-        res = engine.generate([Request(p, stop) for p in prompts])
+        res = engine.generate_batch([Request(p, stop) for p in prompts])
         wall = time.perf_counter() - t0
         return {"tokens": [r.tokens for r in res.results], "new_tokens": res.stats.new_tokens, "seconds": wall,
                 "tokens_per_s": res.stats.new_tokens / wall, "tau": res.stats.tau,
@@ -158,16 +180,6 @@ def _markdown(table: list[dict], info: dict, base_batch: int) -> str:
                      f"{t['speedup_vs_plain_b1']:.2f}x | {t['speedup_vs_plain_same_batch']:.2f}x | "
                      f"{100 * t['exact_match']:.0f}% | {budgets} |")
     return "\n".join(lines)
-
-
-def _save(report: dict, out: Path, log: Callable[[str], None]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    j, md = out / f"bench-batch-{stamp}.json", out / f"bench-batch-{stamp}.md"
-    j.write_text(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=1))
-    md.write_text(report["markdown"] + "\n")
-    log(f"saved {j} and {md}")
-
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:

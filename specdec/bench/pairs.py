@@ -1,4 +1,4 @@
-"""`python -m specdec.bench_pairs`: the model-based drafters side by side with the baselines, in one process.
+"""`python -m specdec.bench.pairs`: the model-based drafters side by side with the baselines, in one process.
 
 Two benches, each interleaved by prompt (every method runs prompt i before any runs prompt i + 1, so machine
 drift hits all methods alike), greedy, batch 1, after one short warm-up per method:
@@ -11,24 +11,24 @@ drift hits all methods alike), greedy, batch 1, after one short warm-up per meth
 - self: the default model (Gemma 3 270M) on one prompt per category: hf-plain, plain, ngram, recycling and
   the `self` drafter (calibrated skip set; also with a reduced draft head, draft_vocab).
 
-Per method: tau, mean per-prompt tokens/s, speedup and exact match vs hf-plain (`specdec.bench.summarise`),
-plus the share of time spent drafting. Results go to <out>/pairs-<time>.json and .md with hardware, dtype,
-threads, versions and prompt counts. `run_pairs` is the function; `main` the command line.
+Per method: tau, mean per-prompt tokens/s, speedup and exact match vs hf-plain
+(`specdec.bench.spec_bench.summarise`), plus the share of time spent drafting. Results go to
+<out>/pairs-<time>.json and .md with hardware, dtype, threads, versions and prompt counts
+(`specdec.bench.report`). `run_pairs` is the function; `main` the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
-from specdec.bench import Row, load_questions, machine_info, summarise
+from specdec.bench.report import machine_info, output_dir, save_report
+from specdec.bench.spec_bench import PROMPT_TEMPLATE, Row, eos_ids, hf_generate, summarise
+from specdec.data.spec_bench import read_questions
+from specdec.text import encode_prompt
 
 Method = Callable[[list[int], int], tuple[list[int], float, float, dict]]  # ids, max_new -> tokens, s, tau, extra
 
@@ -58,14 +58,9 @@ def hf_method(model, eos: list[int], assistant=None) -> Method:
     """transformers generate(), greedy; with `assistant` its assisted generation."""
     extra = {} if assistant is None else {"assistant_model": assistant}
 
-    @torch.inference_mode()
     def run(ids: list[int], max_new: int):
-        x = torch.tensor([ids])
-        t0 = time.perf_counter()
-        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new,
-                             eos_token_id=eos, pad_token_id=eos[0] if eos else 0, top_k=None, top_p=None,
-                             temperature=None, **extra)
-        return out[0, len(ids):].tolist(), time.perf_counter() - t0, float("nan"), {}
+        tokens, seconds = hf_generate(model, ids, max_new, eos, **extra)
+        return tokens, seconds, float("nan"), {}
 
     return run
 
@@ -107,7 +102,8 @@ def pairs_methods(spec: PairsSpec, target, draft, eos: list[int]) -> dict[str, M
                          target_tokenizer=target.tokenizer, cache_dir=spec.cache_dir)  # checks the tokenizers
 
     def sharing(**options: Any) -> ModelDrafter:  # the same draft weights, a cache of its own
-        return ModelDrafter(DraftRunner(chain.runner.lean, chain.runner.max_positions), vocab, **options)
+        runner = chain.sequence(0).runner
+        return ModelDrafter(DraftRunner(runner.lean, runner.max_positions), vocab, **options)
 
     return {
         "hf-plain": hf_method(target.model, eos),
@@ -152,13 +148,13 @@ def self_methods(spec: PairsSpec, target, eos: list[int], log: Callable[[str], N
 def run_methods(methods: dict[str, Method], questions: list[dict], tokenizer, max_new: int,
                 log: Callable[[str], None]) -> tuple[list[Row], dict[str, list[dict]]]:
     """Every method on every prompt, interleaved by prompt, after a 4-token warm-up each."""
-    warm = encode(tokenizer, "Warm-up: say hello.")
+    warm = encode_prompt(tokenizer, "Warm-up: say hello.", template=PROMPT_TEMPLATE)
     for run in methods.values():
         run(warm, 4)
     rows: list[Row] = []
     extras: dict[str, list[dict]] = {m: [] for m in methods}
     for i, q in enumerate(questions, start=1):
-        ids = encode(tokenizer, q["text"])
+        ids = encode_prompt(tokenizer, q["text"], template=PROMPT_TEMPLATE)
         for name, run in methods.items():
             tokens, seconds, tau, extra = run(ids, max_new)
             rows.append(Row(q["question_id"], q["category"], name, len(ids), len(tokens), seconds, tau, tokens))
@@ -166,20 +162,6 @@ def run_methods(methods: dict[str, Method], questions: list[dict], tokenizer, ma
         done = rows[-len(methods):]
         log(f"[{i}/{len(questions)}] {q['category']}: " + ", ".join(f"{r.method} {r.tokens_per_s:.2f}" for r in done))
     return rows, extras
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """The prompt as `specdec bench` builds it: the chat template when there is one, else a plain Q/A frame."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    return list(tokenizer(f"Question: {text}\nAnswer:")["input_ids"])
-
-
-def eos_ids(loaded) -> list[int]:
-    eos = loaded.model.generation_config.eos_token_id
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    return ids or ([loaded.tokenizer.eos_token_id] if loaded.tokenizer.eos_token_id is not None else [])
 
 
 def bench_table(name: str, methods: dict[str, Method], questions: list[dict], loaded, spec: PairsSpec,
@@ -212,11 +194,12 @@ def run_pairs(spec: PairsSpec = PairsSpec(), log: Callable[[str], None] = print)
     """Run the benches named in spec.benches; save JSON + Markdown; return the report."""
     from specdec.models.loading import load_model
 
+    output_dir(spec.out_dir)  # a bad --out fails now, not after the run
     base = machine_info() | {"max_new_tokens": spec.max_new_tokens}
     report: dict[str, Any] = {"spec": asdict(spec), "benches": []}
     if "pairs" in spec.benches:
         target, draft = load_model(spec.target, cache_dir=spec.cache_dir), load_model(spec.draft, cache_dir=spec.cache_dir)
-        questions = [q for q in load_questions(None, spec.prompts) if q["category"] == spec.category]
+        questions = [q for q in read_questions(per_category=spec.prompts) if q["category"] == spec.category]
         info = base | {"model": target.name, "draft": draft.name, "prompts": len(questions),
                        "categories": spec.category}
         log(f"pairs: {len(questions)} {spec.category} prompts, target {target.name}, draft {draft.name}")
@@ -226,7 +209,7 @@ def run_pairs(spec: PairsSpec = PairsSpec(), log: Callable[[str], None] = print)
         gc.collect()  # free the pair before loading the next model
     if "self" in spec.benches:
         target = load_model(spec.self_model, cache_dir=spec.cache_dir)
-        questions = load_questions(None, 1)[: spec.self_prompts]
+        questions = read_questions(per_category=1, limit=spec.self_prompts)
         info = base | {"model": target.name, "prompts": len(questions),
                        "categories": ", ".join(q["category"] for q in questions)}
         methods, chosen = self_methods(spec, target, eos_ids(target), log)
@@ -237,21 +220,13 @@ def run_pairs(spec: PairsSpec = PairsSpec(), log: Callable[[str], None] = print)
             f"(calibration {c['calibration_s'] or 0:.0f} s, cached)" for n, c in chosen.items())
         report["benches"].append(bench)
     report["markdown"] = "\n\n".join(b["markdown"] for b in report["benches"])
-    save(report, spec.out_dir, log)
+    paths = save_report(report, spec.out_dir, "pairs")
+    log(f"saved {paths[0]} and {paths[1]}")
     return report
 
 
-def save(report: dict, out_dir: str, log: Callable[[str], None]) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"pairs-{stamp}.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / f"pairs-{stamp}.md").write_text(report["markdown"] + "\n")
-    log(f"saved {out / f'pairs-{stamp}.json'} and .md")
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m specdec.bench_pairs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m specdec.bench.pairs", description=__doc__.splitlines()[0])
     defaults = PairsSpec()
     for field in ("target", "draft", "category", "self_model", "out_dir", "cache_dir"):
         parser.add_argument(f"--{field.replace('_', '-')}", default=getattr(defaults, field))

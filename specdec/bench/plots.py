@@ -1,19 +1,21 @@
 """PNG plots of benchmark results (matplotlib, an optional dependency: pip install 'specdec[plot]').
 
 - `plot_bench`: left, tokens/s per Spec-Bench category per method (grouped bars); right, when a verify-latency
-  curve is given (the JSON of scripts/verify_curve.py), milliseconds to score k nodes per verifier variant.
+  curve is given (the JSON of `python -m specdec.bench.verify_curve`), milliseconds to score k nodes per
+  verifier variant. It returns the PNG's bytes; the caller saves them (`specdec.bench.report.write_new`).
 The machine, threads and prompt count go in the title, as with every number this project prints.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from specdec.errors import SpecdecError
 
 
-def plot_bench(report: dict, out_png: str | Path, curve: dict | None = None) -> Path:
+def plot_bench(report: dict, curve: dict | None = None) -> bytes:
     try:
         import matplotlib
 
@@ -39,10 +41,10 @@ def plot_bench(report: dict, out_png: str | Path, curve: dict | None = None) -> 
     fig.suptitle(f"{info['model']} {info['dtype']} | {info['cpu']} | {info['threads']} threads | torch {info['torch']}",
                  fontsize=9)
     fig.tight_layout()
-    out = Path(out_png)
-    fig.savefig(out, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    return out
+    return png.getvalue()
 
 
 def _plot_curve(ax, curve: dict) -> None:

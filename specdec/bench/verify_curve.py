@@ -7,22 +7,26 @@ that measured faster) eager, under torch.compile (``lean_compiled``), without th
 full fp32 logits and their argmax), and in its strict, batch-invariant mode (``lean_strict``). Variants are
 timed round robin (one call of each per
 round) so background load on a shared machine hits them alike; the median and min of `--reps` rounds are
-reported with the ratio to k = 1. Prints hardware, dtype and threads; `--json out.json` saves everything.
+reported with the ratio to k = 1. Prints hardware, dtype and threads; `--json out.json` saves everything (to
+out-2.json, ... when that file exists: a result is never overwritten). Rounds wait for a quiet machine
+(`specdec.measured.wait_for_quiet`).
 
-    python scripts/verify_curve.py --threads 2 --json verify_curve.json
+    python -m specdec.bench.verify_curve --threads 2 --json verify_curve.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from specdec.bench.report import machine_info, output_dir, write_new
+from specdec.errors import SpecdecError
+from specdec.measured import load_average, wait_for_quiet
 
 KS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -66,36 +70,6 @@ def lean_scorer(verifier, prefix: torch.Tensor, k: int):
     return lambda: verifier.score_nodes([0], tokens, chain.depth[None], chain.mask[None]).greedy()
 
 
-def busy_fraction(window_s: float = 0.2) -> float:
-    """Fraction of all CPUs busy over `window_s` (Linux /proc/stat); 0.0 where unavailable."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(window_s)
-        total1, idle1 = sample()
-    except OSError:
-        return 0.0
-    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
-
-
-def wait_for_quiet(max_wait_s: float, threshold: float = 0.15) -> bool:
-    """Wait until other processes leave the CPUs (mostly) idle; False if they never did within max_wait_s.
-
-    On a shared 2-core machine one busy neighbour turns every OpenMP barrier into a scheduler wait, and a
-    40 ms forward takes 400 ms: numbers taken then measure the neighbour, not the code.
-    """
-    deadline = time.perf_counter() + max_wait_s
-    while time.perf_counter() < deadline:
-        if busy_fraction() < threshold:
-            return True
-        time.sleep(0.3)
-    return False
-
-
 def time_round_robin(calls: dict[str, callable], reps: int, warmup: int, max_wait_s: float,
                      ) -> tuple[dict[str, list[float]], int]:
     """Per variant, `reps` timings in ms; also how many rounds ran on a busy machine."""
@@ -113,8 +87,8 @@ def time_round_robin(calls: dict[str, callable], reps: int, warmup: int, max_wai
     return times, busy_rounds
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m specdec.bench.verify_curve", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma3-270m",
                     help="a transformers directory, or a spec for specdec.models.loading.load_model")
     ap.add_argument("--threads", type=int, default=2)
@@ -128,9 +102,15 @@ def main() -> None:
     ap.add_argument("--wait-quiet", type=float, default=60.0,
                     help="before each round wait up to this many seconds for the other processes to go idle")
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.json:  # a bad path fails now, not after the timings
+        if args.json.is_dir():
+            raise SystemExit(f"error: --json {args.json} is a folder: give a file name, e.g. {args.json}/curve.json")
+        try:
+            output_dir(args.json.parent)
+        except SpecdecError as err:
+            raise SystemExit(f"error: {err}") from None
 
-    from specdec.hardware import cpu_name
     from specdec.verifiers.lean import LeanVerifier
 
     torch.set_num_threads(args.threads)
@@ -139,10 +119,9 @@ def main() -> None:
     variants = args.variants.split(",")
     model = load(args.model)
     prefix = torch.randint(10, 1000, (args.prefix,))
-    info = {"cpu": cpu_name(), "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "dtype": str(model.dtype), "model": args.model,
-            "model_type": model.config.model_type, "prefix": args.prefix, "reps": args.reps,
-            "loadavg_start": os.getloadavg()}
+    info = machine_info(dtype=str(model.dtype)) | {
+        "model": args.model, "model_type": model.config.model_type, "prefix": args.prefix, "reps": args.reps,
+        "loadavg_start": load_average()}
     print(" ".join(f"{k}={v}" for k, v in info.items()), flush=True)
 
     verifiers = {}
@@ -175,10 +154,10 @@ def main() -> None:
             results[v][k] = {"median_ms": statistics.median(ts), "min_ms": min(ts), "busy_rounds": busy}
         print(f"k={k:<3d} " + "  ".join(f"{v} {statistics.median(times[v]):7.1f}" for v in variants)
               + f"   ({time.perf_counter() - t0:.0f} s incl. compile/waits; {busy} busy rounds)", flush=True)
-    info["loadavg_end"] = os.getloadavg()
+    info["loadavg_end"] = load_average()
     print_table(results, ks, info)
     if args.json:
-        args.json.write_text(json.dumps({"info": info, "results": results}, indent=1))
+        print(f"saved {write_new(args.json, json.dumps({'info': info, 'results': results}, indent=1))}")
 
 
 def print_table(results: dict, ks: list[int], info: dict) -> None:

@@ -1,7 +1,7 @@
 """`specdec batch INPUT.jsonl --out OUTPUT.jsonl`: the batch-job command (registered on `specdec.cli.main`).
 
 Thin like the rest of the CLI: parses, loads config, calls `specdec.jobs.run_job`, prints the summary.
-Runnable alone too: ``python -m specdec.jobs_cli INPUT.jsonl --out OUTPUT.jsonl``.
+Runnable alone too: ``python -m specdec.jobs.cli INPUT.jsonl --out OUTPUT.jsonl``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from specdec.cli_common import common_options, log, setup, user_errors
+from specdec.cli_common import common_options, log, sampling_options, setup, user_errors
 from specdec.config import load_config
 
 
@@ -19,20 +19,16 @@ from specdec.config import load_config
 @click.option("--out", "output_path", required=True, metavar="OUTPUT.jsonl",
               help="Results, one JSON line per row; rerunning the same command resumes it.")
 @common_options
-@click.option("--max-new-tokens", type=int, help="Default for rows without max_new_tokens (default 128).")
-@click.option("--temperature", type=float, help="Default temperature; 0 = greedy (default).")
-@click.option("--top-k", type=int, help="Default top-k (0 = off).")
-@click.option("--top-p", type=float, help="Default nucleus mass (1 = off).")
-@click.option("--seed", type=int, help="Job seed: rows without a seed sample with one derived from it and their id.")
-@click.option("--stop", "stop_strings", multiple=True, help="Default stop string (repeatable).")
-@click.option("--raw", is_flag=True, help="Do not apply the chat template to 'prompt' rows.")
+@sampling_options
 @click.option("--width", type=int, default=8, show_default=True, help="Rows decoded together (batch width).")
 @click.option("--ray", "ray_workers", type=int, default=0, help="Run on Ray with N workers (specdec[ray]).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @user_errors
 def batch(input_path: str, output_path: str, config_path: str | None, cache_dir: str | None, raw: bool, width: int,
           ray_workers: int, progress: bool, **overrides: Any) -> None:
-    """Decode every prompt of INPUT.jsonl ({"id": ..., "prompt": ...} or {"id": ..., "messages": [...]} per line)."""
+    """Decode every prompt of INPUT.jsonl ({"id": ..., "prompt": ...} or {"id": ..., "messages": [...]} per line).
+
+    The sampling options are the defaults for rows that do not set their own."""
     from specdec.jobs import JobSettings, run_job
 
     cfg = load_config(config_path).updated(**overrides)

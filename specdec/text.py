@@ -1,0 +1,56 @@
+"""Text to prompt token ids: owns turning a prompt string or a chat (a list of messages) into the ids decoded.
+
+One encoder serves the API, the batch jobs, the benches and the drafters' calibrations, so every path frames a
+prompt the same way: with the tokenizer's chat template when it has one (and `chat` is on), else the plain
+text, or the text inside `template` (the benches' "Question: {prompt}\\nAnswer:" frame for tokenizers without
+a chat template).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from specdec.errors import SpecdecError
+
+Messages = Sequence[Mapping[str, str]]  # [{"role": "user", "content": "..."}, ...]
+
+
+def encode_prompt(tokenizer: Any, prompt: str | Messages, chat: bool = True, template: str | None = None) -> list[int]:
+    """Prompt token ids of `prompt`: a string, or a chat as a list of {"role", "content"} messages.
+
+    A string goes through the chat template as one user message when `chat` is true and the tokenizer has a
+    template; otherwise it is tokenized as is, or as ``template.format(prompt=text)`` when a template is given.
+    A chat always goes through the chat template. SpecdecError (one line) for an empty prompt, a malformed chat,
+    or a chat given to a tokenizer without a template.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise SpecdecError("empty prompt: give some text to continue")
+        if chat and has_template:
+            return _chat_ids(tokenizer, [{"role": "user", "content": prompt}])
+        text = template.format(prompt=prompt) if template else prompt
+        return list(tokenizer(text)["input_ids"])
+    _check_messages(prompt)
+    if not has_template:
+        raise SpecdecError("this model's tokenizer has no chat template: give 'prompt' text instead of 'messages'")
+    return _chat_ids(tokenizer, list(prompt))
+
+
+def _check_messages(messages: Any) -> None:
+    if not (isinstance(messages, (list, tuple)) and messages and all(
+            isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        raise SpecdecError("'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} strings")
+
+
+def _chat_ids(tokenizer: Any, messages: list) -> list[int]:
+    """apply_chat_template returns ids, or (transformers 5.x) a BatchEncoding / dict holding "input_ids"."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, Mapping) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    if hasattr(ids, "tolist"):  # a tensor or an array
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], (list, tuple)):  # a batch of one conversation
+        ids = ids[0]
+    return [int(t) for t in ids]
