@@ -18,7 +18,7 @@ from specdec.drafters.base import Drafter, missing_members
 from specdec.drafters.registry import drafter_names, make_drafter
 from specdec.engine import BatchResult, Engine, GenerationResult, OnTokens, Request, StopConditions, as_ids
 from specdec.errors import SpecdecError
-from specdec.models.loading import LoadedModel, default_cache_dir, load_model
+from specdec.models.loading import LoadedModel, cache_root, load_model
 from specdec.sampling import SamplingParams
 from specdec.text import encode_prompt
 from specdec.trees.budget import BatchSizer
@@ -87,6 +87,7 @@ class SpecDecoder:
         if isinstance(drafter, str) and ":" not in drafter and drafter not in drafter_names():
             raise SpecdecError(f"unknown drafter '{drafter}': choose one of {', '.join(drafter_names())}, "
                                "or give module:Class")
+        cache_dir = str(cache_root(cache_dir))  # checked once: every cache below lives under it
         if model is None or isinstance(model, str):
             model = load_model(model, cache_dir=cache_dir, log=log)
         if isinstance(model, LoadedModel):
@@ -127,7 +128,7 @@ class SpecDecoder:
         if name in DEFAULT_BUDGET or self.drafter.expected_tokens(0, 2) is None:
             return DEFAULT_BUDGET.get(name, 8)
         key = verifier_key(self.model.config, self.verifier)  # strict scoring has its own cost curve
-        cache = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        cache = Path(self.cache_dir)
         return AutoBudget(cached_curve(self.verifier, key, cache, log), AUTO_MAX_NODES)
 
     def _make_drafter(self, drafter: str | Drafter, tree: Tree | None, options: dict[str, Any]) -> Drafter:

@@ -129,6 +129,10 @@ def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, p
           plot: bool, curve: str | None, **overrides: Any) -> None:
     """Spec-Bench, side by side in one run: tau, tokens/s, speedup and exact-match rate per category."""
     cfg = load_config(config_path).updated(**overrides)
+    for flag, value, low in (("--per-category", per_category, 1), ("--max-new-tokens", max_new_tokens, 1),
+                             ("--batch-prompts", batch_prompts, 1)):
+        if value < low:
+            raise SpecdecError(f"{flag} must be >= {low}, got {value}")
     setup(cfg.threads)
     if batch_sizes:
         if cfg.strict:

@@ -11,6 +11,7 @@ leave a half-written file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -61,9 +62,28 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.15) -> bool:
     return False
 
 
-def save_json(path: Path, record: dict) -> None:
-    """Write `record` to `path` atomically (a per-process temporary file, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_json(path: Path, record: dict) -> bool:
+    """Write `record` to `path` atomically (a per-process temporary file, then a rename). False when the cache
+    cannot be written (a read-only or full disk): the measurement is still used, just measured again next time."""
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return False
+
+
+def load_json(path: Path | None) -> dict | None:
+    """A cached record, or None when it is missing or damaged (not JSON, null, not a mapping, unreadable):
+    every cache treats None as 'measure again'."""
+    if path is None:
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None

@@ -25,6 +25,7 @@ def encode_prompt(tokenizer: Any, prompt: str | Messages, chat: bool = True, tem
     """
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if isinstance(prompt, str):
+        _check_utf8(prompt)
         if not prompt.strip():
             raise SpecdecError("empty prompt: give some text to continue")
         if chat and has_template:
@@ -32,9 +33,19 @@ def encode_prompt(tokenizer: Any, prompt: str | Messages, chat: bool = True, tem
         text = template.format(prompt=prompt) if template else prompt
         return list(tokenizer(text)["input_ids"])
     _check_messages(prompt)
+    for m in prompt:
+        _check_utf8(m["content"])
     if not has_template:
         raise SpecdecError("this model's tokenizer has no chat template: give 'prompt' text instead of 'messages'")
     return _chat_ids(tokenizer, list(prompt))
+
+
+def _check_utf8(text: str) -> None:
+    """Bytes that were not UTF-8 reach Python as lone surrogates (sys.argv, surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise SpecdecError(f"the prompt is not valid UTF-8 text (position {err.start}): pass UTF-8 text") from None
 
 
 def _check_messages(messages: Any) -> None:

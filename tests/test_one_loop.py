@@ -75,6 +75,26 @@ def test_sampled_output_is_plain_sampling_for_every_drafter_and_width(arch, devi
     assert sum(a != b for a, b in zip(sampled_run(arch, "plain", rows, reseeded, 5, 1, device), plain)) >= 4
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_generate_on_each_device(arch, device):
+    """Model, cache, trees and scores on the model's device (CUDA: tree attention through the triton kernel)."""
+    m = model(arch, device)
+    rows = prompts(4, seed=11)
+    refs = []
+    for r in rows:
+        ids = torch.tensor([r], device=device)
+        out = m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
+                         pad_token_id=0, top_k=None, top_p=None, temperature=None)
+        refs.append(out[0, len(r):].tolist())
+    for name, budget, width in (("plain", 1, 1), ("ngram", 8, 4), ("recycling", 9, 3)):
+        v = LeanVerifier(m, gemm="linear")
+        assert v.device.type == device and v.tree_kernel == (device == "cuda")
+        eng = Engine(v, drafter(name), BatchSizer(budget, adaptive=False), width)
+        got = [r.tokens for r in eng.generate_batch([Request(p, StopConditions(16)) for p in rows]).results]
+        assert got == refs, name
+
+
 def test_generate_text_and_generate_many_sample_the_same_text():
     """The defect: same seed, temperature 0.8, generate_text gave different text per drafter and again from
     generate_many."""

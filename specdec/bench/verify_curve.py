@@ -35,7 +35,8 @@ def load(spec: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     if Path(spec).is_dir():
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, attn_implementation="sdpa",
+                                                     trust_remote_code=False)
     else:
         from specdec.models.loading import load_model
 

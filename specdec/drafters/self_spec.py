@@ -37,7 +37,7 @@ from transformers import PreTrainedModel
 from specdec.data.spec_bench import read_questions
 from specdec.drafters.model import DraftRunner, ModelDrafter, draft_vocabulary, lean_forward, resolve_model
 from specdec.errors import SpecdecError
-from specdec.measured import overloaded, save_json
+from specdec.measured import load_json, overloaded, save_json
 from specdec.sampling import SamplingParams
 from specdec.text import encode_prompt
 from specdec.trees.tree import Tree
@@ -240,13 +240,9 @@ def cached_calibration(model: PreTrainedModel, lean: LeanModel, prompts: list[li
     inputs_hash = hashlib.sha256(data.encode()).hexdigest()[:12]
     signature = f"self|{model_fingerprint(model)}|{inputs_hash}|{json.dumps(asdict(settings), sort_keys=True)}"
     path = cache_dir / "self_spec" / f"{gemm_plan.cache_key(signature)}.json"
-    if path.exists():
-        try:
-            record = json.loads(path.read_text())
-            if not record.get("provisional") or overloaded():
-                return record  # a record timed under load is measured again once the machine is calmer
-        except json.JSONDecodeError:
-            pass  # unreadable: calibrate again and overwrite it
+    record = load_json(path)
+    if record is not None and (not record.get("provisional") or overloaded()):
+        return record  # a record timed under load is measured again once the machine is calmer
     log(f"self: calibrating the layer-skip set on {len(prompts)} prompts (one time, cached)...")
     if head is not None:  # as when drafting: the prompts' own tokens join the draft vocabulary
         head = torch.cat([head, torch.tensor([t for p in prompts for t in p], dtype=torch.long)])

@@ -48,11 +48,14 @@ def read_input(path: str | Path) -> list[JobRow]:
         raise SpecdecError(f"input file {p} not found: give a JSONL file with one prompt per line")
     rows: list[JobRow] = []
     first_line: dict[str, int] = {}
-    with p.open(encoding="utf-8", errors="replace") as f:
-        for n, text in enumerate(f, start=1):
-            if not text.strip():
+    with p.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
-            row = _parse_line(text, n)
+            try:
+                row = _parse_line(raw.decode("utf-8"), n)
+            except UnicodeDecodeError as err:  # never decode a prompt into something else
+                row = JobRow(n, n, {}, f"line {n} is not UTF-8 text (byte {err.start}): save the input as UTF-8")
             k = key(row.id)
             if k in first_line:
                 raise SpecdecError(f"input line {n} repeats id {row.id!r} (first on line {first_line[k]}): "

@@ -14,12 +14,14 @@ import copy
 import fcntl
 import gc
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -57,6 +59,20 @@ def default_cache_dir() -> Path:
     return Path(override).expanduser() if override else Path.home() / ".cache" / "specdec"
 
 
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The specdec cache folder (`cache_dir`, else `default_cache_dir()`), checked: SpecdecError when it is a file
+    or cannot be created. (A read-only one is found out when something must be written there.)"""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if root.exists() and not root.is_dir():
+        raise SpecdecError(f"the cache {root} is not a folder: point --cache-dir / SPECDEC_CACHE at a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecdecError(f"cannot create the cache folder {root} ({err.strerror}): point --cache-dir / "
+                           "SPECDEC_CACHE at a writable folder") from None
+    return root
+
+
 def list_builtin() -> dict[str, str]:
     """Built-in model names -> one-line descriptions, the default first."""
     return {name: b.description for name, b in BUILTINS.items()}
@@ -69,7 +85,7 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32,
     `spec` is a built-in name (None: the default; a name wins over a same-named path), a transformers model
     directory, or a .gguf file. GGUF weights are cached dequantized under `cache_dir` (default_cache_dir()).
     """
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = cache_root(cache_dir)
     say = log if log is not None else _quiet
     spec = DEFAULT_BUILTIN if spec is None else spec
     if spec in BUILTINS:
@@ -127,11 +143,26 @@ def _load_via_cache(get_gguf: Callable[[], Path], target: Path, name: str, dtype
                     log: Log) -> LoadedModel:
     """Load `target`, first filling it from the GGUF `get_gguf()` gives if it is not there yet."""
     if not target.is_dir():  # the directory only ever appears complete (renamed into place)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(target, log):  # one process converts; others wait, then load its result
-            if not target.is_dir():
-                _convert_gguf(get_gguf(), target, log)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with _exclusive(target, log):  # one process converts; others wait, then load its result
+                if not target.is_dir():
+                    remove_stale_staging(target)  # a load killed mid-way left its staging folder
+                    _convert_gguf(get_gguf(), target, log)
+        except OSError as err:
+            raise SpecdecError(f"cannot write the model cache {target.parent} ({err.strerror or err}): point "
+                               "--cache-dir / SPECDEC_CACHE at a writable folder with ~2 GB free") from None
     return _load_dir(target, name, dtype)
+
+
+STAGING = ".staging-"  # marks a conversion's temporary folder: .<name>.staging-XXXX.partial
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Remove staging folders of `target` left by killed loads; the caller holds `target`'s lock, so no live
+    conversion of it can own one."""
+    for stale in target.parent.glob(f".{target.name}{STAGING}*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -151,7 +182,7 @@ def _exclusive(target: Path, log: Log) -> Iterator[None]:
 
 def _convert_gguf(gguf: Path, target: Path, log: Log) -> None:
     """Dequantize `gguf` into a verified safetensors copy at `target`, atomically."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING}", suffix=".partial", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the published cache should not be
     try:
         log(f"dequantizing {gguf.name} (one time: 1-3 min)...")
@@ -170,8 +201,8 @@ def _dequantize_into(gguf: Path, out: Path) -> _Probe:
     _check_architecture(_read_config(gguf.parent, gguf), str(gguf))
     kwargs = {"gguf_file": gguf.name}
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, attn_implementation="sdpa",
-                                                 **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+                                                 **kwargs, trust_remote_code=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs, trust_remote_code=False)
     probe = _probe(model, tokenizer)
     _save_plain(model, out)
     tokenizer.save_pretrained(out)
@@ -213,6 +244,11 @@ def _verify_copy(staging: Path, probe: _Probe, gguf: Path) -> None:
 
 
 def _publish(staging: Path, target: Path) -> None:
+    """Make the cache entry readable like any installed file (save_pretrained may write 0600 temporaries), then
+    rename it into place in one step."""
+    for path in staging.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    staging.chmod(0o755)
     try:
         staging.rename(target)
     except OSError:
@@ -221,9 +257,20 @@ def _publish(staging: Path, target: Path) -> None:
 
 
 def _read_config(directory: Path, gguf: Path | None = None):
+    """The model's config. A directory's config.json is read as plain JSON first: an architecture specdec does
+    not support is refused before transformers sees it, so its `auto_map` code is never offered or run (and
+    trust_remote_code is False everywhere anyway)."""
     kwargs = {"gguf_file": gguf.name} if gguf is not None else {}
+    if gguf is None:
+        try:
+            raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise SpecdecError(f"cannot read {directory / 'config.json'} ({_first_line(err)}): give a supported "
+                               "transformers model directory or .gguf file") from None
+        _check_architecture(SimpleNamespace(model_type=raw.get("model_type") if isinstance(raw, dict) else None),
+                            str(directory))
     try:
-        return AutoConfig.from_pretrained(directory, **kwargs)
+        return AutoConfig.from_pretrained(directory, trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         where = gguf if gguf is not None else directory / "config.json"
         raise SpecdecError(f"cannot read the model config in {where} ({_first_line(err)}): "
@@ -245,7 +292,8 @@ def _load_dir(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
         if model_type == "gemma3":
             model = _gemma3_text_model(path, config, dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                         trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise SpecdecError(f"cannot load the weights in {path} ({_first_line(err)}): "
                            f"check it is a complete transformers checkpoint") from err
@@ -254,7 +302,7 @@ def _load_dir(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as err:
         raise SpecdecError(f"no usable tokenizer in {path} ({_first_line(err)}): "
                            f"save the model's tokenizer there with tokenizer.save_pretrained(...)") from err
@@ -262,8 +310,10 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
 def _gemma3_text_model(path: Path, config, dtype: torch.dtype) -> PreTrainedModel:
     """A multimodal Gemma 3 checkpoint as a text-only Gemma3ForCausalLM (the vision tower is dropped)."""
-    full = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    text = AutoModelForCausalLM.from_config(config.text_config, dtype=dtype, attn_implementation="sdpa")
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                trust_remote_code=False)
+    text = AutoModelForCausalLM.from_config(config.text_config, dtype=dtype, attn_implementation="sdpa",
+                                            trust_remote_code=False)
     text.model.load_state_dict(full.model.language_model.state_dict())
     text.lm_head.load_state_dict(full.lm_head.state_dict())
     text.generation_config = copy.deepcopy(full.generation_config)

@@ -65,10 +65,14 @@ def load_tree(name_or_path: str | Path) -> Tree:
 
 def tree_from_file(path: Path) -> Tree:
     """Parse and validate one tree file; every problem is a ValueError naming the file."""
+    from specdec.config import yaml_where
+
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from None
+        raise ValueError(f"{path}: not valid YAML{yaml_where(err)}: fix its syntax") from None
     try:
         return tree_from_dict(data)
     except ValueError as err:
@@ -95,6 +99,8 @@ def tree_from_dict(data: object) -> Tree:
     valid = isinstance(paths, list) and all(isinstance(p, list) and all(_is_int(r) and r >= 0 for r in p) for p in paths)
     if not valid:
         raise ValueError("'rank_paths' must be a list of lists of non-negative integers")
+    if not paths:
+        raise ValueError("'rank_paths' is empty: the tree has no nodes to draft; give at least one path, e.g. [[0]]")
     return Tree.from_rank_paths(paths)
 
 

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from specdec.hardware import cpu_name
-from specdec.measured import load_average, overloaded, save_json
+from specdec.measured import load_average, load_json, overloaded, save_json
 from specdec.trees.tree import Tree
 
 CALIBRATION_SIZES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -109,15 +109,14 @@ def cached_curve(verifier, key: str, cache_dir: Path | None, log: Callable[[str]
     next time the machine is calmer.
     """
     path = None if cache_dir is None else Path(cache_dir) / "latency" / f"{key}.json"
-    stored = None
-    if path is not None and path.is_file():
+    data = load_json(path)
+    if data is not None:
         try:
-            data = json.loads(path.read_text())
             stored = LatencyCurve.from_json(data)
             if not data.get("provisional") or overloaded():
                 return stored
-        except (ValueError, KeyError):
-            pass  # a damaged cache entry is measured again
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry (wrong shape) is measured again
     if log:
         log("calibrating verify latency for this machine and model (once, a few seconds)...")
     busy = overloaded()

@@ -23,6 +23,9 @@ import numpy as np
 import torch
 
 
+MAX_TREE_NODES = 1024  # the largest tree (root included) anything scores: far past what pays on any machine
+
+
 @dataclass(frozen=True, eq=False)
 class Tree:
     parents: tuple[int, ...]
@@ -67,6 +70,8 @@ class Tree:
     @staticmethod
     def chain(k: int) -> "Tree":
         """Root plus a chain of k draft tokens."""
+        if not 0 <= k < MAX_TREE_NODES:
+            raise ValueError(f"chain-{k}: a chain has at most {MAX_TREE_NODES - 1} draft tokens")
         return Tree.from_parents([-1] + list(range(k)))
 
     def rank_paths(self) -> list[tuple[int, ...]]:
@@ -93,6 +98,8 @@ def _from_parents(parents: tuple[int, ...], ranks: tuple[int, ...] | None) -> Tr
 
 
 def _check_parents(parents: tuple[int, ...]) -> None:
+    if len(parents) > MAX_TREE_NODES:
+        raise ValueError(f"tree: {len(parents)} nodes; trees have at most {MAX_TREE_NODES} (root included)")
     if not parents or parents[0] != -1:
         raise ValueError("tree: node 0 must be the root with parent -1")
     for i, p in enumerate(parents[1:], start=1):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from specdec.hardware import cpu_name
-from specdec.measured import save_json
+from specdec.measured import load_json, save_json
 
 Orientation = Literal["linear", "wxt", "onednn"]
 ORIENTATIONS: tuple[Orientation, ...] = ("linear", "wxt", "onednn")
@@ -224,11 +224,12 @@ def load_or_calibrate(
     measures again.
     """
     path = cache_path(model_signature, cache_dir)
-    if path.exists():
+    record = load_json(path)
+    if record is not None:
         try:
-            return GemmPlan.from_json(json.loads(path.read_text())["plan"])
-        except (ValueError, KeyError, json.JSONDecodeError):
-            pass  # unreadable cache: measure again and overwrite it
+            return GemmPlan.from_json(record["plan"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # a damaged cache entry: measure again and overwrite it
     t0, others0 = time.perf_counter(), _others_cpu_s()
 
     def others_share() -> float:

@@ -204,9 +204,9 @@ class LeanModel:
 
     def rope_tables(self, max_len: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """kind -> (cos, sin) [max_len, head_dim], computed as transformers does (float32 products)."""
-        pos = torch.arange(max_len, dtype=torch.float32)
         tables = {}
         for kind, (inv_freq, scaling) in self._inv_freq.items():
+            pos = torch.arange(max_len, dtype=torch.float32, device=inv_freq.device)
             freqs = pos[:, None] * inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
             tables[kind] = ((emb.cos() * scaling).to(self.dtype), (emb.sin() * scaling).to(self.dtype))

@@ -50,7 +50,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from specdec.measured import overloaded, save_json
+from specdec.measured import load_json, overloaded, save_json
 
 _U_OUT = 2.0 ** -8  # bound on |x - bf16(x)| / |bf16(x)| (round to nearest: 2^-9 |x|, |x| <= (1 + 2^-8) |bf16(x)|)
 
@@ -140,11 +140,12 @@ def measure_screen(head: ScreenedHead, full_argmax: Callable[[torch.Tensor], tor
     """Row counts (of `buckets`) at which `head.select` is faster than `full_argmax` (the fp32 LM head and
     its argmax), timed interleaved, best of `rounds`; cached as JSON at `path`. Empty when the bf16 GEMM fails
     `self_check`. A measurement taken while the machine is overloaded is not cached."""
-    if path is not None and path.is_file():
+    record = load_json(path)
+    if record is not None:
         try:
-            return frozenset(int(b) for b in json.loads(path.read_text())["screen_buckets"])
+            return frozenset(int(b) for b in record["screen_buckets"])
         except (ValueError, KeyError, TypeError):
-            pass  # unreadable: measure again
+            pass  # damaged: measure again
     ok = head.self_check()
     best: dict[int, dict[str, float]] = {b: {"full": math.inf, "screen": math.inf} for b in buckets}
     if ok:
