@@ -345,7 +345,7 @@ class Run:
         eng = self.engine
         if not plan.propose:
             return [Draft.root_only(r.context) for r in views]
-        name = getattr(eng.drafter, "name", type(eng.drafter).__name__)
+        name = eng.drafter.name
         try:
             drafts = eng.drafter.propose(views, plan.budgets)
         except SpecdecError:
