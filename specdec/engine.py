@@ -194,9 +194,10 @@ class Engine:
         """An iterator of (request index, result) in the order rows finish; its `.stats` fill as it runs."""
         return Run(self, requests, on_tokens)
 
-    def check(self, request: Request) -> None:
-        """SpecdecError if `request` cannot be decoded (empty prompt, longer than the model's context)."""
-        n = as_ids(request.prompt).numel()
+    def check(self, request: Request, ids: torch.Tensor | None = None) -> None:
+        """SpecdecError if `request` cannot be decoded (empty prompt, longer than the model's context); `ids`: its
+        prompt already as `as_ids` gives it."""
+        n = (as_ids(request.prompt) if ids is None else ids).numel()
         if n == 0:
             raise SpecdecError("empty prompt: give at least one token (or non-empty text)")
         limit = self.verifier.max_positions
@@ -208,8 +209,7 @@ class Engine:
 class _Row:
     """One sequence in flight: its slot, committed tokens (a preallocated buffer), sampler and stats."""
 
-    def __init__(self, index: int, slot: int, request: Request):
-        ids = as_ids(request.prompt)
+    def __init__(self, index: int, slot: int, request: Request, ids: torch.Tensor):
         self.index, self.slot = index, slot
         self.stop, self.sampling = request.stop, request.sampling
         self.buf = torch.empty(ids.numel() + request.stop.max_new_tokens, dtype=torch.long)  # [L + max_new]
@@ -237,8 +237,9 @@ class Run:
 
     def __init__(self, engine: Engine, requests: Sequence[Request], on_tokens: OnTokens | None = None):
         self.engine, self.requests, self.on_tokens = engine, list(requests), on_tokens
-        for r in self.requests:
-            engine.check(r)
+        self.ids = [as_ids(r.prompt) for r in self.requests]  # [L_i] each, converted once
+        for r, ids in zip(self.requests, self.ids):
+            engine.check(r, ids)
         self.stats = BatchStats(rows=len(self.requests))
 
     def __iter__(self) -> Iterator[tuple[int, GenerationResult]]:
@@ -253,14 +254,13 @@ class Run:
         pending = []
         for i, r in enumerate(self.requests):
             if r.stop.max_new_tokens == 0:
-                yield i, GenerationResult([], "length", DecodeStats(prompt_tokens=as_ids(r.prompt).numel()))
+                yield i, GenerationResult([], "length", DecodeStats(prompt_tokens=self.ids[i].numel()))
             else:
                 pending.append(i)
         if not pending:
             return
         width = min(eng.width, len(pending))
-        longest = max(as_ids(self.requests[i].prompt).numel() + self.requests[i].stop.max_new_tokens
-                      for i in pending)
+        longest = max(self.ids[i].numel() + self.requests[i].stop.max_new_tokens for i in pending)
         # room for the largest tree (and its aux nodes) after the longest row; never past the model's context
         self.max_len = min(v.max_positions, longest + eng.max_nodes + eng.drafter.needs.max_aux)
         v.reset(width, self.max_len)
@@ -280,7 +280,7 @@ class Run:
         t0 = time.perf_counter()
         request = self.requests[index]
         self.engine.drafter.reset(slot, request.sampling)
-        row = _Row(index, slot, request)
+        row = _Row(index, slot, request, self.ids[index])
         with torch.inference_mode():
             self.engine.verifier.prefill(slot, row.context[:-1])
         row.stats.prefill_s = time.perf_counter() - t0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import pytest
 import torch
 from transformers import (
@@ -12,6 +14,8 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from specdec.verifiers.base import DenseScores, NodeInputs
 
 ARCHS = ("llama", "qwen2", "gemma3")
 
@@ -89,3 +93,21 @@ def tiny_model_dir(tmp_path_factory):
     make_tiny_model("gemma3").save_pretrained(path)
     make_tiny_tokenizer().save_pretrained(path)
     return path
+
+
+class LogitsVerifier:
+    """Protocol members a test double verifier gets from its own ``score``: `score_nodes` over
+    full logits, one CPU row at a time, no hidden states or input vectors."""
+
+    device = torch.device("cpu")
+    num_layers = 0
+    batched = False
+
+    def score_nodes(self, slots: Sequence[int], tokens: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor,
+                    sizes: Sequence[int] | None = None, *, embeds: NodeInputs | None = None,
+                    hidden_layers: Sequence[int] = ()) -> DenseScores:
+        if embeds is not None or hidden_layers:
+            raise ValueError(f"{type(self).__name__} scores token ids only (no input vectors, no hidden states)")
+        padded = self.score(slots, tokens, depth, mask)  # type: ignore[attr-defined]  # [B, n, V]
+        sizes = [tokens.shape[1]] * tokens.shape[0] if sizes is None else sizes
+        return DenseScores(torch.cat([padded[b, :s] for b, s in enumerate(sizes)]))  # [R, V]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec.verifiers.base import LogitsVerifier
+from conftest import LogitsVerifier
 
 from specdec.drafters.base import BaseDrafter, Draft
 from specdec.engine import Engine, StopConditions

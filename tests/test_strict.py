@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec.verifiers.base import LogitsVerifier
+from conftest import LogitsVerifier
 
 from conftest import SLIDING_WINDOW, make_tiny_model
 from specdec.api import SpecDecoder

@@ -57,10 +57,6 @@ class Needs:
     # entering decoder layer l (0 = the embeddings), L (or -1) the final normed state the LM head reads
     max_aux: int = 0  # auxiliary nodes one row's draft may carry at most
 
-    def merged(self, other: "Needs") -> "Needs":
-        return Needs(max(self.topk, other.topk), tuple(sorted(set(self.hidden_layers) | set(other.hidden_layers))),
-                     max(self.max_aux, other.max_aux))
-
 
 @dataclass(frozen=True)
 class AuxNodes:

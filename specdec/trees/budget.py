@@ -90,10 +90,8 @@ class BatchSizer:
     """
 
     def __init__(self, max_budget: int, adaptive: bool = True, curve: LatencyCurve | None = None):
-        if max_budget < 1:
-            raise SpecdecError(f"tree budget must be >= 1 node, got {max_budget}")
+        self.policy = BudgetPolicy(max_budget, adaptive)  # refuses a budget < 1
         self.max_nodes = max_budget
-        self.policy = BudgetPolicy(max_budget, adaptive)
         self.allocator = NodeAllocator(curve) if adaptive and curve is not None and max_budget > 1 else None
 
     def plan(self, drafter: Drafter, slots: Sequence[int], cap: int) -> StepPlan:

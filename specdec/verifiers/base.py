@@ -141,20 +141,3 @@ def hidden_keys(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
         out.append(key)
     return tuple(sorted(set(out)))
 
-
-class LogitsVerifier:
-    """Protocol members a simple verifier gets from its own ``score`` (test doubles, wrappers): `score_nodes` over
-    full logits, one CPU row at a time, no hidden states or input vectors."""
-
-    device = torch.device("cpu")
-    num_layers = 0
-    batched = False
-
-    def score_nodes(self, slots: Sequence[int], tokens: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor,
-                    sizes: Sequence[int] | None = None, *, embeds: NodeInputs | None = None,
-                    hidden_layers: Sequence[int] = ()) -> DenseScores:
-        if embeds is not None or hidden_layers:
-            raise ValueError(f"{type(self).__name__} scores token ids only (no input vectors, no hidden states)")
-        padded = self.score(slots, tokens, depth, mask)  # type: ignore[attr-defined]  # [B, n, V]
-        sizes = [tokens.shape[1]] * tokens.shape[0] if sizes is None else sizes
-        return DenseScores(torch.cat([padded[b, :s] for b, s in enumerate(sizes)]))  # [R, V]
