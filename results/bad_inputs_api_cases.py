@@ -1,8 +1,12 @@
+"""The API rows of bad-inputs-before-after.md: `python results/bad_inputs_api_cases.py new`, or
+`python results/bad_inputs_api_cases.py old OLD_CHECKOUT` to import another checkout's specdec instead."""
 import sys
-if sys.argv[1] == "old":
+from pathlib import Path
+
+if sys.argv[1] == "old":  # bypass the editable install of this checkout
     sys.meta_path = [f for f in sys.meta_path if "__editable__" not in str(getattr(f, "__module__", ""))]
-    sys.path.insert(0, "/tmp/old")
-sys.path.insert(0, "/work/main/tests")
+    sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch
 import specdec
 from conftest import make_tiny_model, make_tiny_tokenizer

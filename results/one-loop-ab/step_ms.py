@@ -1,15 +1,20 @@
-"""Median ms per plain / ngram step of specdec on 3 Spec-Bench prompts x 128 tokens (whichever specdec is imported)."""
+"""Mean ms per plain / ngram step of specdec on 3 Spec-Bench prompts x 128 tokens.
+
+`python step_ms.py new` uses the installed specdec; `python step_ms.py old OLD_CHECKOUT` imports another checkout's.
+"""
 import sys, time, statistics, json
-if sys.argv[1] == "old":
+from pathlib import Path
+if sys.argv[1] == "old":  # bypass the editable install of this checkout
     sys.meta_path = [f for f in sys.meta_path if "__editable__" not in str(getattr(f, "__module__", ""))]
-    sys.path.insert(0, "/tmp/old")
+    sys.path.insert(0, sys.argv[2])
 import torch
 torch.set_num_threads(2)
 import specdec
 from specdec.api import SpecDecoder
-assert specdec.__file__.startswith("/tmp/old" if sys.argv[1] == "old" else "/work/main")
+if sys.argv[1] == "old":
+    assert specdec.__file__.startswith(sys.argv[2]), specdec.__file__
 out = {}
-qs = [json.loads(l)["turns"][0] for l in open("/work/main/specdec/data/spec_bench/question.jsonl")][100:103]
+qs = [json.loads(l)["turns"][0] for l in open(Path(specdec.__file__).parent / "data" / "spec_bench" / "question.jsonl")][100:103]
 for name in ("plain", "ngram"):
     dec = SpecDecoder(drafter=name)
     ids = [dec.encode(q) for q in qs]
