@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -260,14 +262,18 @@ def test_registry_import_path_and_register():
 # through the engine: every drafter must reproduce plain greedy decoding exactly
 
 REPETITIVE = [5, 17, 99, 3, 250, 7, 64, 301, 12, 45, 5, 17, 99, 3, 250, 7, 64, 9, 130, 220]
-_REFERENCES: dict[tuple[int, tuple[int, ...]], list[int]] = {}  # (model id, prompt) -> greedy continuation
+# model -> {prompt: greedy continuation}. Keyed by the model object itself, held weakly: a key of id(model) was
+# reused when pytest freed one arch's session model and built the next at the same address, so gemma3 rows were
+# compared with llama's reference (CI failed on exactly that; whether it happens depends on the allocator).
+_REFERENCES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, ...], list[int]]]" = weakref.WeakKeyDictionary()
 
 
 def reference(model, prompt: list[int], max_new_tokens: int = 32) -> list[int]:
-    key = (id(model), tuple(prompt))
-    if key not in _REFERENCES:
-        _REFERENCES[key] = hf_greedy(model, prompt, max_new_tokens)
-    return _REFERENCES[key]
+    known = _REFERENCES.setdefault(model, {})
+    key = tuple(prompt) + (max_new_tokens,)
+    if key not in known:
+        known[key] = hf_greedy(model, prompt, max_new_tokens)
+    return known[key]
 
 
 @pytest.mark.parametrize("name, tree, options, budget", [
