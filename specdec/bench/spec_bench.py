@@ -2,10 +2,12 @@
 
 Methods: transformers `generate()` plain (hf-plain, the baseline), transformers prompt-lookup decoding (hf-pld),
 specdec plain, ngram and recycling (any registered drafter name works; the configured drafter gets the
-config's drafter_options). Prompts are interleaved (every method runs prompt i before any runs prompt i + 1)
-so machine drift hits all methods alike. Per category: tau, mean per-prompt tokens/s, speedup over hf-plain,
-exact-match rate of the new tokens against hf-plain. Results go to <out>/bench-<time>.json (every prompt) and
-.md (the table), with hardware, dtype, threads, versions and prompt count in both (`specdec.bench.report`).
+config's drafter_options), and llama.cpp plain / prompt lookup on the model's GGUF or its F32 copy (llama-q4km-plain,
+llama-q4km-pld, llama-f32-plain, llama-f32-pld; optional, `specdec.bench.llama_cpp`). Prompts are interleaved
+(every method runs prompt i before any runs prompt i + 1) so machine drift hits all methods alike. Per category:
+tau, mean per-prompt tokens/s, speedup over hf-plain, exact-match rate of the new tokens against hf-plain and
+against the plain decoding of the method's own system (`own_plain`). Results go to <out>/bench-<time>.json (every
+prompt) and .md (the table), with hardware, dtype, threads, versions and prompt count in both (`specdec.bench.report`).
 Also here, for the other benches: `Row`, `summarise`, `eos_ids`, `hf_generate` and `PROMPT_TEMPLATE`.
 """
 
@@ -17,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from specdec.bench import llama_cpp as llama_bench
 from specdec.bench.report import machine_info, output_dir, save_report, write_new
 from specdec.data.spec_bench import read_questions
 from specdec.errors import SpecdecError
@@ -66,7 +69,7 @@ class Row:
 class _Runner:
     """Runs one method on one prompt; keeps the SpecDecoder of each specdec method (drafter hot start)."""
 
-    def __init__(self, spec: BenchSpec, loaded, eos: list[int]):
+    def __init__(self, spec: BenchSpec, loaded, eos: list[int], longest_prompt: int, log: Callable[[str], None]):
         from specdec.api import SpecDecoder
 
         self.spec, self.model, self.eos = spec, loaded.model, eos
@@ -75,13 +78,21 @@ class _Runner:
                            cache_dir=spec.cache_dir, strict=spec.strict,
                            drafter_options=spec.drafter_options if m == spec.drafter else None)
             for m in spec.methods
-            if m not in HF_METHODS
+            if m not in HF_METHODS and not llama_bench.is_llama_method(m)
         }
+        self.llama = _llama_runner(spec, longest_prompt, log)
+
+    def describe(self) -> dict:
+        """Runner facts for the saved report (llama.cpp version and files when llama methods run)."""
+        return self.llama.describe() if self.llama is not None else {}
 
     def run(self, method: str, ids: list[int], max_new: int) -> tuple[list[int], float, float]:
         """Returns (new tokens, seconds, tau)."""
         if method in HF_METHODS:
             return self._run_hf(method, ids, max_new)
+        if llama_bench.is_llama_method(method):
+            tokens, seconds = self.llama.generate(method, ids, max_new, self.eos)
+            return tokens, seconds, float("nan")
         res = self.decoders[method].generate_ids(ids, max_new_tokens=max_new, eos_token_id=self.eos)
         return res.tokens, res.stats.total_s, res.stats.tau
 
@@ -89,6 +100,18 @@ class _Runner:
         extra = {"prompt_lookup_num_tokens": PLD_NUM_TOKENS} if method == "hf-pld" else {}
         tokens, seconds = hf_generate(self.model, ids, max_new, self.eos, **extra)
         return tokens, seconds, float("nan")
+
+
+def _llama_runner(spec: BenchSpec, longest_prompt: int, log: Callable[[str], None]):
+    """The llama.cpp models of the llama methods in spec.methods, loaded once; None when there are none."""
+    from specdec.models.loading import gguf_cache_dir, gguf_file
+
+    methods = llama_bench.check_methods(spec.methods)
+    if not methods:
+        return None
+    gguf = gguf_file(spec.model, cache_dir=spec.cache_dir, log=log)
+    return llama_bench.LlamaRunner(methods, gguf, gguf_cache_dir(spec.cache_dir), longest_prompt,
+                                   spec.max_new_tokens, PLD_NUM_TOKENS, log)
 
 
 @torch.inference_mode()
@@ -111,22 +134,24 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, echo: Callabl
         raise SpecdecError(f"drafter_options are for drafter '{spec.drafter}', which the methods do not list: "
                            f"add {spec.drafter} to --methods")
     output_dir(spec.out_dir)  # a bad --out fails now, not after the run
+    llama_bench.check_methods(spec.methods)  # an unknown llama method or a missing llama_cpp, too
     questions = read_questions(spec.prompts, spec.per_category)
     loaded = load_model(spec.model, cache_dir=spec.cache_dir, log=log)
     tok = loaded.tokenizer
     eos = eos_ids(loaded)
-    runner = _Runner(spec, loaded, eos)
+    prompts = [encode_prompt(tok, q["text"], template=PROMPT_TEMPLATE) for q in questions]
+    warm = encode_prompt(tok, "Warm-up: say hello.", template=PROMPT_TEMPLATE)
+    runner = _Runner(spec, loaded, eos, max(map(len, prompts + [warm])), log)
     info = machine_info() | {"model": loaded.name, "prompts": len(questions), "max_new_tokens": spec.max_new_tokens,
                              "methods": list(spec.methods), "template": _template_note(tok),
                              "strict": spec.strict, "drafter_options": spec.drafter_options}
+    info |= runner.describe()  # llama.cpp's version and files when llama methods run
     log(f"bench: {len(questions)} prompts x {len(spec.methods)} methods, {spec.max_new_tokens} new tokens, "
         f"{info['threads']} threads, {info['cpu']}")
-    warm = encode_prompt(tok, "Warm-up: say hello.", template=PROMPT_TEMPLATE)
     for m in spec.methods:
         runner.run(m, warm, 4)
     rows: list[Row] = []
-    for i, q in enumerate(questions, start=1):
-        ids = encode_prompt(tok, q["text"], template=PROMPT_TEMPLATE)
+    for i, (q, ids) in enumerate(zip(questions, prompts), start=1):
         for m in spec.methods:
             tokens, secs, tau = runner.run(m, ids, spec.max_new_tokens)
             rows.append(Row(q["question_id"], q["category"], m, len(ids), len(tokens), secs, tau, tokens, ids))
@@ -184,10 +209,32 @@ def _template_note(tok) -> str:
     return "chat template" if getattr(tok, "chat_template", None) else PROMPT_TEMPLATE.replace("\n", "\\n")
 
 
+def own_plain(method: str) -> str:
+    """Plain decoding in `method`'s own system: hf-plain (transformers), llama-<weights>-plain (llama.cpp, the same
+    GGUF file), plain (specdec). A lossless method's outputs equal it token for token, up to numerics."""
+    if method in HF_METHODS:
+        return "hf-plain"
+    if llama_bench.is_llama_method(method):
+        return llama_bench.parse_method(method).plain
+    return "plain"
+
+
+def _own_exact(mine: list[Row], by: dict[tuple[int, str], list[int]], method: str) -> float:
+    """Exact-match rate of `mine` against own_plain(method)'s outputs; nan for a plain method itself or when its
+    plain did not run."""
+    plain = own_plain(method)
+    if plain == method:
+        return float("nan")
+    pairs = [(r.tokens, by.get((r.question_id, plain))) for r in mine]
+    return _mean([float(a == b) for a, b in pairs]) if all(b is not None for _, b in pairs) else float("nan")
+
+
 def summarise(rows: list[Row], methods: tuple[str, ...], info: dict) -> dict:
-    """Per category and overall: mean tau, mean per-prompt tokens/s, speedup vs hf-plain, exact-match rate."""
+    """Per category and overall: mean tau, mean per-prompt tokens/s, speedup vs hf-plain, exact-match rate vs
+    hf-plain ("exact_match") and vs the method's own plain ("own_exact", see `own_plain`)."""
     base = "hf-plain" if "hf-plain" in methods else methods[0]
     ref = {r.question_id: r.tokens for r in rows if r.method == base}
+    by = {(r.question_id, r.method): r.tokens for r in rows}
     cats = sorted({r.category for r in rows})
     table: dict[str, dict[str, dict]] = {}
     for cat in cats + ["overall"]:
@@ -203,6 +250,8 @@ def summarise(rows: list[Row], methods: tuple[str, ...], info: dict) -> dict:
                 "tokens_per_s": tps,
                 "speedup": tps / base_tps if base_tps else float("nan"),
                 "exact_match": _mean([float(r.tokens == ref[r.question_id]) for r in mine]),
+                "own_plain": own_plain(m),
+                "own_exact": _own_exact(mine, by, m),
             }
     mismatches = [
         {"question_id": r.question_id, "method": r.method, "first_diff": _first_diff(r.tokens, ref[r.question_id])}
@@ -224,23 +273,27 @@ def _mean(xs: list[float]) -> float:
 def _markdown(table: dict, methods: tuple[str, ...], info: dict, base: str) -> str:
     head = (f"Spec-Bench: {info['prompts']} prompts, {info['max_new_tokens']} new tokens, greedy, batch 1 | "
             f"model {info['model']} {info['dtype']} | {info['cpu']}, {info['threads']} threads | "
-            f"torch {info['torch']}, transformers {info['transformers']} | speedup and exact match vs {base}")
-    cols = "| category | " + " | ".join(f"{m} tau | {m} tok/s | {m} speedup | {m} exact" for m in methods) + " |"
-    sep = "|---|" + "---|" * (4 * len(methods))
+            f"torch {info['torch']}, transformers {info['transformers']} | speedup and exact match vs {base}; "
+            f"'= own plain': exact match vs the plain decoding of the method's own system (hf-plain, "
+            f"llama-<weights>-plain of the same file, specdec plain)")
+    cols = "| category | " + " | ".join(f"{m} tau | {m} tok/s | {m} speedup | {m} exact | {m} = own plain"
+                                        for m in methods) + " |"
+    sep = "|---|" + "---|" * (5 * len(methods))
     lines = [head, "", cols, sep]
     for cat, per in table.items():
         cells = []
         for m in methods:
             c = per[m]
             tau = "-" if c["tau"] != c["tau"] else f"{c['tau']:.2f}"
-            cells += [tau, f"{c['tokens_per_s']:.2f}", f"{c['speedup']:.2f}x", f"{100 * c['exact_match']:.0f}%"]
+            own = "-" if c["own_exact"] != c["own_exact"] else f"{100 * c['own_exact']:.0f}%"
+            cells += [tau, f"{c['tokens_per_s']:.2f}", f"{c['speedup']:.2f}x", f"{100 * c['exact_match']:.0f}%", own]
         name = f"**{cat}**" if cat == "overall" else cat
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     overall = table["overall"]
     if "plain" in overall and base != "plain":
         split = f"Gain split: specdec plain (verifier path alone) {overall['plain']['speedup']:.2f}x over {base}"
         for m in methods:
-            if m not in HF_METHODS and m != "plain":
+            if own_plain(m) == "plain" and m != "plain":  # specdec's drafters
                 split += f"; drafting with {m} {overall[m]['tokens_per_s'] / overall['plain']['tokens_per_s']:.2f}x"
         lines += ["", split + " over specdec plain."]
     return "\n".join(lines)

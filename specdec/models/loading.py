@@ -102,6 +102,25 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32,
                        f"a transformers model directory, or a .gguf file")
 
 
+def gguf_file(spec: str | None = None, *, cache_dir: str | Path | None = None, log: Log | None = None) -> Path:
+    """The GGUF file behind `spec`, resolved as `load_model` resolves it: a built-in's assembled file under
+    `<cache>/gguf/` (assembled from its chunk packages if missing) or a .gguf path. SpecdecError for anything else
+    (a transformers directory has no GGUF)."""
+    spec = DEFAULT_BUILTIN if spec is None else spec
+    if spec in BUILTINS:
+        return assemble(BUILTINS[spec], gguf_cache_dir(cache_dir), log if log is not None else _quiet)
+    path = Path(spec).expanduser()
+    if spec.strip() and path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    raise SpecdecError(f"model '{spec}' is not a GGUF model: give a built-in name ({', '.join(BUILTINS)}) or a "
+                       f".gguf file")
+
+
+def gguf_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """`<cache>/gguf/`: assembled built-in GGUFs and files derived from GGUFs (e.g. an F32 requantisation)."""
+    return cache_root(cache_dir) / "gguf"
+
+
 def check_same_tokenizer(target_tok: PreTrainedTokenizerBase, draft_tok: PreTrainedTokenizerBase,
                          target_name: str, draft_name: str) -> None:
     """SpecdecError unless the draft tokenizer maps text to the same ids as the target's."""
@@ -129,7 +148,7 @@ def _quiet(_line: str) -> None:
 
 def _load_builtin(builtin: Builtin, cache: Path, dtype: torch.dtype, log: Log) -> LoadedModel:
     target = cache / "models" / builtin.name
-    return _load_via_cache(lambda: assemble(builtin, cache / "gguf", log), target, builtin.name, dtype, log)
+    return _load_via_cache(lambda: assemble(builtin, gguf_cache_dir(cache), log), target, builtin.name, dtype, log)
 
 
 def _load_gguf_file(path: Path, cache: Path, dtype: torch.dtype, log: Log) -> LoadedModel:
