@@ -11,7 +11,11 @@ is ~18 ms). Smaller shapes rank differently, so this module owns the choice:
   row count at hand. It holds references to the weight, never a copy.
 - `GemmPlan`: orientation per (weight shape, row bucket), immutable, JSON round-trippable.
 - `calibrate`: times every orientation per distinct shape and bucket (interleaved, best of a few rounds, so a
-  neighbour's load spikes hit all alike) within a time budget.
+  neighbour's load spikes hit all alike) within a time budget, on the forward's real working set: every
+  weight in full, in the forward's order, so a weight is as cache-cold (or hot) when timed as when decoding
+  reads it. Timing a small weight hot, or a slice of a big one, ranks orientations by speeds decoding never
+  sees: until calibration v4 the LM head was timed on its first 128 MB of rows, which a 300 MB L3 (the
+  issue #12 Xeon) holds, and the plan recorded 5 ms for a GEMV that takes 34 ms from memory.
 - `load_or_calibrate`: the same, cached per machine + model + torch version + thread count in a small JSON.
 
 Thread count is the caller's business; it is only read to key the cache.
@@ -23,6 +27,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Literal
@@ -35,8 +40,12 @@ from specdec.measured import load_json, save_json
 
 Orientation = Literal["linear", "wxt", "onednn"]
 ORIENTATIONS: tuple[Orientation, ...] = ("linear", "wxt", "onednn")
+# calibration warms up each (shape, orientation) once, untimed, except weights over this size: there a first
+# call's set-up is lost in the product (LM head [262144 x 640], oneDNN: 49 ms first call, 52 and 52 after)
+WARM_UP_MAX_BYTES = 64 << 20
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # row counts calibrated; larger counts use the last bucket's choice
-CALIBRATION_VERSION = 3  # part of the cache key: plans measured by an older method are not reused
+CALIBRATION_VERSION = 4  # part of the cache key: plans measured by an older method are not reused
+# (v4: the full weights in the forward's order; v3 timed the LM head on a 128 MB slice, cache-hot in a 300 MB L3)
 
 
 def bucket_of(rows: int) -> int:
@@ -135,63 +144,105 @@ def available() -> tuple[Orientation, ...]:
     return tuple(o for o in ORIENTATIONS if o != "onednn" or has_onednn)
 
 
-def calibrate(
-    weights: Iterable[torch.Tensor], budget_s: float = 10.0, rounds: int = 15,
-    contended: Callable[[], bool] = lambda: False,
-) -> tuple[GemmPlan, dict[str, dict[int, dict[str, float]]]] | None:
-    """Time every orientation for each distinct weight shape and row bucket; keep the fastest.
+Multiply = Callable[[torch.Tensor, torch.Tensor, Orientation], torch.Tensor]  # (x [m, in], W [out, in], o) -> [m, out]
 
-    Each timing multiplies by every weight of that shape in turn (all 18 layers' gate/up, say) and reports
-    the mean per weight: the forward streams its weights from memory, so a single small weight timed hot in
-    cache would rank orientations wrongly. Candidates are timed round robin (best of up to `rounds`), so
-    background load hits them alike; one more than twice as slow as the best after two rounds is dropped.
-    The budget is spread evenly over (shape, bucket) pairs, so slow pairs (the LM head at 64 rows) get fewer
-    rounds; a weight over 128 MB is timed on its first 128 MB of rows. `contended()` is asked after every
-    pair: True abandons the measurement (returns None). Returns the plan and the best time per candidate in
-    ms (of the timed rows): {shape: {bucket: {orientation: ms}}}.
+
+def product(x: torch.Tensor, weight: torch.Tensor, orientation: Orientation) -> torch.Tensor:  # [m, out]
+    """What calibration times: the product as the forward consumes it (contiguous: "wxt" pays its transpose)."""
+    return matmul(x, weight, None, orientation).contiguous()
+
+
+def calibrate(
+    weights: Iterable[torch.Tensor], budget_s: float = 10.0, rounds: int = 5,
+    contended: Callable[[], bool] = lambda: False, multiply: Multiply = product,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[GemmPlan, dict[str, dict[int, dict[str, float]]]] | None:
+    """Time every orientation for each distinct weight shape and row bucket on the forward's working set.
+
+    weights: every GEMM of one forward, in its order (a rotation of it is the same cycle). One *pass* at b
+    rows multiplies x [b, in] by each of them in full, in that order, timing each product; a shape's time in
+    the pass is the mean over its weights. Between two products with the same weight all the others stream
+    through, as between two decoding steps, so each weight comes from where decoding finds it: from memory
+    when the model is larger than the last-level cache (no slice of the LM head sits in a 300 MB L3), from
+    cache when all of it fits. A pass gives every shape one orientation (pass k: each shape's k-th remaining
+    candidate; a shape with fewer candidates uses its best so far, untimed), so a round of passes times every
+    candidate once, round robin: background load hits them alike. Best of up to `rounds` rounds; a candidate
+    more than twice as slow as its shape's best after two rounds is dropped. Before the first round each
+    (shape, orientation) runs once untimed (oneDNN builds its primitive on first use; not for weights over
+    `WARM_UP_MAX_BYTES`). Buckets run in increasing order, each given the budget left spread evenly over the
+    buckets left, and a bucket starts another round only if one more like its last still fits its share: the
+    slow buckets (the LM head at 32-64 rows, ~0.3-0.5 s a product) may get one round, and one round of every
+    candidate is the floor whatever the budget (Gemma 3 270M, 1 GB, on the 2-core EPYC: 4.0 s at 2 threads,
+    5.6 s at 1; with the default 10 s budget 9.5 s at 1 thread).
+    `contended()` is asked after every pass: True abandons the measurement (returns None). `multiply` and
+    `clock` are what is timed and the timer (tests pass recording ones). Returns the plan and the best time
+    per candidate in ms per product of the full weight: {shape: {bucket: {orientation: ms}}}.
     """
-    groups: dict[str, list[torch.Tensor]] = {}
-    for w in weights:
-        group = groups.setdefault(shape_key(w), [])
-        if not any(w.data_ptr() == g.data_ptr() for g in group):  # tied weights count once
-            group.append(_sample_rows(w.detach()))
-    per_pair = budget_s / max(1, len(groups) * len(BUCKETS))
-    timings: dict[str, dict[int, dict[str, float]]] = {key: {} for key in groups}
+    weights = [w.detach() for w in weights]  # [out, in] each, whole: never a slice
+    keys = [shape_key(w) for w in weights]
+    shapes = list(dict.fromkeys(keys))
+    deadline = clock() + budget_s
+    timings: dict[str, dict[int, dict[str, float]]] = {key: {} for key in shapes}
     with torch.inference_mode():
-        for key, group in groups.items():
-            for b in BUCKETS:
-                timings[key][b] = _time_candidates(group, b, per_pair, rounds)
-                if contended():
-                    return None
+        for i, b in enumerate(BUCKETS):
+            share = (deadline - clock()) / (len(BUCKETS) - i)  # what is left, spread over the buckets left
+            best = _time_bucket(weights, keys, b, share, rounds, contended, multiply, clock)
+            if best is None:
+                return None
+            for key in shapes:
+                timings[key][b] = {o: round(t * 1e3, 3) for o, t in best[key].items()}
     choices = {key: {b: min(ms, key=ms.get) for b, ms in per.items()} for key, per in timings.items()}
     return GemmPlan(choices, "linear"), timings  # type: ignore[arg-type]
 
 
-def _sample_rows(weight: torch.Tensor, max_bytes: int = 128 << 20) -> torch.Tensor:
-    """A weight far bigger than any cache (the LM head) is timed on a leading block of rows (a view): its
-    cost per row is the same and calibration takes a fraction of the time."""
-    row_bytes = weight.shape[1] * weight.element_size()
-    return weight[: max(1, max_bytes // row_bytes)] if weight.numel() * weight.element_size() > max_bytes else weight
-
-
-def _time_candidates(group: list[torch.Tensor], rows: int, budget_s: float, rounds: int) -> dict[str, float]:
-    x = torch.randn(rows, group[0].shape[1], dtype=group[0].dtype)
-    candidates = list(available())
-    best = {o: float("inf") for o in candidates}
-    start = time.perf_counter()
-    for r in range(rounds + 1):  # round 0 warms up (oneDNN builds its primitive on first use)
-        for o in candidates:
-            t0 = time.perf_counter()
-            for w in group:
-                matmul(x, w, None, o).contiguous()
-            if r:
-                best[o] = min(best[o], (time.perf_counter() - t0) / len(group))
+def _time_bucket(
+    weights: list[torch.Tensor], keys: list[str], rows: int, budget_s: float, rounds: int,
+    contended: Callable[[], bool], multiply: Multiply, clock: Callable[[], float],
+) -> dict[str, dict[Orientation, float]] | None:
+    """Best seconds per product, per shape and orientation, at `rows` rows (see `calibrate`); None: contended."""
+    xs = {(w.shape[1], w.dtype): torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}  # [rows, in]
+    first: dict[str, torch.Tensor] = {}  # shape -> its first weight
+    for k, w in zip(keys, weights):
+        first.setdefault(k, w)
+    count = Counter(keys)  # shape -> weights of that shape in a pass
+    live: dict[str, list[Orientation]] = {k: list(available()) for k in first}
+    best = {k: {o: float("inf") for o in live[k]} for k in first}
+    for k, w in first.items():  # warm-up, untimed
+        if w.numel() * w.element_size() <= WARM_UP_MAX_BYTES:
+            for o in live[k]:
+                multiply(xs[w.shape[1], w.dtype], w, o)
+    start = clock()
+    for r in range(1, rounds + 1):
+        round_start = clock()
+        for p in range(max(len(c) for c in live.values())):
+            plan = {k: c[p] if p < len(c) else None for k, c in live.items()}  # None: its best so far, untimed
+            spent = _one_pass(weights, keys, xs, plan, best, multiply, clock)
+            for k, o in plan.items():
+                if o is not None:
+                    best[k][o] = min(best[k][o], spent[k] / count[k])
+            if contended():
+                return None
         if r == 2:  # best of two rounds: one preempted call does not get a candidate dropped
-            fastest = min(best.values())
-            candidates = [o for o in candidates if best[o] <= 2 * fastest]
-        if r >= 2 and time.perf_counter() - start > budget_s:
+            for k in live:
+                fastest = min(best[k].values())
+                live[k] = [o for o in live[k] if best[k][o] <= 2 * fastest]
+        if 2 * clock() - round_start - start > budget_s:  # one more round like this one would overrun
             break
-    return {o: round(t * 1e3, 3) for o, t in best.items()}
+    return best
+
+
+def _one_pass(
+    weights: list[torch.Tensor], keys: list[str], xs: dict, plan: dict[str, Orientation | None],
+    best: dict[str, dict[Orientation, float]], multiply: Multiply, clock: Callable[[], float],
+) -> dict[str, float]:
+    """Multiply by every weight in order, each in its shape's planned orientation; seconds spent per shape."""
+    spent = dict.fromkeys(plan, 0.0)
+    for w, k in zip(weights, keys):
+        o = plan[k] or min(best[k], key=best[k].get)
+        t0 = clock()
+        multiply(xs[w.shape[1], w.dtype], w, o)
+        spent[k] += clock() - t0
+    return spent
 
 
 def cache_key(model_signature: str) -> str:
