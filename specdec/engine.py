@@ -72,6 +72,10 @@ class DecodeStats:
     steps: int = 0
     accepted: list[int] = field(default_factory=list)  # tokens committed per step (bonus included)
     tree_sizes: list[int] = field(default_factory=list)  # nodes scored per step
+    # per step, of the batched step this row was in (batch 1: its own); what the sizing curve is checked against
+    step_nodes: list[int] = field(default_factory=list)  # [steps] nodes its verify call scored (all rows, aux too)
+    step_s: list[float] = field(default_factory=list)  # [steps] seconds of the whole step, sizing .. observe
+    step_verify_s: list[float] = field(default_factory=list)  # [steps] seconds of its score_nodes + greedy tokens
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -403,6 +407,9 @@ class Run:
             row.stats.steps += 1
             row.stats.draft_s += draft_s / len(rows)
             row.stats.verify_s += verify_s
+            row.stats.step_nodes.append(nodes)
+            row.stats.step_s.append(t[3] - t[0])
+            row.stats.step_verify_s.append(verify_s)
 
 
 @dataclass

@@ -66,3 +66,19 @@ def test_cached_curve_round_trip(tmp_path):
     assert (tmp_path / "latency" / "tiny-key.json").is_file()
     assert cached_curve(verifier, "tiny-key", tmp_path) == first  # read back, not measured again
     assert all(s > 0 for s in first.seconds)
+
+
+def test_curve_sizer_folds_the_measured_host_time_into_the_budget():
+    # verify cost 10 ms + 10 ms a node; each node adds 0.3 tokens. No host time: 1 node, 1 token / 10 ms beats
+    # 8 nodes, 3.1 tokens / 80 ms. 100 ms of host work a step (drafting, say): 8 nodes win, 3.1 / 180 > 1 / 110.
+    from specdec.trees.budget import CurveSizer
+
+    curve = LatencyCurve((1, 8), (0.010, 0.080))
+    sizer = CurveSizer(AutoBudget(curve, max_nodes=8, every=1))
+    drafter = _Estimator([1 + 0.3 * i for i in range(8)])
+    assert sizer.host_s is None and sizer.plan(drafter, [0], cap=8).budgets == [1]
+    sizer.record(sizer.plan(drafter, [0], 8), rows=1, nodes=1, verify_s=0.010, host_s=0.100, committed=1)
+    assert sizer.host_s == pytest.approx(0.100)  # the first step is taken as is
+    assert sizer.plan(drafter, [0], cap=8).budgets == [8]
+    sizer.record(sizer.plan(drafter, [0], 8), rows=1, nodes=8, verify_s=0.080, host_s=0.0, committed=3)
+    assert sizer.host_s == pytest.approx(0.090)  # then a running mean, weight 0.1 on the newest step
