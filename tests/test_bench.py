@@ -29,6 +29,12 @@ def test_bench_runs_side_by_side(tiny_model_dir, tmp_path):
     for m in ("plain", "ngram", "recycling"):  # lossless on a tiny fp32 model: equal to transformers greedy
         assert overall[m]["exact_match"] == 1.0, report["mismatches"]
     assert overall["plain"]["tau"] == 1.0
+    for m in ("plain", "ngram", "recycling"):  # each step's time beside the sizing curve's prediction for it
+        t = overall[m]["step_time"]
+        assert t["steps"] >= 13 and t["predicted_ms"] == pytest.approx(t["curve_ms"] + t["host_ms"])
+    assert not overall["hf-plain"]["step_time"]
+    assert set(report["info"]["latency_curves"]) == {"plain", "ngram", "recycling"}
+    assert "plain meas/pred" in res.output and "Step time vs the latency curve" in res.output
     assert "Gain split" in res.output and next(out.glob("*.png")).stat().st_size > 10_000
 
 

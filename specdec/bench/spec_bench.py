@@ -8,6 +8,8 @@ llama-q4km-pld, llama-f32-plain, llama-f32-pld; optional, `specdec.bench.llama_c
 tau, mean per-prompt tokens/s, speedup over hf-plain, exact-match rate of the new tokens against hf-plain and
 against the plain decoding of the method's own system (`own_plain`). Results go to <out>/bench-<time>.json (every
 prompt) and .md (the table), with hardware, dtype, threads, versions and prompt count in both (`specdec.bench.report`).
+For each specdec method also the mean measured time of a decoding step beside the sizing curve's prediction for
+the node counts those steps scored, and their ratio (`specdec.bench.step_time`, which says what is predicted).
 Also here, for the other benches: `Row`, `summarise`, `eos_ids`, `hf_generate` and `PROMPT_TEMPLATE`.
 """
 
@@ -20,9 +22,11 @@ from typing import Any, Callable
 import torch
 
 from specdec.bench import llama_cpp as llama_bench
+from specdec.bench import step_time
 from specdec.bench.report import machine_info, output_dir, save_report, write_new
 from specdec.data.spec_bench import read_questions
 from specdec.errors import SpecdecError
+from specdec.measured import load_average
 from specdec.text import encode_prompt
 
 HF_METHODS = ("hf-plain", "hf-pld")
@@ -60,6 +64,7 @@ class Row:
     tau: float
     tokens: list[int] = field(repr=False)
     prompt: list[int] = field(repr=False, default_factory=list)
+    steps: step_time.StepTimes | None = field(repr=False, default=None)  # specdec methods: each step's nodes, times
 
     @property
     def tokens_per_s(self) -> float:
@@ -81,19 +86,25 @@ class _Runner:
             if m not in HF_METHODS and not llama_bench.is_llama_method(m)
         }
         self.llama = _llama_runner(spec, longest_prompt, log)
+        self.curves = {m: step_time.curve_of(d, log) for m, d in self.decoders.items()}  # the sizing curves
+        self.last_steps: step_time.StepTimes | None = None  # the last run's steps (specdec methods)
 
     def describe(self) -> dict:
-        """Runner facts for the saved report (llama.cpp version and files when llama methods run)."""
-        return self.llama.describe() if self.llama is not None else {}
+        """Runner facts for the saved report (llama.cpp version and files when llama methods run; the latency
+        curves the specdec methods' step times are predicted from)."""
+        facts = self.llama.describe() if self.llama is not None else {}
+        return facts | {"latency_curves": {m: c.to_json() for m, c in self.curves.items()}}
 
     def run(self, method: str, ids: list[int], max_new: int) -> tuple[list[int], float, float]:
-        """Returns (new tokens, seconds, tau)."""
+        """Returns (new tokens, seconds, tau); a specdec method's steps are left in `last_steps`."""
+        self.last_steps = None
         if method in HF_METHODS:
             return self._run_hf(method, ids, max_new)
         if llama_bench.is_llama_method(method):
             tokens, seconds = self.llama.generate(method, ids, max_new, self.eos)
             return tokens, seconds, float("nan")
         res = self.decoders[method].generate_ids(ids, max_new_tokens=max_new, eos_token_id=self.eos)
+        self.last_steps = step_time.StepTimes.of(res.stats, self.curves[method])
         return res.tokens, res.stats.total_s, res.stats.tau
 
     def _run_hf(self, method: str, ids: list[int], max_new: int) -> tuple[list[int], float, float]:
@@ -154,9 +165,11 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, echo: Callabl
     for i, (q, ids) in enumerate(zip(questions, prompts), start=1):
         for m in spec.methods:
             tokens, secs, tau = runner.run(m, ids, spec.max_new_tokens)
-            rows.append(Row(q["question_id"], q["category"], m, len(ids), len(tokens), secs, tau, tokens, ids))
+            rows.append(Row(q["question_id"], q["category"], m, len(ids), len(tokens), secs, tau, tokens, ids,
+                            steps=runner.last_steps))
         done = [r for r in rows if r.question_id == q["question_id"]]
         log(f"[{i}/{len(questions)}] {q['category']}: " + ", ".join(f"{r.method} {r.tokens_per_s:.1f} tok/s" for r in done))
+    info["loadavg"] = load_average()  # beside the step times: other processes' load during the run
     report = summarise(rows, spec.methods, info)
     report["mismatches"] = [_explain(m, rows, loaded.model, tok) for m in report["mismatches"]]
     report["markdown"] += _mismatch_lines(report["mismatches"])
@@ -252,6 +265,7 @@ def summarise(rows: list[Row], methods: tuple[str, ...], info: dict) -> dict:
                 "exact_match": _mean([float(r.tokens == ref[r.question_id]) for r in mine]),
                 "own_plain": own_plain(m),
                 "own_exact": _own_exact(mine, by, m),
+                "step_time": step_time.summary([r.steps for r in mine if r.steps is not None]),  # {} without
             }
     mismatches = [
         {"question_id": r.question_id, "method": r.method, "first_diff": _first_diff(r.tokens, ref[r.question_id])}
@@ -277,8 +291,10 @@ def _markdown(table: dict, methods: tuple[str, ...], info: dict, base: str) -> s
             f"'= own plain': exact match vs the plain decoding of the method's own system (hf-plain, "
             f"llama-<weights>-plain of the same file, specdec plain)")
     cols = "| category | " + " | ".join(f"{m} tau | {m} tok/s | {m} speedup | {m} exact | {m} = own plain"
-                                        for m in methods) + " |"
-    sep = "|---|" + "---|" * (5 * len(methods))
+                                        for m in methods)
+    timed = step_time.timed(table, methods)  # specdec methods: measured vs predicted step ms
+    cols += "".join(f" | {c}" for c in step_time.header(timed)) + " |"
+    sep = "|---|" + "---|" * (5 * len(methods) + 3 * len(timed))
     lines = [head, "", cols, sep]
     for cat, per in table.items():
         cells = []
@@ -287,6 +303,7 @@ def _markdown(table: dict, methods: tuple[str, ...], info: dict, base: str) -> s
             tau = "-" if c["tau"] != c["tau"] else f"{c['tau']:.2f}"
             own = "-" if c["own_exact"] != c["own_exact"] else f"{100 * c['own_exact']:.0f}%"
             cells += [tau, f"{c['tokens_per_s']:.2f}", f"{c['speedup']:.2f}x", f"{100 * c['exact_match']:.0f}%", own]
+        cells += [x for m in timed for x in step_time.cells(per[m])]
         name = f"**{cat}**" if cat == "overall" else cat
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     overall = table["overall"]
@@ -296,4 +313,4 @@ def _markdown(table: dict, methods: tuple[str, ...], info: dict, base: str) -> s
             if own_plain(m) == "plain" and m != "plain":  # specdec's drafters
                 split += f"; drafting with {m} {overall[m]['tokens_per_s'] / overall['plain']['tokens_per_s']:.2f}x"
         lines += ["", split + " over specdec plain."]
-    return "\n".join(lines)
+    return "\n".join(lines + step_time.lines(table, methods, info))
