@@ -18,7 +18,8 @@ from specdec.drafters.base import Drafter, missing_members
 from specdec.drafters.registry import drafter_names, make_drafter
 from specdec.engine import BatchResult, Engine, GenerationResult, OnTokens, Request, StopConditions, as_ids
 from specdec.errors import SpecdecError
-from specdec.models.loading import LoadedModel, cache_root, load_model
+from specdec.config import WEIGHT_FORMATS
+from specdec.models.loading import LoadedModel, cache_root, gguf_file, load_model
 from specdec.sampling import SamplingParams
 from specdec.text import encode_prompt
 from specdec.trees.budget import BatchSizer
@@ -34,30 +35,39 @@ AUTO_MAX_NODES = 32  # the largest tree auto-sizing considers
 
 
 def make_verifier(model: PreTrainedModel, backend: str = "auto", strict: bool = False,
-                  cache_dir: str | Path | None = None):
+                  cache_dir: str | Path | None = None, quant: dict | None = None):
     """'hf': the unmodified transformers forward; 'lean': specdec's fast path; 'auto': lean when supported.
 
     strict: batch-invariant scoring (lean only, see `specdec.verifiers.strict`): every node's logits are
     bitwise plain decoding's at its position. cache_dir: where the lean verifier keeps its per-machine GEMM
-    plan and LM-head screen calibration (<cache_dir>/gemm; default: the specdec cache)."""
+    plan and LM-head screen calibration (<cache_dir>/gemm; default: the specdec cache). quant: GGUF-native
+    weights (`specdec.models.gguf_weights.read_quant_weights`), lean only."""
     if backend not in ("auto", "hf", "lean"):
         raise SpecdecError(f"unknown backend '{backend}': choose auto, hf or lean")
     if backend == "hf":
+        if quant:
+            raise SpecdecError("gguf weights need the lean backend: use --backend lean (or auto), or --weights fp32")
         if strict:
             raise SpecdecError("strict mode needs the lean backend: use --backend lean (or auto), or drop --strict")
         return HFVerifier(model)
     try:
         from specdec.verifiers.lean import LeanVerifier
     except ImportError:
-        if backend == "lean" or strict:
+        if backend == "lean" or strict or quant:
             raise SpecdecError("the lean backend is not available in this build: use --backend hf") from None
         return HFVerifier(model)
     try:
-        return LeanVerifier(model, strict=strict, cache_dir=None if cache_dir is None else Path(cache_dir) / "gemm")
+        return LeanVerifier(model, strict=strict, quant=quant,
+                            cache_dir=None if cache_dir is None else Path(cache_dir) / "gemm")
     except ValueError as err:
-        if backend == "lean" or strict:
+        if backend == "lean" or strict or quant:
             raise SpecdecError(f"lean backend: {err}: use --backend hf (without --strict)") from None
         return HFVerifier(model)
+
+
+def _dtype_of(model: LoadedModel | PreTrainedModel) -> torch.dtype:
+    net = model.model if isinstance(model, LoadedModel) else model
+    return net.get_input_embeddings().weight.dtype
 
 
 class SpecDecoder:
@@ -82,14 +92,24 @@ class SpecDecoder:
         drafter_options: dict[str, Any] | None = None,
         log: Callable[[str], None] | None = None,
         strict: bool = False,
+        weights: str = "fp32",
     ):
         tree_obj = _resolve_tree(tree)  # cheap checks first: a typo should not wait for a model load
         if isinstance(drafter, str) and ":" not in drafter and drafter not in drafter_names():
             raise SpecdecError(f"unknown drafter '{drafter}': choose one of {', '.join(drafter_names())}, "
                                "or give module:Class")
+        if weights not in WEIGHT_FORMATS:
+            raise SpecdecError(f"unknown weight format '{weights}': choose one of {', '.join(WEIGHT_FORMATS)}")
         cache_dir = str(cache_root(cache_dir))  # checked once: every cache below lives under it
+        spec = model
         if model is None or isinstance(model, str):
-            model = load_model(model, cache_dir=cache_dir, log=log)
+            model = load_model(model, dtype=torch.bfloat16 if weights == "bf16" else torch.float32,
+                               cache_dir=cache_dir, log=log)
+        elif isinstance(model, LoadedModel) and weights == "gguf":
+            spec = model.name  # a built-in's name finds its GGUF (a loaded .gguf path does not: refused below)
+        elif weights != "fp32" and not (weights == "bf16" and _dtype_of(model) == torch.bfloat16):
+            raise SpecdecError(f"--weights {weights} needs the model by name (a built-in or a .gguf file), "
+                               "not a loaded model: pass its name, or use weights='fp32'")
         if isinstance(model, LoadedModel):
             tokenizer = tokenizer if tokenizer is not None else model.tokenizer
             self.name, model = model.name, model.model
@@ -97,11 +117,27 @@ class SpecDecoder:
             self.name = getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.model, self.tokenizer = model, tokenizer
         self.cache_dir = cache_dir
-        self.verifier = make_verifier(model, backend, strict, cache_dir)
+        self.weights = weights
+        quant = self._gguf_weights(spec, model, cache_dir, log) if weights == "gguf" else None
+        self.verifier = make_verifier(model, backend, strict, cache_dir, quant)
         self.drafter = self._make_drafter(drafter, tree_obj, drafter_options or {})
         self.tree_budget = self._budget(tree_budget, log)
         self.engine = Engine(self.verifier, self.drafter, self.tree_budget)  # width 1
         self._engines: dict[int, Engine] = {1: self.engine}
+
+    @staticmethod
+    def _gguf_weights(spec: str | None, model: PreTrainedModel, cache_dir: str, log) -> dict:
+        """The GGUF's quantised linears for `model` (loaded from the GGUF `spec` names)."""
+        from specdec.models.gguf_weights import read_quant_weights
+
+        path = gguf_file(spec, cache_dir=cache_dir, log=log)
+        try:
+            quant, report = read_quant_weights(path, model)
+        except ValueError as err:
+            raise SpecdecError(f"--weights gguf: {err}") from None
+        if log:
+            log(report.summary())
+        return quant
 
     def engine_for(self, width: int) -> Engine:
         """The loop with `width` rows in flight (kept across calls: its budget measurements persist).

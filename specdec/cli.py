@@ -63,7 +63,7 @@ def _decoder(cfg: RunConfig, cache_dir: str | None):
 
     return SpecDecoder(
         cfg.model, drafter=cfg.drafter, tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend,
-        cache_dir=cache_dir, drafter_options=cfg.drafter_options, log=log, strict=cfg.strict,
+        cache_dir=cache_dir, drafter_options=cfg.drafter_options, log=log, strict=cfg.strict, weights=cfg.weights,
     )
 
 
@@ -138,6 +138,8 @@ def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, p
     if batch_sizes:
         if cfg.strict:
             raise SpecdecError("--strict is not supported with --batch yet: drop one of them")
+        if cfg.weights != "fp32":
+            raise SpecdecError("--weights is not supported with --batch yet: drop one of them")
         from specdec.bench.batch import BatchBenchSpec, parse_batch_sizes, run_batch_bench
 
         run_batch_bench(BatchBenchSpec(
@@ -161,7 +163,11 @@ def _bench_methods(methods: str, cfg: RunConfig, drafter_given: bool) -> tuple[s
     """--methods, plus the configured drafter when it was chosen (--drafter, a config file, drafter_options)."""
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     chosen = drafter_given or cfg.drafter != RunConfig.drafter or bool(cfg.drafter_options)
-    return names + (cfg.drafter,) if chosen and cfg.drafter not in names else names
+    names = names + (cfg.drafter,) if chosen and cfg.drafter not in names else names
+    if cfg.weights == "fp32":
+        return names
+    # --weights applies to the specdec methods that do not name a format (`plain@gguf` does)
+    return tuple(m if m.startswith(("hf-", "llama-")) or "@" in m else f"{m}@{cfg.weights}" for m in names)
 
 
 @main.command("models")

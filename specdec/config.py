@@ -27,6 +27,7 @@ class RunConfig:
     tree_budget: int | None = None  # max nodes per step (root included); None = the drafter's default
     backend: str = "auto"  # auto | hf | lean
     strict: bool = False  # lean verifier's batch-invariant scoring: bit-identical to plain decoding, slower
+    weights: str = "fp32"  # fp32 | bf16 | gguf (the GGUF's own quantised blocks, lean backend)
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int = 0
@@ -93,6 +94,15 @@ def _mapping(name: str, v: Any) -> Any:
     return dict(v)
 
 
+WEIGHT_FORMATS = ("fp32", "bf16", "gguf")
+
+
+def _weights(name: str, v: Any) -> Any:
+    if v not in WEIGHT_FORMATS:
+        raise SpecdecError(f"{name} must be one of {', '.join(WEIGHT_FORMATS)}, got {v!r}")
+    return v
+
+
 def _backend(name: str, v: Any) -> Any:
     if v not in ("auto", "hf", "lean"):
         raise SpecdecError(f"{name} must be auto, hf or lean, got {v!r}")
@@ -101,7 +111,7 @@ def _backend(name: str, v: Any) -> Any:
 
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "model": _text, "drafter": _text, "tree": _text, "tree_budget": _whole(1, MAX_TREE_NODES),
-    "backend": _backend, "strict": _flag, "max_new_tokens": _whole(0), "temperature": _number, "top_k": _whole(0),
+    "backend": _backend, "strict": _flag, "weights": _weights, "max_new_tokens": _whole(0), "temperature": _number, "top_k": _whole(0),
     "top_p": _number, "seed": _whole(0, 2**63 - 1), "stop_strings": _stops, "chat": _flag,
     "threads": _whole(1, 1024), "drafter_options": _mapping,
 }

@@ -78,13 +78,20 @@ class _Runner:
         from specdec.api import SpecDecoder
 
         self.spec, self.model, self.eos = spec, loaded.model, eos
-        self.decoders = {
-            m: SpecDecoder(loaded, drafter=m, tree=spec.tree, tree_budget=spec.tree_budget, backend=spec.backend,
-                           cache_dir=spec.cache_dir, strict=spec.strict,
-                           drafter_options=spec.drafter_options if m == spec.drafter else None)
-            for m in spec.methods
-            if m not in HF_METHODS and not llama_bench.is_llama_method(m)
-        }
+        models = {"fp32": loaded}  # weight format -> the loaded model its decoders share
+        self.decoders = {}
+        for m in spec.methods:
+            if m in HF_METHODS or llama_bench.is_llama_method(m):
+                continue
+            drafter, weights = split_method(m)
+            if weights == "bf16" and "bf16" not in models:
+                from specdec.models.loading import load_model
+
+                models["bf16"] = load_model(spec.model, dtype=torch.bfloat16, cache_dir=spec.cache_dir, log=log)
+            self.decoders[m] = SpecDecoder(
+                models.get(weights, loaded), drafter=drafter, tree=spec.tree, tree_budget=spec.tree_budget,
+                backend=spec.backend, cache_dir=spec.cache_dir, strict=spec.strict, weights=weights, log=log,
+                drafter_options=spec.drafter_options if drafter == spec.drafter else None)
         self.llama = _llama_runner(spec, longest_prompt, log)
         self.curves = {m: step_time.curve_of(d, log) for m, d in self.decoders.items()}  # the sizing curves
         self.last_steps: step_time.StepTimes | None = None  # the last run's steps (specdec methods)
@@ -146,6 +153,9 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, echo: Callabl
                            f"add {spec.drafter} to --methods")
     output_dir(spec.out_dir)  # a bad --out fails now, not after the run
     llama_bench.check_methods(spec.methods)  # an unknown llama method or a missing llama_cpp, too
+    for m in spec.methods:
+        if m not in HF_METHODS and not llama_bench.is_llama_method(m):
+            split_method(m)  # an unknown weight format fails before the model loads
     questions = read_questions(spec.prompts, spec.per_category)
     loaded = load_model(spec.model, cache_dir=spec.cache_dir, log=log)
     tok = loaded.tokenizer
@@ -222,6 +232,18 @@ def _template_note(tok) -> str:
     return "chat template" if getattr(tok, "chat_template", None) else PROMPT_TEMPLATE.replace("\n", "\\n")
 
 
+def split_method(method: str) -> tuple[str, str]:
+    """A specdec method 'drafter' or 'drafter@format' -> (drafter, weight format): `ngram@gguf` is the ngram
+    drafter on the GGUF-native weights (`specdec.verifiers.quant`); no suffix: fp32."""
+    from specdec.config import WEIGHT_FORMATS
+
+    drafter, _, weights = method.partition("@")
+    weights = weights or "fp32"
+    if weights not in WEIGHT_FORMATS:
+        raise SpecdecError(f"method '{method}': unknown weight format '{weights}' (choose {', '.join(WEIGHT_FORMATS)})")
+    return drafter, weights
+
+
 def own_plain(method: str) -> str:
     """Plain decoding in `method`'s own system: hf-plain (transformers), llama-<weights>-plain (llama.cpp, the same
     GGUF file), plain (specdec). A lossless method's outputs equal it token for token, up to numerics."""
@@ -229,7 +251,8 @@ def own_plain(method: str) -> str:
         return "hf-plain"
     if llama_bench.is_llama_method(method):
         return llama_bench.parse_method(method).plain
-    return "plain"
+    weights = split_method(method)[1]
+    return "plain" if weights == "fp32" and "@" not in method else f"plain@{weights}"
 
 
 def _own_exact(mine: list[Row], by: dict[tuple[int, str], list[int]], method: str) -> float:

@@ -67,7 +67,8 @@ class JobRunner:
         self.config = cfg
         self.decoder = SpecDecoder(cfg.model, drafter=cfg.drafter, tree=cfg.tree, tree_budget=cfg.tree_budget,
                                    backend=cfg.backend, cache_dir=settings.cache_dir,
-                                   drafter_options=cfg.drafter_options, log=log, strict=cfg.strict)
+                                   drafter_options=cfg.drafter_options, log=log, strict=cfg.strict,
+                                   weights=cfg.weights)
         self.engine = self.decoder.engine_for(settings.width)
 
     def run(self, rows: list[JobRow]) -> Iterator[dict]:

@@ -33,6 +33,7 @@ from transformers import PreTrainedModel
 from specdec.verifiers import gemm
 from specdec.verifiers.base import NodeInputs, captured, hidden_keys
 from specdec.verifiers.lean_model import LeanModel, RowSpans, Step
+from specdec.verifiers.quant import QuantWeight
 from specdec.verifiers.screen import ScreenedHead, measure_screen
 from specdec.verifiers.strict import BLOCK, TILE, CanonicalTree
 from specdec.verifiers.tree_attention import triton_available
@@ -48,6 +49,9 @@ class LeanVerifier:
     dense per-layer parts (scoring only; prefill stays eager). fuse: concatenate q/k/v and gate/up weights
     once (copies ~25% of the non-embedding weights) so each layer runs 4 GEMMs instead of 7; off by default:
     on Gemma 3 270M (2-core EPYC) it changed no verify time by more than the noise (~1 ms).
+    quant: GGUF-native weights (`specdec.verifiers.quant`, read by `specdec.models.gguf_weights`): the linears
+    named run the quantised fp32 kernel, batch-invariant by construction; the GEMM plan covers the rest and
+    the screen is off (the quantised head reads fewer bytes than the screen's bf16 copy).
     On a GPU the GEMMs are plain F.linear and the screen is off unless asked for.
     strict: batch-invariant scoring (see `specdec.verifiers.strict`): tiled GEMMs in the plan's orientation
     for TILE rows and a per-query canonical attention; not with compile. Prefill is unchanged.
@@ -70,6 +74,7 @@ class LeanVerifier:
         gemm: Literal["auto", "linear", "wxt", "onednn"] = "auto",
         compile: bool = False,
         fuse: bool = False,
+        quant: dict[str, QuantWeight] | None = None,
         cache_dir: str | Path | None = None,
         calibration_budget_s: float = 10.0,
         strict: bool = False,
@@ -81,7 +86,8 @@ class LeanVerifier:
         cfg = model.config
         self.vocab_size: int = cfg.vocab_size
         self.max_positions: int = cfg.max_position_embeddings
-        self.model = LeanModel(model, fuse)
+        self.model = LeanModel(model, fuse, quant)
+        self.weights = "gguf" if quant else {torch.bfloat16: "bf16"}.get(self.model.dtype, "fp32")  # the format
         self.device: torch.device = self.model.embed.device
         self.num_layers: int = len(self.model.layers)
         self.tree_kernel = _use_tree_kernel(attention, self.device)
@@ -220,7 +226,7 @@ class LeanVerifier:
         """The screened head and the row buckets it serves (see the class docstring's `screen`)."""
         m = self.model
         usable = (not self.strict and m.lm_head.bias is None and m.arch.final_softcap is None
-                  and m.dtype == torch.float32)
+                  and m.dtype == torch.float32 and isinstance(m.lm_head, gemm.Linear))  # a quantised head: no
         if choice is False or not usable or (choice == "auto" and gemm_choice != "auto"):
             return None, frozenset()
         head = ScreenedHead(m.lm_head.weight)
@@ -315,7 +321,9 @@ def _plan_for(model: LeanModel, choice: str, cache_dir, budget_s: float) -> gemm
         return gemm.GemmPlan.fixed(choice)  # type: ignore[arg-type]
     if choice != "auto":
         raise ValueError(f"gemm must be 'auto' or one of {gemm.available()}, got {choice!r}")
-    weights = [lin.weight for lin in model.linears()]
+    weights = [lin.weight for lin in model.linears() if isinstance(lin, gemm.Linear)]  # quantised ones: one kernel
+    if not weights:
+        return gemm.GemmPlan()
     signature = "|".join([model.arch.model_type, str(model.dtype),
                           ",".join(sorted({gemm.shape_key(w) for w in weights}))])
     return gemm.load_or_calibrate(weights, signature, Path(cache_dir) if cache_dir else None, budget_s)

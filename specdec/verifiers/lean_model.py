@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from specdec.verifiers.gemm import GemmPlan, Linear
+from specdec.verifiers.quant import QuantLinear, QuantWeight
 from specdec.verifiers.strict import CanonicalTree, TiledLinear, attend_canonical
 from specdec.verifiers.tree_attention import tree_attention
 
@@ -87,15 +88,15 @@ class Step:
 @dataclass
 class _Layer:
     in_norm: torch.Tensor  # [hidden] effective RMSNorm scale
-    qkv: list[Linear]  # one fused [q; k; v] Linear, or q, k, v
-    o: Linear
+    qkv: list[Linear | QuantLinear]  # one fused [q; k; v] Linear, or q, k, v
+    o: Linear | QuantLinear
     post_attn_norm: torch.Tensor | None  # [hidden] (Gemma)
     ff_norm: torch.Tensor  # [hidden]
     post_ff_norm: torch.Tensor | None  # [hidden] (Gemma)
     q_norm: torch.Tensor | None  # [head_dim] (Gemma)
     k_norm: torch.Tensor | None  # [head_dim] (Gemma)
-    gate_up: list[Linear]  # one fused [gate; up] Linear, or gate, up
-    down: Linear
+    gate_up: list[Linear | QuantLinear]  # one fused [gate; up] Linear, or gate, up
+    down: Linear | QuantLinear
 
 
 def read_arch(model: PreTrainedModel) -> Arch:
@@ -121,20 +122,33 @@ def read_arch(model: PreTrainedModel) -> Arch:
 
 
 class LeanModel:
-    """The forward; holds references to the model's weights and the derived constants."""
+    """The forward; holds references to the model's weights and the derived constants.
 
-    def __init__(self, model: PreTrainedModel, fuse: bool = False):
+    quant: module name (as in `model.named_modules()`) -> the GGUF's quantised values of that linear's weight
+    (`specdec.verifiers.quant`); those linears run the quantised kernel, every other one the model's tensor.
+    """
+
+    def __init__(self, model: PreTrainedModel, fuse: bool = False, quant: dict[str, QuantWeight] | None = None):
         self.arch = arch = read_arch(model)
         self.dtype = model.get_input_embeddings().weight.dtype
         self.plan = GemmPlan()
+        if quant and fuse:
+            raise ValueError("fuse=True cannot be combined with quantised weights")
+        self._quant = {} if quant is None else dict(quant)
         base = model.model
         self.embed = base.embed_tokens.weight.detach()  # [V, hidden]
         scale = getattr(base.embed_tokens, "embed_scale", None)
         self.embed_scale = None if scale is None else scale.detach().to(self.dtype)
         self.final_norm = self._norm_scale(base.norm)
         head = model.get_output_embeddings()
-        self.lm_head = Linear(head.weight, head.bias)
+        names = {id(mod): name for name, mod in model.named_modules()}
+        self._names = names
+        self.lm_head = self._linear(head)
         self.layers = [self._layer(layer, fuse) for layer in base.layers]
+        del self._names
+        unused = set(self._quant) - {names[id(m)] for m in model.modules() if id(m) in names}
+        if unused:
+            raise ValueError(f"quantised weights for modules the model does not have: {sorted(unused)[:3]}")
         self._inv_freq = _inv_freqs(base.rotary_emb, set(arch.rope_kinds), arch.gemma)
         self._gqa = bool(arch.num_heads != arch.num_kv_heads)  # a bool stays a constant under torch.compile
         self._compiled = (self.pre_attention, self.post_attention)  # replaced by compile()
@@ -150,24 +164,37 @@ class LeanModel:
         return _Layer(
             in_norm=self._norm_scale(layer.input_layernorm),
             qkv=self._linears([att.q_proj, att.k_proj, att.v_proj], fuse),
-            o=Linear(att.o_proj.weight, att.o_proj.bias),
+            o=self._linear(att.o_proj),
             post_attn_norm=self._norm_scale(layer.post_attention_layernorm) if g else None,
             ff_norm=self._norm_scale(layer.pre_feedforward_layernorm if g else layer.post_attention_layernorm),
             post_ff_norm=self._norm_scale(layer.post_feedforward_layernorm) if g else None,
             q_norm=self._norm_scale(att.q_norm) if g else None,
             k_norm=self._norm_scale(att.k_norm) if g else None,
             gate_up=self._linears([mlp.gate_proj, mlp.up_proj], fuse),
-            down=Linear(mlp.down_proj.weight, mlp.down_proj.bias),
+            down=self._linear(mlp.down_proj),
         )
 
-    def _linears(self, mods: list[torch.nn.Linear], fuse: bool) -> list[Linear]:
+    def _linear(self, mod: torch.nn.Linear) -> Linear | QuantLinear:
+        quant = self._quant.get(self._names[id(mod)])
+        if quant is None:
+            return Linear(mod.weight, mod.bias)
+        if quant.shape != tuple(mod.weight.shape):
+            raise ValueError(f"quantised weight of {self._names[id(mod)]} is {quant.shape}, the model's "
+                             f"{tuple(mod.weight.shape)}")
+        return QuantLinear(quant, mod.bias)
+
+    def _linears(self, mods: list[torch.nn.Linear], fuse: bool) -> list[Linear | QuantLinear]:
         if not fuse:
-            return [Linear(m.weight, m.bias) for m in mods]
+            return [self._linear(m) for m in mods]
         biases = [m.bias for m in mods]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         return [Linear(torch.cat([m.weight.detach() for m in mods]), bias)]
 
-    def linears(self) -> list[Linear]:
+    @property
+    def quantised(self) -> bool:
+        return bool(self._quant)
+
+    def linears(self) -> list[Linear | QuantLinear]:
         """Every GEMM of the forward, the LM head first."""
         out = [self.lm_head]
         for lw in self.layers:
@@ -187,7 +214,9 @@ class LeanModel:
     def tiled(self, tile: int) -> "LeanModel":
         """A view whose every linear runs on fixed [tile, in] row tiles (strict scoring, see
         `specdec.verifiers.strict`): the same weight tensors, no copies."""
-        def tiles(lin: Linear) -> TiledLinear:
+        def tiles(lin: Linear | QuantLinear) -> TiledLinear | QuantLinear:
+            if isinstance(lin, QuantLinear):  # batch-invariant by construction (`specdec.verifiers.quant`)
+                return lin
             return TiledLinear(lin.weight, lin.bias, tile)
 
         view = copy.copy(self)

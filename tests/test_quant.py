@@ -1,0 +1,134 @@
+"""GGUF-native weights: exact unpacking of the file's blocks, the batch-invariant kernel, and the whole model
+decoding through it (tiny Gemma 3 written to a real GGUF file) token for token like transformers."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from conftest import hf_greedy, make_tiny_model
+from specdec.engine import Engine, StopConditions
+from specdec.drafters.registry import make_drafter
+from specdec.errors import SpecdecError
+from specdec.models.gguf_weights import module_name, read_quant_weights
+from specdec.verifiers.lean import LeanVerifier
+from specdec.verifiers.quant import QuantLinear, dequantize, qmatmul, unpack
+
+BLOCK_BYTES = {"Q8_0": (34, 32), "Q5_0": (22, 32), "Q4_K": (144, 256), "Q6_K": (210, 256)}
+
+
+def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random but valid raw blocks ([rows, bytes]): every byte random except the fp16 scales, kept finite."""
+    size, per = BLOCK_BYTES[kind]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows * cols // per, size), dtype=np.uint8)
+    scales = rng.uniform(-0.05, 0.05, (raw.shape[0], 2)).astype(np.float16).view(np.uint8)  # [nb, 4]
+    at = {"Q8_0": [0], "Q5_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[kind]
+    for i, offset in enumerate(at):
+        raw[:, offset: offset + 2] = scales[:, 2 * i: 2 * i + 2]
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", list(BLOCK_BYTES))
+def test_unpacked_values_are_bitwise_gguf_py_dequantize(kind):
+    rows, cols = 12, 512
+    raw = random_blocks(kind, rows, cols)
+    ref = quants.dequantize(raw, getattr(GGMLQuantizationType, kind)).reshape(rows, cols).astype(np.float32)
+    got = dequantize(unpack(kind, raw, rows, cols))
+    assert np.array_equal(got.view(np.int32), ref.view(np.int32))
+
+
+def test_unsupported_block_type_is_named():
+    with pytest.raises(ValueError, match="IQ2_XS"):
+        unpack("IQ2_XS", np.zeros(66, np.uint8), 1, 256)
+
+
+@pytest.mark.parametrize("kind", list(BLOCK_BYTES))
+def test_kernel_is_batch_invariant_and_equals_fp32(kind):
+    rows, cols = 70, 512  # 70: not a multiple of the kernel's 4-row tile
+    w = unpack(kind, random_blocks(kind, rows, cols, seed=1), rows, cols)
+    x = torch.randn(40, cols, generator=torch.Generator().manual_seed(2))
+    full = qmatmul(x, w)  # [40, 70]
+    assert full.shape == (40, rows)
+    reference = x.double() @ torch.from_numpy(dequantize(w)).double().T
+    assert torch.allclose(full.double(), reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    for m in (1, 2, 3, 5, 17, 40):  # each row alone, and in batches of every parity: bitwise the same
+        for lo in range(0, 40, m):
+            assert torch.equal(qmatmul(x[lo: lo + m], w), full[lo: lo + m])
+
+
+def test_small_and_large_weights_take_the_same_kernel_path_in_value():
+    # the one-thread path for small products and the parallel one compute the same tiles the same way
+    rows, cols = 512, 1024
+    w = unpack("Q5_0", random_blocks("Q5_0", rows, cols, seed=3), rows, cols)
+    x = torch.randn(9, cols)
+    assert torch.equal(qmatmul(x, w)[:1], qmatmul(x[:1], w))  # 9 rows run in parallel, 1 row serially
+
+
+def test_module_names_follow_llama_cpp_tensor_names():
+    assert module_name("blk.3.ffn_down.weight", "model.", True) == "model.layers.3.mlp.down_proj"
+    assert module_name("blk.0.attn_output.weight", "model.", True) == "model.layers.0.self_attn.o_proj"
+    assert module_name("token_embd.weight", "model.", True) == "lm_head"
+    assert module_name("token_embd.weight", "model.", False) is None
+    assert module_name("output.weight", "model.", False) == "lm_head"
+    assert module_name("blk.0.attn_norm.weight", "model.", True) is None
+
+
+def _write_gguf(model, path, kinds) -> None:
+    """The model's linears as a GGUF (llama.cpp names), each in kinds[i % len(kinds)], and the model's weights
+    replaced by their dequantised values: what loading a real GGUF gives."""
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    linears = {"lm_head": "token_embd"}
+    for i, _ in enumerate(model.model.layers):
+        for ours, theirs in (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
+                             ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
+                             ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")):
+            linears[f"model.layers.{i}.{ours}"] = f"blk.{i}.{theirs}"
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for j, (name, tensor) in enumerate(linears.items()):
+            weight = modules[name].weight
+            kind = getattr(GGMLQuantizationType, kinds[j % len(kinds)])
+            raw = quants.quantize(weight.numpy(), kind)
+            weight.copy_(torch.from_numpy(quants.dequantize(raw, kind).reshape(weight.shape)))
+            writer.add_tensor(f"{tensor}.weight", raw, raw_shape=raw.shape, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_tiny_model_decodes_through_its_gguf_like_transformers(tmp_path):
+    model = make_tiny_model("gemma3")
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(model, path, ["Q8_0", "Q5_0"])
+    quant, report = read_quant_weights(path, model)
+    assert report.kinds == {"Q8_0": 15, "Q5_0": 14} and not report.fp32  # 4 layers x 7 + the head
+    verifier = LeanVerifier(model, quant=quant, gemm="linear")
+    assert verifier.weights == "gguf" and verifier.screen is None
+    assert isinstance(verifier.model.lm_head, QuantLinear)
+    prompt = [5, 17, 99, 3, 250, 7, 64, 301, 12, 45, 5, 17, 99, 3, 250, 7, 64, 9, 130, 220]
+    reference = hf_greedy(model, prompt, 40)
+    plain = Engine(verifier, make_drafter("plain", vocab_size=512), sizer=1).generate(prompt, StopConditions(40))
+    ngram = Engine(verifier, make_drafter("ngram", vocab_size=512), sizer=8).generate(prompt, StopConditions(40))
+    assert ngram.tokens == plain.tokens  # batch-invariant kernel: speculation changes nothing, bit for bit
+    assert plain.tokens == reference  # and the dequantised model in transformers agrees
+
+
+def test_gguf_of_another_model_is_refused(tmp_path):
+    model = make_tiny_model("gemma3")
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(model, path, ["Q8_0"])
+    other = make_tiny_model("gemma3", seed=1)
+    with pytest.raises(ValueError, match="not the loaded model's"):
+        read_quant_weights(path, other)
+
+
+def test_gguf_weights_need_the_lean_backend():
+    from specdec.api import make_verifier
+
+    with pytest.raises(SpecdecError, match="lean backend"):
+        make_verifier(make_tiny_model("gemma3"), backend="hf", quant={"lm_head": None})
