@@ -141,12 +141,10 @@ class LeanModel:
         self.embed_scale = None if scale is None else scale.detach().to(self.dtype)
         self.final_norm = self._norm_scale(base.norm)
         head = model.get_output_embeddings()
-        names = {id(mod): name for name, mod in model.named_modules()}
-        self._names = names
+        self._names = {id(mod): name for name, mod in model.named_modules()}  # for _linear's lookups
         self.lm_head = self._linear(head)
         self.layers = [self._layer(layer, fuse) for layer in base.layers]
-        del self._names
-        unused = set(self._quant) - {names[id(m)] for m in model.modules() if id(m) in names}
+        unused = set(self._quant) - set(self._names.values())
         if unused:
             raise ValueError(f"quantised weights for modules the model does not have: {sorted(unused)[:3]}")
         self._inv_freq = _inv_freqs(base.rotary_emb, set(arch.rope_kinds), arch.gemma)
@@ -189,10 +187,6 @@ class LeanModel:
         biases = [m.bias for m in mods]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         return [Linear(torch.cat([m.weight.detach() for m in mods]), bias)]
-
-    @property
-    def quantised(self) -> bool:
-        return bool(self._quant)
 
     def linears(self) -> list[Linear | QuantLinear]:
         """Every GEMM of the forward, the LM head first."""

@@ -12,13 +12,13 @@ a group of g consecutive inputs (gguf-py's `dequantize` computes exactly these f
 
 `QuantWeight` holds q as int8 [N, K] with s (and o) as fp32 [N, K / g]: the file's values exactly, unpacked
 once at load from the nibble/bit planes into one byte a code (Q8_0: 1.06x the file's bytes, Q5_0 1.55x,
-Q4_K 1.9x; the default model's whole working set 1.2x, 285 MB against the file's 235 MB). One kernel then
+Q4_K 1.9x; the default model's whole working set 1.24x, 292 MiB against the file's 235 MiB). One kernel then
 serves every type.
 
 `qmatmul(x, w)` computes y = x @ dequant(w).T for x [M, K] fp32: per tile of 4 output rows it dequantises the
-tile's weights into a small fp32 buffer (the exact values above), then runs one 4 x 4 microkernel (4 weight
-rows x 4 input rows, fp32 products and sums) over every group of 4 input rows, M padded to a multiple of 4 with
-zero rows. Every output element is therefore computed by the same compiled loop, whatever M is, however many
+tile's weights into a small fp32 buffer (the exact values above), then runs one 2 x 4 microkernel (2 input
+rows x 4 weight rows, fp32 products and sums) over every pair of input rows, M padded to a multiple of 2 with
+a zero row. Every output element is therefore computed by the same compiled loop, whatever M is, however many
 threads run and wherever its row sits: its summation order depends on K alone, so a row's result does not
 depend on the rows beside it (batch-invariant; `tests/test_quant.py` checks it bitwise for M = 1..40). The
 order is the vectorised one LLVM picks for that loop (fastmath "reassoc" on the dot product only): equal in
@@ -194,22 +194,16 @@ def _qmatmul(x, q, scale, offset, has_offset, group, out, chunks):
     tiles = q.shape[0] // TILE
     per = (tiles + chunks - 1) // chunks
     for c in numba.prange(chunks):
-        buf = np.empty(TILE * q.shape[1], np.float32)
-        sb, ob = np.empty_like(buf), np.empty_like(buf)
-        for t in range(c * per, min(tiles, (c + 1) * per)):
-            n0 = t * TILE
-            _dequant_tile(q, scale, offset, has_offset, group, n0, buf, sb, ob)
-            for m0 in range(0, x.shape[0], MR):
-                _micro(buf, x, m0, n0, out)
+        _tiles(x, q, scale, offset, has_offset, group, out, c * per, min(tiles, (c + 1) * per))
 
 
 @numba.njit(cache=True)
-def _qmatmul_serial(x, q, scale, offset, has_offset, group, out):
-    """`_qmatmul` on the calling thread (small weights: a parallel launch costs more than the product); the same
-    tile and microkernel calls, so the same results."""
+def _tiles(x, q, scale, offset, has_offset, group, out, lo, hi):
+    """Output tiles lo..hi-1 of `_qmatmul`, on the calling thread: the one loop both the parallel pieces and
+    small products (where a parallel launch costs more than the product) run, so they give the same results."""
     buf = np.empty(TILE * q.shape[1], np.float32)
     sb, ob = np.empty_like(buf), np.empty_like(buf)
-    for t in range(q.shape[0] // TILE):
+    for t in range(lo, hi):
         n0 = t * TILE
         _dequant_tile(q, scale, offset, has_offset, group, n0, buf, sb, ob)
         for m0 in range(0, x.shape[0], MR):
@@ -231,7 +225,7 @@ def qmatmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     out = np.empty((mp, w.q.shape[0]), np.float32)
     offset = w.offset if w.offset is not None else w.scale  # unused when has_offset is False
     if mp * w.q.size < SERIAL_WORK:
-        _qmatmul_serial(xs.numpy(), w.q, w.scale, offset, w.offset is not None, w.group, out)
+        _tiles(xs.numpy(), w.q, w.scale, offset, w.offset is not None, w.group, out, 0, w.q.shape[0] // TILE)
     else:
         chunks = max(1, min(w.q.shape[0] // TILE, 8 * numba.get_num_threads()))
         _qmatmul(xs.numpy(), w.q, w.scale, offset, w.offset is not None, w.group, out, chunks)
@@ -245,10 +239,6 @@ class QuantLinear:
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None):
         self.quant = weight
         self.bias = None if bias is None else bias.detach().float()
-
-    @property
-    def weight_shape(self) -> tuple[int, int]:
-        return self.quant.shape
 
     def use(self, plan) -> None:  # a GEMM plan does not apply: one kernel for every row count
         pass
