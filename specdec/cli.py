@@ -188,4 +188,49 @@ def trees_cmd() -> None:
         click.echo(name)
 
 
+@main.group("train")
+def train_group() -> None:
+    """Train the drafters that learn from the target (on its own outputs, never on benchmark prompts)."""
+
+
+@train_group.command("diffusion")
+@click.option("--model", default="gemma3-270m", show_default=True, help="The target (a built-in name or a path).")
+@click.option("--work-dir", type=click.Path(file_okay=False),
+              help="Corpus, features and checkpoints (resumable); default <cache>/train/diffusion-<model>.")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="The weights file (default <work-dir>/diffusion.safetensors).")
+@click.option("--steps", type=click.IntRange(min=1), default=3000, show_default=True)
+@click.option("--prompts", type=click.IntRange(min=8), default=400, show_default=True,
+              help="Training prompts (specdec.drafters.diffusion.prompts; none from a benchmark).")
+@click.option("--max-new-tokens", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option("--block", type=click.IntRange(min=2, max=64), default=12, show_default=True,
+              help="Mask positions per block (a draft uses k <= block).")
+@click.option("--layers", "num_layers", type=click.IntRange(min=1, max=4), default=1, show_default=True)
+@click.option("--vocab", type=click.IntRange(min=64), default=16384, show_default=True,
+              help="Head size: the most frequent tokens of the corpus.")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@user_errors
+def train_diffusion_cmd(model: str, work_dir: str | None, out: str | None, steps: int, prompts: int,
+                        max_new_tokens: int, block: int, num_layers: int, vocab: int, threads: int | None,
+                        cache_dir: str | None) -> None:
+    """Train the block-diffusion drafter for --model (`--drafter diffusion`)."""
+    from pathlib import Path
+
+    from specdec.api import SpecDecoder
+    from specdec.drafters.diffusion.train import TrainConfig, train_diffusion
+    from specdec.models.loading import cache_root
+
+    setup(threads)
+    work = Path(work_dir) if work_dir else cache_root(cache_dir) / "train" / f"diffusion-{Path(model).name}"
+    target = Path(out) if out else work / "diffusion.safetensors"
+    decoder = SpecDecoder(model, drafter="ngram", cache_dir=cache_dir, log=log)
+    layers = decoder.verifier.num_layers
+    cfg = TrainConfig(prompts=prompts, max_new_tokens=max_new_tokens, steps=steps, block=block,
+                      num_layers=num_layers, vocab=vocab,
+                      feature_layers=tuple(sorted({layers // 3, 2 * layers // 3, layers})))
+    train_diffusion(decoder, work, target, cfg, log=log)
+    click.echo(str(target))
+
+
 main.add_command(batch)

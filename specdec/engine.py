@@ -285,8 +285,13 @@ class Run:
         request = self.requests[index]
         self.engine.drafter.reset(slot, request.sampling)
         row = _Row(index, slot, request, self.ids[index])
+        needs = self.engine.drafter.needs
         with torch.inference_mode():
-            self.engine.verifier.prefill(slot, row.context[:-1])
+            if needs.prefill_hidden and needs.hidden_layers:
+                hidden = self.engine.verifier.prefill(slot, row.context[:-1], hidden_layers=needs.hidden_layers)
+                self.engine.drafter.observe_prefill(slot, row.context, hidden)  # type: ignore[attr-defined]
+            else:
+                self.engine.verifier.prefill(slot, row.context[:-1])
         row.stats.prefill_s = time.perf_counter() - t0
         self.stats.prefill_s += row.stats.prefill_s
         row.t0 = t0

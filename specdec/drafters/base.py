@@ -9,6 +9,10 @@ sequences and rows (hot start). The engine calls, once per step for all active r
 - ``propose(rows, budgets)`` -> one `Draft` per row: a token tree rooted at ``rows[i].context[-1]`` (the last
   committed token, not yet scored) of at most ``budgets[i]`` real nodes (root included). One call for the
   whole batch, so a neural drafter runs one forward for all rows.
+- ``observe_prefill(slot, context, hidden)`` (only for drafters whose `needs.prefill_hidden` is set): the target
+  hidden states of the prompt's tokens but the last, at `needs.hidden_layers` (layer -> [p, H]), right after the
+  prefill. With the hidden states of every step's accepted nodes (`Feedback.hidden`), a drafter sees the
+  target's state at every committed position but the last.
 - ``observe(rows, drafts, feedback)``: the verification of those drafts, one `Feedback` per row: accepted nodes,
   committed tokens, and the target's scores at the scored nodes, read lazily (top-k, logits, hidden states:
   only what `needs` asked for is guaranteed to be cheap or available).
@@ -56,6 +60,7 @@ class Needs:
     hidden_layers: tuple[int, ...] = ()  # target hidden states wanted: layer l in 0..L-1 is the residual stream
     # entering decoder layer l (0 = the embeddings), L (or -1) the final normed state the LM head reads
     max_aux: int = 0  # auxiliary nodes one row's draft may carry at most
+    prefill_hidden: bool = False  # also the prompt's hidden states at `hidden_layers` (`observe_prefill`)
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,8 @@ class Drafter(Protocol):
 
     def observe(self, rows: Sequence[DraftRow], drafts: Sequence[Draft], feedback: Sequence[Feedback]) -> None: ...
 
+    # observe_prefill(slot, context, hidden) -> None: required only when needs.prefill_hidden (see the module)
+
     def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
         """[max_nodes]: entry n - 1 = expected tokens per step with an n-node tree (bonus included), or None."""
         ...
@@ -165,6 +172,8 @@ def missing_members(obj: object) -> list[str]:
             out.append(member)
     if "needs" not in out and not isinstance(getattr(obj, "needs"), Needs):
         out.append("needs (a specdec.drafters.base.Needs)")
+    elif "needs" not in out and obj.needs.prefill_hidden and not callable(getattr(obj, "observe_prefill", None)):
+        out.append("observe_prefill (its needs.prefill_hidden is set)")
     return out
 
 
@@ -190,6 +199,9 @@ class BaseDrafter:
 
     def observe_row(self, slot: int, draft: Draft, feedback: Feedback) -> None:
         pass
+
+    def observe_prefill(self, slot: int, context: torch.Tensor, hidden: dict[int, torch.Tensor]) -> None:
+        """context [L] committed tokens; hidden: layer -> [L - 1, H] (needs.prefill_hidden only)."""
 
     def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
         return None

@@ -123,5 +123,15 @@ register("recycling", _recycling)
 _model.context_keys = ("target_tokenizer",)  # type: ignore[attr-defined]
 _self.context_keys = ("target", "target_tokenizer")  # type: ignore[attr-defined]
 
+def _diffusion(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
+    from specdec.drafters.diffusion.drafter import diffusion_drafter
+
+    _check_call("diffusion", diffusion_drafter, vocab_size, tree, **options)
+    return diffusion_drafter(vocab_size, tree, **options)
+
+
+_diffusion.context_keys = ("target",)  # type: ignore[attr-defined]
+
 register("model", _model)
 register("self", _self)
+register("diffusion", _diffusion)

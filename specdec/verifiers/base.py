@@ -5,7 +5,9 @@ it holds the committed prefix: every token except the last committed one (the tr
 produced when it is scored as node 0 of the next tree.
 
 - ``reset(num_slots, max_len)``: allocate / clear the cache for that many slots of up to max_len tokens.
-- ``prefill(slot, tokens)``: clear the slot and write the KV of ``tokens`` [p] (prompt minus its last token).
+- ``prefill(slot, tokens, hidden_layers=())``: clear the slot and write the KV of ``tokens`` [p] (prompt minus its
+  last token); returns the hidden states at ``hidden_layers`` (layer -> [p, H], same numbering as below), for
+  drafters that read the prompt's hidden states (`Needs.prefill_hidden`).
 - ``score(slots, tokens, depth, mask)``: tokens/depth [B, n], mask [B, n, n] bool (mask[b, i, j]: node i sees
   node j). Node i of row b sits at position ``length(slot) + depth[b, i]`` and attends to the whole committed
   prefix of its slot (subject to sliding windows) plus the tree nodes its mask allows. Returns logits
@@ -53,7 +55,8 @@ class Verifier(Protocol):
 
     def reset(self, num_slots: int, max_len: int) -> None: ...
 
-    def prefill(self, slot: int, tokens: torch.Tensor) -> None: ...
+    def prefill(self, slot: int, tokens: torch.Tensor, *,
+                hidden_layers: Sequence[int] = ()) -> dict[int, torch.Tensor]: ...
 
     def score(
         self,

@@ -40,13 +40,22 @@ class HFVerifier:
             raise ValueError("the transformers verifier runs one sequence at a time; use backend='lean' for batches")
         self._cache, self._len, self._pending = DynamicCache(), 0, 0
 
-    def prefill(self, slot: int, tokens: torch.Tensor) -> None:
+    def prefill(self, slot: int, tokens: torch.Tensor, *,
+                hidden_layers: Sequence[int] = ()) -> dict[int, torch.Tensor]:
+        """Write the KV of `tokens` [p]; returns the hidden states asked for: layer -> [p, hidden]."""
         self.reset(1, 0)
         tokens = tokens.to(self.device)
+        keys = hidden_keys(hidden_layers, self.num_layers)
+        parts: dict[int, list[torch.Tensor]] = {k: [] for k in keys}
         for start in range(0, tokens.numel(), self.prefill_chunk):
             chunk = tokens[start : start + self.prefill_chunk].view(1, -1)  # [1, c]
-            self.model(input_ids=chunk, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=chunk, past_key_values=self._cache, use_cache=True, logits_to_keep=1,
+                             output_hidden_states=bool(keys))
+            for k in keys:
+                parts[k].append(out.hidden_states[k][0])
         self._len = tokens.numel()
+        return {k: torch.cat(v) if v else torch.empty(0, self.model.config.hidden_size, device=self.device)
+                for k, v in parts.items()}
 
     def length(self, slot: int) -> int:
         return self._len

@@ -131,17 +131,26 @@ class LeanVerifier:
         return self._lengths[slot]
 
     @torch.inference_mode()
-    def prefill(self, slot: int, tokens: torch.Tensor) -> None:
+    def prefill(self, slot: int, tokens: torch.Tensor, *,
+                hidden_layers: Sequence[int] = ()) -> dict[int, torch.Tensor]:
+        """Write the KV of `tokens` [p]; returns the hidden states asked for: layer -> [p, hidden]."""
         tokens = tokens.reshape(-1).long().to(self.device)
         self._lengths[slot] = 0
         self._scored.pop(slot, None)
+        keys = hidden_keys(hidden_layers, self.num_layers)
+        parts: dict[int, list[torch.Tensor]] = {k: [] for k in keys}
         for begin in range(0, tokens.numel(), PREFILL_CHUNK):
             chunk = tokens[begin: begin + PREFILL_CHUNK]
             m = chunk.numel()
             causal = torch.ones(m, m, dtype=torch.bool, device=self.device).tril_()
             step = self._step([slot], torch.arange(m, device=self.device)[None], causal[None], sizes=[m])
-            self.model.forward(chunk[None], step, self._caches, self._rope)  # eager: prompt lengths vary
+            capture = dict.fromkeys(keys) or None
+            self.model.forward(chunk[None], step, self._caches, self._rope, capture=capture)  # eager
+            for k in keys:
+                parts[k].append(capture[k].reshape(m, -1))  # type: ignore[index]
             self._lengths[slot] += m
+        return {k: torch.cat(v) if v else torch.empty(0, self.model.arch.hidden, device=self.device)
+                for k, v in parts.items()}
 
     @torch.inference_mode()
     def score(

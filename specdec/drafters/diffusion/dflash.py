@@ -1,0 +1,310 @@
+"""A block-diffusion drafter conditioned on the target (DFlash-style), trained here from the target's outputs.
+
+The network (`BlockDrafter`): a few decoder layers of the target's own shape, initialised from its last layers.
+Context: the target's hidden states at `feature_layers` of every committed position but the last are
+concatenated, projected to the hidden size (`fc`) and normed: one feature vector per position, which every
+drafter layer turns into that position's keys and values with its own k/v projections (injected K/V). Block:
+the root token (the last committed one, at position T) followed by k mask inputs (a trained vector, never a
+vocabulary row) at positions T+1..T+k; the block's queries attend to every context position and
+bidirectionally to the whole block. Output: the target's final norm, then the target's frozen tied embedding
+restricted to `vocab_ids` (the tokens frequent in the training corpus) as the LM head, so a draft costs a few
+ms instead of a target pass. The mask position j predicts the token at T + j.
+
+`DFlashBackend` is the `DLMBackend` the diffusion drafter calls: per slot it keeps the context K/V of every
+layer, extended as hidden states arrive (prefill, then each verify's accepted nodes), and runs the block of all
+rows in one batched pass (attention row by row, ragged contexts).
+
+Weights: one safetensors file (`save` / `load_weights`): the trained tensors, `vocab_ids`, and a JSON header
+(`config`) naming the target shape and the feature layers; the embedding is the target's, never stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import PreTrainedModel
+
+from specdec.drafters.base import DraftRow, Needs
+from specdec.drafters.diffusion.backend import Lattice
+from specdec.errors import SpecdecError
+from specdec.verifiers.lean_model import apply_rope, read_arch, rms_norm
+
+FORMAT = "specdec-dflash-1"
+
+
+@dataclass(frozen=True)
+class DFlashConfig:
+    target: str  # the target's model_type and shape it was trained for, checked at load
+    hidden: int
+    num_layers: int  # drafter layers
+    target_layers: int  # the target's decoder layers
+    feature_layers: tuple[int, ...]  # target hidden layers read (0..L, L = the final normed state)
+    block: int  # mask positions trained (a draft uses k <= block)
+    vocab: int  # size of the restricted head
+
+    def shape_key(self) -> str:
+        return f"{self.target}/{self.hidden}/{self.target_layers}"
+
+
+def target_shape(model: PreTrainedModel) -> str:
+    cfg = model.config
+    return f"{cfg.model_type}/{cfg.hidden_size}/{cfg.num_hidden_layers}"
+
+
+class BlockDrafter(torch.nn.Module):
+    """The trainable network; the frozen pieces (embedding rows, rope tables) are buffers taken from the target."""
+
+    def __init__(self, target: PreTrainedModel, cfg: DFlashConfig, vocab_ids: torch.Tensor):
+        super().__init__()
+        a = self.arch = read_arch(target)
+        self.cfg = cfg
+        base = target.model
+        n_feat = len(cfg.feature_layers)
+        self.fc = torch.nn.Linear(n_feat * a.hidden, a.hidden, bias=False)
+        with torch.no_grad():  # start as the mean of the feature layers
+            self.fc.weight.copy_(torch.cat([torch.eye(a.hidden)] * n_feat, dim=1) / n_feat)
+        self.ctx_norm = torch.nn.Parameter(torch.ones(a.hidden))
+        emb = base.embed_tokens.weight.detach().float()
+        scale = float(getattr(base.embed_tokens, "embed_scale", 1.0))
+        self.embed_scale = scale
+        self.mask_embed = torch.nn.Parameter(emb.mean(0) * scale)
+        first = len(base.layers) - cfg.num_layers
+        self.layers = torch.nn.ModuleList(_DraftLayer(base.layers[first + i], a) for i in range(cfg.num_layers))
+        self.final_norm = torch.nn.Parameter(_norm_scale(base.norm, a.gemma).clone())
+        self.register_buffer("vocab_ids", vocab_ids.long().clone(), persistent=False)
+        self.register_buffer("embed", emb, persistent=False)  # [V, H] the target's (frozen, tied head)
+        self.register_buffer("head", emb[vocab_ids.long()].clone(), persistent=False)  # [V', H]
+        rotary = base.rotary_emb
+        prefix = "full_attention_" if a.gemma else ""
+        self.register_buffer("inv_freq", getattr(rotary, f"{prefix}inv_freq").detach().float().clone(),
+                             persistent=False)
+        self.rope_scaling = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [n] -> cos/sin [n, 1, D]
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.rope_scaling)[:, None], (emb.sin() * self.rope_scaling)[:, None]
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, F*H] concatenated layers -> [n, H]
+        return rms_norm(self.fc(hidden.float()), self.ctx_norm, self.arch.eps)
+
+    def context_kv(self, feats: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (k, v) [n, Hkv, D] of context features [n, H] at `positions` [n]."""
+        cos, sin = self.rope(positions)
+        return [layer.kv(feats, cos, sin) for layer in self.layers]
+
+    def block_inputs(self, roots: torch.Tensor, k: int) -> torch.Tensor:  # roots [B] -> [B, k + 1, H]
+        root = self.embed[roots] * self.embed_scale  # [B, H]
+        masks = self.mask_embed.expand(roots.numel(), k, -1)
+        return torch.cat([root[:, None], masks], dim=1)
+
+    def forward_block(self, x: torch.Tensor, positions: torch.Tensor,
+                      ctx: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
+                      ctx_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Blocks x [B, s, H] at positions [B, s]; ctx[l][b] = (k, v) [T_b, Hkv, D] of row b's context in layer l
+        (ctx_mask [B, T] bool: which context keys row b sees, when rows share one context). -> logits
+        [B, s, V'] over the restricted head."""
+        cos, sin = self.rope(positions.reshape(-1))
+        b, s, h = x.shape
+        cos, sin = cos.view(b, s, 1, -1), sin.view(b, s, 1, -1)
+        for layer, kv in zip(self.layers, ctx):
+            x = layer(x, cos, sin, kv, ctx_mask)
+        out = rms_norm(x, self.final_norm, self.arch.eps)
+        return out.float() @ self.head.T
+
+
+class _DraftLayer(torch.nn.Module):
+    """One decoder layer of the target's shape (a copy of one of its layers, trainable)."""
+
+    def __init__(self, layer: torch.nn.Module, a):
+        super().__init__()
+        self.a = a
+        att, mlp = layer.self_attn, layer.mlp
+        copy = lambda m: torch.nn.Parameter(m.weight.detach().float().clone())  # noqa: E731
+        self.q, self.k, self.v, self.o = (copy(m) for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj))
+        self.gate, self.up, self.down = (copy(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        g = a.gemma
+        norm = lambda m: torch.nn.Parameter(_norm_scale(m, g).clone())  # noqa: E731
+        self.in_norm = norm(layer.input_layernorm)
+        self.ff_norm = norm(layer.pre_feedforward_layernorm if g else layer.post_attention_layernorm)
+        if g:
+            self.post_attn_norm, self.post_ff_norm = norm(layer.post_attention_layernorm), norm(
+                layer.post_feedforward_layernorm)
+            self.q_norm, self.k_norm = norm(att.q_norm), norm(att.k_norm)
+
+    def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., H] (cos/sin broadcastable to [..., 1, D]) -> k, v [..., Hkv, D] (normed, rotated)."""
+        a = self.a
+        h = rms_norm(x, self.in_norm, a.eps)
+        k = F.linear(h, self.k).unflatten(-1, (a.num_kv_heads, a.head_dim))
+        v = F.linear(h, self.v).unflatten(-1, (a.num_kv_heads, a.head_dim))
+        if a.gemma:
+            k = rms_norm(k, self.k_norm, a.eps)
+        return apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, ctx_kv, ctx_mask):  # x [B, s, H]
+        a = self.a
+        b, s, _ = x.shape
+        h = rms_norm(x, self.in_norm, a.eps)
+        q = F.linear(h, self.q).view(b, s, a.num_heads, a.head_dim)
+        if a.gemma:
+            q = rms_norm(q, self.q_norm, a.eps)
+        q = apply_rope(q, cos, sin)
+        kb, vb = self.kv(x, cos, sin)  # [B, s, Hkv, D]
+        groups = a.num_heads // a.num_kv_heads
+        outs = []
+        for r in range(b):
+            kc, vc = ctx_kv[r] if not isinstance(ctx_kv, tuple) else ctx_kv  # [T, Hkv, D]
+            keys = torch.cat([kc, kb[r]]).transpose(0, 1).repeat_interleave(groups, 0)  # [Hq, T + s, D]
+            vals = torch.cat([vc, vb[r]]).transpose(0, 1).repeat_interleave(groups, 0)
+            mask = None
+            if ctx_mask is not None:
+                mask = torch.cat([ctx_mask[r], ctx_mask.new_ones(s)])[None, None].expand(1, s, -1)
+            out = F.scaled_dot_product_attention(q[r].transpose(0, 1), keys, vals, attn_mask=mask,
+                                                 scale=a.attn_scale)  # [Hq, s, D]
+            outs.append(out.transpose(0, 1).reshape(s, -1))
+        attn = torch.stack(outs)  # [B, s, Hq*D]
+        h = F.linear(attn, self.o)
+        if a.gemma:
+            h = rms_norm(h, self.post_attn_norm, a.eps)
+        x = x + h
+        h = rms_norm(x, self.ff_norm, a.eps)
+        gate = F.linear(h, self.gate)
+        gate = F.gelu(gate, approximate="tanh") if a.activation == "gelu_tanh" else F.silu(gate)
+        h = F.linear(gate * F.linear(h, self.up), self.down)
+        if a.gemma:
+            h = rms_norm(h, self.post_ff_norm, a.eps)
+        return x + h
+
+
+def _norm_scale(norm: torch.nn.Module, gemma: bool) -> torch.Tensor:
+    w = norm.weight.detach().float()
+    return (1.0 + w) if gemma else w
+
+
+# ---- weights file ------------------------------------------------------------------------------------------
+
+def save(net: BlockDrafter, path: str | Path, extra: dict[str, torch.Tensor] | None = None,
+         meta: dict[str, str] | None = None) -> None:
+    """The trained tensors (bf16: the file is shipped) + vocab_ids + extra arrays, config in the header."""
+    tensors = {name: p.detach().to(torch.bfloat16).contiguous() for name, p in net.named_parameters()}
+    tensors["vocab_ids"] = net.vocab_ids.to(torch.int32).contiguous()
+    for name, t in (extra or {}).items():
+        tensors[f"extra.{name}"] = t.contiguous()
+    header = {"format": FORMAT, "config": json.dumps(asdict(net.cfg))} | (meta or {})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=header)
+
+
+def load_weights(path: str | Path, target: PreTrainedModel) -> tuple[BlockDrafter, dict[str, torch.Tensor], dict]:
+    """(network, extra arrays, header) from a file `save` wrote; SpecdecError if it is not one, or if it was
+    trained for another target shape."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecdecError(f"diffusion drafter weights {p} not found: train them with `specdec train diffusion`")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
+        raise SpecdecError(f"{p} is not a safetensors file ({err}): retrain with `specdec train diffusion`") from None
+    if header.get("format") != FORMAT:
+        raise SpecdecError(f"{p} is not a specdec diffusion drafter (format {header.get('format')!r})")
+    raw = json.loads(header["config"])
+    cfg = DFlashConfig(**(raw | {"feature_layers": tuple(raw["feature_layers"])}))
+    if cfg.shape_key() != target_shape(target):
+        raise SpecdecError(f"{p} was trained for a {cfg.shape_key()} target, not this {target_shape(target)} "
+                           "one: train a drafter for this model with `specdec train diffusion`")
+    net = BlockDrafter(target, cfg, tensors.pop("vocab_ids").long())
+    extra = {k[len("extra."):]: tensors.pop(k) for k in list(tensors) if k.startswith("extra.")}
+    missing = net.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    if missing.missing_keys or missing.unexpected_keys:
+        raise SpecdecError(f"{p}: tensors do not match the drafter ({missing.missing_keys[:2]} "
+                           f"{missing.unexpected_keys[:2]}): retrain it")
+    return net.eval(), extra, header
+
+
+# ---- the backend the drafter runs ----------------------------------------------------------------------------
+
+class DFlashBackend:
+    """`DLMBackend` over a trained `BlockDrafter`: per-slot context K/V, one batched block pass per step."""
+
+    def __init__(self, net: BlockDrafter, eos_token_ids: Sequence[int], vocab_size: int, threads_note: str = ""):
+        self.net = net.eval()
+        self.vocab_size = vocab_size
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.needs = Needs(hidden_layers=net.cfg.feature_layers, prefill_hidden=True)
+        self._kv: dict[int, list[list[tuple[torch.Tensor, torch.Tensor]]]] = {}  # slot -> layer -> chunks
+        self._len: dict[int, int] = {}  # slot -> context positions with K/V
+
+    def reset(self, slot: int) -> None:
+        self._kv[slot] = [[] for _ in self.net.layers]
+        self._len[slot] = 0
+
+    @torch.inference_mode()
+    def observe_hidden(self, slot: int, start: int, hidden: dict[int, torch.Tensor]) -> None:
+        if slot not in self._len:
+            self.reset(slot)
+        if start != self._len[slot]:
+            # the context was rewound or skipped: keep the known prefix only (never happens in the engine)
+            self._truncate(slot, min(start, self._len[slot]))
+            if start != self._len[slot]:
+                return
+        feats = torch.cat([hidden[layer].float() for layer in self.net.cfg.feature_layers], dim=-1)  # [n, F*H]
+        n = feats.shape[0]
+        if n == 0:
+            return
+        positions = torch.arange(start, start + n)
+        for layer, kv in zip(self._kv[slot], self.net.context_kv(self.net.features(feats), positions)):
+            layer.append(kv)
+        self._len[slot] = start + n
+
+    def _truncate(self, slot: int, length: int) -> None:
+        layers = []
+        for chunks in self._kv[slot]:
+            k, v = _joined(chunks)
+            layers.append([(k[:length], v[:length])])
+        self._kv[slot], self._len[slot] = layers, length
+
+    @torch.inference_mode()
+    def lattice(self, rows: Sequence[DraftRow], k: int) -> Lattice:
+        k = min(k, self.net.cfg.block)
+        roots = torch.stack([r.context[-1] for r in rows])
+        starts = []
+        ctx: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.net.layers]
+        for r in rows:
+            if r.slot not in self._len:
+                self.reset(r.slot)
+            starts.append(len(r.context) - 1)  # the root's position
+            for li, chunks in enumerate(self._kv[r.slot]):
+                joined = _joined(chunks)
+                self._kv[r.slot][li] = [joined]
+                ctx[li].append(joined)
+        positions = torch.tensor(starts)[:, None] + torch.arange(k + 1)[None]  # [B, k + 1]
+        x = self.net.block_inputs(roots, k)
+        logits = self.net.forward_block(x, positions, ctx)  # [B, k + 1, V']
+        return Lattice(torch.log_softmax(logits[:, 1:].float(), dim=-1), self.net.vocab_ids)
+
+
+def _joined(chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(chunks) == 1:
+        return chunks[0]
+    if not chunks:
+        raise SpecdecError("diffusion drafter: no context hidden states for this row (declare prefill_hidden)")
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+
+def param_count(net: BlockDrafter) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def decay_weights(k: int, gamma: float) -> torch.Tensor:  # [k] loss weight of mask position j = 1..k
+    return torch.tensor([math.exp(-(j) / gamma) for j in range(k)])

@@ -1,0 +1,225 @@
+"""`specdec train diffusion`: train the block-diffusion drafter (`dflash.BlockDrafter`) on the target's outputs.
+
+Steps, each resumable in `work_dir`:
+1. corpus: the target's greedy outputs on `prompts.training_prompts` (never a benchmark prompt), `data`.
+2. features: the target's hidden states at the feature layers of every corpus position, through the lean
+   verifier's prefill, in one float32 memory map (`features.f32`, rows = positions of all sequences, with
+   `features.json` giving each sequence's offset); recomputed if incomplete.
+3. head vocabulary (the most frequent tokens of the corpus) and the corpus 3-gram table for CPS.
+4. training: per step one sequence, `anchors` root positions in its output; each anchor's block is the root
+   followed by k masks (k drawn from 4..block so every draft length is trained), the labels the target's own
+   next k tokens; cross-entropy over the restricted head, weighted exp(-(j-1)/gamma) along the block; AdamW,
+   cosine schedule. Checkpoints (`checkpoint.safetensors`: weights, AdamW moments, step, RNG) every
+   `checkpoint_every` steps and at the end: a killed run resumes from the last one.
+5. the weights file (`dflash.save`), bf16, with the n-gram table and the recipe in its header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from specdec.drafters.diffusion import dflash
+from specdec.drafters.diffusion.data import generate_corpus, read_corpus
+from specdec.errors import SpecdecError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    prompts: int = 400  # training prompts (the list has about 380)
+    max_new_tokens: int = 128
+    feature_layers: tuple[int, ...] = (6, 12, 18)  # for an 18-layer target: two inner layers and the final state
+    num_layers: int = 1
+    block: int = 12
+    vocab: int = 16384
+    steps: int = 3000
+    anchors: int = 32
+    lr: float = 6e-4
+    warmup: int = 100
+    gamma: float = 5.0
+    weight_decay: float = 0.0
+    checkpoint_every: int = 200
+    seed: int = 0
+    ngram_entries: int = 400_000
+
+
+def train_diffusion(decoder, work_dir: str | Path, out: str | Path, cfg: TrainConfig = TrainConfig(),
+                    log: Callable[[str], None] = print) -> Path:
+    """Everything from corpus to weights file; returns `out`."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    corpus_path = work / "corpus.jsonl"
+    rows = read_corpus(corpus_path)
+    if len(rows) < min(cfg.prompts, 300):
+        rows = generate_corpus(decoder, corpus_path, cfg.prompts, cfg.max_new_tokens, log=log)
+    model = decoder.model
+    layers = tuple(model.config.num_hidden_layers if l == -1 else l for l in cfg.feature_layers)
+    seqs = [r["prompt_ids"] + r["output_ids"] for r in rows]
+    starts = [len(r["prompt_ids"]) - 1 for r in rows]  # first root position inside the output
+    feats, offsets = features(decoder.verifier, seqs, layers, work, log)
+    vocab_ids = head_vocab(seqs, cfg.vocab, decoder.eos_ids())
+    dcfg = dflash.DFlashConfig(target=model.config.model_type, hidden=model.config.hidden_size,
+                               num_layers=cfg.num_layers, target_layers=model.config.num_hidden_layers,
+                               feature_layers=layers, block=cfg.block, vocab=int(vocab_ids.numel()))
+    net = dflash.BlockDrafter(model, dcfg, vocab_ids)
+    log(f"drafter: {dflash.param_count(net) / 1e6:.2f}M trainable parameters, head {vocab_ids.numel()} tokens, "
+        f"{len(seqs)} sequences, {sum(len(s) - st - 1 for s, st in zip(seqs, starts))} output positions")
+    fit(net, seqs, starts, feats, offsets, cfg, work / "checkpoint.safetensors", log)
+    from specdec.drafters.diffusion.cps import NgramLM
+
+    ngram = NgramLM.fit([r["output_ids"] for r in rows], max_entries=cfg.ngram_entries)
+    recipe = {"prompts": f"{len(rows)} prompts from specdec.drafters.diffusion.prompts.training_prompts "
+                         "(templates, word lists, Python stdlib docstrings; none shares 8 words with Spec-Bench)",
+              "data": f"the target's greedy outputs, max_new_tokens {cfg.max_new_tokens}",
+              "train": json.dumps(cfg.__dict__)}
+    extra = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ngram.to_arrays().items()}
+    dflash.save(net, out, extra=extra, meta=recipe)
+    log(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB)")
+    return Path(out)
+
+
+def features(verifier, seqs: list[list[int]], layers: tuple[int, ...], work: Path,
+             log: Callable[[str], None]) -> tuple[np.memmap, list[int]]:
+    """float32 [sum(len), F*H] hidden states of every position (memory map in work), offsets [N + 1]."""
+    offsets = [0]
+    for s in seqs:
+        offsets.append(offsets[-1] + len(s))
+    hidden = verifier.model.arch.hidden
+    width = hidden * len(layers)
+    meta_path, data_path = work / "features.json", work / "features.f32"
+    meta = {"offsets": offsets, "layers": list(layers), "width": width}
+    if meta_path.is_file() and json.loads(meta_path.read_text()) == meta | {"done": True} and data_path.is_file():
+        return np.memmap(data_path, dtype=np.float32, mode="r", shape=(offsets[-1], width)), offsets
+    out = np.memmap(data_path, dtype=np.float32, mode="w+", shape=(offsets[-1], width))
+    verifier.reset(1, max(len(s) for s in seqs) + 1)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i, s in enumerate(seqs):
+            got = verifier.prefill(0, torch.tensor(s), hidden_layers=layers)
+            out[offsets[i]: offsets[i + 1]] = torch.cat([got[l].float() for l in layers], -1).numpy()
+            if (i + 1) % 50 == 0 or i + 1 == len(seqs):
+                log(f"features: {i + 1}/{len(seqs)} sequences ({time.perf_counter() - t0:.0f} s)")
+    out.flush()
+    meta_path.write_text(json.dumps(meta | {"done": True}))
+    return np.memmap(data_path, dtype=np.float32, mode="r", shape=(offsets[-1], width)), offsets
+
+
+def head_vocab(seqs: list[list[int]], size: int, eos: list[int]) -> torch.Tensor:
+    """The `size` most frequent tokens of the corpus (EOS always in), ascending ids."""
+    counts: dict[int, int] = {}
+    for s in seqs:
+        for t in s:
+            counts[t] = counts.get(t, 0) + 1
+    for t in eos:
+        counts[t] = counts.get(t, 0) + 10 ** 9
+    top = sorted(counts, key=lambda t: (-counts[t], t))[:size]
+    return torch.tensor(sorted(top), dtype=torch.long)
+
+
+def fit(net: dflash.BlockDrafter, seqs, starts, feats, offsets, cfg: TrainConfig, ckpt: Path,
+        log: Callable[[str], None]) -> None:
+    from tqdm import tqdm
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    step = _resume(net, opt, ckpt, log)
+    rng = random.Random(cfg.seed + step)
+    col = torch.full((int(net.embed.shape[0]),), -100, dtype=torch.long)  # token id -> head column
+    col[net.vocab_ids] = torch.arange(net.vocab_ids.numel())
+    usable = [i for i, (s, st) in enumerate(zip(seqs, starts)) if len(s) - st >= 3]
+    bar = tqdm(total=cfg.steps, initial=step, desc="train diffusion", unit="step", mininterval=5)
+    ema_loss = ema_acc = None
+    net.train()
+    while step < cfg.steps:
+        i = rng.choice(usable)
+        seq = torch.tensor(seqs[i])
+        f = torch.from_numpy(np.asarray(feats[offsets[i]: offsets[i + 1]]))  # [T, F*H]
+        k = rng.randint(4, cfg.block)
+        last = len(seqs[i]) - 2  # a root needs at least one label
+        roots = sorted(rng.sample(range(starts[i], last + 1), min(cfg.anchors, last + 1 - starts[i])))
+        loss, acc = _loss(net, seq, f, torch.tensor(roots), k, col, cfg.gamma)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        ema_acc = acc if ema_acc is None else 0.98 * ema_acc + 0.02 * acc
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema_loss:.3f}", top1=f"{ema_acc:.3f}", lr=f"{lr:.1e}", refresh=False)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _checkpoint(net, opt, step, ckpt)
+            log(f"step {step}/{cfg.steps}: loss {ema_loss:.3f}, first-mask top-1 {ema_acc:.3f} (checkpoint saved)")
+    bar.close()
+    net.eval()
+
+
+def _loss(net, seq, feats, roots, k, col, gamma):
+    """Cross-entropy of blocks rooted at `roots` [A] (positions in seq) with k masks each."""
+    T = seq.numel()
+    ctx_feats = net.features(feats)  # [T, H]
+    ctx = [(kk, vv) for kk, vv in net.context_kv(ctx_feats, torch.arange(T))]  # per layer [T, Hkv, D]
+    positions = roots[:, None] + torch.arange(k + 1)[None]  # [A, k + 1]
+    x = net.block_inputs(seq[roots], k)
+    ctx_mask = torch.arange(T)[None] < roots[:, None]  # [A, T]: context positions before the root
+    logits = net.forward_block(x, positions, ctx, ctx_mask)[:, 1:]  # [A, k, V']
+    label_pos = positions[:, 1:]
+    labels = torch.where(label_pos < T, col[seq[label_pos.clamp(max=T - 1)]], torch.tensor(-100))  # [A, k]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           ignore_index=-100, reduction="none").view(labels.shape)
+    w = dflash.decay_weights(k, gamma)[None].expand_as(ce) * (labels >= 0)
+    loss = (ce * w).sum() / w.sum().clamp(min=1e-9)
+    with torch.no_grad():
+        first = labels[:, 0] >= 0
+        acc = (logits[:, 0].argmax(-1) == labels[:, 0])[first].float().mean().item() if first.any() else 0.0
+    return loss, acc
+
+
+def _checkpoint(net, opt, step: int, path: Path) -> None:
+    tensors = {f"param.{n}": p.detach().contiguous() for n, p in net.named_parameters()}
+    names = {id(p): n for n, p in net.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    tensors[f"opt.{key}.{names[id(p)]}"] = state[key].contiguous()
+            if "step" in state:
+                tensors[f"opt.step.{names[id(p)]}"] = torch.as_tensor(state["step"]).float().reshape(1)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    tmp.replace(path)  # atomic: a kill leaves the previous checkpoint
+
+
+def _resume(net, opt, path: Path, log) -> int:
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), framework="pt") as f:
+        step = int((f.metadata() or {})["step"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for n, p in params.items():
+            if f"param.{n}" not in tensors:
+                raise SpecdecError(f"checkpoint {path} does not match this drafter: delete it to start over")
+            p.copy_(tensors[f"param.{n}"])
+    for n, p in params.items():
+        if f"opt.exp_avg.{n}" in tensors:
+            opt.state[p] = {"exp_avg": tensors[f"opt.exp_avg.{n}"], "exp_avg_sq": tensors[f"opt.exp_avg_sq.{n}"],
+                            "step": tensors[f"opt.step.{n}"].reshape(())}
+    log(f"resumed from {path} at step {step}")
+    return step
