@@ -123,6 +123,7 @@ register("recycling", _recycling)
 _model.context_keys = ("target_tokenizer",)  # type: ignore[attr-defined]
 _self.context_keys = ("target", "target_tokenizer")  # type: ignore[attr-defined]
 
+
 def _diffusion(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
     from specdec.drafters.diffusion.drafter import diffusion_drafter
 

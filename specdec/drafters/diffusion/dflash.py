@@ -21,7 +21,6 @@ Weights: one safetensors file (`save` / `load_weights`): the trained tensors, `v
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -237,7 +236,7 @@ def load_weights(path: str | Path, target: PreTrainedModel) -> tuple[BlockDrafte
 class DFlashBackend:
     """`DLMBackend` over a trained `BlockDrafter`: per-slot context K/V, one batched block pass per step."""
 
-    def __init__(self, net: BlockDrafter, eos_token_ids: Sequence[int], vocab_size: int, threads_note: str = ""):
+    def __init__(self, net: BlockDrafter, eos_token_ids: Sequence[int], vocab_size: int):
         self.net = net.eval()
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
@@ -307,4 +306,4 @@ def param_count(net: BlockDrafter) -> int:
 
 
 def decay_weights(k: int, gamma: float) -> torch.Tensor:  # [k] loss weight of mask position j = 1..k
-    return torch.tensor([math.exp(-(j) / gamma) for j in range(k)])
+    return torch.exp(-torch.arange(k, dtype=torch.float32) / gamma)

@@ -19,12 +19,13 @@ from typing import Sequence
 
 import torch
 
-from specdec.drafters.base import BaseDrafter, Draft, DraftRow, Feedback, Needs
+from specdec.drafters.base import BaseDrafter, Draft, DraftRow, Feedback
 from specdec.drafters.diffusion.adl import CPU, PAPER, ADLConfig, AdaptiveLength
 from specdec.drafters.diffusion.backend import DLMBackend
 from specdec.drafters.diffusion.cps import NgramLM, merge_beams, path_search, top_sets
 from specdec.sampling import SamplingParams
 from specdec.trees.sizing import DepthRates
+from specdec.trees.tree import Tree
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class DiffusionDrafter(BaseDrafter):
                     chain = chain[: j + 1]
                     break
             chain = chain[: budget - 1]
-            return Draft(_chain_tree(len(chain)), torch.tensor([root] + chain, dtype=torch.long))
+            return Draft(Tree.chain(len(chain)), torch.tensor([root] + chain, dtype=torch.long))
         sets = top_sets(lp, ids, self.eos, mass=c.mass, cap=c.cap)
         last2 = tuple(int(t) for t in row.context[-2:].tolist())
         paths = path_search(sets, self.ngram, row.slot, last2, lam=c.lam, beam=c.beam)
@@ -112,7 +113,7 @@ class DiffusionDrafter(BaseDrafter):
         for r, d, f in zip(rows, drafts, feedback):
             if layers:
                 nodes = f.accepted
-                hidden = {layer: f.hidden(layer)[nodes] for layer in self._keys(layers)}
+                hidden = {layer: f.hidden(layer)[nodes] for layer in layers}
                 self.backend.observe_hidden(r.slot, len(r.context) - 1, hidden)
             self.ngram.extend(r.slot, f.new_tokens.tolist())
             if d.size > 1:
@@ -122,22 +123,10 @@ class DiffusionDrafter(BaseDrafter):
                     self.adl.update(r.slot, raw.tolist(), self.eos, accepted)
                 self._rates.setdefault(r.slot, DepthRates()).update(d.tree.max_depth, accepted)
 
-    def _keys(self, layers: Sequence[int]) -> list[int]:
-        return list(layers)
-
     # ---- sizing ----------------------------------------------------------------------------------------
 
     def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
         return self._rates.setdefault(slot, DepthRates()).expected_tokens(max_nodes)
-
-
-def _chain_tree(n: int):
-    from specdec.trees.tree import Tree
-
-    return Tree.chain(n)
-
-
-__all__ = ["DiffusionDrafter", "DiffusionConfig", "PRESETS", "Needs"]
 
 
 WEIGHTS_DIR = "weights"  # inside this package: the shipped drafters, one file per target shape

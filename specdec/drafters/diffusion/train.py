@@ -172,7 +172,7 @@ def _loss(net, seq, feats, roots, k, col, gamma):
     """Cross-entropy of blocks rooted at `roots` [A] (positions in seq) with k masks each."""
     T = seq.numel()
     ctx_feats = net.features(feats)  # [T, H]
-    ctx = [(kk, vv) for kk, vv in net.context_kv(ctx_feats, torch.arange(T))]  # per layer [T, Hkv, D]
+    ctx = net.context_kv(ctx_feats, torch.arange(T))  # per layer (k, v) [T, Hkv, D], shared by the anchors
     positions = roots[:, None] + torch.arange(k + 1)[None]  # [A, k + 1]
     x = net.block_inputs(seq[roots], k)
     ctx_mask = torch.arange(T)[None] < roots[:, None]  # [A, T]: context positions before the root
