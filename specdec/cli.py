@@ -113,7 +113,8 @@ def _print_stats(result, cfg: RunConfig) -> None:
 @click.option("--per-category", type=int, default=1, show_default=True, help="Prompts per category.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--methods", default="hf-plain,hf-pld,plain,ngram,recycling", show_default=True,
-              help="Comma-separated: hf-plain, hf-pld, drafter names, or the llama.cpp baselines llama-q4km-plain, "
+              help="Comma-separated: hf-plain, hf-pld, drafter names (with options for ablations: "
+                   "'diffusion[cps=false;adl=false]'; a weight format: ngram@gguf), or the llama.cpp baselines llama-q4km-plain, "
                    "llama-q4km-pld, llama-f32-plain, llama-f32-pld (need the llamacpp extra; never in the default, "
                    "installed or not); --drafter (with the config's drafter_options) is added when missing.")
 @click.option("--out", "out_dir", default="bench_results", show_default=True, help="Folder for JSON + Markdown.")

@@ -95,3 +95,31 @@ def test_pairs_bench_checks_its_out_first(tmp_path):
     taken.write_text("x")
     with pytest.raises(SpecdecError, match="is a file, not a folder"):
         run_pairs(PairsSpec(target="no-such-model", out_dir=str(taken)), log=lambda _: None)
+
+
+def test_method_names_carry_drafter_options_and_formats():
+    from specdec.bench.spec_bench import own_plain, split_method
+
+    assert split_method("ngram") == ("ngram", "fp32", {})
+    assert split_method("ngram@bf16") == ("ngram", "bf16", {})
+    assert split_method("diffusion[cps=false;k_max=8]") == ("diffusion", "fp32", {"cps": False, "k_max": 8})
+    assert split_method("diffusion[adl=false]@bf16") == ("diffusion", "bf16", {"adl": False})
+    assert own_plain("diffusion[cps=false]") == "plain" and own_plain("diffusion[cps=false]@bf16") == "plain@bf16"
+    for bad in ("diffusion[cps]", "diffusion[cps=false", "[cps=false]", "ngram@int3"):
+        with pytest.raises(SpecdecError, match="method '"):
+            split_method(bad)
+
+
+def test_bench_runs_a_drafter_with_options_beside_itself(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(main, [
+        "bench", "--model", str(tiny_model_dir), "--per-category", "1", "--max-new-tokens", "8",
+        "--methods", "plain,ngram,ngram[max_ngram=1]", "--out", str(out),
+    ])
+    assert res.exit_code == 0, res.output
+    overall = json.loads(next(out.glob("*.json")).read_text())["table"]["overall"]
+    assert set(overall) == {"plain", "ngram", "ngram[max_ngram=1]"}
+    assert overall["ngram[max_ngram=1]"]["own_exact"] == 1.0
+    res = CliRunner().invoke(main, ["bench", "--model", str(tiny_model_dir), "--methods", "plain,ngram[nope=1]",
+                                    "--out", str(tmp_path / "b2"), "--max-new-tokens", "4"])
+    assert res.exit_code != 0 and "nope" in res.output

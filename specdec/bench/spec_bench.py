@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
+import yaml
 
 from specdec.bench import llama_cpp as llama_bench
 from specdec.bench import step_time
@@ -83,7 +84,8 @@ class _Runner:
         for m in spec.methods:
             if m in HF_METHODS or llama_bench.is_llama_method(m):
                 continue
-            drafter, weights = split_method(m)
+            drafter, weights, options = split_method(m)
+            options = {**(spec.drafter_options if drafter == spec.drafter else {}), **options}
             if weights == "bf16" and "bf16" not in models:
                 from specdec.models.loading import load_model
 
@@ -91,7 +93,7 @@ class _Runner:
             self.decoders[m] = SpecDecoder(
                 models.get(weights, loaded), drafter=drafter, tree=spec.tree, tree_budget=spec.tree_budget,
                 backend=spec.backend, cache_dir=spec.cache_dir, strict=spec.strict, weights=weights, log=log,
-                drafter_options=spec.drafter_options if drafter == spec.drafter else None)
+                drafter_options=options or None)
         self.llama = _llama_runner(spec, longest_prompt, log)
         self.curves = {m: step_time.curve_of(d, log) for m, d in self.decoders.items()}  # the sizing curves
         self.last_steps: step_time.StepTimes | None = None  # the last run's steps (specdec methods)
@@ -232,16 +234,29 @@ def _template_note(tok) -> str:
     return "chat template" if getattr(tok, "chat_template", None) else PROMPT_TEMPLATE.replace("\n", "\\n")
 
 
-def split_method(method: str) -> tuple[str, str]:
-    """A specdec method 'drafter' or 'drafter@format' -> (drafter, weight format): `ngram@gguf` is the ngram
-    drafter on the GGUF-native weights (`specdec.verifiers.quant`); no suffix: fp32."""
+def split_method(method: str) -> tuple[str, str, dict[str, Any]]:
+    """A specdec method 'drafter', 'drafter@format' or 'drafter[key=value;...]@format' -> (drafter, weight format,
+    drafter options): `ngram@gguf` is the ngram drafter on the GGUF-native weights (`specdec.verifiers.quant`);
+    `diffusion[cps=false]` the diffusion drafter with option cps=False (values read as YAML scalars), so ablations
+    run side by side in one bench; no suffix: fp32, no options."""
     from specdec.config import WEIGHT_FORMATS
 
-    drafter, _, weights = method.partition("@")
+    base, _, weights = method.partition("@")
     weights = weights or "fp32"
     if weights not in WEIGHT_FORMATS:
         raise SpecdecError(f"method '{method}': unknown weight format '{weights}' (choose {', '.join(WEIGHT_FORMATS)})")
-    return drafter, weights
+    drafter, bracket, body = base.partition("[")
+    options: dict[str, Any] = {}
+    if bracket:
+        if not body.endswith("]") or not drafter:
+            raise SpecdecError(f"method '{method}': write options as drafter[key=value;key=value], e.g. "
+                               "diffusion[cps=false]")
+        for item in body[:-1].split(";"):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise SpecdecError(f"method '{method}': option '{item}' is not key=value, e.g. diffusion[cps=false]")
+            options[key.strip()] = yaml.safe_load(value)
+    return drafter, weights, options
 
 
 def own_plain(method: str) -> str:

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from specdec.drafters.diffusion import dflash
-from specdec.drafters.diffusion.data import generate_corpus, read_corpus
+from specdec.drafters.diffusion.data import generate_corpus
 from specdec.errors import SpecdecError
 
 
@@ -60,9 +60,7 @@ def train_diffusion(decoder, work_dir: str | Path, out: str | Path, cfg: TrainCo
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     corpus_path = work / "corpus.jsonl"
-    rows = read_corpus(corpus_path)
-    if len(rows) < min(cfg.prompts, 300):
-        rows = generate_corpus(decoder, corpus_path, cfg.prompts, cfg.max_new_tokens, log=log)
+    rows = generate_corpus(decoder, corpus_path, cfg.prompts, cfg.max_new_tokens, log=log)  # resumes; no-op when done
     model = decoder.model
     layers = tuple(model.config.num_hidden_layers if l == -1 else l for l in cfg.feature_layers)
     seqs = [r["prompt_ids"] + r["output_ids"] for r in rows]
