@@ -202,7 +202,7 @@ def train_group() -> None:
               help="The weights file (default <work-dir>/diffusion.safetensors).")
 @click.option("--steps", type=click.IntRange(min=1), default=3000, show_default=True)
 @click.option("--prompts", type=click.IntRange(min=8), default=400, show_default=True,
-              help="Training prompts (specdec.drafters.diffusion.prompts; none from a benchmark).")
+              help="Training prompts (specdec.drafters.training_prompts; none from a benchmark).")
 @click.option("--max-new-tokens", type=click.IntRange(min=8), default=128, show_default=True)
 @click.option("--block", type=click.IntRange(min=2, max=64), default=12, show_default=True,
               help="Mask positions per block (a draft uses k <= block).")
@@ -231,6 +231,41 @@ def train_diffusion_cmd(model: str, work_dir: str | None, out: str | None, steps
                       num_layers=num_layers, vocab=vocab,
                       feature_layers=tuple(sorted({layers // 3, 2 * layers // 3, layers})))
     train_diffusion(decoder, work, target, cfg, log=log)
+    click.echo(str(target))
+
+
+@train_group.command("lexical")
+@click.option("--model", default="gemma3-270m", show_default=True, help="The target (a built-in name or a path).")
+@click.option("--work-dir", type=click.Path(file_okay=False),
+              help="Corpus and checkpoints (resumable; the corpus is shared with `train diffusion` in one work "
+                   "dir); default <cache>/train/<model>.")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="The weights file (default <work-dir>/lexical.safetensors).")
+@click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True)
+@click.option("--prompts", type=click.IntRange(min=8), default=400, show_default=True,
+              help="Training prompts (specdec.drafters.training_prompts; none from a benchmark).")
+@click.option("--max-new-tokens", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option("--placeholders", "k", type=click.IntRange(min=1, max=8), default=3, show_default=True)
+@click.option("--vocab", type=click.IntRange(min=64), default=16384, show_default=True,
+              help="Head size: the most frequent tokens of the corpus.")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@user_errors
+def train_lexical_cmd(model: str, work_dir: str | None, out: str | None, steps: int, prompts: int,
+                      max_new_tokens: int, k: int, vocab: int, threads: int | None, cache_dir: str | None) -> None:
+    """Train the lexical drafter's placeholder embeddings for --model (`--drafter lexical`)."""
+    from pathlib import Path
+
+    from specdec.api import SpecDecoder
+    from specdec.drafters.lexical.train import LexicalTrainConfig, train_lexical
+    from specdec.models.loading import cache_root
+
+    setup(threads)
+    work = Path(work_dir) if work_dir else cache_root(cache_dir) / "train" / Path(model).name
+    target = Path(out) if out else work / "lexical.safetensors"
+    decoder = SpecDecoder(model, drafter="ngram", cache_dir=cache_dir, log=log)
+    cfg = LexicalTrainConfig(prompts=prompts, max_new_tokens=max_new_tokens, steps=steps, k=k, vocab=vocab)
+    train_lexical(decoder, work, target, cfg, log=log)
     click.echo(str(target))
 
 

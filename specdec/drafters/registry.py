@@ -131,8 +131,17 @@ def _diffusion(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
     return diffusion_drafter(vocab_size, tree, **options)
 
 
+def _lexical(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
+    from specdec.drafters.lexical.drafter import lexical_drafter
+
+    _check_call("lexical", lexical_drafter, vocab_size, tree, **options)
+    return lexical_drafter(vocab_size, tree, **options)
+
+
 _diffusion.context_keys = ("target",)  # type: ignore[attr-defined]
+_lexical.context_keys = ("target",)  # type: ignore[attr-defined]
 
 register("model", _model)
 register("self", _self)
 register("diffusion", _diffusion)
+register("lexical", _lexical)

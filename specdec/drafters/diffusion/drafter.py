@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from specdec.drafters.base import BaseDrafter, Draft, DraftRow, Feedback
+from specdec.drafters.shipped import shipped_weights
 from specdec.drafters.diffusion.adl import CPU, PAPER, ADLConfig, AdaptiveLength
 from specdec.drafters.diffusion.backend import DLMBackend
 from specdec.drafters.diffusion.cps import NgramLM, merge_beams, path_search, top_sets
@@ -129,19 +130,6 @@ class DiffusionDrafter(BaseDrafter):
         return self._rates.setdefault(slot, DepthRates()).expected_tokens(max_nodes)
 
 
-WEIGHTS_DIR = "weights"  # inside this package: the shipped drafters, one file per target shape
-
-
-def shipped_weights(target) -> "Path":
-    """The packaged drafter file for `target`'s shape (it may not exist)."""
-    from importlib import resources
-    from pathlib import Path
-
-    cfg = target.config
-    name = f"{cfg.model_type}-{cfg.hidden_size}-{cfg.num_hidden_layers}.safetensors"
-    return Path(str(resources.files("specdec.drafters.diffusion").joinpath(WEIGHTS_DIR, name)))
-
-
 def diffusion_drafter(vocab_size: int, tree=None, *, target=None, weights: str | None = None, dlm: str | None = None,
                       cps: bool = True, adl: bool = True, preset: str = "cpu", k_min: int | None = None,
                       k_max: int | None = None, delta: int | None = None, mass: float = 0.8, cap: int = 15,
@@ -175,11 +163,15 @@ def diffusion_drafter(vocab_size: int, tree=None, *, target=None, weights: str |
         raise ValueError("diffusion: needs the target model (or a dlm directory)")
     from specdec.drafters.diffusion import dflash
 
-    path = weights or shipped_weights(target)
+    path = weights or shipped_weights("specdec.drafters.diffusion", target)
     net, extra, _ = dflash.load_weights(path, target)
     if adl_cfg.k_max > net.cfg.block:
-        raise ValueError(f"diffusion: k_max {adl_cfg.k_max} exceeds the {net.cfg.block} mask positions the drafter "
-                         "was trained for")
+        if k_max is not None:
+            raise ValueError(f"diffusion: k_max {adl_cfg.k_max} exceeds the {net.cfg.block} mask positions the "
+                             "drafter was trained for")
+        block = net.cfg.block  # the preset's k range, cut to what this file was trained for
+        adl_cfg = replace(adl_cfg, k_max=block, k_min=min(adl_cfg.k_min, block))
+        config = replace(config, adl_config=adl_cfg)
     ngram = NgramLM.from_arrays({k: v.numpy() for k, v in extra.items()}) if extra else NgramLM()
     eos = target.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])

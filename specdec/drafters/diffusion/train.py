@@ -1,7 +1,7 @@
 """`specdec train diffusion`: train the block-diffusion drafter (`dflash.BlockDrafter`) on the target's outputs.
 
 Steps, each resumable in `work_dir`:
-1. corpus: the target's greedy outputs on `prompts.training_prompts` (never a benchmark prompt), `data`.
+1. corpus: the target's greedy outputs on `training_prompts` (never a benchmark prompt), `specdec.drafters.corpus`.
 2. features: the target's hidden states at the feature layers of every corpus position, through the lean
    verifier's prefill, in one float32 memory map (`features.f32`, rows = positions of all sequences, with
    `features.json` giving each sequence's offset); recomputed if incomplete.
@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from specdec.drafters.diffusion import dflash
-from specdec.drafters.diffusion.data import generate_corpus
+from specdec.drafters.corpus import generate_corpus, head_vocab
 from specdec.errors import SpecdecError
 
 
@@ -77,7 +77,7 @@ def train_diffusion(decoder, work_dir: str | Path, out: str | Path, cfg: TrainCo
     from specdec.drafters.diffusion.cps import NgramLM
 
     ngram = NgramLM.fit([r["output_ids"] for r in rows], max_entries=cfg.ngram_entries)
-    recipe = {"prompts": f"{len(rows)} prompts from specdec.drafters.diffusion.prompts.training_prompts "
+    recipe = {"prompts": f"{len(rows)} prompts from specdec.drafters.training_prompts "
                          "(templates, word lists, Python stdlib docstrings; none shares 8 words with Spec-Bench)",
               "data": f"the target's greedy outputs, max_new_tokens {cfg.max_new_tokens}",
               "train": json.dumps(cfg.__dict__)}
@@ -113,18 +113,6 @@ def features(verifier, seqs: list[list[int]], layers: tuple[int, ...], work: Pat
     return np.memmap(data_path, dtype=np.float32, mode="r", shape=(offsets[-1], width)), offsets
 
 
-def head_vocab(seqs: list[list[int]], size: int, eos: list[int]) -> torch.Tensor:
-    """The `size` most frequent tokens of the corpus (EOS always in), ascending ids."""
-    counts: dict[int, int] = {}
-    for s in seqs:
-        for t in s:
-            counts[t] = counts.get(t, 0) + 1
-    for t in eos:
-        counts[t] = counts.get(t, 0) + 10 ** 9
-    top = sorted(counts, key=lambda t: (-counts[t], t))[:size]
-    return torch.tensor(sorted(top), dtype=torch.long)
-
-
 def fit(net: dflash.BlockDrafter, seqs, starts, feats, offsets, cfg: TrainConfig, ckpt: Path,
         log: Callable[[str], None]) -> None:
     from tqdm import tqdm
@@ -142,7 +130,7 @@ def fit(net: dflash.BlockDrafter, seqs, starts, feats, offsets, cfg: TrainConfig
     while step < cfg.steps:
         i = rng.choice(usable)
         seq = torch.tensor(seqs[i])
-        f = torch.from_numpy(np.asarray(feats[offsets[i]: offsets[i + 1]]))  # [T, F*H]
+        f = torch.from_numpy(np.array(feats[offsets[i]: offsets[i + 1]]))  # [T, F*H], a writable copy
         k = rng.randint(4, cfg.block)
         last = len(seqs[i]) - 2  # a root needs at least one label
         roots = sorted(rng.sample(range(starts[i], last + 1), min(cfg.anchors, last + 1 - starts[i])))

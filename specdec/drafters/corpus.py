@@ -1,4 +1,5 @@
-"""Training data for drafters trained here: the target's own greedy continuations of `prompts.training_prompts`.
+"""Training data for drafters trained here (diffusion, lexical): the target's own greedy continuations of
+`specdec.drafters.training_prompts`, and the head vocabulary drafters restrict the target's LM head to.
 
 `generate_corpus` decodes the prompts with the target (greedy, through the one loop with the exact n-gram
 drafter, so the text is plain decoding's) and appends one JSON line per prompt to a file: {"prompt": text,
@@ -15,8 +16,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from specdec.bench.spec_bench import PROMPT_TEMPLATE
-from specdec.drafters.diffusion.prompts import training_prompts
+from specdec.drafters.training_prompts import training_prompts
 from specdec.text import encode_prompt
 
 
@@ -59,3 +62,15 @@ def generate_corpus(decoder, path: str | Path, count: int, max_new_tokens: int =
         log(f"corpus: {len(done) + begin + len(part)}/{len(done) + len(todo)} prompts, {tokens} new tokens, "
             f"{tokens / max(elapsed, 1e-9):.1f} tok/s")
     return read_corpus(path)
+
+
+def head_vocab(seqs: list[list[int]], size: int, eos: list[int]) -> torch.Tensor:
+    """The `size` most frequent tokens of the corpus (EOS always in), ascending ids."""
+    counts: dict[int, int] = {}
+    for s in seqs:
+        for t in s:
+            counts[t] = counts.get(t, 0) + 1
+    for t in eos:
+        counts[t] = counts.get(t, 0) + 10 ** 9
+    top = sorted(counts, key=lambda t: (-counts[t], t))[:size]
+    return torch.tensor(sorted(top), dtype=torch.long)

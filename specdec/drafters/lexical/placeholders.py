@@ -1,0 +1,108 @@
+"""Placeholder embeddings: the lexical drafter's only trained weights, their file, and the training forward.
+
+k placeholder vectors P_1..P_k (inputs of the residual stream, i.e. after the model's embedding scale; never a
+vocabulary row, so the tied embedding / LM head stays the target's). In a verify forward a *group* P_1..P_k is
+a chain of auxiliary nodes under a real node a at position p: P_j sits at position p + j, sees the committed
+prefix, a's ancestors, a and P_1..P_{j-1}, and its final hidden state predicts the token at position p + j + 1
+(the real node a predicts p + 1). Predictions are read through the target's own head restricted to
+`vocab_ids` (the corpus's frequent tokens), so a draft costs a [k, H] x [H, V'] product, not a head pass.
+
+`group_states` is that forward for training: the target's layers (`LeanModel`'s own per-layer pieces, plain
+torch ops, so autograd reaches the placeholders) over a whole sequence (no gradient) and A groups anchored at
+real positions, each group attending to the sequence up to its anchor and causally to itself.
+
+File: safetensors, `embeds` [k, H] float32 and `vocab_ids` [V'] int64, header {"format", "target", "recipe"}.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from specdec.errors import SpecdecError
+from specdec.verifiers.lean_model import LeanModel, attend, rms_norm
+
+FORMAT = "specdec-lexical-1"
+
+
+def target_shape(model) -> str:
+    cfg = model.config
+    return f"{cfg.model_type}/{cfg.hidden_size}/{cfg.num_hidden_layers}"
+
+
+def save(path: str | Path, embeds: torch.Tensor, vocab_ids: torch.Tensor, target: str, recipe: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"embeds": embeds.detach().float().contiguous(), "vocab_ids": vocab_ids.long().contiguous()},
+              str(tmp), metadata={"format": FORMAT, "target": target, "recipe": json.dumps(recipe)})
+    tmp.replace(path)
+
+
+def load(path: str | Path, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds [k, H] float32, vocab_ids [V'] int64) of a `specdec train lexical` file made for `model`'s shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecdecError(f"lexical drafter weights {path} not found: train them with `specdec train lexical` "
+                           "or give drafter_options {weights: FILE}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise SpecdecError(f"{path} is not a lexical drafter file (format {meta.get('format')!r}, expected {FORMAT})")
+        if meta.get("target") != target_shape(model):
+            raise SpecdecError(f"{path} was trained for a {meta.get('target')} target, not {target_shape(model)}: "
+                               "retrain it with `specdec train lexical --model ...`")
+        embeds, vocab_ids = f.get_tensor("embeds"), f.get_tensor("vocab_ids")
+    if embeds.ndim != 2 or embeds.shape[1] != model.config.hidden_size or vocab_ids.ndim != 1:
+        raise SpecdecError(f"{path}: tensors of the wrong shape {tuple(embeds.shape)}, {tuple(vocab_ids.shape)}")
+    if int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= model.config.vocab_size:
+        raise SpecdecError(f"{path}: head token ids outside the target's vocabulary")
+    return embeds, vocab_ids
+
+
+def group_states(lean: LeanModel, seq: torch.Tensor, anchors: torch.Tensor, embeds: torch.Tensor,
+                 rope: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """seq [T] int64, anchors [A] positions in seq, embeds [k, H] -> (final normed states of the sequence [T, H]
+    (no gradient), of the groups [A, k, H]); group a's P_j sits at position anchors[a] + j."""
+    a = lean.arch
+    T, (k, H), A = seq.numel(), embeds.shape, anchors.numel()
+    pos_real = torch.arange(T)
+    pos_ph = (anchors[:, None] + torch.arange(1, k + 1)[None]).reshape(-1)  # [A*k]
+    pos_all = torch.cat([pos_real, pos_ph])
+    group = torch.arange(A).repeat_interleave(k)  # [A*k] each placeholder's group
+    j = torch.arange(k).repeat(A)
+    masks = {}
+    for window in set(a.windows):  # [T + A*k, T + A*k] True = may attend
+        real_keys = pos_real[None, :] <= torch.cat([pos_real, anchors.repeat_interleave(k)])[:, None]
+        if window is not None:
+            real_keys &= pos_real[None, :] > pos_all[:, None] - window
+        ph_keys = (group[None, :] == group[:, None]) & (j[None, :] <= j[:, None])  # [A*k, A*k]
+        ph_keys = torch.cat([torch.zeros(T, A * k, dtype=torch.bool), ph_keys])
+        masks[window] = torch.cat([real_keys, ph_keys], 1)[None, None]
+    with torch.no_grad():
+        x_real = torch.nn.functional.embedding(seq, lean.embed)
+        if lean.embed_scale is not None:
+            x_real = x_real * lean.embed_scale
+    x_ph = embeds.to(lean.dtype).repeat(A, 1)  # [A*k, H]
+    n = T + A * k
+    for i, lw in enumerate(lean.layers):
+        cos, sin = rope[a.rope_kinds[i]]
+        cos, sin = cos[pos_all][None, :, None], sin[pos_all][None, :, None]  # [1, n, 1, D]
+        with torch.no_grad():
+            qr, kr, vr = lean.pre_attention(x_real, lw, cos[:, :T], sin[:, :T])
+        qp, kp, vp = lean.pre_attention(x_ph, lw, cos[:, T:], sin[:, T:])
+        q = torch.cat([qr, qp], 1).transpose(1, 2)  # [1, Hq, n, D]
+        keys, values = torch.cat([kr, kp], 1).transpose(1, 2), torch.cat([vr, vp], 1).transpose(1, 2)
+        out = attend(q, keys, values, masks[a.windows[i]], a.attn_scale, a.attn_softcap,
+                     a.num_heads != a.num_kv_heads)  # [1, Hq, n, D]
+        out = out[0].transpose(0, 1).reshape(n, a.num_heads * a.head_dim)
+        with torch.no_grad():
+            x_real = lean.post_attention(x_real, out[:T].detach(), lw)
+        x_ph = lean.post_attention(x_ph, out[T:], lw)
+    with torch.no_grad():
+        real = rms_norm(x_real.float(), lean.final_norm, a.eps)
+    return real, rms_norm(x_ph.float(), lean.final_norm, a.eps).view(A, k, H)
