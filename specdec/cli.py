@@ -200,7 +200,7 @@ def train_group() -> None:
               help="Corpus, features and checkpoints (resumable); default <cache>/train/diffusion-<model>.")
 @click.option("--out", type=click.Path(dir_okay=False),
               help="The weights file (default <work-dir>/diffusion.safetensors).")
-@click.option("--steps", type=click.IntRange(min=1), default=3000, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=6000, show_default=True)
 @click.option("--prompts", type=click.IntRange(min=8), default=400, show_default=True,
               help="Training prompts (specdec.drafters.training_prompts; none from a benchmark).")
 @click.option("--max-new-tokens", type=click.IntRange(min=8), default=128, show_default=True)

@@ -4,7 +4,8 @@ The network (`BlockDrafter`): a few decoder layers of the target's own shape, in
 Context: the target's hidden states at `feature_layers` of every committed position but the last are
 concatenated, projected to the hidden size (`fc`) and normed: one feature vector per position, which every
 drafter layer turns into that position's keys and values with its own k/v projections (injected K/V). Block:
-the root token (the last committed one, at position T) followed by k mask inputs (a trained vector, never a
+the root token (the last committed one, at position T; its input is its embedding plus a projection of the
+context feature at T - 1, as EAGLE feeds the last feature with the next token) followed by k mask inputs (a trained vector, never a
 vocabulary row) at positions T+1..T+k; the block's queries attend to every context position and
 bidirectionally to the whole block. Output: the target's final norm, then the target's frozen tied embedding
 restricted to `vocab_ids` (the tokens frequent in the training corpus) as the LM head, so a draft costs a few
@@ -36,7 +37,7 @@ from specdec.drafters.diffusion.backend import Lattice
 from specdec.errors import SpecdecError
 from specdec.verifiers.lean_model import apply_rope, read_arch, rms_norm
 
-FORMAT = "specdec-dflash-1"
+FORMAT = "specdec-dflash-2"  # 2: the root input also carries the last context feature (root_proj)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class BlockDrafter(torch.nn.Module):
         with torch.no_grad():  # start as the mean of the feature layers
             self.fc.weight.copy_(torch.cat([torch.eye(a.hidden)] * n_feat, dim=1) / n_feat)
         self.ctx_norm = torch.nn.Parameter(torch.ones(a.hidden))
+        self.root_proj = torch.nn.Parameter(torch.zeros(a.hidden, a.hidden))  # feature at T - 1 -> root input
         emb = base.embed_tokens.weight.detach().float()
         scale = float(getattr(base.embed_tokens, "embed_scale", 1.0))
         self.embed_scale = scale
@@ -100,8 +102,10 @@ class BlockDrafter(torch.nn.Module):
         cos, sin = self.rope(positions)
         return [layer.kv(feats, cos, sin) for layer in self.layers]
 
-    def block_inputs(self, roots: torch.Tensor, k: int) -> torch.Tensor:  # roots [B] -> [B, k + 1, H]
-        root = self.embed[roots] * self.embed_scale  # [B, H]
+    def block_inputs(self, roots: torch.Tensor, last_feats: torch.Tensor, k: int) -> torch.Tensor:
+        """roots [B] tokens, last_feats [B, H] the context feature (`features`) at the position before each root
+        -> [B, k + 1, H]."""
+        root = self.embed[roots] * self.embed_scale + last_feats @ self.root_proj.T  # [B, H]
         masks = self.mask_embed.expand(roots.numel(), k, -1)
         return torch.cat([root[:, None], masks], dim=1)
 
@@ -243,35 +247,30 @@ class DFlashBackend:
         self.needs = Needs(hidden_layers=net.cfg.feature_layers, prefill_hidden=True)
         self._kv: dict[int, list[list[tuple[torch.Tensor, torch.Tensor]]]] = {}  # slot -> layer -> chunks
         self._len: dict[int, int] = {}  # slot -> context positions with K/V
+        self._last: dict[int, torch.Tensor] = {}  # slot -> [H] the feature of the last context position
 
     def reset(self, slot: int) -> None:
         self._kv[slot] = [[] for _ in self.net.layers]
         self._len[slot] = 0
+        self._last[slot] = torch.zeros(self.net.arch.hidden)
 
     @torch.inference_mode()
     def observe_hidden(self, slot: int, start: int, hidden: dict[int, torch.Tensor]) -> None:
         if slot not in self._len:
             self.reset(slot)
         if start != self._len[slot]:
-            # the context was rewound or skipped: keep the known prefix only (never happens in the engine)
-            self._truncate(slot, min(start, self._len[slot]))
-            if start != self._len[slot]:
-                return
+            raise ValueError(f"diffusion drafter: hidden states of slot {slot} arrived for position {start}, "
+                             f"expected {self._len[slot]} (they must arrive in order)")
         feats = torch.cat([hidden[layer].float() for layer in self.net.cfg.feature_layers], dim=-1)  # [n, F*H]
         n = feats.shape[0]
         if n == 0:
             return
         positions = torch.arange(start, start + n)
-        for layer, kv in zip(self._kv[slot], self.net.context_kv(self.net.features(feats), positions)):
+        ctx = self.net.features(feats)  # [n, H]
+        for layer, kv in zip(self._kv[slot], self.net.context_kv(ctx, positions)):
             layer.append(kv)
         self._len[slot] = start + n
-
-    def _truncate(self, slot: int, length: int) -> None:
-        layers = []
-        for chunks in self._kv[slot]:
-            k, v = _joined(chunks)
-            layers.append([(k[:length], v[:length])])
-        self._kv[slot], self._len[slot] = layers, length
+        self._last[slot] = ctx[-1]
 
     @torch.inference_mode()
     def lattice(self, rows: Sequence[DraftRow], k: int) -> Lattice:
@@ -288,7 +287,7 @@ class DFlashBackend:
                 self._kv[r.slot][li] = [joined]
                 ctx[li].append(joined)
         positions = torch.tensor(starts)[:, None] + torch.arange(k + 1)[None]  # [B, k + 1]
-        x = self.net.block_inputs(roots, k)
+        x = self.net.block_inputs(roots, torch.stack([self._last[r.slot] for r in rows]), k)
         logits = self.net.forward_block(x, positions, ctx)  # [B, k + 1, V']
         return Lattice(torch.log_softmax(logits[:, 1:].float(), dim=-1), self.net.vocab_ids)
 

@@ -42,7 +42,7 @@ class TrainConfig:
     num_layers: int = 1
     block: int = 12
     vocab: int = 16384
-    steps: int = 3000
+    steps: int = 6000
     anchors: int = 32
     lr: float = 6e-4
     warmup: int = 100
@@ -160,7 +160,8 @@ def _loss(net, seq, feats, roots, k, col, gamma):
     ctx_feats = net.features(feats)  # [T, H]
     ctx = net.context_kv(ctx_feats, torch.arange(T))  # per layer (k, v) [T, Hkv, D], shared by the anchors
     positions = roots[:, None] + torch.arange(k + 1)[None]  # [A, k + 1]
-    x = net.block_inputs(seq[roots], k)
+    last = torch.where((roots > 0)[:, None], ctx_feats[(roots - 1).clamp(min=0)], 0.0)  # [A, H] feature at root - 1
+    x = net.block_inputs(seq[roots], last, k)
     ctx_mask = torch.arange(T)[None] < roots[:, None]  # [A, T]: context positions before the root
     logits = net.forward_block(x, positions, ctx, ctx_mask)[:, 1:]  # [A, k, V']
     label_pos = positions[:, 1:]
