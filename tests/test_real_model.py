@@ -35,7 +35,7 @@ def real():
 
 @pytest.mark.slow
 @pytest.mark.ci
-@pytest.mark.parametrize("drafter", ["recycling", "ngram"])
+@pytest.mark.parametrize("drafter", ["recycling", "ngram", "diffusion", "lexical"])  # the last two: shipped weights
 def test_default_model_matches_transformers_generate(real, drafter):
     loaded, prompts, refs = real
     decoder = SpecDecoder(loaded, drafter=drafter)
@@ -54,7 +54,7 @@ def test_default_model_plain_and_hf_backend_match(real):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drafter", ["ngram", "recycling"])
+@pytest.mark.parametrize("drafter", ["ngram", "recycling", "diffusion", "lexical"])
 def test_default_model_batches_match_transformers_generate(real, drafter):
     """Ragged rows, continuous batching (width 3 < 5 prompts), packed scoring and (ngram) nodes allocated across rows."""
     loaded, prompts, refs = real
