@@ -9,8 +9,9 @@ Steps, each resumable in `work_dir`:
 4. training: per step one sequence, `anchors` root positions in its output; each anchor's block is the root
    followed by k masks (k drawn from 4..block so every draft length is trained), the labels the target's own
    next k tokens; cross-entropy over the restricted head, weighted exp(-(j-1)/gamma) along the block; AdamW,
-   cosine schedule. Checkpoints (`checkpoint.safetensors`: weights, AdamW moments, step, RNG) every
-   `checkpoint_every` steps and at the end: a killed run resumes from the last one.
+   cosine schedule. Checkpoints (`checkpoint.safetensors` through `specdec.drafters.checkpoint`: weights,
+   AdamW moments, step; the sampling RNG is re-seeded from the step) every `checkpoint_every` steps and at the
+   end: a killed run resumes from the last one.
 5. the weights file (`dflash.save`), bf16, with the n-gram table and the recipe in its header.
 """
 
@@ -26,12 +27,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from specdec.drafters import checkpoint
 from specdec.drafters.diffusion import dflash
 from specdec.drafters.corpus import generate_corpus, head_vocab
-from specdec.errors import SpecdecError
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ def fit(net: dflash.BlockDrafter, seqs, starts, feats, offsets, cfg: TrainConfig
 
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    step = _resume(net, opt, ckpt, log)
+    step = checkpoint.resume(dict(net.named_parameters()), opt, ckpt, log)
     rng = random.Random(cfg.seed + step)
     col = torch.full((int(net.embed.shape[0]),), -100, dtype=torch.long)  # token id -> head column
     col[net.vocab_ids] = torch.arange(net.vocab_ids.numel())
@@ -148,7 +147,7 @@ def fit(net: dflash.BlockDrafter, seqs, starts, feats, offsets, cfg: TrainConfig
         bar.update(1)
         bar.set_postfix(loss=f"{ema_loss:.3f}", top1=f"{ema_acc:.3f}", lr=f"{lr:.1e}", refresh=False)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _checkpoint(net, opt, step, ckpt)
+            checkpoint.save(dict(net.named_parameters()), opt, step, ckpt)
             log(f"step {step}/{cfg.steps}: loss {ema_loss:.3f}, first-mask top-1 {ema_acc:.3f} (checkpoint saved)")
     bar.close()
     net.eval()
@@ -174,39 +173,3 @@ def _loss(net, seq, feats, roots, k, col, gamma):
         first = labels[:, 0] >= 0
         acc = (logits[:, 0].argmax(-1) == labels[:, 0])[first].float().mean().item() if first.any() else 0.0
     return loss, acc
-
-
-def _checkpoint(net, opt, step: int, path: Path) -> None:
-    tensors = {f"param.{n}": p.detach().contiguous() for n, p in net.named_parameters()}
-    names = {id(p): n for n, p in net.named_parameters()}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            state = opt.state.get(p, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    tensors[f"opt.{key}.{names[id(p)]}"] = state[key].contiguous()
-            if "step" in state:
-                tensors[f"opt.step.{names[id(p)]}"] = torch.as_tensor(state["step"]).float().reshape(1)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step)})
-    tmp.replace(path)  # atomic: a kill leaves the previous checkpoint
-
-
-def _resume(net, opt, path: Path, log) -> int:
-    if not path.is_file():
-        return 0
-    with safe_open(str(path), framework="pt") as f:
-        step = int((f.metadata() or {})["step"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    params = dict(net.named_parameters())
-    with torch.no_grad():
-        for n, p in params.items():
-            if f"param.{n}" not in tensors:
-                raise SpecdecError(f"checkpoint {path} does not match this drafter: delete it to start over")
-            p.copy_(tensors[f"param.{n}"])
-    for n, p in params.items():
-        if f"opt.exp_avg.{n}" in tensors:
-            opt.state[p] = {"exp_avg": tensors[f"opt.exp_avg.{n}"], "exp_avg_sq": tensors[f"opt.exp_avg_sq.{n}"],
-                            "step": tensors[f"opt.step.{n}"].reshape(())}
-    log(f"resumed from {path} at step {step}")
-    return step

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from specdec.drafters import checkpoint
 from specdec.drafters.corpus import generate_corpus, head_vocab
 from specdec.drafters.lexical import placeholders
 from specdec.verifiers.lean_model import LeanModel
@@ -95,7 +94,7 @@ def fit(lean, embeds, head, seqs, starts, rope, cfg: LexicalTrainConfig, ckpt: P
     from tqdm import tqdm
 
     opt = torch.optim.AdamW([embeds], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    step = _resume(embeds, opt, ckpt, log)
+    step = checkpoint.resume({"embeds": embeds}, opt, ckpt, log)
     rng = random.Random(cfg.seed + step)
     usable = [i for i, (s, st) in enumerate(zip(seqs, starts)) if len(s) - st >= 3]
     bar = tqdm(total=cfg.steps, initial=step, desc="train lexical", unit="step", mininterval=5)
@@ -118,37 +117,6 @@ def fit(lean, embeds, head, seqs, starts, rope, cfg: LexicalTrainConfig, ckpt: P
         bar.update(1)
         bar.set_postfix(kl=f"{ema_loss:.3f}", top1=f"{ema_agree:.3f}", lr=f"{lr:.1e}", refresh=False)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _checkpoint(embeds, opt, step, ckpt)
+            checkpoint.save({"embeds": embeds}, opt, step, ckpt)
             log(f"step {step}/{cfg.steps}: KL {ema_loss:.3f}, P_1 top-1 agreement {ema_agree:.3f} (checkpoint saved)")
     bar.close()
-
-
-def _checkpoint(embeds, opt, step: int, path: Path) -> None:
-    tensors = {"embeds": embeds.detach().contiguous()}
-    state = opt.state.get(embeds, {})
-    for key in ("exp_avg", "exp_avg_sq"):
-        if key in state:
-            tensors[f"opt.{key}"] = state[key].contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step)})
-    tmp.replace(path)  # atomic: a kill leaves the previous checkpoint
-
-
-def _resume(embeds, opt, path: Path, log) -> int:
-    from specdec.errors import SpecdecError
-
-    if not path.is_file():
-        return 0
-    with safe_open(str(path), framework="pt") as f:
-        step = int((f.metadata() or {})["step"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if tensors["embeds"].shape != embeds.shape:
-        raise SpecdecError(f"checkpoint {path} has placeholders of shape {tuple(tensors['embeds'].shape)}, this run "
-                           f"{tuple(embeds.shape)}: delete it to start over")
-    with torch.no_grad():
-        embeds.copy_(tensors["embeds"])
-    if "opt.exp_avg" in tensors:
-        opt.state[embeds] = {"exp_avg": tensors["opt.exp_avg"], "exp_avg_sq": tensors["opt.exp_avg_sq"],
-                             "step": torch.tensor(float(step))}
-    log(f"resumed from {path} at step {step}")
-    return step
