@@ -69,6 +69,26 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = N
     return out[0, len(prompt):].tolist()
 
 
+def random_prompts(count: int, seed: int = 0, length: int = 10) -> list[list[int]]:
+    """`count` prompts of random ids (3..VOCAB-1), lengths length, length + 2, ..."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (length + 2 * i,), generator=gen).tolist() for i in range(count)]
+
+
+def run_engine(model, drafter, rows: list[list[int]], width: int, budget: int, params=None, new: int = 20):
+    """Decode `rows` through the one loop (lean verifier, fixed node budget, `width` rows in flight) ->
+    (tokens per row, the BatchResult)."""
+    from specdec.engine import Engine, Request, StopConditions
+    from specdec.sampling import SamplingParams
+    from specdec.trees.budget import BatchSizer
+    from specdec.verifiers.lean import LeanVerifier
+
+    eng = Engine(LeanVerifier(model, gemm="linear"), drafter, BatchSizer(budget, adaptive=False), width)
+    params = params or [SamplingParams()] * len(rows)
+    res = eng.generate_batch([Request(p, StopConditions(new), s) for p, s in zip(rows, params)])
+    return [r.tokens for r in res.results], res
+
+
 def make_tiny_tokenizer(vocab: int = VOCAB):
     """A byte-level BPE tokenizer trained on a few sentences, with <pad>=0, <bos>=1, <eos>=2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

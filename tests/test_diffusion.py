@@ -10,15 +10,13 @@ from functools import lru_cache
 import pytest
 import torch
 
-from conftest import ARCHS, hf_greedy, make_tiny_model
+from conftest import ARCHS, hf_greedy, make_tiny_model, random_prompts, run_engine
 from specdec.drafters.base import DraftRow
 from specdec.drafters.diffusion import dflash
 from specdec.drafters.diffusion.cps import NgramLM
 from specdec.drafters.diffusion.drafter import DiffusionConfig, DiffusionDrafter
-from specdec.engine import Engine, Request, StopConditions
 from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams
-from specdec.trees.budget import BatchSizer
 from specdec.verifiers.lean import LeanVerifier
 
 VOCAB = 512
@@ -29,9 +27,7 @@ def target(arch: str):
     return make_tiny_model(arch)
 
 
-def prompts(count: int, seed: int = 0, length: int = 10) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, VOCAB, (length + 2 * i,), generator=gen).tolist() for i in range(count)]
+prompts = random_prompts
 
 
 def block_net(arch: str, block: int = 6) -> dflash.BlockDrafter:
@@ -55,12 +51,8 @@ def make_drafter(arch: str, **config) -> DiffusionDrafter:
     return DiffusionDrafter(backend, corpus_ngram(arch), DiffusionConfig(**config))
 
 
-def run(arch: str, drafter, rows, width: int, budget: int = 8, params=None, new: int = 20) -> list[list[int]]:
-    v = LeanVerifier(target(arch), gemm="linear")
-    eng = Engine(v, drafter, BatchSizer(budget, adaptive=False), width)
-    params = params or [SamplingParams()] * len(rows)
-    res = eng.generate_batch([Request(p, StopConditions(new), s) for p, s in zip(rows, params)])
-    return [r.tokens for r in res.results], res
+def run(arch: str, drafter, rows, width: int, budget: int = 8, params=None, new: int = 20):
+    return run_engine(target(arch), drafter, rows, width, budget, params, new)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

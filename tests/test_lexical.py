@@ -10,15 +10,13 @@ from functools import lru_cache
 import pytest
 import torch
 
-from conftest import ARCHS, hf_greedy, make_tiny_model
+from conftest import ARCHS, hf_greedy, make_tiny_model, random_prompts, run_engine
 from specdec.drafters.base import PlainDrafter
 from specdec.drafters.lexical import placeholders
 from specdec.drafters.lexical.drafter import LexicalDrafter, lexical_drafter
 from specdec.drafters.lexical.train import LexicalTrainConfig, fit, loss_of
-from specdec.engine import Engine, Request, StopConditions
 from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams
-from specdec.trees.budget import BatchSizer
 from specdec.verifiers.base import NodeInputs
 from specdec.verifiers.lean import LeanVerifier
 from specdec.verifiers.lean_model import LeanModel
@@ -31,9 +29,7 @@ def target(arch: str):
     return make_tiny_model(arch)
 
 
-def prompts(count: int, seed: int = 0, length: int = 10) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, VOCAB, (length + 2 * i,), generator=gen).tolist() for i in range(count)]
+prompts = random_prompts
 
 
 def random_embeds(arch: str, k: int = 3, seed: int = 1) -> torch.Tensor:
@@ -49,11 +45,7 @@ def make_drafter(arch: str, **options) -> LexicalDrafter:
 
 
 def run(arch: str, drafter, rows, width: int, budget: int = 6, params=None, new: int = 20):
-    v = LeanVerifier(target(arch), gemm="linear")
-    eng = Engine(v, drafter, BatchSizer(budget, adaptive=False), width)
-    params = params or [SamplingParams()] * len(rows)
-    res = eng.generate_batch([Request(p, StopConditions(new), s) for p, s in zip(rows, params)])
-    return [r.tokens for r in res.results], res
+    return run_engine(target(arch), drafter, rows, width, budget, params, new)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
