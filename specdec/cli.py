@@ -194,23 +194,32 @@ def train_group() -> None:
     """Train the drafters that learn from the target (on its own outputs, never on benchmark prompts)."""
 
 
+def _train_options(command):
+    """The options every `specdec train` command takes: the target, its training data, head size, threads, cache."""
+    for option in reversed([
+        click.option("--model", default="gemma3-270m", show_default=True, help="The target (a built-in name or a path)."),
+        click.option("--prompts", type=click.IntRange(min=8), default=400, show_default=True,
+                     help="Training prompts (specdec.drafters.training_prompts; none from a benchmark)."),
+        click.option("--max-new-tokens", type=click.IntRange(min=8), default=128, show_default=True),
+        click.option("--vocab", type=click.IntRange(min=64), default=16384, show_default=True,
+                     help="Head size: the most frequent tokens of the corpus."),
+        click.option("--threads", type=int, default=None, help="torch threads (default: torch's)."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), default=None),
+    ]):
+        command = option(command)
+    return command
+
+
 @train_group.command("diffusion")
-@click.option("--model", default="gemma3-270m", show_default=True, help="The target (a built-in name or a path).")
+@_train_options
 @click.option("--work-dir", type=click.Path(file_okay=False),
               help="Corpus, features and checkpoints (resumable); default <cache>/train/diffusion-<model>.")
 @click.option("--out", type=click.Path(dir_okay=False),
               help="The weights file (default <work-dir>/diffusion.safetensors).")
 @click.option("--steps", type=click.IntRange(min=1), default=6000, show_default=True)
-@click.option("--prompts", type=click.IntRange(min=8), default=400, show_default=True,
-              help="Training prompts (specdec.drafters.training_prompts; none from a benchmark).")
-@click.option("--max-new-tokens", type=click.IntRange(min=8), default=128, show_default=True)
 @click.option("--block", type=click.IntRange(min=2, max=64), default=12, show_default=True,
               help="Mask positions per block (a draft uses k <= block).")
 @click.option("--layers", "num_layers", type=click.IntRange(min=1, max=4), default=1, show_default=True)
-@click.option("--vocab", type=click.IntRange(min=64), default=16384, show_default=True,
-              help="Head size: the most frequent tokens of the corpus.")
-@click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
 @user_errors
 def train_diffusion_cmd(model: str, work_dir: str | None, out: str | None, steps: int, prompts: int,
                         max_new_tokens: int, block: int, num_layers: int, vocab: int, threads: int | None,
@@ -235,21 +244,14 @@ def train_diffusion_cmd(model: str, work_dir: str | None, out: str | None, steps
 
 
 @train_group.command("lexical")
-@click.option("--model", default="gemma3-270m", show_default=True, help="The target (a built-in name or a path).")
+@_train_options
 @click.option("--work-dir", type=click.Path(file_okay=False),
               help="Corpus and checkpoints (resumable; the corpus is shared with `train diffusion` in one work "
                    "dir); default <cache>/train/<model>.")
 @click.option("--out", type=click.Path(dir_okay=False),
               help="The weights file (default <work-dir>/lexical.safetensors).")
 @click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True)
-@click.option("--prompts", type=click.IntRange(min=8), default=400, show_default=True,
-              help="Training prompts (specdec.drafters.training_prompts; none from a benchmark).")
-@click.option("--max-new-tokens", type=click.IntRange(min=8), default=128, show_default=True)
 @click.option("--placeholders", "k", type=click.IntRange(min=1, max=8), default=3, show_default=True)
-@click.option("--vocab", type=click.IntRange(min=64), default=16384, show_default=True,
-              help="Head size: the most frequent tokens of the corpus.")
-@click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
 @user_errors
 def train_lexical_cmd(model: str, work_dir: str | None, out: str | None, steps: int, prompts: int,
                       max_new_tokens: int, k: int, vocab: int, threads: int | None, cache_dir: str | None) -> None:
