@@ -8,6 +8,7 @@ the mapping of transformers generation arguments onto the engine's `StopConditio
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -94,6 +95,8 @@ class SpecDecoder:
         strict: bool = False,
         weights: str = "fp32",
     ):
+        if isinstance(model, os.PathLike):  # a directory or .gguf given as a Path
+            model = os.fspath(model)
         tree_obj = _resolve_tree(tree)  # cheap checks first: a typo should not wait for a model load
         if isinstance(drafter, str) and ":" not in drafter and drafter not in drafter_names():
             raise SpecdecError(f"unknown drafter '{drafter}': choose one of {', '.join(drafter_names())}, "

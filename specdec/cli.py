@@ -60,10 +60,13 @@ def generate(prompt: str, config_path: str | None, cache_dir: str | None, raw: b
 
 def _decoder(cfg: RunConfig, cache_dir: str | None):
     from specdec.api import SpecDecoder
+    from specdec.drafters.registry import parse_drafter
 
+    name, options = parse_drafter(cfg.drafter, f"--drafter '{cfg.drafter}'")  # 'auto[drafters=ngram+diffusion]'
     return SpecDecoder(
-        cfg.model, drafter=cfg.drafter, tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend,
-        cache_dir=cache_dir, drafter_options=cfg.drafter_options, log=log, strict=cfg.strict, weights=cfg.weights,
+        cfg.model, drafter=name, tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend,
+        cache_dir=cache_dir, drafter_options={**cfg.drafter_options, **options}, log=log, strict=cfg.strict,
+        weights=cfg.weights,
     )
 
 
@@ -105,6 +108,9 @@ def _print_stats(result, cfg: RunConfig) -> None:
     )
     hist = " ".join(f"{k}:{v}" for k, v in d["accept_histogram"].items())
     click.echo(f"[stats] accepted-length histogram (tokens/step: steps): {hist}", err=True)
+    if d.get("proposed_by"):  # drafts that name their sources (auto): whose nodes were scored and accepted
+        by = " ".join(f"{k}:{d['accepted_by'].get(k, 0)}/{v}" for k, v in d["proposed_by"].items())
+        click.echo(f"[stats] accepted/scored draft nodes by drafter: {by}", err=True)
 
 
 @main.command()

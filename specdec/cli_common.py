@@ -42,7 +42,9 @@ def common_options(fn: Callable) -> Callable:
     options = [
         click.option("--config", "config_path", type=click.Path(), help="YAML file of settings (see configs/)."),
         click.option("--model", help="Built-in name (default gemma3-270m), a transformers directory, or a .gguf."),
-        click.option("--drafter", help="plain, ngram, recycling, or module:Class."),
+        click.option("--drafter", help="plain, ngram, recycling, model, self, diffusion, lexical, auto (all of "
+                                        "them in one tree: auto[drafters=ngram+recycling+diffusion+lexical]), "
+                                        "or module:Class; options as name[key=value;...]."),
         click.option("--tree", help="Tree preset (chain-K, cpu-8, tr-80, ...) or a YAML file."),
         click.option("--tree-budget", type=int, help="Max nodes scored per step, root included."),
         click.option("--backend", type=click.Choice(["auto", "hf", "lean"]), help="Verifier implementation."),

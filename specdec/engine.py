@@ -76,6 +76,9 @@ class DecodeStats:
     step_nodes: list[int] = field(default_factory=list)  # [steps] nodes its verify call scored (all rows, aux too)
     step_s: list[float] = field(default_factory=list)  # [steps] seconds of the whole step, sizing .. observe
     step_verify_s: list[float] = field(default_factory=list)  # [steps] seconds of its score_nodes + greedy tokens
+    # drafts that say who proposed each node (`Draft.sources`, the auto drafter): draft nodes per source
+    proposed_by: Counter = field(default_factory=Counter)  # scored
+    accepted_by: Counter = field(default_factory=Counter)  # accepted
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -106,7 +109,8 @@ class DecodeStats:
             "draft_s": round(self.draft_s, 4),
             "verify_s": round(self.verify_s, 4),
             "total_s": round(self.total_s, 4),
-        }
+        } | ({"proposed_by": dict(self.proposed_by.most_common()), "accepted_by": dict(self.accepted_by.most_common())}
+             if self.proposed_by else {})
 
 
 @dataclass
@@ -338,6 +342,9 @@ class Run:
                 n=draft.size, m=0 if draft.aux is None else draft.aux.size))
             row.stats.accepted.append(len(committed))
             row.stats.tree_sizes.append(draft.size)
+            if draft.sources is not None:
+                row.stats.proposed_by.update(draft.sources[1:])
+                row.stats.accepted_by.update(draft.sources[i] for i in path[1:])
             kept, reason = apply_stop(committed, row.out, row.stop)
             row.extend(kept)  # the views above keep their own (pre-step) length
             if kept and self.on_tokens is not None:

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
-import yaml
 
 from specdec.bench import llama_cpp as llama_bench
 from specdec.bench import step_time
@@ -240,22 +239,13 @@ def split_method(method: str) -> tuple[str, str, dict[str, Any]]:
     `diffusion[cps=false]` the diffusion drafter with option cps=False (values read as YAML scalars), so ablations
     run side by side in one bench; no suffix: fp32, no options."""
     from specdec.config import WEIGHT_FORMATS
+    from specdec.drafters.registry import parse_drafter
 
     base, _, weights = method.partition("@")
     weights = weights or "fp32"
     if weights not in WEIGHT_FORMATS:
         raise SpecdecError(f"method '{method}': unknown weight format '{weights}' (choose {', '.join(WEIGHT_FORMATS)})")
-    drafter, bracket, body = base.partition("[")
-    options: dict[str, Any] = {}
-    if bracket:
-        if not body.endswith("]") or not drafter:
-            raise SpecdecError(f"method '{method}': write options as drafter[key=value;key=value], e.g. "
-                               "diffusion[cps=false]")
-        for item in body[:-1].split(";"):
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise SpecdecError(f"method '{method}': option '{item}' is not key=value, e.g. diffusion[cps=false]")
-            options[key.strip()] = yaml.safe_load(value)
+    drafter, options = parse_drafter(base, f"method '{method}'")
     return drafter, weights, options
 
 

@@ -83,6 +83,7 @@ class Draft:
     q: torch.Tensor | None = None  # [n, vocab] float32 draft distribution at each node's parent, or None (q = 1)
     scores: torch.Tensor | None = None  # [n] float32 drafter's log-confidence per node (dynamic trees), optional
     aux: AuxNodes | None = None  # nodes scored alongside, never accepted (see the module docstring)
+    sources: tuple[str, ...] | None = None  # [n] which drafter(s) proposed each node ("ngram+recycling"), optional
 
     @property
     def size(self) -> int:
@@ -102,28 +103,58 @@ class DraftRow:
 
 @dataclass
 class Feedback:
-    """One row's verification. Scores are those of the row's own nodes, read on demand from the verify call."""
+    """One row's verification. Scores are those of the row's own nodes, read on demand from the verify call.
+
+    A drafter that is one component of a merged draft (`specdec.drafters.auto`) gets a view: its own nodes, in
+    its own indices, gathered from the merged call (`nodes`, `aux_nodes`), its share of the accepted path
+    (`accepted`, possibly shorter than the step's whole path) and the whole path (`path`).
+    """
 
     accepted: torch.Tensor  # [a] int64 node indices root..last accepted node (root included)
-    new_tokens: torch.Tensor  # [a] int64 tokens committed this step (accepted drafts + the bonus token)
+    new_tokens: torch.Tensor  # [a'] int64 tokens committed this step (the whole path's drafts + the bonus token)
     topk_tokens: torch.Tensor  # [n, k] int64 the target's top-k tokens at every real scored node (k = needs.topk)
     context_len: int  # committed length after this step
     scores: "NodeScores | None" = field(default=None, repr=False)  # the whole call's scores
     lo: int = 0  # this row's first node in `scores`
     n: int = 0  # real nodes of this row (aux nodes follow them in `scores`)
     m: int = 0  # aux nodes of this row
+    nodes: torch.Tensor | None = None  # [n] int64 row-relative indices in `scores` of the real nodes (None: 0..n-1)
+    aux_nodes: torch.Tensor | None = None  # [m] int64 row-relative indices of the aux nodes (None: n..n+m-1)
+    path: torch.Tensor | None = None  # [a'] int64 row-relative indices of the whole accepted path (None: accepted)
+
+    @property
+    def whole_path(self) -> bool:
+        """Whether this drafter's nodes hold the step's whole accepted path (always, outside a merged draft)."""
+        return self.accepted.numel() == self.new_tokens.numel()
 
     def logits(self) -> torch.Tensor:  # [n, V] float32 target logits at the real nodes
-        return self._scores().logits(self.lo, self.lo + self.n)
+        return self._rows(lambda a, b: self._scores().logits(a, b), self.nodes, 0, self.n)
 
     def hidden(self, layer: int) -> torch.Tensor:  # [n, H] target hidden state at the real nodes
-        return self._scores().hidden(layer, self.lo, self.lo + self.n)
+        return self._rows(lambda a, b: self._scores().hidden(layer, a, b), self.nodes, 0, self.n)
 
     def aux_logits(self) -> torch.Tensor:  # [m, V] float32 target logits at the aux nodes
-        return self._scores().logits(self.lo + self.n, self.lo + self.n + self.m)
+        return self._rows(lambda a, b: self._scores().logits(a, b), self.aux_nodes, self.n, self.m)
 
     def aux_hidden(self, layer: int) -> torch.Tensor:  # [m, H]
-        return self._scores().hidden(layer, self.lo + self.n, self.lo + self.n + self.m)
+        return self._rows(lambda a, b: self._scores().hidden(layer, a, b), self.aux_nodes, self.n, self.m)
+
+    def path_hidden(self, layer: int) -> torch.Tensor:  # [a', H] hidden states at the whole accepted path's nodes
+        """The target's state at every node whose token the step committed (root, accepted drafts): what a
+        drafter that follows the committed sequence reads, whoever drafted the nodes."""
+        if self.path is None:
+            return self.hidden(layer)[self.accepted]
+        return self._rows(lambda a, b: self._scores().hidden(layer, a, b), self.path, 0, 0)
+
+    def _rows(self, read, index: torch.Tensor | None, start: int, count: int) -> torch.Tensor:
+        """read(lo, hi) -> rows lo..hi-1 of the call; this row's `index` (row-relative), or start..start+count."""
+        if index is None:
+            return read(self.lo + start, self.lo + start + count)
+        if index.numel() == 0:
+            return read(self.lo, self.lo)
+        first, last = int(index.min()), int(index.max())
+        rows = read(self.lo + first, self.lo + last + 1)
+        return rows[(index - first).to(rows.device)]
 
     def _scores(self) -> "NodeScores":
         if self.scores is None:

@@ -56,6 +56,26 @@ def make_drafter(name: str, *, vocab_size: int, tree: Tree | None = None, contex
     return drafter
 
 
+def parse_drafter(text: str, what: str = "drafter") -> tuple[str, dict[str, Any]]:
+    """'name' or 'name[key=value;key=value]' -> (name, options), values read as YAML scalars: `auto[drafters=
+    ngram+recycling+diffusion]`, `diffusion[cps=false]`. SpecdecError (naming `what`) for a malformed one."""
+    import yaml
+
+    from specdec.errors import SpecdecError
+
+    name, bracket, body = text.partition("[")
+    options: dict[str, Any] = {}
+    if bracket:
+        if not body.endswith("]") or not name:
+            raise SpecdecError(f"{what}: write options as drafter[key=value;key=value], e.g. diffusion[cps=false]")
+        for item in body[:-1].split(";"):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise SpecdecError(f"{what}: option '{item}' is not key=value, e.g. diffusion[cps=false]")
+            options[key.strip()] = yaml.safe_load(value)
+    return name, options
+
+
 def _import(path: str) -> DrafterFactory:
     module_name, _, attr = path.partition(":")
     try:
@@ -138,6 +158,14 @@ def _lexical(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
     return lexical_drafter(vocab_size, tree, **options)
 
 
+def _auto(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
+    from specdec.drafters.auto import auto_drafter
+
+    _check_call("auto", auto_drafter, vocab_size, tree, **options)
+    return auto_drafter(vocab_size, tree, **options)
+
+
+_auto.context_keys = ("target", "target_tokenizer")  # type: ignore[attr-defined]  # for its components
 _diffusion.context_keys = ("target",)  # type: ignore[attr-defined]
 _lexical.context_keys = ("target",)  # type: ignore[attr-defined]
 
@@ -145,3 +173,4 @@ register("model", _model)
 register("self", _self)
 register("diffusion", _diffusion)
 register("lexical", _lexical)
+register("auto", _auto)

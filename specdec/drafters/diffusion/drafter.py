@@ -113,8 +113,7 @@ class DiffusionDrafter(BaseDrafter):
         layers = self.needs.hidden_layers
         for r, d, f in zip(rows, drafts, feedback):
             if layers:
-                nodes = f.accepted
-                hidden = {layer: f.hidden(layer)[nodes] for layer in layers}
+                hidden = {layer: f.path_hidden(layer) for layer in layers}  # every committed position, in order
                 self.backend.observe_hidden(r.slot, len(r.context) - 1, hidden)
             self.ngram.extend(r.slot, f.new_tokens.tolist())
             if d.size > 1:

@@ -41,12 +41,10 @@ class LexicalDrafter(BaseDrafter):
         self.groups, self.threshold, self.alternatives, self.softcap = groups, threshold, alternatives, softcap
         self.needs = Needs(hidden_layers=(-1,), max_aux=groups * self.k)
         self._pred: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}  # slot -> (tokens [k, r], p [k, r])
-        self._groups: dict[int, dict[int, int]] = {}  # slot -> {real node: its group's first aux index}
         self._rates: dict[int, DepthRates] = {}
 
     def reset(self, slot: int, sampling: SamplingParams) -> None:
         self._pred[slot] = None
-        self._groups[slot] = {}
         self._rates[slot] = DepthRates()
 
     def propose(self, rows: Sequence[DraftRow], budgets: Sequence[int]) -> list[Draft]:
@@ -63,11 +61,9 @@ class LexicalDrafter(BaseDrafter):
         while len(chain) < self.groups and tree.children(chain[-1]):
             chain.append(tree.children(chain[-1])[0])
         n, k = tree.size, self.k
-        parents, where = [], {}
+        parents = []
         for g, node in enumerate(chain):
-            where[node] = g * k
             parents += [node] + [n + g * k + j for j in range(k - 1)]
-        self._groups[row.slot] = where
         aux = AuxNodes(parents=torch.tensor(parents, dtype=torch.long),
                        tokens=torch.zeros(len(parents), dtype=torch.long),
                        embeds=self.embeds.repeat(len(chain), 1))
@@ -101,15 +97,12 @@ class LexicalDrafter(BaseDrafter):
 
     def observe(self, rows: Sequence[DraftRow], drafts: Sequence[Draft], feedback: Sequence[Feedback]) -> None:
         for r, d, f in zip(rows, drafts, feedback):
-            last = int(f.accepted[-1])
-            where = self._groups.get(r.slot, {})
             if d.size > 1:
                 self._rates.setdefault(r.slot, DepthRates()).update(d.tree.max_depth, len(f.accepted) - 1)
-            if last not in where or d.aux is None:
-                self._pred[r.slot] = None
-                continue
-            off = where[last]
-            self._pred[r.slot] = self.predict(f.aux_hidden(-1)[off: off + self.k])
+            # the group that rode under the step's last committed node, read off the draft as scored (the loop
+            # may drop aux nodes it has no room for; a merged draft may keep only some groups)
+            off = _group_under(d, int(f.accepted[-1])) if f.whole_path else None
+            self._pred[r.slot] = None if off is None else self.predict(f.aux_hidden(-1)[off: off + self.k])
 
     def predict(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final normed states [k, H] of one group -> (top tokens [k, r], their probabilities [k, r])."""
@@ -121,6 +114,16 @@ class LexicalDrafter(BaseDrafter):
 
     def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
         return self._rates.setdefault(slot, DepthRates()).expected_tokens(max_nodes)
+
+
+def _group_under(draft: Draft, node: int) -> int | None:
+    """The first aux index of the placeholder group hanging under real node `node` of `draft`, if any."""
+    if draft.aux is None:
+        return None
+    for j, parent in enumerate(draft.aux.parents.tolist()):
+        if parent == node:
+            return j
+    return None
 
 
 def lexical_drafter(vocab_size: int, tree=None, *, target=None, weights: str | None = None, groups: int = 2,

@@ -1,0 +1,315 @@
+"""`auto`: every applicable drafter behind one node budget, merged per row into one tree, valued by measurement.
+
+Owns the merge, the node values and the remapping of one merged verification back onto each component:
+
+- propose: every component drafter (ngram, recycling, diffusion, lexical, ...) proposes for every row at
+  `propose_nodes` nodes; the trees are merged into one trie rooted at the row's last token (the same token
+  under the same parent is one node, whoever proposed it);
+- value: a component's node at (depth d, child rank r in its own tree) is accepted, given that its parent
+  was, with the rate that component's nodes at (d, r) were measured to be accepted (`Rates`: this request's
+  own counts on top of a prior from every earlier request, so a request that copies a lot leans on ngram and
+  free prose on the others, without a flag); a node several components proposed is accepted unless all of
+  them are wrong (1 - prod(1 - rate)); a node's value is the product of those rates down its path, the
+  probability that it is accepted, never more than its parent's;
+- cut: the `budget - 1` most valuable nodes (ties: shallower first, so a kept node's parent is kept) whose
+  value is at least `min_value` form the draft; aux nodes of the components (lexical placeholders) ride along
+  under their parents if those are kept;
+- observe: each component is told about exactly the nodes of its own that were scored, in its own indices
+  (a pruned copy of its tree, like the batch allocator's cut chains), the part of the accepted path that runs
+  through them, and the whole path's tokens and hidden states (`Feedback.path_hidden`), so a drafter that
+  follows the committed sequence (diffusion) never misses a position.
+
+`expected_tokens` (what the sizer prices budgets with) is 1 + the sum of the n - 1 best node values of recent
+steps (a running mean of the sorted values). Every node carries its sources (`Draft.sources`); the loop counts
+accepted nodes per source in its stats. Drafts are deterministic (q = 1): greedy and sampled outputs are token
+for token plain decoding's, as for any component alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from specdec.drafters.base import AuxNodes, Draft, Drafter, DraftRow, Feedback, Needs
+from specdec.sampling import SamplingParams
+from specdec.trees.tree import Tree
+
+MAX_DEPTH = 16  # depths past this share the last row of the rate table
+MAX_RANK = 8  # ranks past this share the last column
+
+
+class Rates:
+    """P(a node at (depth, rank) is accepted | its parent was), one component's counts with a prior."""
+
+    def __init__(self, prior: float = 0.4, strength: float = 4.0):
+        ranks = np.arange(MAX_RANK)
+        self.tries = np.full((MAX_DEPTH + 1, MAX_RANK), strength)
+        self.hits = self.tries * (prior / (1.0 + ranks))[None, :]  # rank r: prior / (r + 1)
+
+    def rate(self, depth: np.ndarray, rank: np.ndarray) -> np.ndarray:
+        d, r = np.minimum(depth, MAX_DEPTH), np.minimum(rank, MAX_RANK - 1)
+        return np.clip(self.hits[d, r] / self.tries[d, r], 1e-4, 0.999)
+
+    def update(self, depth: np.ndarray, rank: np.ndarray, hit: np.ndarray) -> None:
+        d, r = np.minimum(depth, MAX_DEPTH), np.minimum(rank, MAX_RANK - 1)
+        np.add.at(self.tries, (d, r), 1.0)
+        np.add.at(self.hits, (d, r), hit.astype(np.float64))
+
+    def scaled(self, strength: float) -> "Rates":
+        """A copy whose counts weigh at most `strength` tries per cell: a prior a request's own counts outweigh."""
+        out = copy.copy(self)
+        scale = np.minimum(1.0, strength / self.tries)
+        out.tries, out.hits = self.tries * scale, self.hits * scale
+        return out
+
+
+@dataclass
+class _Part:
+    """One component's proposal for one row and where its nodes went in the merged draft."""
+
+    draft: Draft  # as the component proposed it
+    to_merged: np.ndarray  # [n_c] int64 merged real index of each node, -1 where cut
+    aux_to_merged: np.ndarray  # [m_c] int64 merged combined index of each aux node, -1 where cut
+
+
+class AutoDrafter:
+    """Merges its components' drafts per row under one budget (see the module docstring)."""
+
+    name = "auto"
+
+    def __init__(self, components: Sequence[Drafter], propose_nodes: int = 32, min_value: float = 0.02,
+                 prior_strength: float = 8.0, profile_alpha: float = 0.2):
+        names = [c.name for c in components]
+        if not components or len(set(names)) != len(names):
+            raise ValueError(f"auto: needs one or more distinct drafters, got {names}")
+        if propose_nodes < 2 or not 0.0 <= min_value < 1.0:
+            raise ValueError(f"auto: need propose_nodes >= 2 and 0 <= min_value < 1, got {propose_nodes}, {min_value}")
+        self.components = list(components)
+        self.names = names
+        self.propose_nodes, self.min_value = propose_nodes, min_value
+        self.prior_strength, self.alpha = prior_strength, profile_alpha
+        needs = [c.needs for c in components]
+        self.needs = Needs(topk=max(n.topk for n in needs),
+                           hidden_layers=tuple(sorted({layer for n in needs for layer in n.hidden_layers})),
+                           max_aux=sum(n.max_aux for n in needs),
+                           prefill_hidden=any(n.prefill_hidden for n in needs))
+        self._global = [Rates() for _ in components]  # every request's counts: the prior of the next one
+        self._rates: dict[int, list[Rates]] = {}  # slot -> per component
+        self._profile_global = 0.5 * 0.9 ** np.arange(propose_nodes)  # cold start: worth drafting
+        self._profile: dict[int, np.ndarray] = {}  # slot -> running mean of the sorted node values
+        self._parts: dict[int, list[_Part]] = {}  # slot -> this step's proposals
+
+    # ---- protocol --------------------------------------------------------------------------------------
+
+    def reset(self, slot: int, sampling: SamplingParams) -> None:
+        for c in self.components:
+            c.reset(slot, sampling)
+        self._rates[slot] = [g.scaled(self.prior_strength) for g in self._global]
+        self._profile[slot] = self._profile_global.copy()
+        self._parts.pop(slot, None)
+
+    def observe_prefill(self, slot: int, context: torch.Tensor, hidden: dict[int, torch.Tensor]) -> None:
+        for c in self.components:
+            if c.needs.prefill_hidden:
+                c.observe_prefill(slot, context, hidden)  # type: ignore[attr-defined]
+
+    def propose(self, rows: Sequence[DraftRow], budgets: Sequence[int]) -> list[Draft]:
+        inner = [self.propose_nodes if b > 1 else 1 for b in budgets]
+        proposals = [c.propose(rows, inner) for c in self.components]  # [C][B]
+        out = []
+        for i, (row, budget) in enumerate(zip(rows, budgets)):
+            out.append(self._merge(row.slot, [p[i] for p in proposals], budget))
+        return out
+
+    def observe(self, rows: Sequence[DraftRow], drafts: Sequence[Draft], feedback: Sequence[Feedback]) -> None:
+        views: list[tuple[list[Draft], list[Feedback]]] = [([], []) for _ in self.components]
+        for row, merged, f in zip(rows, drafts, feedback):
+            parts = self._parts.pop(row.slot)
+            path = f.accepted.numpy()
+            on_path = np.zeros(merged.size, dtype=bool)
+            on_path[path] = True
+            for c, part in enumerate(parts):
+                d, fc = self._view(part, merged, f, path)
+                views[c][0].append(d)
+                views[c][1].append(fc)
+                self._learn(row.slot, c, part, on_path)
+        for c, (ds, fs) in zip(self.components, views):
+            c.observe(rows, ds, fs)
+
+    def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
+        prof = self._profile.get(slot, self._profile_global)
+        out = [1.0]
+        for n in range(1, max_nodes):
+            out.append(out[-1] + (float(prof[n - 1]) if n - 1 < prof.shape[0] else 0.0))
+        return out
+
+    def node_values(self, slot: int, draft: Draft) -> list[float] | None:
+        return None
+
+    def node_value_bound(self, slot: int, budget: int) -> list[float] | None:
+        return None
+
+    def acceptance(self, slot: int) -> dict[str, list[float]]:
+        """Per component, this slot's measured acceptance of rank-0 nodes at depths 1..8 (for reports)."""
+        rates = self._rates.get(slot, self._global)
+        depth = np.arange(1, 9)
+        return {name: [round(float(x), 3) for x in r.rate(depth, np.zeros_like(depth))]
+                for name, r in zip(self.names, rates)}
+
+    # ---- merge -----------------------------------------------------------------------------------------
+
+    def _merge(self, slot: int, drafts: list[Draft], budget: int) -> Draft:
+        root = int(drafts[0].tokens[0])
+        rates = self._rates.setdefault(slot, [g.scaled(self.prior_strength) for g in self._global])
+        trie: dict[tuple[int, int], int] = {}
+        parent, token, miss, depth, sources = [-1], [root], [0.0], [0], [0]
+        maps = []
+        for c, d in enumerate(drafts):
+            tree = d.tree
+            toks = d.tokens.tolist()
+            mapped = np.zeros(d.size, dtype=np.int64)  # component node -> trie node
+            if d.size > 1:
+                cond = rates[c].rate(tree.depth.numpy()[1:], np.asarray(tree.ranks[1:]))
+            for i in range(1, d.size):
+                key = (int(mapped[tree.parents[i]]), toks[i])
+                node = trie.get(key)
+                if node is None:
+                    node = trie[key] = len(parent)
+                    parent.append(key[0])
+                    token.append(key[1])
+                    miss.append(1.0)
+                    depth.append(depth[key[0]] + 1)
+                    sources.append(0)
+                miss[node] *= 1.0 - float(cond[i - 1])
+                sources[node] |= 1 << c
+                mapped[i] = node
+            maps.append(mapped)
+        total = len(parent)
+        value = np.ones(total)
+        for j in range(1, total):  # parents precede children in creation order
+            value[j] = value[parent[j]] * (1.0 - miss[j])
+        order = sorted(range(1, total), key=lambda j: (-value[j], depth[j], j))
+        ranked = [j for j in order if value[j] >= self.min_value]
+        self._record_profile(slot, value[ranked])
+        keep = sorted(ranked[: max(0, budget - 1)])
+        new = np.full(total, -1, dtype=np.int64)
+        new[0] = 0
+        new[keep] = np.arange(1, len(keep) + 1)
+        parents = [-1] + [int(new[parent[j]]) for j in keep]
+        tokens = torch.tensor([root] + [token[j] for j in keep], dtype=torch.long)
+        labels = tuple("+".join(n for b, n in enumerate(self.names) if sources[j] >> b & 1) for j in [0] + keep)
+        parts = [_Part(d, new[m], np.zeros(0, dtype=np.int64)) for d, m in zip(drafts, maps)]
+        aux = self._merge_aux(parts, len(keep) + 1)
+        self._parts[slot] = parts
+        return Draft(Tree.from_parents(parents), tokens, aux=aux, sources=labels)
+
+    def _merge_aux(self, parts: list[_Part], n: int) -> AuxNodes | None:
+        """The components' aux nodes whose parents were kept, re-parented into the merged draft (n real nodes)."""
+        parents: list[int] = []
+        tokens, embeds = [], []
+        for part in parts:
+            aux = part.draft.aux
+            if aux is None:
+                continue
+            mine = np.full(aux.size, -1, dtype=np.int64)
+            size = part.draft.size
+            for j, p in enumerate(aux.parents.tolist()):
+                where = int(part.to_merged[p]) if p < size else int(mine[p - size])
+                if where >= 0:
+                    mine[j] = n + len(parents)
+                    parents.append(where)
+                    tokens.append(aux.tokens[j])
+                    if aux.embeds is not None:
+                        embeds.append(aux.embeds[j])
+            part.aux_to_merged = mine
+            if aux.embeds is None and embeds or aux.embeds is not None and len(embeds) != len(parents):
+                raise ValueError("auto: aux nodes given as token ids and as vectors cannot ride in one draft")
+        if not parents:
+            return None
+        return AuxNodes(torch.tensor(parents, dtype=torch.long), torch.stack(tokens).long(),
+                        torch.stack(embeds) if embeds else None)
+
+    def _record_profile(self, slot: int, values: np.ndarray) -> None:
+        prof = np.zeros(self.propose_nodes)
+        k = min(len(values), self.propose_nodes)
+        prof[:k] = values[:k]
+        a = self.alpha
+        self._profile[slot] = (1 - a) * self._profile.get(slot, self._profile_global) + a * prof
+        self._profile_global = (1 - a / 4) * self._profile_global + (a / 4) * prof
+
+    # ---- observe ---------------------------------------------------------------------------------------
+
+    def _view(self, part: _Part, merged: Draft, f: Feedback, path: np.ndarray) -> tuple[Draft, Feedback]:
+        """The component's scored nodes as a draft of its own, and the feedback in its indices."""
+        d = part.draft
+        scored_aux = merged.aux is not None  # the loop drops every aux node of a draft it has no room for
+        kept = np.flatnonzero(part.to_merged >= 0)  # component indices, parents first (root: 0)
+        own = np.full(d.size, -1, dtype=np.int64)
+        own[kept] = np.arange(len(kept))
+        tree = Tree.from_parents([-1] + [int(own[d.tree.parents[i]]) for i in kept[1:]],
+                                 [d.tree.ranks[i] for i in kept])
+        merged_idx = part.to_merged[kept]  # [n'] merged index of each kept node
+        position = {int(m): i for i, m in enumerate(merged_idx)}
+        accepted = []
+        for node in path.tolist():
+            if node not in position:
+                break
+            accepted.append(position[node])
+        aux, aux_idx = None, torch.zeros(0, dtype=torch.long)
+        if d.aux is not None and scored_aux and (part.aux_to_merged >= 0).any():
+            kept_aux = np.flatnonzero(part.aux_to_merged >= 0)
+            aux_own = np.full(d.aux.size, -1, dtype=np.int64)
+            aux_own[kept_aux] = np.arange(len(kept_aux)) + len(kept)
+            old_parents = d.aux.parents.tolist()
+            parents = [int(own[old_parents[j]]) if old_parents[j] < d.size else int(aux_own[old_parents[j] - d.size])
+                       for j in kept_aux]
+            index = torch.from_numpy(kept_aux)
+            aux = AuxNodes(torch.tensor(parents, dtype=torch.long), d.aux.tokens[index],
+                           None if d.aux.embeds is None else d.aux.embeds[index.to(d.aux.embeds.device)])
+            aux_idx = torch.from_numpy(part.aux_to_merged[kept_aux])
+        view = Draft(tree, d.tokens[torch.from_numpy(kept)], aux=aux)
+        fb = Feedback(accepted=torch.tensor(accepted, dtype=torch.long), new_tokens=f.new_tokens,
+                      topk_tokens=f.topk_tokens[torch.from_numpy(merged_idx)], context_len=f.context_len,
+                      scores=f.scores, lo=f.lo, n=len(kept), m=int(aux_idx.numel()),
+                      nodes=torch.from_numpy(merged_idx), aux_nodes=aux_idx, path=f.accepted)
+        return view, fb
+
+    def _learn(self, slot: int, c: int, part: _Part, on_path: np.ndarray) -> None:
+        """Count, for the component's scored nodes whose parent was accepted, which were accepted too."""
+        d = part.draft
+        if d.size <= 1:
+            return
+        m = part.to_merged[1:]
+        parent_m = part.to_merged[np.asarray(d.tree.parents[1:])]
+        tried = (m >= 0) & (parent_m >= 0)
+        tried[tried] &= on_path[parent_m[tried]]
+        if not tried.any():
+            return
+        depth = d.tree.depth.numpy()[1:][tried]
+        rank = np.asarray(d.tree.ranks[1:])[tried]
+        hit = on_path[m[tried]]
+        self._rates[slot][c].update(depth, rank, hit)
+        self._global[c].update(depth, rank, hit)
+
+
+DEFAULT_COMPONENTS = ("ngram", "recycling")
+
+
+def auto_drafter(vocab_size: int, tree: Tree | None = None, *, drafters: str = "+".join(DEFAULT_COMPONENTS),
+                 propose_nodes: int = 32, min_value: float = 0.02, **context: Any) -> AutoDrafter:
+    """Registry factory for `auto`. drafters: the components, '+'-separated registered names, each built with
+    its defaults; context: what the engine knows (the target, its tokenizer), handed to the components."""
+    from specdec.drafters.registry import make_drafter
+
+    if tree is not None:
+        raise ValueError("drafter 'auto' builds its own trees and takes no tree preset")
+    names = [n.strip() for n in str(drafters).split("+") if n.strip()]
+    if not names or any(n in ("auto", "plain") for n in names):
+        raise ValueError(f"auto: drafters must name one or more drafters other than auto and plain, "
+                         f"e.g. ngram+recycling; got {drafters!r}")
+    components = [make_drafter(n, vocab_size=vocab_size, context=context) for n in names]
+    return AutoDrafter(components, propose_nodes=propose_nodes, min_value=min_value)

@@ -1,0 +1,195 @@
+"""The auto drafter: the components' trees merged into one per row, valued by measured acceptance, cut to the
+budget; each component told about its own nodes in its own indices. Greedy output equals transformers'
+generate() and sampled output equals plain sampling token for token, alone and in batches, with all four
+kinds of component (ngram, recycling, diffusion with target hidden states, lexical with aux nodes).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+import test_diffusion
+import test_lexical
+from conftest import ARCHS, hf_greedy, make_tiny_model, random_prompts, run_engine
+from specdec.drafters.auto import AutoDrafter, auto_drafter
+from specdec.drafters.base import BaseDrafter, Draft, DraftRow, PlainDrafter
+from specdec.drafters.ngram import NgramDrafter
+from specdec.drafters.recycling import RecyclingDrafter
+from specdec.errors import SpecdecError
+from specdec.sampling import SamplingParams
+from specdec.trees.tree import Tree
+
+VOCAB = 512
+
+
+def all_four(arch: str) -> AutoDrafter:
+    return AutoDrafter([NgramDrafter(), RecyclingDrafter(VOCAB), test_diffusion.make_drafter(arch),
+                        test_lexical.make_drafter(arch, threshold=0.0)])
+
+
+def run(arch: str, drafter, rows, width: int, budget: int = 10, params=None, new: int = 24):
+    return run_engine(test_lexical.target(arch), drafter, rows, width, budget, params, new)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_generate(arch):
+    rows = random_prompts(4, seed=7)
+    refs = [hf_greedy(test_lexical.target(arch), p, 24) for p in rows]
+    for width in (1, 3):
+        drafter = all_four(arch)
+        got, res = run(arch, drafter, rows, width)
+        assert got == refs, width
+        accepted = sum((r.stats.accepted_by for r in res.results), start=Counter())
+        proposed = sum((r.stats.proposed_by for r in res.results), start=Counter())
+        assert sum(accepted.values()) > 0  # drafts were accepted, so the merged trees were really used
+        names = {n for label in proposed for n in label.split("+")}
+        assert names == {"ngram", "recycling", "diffusion", "lexical"}  # every component's nodes were scored
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sampling_equals_plain_sampling(arch):
+    rows = random_prompts(4, seed=8)
+    params = [SamplingParams(0.8, seed=20 + i) for i in range(len(rows))]
+    plain, _ = run(arch, PlainDrafter(), rows, 1, budget=1, params=params)
+    for width in (1, 4):
+        got, _ = run(arch, all_four(arch), rows, width, params=params)
+        assert got == plain, width
+
+
+class Fixed(BaseDrafter):
+    """Proposes the same tree (rank paths -> tokens) every step and records what it is told."""
+
+    def __init__(self, name: str, paths: list[tuple[int, ...]], tokens: list[int]):
+        self.name, self.tree, self.tokens = name, Tree.from_rank_paths(paths), tokens
+        self.seen: list[tuple[Draft, object]] = []
+
+    def propose_row(self, slot, context, budget):
+        return Draft(self.tree, torch.tensor([int(context[-1])] + self.tokens))
+
+    def observe_row(self, slot, draft, feedback):
+        self.seen.append((draft, feedback))
+
+
+def test_merge_shares_equal_nodes_labels_them_and_keeps_the_most_valuable():
+    a = Fixed("a", [(0,), (0, 0), (0, 0, 0)], [5, 6, 7])  # chain 5 6 7
+    b = Fixed("b", [(0,), (1,), (0, 0)], [5, 9, 6])  # 5 -> 6 shared with a, 9 a sibling of 5
+    auto = AutoDrafter([a, b], min_value=0.0)
+    auto.reset(0, SamplingParams())
+    ctx = torch.tensor([1, 2, 3])
+    full = auto.propose([DraftRow(0, ctx)], [10])[0]
+    pairs = {(full.tree.parents[i], int(full.tokens[i])) for i in range(1, full.size)}
+    assert full.size == 5  # root, 5, 6 (shared), 7, 9
+    assert full.sources[0] == ""  # the root is no draft
+    by_token = {int(full.tokens[i]): full.sources[i] for i in range(1, full.size)}
+    assert by_token == {5: "a+b", 6: "a+b", 7: "a", 9: "b"}
+    assert len(pairs) == 4
+    auto.observe([DraftRow(0, ctx)], [full], [_feedback(full, [0])])
+    cut = auto.propose([DraftRow(0, ctx)], [3])[0]  # two draft nodes: the shared chain 5, 6 is worth most
+    assert sorted(int(t) for t in cut.tokens[1:]) == [5, 6]
+    assert cut.tree.parents == (-1, 0, 1)
+
+
+def test_components_are_told_about_their_own_nodes_in_their_own_indices():
+    a = Fixed("a", [(0,), (0, 0), (0, 0, 0)], [5, 6, 7])
+    b = Fixed("b", [(0,), (1,), (0, 0)], [9, 5, 4])  # 9 first, 5 its sibling; 5 -> 4 not in a
+    auto = AutoDrafter([a, b], min_value=0.0)
+    auto.reset(0, SamplingParams())
+    row = DraftRow(0, torch.tensor([1, 2, 3]))
+    merged = auto.propose([row], [10])[0]
+    index = {(merged.tree.parents[i], int(merged.tokens[i])): i for i in range(1, merged.size)}
+    n5 = index[(0, 5)]
+    n6 = index[(n5, 6)]
+    fb = _feedback(merged, [0, n5, n6])  # the target took 5, 6, then its own bonus token
+    auto.observe([row], [merged], [fb])
+    da, fa = a.seen[-1]
+    db, fbb = b.seen[-1]
+    assert da.tokens.tolist() == [3, 5, 6, 7] and fa.accepted.tolist() == [0, 1, 2] and fa.whole_path
+    # b's tree is root, 9, 5, 4 (its own BFS order); only 5 of it is on the path, so its share stops there
+    assert db.tokens.tolist() == [3, 9, 5, 4] and fbb.accepted.tolist() == [0, 2] and not fbb.whole_path
+    assert fbb.new_tokens.tolist() == fb.new_tokens.tolist()  # the whole step's tokens, whoever drafted them
+    # scores gathered into each component's own order: the logits row of b's node 2 is the merged node 5's
+    torch.testing.assert_close(fbb.logits()[2], fb.logits()[n5])
+    torch.testing.assert_close(fbb.topk_tokens[1], fb.topk_tokens[index[(0, 9)]])
+    torch.testing.assert_close(fbb.path_hidden(0), fb.hidden(0)[torch.tensor([0, n5, n6])])
+
+
+def _feedback(draft: Draft, path: list[int]):
+    """A verification of `draft` accepting `path` (node indices), with made-up scores (logits = node index)."""
+    from specdec.drafters.base import Feedback
+    from specdec.verifiers.base import DenseScores
+
+    n = draft.size + (0 if draft.aux is None else draft.aux.size)
+    logits = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, VOCAB) + torch.randn(n, VOCAB)
+    scores = DenseScores(logits, {0: torch.randn(n, 4)}, num_layers=0)
+    tokens = [int(draft.tokens[i]) for i in path[1:]] + [0]
+    return Feedback(accepted=torch.tensor(path), new_tokens=torch.tensor(tokens),
+                    topk_tokens=scores.topk(2)[: draft.size], context_len=10, scores=scores, n=draft.size)
+
+
+class Oracle(BaseDrafter):
+    """Drafts the true greedy continuation (known in advance) of each prompt: always accepted."""
+
+    name = "oracle"
+
+    def __init__(self, refs: dict[tuple[int, ...], list[int]]):
+        self.refs = refs
+
+    def propose_row(self, slot, context, budget):
+        ctx = context.tolist()
+        for prompt, ref in self.refs.items():
+            if tuple(ctx[: len(prompt)]) == prompt:
+                done = len(ctx) - len(prompt)
+                ahead = ref[done: done + 4]
+                if ahead:
+                    return Draft(Tree.chain(len(ahead)), torch.tensor([ctx[-1]] + ahead))
+        return Draft.root_only(context)
+
+
+class Wrong(BaseDrafter):
+    """Drafts a chain of a token the tiny target never emits next (an id out of its usual range)."""
+
+    name = "wrong"
+
+    def propose_row(self, slot, context, budget):
+        return Draft(Tree.chain(4), torch.tensor([int(context[-1]), 1, 1, 1, 1]))
+
+
+def test_values_follow_the_measured_acceptance_of_each_component():
+    model = make_tiny_model("llama")
+    rows = random_prompts(2, seed=11)
+    refs = {tuple(p): hf_greedy(model, p, 40) for p in rows}
+    auto = AutoDrafter([Wrong(), Oracle(refs)])
+    got, res = run_engine(model, auto, rows, 1, 6, new=40)
+    assert got == [refs[tuple(p)] for p in rows]
+    rates = auto.acceptance(0)
+    assert rates["oracle"][0] > 0.8 and rates["wrong"][0] < 0.2, rates
+    late = res.results[-1].stats
+    assert late.accepted_by["oracle"] > 20 and late.accepted_by.get("wrong", 0) == 0
+    # the measured values push the wrong drafter's nodes out of the budget: few of them are still scored
+    assert late.proposed_by["wrong"] < late.proposed_by["oracle"] / 2
+
+
+def test_factory_builds_the_named_components_and_refuses_bad_lists():
+    d = auto_drafter(VOCAB, drafters="ngram+recycling")
+    assert d.names == ["ngram", "recycling"] and d.needs.topk == 8
+    for bad in ("", "auto", "plain+ngram", "ngram+ngram"):
+        with pytest.raises(ValueError):
+            auto_drafter(VOCAB, drafters=bad)
+    with pytest.raises(ValueError, match="unknown drafter"):
+        auto_drafter(VOCAB, drafters="ngram+nope")
+
+
+def test_auto_through_the_api_and_its_stats(tiny_model_dir):
+    from specdec.api import SpecDecoder
+
+    dec = SpecDecoder(tiny_model_dir, drafter="auto", tree_budget=8)
+    res = dec.generate_ids([5, 6, 7, 8, 5, 6, 7, 8, 5, 6], max_new_tokens=16)
+    ref = hf_greedy(dec.model, [5, 6, 7, 8, 5, 6, 7, 8, 5, 6], 16, eos=None)
+    assert res.tokens == ref[: len(res.tokens)]
+    stats = res.stats.as_dict()
+    assert set(stats["proposed_by"]) <= {"ngram", "recycling", "ngram+recycling"}
+    with pytest.raises(SpecdecError, match="auto"):
+        SpecDecoder(tiny_model_dir, drafter="auto", drafter_options={"drafters": "ngram+bogus"})
