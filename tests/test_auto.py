@@ -86,7 +86,13 @@ def test_merge_shares_equal_nodes_labels_them_and_keeps_the_most_valuable():
     by_token = {int(full.tokens[i]): full.sources[i] for i in range(1, full.size)}
     assert by_token == {5: "a+b", 6: "a+b", 7: "a", 9: "b"}
     assert len(pairs) == 4
-    auto.observe([DraftRow(0, ctx)], [full], [_feedback(full, [0])])
+    index = {int(full.tokens[i]): i for i in range(1, full.size)}
+    for _ in range(3):  # the target agrees with the nodes both proposed: the shared table learns that
+        auto.observe([DraftRow(0, ctx)], [full], [_feedback(full, [0, index[5], index[6]])])
+        full = auto.propose([DraftRow(0, ctx)], [10])[0]
+        index = {int(full.tokens[i]): i for i in range(1, full.size)}
+    assert auto.acceptance(0)["agreed"][0] > 0.5 > auto.acceptance(0)["b"][0]
+    auto.observe([DraftRow(0, ctx)], [full], [_feedback(full, [0, index[5], index[6]])])
     cut = auto.propose([DraftRow(0, ctx)], [3])[0]  # two draft nodes: the shared chain 5, 6 is worth most
     assert sorted(int(t) for t in cut.tokens[1:]) == [5, 6]
     assert cut.tree.parents == (-1, 0, 1)
@@ -193,3 +199,60 @@ def test_auto_through_the_api_and_its_stats(tiny_model_dir):
     assert set(stats["proposed_by"]) <= {"ngram", "recycling", "ngram+recycling"}
     with pytest.raises(SpecdecError, match="auto"):
         SpecDecoder(tiny_model_dir, drafter="auto", drafter_options={"drafters": "ngram+bogus"})
+
+
+class CutToThree:
+    """A sizer that cuts every draft to its 3 most valuable nodes (what an allocator does, deterministically)."""
+
+    max_nodes = 16
+
+    def plan(self, drafter, slots, cap):
+        from specdec.trees.budget import StepPlan
+
+        return StepPlan([min(16, cap)] * len(slots), allocated=True)
+
+    def trim(self, plan, drafter, slots, drafts):
+        out = []
+        for s, d in zip(slots, drafts):
+            v = drafter.node_values(s, d)
+            best = sorted(range(len(v)), key=lambda i: (-v[i], i))[:3]
+            out.append(d.keep([0] + [i + 1 for i in best]))
+        return out
+
+    def record(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_drafts_cut_after_proposing_stay_exact(width):
+    """A sizer cuts each merged draft to its best nodes (`Draft.keep`); the components still observe their own
+    nodes right (auto finds them again in the cut draft) and the output is generate()'s."""
+    from specdec.engine import Engine, Request, StopConditions
+    from specdec.verifiers.lean import LeanVerifier
+
+    arch = "gemma3"
+    model = test_lexical.target(arch)
+    rows = random_prompts(3, seed=12)
+    refs = [hf_greedy(model, p, 24) for p in rows]
+    engine = Engine(LeanVerifier(model, gemm="linear"), all_four(arch), CutToThree(), width)
+    res = engine.generate_batch([Request(p, StopConditions(24)) for p in rows])
+    assert [r.tokens for r in res.results] == refs
+    sizes = {s for r in res.results for s in r.stats.tree_sizes}
+    assert max(sizes) == 4  # cut to 3 draft nodes
+    accepted = sum((r.stats.accepted_by for r in res.results), start=Counter())
+    assert sum(accepted.values()) > 0
+
+
+def test_keep_cuts_a_draft_to_a_subtree_with_its_aux_nodes():
+    from specdec.drafters.base import AuxNodes
+
+    tree = Tree.from_parents([-1, 0, 0, 1, 3])
+    aux = AuxNodes(torch.tensor([0, 5, 3]), torch.tensor([0, 0, 0]), torch.arange(6.0).reshape(3, 2))
+    d = Draft(tree, torch.tensor([9, 1, 2, 3, 4]), aux=aux, sources=("", "a", "b", "a", "a+b"))
+    cut = d.keep([0, 1, 3])
+    assert cut.tree.parents == (-1, 0, 1) and cut.tokens.tolist() == [9, 1, 3]
+    assert cut.sources == ("", "a", "a")
+    assert cut.aux.parents.tolist() == [0, 3, 2]  # the chained pair under the root, the one under node 3 -> 2
+    torch.testing.assert_close(cut.aux.embeds, aux.embeds)
+    with pytest.raises(ValueError, match="parent"):
+        d.keep([0, 3])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_tiny_model
+from specdec.drafters.base import Needs
 from specdec.trees.sizing import AutoBudget, DepthRates, LatencyCurve, RankRates, cached_curve, choose_budget
 from specdec.trees.tree import Tree
 from specdec.verifiers.hf import HFVerifier
@@ -45,6 +46,7 @@ def test_depth_rates_expected_tokens():
 
 class _Estimator:
     name, topk = "fake", 0
+    needs = Needs()
 
     def __init__(self, table):
         self.table = table

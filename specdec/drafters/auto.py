@@ -34,37 +34,71 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from specdec.drafters.base import AuxNodes, Draft, Drafter, DraftRow, Feedback, Needs
+from specdec.drafters.base import AuxNodes, Draft, Drafter, DraftRow, Feedback, Needs, keep_map
 from specdec.sampling import SamplingParams
 from specdec.trees.tree import Tree
 
 MAX_DEPTH = 16  # depths past this share the last row of the rate table
 MAX_RANK = 8  # ranks past this share the last column
+REGIMES = (0, 1, 3)  # a row's regime: drafts its last step accepted, at least 0 / 1 / 3 (copying runs on)
+
+
+def regime(accepted_drafts: int) -> int:
+    return sum(accepted_drafts >= r for r in REGIMES) - 1
 
 
 class Rates:
-    """P(a node at (depth, rank) is accepted | its parent was), one component's counts with a prior."""
+    """P(a node at (depth, rank) is accepted | its parent was), from one table's counts.
+
+    A cell with few counts leans on the cell one depth up (same rank), `strength` pseudo-counts of it, and depth
+    1 on `prior / (rank + 1)`: a depth no draft has reached yet is expected to hold as well as the last one
+    measured, so deeper nodes get scored and measured (a fixed prior there would keep them out for good).
+    """
 
     def __init__(self, prior: float = 0.4, strength: float = 4.0):
-        ranks = np.arange(MAX_RANK)
-        self.tries = np.full((MAX_DEPTH + 1, MAX_RANK), strength)
-        self.hits = self.tries * (prior / (1.0 + ranks))[None, :]  # rank r: prior / (r + 1)
+        self.prior, self.strength = prior, strength
+        self.tries = np.zeros((MAX_DEPTH + 1, MAX_RANK))  # measured counts only
+        self.hits = np.zeros((MAX_DEPTH + 1, MAX_RANK))
+        self._table: np.ndarray | None = None  # the smoothed rates, rebuilt after an update
+
+    def table(self) -> np.ndarray:
+        if self._table is None:
+            s = self.strength
+            out = np.empty_like(self.tries)
+            out[0] = 1.0
+            above = self.prior / (1.0 + np.arange(MAX_RANK))
+            for d in range(1, MAX_DEPTH + 1):
+                above = (self.hits[d] + s * above) / (self.tries[d] + s)
+                out[d] = above
+            self._table = np.clip(out, 1e-4, 0.999)
+        return self._table
 
     def rate(self, depth: np.ndarray, rank: np.ndarray) -> np.ndarray:
-        d, r = np.minimum(depth, MAX_DEPTH), np.minimum(rank, MAX_RANK - 1)
-        return np.clip(self.hits[d, r] / self.tries[d, r], 1e-4, 0.999)
+        return self.table()[np.minimum(depth, MAX_DEPTH), np.minimum(rank, MAX_RANK - 1)]
 
     def update(self, depth: np.ndarray, rank: np.ndarray, hit: np.ndarray) -> None:
         d, r = np.minimum(depth, MAX_DEPTH), np.minimum(rank, MAX_RANK - 1)
         np.add.at(self.tries, (d, r), 1.0)
         np.add.at(self.hits, (d, r), hit.astype(np.float64))
+        self._table = None
 
     def scaled(self, strength: float) -> "Rates":
         """A copy whose counts weigh at most `strength` tries per cell: a prior a request's own counts outweigh."""
         out = copy.copy(self)
-        scale = np.minimum(1.0, strength / self.tries)
-        out.tries, out.hits = self.tries * scale, self.hits * scale
+        scale = np.minimum(1.0, strength / np.maximum(self.tries, 1e-9))
+        out.tries, out.hits, out._table = self.tries * scale, self.hits * scale, None
         return out
+
+
+@dataclass
+class _Merged:
+    """One row's merged draft as proposed, with what its nodes were valued by."""
+
+    draft: Draft
+    values: list[float]  # [n - 1] P(accepted) of nodes 1..n-1
+    table: np.ndarray  # [n] int64 rate table of each node (a component's, or the shared one; -1: root)
+    depth: np.ndarray  # [n] int64
+    rank: np.ndarray  # [n] int64 the best child rank any of its sources gave it
 
 
 @dataclass
@@ -96,12 +130,19 @@ class AutoDrafter:
         self.needs = Needs(topk=max(n.topk for n in needs),
                            hidden_layers=tuple(sorted({layer for n in needs for layer in n.hidden_layers})),
                            max_aux=sum(n.max_aux for n in needs),
-                           prefill_hidden=any(n.prefill_hidden for n in needs))
-        self._global = [Rates() for _ in components]  # every request's counts: the prior of the next one
-        self._rates: dict[int, list[Rates]] = {}  # slot -> per component
+                           prefill_hidden=any(n.prefill_hidden for n in needs), sizes_by_values=True)
+        # per component, then one for the nodes several components proposed (their agreement is measured, not
+        # assumed: their rates are correlated): every request's counts, the prior of the next one
+        # each kept apart per regime (what the row's last step accepted: acceptance runs in streaks), table
+        # t, regime g at index t * len(REGIMES) + g
+        self._global = [Rates() for _ in range((len(components) + 1) * len(REGIMES))]
+        self._rates: dict[int, list[Rates]] = {}  # slot -> per table and regime
+        self._regime: dict[int, int] = {}  # slot -> its regime now
         self._profile_global = 0.5 * 0.9 ** np.arange(propose_nodes)  # cold start: worth drafting
         self._profile: dict[int, np.ndarray] = {}  # slot -> running mean of the sorted node values
         self._parts: dict[int, list[_Part]] = {}  # slot -> this step's proposals
+        self._merged: dict[int, _Merged] = {}  # slot -> this step's merged draft
+        self._bound: dict[int, np.ndarray] = {}  # slot -> decaying max of the sorted node values of recent steps
 
     # ---- protocol --------------------------------------------------------------------------------------
 
@@ -109,8 +150,10 @@ class AutoDrafter:
         for c in self.components:
             c.reset(slot, sampling)
         self._rates[slot] = [g.scaled(self.prior_strength) for g in self._global]
+        self._regime[slot] = 1
         self._profile[slot] = self._profile_global.copy()
         self._parts.pop(slot, None)
+        self._bound[slot] = np.ones(self.propose_nodes)  # until measured, a row is worth proposing for
 
     def observe_prefill(self, slot: int, context: torch.Tensor, hidden: dict[int, torch.Tensor]) -> None:
         for c in self.components:
@@ -127,18 +170,48 @@ class AutoDrafter:
 
     def observe(self, rows: Sequence[DraftRow], drafts: Sequence[Draft], feedback: Sequence[Feedback]) -> None:
         views: list[tuple[list[Draft], list[Feedback]]] = [([], []) for _ in self.components]
-        for row, merged, f in zip(rows, drafts, feedback):
-            parts = self._parts.pop(row.slot)
+        for row, scored, f in zip(rows, drafts, feedback):
+            parts, where = self._scored_parts(row, scored)
             path = f.accepted.numpy()
-            on_path = np.zeros(merged.size, dtype=bool)
+            on_path = np.zeros(scored.size, dtype=bool)
             on_path[path] = True
             for c, part in enumerate(parts):
-                d, fc = self._view(part, merged, f, path)
+                d, fc = self._view(part, scored, f, path)
                 views[c][0].append(d)
                 views[c][1].append(fc)
-                self._learn(row.slot, c, part, on_path)
+            if where is not None:
+                self._learn(row.slot, scored, where, on_path)
+            self._regime[row.slot] = regime(len(path) - 1)
         for c, (ds, fs) in zip(self.components, views):
             c.observe(rows, ds, fs)
+
+    def _scored_parts(self, row: DraftRow, scored: Draft) -> tuple[list[_Part], "_Merged | None"]:
+        """This step's proposals mapped onto the draft as scored: the merged draft, or the part of it a sizer
+        kept (`Draft.keep`; found again by walking the trie: (parent, token) names a node), or nothing proposed."""
+        parts = self._parts.pop(row.slot, None)
+        merged = self._merged.pop(row.slot, None)
+        if parts is None or merged is None:  # the loop did not ask for a draft this step (plain step)
+            root = Draft.root_only(row.context)
+            return [_Part(root, np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)) for _ in self.components], None
+        if scored.size == merged.draft.size:
+            return parts, merged
+        full = merged.draft
+        child = {(full.tree.parents[i], int(full.tokens[i])): i for i in range(1, full.size)}
+        where = [0]  # scored node -> merged node
+        for i in range(1, scored.size):
+            where.append(child[(where[scored.tree.parents[i]], int(scored.tokens[i]))])
+        real, aux_new = keep_map(full, where)
+        real_np, aux_np = np.asarray(real, dtype=np.int64), np.asarray(aux_new + [-1], dtype=np.int64)
+        n = full.size
+        out = []
+        for part in parts:
+            to = np.where(part.to_merged >= 0, real_np[np.maximum(part.to_merged, 0)], -1)
+            aux = part.aux_to_merged
+            aux_to = np.where(aux >= n, aux_np[np.clip(aux - n, 0, len(aux_new))], -1) if aux.size else aux
+            out.append(_Part(part.draft, to, aux_to))
+        idx = np.asarray(where)
+        return out, _Merged(scored, [merged.values[i - 1] for i in where[1:]], merged.table[idx], merged.depth[idx],
+                            merged.rank[idx])
 
     def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
         prof = self._profile.get(slot, self._profile_global)
@@ -148,17 +221,25 @@ class AutoDrafter:
         return out
 
     def node_values(self, slot: int, draft: Draft) -> list[float] | None:
-        return None
+        """[n - 1] P(accepted) of each node of this step's merged draft (the sizer's allocator cuts by them)."""
+        merged = self._merged.get(slot)
+        return None if merged is None or merged.draft is not draft else merged.values
 
     def node_value_bound(self, slot: int, budget: int) -> list[float] | None:
-        return None
+        """The best sorted node values of recent steps (a decaying maximum): a step skips proposing only when
+        even those could not pay."""
+        bound = self._bound.get(slot)
+        if bound is None:
+            bound = self._bound[slot] = np.ones(self.propose_nodes)
+        return [float(x) for x in bound[: max(0, budget - 1)]]
 
     def acceptance(self, slot: int) -> dict[str, list[float]]:
-        """Per component, this slot's measured acceptance of rank-0 nodes at depths 1..8 (for reports)."""
+        """Per component (and "agreed": nodes several proposed), this slot's measured acceptance of rank-0 nodes
+        at depths 1..8 given their parent's, in the slot's current regime (for reports)."""
         rates = self._rates.get(slot, self._global)
-        depth = np.arange(1, 9)
-        return {name: [round(float(x), 3) for x in r.rate(depth, np.zeros_like(depth))]
-                for name, r in zip(self.names, rates)}
+        g, depth = self._regime.get(slot, 1), np.arange(1, 9)
+        return {name: [round(float(x), 3) for x in rates[t * len(REGIMES) + g].rate(depth, np.zeros_like(depth))]
+                for t, name in enumerate(self.names + ["agreed"])}
 
     # ---- merge -----------------------------------------------------------------------------------------
 
@@ -166,14 +247,12 @@ class AutoDrafter:
         root = int(drafts[0].tokens[0])
         rates = self._rates.setdefault(slot, [g.scaled(self.prior_strength) for g in self._global])
         trie: dict[tuple[int, int], int] = {}
-        parent, token, miss, depth, sources = [-1], [root], [0.0], [0], [0]
+        parent, token, depth, sources, rank = [-1], [root], [0], [0], [0]  # per trie node
         maps = []
         for c, d in enumerate(drafts):
             tree = d.tree
             toks = d.tokens.tolist()
             mapped = np.zeros(d.size, dtype=np.int64)  # component node -> trie node
-            if d.size > 1:
-                cond = rates[c].rate(tree.depth.numpy()[1:], np.asarray(tree.ranks[1:]))
             for i in range(1, d.size):
                 key = (int(mapped[tree.parents[i]]), toks[i])
                 node = trie.get(key)
@@ -181,17 +260,28 @@ class AutoDrafter:
                     node = trie[key] = len(parent)
                     parent.append(key[0])
                     token.append(key[1])
-                    miss.append(1.0)
                     depth.append(depth[key[0]] + 1)
                     sources.append(0)
-                miss[node] *= 1.0 - float(cond[i - 1])
+                    rank.append(tree.ranks[i])
                 sources[node] |= 1 << c
+                rank[node] = min(rank[node], tree.ranks[i])
                 mapped[i] = node
             maps.append(mapped)
         total = len(parent)
+        src = np.asarray(sources)
+        solo = (src & (src - 1)) == 0  # one source: that component's table; several: the shared one
+        table = np.where(solo, np.log2(np.maximum(src, 1)).astype(np.int64), len(self.components))
+        table = table * len(REGIMES) + self._regime.get(slot, 1)
+        table[0] = -1
+        cond = np.ones(total)
+        dep, rk = np.asarray(depth), np.asarray(rank)
+        for t in range(len(rates)):
+            sel = table == t
+            if sel.any():
+                cond[sel] = rates[t].rate(dep[sel], rk[sel])
         value = np.ones(total)
         for j in range(1, total):  # parents precede children in creation order
-            value[j] = value[parent[j]] * (1.0 - miss[j])
+            value[j] = value[parent[j]] * cond[j]
         order = sorted(range(1, total), key=lambda j: (-value[j], depth[j], j))
         ranked = [j for j in order if value[j] >= self.min_value]
         self._record_profile(slot, value[ranked])
@@ -205,7 +295,10 @@ class AutoDrafter:
         parts = [_Part(d, new[m], np.zeros(0, dtype=np.int64)) for d, m in zip(drafts, maps)]
         aux = self._merge_aux(parts, len(keep) + 1)
         self._parts[slot] = parts
-        return Draft(Tree.from_parents(parents), tokens, aux=aux, sources=labels)
+        draft = Draft(Tree.from_parents(parents), tokens, aux=aux, sources=labels)
+        kept = [0] + keep
+        self._merged[slot] = _Merged(draft, [float(value[j]) for j in keep], table[kept], dep[kept], rk[kept])
+        return draft
 
     def _merge_aux(self, parts: list[_Part], n: int) -> AuxNodes | None:
         """The components' aux nodes whose parents were kept, re-parented into the merged draft (n real nodes)."""
@@ -240,6 +333,7 @@ class AutoDrafter:
         a = self.alpha
         self._profile[slot] = (1 - a) * self._profile.get(slot, self._profile_global) + a * prof
         self._profile_global = (1 - a / 4) * self._profile_global + (a / 4) * prof
+        self._bound[slot] = np.maximum(0.95 * self._bound.get(slot, prof), prof)
 
     # ---- observe ---------------------------------------------------------------------------------------
 
@@ -278,22 +372,20 @@ class AutoDrafter:
                       nodes=torch.from_numpy(merged_idx), aux_nodes=aux_idx, path=f.accepted)
         return view, fb
 
-    def _learn(self, slot: int, c: int, part: _Part, on_path: np.ndarray) -> None:
-        """Count, for the component's scored nodes whose parent was accepted, which were accepted too."""
-        d = part.draft
-        if d.size <= 1:
+    def _learn(self, slot: int, scored: Draft, merged: "_Merged", on_path: np.ndarray) -> None:
+        """Count, for the scored nodes whose parent was accepted, which were accepted too, each in the table it
+        was valued by."""
+        if scored.size <= 1:
             return
-        m = part.to_merged[1:]
-        parent_m = part.to_merged[np.asarray(d.tree.parents[1:])]
-        tried = (m >= 0) & (parent_m >= 0)
-        tried[tried] &= on_path[parent_m[tried]]
+        tried = on_path[np.asarray(scored.tree.parents[1:], dtype=np.int64)]
         if not tried.any():
             return
-        depth = d.tree.depth.numpy()[1:][tried]
-        rank = np.asarray(d.tree.ranks[1:])[tried]
-        hit = on_path[m[tried]]
-        self._rates[slot][c].update(depth, rank, hit)
-        self._global[c].update(depth, rank, hit)
+        table, depth, rank = merged.table[1:][tried], merged.depth[1:][tried], merged.rank[1:][tried]
+        hit = on_path[1:][tried]
+        for t in np.unique(table).tolist():
+            sel = table == t
+            self._rates[slot][t].update(depth[sel], rank[sel], hit[sel])
+            self._global[t].update(depth[sel], rank[sel], hit[sel])
 
 
 DEFAULT_COMPONENTS = ("ngram", "recycling")

@@ -61,6 +61,8 @@ class Needs:
     # entering decoder layer l (0 = the embeddings), L (or -1) the final normed state the LM head reads
     max_aux: int = 0  # auxiliary nodes one row's draft may carry at most
     prefill_hidden: bool = False  # also the prompt's hidden states at `hidden_layers` (`observe_prefill`)
+    sizes_by_values: bool = False  # offers: `node_values` for every node of any draft it makes, so even a single
+    # sequence's draft is cut each step to the nodes that pay (`specdec.trees.budget.CurveSizer`)
 
 
 @dataclass(frozen=True)
@@ -89,10 +91,50 @@ class Draft:
     def size(self) -> int:
         return self.tree.size
 
+    def keep(self, nodes: Sequence[int]) -> "Draft":
+        """The sub-draft of `nodes` (real node indices, root included, each node's parent among them), in node
+        order; aux nodes whose parent is kept ride along. What an allocator's cut leaves for scoring."""
+        real, aux_new = keep_map(self, nodes)
+        kept = [i for i in range(self.size) if real[i] >= 0]
+        tree = Tree.from_parents([-1] + [real[self.tree.parents[i]] for i in kept[1:]],
+                                 [self.tree.ranks[i] for i in kept])
+        index = torch.tensor(kept, dtype=torch.long)
+        aux = None
+        if self.aux is not None and any(a >= 0 for a in aux_new):
+            keep_aux = [j for j, a in enumerate(aux_new) if a >= 0]
+            n = self.size
+            parents = [real[p] if p < n else aux_new[p - n] for p in self.aux.parents[keep_aux].tolist()]
+            ai = torch.tensor(keep_aux, dtype=torch.long)
+            aux = AuxNodes(torch.tensor(parents, dtype=torch.long), self.aux.tokens[ai],
+                           None if self.aux.embeds is None else self.aux.embeds[ai.to(self.aux.embeds.device)])
+        return Draft(tree, self.tokens[index], None if self.q is None else self.q[index],
+                     None if self.scores is None else self.scores[index], aux,
+                     None if self.sources is None else tuple(self.sources[i] for i in kept))
+
     @staticmethod
     def root_only(context: torch.Tensor) -> "Draft":
         """The 1-node tree: plain decoding's step."""
         return Draft(Tree.chain(0), context[-1:].clone())
+
+
+def keep_map(draft: Draft, nodes: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Where `Draft.keep(nodes)` puts each node: new real index of every real node (-1: cut), new combined index
+    of every aux node (-1: cut, i.e. its parent was)."""
+    chosen = set(int(i) for i in nodes) | {0}
+    real, nxt = [-1] * draft.size, 0
+    for i in range(draft.size):
+        if i in chosen:
+            if i and real[draft.tree.parents[i]] < 0:
+                raise ValueError(f"keep: node {i} is kept but its parent {draft.tree.parents[i]} is not")
+            real[i], nxt = nxt, nxt + 1
+    aux_new: list[int] = []
+    if draft.aux is not None:
+        n, count = draft.size, 0
+        for p in draft.aux.parents.tolist():
+            where = real[p] if p < n else aux_new[p - n]
+            aux_new.append(nxt + count if where >= 0 else -1)
+            count += where >= 0
+    return real, aux_new
 
 
 @dataclass(frozen=True)
@@ -180,8 +222,9 @@ class Drafter(Protocol):
         ...
 
     def node_values(self, slot: int, draft: Draft) -> list[float] | None:
-        """P(accepted) of each draft node of a chain in depth order, or None: lets a batch keep the nodes worth
-        their verify cost across rows (`specdec.trees.allocate`)."""
+        """P(accepted) of each draft node (nodes 1..n-1, in node order; a chain's in depth order), each at most its
+        parent's, or None: lets a batch keep the nodes worth their verify cost across rows
+        (`specdec.trees.allocate`)."""
         ...
 
     def node_value_bound(self, slot: int, budget: int) -> list[float] | None:
