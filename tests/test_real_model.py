@@ -9,11 +9,18 @@ import torch
 from specdec.api import SpecDecoder
 from specdec.bench.spec_bench import PROMPT_TEMPLATE
 from specdec.data.spec_bench import read_questions
+from specdec.drafters.registry import parse_drafter
 from specdec.models.loading import load_model
 from specdec.text import encode_prompt
 
 PROMPTS = 5
 NEW_TOKENS = 64
+ALL_FOUR = "auto[drafters=ngram+recycling+diffusion+lexical]"
+
+
+def decoder_for(loaded, drafter: str) -> SpecDecoder:
+    name, options = parse_drafter(drafter)
+    return SpecDecoder(loaded, drafter=name, drafter_options=options or None)
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +42,10 @@ def real():
 
 @pytest.mark.slow
 @pytest.mark.ci
-@pytest.mark.parametrize("drafter", ["recycling", "ngram", "diffusion", "lexical"])  # the last two: shipped weights
-def test_default_model_matches_transformers_generate(real, drafter):
+@pytest.mark.parametrize("drafter", ["recycling", "ngram", "diffusion", "lexical", "auto", ALL_FOUR])
+def test_default_model_matches_transformers_generate(real, drafter):  # diffusion, lexical: the shipped weights
     loaded, prompts, refs = real
-    decoder = SpecDecoder(loaded, drafter=drafter)
+    decoder = decoder_for(loaded, drafter)
     for ids, ref in zip(prompts, refs):
         result = decoder.generate_ids(ids, max_new_tokens=NEW_TOKENS)
         assert result.tokens == ref
@@ -54,14 +61,29 @@ def test_default_model_plain_and_hf_backend_match(real):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drafter", ["ngram", "recycling", "diffusion", "lexical"])
+@pytest.mark.parametrize("drafter", ["ngram", "recycling", "diffusion", "lexical", "auto", ALL_FOUR])
 def test_default_model_batches_match_transformers_generate(real, drafter):
-    """Ragged rows, continuous batching (width 3 < 5 prompts), packed scoring and (ngram) nodes allocated across rows."""
+    """Ragged rows, continuous batching (width 3 < 5 prompts), packed scoring and (ngram, auto) nodes allocated
+    across rows."""
     loaded, prompts, refs = real
-    decoder = SpecDecoder(loaded, drafter=drafter)
+    decoder = decoder_for(loaded, drafter)
     result = decoder.generate_many(prompts, width=3, max_new_tokens=NEW_TOKENS)
     assert [r.tokens for r in result.results] == refs
     assert result.stats.tau > 1.0  # drafts were scored and accepted, not plain decoding throughout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["lexical", "auto", ALL_FOUR])
+def test_default_model_sampling_equals_plain_sampling(real, drafter):
+    """Sampled output (temperature 0.8, a seed per prompt) is token for token plain sampling's, alone and in a batch."""
+    loaded, prompts, _ = real
+    kw = dict(max_new_tokens=NEW_TOKENS, temperature=0.8)
+    plain = SpecDecoder(loaded, drafter="plain")
+    refs = [plain.generate_ids(ids, seed=i, **kw).tokens for i, ids in enumerate(prompts)]
+    decoder = decoder_for(loaded, drafter)
+    assert [decoder.generate_ids(ids, seed=i, **kw).tokens for i, ids in enumerate(prompts)] == refs
+    requests = [decoder.request(ids, seed=i, **kw) for i, ids in enumerate(prompts)]
+    assert [r.tokens for r in decoder.engine_for(3).generate_batch(requests).results] == refs
 
 
 @pytest.mark.slow

@@ -5,15 +5,18 @@ Owns the merge, the node values and the remapping of one merged verification bac
 - propose: every component drafter (ngram, recycling, diffusion, lexical, ...) proposes for every row at
   `propose_nodes` nodes; the trees are merged into one trie rooted at the row's last token (the same token
   under the same parent is one node, whoever proposed it);
-- value: a component's node at (depth d, child rank r in its own tree) is accepted, given that its parent
-  was, with the rate that component's nodes at (d, r) were measured to be accepted (`Rates`: this request's
-  own counts on top of a prior from every earlier request, so a request that copies a lot leans on ngram and
-  free prose on the others, without a flag); a node several components proposed is accepted unless all of
-  them are wrong (1 - prod(1 - rate)); a node's value is the product of those rates down its path, the
-  probability that it is accepted, never more than its parent's;
-- cut: the `budget - 1` most valuable nodes (ties: shallower first, so a kept node's parent is kept) whose
-  value is at least `min_value` form the draft; aux nodes of the components (lexical placeholders) ride along
-  under their parents if those are kept;
+- value: a node one component proposed at (depth d, child rank r in its own tree) is accepted, given that its
+  parent was, with the rate that component's lone nodes at (d, r) were measured to be accepted; a node several
+  components proposed, with the rate measured for such agreed nodes (their evidence is correlated: multiplying
+  their misses over-predicted tau by 23%). Rates (`Rates`) are this request's own counts on top of a prior from
+  every earlier request, so a request that copies a lot leans on ngram and free prose on the others, without a
+  flag; they are kept apart per regime (drafts the row's last step accepted: 0, 1-2, 3+), because acceptance
+  runs in streaks. A node's value, the probability that it is accepted, is the product of the rates down its
+  path, never more than its parent's;
+- cut: the `budget - 1` most valuable nodes (ties: shallower first, so a kept node's parent is kept) whose value
+  is at least `min_value`; the engine's sizer then keeps, this step, the nodes worth their share of the verify
+  cost (`node_values`, `Needs.sizes_by_values`, `specdec.trees.allocate`), found again in the cut draft by
+  (parent, token); aux nodes of the components (lexical placeholders) ride along under their parents if kept;
 - observe: each component is told about exactly the nodes of its own that were scored, in its own indices
   (a pruned copy of its tree, like the batch allocator's cut chains), the part of the accepted path that runs
   through them, and the whole path's tokens and hidden states (`Feedback.path_hidden`), so a drafter that
