@@ -122,6 +122,36 @@ def test_components_are_told_about_their_own_nodes_in_their_own_indices():
     torch.testing.assert_close(fbb.path_hidden(0), fb.hidden(0)[torch.tensor([0, n5, n6])])
 
 
+def test_a_component_that_stopped_paying_is_tried_again_after_a_while():
+    """Counts fade (`horizon`): after a run of rejected drafts and then steps that proposed nothing (skipped as
+    not worth it), the bound on the row's node values climbs back, so the row proposes again (ngram before
+    the text starts to repeat); without fading it would stay shut out for the rest of the request."""
+    a = Fixed("a", [(0,), (0, 0), (0, 0, 0)], [5, 6, 7])
+    auto = AutoDrafter([a], min_value=0.0, horizon=64)
+    auto.reset(0, SamplingParams())
+    row = DraftRow(0, torch.tensor([1, 2, 3]))
+    fresh = auto.node_value_bound(0, 4)[0]
+    for _ in range(20):  # every draft rejected
+        draft = auto.propose([row], [4])[0]
+        auto.observe([row], [draft], [_feedback(draft, [0])])
+    shut = auto.node_value_bound(0, 4)[0]
+    assert shut < 0.1 < fresh
+    root = Draft.root_only(row.context)
+    for _ in range(200):  # the loop skipped proposing: plain steps
+        auto.observe([row], [root], [_feedback(root, [0])])
+    again = auto.node_value_bound(0, 4)[0]
+    assert again > 0.3 > shut
+    never = AutoDrafter([Fixed("a", [(0,)], [5])], min_value=0.0, horizon=1e9)  # no fading: shut for good
+    never.reset(0, SamplingParams())
+    for _ in range(20):
+        draft = never.propose([row], [4])[0]
+        never.observe([row], [draft], [_feedback(draft, [0])])
+    before = never.node_value_bound(0, 4)[0]
+    for _ in range(200):
+        never.observe([row], [root], [_feedback(root, [0])])
+    assert never.node_value_bound(0, 4)[0] == pytest.approx(before) and before < 0.1
+
+
 def _feedback(draft: Draft, path: list[int]):
     """A verification of `draft` accepting `path` (node indices), with made-up scores (logits = node index)."""
     from specdec.drafters.base import Feedback
@@ -186,6 +216,25 @@ def test_factory_builds_the_named_components_and_refuses_bad_lists():
             auto_drafter(VOCAB, drafters=bad)
     with pytest.raises(ValueError, match="unknown drafter"):
         auto_drafter(VOCAB, drafters="ngram+nope")
+
+
+@pytest.mark.parametrize("arch", ARCHS[:1])
+def test_a_draft_model_joins_as_a_component_and_stays_exact(arch):
+    from test_model_drafter import noisy_copy
+
+    target = test_lexical.target(arch)
+    rows = random_prompts(3, seed=11)
+    refs = [hf_greedy(target, p, 24) for p in rows]
+    drafter = auto_drafter(VOCAB, draft_model=noisy_copy(target, scale=0.1))
+    assert drafter.names == ["ngram", "recycling", "model"]
+    got, res = run(arch, drafter, rows, 2)
+    assert got == refs
+    accepted = sum((r.stats.accepted_by for r in res.results), start=Counter())
+    assert any("model" in label.split("+") for label in accepted)  # the draft model's nodes were accepted
+    with pytest.raises(ValueError, match="draft_model"):
+        auto_drafter(VOCAB, drafters="ngram+model")
+    with pytest.raises(ValueError, match="draft_model"):
+        auto_drafter(VOCAB, drafters="ngram", draft_model=target)
 
 
 def test_auto_through_the_api_and_its_stats(tiny_model_dir):

@@ -11,8 +11,10 @@ Owns the merge, the node values and the remapping of one merged verification bac
   their misses over-predicted tau by 23%). Rates (`Rates`) are this request's own counts on top of a prior from
   every earlier request, so a request that copies a lot leans on ngram and free prose on the others, without a
   flag; they are kept apart per regime (drafts the row's last step accepted: 0, 1-2, 3+), because acceptance
-  runs in streaks. A node's value, the probability that it is accepted, is the product of the rates down its
-  path, never more than its parent's;
+  runs in streaks; a row's counts fade by 1 / `horizon` a step, so a drafter that stopped paying (ngram before
+  the text starts to repeat) drifts back to its prior and is tried again instead of being shut out for good.
+  A node's value, the probability that it is accepted, is the product of the rates down its path, never more
+  than its parent's;
 - cut: the `budget - 1` most valuable nodes (ties: shallower first, so a kept node's parent is kept) whose value
   is at least `min_value`; the engine's sizer then keeps, this step, the nodes worth their share of the verify
   cost (`node_values`, `Needs.sizes_by_values`, `specdec.trees.allocate`), found again in the cut draft by
@@ -85,6 +87,12 @@ class Rates:
         np.add.at(self.hits, (d, r), hit.astype(np.float64))
         self._table = None
 
+    def forget(self, factor: float) -> None:
+        """Weigh every count by `factor` (< 1): evidence fades, rates drift back to the smoothing's prior."""
+        self.tries *= factor
+        self.hits *= factor
+        self._table = None
+
     def scaled(self, strength: float) -> "Rates":
         """A copy whose counts weigh at most `strength` tries per cell: a prior a request's own counts outweigh."""
         out = copy.copy(self)
@@ -119,16 +127,17 @@ class AutoDrafter:
     name = "auto"
 
     def __init__(self, components: Sequence[Drafter], propose_nodes: int = 32, min_value: float = 0.02,
-                 prior_strength: float = 8.0, profile_alpha: float = 0.2):
+                 prior_strength: float = 8.0, profile_alpha: float = 0.2, horizon: float = 64.0):
         names = [c.name for c in components]
         if not components or len(set(names)) != len(names):
             raise ValueError(f"auto: needs one or more distinct drafters, got {names}")
-        if propose_nodes < 2 or not 0.0 <= min_value < 1.0:
-            raise ValueError(f"auto: need propose_nodes >= 2 and 0 <= min_value < 1, got {propose_nodes}, {min_value}")
+        if propose_nodes < 2 or not 0.0 <= min_value < 1.0 or not horizon > 1.0:
+            raise ValueError(f"auto: need propose_nodes >= 2, 0 <= min_value < 1 and horizon > 1, got "
+                             f"{propose_nodes}, {min_value}, {horizon}")
         self.components = list(components)
         self.names = names
         self.propose_nodes, self.min_value = propose_nodes, min_value
-        self.prior_strength, self.alpha = prior_strength, profile_alpha
+        self.prior_strength, self.alpha, self.horizon = prior_strength, profile_alpha, horizon
         needs = [c.needs for c in components]
         self.needs = Needs(topk=max(n.topk for n in needs),
                            hidden_layers=tuple(sorted({layer for n in needs for layer in n.hidden_layers})),
@@ -145,7 +154,6 @@ class AutoDrafter:
         self._profile: dict[int, np.ndarray] = {}  # slot -> running mean of the sorted node values
         self._parts: dict[int, list[_Part]] = {}  # slot -> this step's proposals
         self._merged: dict[int, _Merged] = {}  # slot -> this step's merged draft
-        self._bound: dict[int, np.ndarray] = {}  # slot -> decaying max of the sorted node values of recent steps
 
     # ---- protocol --------------------------------------------------------------------------------------
 
@@ -156,7 +164,6 @@ class AutoDrafter:
         self._regime[slot] = 1
         self._profile[slot] = self._profile_global.copy()
         self._parts.pop(slot, None)
-        self._bound[slot] = np.ones(self.propose_nodes)  # until measured, a row is worth proposing for
 
     def observe_prefill(self, slot: int, context: torch.Tensor, hidden: dict[int, torch.Tensor]) -> None:
         for c in self.components:
@@ -182,6 +189,8 @@ class AutoDrafter:
                 d, fc = self._view(part, scored, f, path)
                 views[c][0].append(d)
                 views[c][1].append(fc)
+            for r in self._rates.get(row.slot, ()):
+                r.forget(1.0 - 1.0 / self.horizon)
             if where is not None:
                 self._learn(row.slot, scored, where, on_path)
             self._regime[row.slot] = regime(len(path) - 1)
@@ -229,12 +238,18 @@ class AutoDrafter:
         return None if merged is None or merged.draft is not draft else merged.values
 
     def node_value_bound(self, slot: int, budget: int) -> list[float] | None:
-        """The best sorted node values of recent steps (a decaying maximum): a step skips proposing only when
-        even those could not pay."""
-        bound = self._bound.get(slot)
-        if bound is None:
-            bound = self._bound[slot] = np.ones(self.propose_nodes)
-        return [float(x) for x in bound[: max(0, budget - 1)]]
+        """The most `node_values` could give this step: the values of a full-length rank-0 chain of the component
+        (or of agreed nodes) whose rates are best now, in the row's regime (for ngram alone, exactly its own
+        bound). A step skips proposing only when even that could not pay. (A bound from the values of recent
+        proposals never recovered: a row whose drafts once stopped paying, ngram in a stretch with nothing to
+        copy, never proposed again and missed every copy after it.)"""
+        rates = self._rates.get(slot) or [g.scaled(self.prior_strength) for g in self._global]
+        g, depth = self._regime.get(slot, 1), np.arange(1, max(1, budget))
+        best = np.zeros(depth.shape[0])
+        tables = len(self.components) + (len(self.components) > 1)  # agreed nodes need two components
+        for t in range(tables):
+            best = np.maximum(best, np.cumprod(rates[t * len(REGIMES) + g].rate(depth, np.zeros_like(depth))))
+        return [float(x) for x in best]
 
     def acceptance(self, slot: int) -> dict[str, list[float]]:
         """Per component (and "agreed": nodes several proposed), this slot's measured acceptance of rank-0 nodes
@@ -336,7 +351,6 @@ class AutoDrafter:
         a = self.alpha
         self._profile[slot] = (1 - a) * self._profile.get(slot, self._profile_global) + a * prof
         self._profile_global = (1 - a / 4) * self._profile_global + (a / 4) * prof
-        self._bound[slot] = np.maximum(0.95 * self._bound.get(slot, prof), prof)
 
     # ---- observe ---------------------------------------------------------------------------------------
 
@@ -394,17 +408,27 @@ class AutoDrafter:
 DEFAULT_COMPONENTS = ("ngram", "recycling")
 
 
-def auto_drafter(vocab_size: int, tree: Tree | None = None, *, drafters: str = "+".join(DEFAULT_COMPONENTS),
-                 propose_nodes: int = 32, min_value: float = 0.02, **context: Any) -> AutoDrafter:
+def auto_drafter(vocab_size: int, tree: Tree | None = None, *, drafters: str | None = None,
+                 draft_model: Any = None, propose_nodes: int = 32, min_value: float = 0.02, horizon: float = 64.0,
+                 **context: Any) -> AutoDrafter:
     """Registry factory for `auto`. drafters: the components, '+'-separated registered names, each built with
-    its defaults; context: what the engine knows (the target, its tokenizer), handed to the components."""
+    its defaults (None: ngram+recycling, and `model` when a draft model is given); draft_model: a draft model
+    (a load_model spec or a loaded model) for the `model` component; context: what the engine knows (the
+    target, its tokenizer), handed to the components."""
     from specdec.drafters.registry import make_drafter
 
     if tree is not None:
         raise ValueError("drafter 'auto' builds its own trees and takes no tree preset")
-    names = [n.strip() for n in str(drafters).split("+") if n.strip()]
+    if drafters is None:
+        names = list(DEFAULT_COMPONENTS) + (["model"] if draft_model is not None else [])
+    else:
+        names = [n.strip() for n in str(drafters).split("+") if n.strip()]
     if not names or any(n in ("auto", "plain") for n in names):
         raise ValueError(f"auto: drafters must name one or more drafters other than auto and plain, "
                          f"e.g. ngram+recycling; got {drafters!r}")
-    components = [make_drafter(n, vocab_size=vocab_size, context=context) for n in names]
-    return AutoDrafter(components, propose_nodes=propose_nodes, min_value=min_value)
+    if ("model" in names) != (draft_model is not None):
+        raise ValueError("auto: the model component and draft_model go together: give draft_model=DIR|NAME "
+                         "(drafters then includes model unless you list them), or drop model from drafters")
+    components = [make_drafter(n, vocab_size=vocab_size, context=context,
+                               **({"draft_model": draft_model} if n == "model" else {})) for n in names]
+    return AutoDrafter(components, propose_nodes=propose_nodes, min_value=min_value, horizon=horizon)
