@@ -85,7 +85,7 @@ class SpecDecoder:
         model: str | LoadedModel | PreTrainedModel | None = None,
         tokenizer: Any = None,
         *,
-        drafter: str | Drafter = "recycling",
+        drafter: str | Drafter = "auto",
         tree: str | Tree | None = None,
         tree_budget: int | None = None,
         backend: str = "auto",
@@ -299,7 +299,7 @@ def generate(
     The rows of a batch go through the one loop together (width B, at most 8 in flight; the transformers
     verifier: one at a time); left padding is stripped with `attention_mask`; finished rows are right-padded
     with pad_token_id as transformers does. `input_ids` may also be a string (needs `tokenizer`). drafter:
-    default recycling. Sampling uses `seed` if given (every row the same), else a seed drawn from torch's
+    default auto. Sampling uses `seed` if given (every row the same), else a seed drawn from torch's
     global generator. Given a SpecDecoder, its own drafter and tokenizer are used: passing either is an error.
     """
     unknown = set(kwargs) - _SUPPORTED
@@ -311,7 +311,7 @@ def generate(
                                "drafter= / tokenizer= to SpecDecoder(...) instead")
         decoder = model
     else:
-        decoder = SpecDecoder(model, tokenizer, drafter=drafter or "recycling")
+        decoder = SpecDecoder(model, tokenizer, drafter=drafter or "auto")
     if isinstance(input_ids, str):
         input_ids = torch.tensor([decoder.encode(input_ids, chat=False)])
     if input_ids is None:

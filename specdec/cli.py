@@ -118,7 +118,7 @@ def _print_stats(result, cfg: RunConfig) -> None:
 @click.option("--prompts", type=click.Path(), help="Spec-Bench style JSONL (default: the bundled Spec-Bench).")
 @click.option("--per-category", type=int, default=1, show_default=True, help="Prompts per category.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--methods", default="hf-plain,hf-pld,plain,ngram,recycling", show_default=True,
+@click.option("--methods", default="hf-plain,hf-pld,plain,ngram,recycling,auto", show_default=True,
               help="Comma-separated: hf-plain, hf-pld, drafter names (with options for ablations: "
                    "'diffusion[cps=false;adl=false]'; a weight format: ngram@gguf), or the llama.cpp baselines llama-q4km-plain, "
                    "llama-q4km-pld, llama-f32-plain, llama-f32-pld (need the llamacpp extra; never in the default, "

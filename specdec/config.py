@@ -22,7 +22,7 @@ DEFAULT_MODEL = "gemma3-270m"
 @dataclass(frozen=True)
 class RunConfig:
     model: str = DEFAULT_MODEL
-    drafter: str = "recycling"
+    drafter: str = "auto"
     tree: str | None = None  # preset name, chain-K, or a YAML file; None = the drafter's default
     tree_budget: int | None = None  # max nodes per step (root included); None = the drafter's default
     backend: str = "auto"  # auto | hf | lean

@@ -31,7 +31,7 @@ class BatchBenchSpec:
     n_prompts: int = 16
     max_new_tokens: int = 64
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
-    drafter: str = "recycling"
+    drafter: str = "auto"
     drafter_options: dict[str, Any] = field(default_factory=dict)  # for `drafter` (the spec method)
     backend: str = "auto"  # auto | lean; hf cannot batch
     tree: str | None = None

@@ -40,7 +40,7 @@ class BenchSpec:
     prompts: str | None = None
     per_category: int = 1
     max_new_tokens: int = 128
-    methods: tuple[str, ...] = ("hf-plain", "hf-pld", "plain", "ngram", "recycling")
+    methods: tuple[str, ...] = ("hf-plain", "hf-pld", "plain", "ngram", "recycling", "auto")
     out_dir: str = "bench_results"
     cache_dir: str | None = None
     tree: str | None = None
