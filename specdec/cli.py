@@ -126,6 +126,9 @@ def _print_stats(result, cfg: RunConfig) -> None:
 @click.option("--out", "out_dir", default="bench_results", show_default=True, help="Folder for JSON + Markdown.")
 @click.option("--batch", "batch_sizes", help="Batched throughput instead: comma-separated batch sizes, e.g. 1,2,4,8.")
 @click.option("--batch-prompts", type=int, default=16, show_default=True, help="Prompts for --batch.")
+@click.option("--batch-drafters", "batch_drafters", default="",
+              help="--batch: more drafters beside --drafter (comma-separated, options as name[key=value;...]), "
+                   "run interleaved in the same run.")
 @click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True,
               help="--batch: interleaved runs per batch size and method; the fastest counts.")
 @click.option("--plot", is_flag=True, help="Also save a PNG (needs matplotlib).")
@@ -133,7 +136,8 @@ def _print_stats(result, cfg: RunConfig) -> None:
               help="Verify-curve JSON (python -m specdec.bench.verify_curve) to plot too.")
 @user_errors
 def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, per_category: int,
-          max_new_tokens: int, methods: str, out_dir: str, batch_sizes: str | None, batch_prompts: int, repeats: int,
+          max_new_tokens: int, methods: str, out_dir: str, batch_sizes: str | None, batch_prompts: int,
+          batch_drafters: str, repeats: int,
           plot: bool, curve: str | None, **overrides: Any) -> None:
     """Spec-Bench, side by side in one run: tau, tokens/s, speedup and exact-match rate per category."""
     cfg = load_config(config_path).updated(**overrides)
@@ -153,7 +157,8 @@ def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, p
             model=cfg.model, prompts=prompts, n_prompts=batch_prompts, max_new_tokens=max_new_tokens,
             batch_sizes=parse_batch_sizes(batch_sizes), drafter=cfg.drafter, drafter_options=cfg.drafter_options,
             backend=cfg.backend, tree=cfg.tree, tree_budget=cfg.tree_budget, cache_dir=cache_dir, repeats=repeats,
-            out_dir=out_dir), log=log, echo=click.echo)
+            out_dir=out_dir, others=tuple(m.strip() for m in batch_drafters.split(",") if m.strip())),
+            log=log, echo=click.echo)
         return
     from specdec.bench.spec_bench import BenchSpec, run_bench
 

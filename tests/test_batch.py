@@ -340,3 +340,11 @@ def test_batch_bench_runs_and_reports(tiny_model_dir, tmp_path):
     assert [(t["batch"], t["method"]) for t in report["table"]] == [(1, "plain"), (1, "spec"), (2, "plain"), (2, "spec")]
     assert all(t["exact_match"] == 1.0 for t in report["table"])
     assert "| 2 | spec |" in lines[0] and len(list(tmp_path.glob("bench-batch-*.json"))) == 1
+    report = run_batch_bench(BatchBenchSpec(model=str(tiny_model_dir), n_prompts=3, max_new_tokens=6,
+                                            batch_sizes=(2,), repeats=1, others=("ngram", "auto[drafters=ngram]")),
+                             log=lambda _: None, echo=lines.append)  # more drafters, interleaved in one run
+    assert [t["method"] for t in report["table"]] == ["plain", "spec", "ngram", "auto[drafters=ngram]"]
+    assert all(t["exact_match"] == 1.0 for t in report["table"])
+    for bad in (("nope",), ("spec",), ("ngram", "ngram")):
+        with pytest.raises(SpecdecError, match="--batch-drafters"):
+            run_batch_bench(BatchBenchSpec(model=str(tiny_model_dir), n_prompts=3, others=bad), log=lambda _: None)

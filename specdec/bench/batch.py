@@ -8,7 +8,8 @@ tokens/s (all new tokens / wall time of the run), speedup over plain at batch 1 
 B, tau (tokens per row per step), the tree budgets the policy chose, and the exact-match rate of every row
 against its plain batch-1 output. Every run starts from fresh drafters and a fresh policy (cold), so runs are
 comparable; one untimed warm-up run per method comes first. Hardware, dtype, threads and prompt count are
-printed with the table. Absolute times on shared machines are noisy: compare ratios from one run. Batches run
+printed with the table. `others` (`--batch-drafters ngram,recycling`) adds more drafters, run interleaved with
+plain and spec in the same run, so drafters are compared within one run rather than across runs. Absolute times on shared machines are noisy: compare ratios from one run. Batches run
 on the lean verifier (per-row positions and caches): `--backend hf` is refused, not ignored.
 """
 
@@ -21,6 +22,7 @@ from typing import Any, Callable
 
 from specdec.bench.report import machine_info, output_dir, save_report
 from specdec.data.spec_bench import read_questions
+from specdec.drafters.registry import drafter_names, parse_drafter
 from specdec.errors import SpecdecError
 
 
@@ -38,6 +40,7 @@ class BatchBenchSpec:
     tree_budget: int | None = None  # None: 16
     cache_dir: str | None = None
     repeats: int = 2  # runs per (batch size, method), interleaved; the fastest counts
+    others: tuple[str, ...] = ()  # more drafters ('name' or 'name[key=value;...]'), run beside spec, interleaved
     out_dir: str | None = None  # where to save bench-batch-<time>.json / .md; None = not saved
 
 
@@ -55,6 +58,13 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
                            f"not {spec.backend}")
     if spec.out_dir:
         output_dir(spec.out_dir)  # a bad --out fails now, not after the run
+    methods = ("plain", "spec") + tuple(spec.others)
+    if len(set(methods)) != len(methods):
+        raise SpecdecError(f"--batch-drafters: each drafter once, and not plain or spec; got {','.join(spec.others)}")
+    for m in spec.others:  # a malformed or unknown one fails before the model loads
+        name, _ = parse_drafter(m, "--batch-drafters")
+        if name not in drafter_names() and ":" not in name:
+            raise SpecdecError(f"--batch-drafters: unknown drafter '{name}': choose from {', '.join(drafter_names())}")
     questions = pick_questions(spec.prompts, spec.n_prompts)
     loaded = load_model(spec.model, cache_dir=spec.cache_dir, log=log)
     prompts = [encode_prompt(loaded.tokenizer, q["text"], template=PROMPT_TEMPLATE) for q in questions]
@@ -62,24 +72,25 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
     eos = frozenset(eos_ids(loaded))
     info = machine_info() | {"model": loaded.name, "prompts": len(prompts), "max_new_tokens": spec.max_new_tokens,
                              "drafter": spec.drafter, "drafter_options": spec.drafter_options,
-                             "tree_budget": spec.tree_budget or 16, "repeats": max(1, spec.repeats)}
+                             "tree_budget": spec.tree_budget or 16, "repeats": max(1, spec.repeats),
+                             "others": list(spec.others)}
     log(f"batch bench: {len(prompts)} prompts, {spec.max_new_tokens} new tokens, batch sizes "
         f"{','.join(map(str, spec.batch_sizes))}, {info['threads']} threads, {info['cpu']}")
     curve = cached_curve(verifier, verifier_key(loaded.model.config, verifier),
                          Path(spec.cache_dir) if spec.cache_dir else default_cache_dir(), log)
     runner = _Runner(verifier, loaded, spec, eos, curve)
-    for method in ("plain", "spec"):  # numba kernels, GEMM paths and caches warm up outside the timings
+    for method in methods:  # numba kernels, GEMM paths and caches warm up outside the timings
         runner.run(method, prompts[:2], 2, 4)
     rows = []
     for b in spec.batch_sizes:
         best: dict[str, dict] = {}
         for _ in range(max(1, spec.repeats)):
-            for method in ("plain", "spec"):
+            for method in methods:
                 r = runner.run(method, prompts, b, spec.max_new_tokens)
                 log(f"batch {b} {method}: {r['tokens_per_s']:.2f} tokens/s, tau {r['tau']:.2f}")
                 if method not in best or r["tokens_per_s"] > best[method]["tokens_per_s"]:
                     best[method] = r
-        rows += [best[m] | {"batch": b, "method": m} for m in ("plain", "spec")]
+        rows += [best[m] | {"batch": b, "method": m} for m in methods]
     if verifier.screen is not None:  # how the screened LM head decided the greedy tokens of all runs
         counts = verifier.screen.counts
         info["screen"] = dict(counts) | {"candidates_per_row": round(counts["candidates"] / max(1, counts["rows"]), 2)}
@@ -131,9 +142,11 @@ class _Runner:
 
         if method == "plain":
             name, tree, budget, options = "plain", None, 1, {}
-        else:
+        elif method == "spec":
             name, tree, budget = self.spec.drafter, self.spec.tree, self.spec.tree_budget or 16
             options = dict(self.spec.drafter_options)
+        else:  # one of spec.others: its own options, the default tree, the same node cap
+            (name, options), tree, budget = parse_drafter(method, "--batch-drafters"), None, self.spec.tree_budget or 16
         try:
             drafter = make_drafter(name, vocab_size=self.vocab_size, tree=load_tree(tree) if tree else None,
                                    context=self.context, **options)
