@@ -9,7 +9,8 @@ B, tau (tokens per row per step), the tree budgets the policy chose, and the exa
 against its plain batch-1 output. Every run starts from fresh drafters and a fresh policy (cold), so runs are
 comparable; one untimed warm-up run per method comes first. Hardware, dtype, threads and prompt count are
 printed with the table. `others` (`--batch-drafters ngram,recycling`) adds more drafters, run interleaved with
-plain and spec in the same run, so drafters are compared within one run rather than across runs. Absolute times on shared machines are noisy: compare ratios from one run. Batches run
+plain and spec in the same run, so drafters are compared within one run rather than across runs. Absolute
+times on shared machines are noisy: compare ratios from one run. Batches run
 on the lean verifier (per-row positions and caches): `--backend hf` is refused, not ignored.
 """
 

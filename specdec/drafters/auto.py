@@ -160,7 +160,7 @@ class AutoDrafter:
     def reset(self, slot: int, sampling: SamplingParams) -> None:
         for c in self.components:
             c.reset(slot, sampling)
-        self._rates[slot] = [g.scaled(self.prior_strength) for g in self._global]
+        self._rates[slot] = self._prior()
         self._regime[slot] = 1
         self._profile[slot] = self._profile_global.copy()
         self._parts.pop(slot, None)
@@ -243,7 +243,7 @@ class AutoDrafter:
         bound). A step skips proposing only when even that could not pay. (A bound from the values of recent
         proposals never recovered: a row whose drafts once stopped paying, ngram in a stretch with nothing to
         copy, never proposed again and missed every copy after it.)"""
-        rates = self._rates.get(slot) or [g.scaled(self.prior_strength) for g in self._global]
+        rates = self._slot_rates(slot)
         g, depth = self._regime.get(slot, 1), np.arange(1, max(1, budget))
         best = np.zeros(depth.shape[0])
         tables = len(self.components) + (len(self.components) > 1)  # agreed nodes need two components
@@ -259,11 +259,22 @@ class AutoDrafter:
         return {name: [round(float(x), 3) for x in rates[t * len(REGIMES) + g].rate(depth, np.zeros_like(depth))]
                 for t, name in enumerate(self.names + ["agreed"])}
 
+    def _prior(self) -> list[Rates]:
+        """A new request's rates: every earlier request's counts, weighed down to `prior_strength` tries a cell."""
+        return [g.scaled(self.prior_strength) for g in self._global]
+
+    def _slot_rates(self, slot: int) -> list[Rates]:
+        """The slot's rates, per table and regime (a slot the loop never reset starts from the prior)."""
+        rates = self._rates.get(slot)
+        if rates is None:
+            rates = self._rates[slot] = self._prior()
+        return rates
+
     # ---- merge -----------------------------------------------------------------------------------------
 
     def _merge(self, slot: int, drafts: list[Draft], budget: int) -> Draft:
         root = int(drafts[0].tokens[0])
-        rates = self._rates.setdefault(slot, [g.scaled(self.prior_strength) for g in self._global])
+        rates = self._slot_rates(slot)
         trie: dict[tuple[int, int], int] = {}
         parent, token, depth, sources, rank = [-1], [root], [0], [0], [0]  # per trie node
         maps = []
