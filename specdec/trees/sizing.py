@@ -66,7 +66,8 @@ def verifier_key(config, verifier) -> str:
     model_key = f"{config.model_type}-h{config.hidden_size}-l{config.num_hidden_layers}-v{verifier.vocab_size}"
     backend = (type(verifier).__name__ + ("-strict" if getattr(verifier, "strict", False) else "")
                + ("-screen" if getattr(verifier, "screen", None) is not None else "")
-               + f"-{getattr(verifier, 'weights', 'fp32')}" + f"-c{CURVE_VERSION}")
+               + f"-{getattr(verifier, 'weights', 'fp32')}" + getattr(verifier, "kernel", "")
+               + f"-c{CURVE_VERSION}")
     return machine_key(model_key, backend)
 
 
