@@ -106,3 +106,36 @@ def test_default_model_screened_head_equals_fp32_argmax(real):
         argmax, _ = scores.greedy()
         assert torch.equal(argmax, scores.logits().argmax(dim=-1))
         assert argmax.tolist() == ref
+
+
+@pytest.fixture(scope="module")
+def real_gguf(real):
+    loaded, prompts, refs = real
+    return SpecDecoder(loaded, drafter="plain", weights="gguf"), loaded
+
+
+@pytest.mark.slow
+def test_default_model_gguf_plain_matches_fp32_generate(real, real_gguf):
+    """gguf plain decoding (the file's quantised linears) against its reference, transformers fp32 on the
+    dequantised weights: the same greedy tokens on these prompts (equal in value, another summation order)."""
+    _, prompts, refs = real
+    plain, _ = real_gguf
+    same = sum(plain.generate_ids(ids, max_new_tokens=NEW_TOKENS).tokens == ref for ids, ref in zip(prompts, refs))
+    assert same == len(prompts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["ngram", "auto"])
+def test_default_model_gguf_speculation_equals_gguf_plain(real, real_gguf, drafter):
+    """A fixed tree budget makes the loop score draft nodes in gguf (the calibrated sizing keeps none there, see
+    the README), and the output is plain gguf decoding's token for token (the kernel is batch-invariant)."""
+    _, prompts, _ = real
+    plain, loaded = real_gguf
+    name, options = parse_drafter(drafter)
+    spec = SpecDecoder(loaded, drafter=name, drafter_options=options or None, weights="gguf", tree_budget=8)
+    scored = 0
+    for ids in prompts:
+        result = spec.generate_ids(ids, max_new_tokens=NEW_TOKENS)
+        assert result.tokens == plain.generate_ids(ids, max_new_tokens=NEW_TOKENS).tokens
+        scored += sum(result.stats.tree_sizes) - result.stats.steps
+    assert scored > 0
