@@ -27,7 +27,7 @@ M = 1..40). It equals an fp32 GEMM on the dequantised weights in value, not bitw
 Layout, measured on AMD EPYC 2 vCPUs (2 threads, median, 262144 x 640 Q8_0 head): the previous kernel
 (4-row tiles, one dot product per output with LLVM's reduction, a 2 x 4 microkernel) took 39 ms at 1 row;
 this one 15 ms at 128-row tiles (17 at 64, 28 at 32), against 62-74 ms for torch fp32 on the dequantised weight
-(15 / 27 / 133 ms at 1 / 4 / 16 rows: every extra row costs a pass of its accumulators through L1).
+(15 / 27 / 78-133 ms at 1 / 4 / 16 rows: every extra row costs a pass of its accumulators through L1).
 
 Threads: numba's, set by the caller (`numba.set_num_threads`); results do not depend on their number.
 """
@@ -167,8 +167,9 @@ def _tile(x, q, scale, offset, has_offset, group, out, t, acc, wv):
 
     The only code that computes an output element: acc[m, j] += x[m, k] * w[k, j] for k = 0..K-1 in order,
     each loop over j one vector operation (LLVM vectorises it; no fastmath, so every operation rounds as IEEE).
-    (Measured: letting LLVM fuse the multiply-add, with the weights dequantised a group at a time, ran 85 vs
-    133 ms at 16 rows of the head but 19 vs 15 ms at 1 row; plain decoding and small trees come first.)"""
+    (Measured on the head: letting LLVM fuse the multiply-add, with the weights dequantised a group at a time,
+    ran 85-95 ms at 16 rows, this loop 78-133 across runs, but 19 vs 15 ms at 1 row; plain
+    decoding and small trees come first.)"""
     m_rows, k_cols = x.shape
     for r in range(m_rows):
         for j in range(TILE):
