@@ -133,10 +133,13 @@ class LlamaRunner:
         # swa_full: rejected drafts are cut from the KV cache by position, which a sliding-window cache that
         # dropped old positions could not serve; n_ctx is small here, so the full cache costs little. llama.cpp
         # warns that it is on, and llama-cpp-python prints ggml warnings even with verbose=False (its level table
-        # is one off): that one expected line is kept out of the bench log.
+        # is one off): that one expected line is kept out of the bench log. logits_all=pld: with a draft model
+        # llama-cpp-python keeps every token's logits but sizes that buffer by the argument (n_batch = 512 rows
+        # when False), so a prompt past 512 tokens died in `eval` ("could not broadcast ... into shape (0,)").
         with contextlib.redirect_stderr(io.StringIO()):
             return self.llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=self.threads,
-                                        n_threads_batch=self.threads, draft_model=draft, swa_full=True, verbose=False)
+                                        n_threads_batch=self.threads, draft_model=draft, logits_all=pld,
+                                        swa_full=True, verbose=False)
 
     def describe(self) -> dict:
         """What the saved report states about these runs: version, files, threads."""
