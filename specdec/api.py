@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from specdec.drafters.base import Drafter, missing_members
-from specdec.drafters.registry import drafter_names, make_drafter
+from specdec.drafters.registry import make_drafter, unknown_drafter
 from specdec.engine import BatchResult, Engine, GenerationResult, OnTokens, Request, StopConditions, as_ids
 from specdec.errors import SpecdecError
 from specdec.config import WEIGHT_FORMATS
@@ -98,9 +98,9 @@ class SpecDecoder:
         if isinstance(model, os.PathLike):  # a directory or .gguf given as a Path
             model = os.fspath(model)
         tree_obj = _resolve_tree(tree)  # cheap checks first: a typo should not wait for a model load
-        if isinstance(drafter, str) and ":" not in drafter and drafter not in drafter_names():
-            raise SpecdecError(f"unknown drafter '{drafter}': choose one of {', '.join(drafter_names())}, "
-                               "or give module:Class")
+        problem = unknown_drafter(drafter) if isinstance(drafter, str) else None
+        if problem:
+            raise SpecdecError(problem)
         if weights not in WEIGHT_FORMATS:
             raise SpecdecError(f"unknown weight format '{weights}': choose one of {', '.join(WEIGHT_FORMATS)}")
         cache_dir = str(cache_root(cache_dir))  # checked once: every cache below lives under it

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from specdec.bench.report import machine_info, output_dir, save_report
 from specdec.data.spec_bench import read_questions
-from specdec.drafters.registry import drafter_names, parse_drafter
+from specdec.drafters.registry import parse_drafter, unknown_drafter
 from specdec.errors import SpecdecError
 
 
@@ -63,9 +63,9 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
     if len(set(methods)) != len(methods):
         raise SpecdecError(f"--batch-drafters: each drafter once, and not plain or spec; got {','.join(spec.others)}")
     for m in spec.others:  # a malformed or unknown one fails before the model loads
-        name, _ = parse_drafter(m, "--batch-drafters")
-        if name not in drafter_names() and ":" not in name:
-            raise SpecdecError(f"--batch-drafters: unknown drafter '{name}': choose from {', '.join(drafter_names())}")
+        problem = unknown_drafter(parse_drafter(m, "--batch-drafters")[0])
+        if problem:
+            raise SpecdecError(f"--batch-drafters: {problem}")
     questions = pick_questions(spec.prompts, spec.n_prompts)
     loaded = load_model(spec.model, cache_dir=spec.cache_dir, log=log)
     prompts = [encode_prompt(loaded.tokenizer, q["text"], template=PROMPT_TEMPLATE) for q in questions]

@@ -31,6 +31,14 @@ def drafter_names() -> list[str]:
     return list(_FACTORIES)
 
 
+def unknown_drafter(name: str) -> str | None:
+    """What is wrong with a drafter name (one line naming the choices), or None if it is registered or an
+    import path: the check `make_drafter`, `SpecDecoder` and the batch bench all make before they build."""
+    if name in _FACTORIES or ":" in name:
+        return None
+    return f"unknown drafter '{name}': choose one of {', '.join(_FACTORIES)}, or give module:Class"
+
+
 def make_drafter(name: str, *, vocab_size: int, tree: Tree | None = None, context: dict[str, Any] | None = None,
                  **options: Any) -> Drafter:
     """A registered name or ``module.path:Name`` -> a new drafter instance.
@@ -38,12 +46,10 @@ def make_drafter(name: str, *, vocab_size: int, tree: Tree | None = None, contex
     context: what the engine knows (e.g. ``target``, ``target_tokenizer``); each factory gets the keys it names
     in its ``context_keys`` attribute, unless the caller's options already set them.
     """
-    if name in _FACTORIES:
-        factory = _FACTORIES[name]
-    elif ":" in name:
-        factory = _import(name)
-    else:
-        raise ValueError(f"unknown drafter '{name}': choose one of {', '.join(_FACTORIES)}, or give module:Class")
+    problem = unknown_drafter(name)
+    if problem:
+        raise ValueError(problem)
+    factory = _FACTORIES[name] if name in _FACTORIES else _import(name)
     for key in getattr(factory, "context_keys", ()):
         if context and key in context and key not in options:
             options[key] = context[key]
