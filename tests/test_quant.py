@@ -15,7 +15,7 @@ from specdec.drafters.registry import make_drafter
 from specdec.errors import SpecdecError
 from specdec.models.gguf_weights import module_name, read_quant_weights
 from specdec.verifiers.lean import LeanVerifier
-from specdec.verifiers.quant import QuantLinear, dequantize, qmatmul, unpack
+from specdec.verifiers.quant import TILE, QuantLinear, dequantize, qmatmul, stacked, unpack
 
 BLOCK_BYTES = {"Q8_0": (34, 32), "Q5_0": (22, 32), "Q4_K": (144, 256), "Q6_K": (210, 256)}
 
@@ -48,14 +48,14 @@ def test_unsupported_block_type_is_named():
 
 @pytest.mark.parametrize("kind", list(BLOCK_BYTES))
 def test_kernel_is_batch_invariant_and_equals_fp32(kind):
-    rows, cols = 70, 512  # 70: not a multiple of the kernel's 4-row tile
+    rows, cols = 70, 512  # 70: not a multiple of the kernel's 64-row tile
     w = unpack(kind, random_blocks(kind, rows, cols, seed=1), rows, cols)
     x = torch.randn(40, cols, generator=torch.Generator().manual_seed(2))
     full = qmatmul(x, w)  # [40, 70]
     assert full.shape == (40, rows)
     reference = x.double() @ torch.from_numpy(dequantize(w)).double().T
     assert torch.allclose(full.double(), reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
-    for m in (1, 2, 3, 5, 17, 40):  # each row alone, and in batches of every parity: bitwise the same
+    for m in (1, 2, 3, 5, 6, 7, 13, 17, 40):  # alone, and in batches of every pass split (<= 6 rows a pass)
         for lo in range(0, 40, m):
             assert torch.equal(qmatmul(x[lo: lo + m], w), full[lo: lo + m])
 
@@ -66,6 +66,21 @@ def test_small_and_large_weights_take_the_same_kernel_path_in_value():
     w = unpack("Q5_0", random_blocks("Q5_0", rows, cols, seed=3), rows, cols)
     x = torch.randn(9, cols)
     assert torch.equal(qmatmul(x, w)[:1], qmatmul(x[:1], w))  # 9 rows run in parallel, 1 row serially
+
+
+def test_stacked_weights_give_the_same_values_in_one_call():
+    cols = 512
+    parts = [unpack(kind, random_blocks(kind, rows, cols, seed=i), rows, cols)
+             for i, (kind, rows) in enumerate([("Q5_0", 2 * TILE), ("Q8_0", TILE), ("Q5_0", TILE)])]
+    both = stacked(parts)
+    assert both is not None and both.shape == (4 * TILE, cols) and both.kind == "Q5_0+Q8_0"
+    x = torch.randn(9, cols, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(qmatmul(x, both), torch.cat([qmatmul(x, w) for w in parts], dim=1))
+    q4k = unpack("Q4_K", random_blocks("Q4_K", TILE, cols), TILE, cols)  # offsets: another kernel branch
+    q6k = unpack("Q6_K", random_blocks("Q6_K", TILE, cols), TILE, cols)  # groups of 16
+    ragged = unpack("Q5_0", random_blocks("Q5_0", 70, cols), 70, cols)  # padding rows inside
+    assert stacked([parts[0], q4k]) is None and stacked([parts[0], q6k]) is None
+    assert stacked([parts[0], ragged]) is None
 
 
 def test_module_names_follow_llama_cpp_tensor_names():
@@ -110,6 +125,7 @@ def test_tiny_model_decodes_through_its_gguf_like_transformers(tmp_path):
     verifier = LeanVerifier(model, quant=quant, gemm="linear")
     assert verifier.weights == "gguf" and verifier.screen is None
     assert isinstance(verifier.model.lm_head, QuantLinear)
+    assert all(len(layer.gate_up) == 1 for layer in verifier.model.layers)  # [gate; up] stacked: one call
     prompt = [5, 17, 99, 3, 250, 7, 64, 301, 12, 45, 5, 17, 99, 3, 250, 7, 64, 9, 130, 220]
     reference = hf_greedy(model, prompt, 40)
     plain = Engine(verifier, make_drafter("plain", vocab_size=512), sizer=1).generate(prompt, StopConditions(40))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from specdec.verifiers.gemm import GemmPlan, Linear
-from specdec.verifiers.quant import QuantLinear, QuantWeight
+from specdec.verifiers.quant import QuantLinear, QuantWeight, stacked
 from specdec.verifiers.strict import CanonicalTree, TiledLinear, attend_canonical
 from specdec.verifiers.tree_attention import tree_attention
 
@@ -182,8 +182,14 @@ class LeanModel:
         return QuantLinear(quant, mod.bias)
 
     def _linears(self, mods: list[torch.nn.Linear], fuse: bool) -> list[Linear | QuantLinear]:
+        """The linears of one input ([q, k, v] or [gate, up]): fused into one when asked for, and always when all
+        are quantised weights that can share a kernel call (`quant.stacked`: the same values, fewer calls)."""
         if not fuse:
-            return [self._linear(m) for m in mods]
+            lins = [self._linear(m) for m in mods]
+            if all(isinstance(lin, QuantLinear) and lin.bias is None for lin in lins):
+                both = stacked([lin.quant for lin in lins])
+                return lins if both is None else [QuantLinear(both)]
+            return lins
         biases = [m.bias for m in mods]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         return [Linear(torch.cat([m.weight.detach() for m in mods]), bias)]

@@ -39,10 +39,13 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 QK_K = 256  # super-block of the K-quants
-KERNEL_VERSION = 2  # in the latency-curve cache key: 2 = 128-row tiles with output rows innermost
-TILE = 128  # output rows per tile, innermost in memory (N is padded to a multiple)
+KERNEL_VERSION = 3  # in the latency-curve cache key: 3 = register-blocked fused multiply-add, 64-row tiles
+TILE = 64  # output rows per tile, innermost in memory (N is padded to a multiple)
 
 
 @dataclass(frozen=True)
@@ -157,48 +160,140 @@ def dequantize(w: QuantWeight) -> np.ndarray:
     return out
 
 
+def stacked(weights: list[QuantWeight]) -> QuantWeight | None:
+    """One weight holding the rows of `weights` one after the other (the fused [q; k; v] or [gate; up] of a
+    layer: one kernel call instead of several), or None when they cannot share a kernel call: another input
+    width or group, offsets in some only, or rows that are not whole tiles. Every output element is computed
+    exactly as before (the same sequential chain over k), so stacking changes no value."""
+    first = weights[0]
+    if any(w.q.shape[1] != first.q.shape[1] or w.group != first.group or (w.offset is None) != (first.offset is None)
+           or w.rows != w.padded_rows for w in weights):
+        return None
+    kinds = sorted({w.kind for w in weights})
+    return QuantWeight("+".join(kinds), np.concatenate([w.q for w in weights]),
+                       np.concatenate([w.scale for w in weights]),
+                       None if first.offset is None else np.concatenate([w.offset for w in weights]),
+                       first.group, sum(w.rows for w in weights), sum(w.file_bytes for w in weights))
+
+
 # ------------------------------------------------------------------------------------------------------------
-# the kernel
+# the kernel: a register-blocked microkernel written in LLVM vector IR (numba intrinsics), driven by numba loops
+
+_V = ir.VectorType(ir.FloatType(), 16)  # one fp32 vector register (a zmm; two ymm where AVX-512 is absent)
+_CODES = ir.VectorType(ir.IntType(8), 16)
+_I64 = ir.IntType(64)
+_VECTORS = TILE // 16  # vectors across a tile's output rows
+MAX_ROWS = 6  # input rows a pass keeps in registers: 6 x 4 accumulators + 4 weight vectors of 32 registers
+
+
+def _load(builder, base, index, ty, align):
+    """*(ty *)(base + index): a vector load at an element offset of `base`."""
+    return builder.load(builder.bitcast(builder.gep(base, [index]), ty.as_pointer()), align=align)
+
+
+def _microkernel(rows: int):
+    """A numba intrinsic: out[r0: r0 + rows, t * TILE: (t + 1) * TILE] = x[r0: r0 + rows] @ (tile t's weights).T.
+
+    Per input position k it dequantises the tile's 64 weights of column k into 4 vector registers (w = s * q,
+    then - o, each rounded: gguf-py's fp32 operations) and updates the rows x 4 accumulator registers with
+    acc = fma(x[r, k], w, acc). The accumulators never leave registers across k (allocas that LLVM's mem2reg
+    promotes), so a pass over the tile's codes serves `rows` input rows, and one output element's value is the
+    sequential fused multiply-add chain over k = 0..K-1, whatever `rows`, `r0` or the thread."""
+
+    @intrinsic
+    def kernel(typingctx, x, q, scale, offset, has_offset, group, out, t, r0):
+        sig = types.void(x, q, scale, offset, has_offset, group, out, t, r0)
+
+        def codegen(context, builder, sig, args):
+            xa, qa, sa, oa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(4))
+            outa = context.make_array(sig.args[6])(context, builder, args[6])
+            has_off, group_, tile, row0 = args[4], args[5], args[7], args[8]
+            const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+            k_cols = cgutils.unpack_tuple(builder, qa.shape, 3)[1]
+            n_pad = cgutils.unpack_tuple(builder, outa.shape, 2)[1]
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V, [_V] * 3), "llvm.fma.v16f32")
+            acc = [[cgutils.alloca_once(builder, _V) for _ in range(_VECTORS)] for _ in range(rows)]
+            for a in (a for row in acc for a in row):
+                builder.store(ir.Constant(_V, [0.0] * 16), a)
+            groups = builder.sdiv(k_cols, group_)
+            codes = builder.gep(qa.data, [builder.mul(builder.mul(tile, k_cols), const(TILE))])  # q[t]: [K, TILE]
+            consts = builder.mul(builder.mul(tile, groups), const(TILE))  # s[t], o[t]: [K / g, TILE]
+            scales, offsets = builder.gep(sa.data, [consts]), builder.gep(oa.data, [consts])
+            xrow = [builder.gep(xa.data, [builder.mul(builder.add(row0, const(r)), k_cols)]) for r in range(rows)]
+            splat = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
+
+            def passes(with_offset: bool) -> None:
+                with cgutils.for_range(builder, groups) as b:
+                    at = builder.mul(b.index, const(TILE))
+                    s = [_load(builder, scales, builder.add(at, const(16 * i)), _V, 4) for i in range(_VECTORS)]
+                    o = [_load(builder, offsets, builder.add(at, const(16 * i)), _V, 4) for i in range(_VECTORS)
+                         ] if with_offset else []
+                    with cgutils.for_range(builder, group_) as j:
+                        k = builder.add(builder.mul(b.index, group_), j.index)
+                        at_k = builder.mul(k, const(TILE))
+                        w = []
+                        for i in range(_VECTORS):
+                            qv = _load(builder, codes, builder.add(at_k, const(16 * i)), _CODES, 1)
+                            wi = builder.fmul(s[i], builder.sitofp(qv, _V))
+                            w.append(builder.fsub(wi, o[i]) if with_offset else wi)
+                        for r in range(rows):
+                            xk = builder.load(builder.gep(xrow[r], [k]), align=4)
+                            xv = builder.shuffle_vector(
+                                builder.insert_element(ir.Constant(_V, ir.Undefined), xk, ir.Constant(ir.IntType(32), 0)),
+                                ir.Constant(_V, ir.Undefined), splat)
+                            for i in range(_VECTORS):
+                                builder.store(builder.call(fma, [xv, w[i], builder.load(acc[r][i])]), acc[r][i])
+
+            with builder.if_else(builder.icmp_unsigned("!=", has_off, ir.Constant(has_off.type, 0))) as (yes, no):
+                with yes:
+                    passes(True)
+                with no:
+                    passes(False)
+            col = builder.mul(tile, const(TILE))
+            for r in range(rows):
+                dst = builder.gep(outa.data, [builder.add(builder.mul(builder.add(row0, const(r)), n_pad), col)])
+                for i in range(_VECTORS):
+                    ptr = builder.bitcast(builder.gep(dst, [const(16 * i)]), _V.as_pointer())
+                    builder.store(builder.load(acc[r][i]), ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return kernel
+
+
+_rows1, _rows2, _rows3, _rows4, _rows5, _rows6 = (_microkernel(r) for r in range(1, MAX_ROWS + 1))
 
 
 @numba.njit(cache=True)
-def _tile(x, q, scale, offset, has_offset, group, out, t, acc, wv):
-    """out[:, t * TILE: (t + 1) * TILE] = x [M, K] @ (tile t's exact weights).T; acc [M, TILE], wv [TILE] scratch.
-
-    The only code that computes an output element: acc[m, j] += x[m, k] * w[k, j] for k = 0..K-1 in order,
-    each loop over j one vector operation (LLVM vectorises it; no fastmath, so every operation rounds as IEEE).
-    (Measured on the head: letting LLVM fuse the multiply-add, with the weights dequantised a group at a time,
-    ran 85-95 ms at 16 rows, this loop 78-133 across runs, but 19 vs 15 ms at 1 row; plain
-    decoding and small trees come first.)"""
-    m_rows, k_cols = x.shape
-    for r in range(m_rows):
-        for j in range(TILE):
-            acc[r, j] = np.float32(0.0)
-    for b in range(k_cols // group):
-        for k in range(b * group, (b + 1) * group):
-            if has_offset:
-                for j in range(TILE):
-                    wv[j] = scale[t, b, j] * np.float32(q[t, k, j]) - offset[t, b, j]  # gguf-py's fp32 operations
-            else:
-                for j in range(TILE):
-                    wv[j] = scale[t, b, j] * np.float32(q[t, k, j])
-            for r in range(m_rows):
-                xr = x[r, k]
-                for j in range(TILE):
-                    acc[r, j] += xr * wv[j]
-    n0 = t * TILE
-    for r in range(m_rows):
-        for j in range(TILE):
-            out[r, n0 + j] = acc[r, j]
+def _pass(x, q, scale, offset, has_offset, group, out, t, r0, n):
+    """Rows r0..r0+n-1 (n <= MAX_ROWS) of output tile t: the microkernel compiled for n rows."""
+    if n == 6:
+        _rows6(x, q, scale, offset, has_offset, group, out, t, r0)
+    elif n == 5:
+        _rows5(x, q, scale, offset, has_offset, group, out, t, r0)
+    elif n == 4:
+        _rows4(x, q, scale, offset, has_offset, group, out, t, r0)
+    elif n == 3:
+        _rows3(x, q, scale, offset, has_offset, group, out, t, r0)
+    elif n == 2:
+        _rows2(x, q, scale, offset, has_offset, group, out, t, r0)
+    else:
+        _rows1(x, q, scale, offset, has_offset, group, out, t, r0)
 
 
 @numba.njit(cache=True)
 def _tiles(x, q, scale, offset, has_offset, group, out, lo, hi):
-    """Output tiles lo..hi-1 of `_qmatmul` on the calling thread (small products run only this)."""
-    acc = np.empty((x.shape[0], TILE), np.float32)
-    wv = np.empty(TILE, np.float32)
+    """Output tiles lo..hi-1 of `_qmatmul` on the calling thread (small products run only this): per tile,
+    ceil(M / MAX_ROWS) passes of near-equal row counts, back to back while the tile's codes are in cache."""
+    m = x.shape[0]
+    passes = (m + MAX_ROWS - 1) // MAX_ROWS
     for t in range(lo, hi):
-        _tile(x, q, scale, offset, has_offset, group, out, t, acc, wv)
+        r0 = 0
+        for p in range(passes):
+            n = (m - r0) // (passes - p)
+            _pass(x, q, scale, offset, has_offset, group, out, t, r0, n)
+            r0 += n
 
 
 @numba.njit(cache=True, parallel=True)
@@ -218,16 +313,16 @@ def qmatmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     m, k = x.shape
     if k != w.q.shape[1]:
         raise ValueError(f"qmatmul: x has {k} columns, the weight {w.q.shape[1]}")
-    xs = x.detach().float().contiguous()
-    out = np.empty((m, w.padded_rows), np.float32)
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
+        x = x.detach().float().contiguous()
+    y = torch.empty((m, w.padded_rows), dtype=torch.float32)
+    xs, out = x.numpy(), y.numpy()
     offset = w.offset if w.offset is not None else w.scale  # unused when has_offset is False
     tiles = w.q.shape[0]
     if m * w.q.size < SERIAL_WORK or tiles == 1:
-        _tiles(xs.numpy(), w.q, w.scale, offset, w.offset is not None, w.group, out, 0, tiles)
+        _tiles(xs, w.q, w.scale, offset, w.offset is not None, w.group, out, 0, tiles)
     else:
-        chunks = min(tiles, 8 * numba.get_num_threads())
-        _qmatmul(xs.numpy(), w.q, w.scale, offset, w.offset is not None, w.group, out, chunks)
-    y = torch.from_numpy(out)
+        _qmatmul(xs, w.q, w.scale, offset, w.offset is not None, w.group, out, min(tiles, 8 * numba.get_num_threads()))
     return y[:, : w.rows] if w.rows != w.padded_rows else y
 
 
