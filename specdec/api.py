@@ -66,6 +66,21 @@ def make_verifier(model: PreTrainedModel, backend: str = "auto", strict: bool = 
         return HFVerifier(model)
 
 
+def gguf_weights(spec: str | None, model: PreTrainedModel, cache_dir: str | None, log=None) -> dict:
+    """The GGUF's quantised linears for `model`, loaded from the GGUF that `spec` (a built-in or .gguf) names:
+    what `weights="gguf"` computes with (`specdec.models.gguf_weights`). SpecdecError when they do not match."""
+    from specdec.models.gguf_weights import read_quant_weights
+
+    path = gguf_file(spec, cache_dir=cache_dir, log=log)
+    try:
+        quant, report = read_quant_weights(path, model)
+    except ValueError as err:
+        raise SpecdecError(f"--weights gguf: {err}") from None
+    if log:
+        log(report.summary())
+    return quant
+
+
 def _dtype_of(model: LoadedModel | PreTrainedModel) -> torch.dtype:
     net = model.model if isinstance(model, LoadedModel) else model
     return net.get_input_embeddings().weight.dtype
@@ -121,26 +136,12 @@ class SpecDecoder:
         self.model, self.tokenizer = model, tokenizer
         self.cache_dir = cache_dir
         self.weights = weights
-        quant = self._gguf_weights(spec, model, cache_dir, log) if weights == "gguf" else None
+        quant = gguf_weights(spec, model, cache_dir, log) if weights == "gguf" else None
         self.verifier = make_verifier(model, backend, strict, cache_dir, quant)
         self.drafter = self._make_drafter(drafter, tree_obj, drafter_options or {})
         self.tree_budget = self._budget(tree_budget, log)
         self.engine = Engine(self.verifier, self.drafter, self.tree_budget)  # width 1
         self._engines: dict[int, Engine] = {1: self.engine}
-
-    @staticmethod
-    def _gguf_weights(spec: str | None, model: PreTrainedModel, cache_dir: str, log) -> dict:
-        """The GGUF's quantised linears for `model` (loaded from the GGUF `spec` names)."""
-        from specdec.models.gguf_weights import read_quant_weights
-
-        path = gguf_file(spec, cache_dir=cache_dir, log=log)
-        try:
-            quant, report = read_quant_weights(path, model)
-        except ValueError as err:
-            raise SpecdecError(f"--weights gguf: {err}") from None
-        if log:
-            log(report.summary())
-        return quant
 
     def engine_for(self, width: int) -> Engine:
         """The loop with `width` rows in flight (kept across calls: its budget measurements persist).

@@ -149,14 +149,13 @@ def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, p
     if batch_sizes:
         if cfg.strict:
             raise SpecdecError("--strict is not supported with --batch yet: drop one of them")
-        if cfg.weights != "fp32":
-            raise SpecdecError("--weights is not supported with --batch yet: drop one of them")
         from specdec.bench.batch import BatchBenchSpec, parse_batch_sizes, run_batch_bench
 
         run_batch_bench(BatchBenchSpec(
             model=cfg.model, prompts=prompts, n_prompts=batch_prompts, max_new_tokens=max_new_tokens,
             batch_sizes=parse_batch_sizes(batch_sizes), drafter=cfg.drafter, drafter_options=cfg.drafter_options,
-            backend=cfg.backend, tree=cfg.tree, tree_budget=cfg.tree_budget, cache_dir=cache_dir, repeats=repeats,
+            backend=cfg.backend, weights=cfg.weights, tree=cfg.tree, tree_budget=cfg.tree_budget,
+            cache_dir=cache_dir, repeats=repeats,
             out_dir=out_dir, others=tuple(m.strip() for m in batch_drafters.split(",") if m.strip())),
             log=log, echo=click.echo)
         return

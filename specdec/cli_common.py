@@ -29,13 +29,14 @@ def log(line: str) -> None:
 
 def setup(threads: int | None) -> None:
     """Process-wide settings belong to the CLI (the edge): threads, and quiet transformers progress bars."""
-    import torch
     from transformers.utils import logging as hf_logging
+
+    from specdec.hardware import set_threads
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     if threads:
-        torch.set_num_threads(threads)
+        set_threads(threads)
 
 
 def common_options(fn: Callable) -> Callable:

@@ -1,4 +1,5 @@
-"""What machine this is, in words: printed beside every benchmark number and used in cache keys."""
+"""What machine this is, in words (printed beside every benchmark number, used in cache keys), and the one
+setting of how many threads it computes with."""
 
 from __future__ import annotations
 
@@ -17,3 +18,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def set_threads(threads: int) -> None:
+    """Compute threads for torch and for numba (the GGUF-native kernel, `specdec.verifiers.quant`), together:
+    a run reported at N threads computes on N everywhere (numba cannot exceed the pool it started with)."""
+    import numba
+    import torch
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))

@@ -134,6 +134,25 @@ def test_tiny_model_decodes_through_its_gguf_like_transformers(tmp_path):
     assert plain.tokens == reference  # and the dequantised model in transformers agrees
 
 
+def test_tiny_model_batches_through_its_gguf_row_for_row(tmp_path):
+    from specdec.engine import Request
+
+    model = make_tiny_model("gemma3")
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(model, path, ["Q5_0", "Q8_0", "Q8_0"])
+    quant, _ = read_quant_weights(path, model)
+    verifier = LeanVerifier(model, quant=quant, gemm="linear")
+    gen = torch.Generator().manual_seed(5)
+    rows = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (7, 19, 12, 30, 9)]
+    alone = [Engine(verifier, make_drafter("plain", vocab_size=512), sizer=1).generate(p, StopConditions(24)).tokens
+             for p in rows]
+    assert alone == [hf_greedy(model, p, 24) for p in rows]
+    for name, budget in (("plain", 1), ("recycling", 8)):  # ragged rows, 3 in flight, trees in the gguf kernel
+        engine = Engine(verifier, make_drafter(name, vocab_size=512), sizer=budget, width=3)
+        res = engine.generate_batch([Request(p, StopConditions(24)) for p in rows])
+        assert [r.tokens for r in res.results] == alone, name
+
+
 def test_gguf_of_another_model_is_refused(tmp_path):
     model = make_tiny_model("gemma3")
     path = tmp_path / "tiny.gguf"

@@ -11,7 +11,8 @@ comparable; one untimed warm-up run per method comes first. Hardware, dtype, thr
 printed with the table. `others` (`--batch-drafters ngram,recycling`) adds more drafters, run interleaved with
 plain and spec in the same run, so drafters are compared within one run rather than across runs. Absolute
 times on shared machines are noisy: compare ratios from one run. Batches run
-on the lean verifier (per-row positions and caches): `--backend hf` is refused, not ignored.
+on the lean verifier (per-row positions and caches): `--backend hf` is refused, not ignored. `--weights`
+picks the format every method runs in (fp32, bf16, or gguf: the GGUF's own blocks, `specdec.verifiers.quant`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class BatchBenchSpec:
     drafter: str = "auto"
     drafter_options: dict[str, Any] = field(default_factory=dict)  # for `drafter` (the spec method)
     backend: str = "auto"  # auto | lean; hf cannot batch
+    weights: str = "fp32"  # fp32 | bf16 | gguf (the GGUF's own quantised blocks): every method runs in it
     tree: str | None = None
     tree_budget: int | None = None  # None: 16
     cache_dir: str | None = None
@@ -47,6 +49,9 @@ class BatchBenchSpec:
 
 def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
                     echo: Callable[[str], None] = print) -> dict:
+    import torch
+
+    from specdec.api import gguf_weights
     from specdec.bench.spec_bench import PROMPT_TEMPLATE, eos_ids
     from specdec.models.loading import default_cache_dir, load_model
     from specdec.text import encode_prompt
@@ -57,6 +62,10 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
     if spec.backend not in ("auto", "lean"):
         raise SpecdecError(f"--batch decodes rows together on the lean verifier: use --backend lean or auto, "
                            f"not {spec.backend}")
+    from specdec.config import WEIGHT_FORMATS
+
+    if spec.weights not in WEIGHT_FORMATS:
+        raise SpecdecError(f"unknown weight format '{spec.weights}': choose one of {', '.join(WEIGHT_FORMATS)}")
     if spec.out_dir:
         output_dir(spec.out_dir)  # a bad --out fails now, not after the run
     methods = ("plain", "spec") + tuple(spec.others)
@@ -67,11 +76,13 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
         if problem:
             raise SpecdecError(f"--batch-drafters: {problem}")
     questions = pick_questions(spec.prompts, spec.n_prompts)
-    loaded = load_model(spec.model, cache_dir=spec.cache_dir, log=log)
+    loaded = load_model(spec.model, dtype=torch.bfloat16 if spec.weights == "bf16" else torch.float32,
+                        cache_dir=spec.cache_dir, log=log)
     prompts = [encode_prompt(loaded.tokenizer, q["text"], template=PROMPT_TEMPLATE) for q in questions]
-    verifier = _lean_verifier(loaded.model)
+    quant = gguf_weights(spec.model, loaded.model, spec.cache_dir, log) if spec.weights == "gguf" else None
+    verifier = _lean_verifier(loaded.model, quant)
     eos = frozenset(eos_ids(loaded))
-    info = machine_info() | {"model": loaded.name, "prompts": len(prompts), "max_new_tokens": spec.max_new_tokens,
+    info = machine_info(dtype=_DTYPES[spec.weights]) | {"model": loaded.name, "prompts": len(prompts), "max_new_tokens": spec.max_new_tokens,
                              "drafter": spec.drafter, "drafter_options": spec.drafter_options,
                              "tree_budget": spec.tree_budget or 16, "repeats": max(1, spec.repeats),
                              "others": list(spec.others)}
@@ -105,11 +116,14 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
     return report
 
 
-def _lean_verifier(model):
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "gguf": "gguf blocks (fp32 products)"}  # in the report header
+
+
+def _lean_verifier(model, quant: dict | None = None):
     from specdec.verifiers.lean import LeanVerifier
 
     try:
-        return LeanVerifier(model)
+        return LeanVerifier(model, quant=quant)
     except ValueError as err:
         raise SpecdecError(f"--batch needs the lean verifier, which this model lacks: {err}") from None
 

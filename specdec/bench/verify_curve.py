@@ -4,7 +4,8 @@ For each k in 1, 2, 4, ..., 64 it times one scoring call over a `--prefix`-token
 forward with a DynamicCache (cropped back after each call, logits for all k nodes), and the lean verifier's
 greedy scoring (what greedy decoding runs: the k nodes' greedy tokens, from the bf16-screened LM head where
 that measured faster) eager, under torch.compile (``lean_compiled``), without the screen (``lean_noscreen``:
-full fp32 logits and their argmax), and in its strict, batch-invariant mode (``lean_strict``). Variants are
+full fp32 logits and their argmax), in its strict, batch-invariant mode (``lean_strict``), and per weight format:
+on the GGUF's own quantised blocks (``lean_gguf``) and on the model cast to bf16 (``lean_bf16``). Variants are
 timed round robin (one call of each per
 round) so background load on a shared machine hits them alike; the median and min of `--reps` rounds are
 reported with the ratio to k = 1. Prints hardware, dtype and threads; `--json out.json` saves everything (to
@@ -17,6 +18,7 @@ out-2.json, ... when that file exists: a result is never overwritten). Rounds wa
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -26,6 +28,7 @@ import torch
 
 from specdec.bench.report import machine_info, output_dir, write_new
 from specdec.errors import SpecdecError
+from specdec.hardware import set_threads
 from specdec.measured import load_average, wait_for_quiet
 
 KS = (1, 2, 4, 8, 16, 32, 64)
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--ks", default=",".join(map(str, KS)))
     ap.add_argument("--variants", default="hf,lean,lean_compiled",
-                    help="comma list of hf, lean, lean_compiled, lean_noscreen, lean_linear, lean_strict")
+                    help="comma list of hf, lean, lean_compiled, lean_noscreen, lean_linear, lean_strict, "
+                         "lean_gguf (the GGUF's own blocks), lean_bf16")
     ap.add_argument("--gemm", default="auto", choices=["auto", "linear", "wxt", "onednn"])
     ap.add_argument("--gemm-cache", type=Path, help="GEMM plan cache dir (default ~/.cache/specdec/gemm)")
     ap.add_argument("--wait-quiet", type=float, default=60.0,
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from specdec.verifiers.lean import LeanVerifier
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(0)
     ks = [int(k) for k in args.ks.split(",")]
     variants = args.variants.split(",")
@@ -143,6 +147,15 @@ def main(argv: list[str] | None = None) -> None:
         verifiers["lean_noscreen"] = LeanVerifier(model, gemm=args.gemm, cache_dir=args.gemm_cache, screen=False)
     if "lean_linear" in variants:  # the same forward with every GEMM as F.linear: what orientation buys
         verifiers["lean_linear"] = LeanVerifier(model, gemm="linear")
+    if "lean_gguf" in variants:  # the GGUF's own quantised blocks (specdec.verifiers.quant); --model names a GGUF
+        from specdec.models.gguf_weights import read_quant_weights
+        from specdec.models.loading import gguf_file
+
+        quant, report = read_quant_weights(gguf_file(args.model), model)
+        print(report.summary(), flush=True)
+        verifiers["lean_gguf"] = LeanVerifier(model, quant=quant)
+    if "lean_bf16" in variants:  # the same model cast to bf16 (its own reference)
+        verifiers["lean_bf16"] = LeanVerifier(copy.deepcopy(model).to(torch.bfloat16), cache_dir=args.gemm_cache)
 
     results: dict[str, dict[int, dict[str, float]]] = {v: {} for v in variants}
     for k in ks:

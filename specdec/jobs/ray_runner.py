@@ -22,9 +22,9 @@ class JobWorker:
     """The actor: builds its engine once, then decodes the shards it is given."""
 
     def __init__(self, settings: JobSettings, threads: int):
-        import torch
+        from specdec.hardware import set_threads
 
-        torch.set_num_threads(threads)
+        set_threads(threads)
         self.runner, self.error = None, None
         try:
             self.runner = JobRunner(settings)
