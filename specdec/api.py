@@ -93,6 +93,8 @@ class SpecDecoder:
     `generate_many` with `width` rows in flight, both with the same drafter and the same sampling rule, so a
     prompt gives the same tokens (greedy, or sampled with the same seed) alone or in a batch.
     strict=True: the lean verifier's batch-invariant mode (see `make_verifier`): slower, bit-identical scores.
+    weights: fp32, bf16 or gguf (the GGUF's own quantised blocks, read at construction; `quant` passes ones
+    already read by `gguf_weights` for this model, so several decoders share one copy).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class SpecDecoder:
         log: Callable[[str], None] | None = None,
         strict: bool = False,
         weights: str = "fp32",
+        quant: dict | None = None,
     ):
         if isinstance(model, os.PathLike):  # a directory or .gguf given as a Path
             model = os.fspath(model)
@@ -136,7 +139,10 @@ class SpecDecoder:
         self.model, self.tokenizer = model, tokenizer
         self.cache_dir = cache_dir
         self.weights = weights
-        quant = gguf_weights(spec, model, cache_dir, log) if weights == "gguf" else None
+        if weights == "gguf" and quant is None:
+            quant = gguf_weights(spec, model, cache_dir, log)
+        elif weights != "gguf" and quant is not None:
+            raise SpecdecError("quant weights are the gguf format's: pass weights='gguf' with them, or drop them")
         self.verifier = make_verifier(model, backend, strict, cache_dir, quant)
         self.drafter = self._make_drafter(drafter, tree_obj, drafter_options or {})
         self.tree_budget = self._budget(tree_budget, log)

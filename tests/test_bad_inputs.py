@@ -226,3 +226,12 @@ def _run_table(cmd: list[str]) -> None:
 if __name__ == "__main__":
     command = sys.argv[sys.argv.index("--cmd") + 1] if "--cmd" in sys.argv else "specdec"
     _run_table(shlex.split(command))
+
+
+def test_quant_weights_need_the_gguf_format():
+    import specdec
+    from conftest import make_tiny_model, make_tiny_tokenizer
+    from specdec.errors import SpecdecError
+
+    with pytest.raises(SpecdecError, match="weights='gguf'"):
+        specdec.SpecDecoder(make_tiny_model("llama"), make_tiny_tokenizer(), drafter="plain", quant={})

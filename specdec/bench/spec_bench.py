@@ -79,6 +79,7 @@ class _Runner:
 
         self.spec, self.model, self.eos = spec, loaded.model, eos
         models = {"fp32": loaded}  # weight format -> the loaded model its decoders share
+        quant = None  # the GGUF's quantised weights, read once for every @gguf method (about 25 s a read)
         self.decoders = {}
         for m in spec.methods:
             if m in HF_METHODS or llama_bench.is_llama_method(m):
@@ -89,10 +90,14 @@ class _Runner:
                 from specdec.models.loading import load_model
 
                 models["bf16"] = load_model(spec.model, dtype=torch.bfloat16, cache_dir=spec.cache_dir, log=log)
+            if weights == "gguf" and quant is None:
+                from specdec.api import gguf_weights
+
+                quant = gguf_weights(spec.model, loaded.model, spec.cache_dir, log)
             self.decoders[m] = SpecDecoder(
                 models.get(weights, loaded), drafter=drafter, tree=spec.tree, tree_budget=spec.tree_budget,
                 backend=spec.backend, cache_dir=spec.cache_dir, strict=spec.strict, weights=weights, log=log,
-                drafter_options=options or None)
+                drafter_options=options or None, quant=quant if weights == "gguf" else None)
         self.llama = _llama_runner(spec, longest_prompt, log)
         self.curves = {m: step_time.curve_of(d, log) for m, d in self.decoders.items()}  # the sizing curves
         self.last_steps: step_time.StepTimes | None = None  # the last run's steps (specdec methods)

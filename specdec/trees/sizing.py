@@ -16,11 +16,13 @@ accepted one when its parent was reached, smoothed by a prior so a cold start be
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -60,14 +62,26 @@ class LatencyCurve:
         return LatencyCurve(tuple(d["sizes"]), tuple(d["seconds"]))
 
 
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """8 hex digits of the verifiers' source (specdec/verifiers/*.py), in the latency-curve key: a curve times
+    the code that ran, so changed code is timed again rather than read from the cache. (It replaces a kernel
+    version bumped by hand, which missed changes outside the kernel: stacking q/k/v and gate/up cut the gguf
+    step's kernel calls from 127 to 73 without touching the kernel.)"""
+    h = hashlib.sha1()
+    for path in sorted((Path(__file__).resolve().parents[1] / "verifiers").glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def verifier_key(config, verifier) -> str:
     """The latency-curve cache key of a verifier over a model (its transformers config): model shape, backend
-    (strict scoring and the screened LM head have their own costs), machine, threads, torch."""
+    (strict scoring and the screened LM head have their own costs), weight format, the verifiers' code
+    (`code_digest`), machine, threads, torch."""
     model_key = f"{config.model_type}-h{config.hidden_size}-l{config.num_hidden_layers}-v{verifier.vocab_size}"
     backend = (type(verifier).__name__ + ("-strict" if getattr(verifier, "strict", False) else "")
                + ("-screen" if getattr(verifier, "screen", None) is not None else "")
-               + f"-{getattr(verifier, 'weights', 'fp32')}" + getattr(verifier, "kernel", "")
-               + f"-c{CURVE_VERSION}")
+               + f"-{getattr(verifier, 'weights', 'fp32')}-c{CURVE_VERSION}-{code_digest()}")
     return machine_key(model_key, backend)
 
 

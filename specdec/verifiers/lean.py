@@ -33,7 +33,7 @@ from transformers import PreTrainedModel
 from specdec.verifiers import gemm
 from specdec.verifiers.base import NodeInputs, captured, hidden_keys
 from specdec.verifiers.lean_model import LeanModel, RowSpans, Step
-from specdec.verifiers.quant import KERNEL_VERSION, QuantWeight
+from specdec.verifiers.quant import QuantWeight
 from specdec.verifiers.screen import ScreenedHead, measure_screen
 from specdec.verifiers.strict import BLOCK, TILE, CanonicalTree
 from specdec.verifiers.tree_attention import triton_available
@@ -88,7 +88,6 @@ class LeanVerifier:
         self.max_positions: int = cfg.max_position_embeddings
         self.model = LeanModel(model, fuse, quant)
         self.weights = "gguf" if quant else {torch.bfloat16: "bf16"}.get(self.model.dtype, "fp32")  # the format
-        self.kernel = f"q{KERNEL_VERSION}" if quant else ""  # a new quant kernel has its own latency curve
         self.device: torch.device = self.model.embed.device
         self.num_layers: int = len(self.model.layers)
         self.tree_kernel = _use_tree_kernel(attention, self.device)

@@ -50,7 +50,6 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 QK_K = 256  # super-block of the K-quants
-KERNEL_VERSION = 3  # in the latency-curve cache key: 3 = register-blocked fused multiply-add, 64-row tiles
 TILE = 64  # output rows per tile, innermost in memory (N is padded to a multiple)
 
 
