@@ -13,7 +13,7 @@ from conftest import hf_greedy, make_tiny_model
 from specdec.engine import Engine, StopConditions
 from specdec.drafters.registry import make_drafter
 from specdec.errors import SpecdecError
-from specdec.models.gguf_weights import module_name, read_quant_weights
+from specdec.models.gguf_weights import module_name, read_quant_weights, tensor_index
 from specdec.verifiers.lean import LeanVerifier
 from specdec.verifiers.quant import TILE, QuantLinear, dequantize, qmatmul, stacked, unpack
 
@@ -151,6 +151,20 @@ def test_tiny_model_batches_through_its_gguf_row_for_row(tmp_path):
         engine = Engine(verifier, make_drafter(name, vocab_size=512), sizer=budget, width=3)
         res = engine.generate_batch([Request(p, StopConditions(24)) for p in rows])
         assert [r.tokens for r in res.results] == alone, name
+
+
+def test_tensor_index_reads_what_gguf_py_reads(tmp_path):
+    model = make_tiny_model("gemma3")
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(model, path, ["Q8_0", "Q5_0", "F32"])
+    ours = tensor_index(path)
+    theirs = gguf.GGUFReader(str(path)).tensors
+    assert [(t.name, t.kind, t.shape) for t in ours] == [
+        (t.name, t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in theirs]
+    for a, b in zip(ours, theirs):
+        assert np.array_equal(a.data, np.asarray(b.data).view(np.uint8).reshape(-1))
+    with pytest.raises(ValueError, match="not a GGUF"):
+        tensor_index(tmp_path / "not.gguf") if (tmp_path / "not.gguf").write_bytes(b"GGML" + bytes(40)) else None
 
 
 def test_gguf_of_another_model_is_refused(tmp_path):
