@@ -19,7 +19,8 @@ from specdec.drafters.base import Drafter, missing_members
 from specdec.drafters.registry import make_drafter, unknown_drafter
 from specdec.engine import BatchResult, Engine, GenerationResult, OnTokens, Request, StopConditions, as_ids
 from specdec.errors import SpecdecError
-from specdec.config import WEIGHT_FORMATS
+from specdec.config import WEIGHT_CHOICES
+from specdec.models.builtin import BUILTINS
 from specdec.models.loading import LoadedModel, cache_root, gguf_file, load_model
 from specdec.sampling import SamplingParams
 from specdec.text import encode_prompt
@@ -81,6 +82,34 @@ def gguf_weights(spec: str | None, model: PreTrainedModel, cache_dir: str | None
     return quant
 
 
+def default_weights(model: "str | os.PathLike | LoadedModel | PreTrainedModel | None", backend: str = "auto",
+                    strict: bool = False) -> str:
+    """What weights="auto" computes in: gguf, the GGUF's own blocks (the fastest format measured, and equal to
+    fp32 greedy decoding on every benchmark prompt checked: README, weight formats), when the model is named by a
+    built-in or a .gguf file, so there is a GGUF to read; fp32 otherwise (a transformers directory or a loaded
+    model has none), and with the hf backend or strict scoring, which stay on the format their tests cover."""
+    if backend == "hf" or strict:
+        return "fp32"
+    if isinstance(model, LoadedModel):
+        return "gguf" if model.name in BUILTINS else "fp32"
+    if model is None:
+        return "gguf"  # the default built-in
+    if isinstance(model, (str, os.PathLike)):
+        spec = os.fspath(model)
+        return "gguf" if spec in BUILTINS or (spec.lower().endswith(".gguf") and Path(spec).is_file()) else "fp32"
+    return "fp32"
+
+
+def _lean_runs(model: "LoadedModel | PreTrainedModel") -> bool:
+    from specdec.verifiers.lean_model import read_arch
+
+    try:
+        read_arch(model.model if isinstance(model, LoadedModel) else model)
+    except ValueError:
+        return False
+    return True
+
+
 def _dtype_of(model: LoadedModel | PreTrainedModel) -> torch.dtype:
     net = model.model if isinstance(model, LoadedModel) else model
     return net.get_input_embeddings().weight.dtype
@@ -93,8 +122,9 @@ class SpecDecoder:
     `generate_many` with `width` rows in flight, both with the same drafter and the same sampling rule, so a
     prompt gives the same tokens (greedy, or sampled with the same seed) alone or in a batch.
     strict=True: the lean verifier's batch-invariant mode (see `make_verifier`): slower, bit-identical scores.
-    weights: fp32, bf16 or gguf (the GGUF's own quantised blocks, read at construction; `quant` passes ones
-    already read by `gguf_weights` for this model, so several decoders share one copy).
+    weights: auto (`default_weights`: gguf for a model named by a built-in or .gguf, else fp32), fp32, bf16 or
+    gguf (the GGUF's own quantised blocks, read at construction; `quant` passes ones already read by
+    `gguf_weights` for this model, so several decoders share one copy). `self.weights` is the one chosen.
     """
 
     def __init__(
@@ -110,7 +140,7 @@ class SpecDecoder:
         drafter_options: dict[str, Any] | None = None,
         log: Callable[[str], None] | None = None,
         strict: bool = False,
-        weights: str = "fp32",
+        weights: str = "auto",
         quant: dict | None = None,
     ):
         if isinstance(model, os.PathLike):  # a directory or .gguf given as a Path
@@ -119,13 +149,18 @@ class SpecDecoder:
         problem = unknown_drafter(drafter) if isinstance(drafter, str) else None
         if problem:
             raise SpecdecError(problem)
-        if weights not in WEIGHT_FORMATS:
-            raise SpecdecError(f"unknown weight format '{weights}': choose one of {', '.join(WEIGHT_FORMATS)}")
+        if weights not in WEIGHT_CHOICES:
+            raise SpecdecError(f"unknown weight format '{weights}': choose one of {', '.join(WEIGHT_CHOICES)}")
+        chosen = weights == "auto"
+        if chosen:
+            weights = "gguf" if quant is not None else default_weights(model, backend, strict)
         cache_dir = str(cache_root(cache_dir))  # checked once: every cache below lives under it
         spec = model
         if model is None or isinstance(model, str):
             model = load_model(model, dtype=torch.bfloat16 if weights == "bf16" else torch.float32,
                                cache_dir=cache_dir, log=log)
+        if chosen and weights == "gguf" and not _lean_runs(model):
+            weights = "fp32"  # a GGUF of an architecture the lean path does not have: its fp32 weights
         elif isinstance(model, LoadedModel) and weights == "gguf":
             spec = model.name  # a built-in's name finds its GGUF (a loaded .gguf path does not: refused below)
         elif weights != "fp32" and not (weights == "bf16" and _dtype_of(model) == torch.bfloat16):

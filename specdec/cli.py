@@ -47,6 +47,7 @@ def generate(prompt: str, config_path: str | None, cache_dir: str | None, raw: b
         seed=s.seed, stop_strings=cfg.stop_strings, on_tokens=printer,
     )
     text = decoder.tokenizer.decode(result.tokens, skip_special_tokens=True)
+    cfg = cfg.updated(weights=decoder.weights)  # the format weights=auto chose, in the stats
     if as_json:
         click.echo(json.dumps({"text": text, "token_ids": result.tokens, "stats": _stats_dict(result, cfg)}))
         return
@@ -94,14 +95,15 @@ def _stats_dict(result, cfg: RunConfig) -> dict:
     import torch
 
     d = result.stats.as_dict()
-    d.update(finish_reason=result.finish_reason, drafter=cfg.drafter, threads=torch.get_num_threads())
+    d.update(finish_reason=result.finish_reason, drafter=cfg.drafter, weights=cfg.weights,
+             threads=torch.get_num_threads())
     return d
 
 
 def _print_stats(result, cfg: RunConfig) -> None:
     d = _stats_dict(result, cfg)
     click.echo(
-        f"[stats] drafter={d['drafter']} tau={d['tau']:.2f} tokens/s={d['tokens_per_s']:.2f} "
+        f"[stats] drafter={d['drafter']} weights={d['weights']} tau={d['tau']:.2f} tokens/s={d['tokens_per_s']:.2f} "
         f"new_tokens={d['new_tokens']} steps={d['steps']} mean_tree={d['mean_tree_size']} "
         f"threads={d['threads']} finish={d['finish_reason']}",
         err=True,
@@ -146,6 +148,10 @@ def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, p
         if value < low:
             raise SpecdecError(f"{flag} must be >= {low}, got {value}")
     setup(cfg.threads)
+    if cfg.weights == "auto":  # the format `generate` would run in: bench measures the default
+        from specdec.api import default_weights
+
+        cfg = cfg.updated(weights=default_weights(cfg.model, cfg.backend, cfg.strict))
     if batch_sizes:
         if cfg.strict:
             raise SpecdecError("--strict is not supported with --batch yet: drop one of them")

@@ -27,7 +27,7 @@ class RunConfig:
     tree_budget: int | None = None  # max nodes per step (root included); None = the drafter's default
     backend: str = "auto"  # auto | hf | lean
     strict: bool = False  # lean verifier's batch-invariant scoring: bit-identical to plain decoding, slower
-    weights: str = "fp32"  # fp32 | bf16 | gguf (the GGUF's own quantised blocks, lean backend)
+    weights: str = "auto"  # auto (gguf when the model is a GGUF by name, else fp32) | fp32 | bf16 | gguf
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int = 0
@@ -94,12 +94,13 @@ def _mapping(name: str, v: Any) -> Any:
     return dict(v)
 
 
-WEIGHT_FORMATS = ("fp32", "bf16", "gguf")
+WEIGHT_FORMATS = ("fp32", "bf16", "gguf")  # what a run computes in (bench method suffixes: plain@gguf)
+WEIGHT_CHOICES = ("auto",) + WEIGHT_FORMATS  # what a user may ask for (`specdec.api.default_weights` resolves auto)
 
 
 def _weights(name: str, v: Any) -> Any:
-    if v not in WEIGHT_FORMATS:
-        raise SpecdecError(f"{name} must be one of {', '.join(WEIGHT_FORMATS)}, got {v!r}")
+    if v not in WEIGHT_CHOICES:
+        raise SpecdecError(f"{name} must be one of {', '.join(WEIGHT_CHOICES)}, got {v!r}")
     return v
 
 

@@ -234,4 +234,5 @@ def test_quant_weights_need_the_gguf_format():
     from specdec.errors import SpecdecError
 
     with pytest.raises(SpecdecError, match="weights='gguf'"):
-        specdec.SpecDecoder(make_tiny_model("llama"), make_tiny_tokenizer(), drafter="plain", quant={})
+        specdec.SpecDecoder(make_tiny_model("llama"), make_tiny_tokenizer(), drafter="plain", weights="fp32",
+                            quant={})

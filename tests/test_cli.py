@@ -78,11 +78,14 @@ def test_bench_options_reach_the_spec(tmp_path, monkeypatch):
     assert run("bench", "--batch", "1,2", "--drafter", "ngram", "--backend", "lean").exit_code == 0
     assert run("bench", "--batch", "1", "--config", str(cfg)).exit_code == 0
     flag, config, plain, batch_flag, batch_config = got
-    assert flag.methods == ("hf-plain", "plain", "ngram") and flag.drafter == "ngram" and flag.drafter_options == {}
+    # the default model is a GGUF: weights="auto" runs specdec's methods in gguf; the hf backend stays fp32
+    assert flag.methods == ("hf-plain", "plain@gguf", "ngram@gguf") and flag.drafter == "ngram"
+    assert flag.drafter_options == {}
     assert config.methods == ("hf-plain", "plain", "model") and config.drafter == "model"
     assert config.drafter_options == {"draft_model": "tiny", "k": 3} and config.backend == "hf"
-    assert plain.methods == ("hf-plain", "plain")
+    assert plain.methods == ("hf-plain", "plain@gguf")
     assert (batch_flag.drafter, batch_flag.backend, batch_flag.batch_sizes) == ("ngram", "lean", (1, 2))
+    assert batch_flag.weights == "gguf"
     assert batch_config.drafter_options == {"draft_model": "tiny", "k": 3} and batch_config.backend == "lean"
 
 

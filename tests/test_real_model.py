@@ -1,12 +1,13 @@
-"""The real default model (Gemma 3 270M, fp32): specdec's output equals transformers' greedy generate() token for
-token on Spec-Bench prompts. Slow (loads ~1 GB; the first load dequantizes the GGUF once); CI runs the `ci` ones."""
+"""The real default model (Gemma 3 270M) in its default format (weights="auto": the GGUF's own blocks): specdec's
+output equals transformers' fp32 greedy generate() token for token on Spec-Bench prompts; fp32 where named.
+Slow (loads ~1 GB; the first load dequantizes the GGUF once); CI runs the `ci` ones."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from specdec.api import SpecDecoder
+from specdec.api import SpecDecoder, default_weights, gguf_weights
 from specdec.bench.spec_bench import PROMPT_TEMPLATE
 from specdec.data.spec_bench import read_questions
 from specdec.drafters.registry import parse_drafter
@@ -18,9 +19,12 @@ NEW_TOKENS = 64
 ALL_FOUR = "auto[drafters=ngram+recycling+diffusion+lexical]"
 
 
-def decoder_for(loaded, drafter: str) -> SpecDecoder:
+def decoder_for(loaded, drafter: str, quant: dict) -> SpecDecoder:
+    """The drafter on the default format (`quant`: the GGUF's weights, read once a module)."""
     name, options = parse_drafter(drafter)
-    return SpecDecoder(loaded, drafter=name, drafter_options=options or None)
+    decoder = SpecDecoder(loaded, drafter=name, drafter_options=options or None, quant=quant)
+    assert decoder.weights == "gguf" and default_weights(loaded) == "gguf"  # what weights="auto" picks
+    return decoder
 
 
 @pytest.fixture(scope="module")
@@ -40,33 +44,39 @@ def real():
     return loaded, prompts, refs
 
 
+@pytest.fixture(scope="module")
+def real_quant(real):
+    return gguf_weights(None, real[0].model, None)
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 @pytest.mark.parametrize("drafter", ["recycling", "ngram", "diffusion", "lexical", "auto", ALL_FOUR])
-def test_default_model_matches_transformers_generate(real, drafter):  # diffusion, lexical: the shipped weights
+def test_default_model_matches_transformers_generate(real, real_quant, drafter):  # diffusion, lexical: the shipped weights
     loaded, prompts, refs = real
-    decoder = decoder_for(loaded, drafter)
+    decoder = decoder_for(loaded, drafter, real_quant)
     for ids, ref in zip(prompts, refs):
         result = decoder.generate_ids(ids, max_new_tokens=NEW_TOKENS)
         assert result.tokens == ref
 
 
 @pytest.mark.slow
-def test_default_model_plain_and_hf_backend_match(real):
+def test_default_model_plain_and_hf_backend_match(real, real_quant):
     loaded, prompts, refs = real
-    for backend in ("lean", "hf"):
-        decoder = SpecDecoder(loaded, drafter="plain", backend=backend)
+    for backend, weights in (("lean", "fp32"), ("hf", "auto"), ("lean", "auto")):  # hf: always fp32
+        decoder = SpecDecoder(loaded, drafter="plain", backend=backend, weights=weights,
+                              quant=real_quant if (backend, weights) == ("lean", "auto") else None)
         for ids, ref in zip(prompts, refs):
             assert decoder.generate_ids(ids, max_new_tokens=NEW_TOKENS).tokens == ref
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("drafter", ["ngram", "recycling", "diffusion", "lexical", "auto", ALL_FOUR])
-def test_default_model_batches_match_transformers_generate(real, drafter):
+def test_default_model_batches_match_transformers_generate(real, real_quant, drafter):
     """Ragged rows, continuous batching (width 3 < 5 prompts), packed scoring and (ngram, auto) nodes allocated
     across rows."""
     loaded, prompts, refs = real
-    decoder = decoder_for(loaded, drafter)
+    decoder = decoder_for(loaded, drafter, real_quant)
     result = decoder.generate_many(prompts, width=3, max_new_tokens=NEW_TOKENS)
     assert [r.tokens for r in result.results] == refs
     assert result.stats.tau > 1.0  # drafts were scored and accepted, not plain decoding throughout
@@ -74,13 +84,13 @@ def test_default_model_batches_match_transformers_generate(real, drafter):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("drafter", ["lexical", "auto", ALL_FOUR])
-def test_default_model_sampling_equals_plain_sampling(real, drafter):
+def test_default_model_sampling_equals_plain_sampling(real, real_quant, drafter):
     """Sampled output (temperature 0.8, a seed per prompt) is token for token plain sampling's, alone and in a batch."""
     loaded, prompts, _ = real
     kw = dict(max_new_tokens=NEW_TOKENS, temperature=0.8)
-    plain = SpecDecoder(loaded, drafter="plain")
+    plain = SpecDecoder(loaded, drafter="plain", quant=real_quant)
     refs = [plain.generate_ids(ids, seed=i, **kw).tokens for i, ids in enumerate(prompts)]
-    decoder = decoder_for(loaded, drafter)
+    decoder = decoder_for(loaded, drafter, real_quant)
     assert [decoder.generate_ids(ids, seed=i, **kw).tokens for i, ids in enumerate(prompts)] == refs
     requests = [decoder.request(ids, seed=i, **kw) for i, ids in enumerate(prompts)]
     assert [r.tokens for r in decoder.engine_for(3).generate_batch(requests).results] == refs
@@ -109,9 +119,9 @@ def test_default_model_screened_head_equals_fp32_argmax(real):
 
 
 @pytest.fixture(scope="module")
-def real_gguf(real):
+def real_gguf(real, real_quant):
     loaded, prompts, refs = real
-    return SpecDecoder(loaded, drafter="plain", weights="gguf"), loaded
+    return SpecDecoder(loaded, drafter="plain", weights="gguf", quant=real_quant), loaded
 
 
 @pytest.mark.slow
@@ -126,13 +136,14 @@ def test_default_model_gguf_plain_matches_fp32_generate(real, real_gguf):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("drafter", ["ngram", "auto"])
-def test_default_model_gguf_speculation_equals_gguf_plain(real, real_gguf, drafter):
+def test_default_model_gguf_speculation_equals_gguf_plain(real, real_gguf, real_quant, drafter):
     """A fixed tree budget makes the loop score draft nodes in gguf (the calibrated sizing keeps none there, see
     the README), and the output is plain gguf decoding's token for token (the kernel is batch-invariant)."""
     _, prompts, _ = real
     plain, loaded = real_gguf
     name, options = parse_drafter(drafter)
-    spec = SpecDecoder(loaded, drafter=name, drafter_options=options or None, weights="gguf", tree_budget=8)
+    spec = SpecDecoder(loaded, drafter=name, drafter_options=options or None, weights="gguf", tree_budget=8,
+                       quant=real_quant)
     scored = 0
     for ids in prompts:
         result = spec.generate_ids(ids, max_new_tokens=NEW_TOKENS)
