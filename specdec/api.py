@@ -159,13 +159,13 @@ class SpecDecoder:
         if model is None or isinstance(model, str):
             model = load_model(model, dtype=torch.bfloat16 if weights == "bf16" else torch.float32,
                                cache_dir=cache_dir, log=log)
-        if chosen and weights == "gguf" and not _lean_runs(model):
-            weights = "fp32"  # a GGUF of an architecture the lean path does not have: its fp32 weights
         elif isinstance(model, LoadedModel) and weights == "gguf":
             spec = model.name  # a built-in's name finds its GGUF (a loaded .gguf path does not: refused below)
         elif weights != "fp32" and not (weights == "bf16" and _dtype_of(model) == torch.bfloat16):
             raise SpecdecError(f"--weights {weights} needs the model by name (a built-in or a .gguf file), "
                                "not a loaded model: pass its name, or use weights='fp32'")
+        if chosen and weights == "gguf" and not _lean_runs(model):
+            weights = "fp32"  # a GGUF of an architecture the lean path does not have: its fp32 weights
         if isinstance(model, LoadedModel):
             tokenizer = tokenizer if tokenizer is not None else model.tokenizer
             self.name, model = model.name, model.model
@@ -173,11 +173,13 @@ class SpecDecoder:
             self.name = getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.model, self.tokenizer = model, tokenizer
         self.cache_dir = cache_dir
-        self.weights = weights
         if weights == "gguf" and quant is None:
             quant = gguf_weights(spec, model, cache_dir, log)
+            if chosen and not quant:  # the GGUF holds no block type the kernel runs (all F32/F16): fp32 it is
+                weights, quant = "fp32", None
         elif weights != "gguf" and quant is not None:
             raise SpecdecError("quant weights are the gguf format's: pass weights='gguf' with them, or drop them")
+        self.weights = weights
         self.verifier = make_verifier(model, backend, strict, cache_dir, quant)
         self.drafter = self._make_drafter(drafter, tree_obj, drafter_options or {})
         self.tree_budget = self._budget(tree_budget, log)

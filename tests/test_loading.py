@@ -149,6 +149,25 @@ def write_tiny_gguf(model, path) -> None:
     writer.close()
 
 
+def test_a_gguf_path_decodes_in_the_format_auto_picks(tmp_path):
+    # weights="auto" on a .gguf path reads that file's blocks (not a file named after the model); this one holds
+    # only F32 tensors, nothing the gguf kernel runs, so auto settles on fp32 and decodes like transformers
+    from specdec.api import SpecDecoder, default_weights
+
+    torch.manual_seed(0)
+    original = AutoModelForCausalLM.from_config(Qwen2Config(**SMALL, tie_word_embeddings=True)).eval()
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(original, path)
+    assert default_weights(str(path)) == "gguf"
+    decoder = SpecDecoder(str(path), drafter="plain", cache_dir=str(tmp_path / "cache"))
+    assert decoder.weights == "fp32" and decoder.verifier.weights == "fp32"
+    ids = [3, 7, 11, 5]
+    with torch.inference_mode():
+        ref = decoder.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=6, min_new_tokens=6,
+                                     pad_token_id=0, top_k=None, top_p=None, temperature=None)[0, 4:].tolist()
+    assert decoder.generate_ids(ids, max_new_tokens=6, stop_strings=()).tokens[:len(ref)] == ref
+
+
 def test_gguf_file_is_dequantized_once_into_a_verified_cache(tmp_path):
     torch.manual_seed(0)
     original = AutoModelForCausalLM.from_config(Qwen2Config(**SMALL, tie_word_embeddings=True)).eval()
