@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from specdec.bench.report import machine_info, output_dir, save_report
+from specdec.config import WEIGHT_FORMATS
 from specdec.data.spec_bench import read_questions
 from specdec.drafters.registry import parse_drafter, unknown_drafter
 from specdec.errors import SpecdecError
@@ -62,8 +63,6 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
     if spec.backend not in ("auto", "lean"):
         raise SpecdecError(f"--batch decodes rows together on the lean verifier: use --backend lean or auto, "
                            f"not {spec.backend}")
-    from specdec.config import WEIGHT_FORMATS
-
     if spec.weights not in WEIGHT_FORMATS:
         raise SpecdecError(f"unknown weight format '{spec.weights}': choose one of {', '.join(WEIGHT_FORMATS)}")
     if spec.out_dir:
@@ -82,7 +81,8 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
     quant = gguf_weights(spec.model, loaded.model, spec.cache_dir, log) if spec.weights == "gguf" else None
     verifier = _lean_verifier(loaded.model, quant)
     eos = frozenset(eos_ids(loaded))
-    info = machine_info(dtype=_DTYPES[spec.weights]) | {"model": loaded.name, "prompts": len(prompts), "max_new_tokens": spec.max_new_tokens,
+    info = machine_info(dtype=_DTYPES[spec.weights]) | {
+                             "model": loaded.name, "prompts": len(prompts), "max_new_tokens": spec.max_new_tokens,
                              "drafter": spec.drafter, "drafter_options": spec.drafter_options,
                              "tree_budget": spec.tree_budget or 16, "repeats": max(1, spec.repeats),
                              "others": list(spec.others)}

@@ -148,12 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     if "lean_linear" in variants:  # the same forward with every GEMM as F.linear: what orientation buys
         verifiers["lean_linear"] = LeanVerifier(model, gemm="linear")
     if "lean_gguf" in variants:  # the GGUF's own quantised blocks (specdec.verifiers.quant); --model names a GGUF
-        from specdec.models.gguf_weights import read_quant_weights
-        from specdec.models.loading import gguf_file
+        from specdec.api import gguf_weights
 
-        quant, report = read_quant_weights(gguf_file(args.model), model)
-        print(report.summary(), flush=True)
-        verifiers["lean_gguf"] = LeanVerifier(model, quant=quant)
+        verifiers["lean_gguf"] = LeanVerifier(model, quant=gguf_weights(args.model, model, None, print))
     if "lean_bf16" in variants:  # the same model cast to bf16 (its own reference)
         verifiers["lean_bf16"] = LeanVerifier(copy.deepcopy(model).to(torch.bfloat16), cache_dir=args.gemm_cache)
 
