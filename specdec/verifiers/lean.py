@@ -50,8 +50,9 @@ class LeanVerifier:
     once (copies ~25% of the non-embedding weights) so each layer runs 4 GEMMs instead of 7; off by default:
     on Gemma 3 270M (2-core EPYC) it changed no verify time by more than the noise (~1 ms).
     quant: GGUF-native weights (`specdec.verifiers.quant`, read by `specdec.models.gguf_weights`): the linears
-    named run the quantised fp32 kernel, batch-invariant by construction; the GEMM plan covers the rest and
-    the screen is off (the quantised head reads fewer bytes than the screen's bf16 copy).
+    named run the quantised fp32 kernel, batch-invariant by construction, and the layers' norms, rotary and
+    residual joins run fused (`specdec.verifiers.glue`); the GEMM plan covers the rest and the screen is off
+    (the quantised head reads fewer bytes than the screen's bf16 copy). Not with compile.
     On a GPU the GEMMs are plain F.linear and the screen is off unless asked for.
     strict: batch-invariant scoring (see `specdec.verifiers.strict`): tiled GEMMs in the plan's orientation
     for TILE rows and a per-query canonical attention; not with compile. Prefill is unchanged.
@@ -83,6 +84,8 @@ class LeanVerifier:
     ):
         if strict and compile:
             raise ValueError("strict scoring runs eager: compile=True cannot be combined with strict=True")
+        if quant and compile:
+            raise ValueError("quantised weights run their own fused kernels: compile=True cannot be combined with quant")
         cfg = model.config
         self.vocab_size: int = cfg.vocab_size
         self.max_positions: int = cfg.max_position_embeddings

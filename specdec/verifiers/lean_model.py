@@ -11,6 +11,9 @@ each layer runs 4 GEMMs instead of 7; measured on Gemma 3 270M it saved nothing,
 GEMM orientation per shape and row count comes from a `GemmPlan` (`specdec.verifiers.gemm`).
 Attention is either batched (one key range and mask per window for all rows: the draft model's runner) or,
 with `Step.rows` (the verifier's ragged batches), row by row over each row's own key range.
+With GGUF-native weights (`quant`) on fp32 rows, the verifier's row-by-row calls run `_layers_glued`: the
+quantised kernel for the linears and `specdec.verifiers.glue`'s fused row-wise kernels for the norms, rotary,
+K/V writes and residual joins (one call where the torch forward dispatches ~20 small ops a layer).
 `tiled(tile)` gives the strict (batch-invariant) view: fixed-size GEMM row tiles; with `Step.canonical` set,
 attention runs per query over its canonical keys (`specdec.verifiers.strict`).
 """
@@ -21,12 +24,14 @@ import copy
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from specdec.verifiers import glue
 from specdec.verifiers.gemm import GemmPlan, Linear
-from specdec.verifiers.quant import QuantLinear, QuantWeight, stacked
+from specdec.verifiers.quant import QuantLinear, QuantWeight, qmatmul_np, stacked
 from specdec.verifiers.strict import CanonicalTree, TiledLinear, attend_canonical
 from specdec.verifiers.tree_attention import tree_attention
 
@@ -99,6 +104,24 @@ class _Layer:
     down: Linear | QuantLinear
 
 
+@dataclass(frozen=True)
+class _GlueNorms:
+    """One layer's norm scales as numpy views of `_Layer`'s tensors, for the `glue` kernels."""
+
+    in_norm: np.ndarray  # [hidden]
+    post_attn_norm: np.ndarray | None  # [hidden]
+    ff_norm: np.ndarray  # [hidden]
+    post_ff_norm: np.ndarray | None  # [hidden]
+    q_norm: np.ndarray | None  # [head_dim]
+    k_norm: np.ndarray | None  # [head_dim]
+
+    @staticmethod
+    def of(lw: _Layer) -> "_GlueNorms":
+        view = lambda t: None if t is None else t.detach().float().contiguous().numpy()  # noqa: E731
+        return _GlueNorms(view(lw.in_norm), view(lw.post_attn_norm), view(lw.ff_norm), view(lw.post_ff_norm),
+                          view(lw.q_norm), view(lw.k_norm))
+
+
 def read_arch(model: PreTrainedModel) -> Arch:
     cfg = model.config
     if cfg.model_type not in SUPPORTED:
@@ -150,6 +173,9 @@ class LeanModel:
         self._inv_freq = _inv_freqs(base.rotary_emb, set(arch.rope_kinds), arch.gemma)
         self._gqa = bool(arch.num_heads != arch.num_kv_heads)  # a bool stays a constant under torch.compile
         self._compiled = (self.pre_attention, self.post_attention)  # replaced by compile()
+        # GGUF-native weights on fp32 rows: the layers run through `glue` (`_layers_glued`)
+        self._glue = [_GlueNorms.of(lw) for lw in self.layers] if self._quant and self.dtype == torch.float32 else None
+        self._glue_final = None if self._glue is None else self.final_norm.contiguous().numpy()
 
     # ---- weights -------------------------------------------------------------------------------------
 
@@ -207,6 +233,7 @@ class LeanModel:
         keep = [i for i in range(len(self.layers)) if i not in skip]
         view = copy.copy(self)
         view.layers = [self.layers[i] for i in keep]
+        view._glue = None if self._glue is None else [self._glue[i] for i in keep]
         view.arch = replace(self.arch, windows=tuple(self.arch.windows[i] for i in keep),
                             rope_kinds=tuple(self.arch.rope_kinds[i] for i in keep))
         return view
@@ -267,6 +294,11 @@ class LeanModel:
             x = x.index_copy(0, embeds[0], embeds[1].to(x.dtype))
         cos_sin = {kind: (c[positions].unsqueeze(2), s[positions].unsqueeze(2))  # [B, n, 1, D] or packed [R, 1, 1, D]
                    for kind, (c, s) in rope.items()}
+        if self._glue is not None and step.rows is not None and step.rows.trees is None:
+            hidden = self._layers_glued(x, positions, step.rows, caches, rope, capture)  # [R, hidden]
+            if capture is not None and len(self.layers) in capture:
+                capture[len(self.layers)] = hidden
+            return hidden if step.real is not None else hidden.view(batch, n, a.hidden)
         pre, post = self._compiled if compiled else (self.pre_attention, self.post_attention)
         for i, lw in enumerate(self.layers):
             if capture is not None and i in capture:
@@ -290,6 +322,34 @@ class LeanModel:
         if self.arch.final_softcap is not None:
             out = torch.tanh(out / self.arch.final_softcap) * self.arch.final_softcap
         return out.contiguous().view(*hidden.shape[:-1], -1)
+
+    def _layers_glued(self, x: torch.Tensor, positions: torch.Tensor, rows: RowSpans, caches, rope,
+                      capture: dict[int, torch.Tensor | None] | None) -> torch.Tensor:
+        """The layers and the final norm with GGUF-native weights, on numpy rows: the quantised kernel for the
+        linears, `glue` for norms, rotary, cache writes and residual joins (one call each instead of ~20 torch
+        ops a layer), torch for attention and the activation. x [R, hidden] float32 embeddings of the packed
+        nodes, positions [R] -> [R, hidden] final normed states; the same values for a node whatever else
+        the call holds (every step here is row-wise)."""
+        a, eps, norms = self.arch, np.float32(self.arch.eps), self._glue
+        xs = x.contiguous().numpy()  # [R, hidden] the residual stream
+        pos = positions.reshape(-1).contiguous().numpy()  # [R]
+        node_slot, node_write = rows.node_slot.numpy(), rows.node_write.numpy()  # [R] each
+        tables = {kind: (c.numpy(), s.numpy()) for kind, (c, s) in rope.items()}  # [max_len, D] each
+        h = glue.rms_norm(xs, norms[0].in_norm, eps)
+        for i, (lw, g) in enumerate(zip(self.layers, norms)):
+            if capture is not None and i in capture:
+                capture[i] = torch.from_numpy(xs)
+            cos, sin = tables[a.rope_kinds[i]]
+            q = glue.qk_rope_write(_project(lw.qkv, h), a.num_heads, a.num_kv_heads, a.head_dim, g.q_norm,
+                                   g.k_norm, eps, cos, sin, pos, caches[i][0].numpy(), caches[i][1].numpy(),
+                                   node_slot, node_write)  # [R, Hq, D]; k, v written
+            attn = self._attend_ranges(torch.from_numpy(q), rows, caches[i], a.windows[i]).numpy()  # [R, Hq*D]
+            xs, h = glue.add_norm(xs, _project([lw.o], attn), g.post_attn_norm, g.ff_norm, eps)
+            gate, up = torch.from_numpy(_project(lw.gate_up, h)).chunk(2, dim=-1)
+            act = (F.gelu(gate, approximate="tanh") if a.activation == "gelu_tanh" else F.silu(gate)) * up
+            following = norms[i + 1].in_norm if i + 1 < len(norms) else self._glue_final
+            xs, h = glue.add_norm(xs, _project([lw.down], act.numpy()), g.post_ff_norm, following, eps)
+        return torch.from_numpy(h)
 
     def compile(self, **options) -> None:
         """torch.compile the dense per-layer parts (everything but the cache writes and attention).
@@ -358,6 +418,12 @@ class LeanModel:
         k_cache, v_cache = cache
         k_cache[rows.node_slot, :, rows.node_write] = k  # advanced dims first: [R, Hkv, D]
         v_cache[rows.node_slot, :, rows.node_write] = v
+        return self._attend_ranges(q, rows, cache, window)
+
+    def _attend_ranges(self, q, rows: RowSpans, cache, window: int | None) -> torch.Tensor:
+        """Each row's queries q [R, Hq, D] attend over that row's key range of the cache -> [R, Hq*D]."""
+        a = self.arch
+        k_cache, v_cache = cache
         outs = []
         for r, (start, end, mask) in enumerate(rows.ranges[window]):
             lo, hi, slot = rows.bounds[r], rows.bounds[r + 1], rows.slots[r]
@@ -373,6 +439,18 @@ class LeanModel:
             out = attend(qr, keys, values, mask, a.attn_scale, a.attn_softcap, self._gqa)  # [1, Hq, s, D]
             outs.append(out[0].transpose(0, 1).reshape(hi - lo, a.num_heads * a.head_dim))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _project(lins: list[Linear | QuantLinear], h: np.ndarray) -> np.ndarray:
+    """h [M, in] float32 through each linear, outputs side by side: [M, sum of outs]."""
+    outs = []
+    for lin in lins:
+        if isinstance(lin, QuantLinear):
+            y = qmatmul_np(h, lin.quant)
+            outs.append(y if lin.bias is None else y + lin.bias.numpy())
+        else:
+            outs.append(lin(torch.from_numpy(h)).float().numpy())
+    return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
 
 
 def _unpack(x: torch.Tensor, real: torch.Tensor, batch: int, n: int) -> torch.Tensor:

@@ -315,20 +315,26 @@ SERIAL_WORK = 1 << 18  # rows x weight elements below which the product runs on 
 
 def qmatmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x [M, K] float32 (CPU) -> [M, N] float32 = x @ dequant(w).T, batch-invariant (module docstring)."""
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
+        x = x.detach().float().contiguous()
+    return torch.from_numpy(qmatmul_np(x.numpy(), w))
+
+
+def qmatmul_np(x: np.ndarray, w: QuantWeight) -> np.ndarray:
+    """`qmatmul` on numpy arrays: x [M, K] float32 -> [M, N] float32 (a view when N is padded)."""
     m, k = x.shape
     if k != w.q.shape[1]:
         raise ValueError(f"qmatmul: x has {k} columns, the weight {w.q.shape[1]}")
-    if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
-        x = x.detach().float().contiguous()
-    y = torch.empty((m, w.padded_rows), dtype=torch.float32)
-    xs, out = x.numpy(), y.numpy()
+    if x.dtype != np.float32 or not x.flags.c_contiguous:  # the microkernel reads rows k apart
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((m, w.padded_rows), dtype=np.float32)
     offset = w.offset if w.offset is not None else w.scale  # unused when has_offset is False
     tiles = w.q.shape[0]
     if m * w.q.size < SERIAL_WORK or tiles == 1:
-        _tiles(xs, w.q, w.scale, offset, w.offset is not None, w.group, out, 0, tiles)
+        _tiles(x, w.q, w.scale, offset, w.offset is not None, w.group, out, 0, tiles)
     else:
-        _qmatmul(xs, w.q, w.scale, offset, w.offset is not None, w.group, out, min(tiles, 8 * numba.get_num_threads()))
-    return y[:, : w.rows] if w.rows != w.padded_rows else y
+        _qmatmul(x, w.q, w.scale, offset, w.offset is not None, w.group, out, min(tiles, 8 * numba.get_num_threads()))
+    return out[:, : w.rows] if w.rows != w.padded_rows else out
 
 
 class QuantLinear:

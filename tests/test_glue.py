@@ -1,0 +1,110 @@
+"""The gguf format's fused per-layer kernels (`specdec.verifiers.glue`): the torch reference in value, batch
+invariance bit for bit, and the glued forward decoding Llama and Qwen2 (biases, no q/k norms, no sandwich
+norms) like transformers on the dequantised weights. Gemma 3 runs it in tests/test_quant.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from conftest import hf_greedy, make_tiny_model
+from specdec.drafters.registry import make_drafter
+from specdec.engine import Engine, Request, StopConditions
+from specdec.verifiers import glue
+from specdec.verifiers.lean import LeanVerifier
+from specdec.verifiers.lean_model import apply_rope, rms_norm
+from specdec.verifiers.quant import unpack
+
+EPS = np.float32(1e-6)
+
+
+def _rows(m: int, n: int, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((m, n)) * 3).astype(np.float32)
+
+
+def test_rms_norm_is_torch_in_value_and_row_wise_bit_for_bit():
+    x, scale = _rows(9, 640, 0), (np.random.default_rng(1).random(640) + 0.5).astype(np.float32)
+    ours = glue.rms_norm(x, scale, EPS)
+    torch.testing.assert_close(torch.from_numpy(ours), rms_norm(torch.from_numpy(x), torch.from_numpy(scale), 1e-6),
+                               rtol=4e-7, atol=1e-6)
+    for m in range(9):  # each row alone gives its bits in the batch
+        assert np.array_equal(glue.rms_norm(x[m: m + 1], scale, EPS)[0], ours[m])
+
+
+@pytest.mark.parametrize("sandwich", [True, False])
+def test_add_norm_is_the_residual_join_and_the_next_norm(sandwich):
+    x, h = _rows(5, 64, 2), _rows(5, 64, 3)
+    first = (np.random.default_rng(4).random(64) + 0.5).astype(np.float32) if sandwich else None
+    second = (np.random.default_rng(5).random(64) + 0.5).astype(np.float32)
+    x_out, h_out = glue.add_norm(x, h, first, second, EPS)
+    t = lambda a: torch.from_numpy(a)  # noqa: E731
+    joined = t(x) + (rms_norm(t(h), t(first), 1e-6) if sandwich else t(h))
+    torch.testing.assert_close(t(x_out), joined, rtol=4e-7, atol=1e-6)
+    torch.testing.assert_close(t(h_out), rms_norm(joined, t(second), 1e-6), rtol=1e-6, atol=2e-6)
+    alone = glue.add_norm(x[3:4], h[3:4], first, second, EPS)
+    assert np.array_equal(alone[0][0], x_out[3]) and np.array_equal(alone[1][0], h_out[3])
+
+
+@pytest.mark.parametrize("norms", [True, False])
+def test_qk_rope_write_is_norm_rope_and_the_cache_write(norms):
+    heads, kv_heads, d, rows = 4, 2, 16, 6
+    qkv = _rows(rows, (heads + 2 * kv_heads) * d, 6)
+    gen = np.random.default_rng(7)
+    q_norm, k_norm = ((gen.random(d) + 0.5).astype(np.float32) for _ in range(2)) if norms else (None, None)
+    cos, sin = (gen.standard_normal((50, d)).astype(np.float32) for _ in range(2))
+    positions = np.array([3, 4, 4, 5, 40, 41])
+    node_slot, node_write = np.array([0, 0, 0, 0, 2, 2]), np.array([3, 4, 5, 6, 40, 41])
+    k_cache, v_cache = np.zeros((3, kv_heads, 50, d), np.float32), np.zeros((3, kv_heads, 50, d), np.float32)
+    q = glue.qk_rope_write(qkv, heads, kv_heads, d, q_norm, k_norm, EPS, cos, sin, positions, k_cache, v_cache,
+                           node_slot, node_write)
+    t = torch.from_numpy
+    q_ref, k_ref, v_ref = t(qkv).split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q_ref, k_ref = q_ref.reshape(1, rows, heads, d), k_ref.reshape(1, rows, kv_heads, d)
+    if norms:
+        q_ref, k_ref = rms_norm(q_ref, t(q_norm), 1e-6), rms_norm(k_ref, t(k_norm), 1e-6)
+    c, s = t(cos)[t(positions)][None, :, None], t(sin)[t(positions)][None, :, None]
+    torch.testing.assert_close(t(q), apply_rope(q_ref, c, s)[0], rtol=1e-6, atol=2e-6)
+    torch.testing.assert_close(t(k_cache[node_slot, :, node_write]), apply_rope(k_ref, c, s)[0], rtol=1e-6, atol=2e-6)
+    assert np.array_equal(v_cache[node_slot, :, node_write], v_ref.reshape(rows, kv_heads, d).numpy())
+    assert not k_cache[1].any() and not v_cache[0, :, :3].any()  # nothing else written
+    one = glue.qk_rope_write(qkv[4:5], heads, kv_heads, d, q_norm, k_norm, EPS, cos, sin, positions[4:5],
+                             np.zeros_like(k_cache), np.zeros_like(v_cache), node_slot[4:5], node_write[4:5])
+    assert np.array_equal(one[0], q[4])
+
+
+def _quantised(model, kinds: list[str]) -> dict:
+    """Every linear of the tiny model quantised in memory (kinds in turn) and the model's weights replaced by
+    the dequantised values: what reading a GGUF of it gives, without the file."""
+    out = {}
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            weight = model.get_submodule(name).weight
+            kind = kinds[i % len(kinds)]
+            raw = quants.quantize(weight.numpy(), getattr(GGMLQuantizationType, kind))
+            weight.copy_(torch.from_numpy(quants.dequantize(raw, getattr(GGMLQuantizationType, kind))))
+            out[name] = unpack(kind, raw, *weight.shape)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_glued_forward_decodes_like_transformers(arch):
+    model = make_tiny_model(arch)
+    verifier = LeanVerifier(model, quant=_quantised(model, ["Q8_0", "Q5_0"]), gemm="linear")
+    assert verifier.model._glue is not None  # the glued forward is the one under test
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (8, 21, 13)]
+    alone = [Engine(verifier, make_drafter("plain", vocab_size=512), sizer=1).generate(p, StopConditions(24)).tokens
+             for p in rows]
+    assert alone == [hf_greedy(model, p, 24) for p in rows]
+    engine = Engine(verifier, make_drafter("recycling", vocab_size=512), sizer=8, width=2)
+    res = engine.generate_batch([Request(p, StopConditions(24)) for p in rows])
+    assert [r.tokens for r in res.results] == alone  # trees, ragged rows: the same tokens
+
+
+def test_quantised_weights_refuse_compile():
+    model = make_tiny_model("llama")
+    with pytest.raises(ValueError, match="compile"):
+        LeanVerifier(model, quant=_quantised(model, ["Q8_0"]), gemm="linear", compile=True)
