@@ -146,6 +146,21 @@ def test_allocator_keeps_what_pays():
     assert linear.latency(2) == pytest.approx(0.024)
 
 
+def test_allocator_corrects_the_curve_per_size():
+    curve = LatencyCurve((1, 8, 64), (0.020, 0.040, 0.200))
+    alloc = NodeAllocator(curve, min_samples=2)
+    for _ in range(2):  # one-node steps at 0.7x the curve, 7-9-node steps at 1.0x, nothing near 64 yet
+        alloc.record(nodes=1, verify_s=0.014, host_s=0.0)
+        alloc.record(nodes=9, verify_s=curve(9), host_s=0.0)
+    assert alloc.latency(1) == pytest.approx(0.014)
+    assert alloc.latency(8) == pytest.approx(0.040)
+    overall = sorted([0.7, 0.7, 1.0, 1.0])[1:3]  # the median over all steps serves 64, which no step was near
+    assert alloc.latency(64) == pytest.approx(0.200 * sum(overall) / 2)
+    for _ in range(4):  # steps near 8 measured below the corrected one-node cost: kept at least that
+        alloc.record(nodes=8, verify_s=0.010, host_s=0.0)
+    assert alloc.latency(8) == pytest.approx(alloc.latency(1)) == pytest.approx(0.014)
+
+
 def test_padded_reference_matches_generate():
     rows, max_new = prompts(6), MAX_NEW[:6]
     got = padded_reference(model("gemma3"), rows, max_new)

@@ -7,8 +7,13 @@ keeps, over all rows together, the nodes most likely to be accepted, as many as 
   acceptance multiplied down to its depth: `DepthRates.reach`), so a node is never worth more than its parent
   and keeping the best K nodes of the whole batch keeps whole prefixes of each row's chain;
 - scoring B roots plus K draft nodes costs T(B + K) seconds: the verifier's calibrated `LatencyCurve`
-  (one row, cached per machine and model) times a scale measured on the batch's own steps (the median
-  of measured / predicted over the last steps: batched attention, the machine's current load);
+  (one row, cached per machine and model) corrected by the loop's own steps: at each calibrated size, the
+  median of measured / predicted over the last steps near that size (the median over all sizes where fewer
+  than `min_samples` were near it), kept non-decreasing in the node count. One scale for all sizes was not
+  enough: on Gemma 3 270M in gguf (2-core EPYC) a bench's one-node steps ran at 0.70x the curve and its
+  4-5-node steps at 0.82-0.86x, so the curve overstated the base cost more than a node's, and a single
+  scale made extra nodes look cheaper than they were. Causes: batched attention, the machine's load, and a
+  calibration that times sizes round robin, each call after a larger one;
 - K maximises expected committed tokens per second, (B + sum of the K best values) / (T(B + K) + host), host
   being the measured drafting + acceptance seconds of a step; unless that beats plain (K = 0) by at least
   `min_gain` (10%), K = 0: what the model leaves out (padding and packing, acceptance estimated per slot)
@@ -33,19 +38,37 @@ from specdec.trees.sizing import LatencyCurve
 class NodeAllocator:
     """Chooses per step how many of its proposed chain nodes each row keeps (see the module docstring)."""
 
-    def __init__(self, curve: LatencyCurve, window: int = 32, alpha: float = 0.1, min_gain: float = 0.1):
-        self.curve, self.alpha, self.min_gain = curve, alpha, min_gain
-        self._scale: deque[float] = deque(maxlen=window)  # measured / curve-predicted verify seconds
+    def __init__(self, curve: LatencyCurve, window: int = 32, alpha: float = 0.1, min_gain: float = 0.1,
+                 min_samples: int = 4):
+        self.curve, self.alpha, self.min_gain, self.min_samples = curve, alpha, min_gain, min_samples
+        self._scale: deque[float] = deque(maxlen=window)  # measured / curve-predicted verify seconds, all steps
+        self._near: dict[int, deque[float]] = {n: deque(maxlen=window) for n in curve.sizes}  # the same, by the
+        # calibrated size nearest each step's node count
+        self._corrected: LatencyCurve | None = curve  # the curve as corrected by the steps so far (None: stale)
         self._host: float | None = None  # seconds of drafting + acceptance per step
 
     def latency(self, nodes: int) -> float:
         """Predicted seconds of one verify call over `nodes` nodes in all."""
-        scale = statistics.median(self._scale) if self._scale else 1.0
-        return scale * self.curve(nodes)
+        if self._corrected is None:
+            self._corrected = self._correct()
+        return self._corrected(nodes)
+
+    def _correct(self) -> LatencyCurve:
+        overall = statistics.median(self._scale) if self._scale else 1.0
+        seconds = []
+        for n, t in zip(self.curve.sizes, self.curve.seconds):
+            near = self._near[n]
+            seconds.append(t * (statistics.median(near) if len(near) >= self.min_samples else overall))
+            if len(seconds) > 1:
+                seconds[-1] = max(seconds[-1], seconds[-2])  # a larger call never costs less
+        return LatencyCurve(self.curve.sizes, tuple(seconds))
 
     def record(self, nodes: int, verify_s: float, host_s: float) -> None:
         """One step: `nodes` nodes (roots included) scored in `verify_s`, plus `host_s` of host work."""
-        self._scale.append(verify_s / max(self.curve(nodes), 1e-9))
+        ratio = verify_s / max(self.curve(nodes), 1e-9)
+        self._scale.append(ratio)
+        self._near[min(self.curve.sizes, key=lambda n: (abs(n - nodes), n))].append(ratio)
+        self._corrected = None
         self._host = host_s if self._host is None else (1 - self.alpha) * self._host + self.alpha * host_s
 
     def allocate(self, values: Sequence[Sequence[float]]) -> list[int]:
