@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 
 from specdec.verifiers import glue
 from specdec.verifiers.gemm import GemmPlan, Linear
-from specdec.verifiers.quant import QuantLinear, QuantWeight, qmatmul_np, stacked
+from specdec.verifiers.quant import QuantLinear, QuantWeight, stacked
 from specdec.verifiers.strict import CanonicalTree, TiledLinear, attend_canonical
 from specdec.verifiers.tree_attention import tree_attention
 
@@ -292,13 +292,13 @@ class LeanModel:
             x = x * self.embed_scale
         if embeds is not None:
             x = x.index_copy(0, embeds[0], embeds[1].to(x.dtype))
-        cos_sin = {kind: (c[positions].unsqueeze(2), s[positions].unsqueeze(2))  # [B, n, 1, D] or packed [R, 1, 1, D]
-                   for kind, (c, s) in rope.items()}
         if self._glue is not None and step.rows is not None and step.rows.trees is None:
             hidden = self._layers_glued(x, positions, step.rows, caches, rope, capture)  # [R, hidden]
             if capture is not None and len(self.layers) in capture:
                 capture[len(self.layers)] = hidden
             return hidden if step.real is not None else hidden.view(batch, n, a.hidden)
+        cos_sin = {kind: (c[positions].unsqueeze(2), s[positions].unsqueeze(2))  # [B, n, 1, D] or packed [R, 1, 1, D]
+                   for kind, (c, s) in rope.items()}
         pre, post = self._compiled if compiled else (self.pre_attention, self.post_attention)
         for i, lw in enumerate(self.layers):
             if capture is not None and i in capture:
@@ -346,7 +346,7 @@ class LeanModel:
             attn = self._attend_ranges(torch.from_numpy(q), rows, caches[i], a.windows[i]).numpy()  # [R, Hq*D]
             xs, h = glue.add_norm(xs, _project([lw.o], attn), g.post_attn_norm, g.ff_norm, eps)
             gate, up = torch.from_numpy(_project(lw.gate_up, h)).chunk(2, dim=-1)
-            act = (F.gelu(gate, approximate="tanh") if a.activation == "gelu_tanh" else F.silu(gate)) * up
+            act = activate(gate, a.activation) * up
             following = norms[i + 1].in_norm if i + 1 < len(norms) else self._glue_final
             xs, h = glue.add_norm(xs, _project([lw.down], act.numpy()), g.post_ff_norm, following, eps)
         return torch.from_numpy(h)
@@ -389,8 +389,7 @@ class LeanModel:
             gate, up = lw.gate_up[0](h).chunk(2, dim=-1)
         else:
             gate, up = (lin(h) for lin in lw.gate_up)
-        gate = F.gelu(gate, approximate="tanh") if a.activation == "gelu_tanh" else F.silu(gate)
-        h = lw.down(gate * up)
+        h = lw.down(activate(gate, a.activation) * up)
         if lw.post_ff_norm is not None:
             h = rms_norm(h, lw.post_ff_norm, a.eps)
         return x + h
@@ -446,11 +445,15 @@ def _project(lins: list[Linear | QuantLinear], h: np.ndarray) -> np.ndarray:
     outs = []
     for lin in lins:
         if isinstance(lin, QuantLinear):
-            y = qmatmul_np(h, lin.quant)
-            outs.append(y if lin.bias is None else y + lin.bias.numpy())
+            outs.append(lin.rows(h))
         else:
             outs.append(lin(torch.from_numpy(h)).float().numpy())
     return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
+
+
+def activate(gate: torch.Tensor, activation: str) -> torch.Tensor:
+    """The MLP's gate activation (Arch.activation: "gelu_tanh" or "silu")."""
+    return F.gelu(gate, approximate="tanh") if activation == "gelu_tanh" else F.silu(gate)
 
 
 def _unpack(x: torch.Tensor, real: torch.Tensor, batch: int, n: int) -> torch.Tensor:

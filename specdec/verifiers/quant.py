@@ -315,9 +315,7 @@ SERIAL_WORK = 1 << 18  # rows x weight elements below which the product runs on 
 
 def qmatmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x [M, K] float32 (CPU) -> [M, N] float32 = x @ dequant(w).T, batch-invariant (module docstring)."""
-    if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
-        x = x.detach().float().contiguous()
-    return torch.from_numpy(qmatmul_np(x.numpy(), w))
+    return QuantLinear(w)(x)
 
 
 def qmatmul_np(x: np.ndarray, w: QuantWeight) -> np.ndarray:
@@ -338,15 +336,22 @@ def qmatmul_np(x: np.ndarray, w: QuantWeight) -> np.ndarray:
 
 
 class QuantLinear:
-    """``y = x @ dequant(weight).T + bias`` through `qmatmul`; the `Linear` interface of the lean forward."""
+    """``y = x @ dequant(weight).T + bias`` through `qmatmul_np`; the `Linear` interface of the lean forward, and
+    `rows` for the glued forward's numpy rows (`specdec.verifiers.lean_model._layers_glued`)."""
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None):
         self.quant = weight
-        self.bias = None if bias is None else bias.detach().float()
+        self.bias = None if bias is None else bias.detach().float()  # [out]
+        self._bias_np = None if self.bias is None else self.bias.numpy()  # the same memory, for `rows`
 
     def use(self, plan) -> None:  # a GEMM plan does not apply: one kernel for every row count
         pass
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [m, in] -> [m, out] float32
-        y = qmatmul(x, self.quant)
-        return y if self.bias is None else y + self.bias
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
+            x = x.detach().float().contiguous()
+        return torch.from_numpy(self.rows(x.numpy()))
+
+    def rows(self, x: np.ndarray) -> np.ndarray:  # x [m, in] float32 -> [m, out] float32, on numpy rows
+        y = qmatmul_np(x, self.quant)
+        return y if self._bias_np is None else y + self._bias_np

@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 from specdec.drafters.base import DraftRow, Needs
 from specdec.drafters.diffusion.backend import Lattice
 from specdec.errors import SpecdecError
-from specdec.verifiers.lean_model import apply_rope, read_arch, rms_norm
+from specdec.verifiers.lean_model import activate, apply_rope, read_arch, rms_norm
 
 FORMAT = "specdec-dflash-2"  # 2: the root input also carries the last context feature (root_proj)
 
@@ -180,8 +180,7 @@ class _DraftLayer(torch.nn.Module):
             h = rms_norm(h, self.post_attn_norm, a.eps)
         x = x + h
         h = rms_norm(x, self.ff_norm, a.eps)
-        gate = F.linear(h, self.gate)
-        gate = F.gelu(gate, approximate="tanh") if a.activation == "gelu_tanh" else F.silu(gate)
+        gate = activate(F.linear(h, self.gate), a.activation)
         h = F.linear(gate * F.linear(h, self.up), self.down)
         if a.gemma:
             h = rms_norm(h, self.post_ff_norm, a.eps)
