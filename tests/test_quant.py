@@ -15,7 +15,7 @@ from specdec.drafters.registry import make_drafter
 from specdec.errors import SpecdecError
 from specdec.models.gguf_weights import module_name, read_quant_weights, tensor_index
 from specdec.verifiers.lean import LeanVerifier
-from specdec.verifiers.quant import TILE, QuantLinear, dequantize, qmatmul, stacked, unpack
+from specdec.verifiers.quant import TILE, QuantLinear, dequantize, qmatmul, qmatmul_np, stacked, unpack
 
 BLOCK_BYTES = {"Q8_0": (34, 32), "Q5_0": (22, 32), "Q4_K": (144, 256), "Q6_K": (210, 256)}
 
@@ -58,6 +58,19 @@ def test_kernel_is_batch_invariant_and_equals_fp32(kind):
     for m in (1, 2, 3, 5, 6, 7, 13, 17, 40):  # alone, and in batches of every pass split (<= 6 rows a pass)
         for lo in range(0, 40, m):
             assert torch.equal(qmatmul(x[lo: lo + m], w), full[lo: lo + m])
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_K"])
+def test_both_pass_schedules_give_the_same_bits(kind):
+    # the narrow (AVX2: quarter-tile passes) and wide (AVX-512: whole-tile passes) schedules run the same fma
+    # chain per output element; either compiles on any x86 CPU, so both are checked on every machine
+    rows, cols = 200, 512
+    w = unpack(kind, random_blocks(kind, rows, cols, seed=5), rows, cols)
+    x = torch.randn(13, cols, generator=torch.Generator().manual_seed(6)).numpy()
+    for m in (1, 2, 5, 6, 7, 13):  # serial and parallel paths, every pass width
+        wide, narrow = qmatmul_np(x[:m], w, narrow=False), qmatmul_np(x[:m], w, narrow=True)
+        assert np.array_equal(wide.view(np.int32), narrow.view(np.int32))
+        assert np.array_equal(narrow[:1].view(np.int32), qmatmul_np(x[:1], w, narrow=True).view(np.int32))
 
 
 def test_small_and_large_weights_take_the_same_kernel_path_in_value():

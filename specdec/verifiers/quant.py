@@ -33,14 +33,18 @@ dependency is needed. Measured on AMD EPYC (Zen 4) 2 vCPUs, 2 threads, 262144 x 
 (128-row tiles, accumulators in L1, separate multiply and add) and 60-74 / 107-135 / 118-132 / 145-152 ms for
 torch fp32 on the dequantised weight. From 6 rows on a pass is bound by the fused multiply-adds themselves
 (Zen 4 runs one 16-lane fma a cycle per core), so extra rows cost about 1.4 ms each on the head: 16 rows of
-this model's 268 M weights are at least ~36 ms of fma on two cores, whatever the kernel.
+this model's 268 M weights are at least ~36 ms of fma on two cores, whatever the kernel. That schedule (the
+whole tile x 6 rows in 28 registers) suits AVX-512's 32; on AVX2's 16 a pass of 2+ rows covers a quarter tile
+instead (`narrow_schedule`, the same values): on AMD EPYC (Zen 3) the head at 16 rows takes 39 ms, not 80.
 
-Threads: numba's, set by the caller (`numba.set_num_threads`); results do not depend on their number.
+Threads: numba's, set by the caller (`numba.set_num_threads`); results do not depend on their number. The
+tiles are numba's prange iterations (equal blocks per thread), so a call asks numba nothing about its threads. numba's, set by the caller (`numba.set_num_threads`); results do not depend on their number.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numba
 import numpy as np
@@ -188,7 +192,26 @@ _V = ir.VectorType(ir.FloatType(), 16)  # one fp32 vector register (a zmm; two y
 _CODES = ir.VectorType(ir.IntType(8), 16)
 _I64 = ir.IntType(64)
 _VECTORS = TILE // 16  # vectors across a tile's output rows
-MAX_ROWS = 6  # input rows a pass keeps in registers: 6 x 4 accumulators + 4 weight vectors of 32 registers
+MAX_ROWS = 6  # input rows a pass keeps in registers (see `narrow_schedule`)
+
+
+@lru_cache(maxsize=1)
+def narrow_schedule() -> bool:
+    """Whether this CPU has 16 vector registers (AVX2) rather than 32 (AVX-512), from LLVM's host features.
+
+    A pass keeps rows x vectors accumulators of 16 lanes in registers: the whole tile (4 vectors) x 6 rows is
+    24 zmm + 4 weight zmm of AVX-512's 32, but 48 ymm on AVX2, whose 16 ymm then spill on every step. There a
+    pass of two or more rows covers a quarter of the tile (1 vector = 2 ymm) x up to 6 rows: 12 ymm of
+    accumulators, and the tile's codes (K x 64 bytes, in L1/L2 after the first quarter) are read 4 times.
+    Measured on AMD EPYC (Zen 3, AVX2) 2 vCPUs, 2 threads, 262144 x 640 Q8_0 head, median of 7, whole-tile /
+    quarter passes (`python scripts/kernel_schedules.py`): 7.6 / 7.5 ms at 1 row, 14.5 / 12.1 at 3, 30.6 / 16.5
+    at 6, 80.3 / 39.2 at 16. At 2 rows the head alone is a tie (9.4 / 10.5-11.1), but the whole 2-node verify
+    costs 1.36-1.49x one node with quarter passes against 1.49-1.58x with whole-tile ones (three interleaved
+    pairs of `python -m specdec.bench.verify_curve --ks 1,2 --variants lean_gguf --reps 25`). Which passes run
+    changes no value: each output element is the same fma chain over k either way."""
+    import llvmlite.binding as llvm
+
+    return not llvm.get_host_cpu_features().get("avx512f", False)
 
 
 def _load(builder, base, index, ty, align):
@@ -196,33 +219,36 @@ def _load(builder, base, index, ty, align):
     return builder.load(builder.bitcast(builder.gep(base, [index]), ty.as_pointer()), align=align)
 
 
-def _microkernel(rows: int):
-    """A numba intrinsic: out[r0: r0 + rows, t * TILE: (t + 1) * TILE] = x[r0: r0 + rows] @ (tile t's weights).T.
+def _microkernel(rows: int, vectors: int):
+    """A numba intrinsic: out[r0: r0 + rows, cols] = x[r0: r0 + rows] @ (tile t's weights of cols).T, where cols
+    are `vectors` x 16 of the tile's output rows from vector v0 on (the whole tile: vectors = 4, v0 = 0).
 
-    Per input position k it dequantises the tile's 64 weights of column k into 4 vector registers (w = s * q,
-    then - o, each rounded: gguf-py's fp32 operations) and updates the rows x 4 accumulator registers with
+    Per input position k it dequantises those weights of column k into `vectors` registers (w = s * q, then
+    - o, each rounded: gguf-py's fp32 operations) and updates the rows x vectors accumulator registers with
     acc = fma(x[r, k], w, acc). The accumulators never leave registers across k (allocas that LLVM's mem2reg
-    promotes), so a pass over the tile's codes serves `rows` input rows, and one output element's value is the
-    sequential fused multiply-add chain over k = 0..K-1, whatever `rows`, `r0` or the thread."""
+    promotes), so a pass over the codes serves `rows` input rows, and one output element's value is the
+    sequential fused multiply-add chain over k = 0..K-1, whatever `rows`, `vectors`, `r0`, `v0` or the thread."""
 
     @intrinsic
-    def kernel(typingctx, x, q, scale, offset, has_offset, group, out, t, r0):
-        sig = types.void(x, q, scale, offset, has_offset, group, out, t, r0)
+    def kernel(typingctx, x, q, scale, offset, has_offset, group, out, t, r0, v0):
+        sig = types.void(x, q, scale, offset, has_offset, group, out, t, r0, v0)
 
         def codegen(context, builder, sig, args):
             xa, qa, sa, oa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(4))
             outa = context.make_array(sig.args[6])(context, builder, args[6])
             has_off, group_, tile, row0 = args[4], args[5], args[7], args[8]
             const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+            lane0 = builder.mul(args[9], const(16))  # first output row of the slice within the tile
             k_cols = cgutils.unpack_tuple(builder, qa.shape, 3)[1]
             n_pad = cgutils.unpack_tuple(builder, outa.shape, 2)[1]
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V, [_V] * 3), "llvm.fma.v16f32")
-            acc = [[cgutils.alloca_once(builder, _V) for _ in range(_VECTORS)] for _ in range(rows)]
+            acc = [[cgutils.alloca_once(builder, _V) for _ in range(vectors)] for _ in range(rows)]
             for a in (a for row in acc for a in row):
                 builder.store(ir.Constant(_V, [0.0] * 16), a)
             groups = builder.sdiv(k_cols, group_)
-            codes = builder.gep(qa.data, [builder.mul(builder.mul(tile, k_cols), const(TILE))])  # q[t]: [K, TILE]
-            consts = builder.mul(builder.mul(tile, groups), const(TILE))  # s[t], o[t]: [K / g, TILE]
+            tile_codes = builder.mul(builder.mul(tile, k_cols), const(TILE))
+            codes = builder.gep(qa.data, [builder.add(tile_codes, lane0)])  # q[t, :, lane0:]: rows TILE apart
+            consts = builder.add(builder.mul(builder.mul(tile, groups), const(TILE)), lane0)  # s[t, :, lane0:]
             scales, offsets = builder.gep(sa.data, [consts]), builder.gep(oa.data, [consts])
             xrow = [builder.gep(xa.data, [builder.mul(builder.add(row0, const(r)), k_cols)]) for r in range(rows)]
             splat = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
@@ -230,14 +256,14 @@ def _microkernel(rows: int):
             def passes(with_offset: bool) -> None:
                 with cgutils.for_range(builder, groups) as b:
                     at = builder.mul(b.index, const(TILE))
-                    s = [_load(builder, scales, builder.add(at, const(16 * i)), _V, 4) for i in range(_VECTORS)]
-                    o = [_load(builder, offsets, builder.add(at, const(16 * i)), _V, 4) for i in range(_VECTORS)
+                    s = [_load(builder, scales, builder.add(at, const(16 * i)), _V, 4) for i in range(vectors)]
+                    o = [_load(builder, offsets, builder.add(at, const(16 * i)), _V, 4) for i in range(vectors)
                          ] if with_offset else []
                     with cgutils.for_range(builder, group_) as j:
                         k = builder.add(builder.mul(b.index, group_), j.index)
                         at_k = builder.mul(k, const(TILE))
                         w = []
-                        for i in range(_VECTORS):
+                        for i in range(vectors):
                             qv = _load(builder, codes, builder.add(at_k, const(16 * i)), _CODES, 1)
                             wi = builder.fmul(s[i], builder.sitofp(qv, _V))
                             w.append(builder.fsub(wi, o[i]) if with_offset else wi)
@@ -246,7 +272,7 @@ def _microkernel(rows: int):
                             xv = builder.shuffle_vector(
                                 builder.insert_element(ir.Constant(_V, ir.Undefined), xk, ir.Constant(ir.IntType(32), 0)),
                                 ir.Constant(_V, ir.Undefined), splat)
-                            for i in range(_VECTORS):
+                            for i in range(vectors):
                                 builder.store(builder.call(fma, [xv, w[i], builder.load(acc[r][i])]), acc[r][i])
 
             with builder.if_else(builder.icmp_unsigned("!=", has_off, ir.Constant(has_off.type, 0))) as (yes, no):
@@ -254,10 +280,10 @@ def _microkernel(rows: int):
                     passes(True)
                 with no:
                     passes(False)
-            col = builder.mul(tile, const(TILE))
+            col = builder.add(builder.mul(tile, const(TILE)), lane0)
             for r in range(rows):
                 dst = builder.gep(outa.data, [builder.add(builder.mul(builder.add(row0, const(r)), n_pad), col)])
-                for i in range(_VECTORS):
+                for i in range(vectors):
                     ptr = builder.bitcast(builder.gep(dst, [const(16 * i)]), _V.as_pointer())
                     builder.store(builder.load(acc[r][i]), ptr, align=4)
             return context.get_dummy_value()
@@ -267,47 +293,68 @@ def _microkernel(rows: int):
     return kernel
 
 
-_rows1, _rows2, _rows3, _rows4, _rows5, _rows6 = (_microkernel(r) for r in range(1, MAX_ROWS + 1))
+_rows1, _rows2, _rows3, _rows4, _rows5, _rows6 = (_microkernel(r, _VECTORS) for r in range(1, MAX_ROWS + 1))
+_quarter1, _quarter2, _quarter3, _quarter4, _quarter5, _quarter6 = (_microkernel(r, 1) for r in range(1, MAX_ROWS + 1))
 
 
 @numba.njit(cache=True)
 def _pass(x, q, scale, offset, has_offset, group, out, t, r0, n):
-    """Rows r0..r0+n-1 (n <= MAX_ROWS) of output tile t: the microkernel compiled for n rows."""
+    """Rows r0..r0+n-1 (n <= MAX_ROWS) of output tile t, the whole tile at once: the microkernel for n rows."""
     if n == 6:
-        _rows6(x, q, scale, offset, has_offset, group, out, t, r0)
+        _rows6(x, q, scale, offset, has_offset, group, out, t, r0, 0)
     elif n == 5:
-        _rows5(x, q, scale, offset, has_offset, group, out, t, r0)
+        _rows5(x, q, scale, offset, has_offset, group, out, t, r0, 0)
     elif n == 4:
-        _rows4(x, q, scale, offset, has_offset, group, out, t, r0)
+        _rows4(x, q, scale, offset, has_offset, group, out, t, r0, 0)
     elif n == 3:
-        _rows3(x, q, scale, offset, has_offset, group, out, t, r0)
+        _rows3(x, q, scale, offset, has_offset, group, out, t, r0, 0)
     elif n == 2:
-        _rows2(x, q, scale, offset, has_offset, group, out, t, r0)
+        _rows2(x, q, scale, offset, has_offset, group, out, t, r0, 0)
     else:
-        _rows1(x, q, scale, offset, has_offset, group, out, t, r0)
+        _rows1(x, q, scale, offset, has_offset, group, out, t, r0, 0)
 
 
 @numba.njit(cache=True)
-def _tiles(x, q, scale, offset, has_offset, group, out, lo, hi):
+def _quarters(x, q, scale, offset, has_offset, group, out, t, r0, n):
+    """`_pass` as four passes over a quarter of the tile each (the narrow schedule's, `narrow_schedule`)."""
+    for v in range(_VECTORS):
+        if n == 6:
+            _quarter6(x, q, scale, offset, has_offset, group, out, t, r0, v)
+        elif n == 5:
+            _quarter5(x, q, scale, offset, has_offset, group, out, t, r0, v)
+        elif n == 4:
+            _quarter4(x, q, scale, offset, has_offset, group, out, t, r0, v)
+        elif n == 3:
+            _quarter3(x, q, scale, offset, has_offset, group, out, t, r0, v)
+        elif n == 2:
+            _quarter2(x, q, scale, offset, has_offset, group, out, t, r0, v)
+        else:
+            _quarter1(x, q, scale, offset, has_offset, group, out, t, r0, v)
+
+
+@numba.njit(cache=True)
+def _tiles(x, q, scale, offset, has_offset, group, out, lo, hi, narrow):
     """Output tiles lo..hi-1 of `_qmatmul` on the calling thread (small products run only this): per tile,
-    ceil(M / MAX_ROWS) passes of near-equal row counts, back to back while the tile's codes are in cache."""
+    ceil(M / MAX_ROWS) passes of near-equal row counts, back to back while the tile's codes are in cache; on the
+    narrow schedule a pass of 2+ rows is four quarter-tile passes."""
     m = x.shape[0]
     passes = (m + MAX_ROWS - 1) // MAX_ROWS
     for t in range(lo, hi):
         r0 = 0
         for p in range(passes):
             n = (m - r0) // (passes - p)
-            _pass(x, q, scale, offset, has_offset, group, out, t, r0, n)
+            if narrow and n > 1:
+                _quarters(x, q, scale, offset, has_offset, group, out, t, r0, n)
+            else:
+                _pass(x, q, scale, offset, has_offset, group, out, t, r0, n)
             r0 += n
 
 
 @numba.njit(cache=True, parallel=True)
-def _qmatmul(x, q, scale, offset, has_offset, group, out, chunks):
-    """out [M, Np] = x [M, K] @ dequant(q).T in `chunks` parallel pieces of tiles."""
-    tiles = q.shape[0]
-    per = (tiles + chunks - 1) // chunks
-    for c in numba.prange(chunks):
-        _tiles(x, q, scale, offset, has_offset, group, out, c * per, min(tiles, (c + 1) * per))
+def _qmatmul(x, q, scale, offset, has_offset, group, out, narrow):
+    """out [M, Np] = x [M, K] @ dequant(q).T, the tiles shared among numba's threads (prange: equal blocks)."""
+    for t in numba.prange(q.shape[0]):
+        _tiles(x, q, scale, offset, has_offset, group, out, t, t + 1, narrow)
 
 
 SERIAL_WORK = 1 << 18  # rows x weight elements below which the product runs on one thread
@@ -318,20 +365,23 @@ def qmatmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return QuantLinear(w)(x)
 
 
-def qmatmul_np(x: np.ndarray, w: QuantWeight) -> np.ndarray:
-    """`qmatmul` on numpy arrays: x [M, K] float32 -> [M, N] float32 (a view when N is padded)."""
+def qmatmul_np(x: np.ndarray, w: QuantWeight, narrow: bool | None = None) -> np.ndarray:
+    """`qmatmul` on numpy arrays: x [M, K] float32 -> [M, N] float32 (a view when N is padded). `narrow`: the
+    pass schedule (default: this CPU's, `narrow_schedule`); every schedule gives the same values."""
     m, k = x.shape
     if k != w.q.shape[1]:
         raise ValueError(f"qmatmul: x has {k} columns, the weight {w.q.shape[1]}")
     if x.dtype != np.float32 or not x.flags.c_contiguous:  # the microkernel reads rows k apart
         x = np.ascontiguousarray(x, dtype=np.float32)
+    if narrow is None:
+        narrow = narrow_schedule()
     out = np.empty((m, w.padded_rows), dtype=np.float32)
     offset = w.offset if w.offset is not None else w.scale  # unused when has_offset is False
     tiles = w.q.shape[0]
     if m * w.q.size < SERIAL_WORK or tiles == 1:
-        _tiles(x, w.q, w.scale, offset, w.offset is not None, w.group, out, 0, tiles)
+        _tiles(x, w.q, w.scale, offset, w.offset is not None, w.group, out, 0, tiles, narrow)
     else:
-        _qmatmul(x, w.q, w.scale, offset, w.offset is not None, w.group, out, min(tiles, 8 * numba.get_num_threads()))
+        _qmatmul(x, w.q, w.scale, offset, w.offset is not None, w.group, out, narrow)
     return out[:, : w.rows] if w.rows != w.padded_rows else out
 
 
