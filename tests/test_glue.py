@@ -1,6 +1,7 @@
 """The gguf format's fused per-layer kernels (`specdec.verifiers.glue`): the torch reference in value, batch
 invariance bit for bit, and the glued forward decoding Llama and Qwen2 (biases, no q/k norms, no sandwich
-norms) like transformers on the dequantised weights. Gemma 3 runs it in tests/test_quant.py."""
+norms) like transformers on the dequantised weights, attention as SDPA in value and a tree node's bits equal to
+plain decoding's at its position. Gemma 3 runs it in tests/test_quant.py."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from conftest import hf_greedy, make_tiny_model
 from specdec.drafters.registry import make_drafter
 from specdec.engine import Engine, Request, StopConditions
 from specdec.verifiers import glue
-from specdec.verifiers.lean import LeanVerifier
-from specdec.verifiers.lean_model import apply_rope, rms_norm
+from specdec.verifiers.lean import LeanVerifier, _row_mask
+from specdec.verifiers.lean_model import apply_rope, attend, rms_norm
 from specdec.verifiers.quant import unpack
 
 EPS = np.float32(1e-6)
@@ -72,6 +73,54 @@ def test_qk_rope_write_is_norm_rope_and_the_cache_write(norms):
     one = glue.qk_rope_write(qkv[4:5], heads, kv_heads, d, q_norm, k_norm, EPS, cos, sin, positions[4:5],
                              np.zeros_like(k_cache), np.zeros_like(v_cache), node_slot[4:5], node_write[4:5])
     assert np.array_equal(one[0], q[4])
+
+
+def _caches(slots: int, kv_heads: int, length: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    gen = np.random.default_rng(seed)
+    return tuple(gen.standard_normal((slots, kv_heads, length, d)).astype(np.float32) for _ in range(2))
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_attend_is_sdpa_in_value_over_each_nodes_visible_keys(softcap):
+    heads, kv_heads, d, window = 4, 2, 32, 6
+    k_cache, v_cache = _caches(3, kv_heads, 40, d, 8)
+    depth = torch.tensor([0, 1, 1, 2])  # a tree: root, two children, a grandchild under node 1
+    tree_mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    for w in (None, window):
+        start = 0 if w is None else 20 - w + 1
+        spans = [(0 if w is None else 9 - w + 1, 10, None),  # slot 2: one node after 9 committed keys
+                 (start, 24, _row_mask(20, start, depth, tree_mask, w))]  # slot 0: 20 committed + the tree
+        key_ptr, keys = glue.visible_keys(spans, [0, 1, 5])
+        q = _rows(5, heads * d, 9).reshape(5, heads, d)
+        node_slot = np.array([2, 0, 0, 0, 0])
+        out = glue.attend(q, k_cache, v_cache, node_slot, key_ptr, keys, 0.3, softcap)
+        t = torch.from_numpy
+        for m, (slot, (lo, hi, mask)) in enumerate([(2, spans[0])] + [(0, spans[1])] * 4):
+            node_mask = None if mask is None else mask[:, :, m - 1: m]  # [1, 1, 1, S]
+            ref = attend(t(q[m: m + 1]).transpose(0, 1)[None], t(k_cache[slot: slot + 1, :, lo:hi]),
+                         t(v_cache[slot: slot + 1, :, lo:hi]), node_mask, 0.3, softcap, True)  # [1, Hq, 1, D]
+            torch.testing.assert_close(t(out[m]), ref[0, :, 0].reshape(-1), rtol=2e-6, atol=2e-6)
+
+
+def test_attend_gives_a_tree_node_the_bits_plain_decoding_gives_its_position():
+    heads, kv_heads, d = 4, 1, 256
+    k_tree, v_tree = _caches(1, kv_heads, 700, d, 10)
+    depth = torch.tensor([0, 1, 1, 2])
+    tree_mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    committed = 600
+    key_ptr, keys = glue.visible_keys([(0, committed + 4, _row_mask(committed, 0, depth, tree_mask, None))], [0, 4])
+    q = _rows(4, heads * d, 11).reshape(4, heads, d)
+    tree = glue.attend(q, k_tree, v_tree, np.zeros(4, np.int64), key_ptr, keys, 0.0625, None)  # [4, Hq * D]
+    # plain decoding of node 3's path (root, node 1, node 3) holds those keys at consecutive positions
+    path = list(range(committed)) + [committed, committed + 1, committed + 3]
+    k_plain, v_plain = k_tree[:, :, path], v_tree[:, :, path]
+    ptr1, keys1 = glue.visible_keys([(0, len(path), None)], [0, 1])
+    plain = glue.attend(q[3:4], k_plain, v_plain, np.zeros(1, np.int64), ptr1, keys1, 0.0625, None)
+    assert np.array_equal(plain[0].view(np.int32), tree[3].view(np.int32))
+    assert keys.shape[0] * heads * d >= glue.PARALLEL_WORK  # the batch ran in parallel, node 3 alone did not
+    ptr3, keys3 = key_ptr[3:5] - key_ptr[3], keys[key_ptr[3]: key_ptr[4]]
+    alone = glue.attend(q[3:4], k_tree, v_tree, np.zeros(1, np.int64), ptr3, keys3, 0.0625, None)
+    assert np.array_equal(alone[0].view(np.int32), tree[3].view(np.int32))
 
 
 def _quantised(model, kinds: list[str]) -> dict:

@@ -13,7 +13,7 @@ Attention is either batched (one key range and mask per window for all rows: the
 with `Step.rows` (the verifier's ragged batches), row by row over each row's own key range.
 With GGUF-native weights (`quant`) on fp32 rows, the verifier's row-by-row calls run `_layers_glued`: the
 quantised kernel for the linears and `specdec.verifiers.glue`'s fused row-wise kernels for the norms, rotary,
-K/V writes and residual joins (one call where the torch forward dispatches ~20 small ops a layer).
+K/V writes, residual joins (one call where the torch forward dispatches ~20 small ops a layer) and attention.
 `tiled(tile)` gives the strict (batch-invariant) view: fixed-size GEMM row tiles; with `Step.canonical` set,
 attention runs per query over its canonical keys (`specdec.verifiers.strict`).
 """
@@ -327,14 +327,15 @@ class LeanModel:
                       capture: dict[int, torch.Tensor | None] | None) -> torch.Tensor:
         """The layers and the final norm with GGUF-native weights, on numpy rows: the quantised kernel for the
         linears, `glue` for norms, rotary, cache writes and residual joins (one call each instead of ~20 torch
-        ops a layer), torch for attention and the activation. x [R, hidden] float32 embeddings of the packed
-        nodes, positions [R] -> [R, hidden] final normed states; the same values for a node whatever else
-        the call holds (every step here is row-wise)."""
+        ops a layer) and attention (`glue.attend`: each node over the keys it sees, in cache order), torch for
+        the activation. x [R, hidden] float32 embeddings of the packed nodes, positions [R] -> [R, hidden] final
+        normed states; the same values for a node whatever else the call holds (every step here is row-wise)."""
         a, eps, norms = self.arch, np.float32(self.arch.eps), self._glue
         xs = x.contiguous().numpy()  # [R, hidden] the residual stream
         pos = positions.reshape(-1).contiguous().numpy()  # [R]
         node_slot, node_write = rows.node_slot.numpy(), rows.node_write.numpy()  # [R] each
         tables = {kind: (c.numpy(), s.numpy()) for kind, (c, s) in rope.items()}  # [max_len, D] each
+        keys = {w: glue.visible_keys(spans, rows.bounds) for w, spans in rows.ranges.items()}  # per window
         h = glue.rms_norm(xs, norms[0].in_norm, eps)
         for i, (lw, g) in enumerate(zip(self.layers, norms)):
             if capture is not None and i in capture:
@@ -343,7 +344,9 @@ class LeanModel:
             q = glue.qk_rope_write(_project(lw.qkv, h), a.num_heads, a.num_kv_heads, a.head_dim, g.q_norm,
                                    g.k_norm, eps, cos, sin, pos, caches[i][0].numpy(), caches[i][1].numpy(),
                                    node_slot, node_write)  # [R, Hq, D]; k, v written
-            attn = self._attend_ranges(torch.from_numpy(q), rows, caches[i], a.windows[i]).numpy()  # [R, Hq*D]
+            key_ptr, key_index = keys[a.windows[i]]
+            attn = glue.attend(q, caches[i][0].numpy(), caches[i][1].numpy(), node_slot, key_ptr, key_index,
+                               a.attn_scale, a.attn_softcap)  # [R, Hq*D]
             xs, h = glue.add_norm(xs, _project([lw.o], attn), g.post_attn_norm, g.ff_norm, eps)
             gate, up = torch.from_numpy(_project(lw.gate_up, h)).chunk(2, dim=-1)
             act = activate(gate, a.activation) * up
