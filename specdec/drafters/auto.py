@@ -60,7 +60,9 @@ class Rates:
     measured, so deeper nodes get scored and measured (a fixed prior there would keep them out for good).
     """
 
-    def __init__(self, prior: float = 0.4, strength: float = 4.0):
+    PRIOR = 0.4  # depth 1, rank 0, for a drafter that states none (`BaseDrafter.acceptance_prior`)
+
+    def __init__(self, prior: float = PRIOR, strength: float = 4.0):
         self.prior, self.strength = prior, strength
         self.tries = np.zeros((MAX_DEPTH + 1, MAX_RANK))  # measured counts only
         self.hits = np.zeros((MAX_DEPTH + 1, MAX_RANK))
@@ -147,7 +149,12 @@ class AutoDrafter:
         # assumed: their rates are correlated): every request's counts, the prior of the next one
         # each kept apart per regime (what the row's last step accepted: acceptance runs in streaks), table
         # t, regime g at index t * len(REGIMES) + g
-        self._global = [Rates() for _ in range((len(components) + 1) * len(REGIMES))]
+        # a component's tables start from its own acceptance prior (ngram: 0.8, measured), the agreed nodes' from
+        # the best of them: a prior too low to pay for a node on a machine where nodes are dear never gets
+        # measured, so it would never be corrected
+        priors = [getattr(c, "acceptance_prior", None) or Rates.PRIOR for c in components]
+        priors.append(max(priors))
+        self._global = [Rates(prior=p) for p in priors for _ in REGIMES]
         self._rates: dict[int, list[Rates]] = {}  # slot -> per table and regime
         self._regime: dict[int, int] = {}  # slot -> its regime now
         self._profile_global = 0.5 * 0.9 ** np.arange(propose_nodes)  # cold start: worth drafting

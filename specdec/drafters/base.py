@@ -256,6 +256,9 @@ class BaseDrafter:
 
     name = "base"
     needs = Needs()
+    # P(a draft node is accepted | its parent was) assumed before anything is measured, for the sizers
+    # (`NgramDrafter`, `AutoDrafter` read it); None: theirs (0.4-0.5)
+    acceptance_prior: float | None = None
 
     def reset(self, slot: int, sampling: SamplingParams) -> None:
         pass
