@@ -59,6 +59,22 @@ def tiny_model(request):
     return make_tiny_model(request.param)
 
 
+def quantise_linears(model, names: Sequence[str], kinds: Sequence[str]) -> dict[str, tuple[str, "np.ndarray"]]:
+    """Each named linear of `model` quantised to GGUF blocks (kinds[i % len(kinds)] for the i-th name) with gguf-py,
+    its weight replaced by the dequantised values (what loading a GGUF of the model gives): name -> (kind, raw)."""
+    from gguf import GGMLQuantizationType, quants
+
+    out = {}
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            weight = model.get_submodule(name).weight
+            kind = kinds[i % len(kinds)]
+            raw = quants.quantize(weight.numpy(), getattr(GGMLQuantizationType, kind))
+            weight.copy_(torch.from_numpy(quants.dequantize(raw, getattr(GGMLQuantizationType, kind)).reshape(weight.shape)))
+            out[name] = (kind, raw)
+    return out
+
+
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
     """transformers' own greedy generate(): the reference every path is compared with."""
     ids = torch.tensor([prompt])

@@ -8,9 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, quants
 
-from conftest import hf_greedy, make_tiny_model
+from conftest import hf_greedy, make_tiny_model, quantise_linears
 from specdec.drafters.registry import make_drafter
 from specdec.engine import Engine, Request, StopConditions
 from specdec.verifiers import glue
@@ -124,18 +123,11 @@ def test_attend_gives_a_tree_node_the_bits_plain_decoding_gives_its_position():
 
 
 def _quantised(model, kinds: list[str]) -> dict:
-    """Every linear of the tiny model quantised in memory (kinds in turn) and the model's weights replaced by
-    the dequantised values: what reading a GGUF of it gives, without the file."""
-    out = {}
+    """Every linear of the tiny model quantised in memory (kinds in turn), as QuantWeights: what reading a GGUF
+    of it gives, without the file."""
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        for i, name in enumerate(names):
-            weight = model.get_submodule(name).weight
-            kind = kinds[i % len(kinds)]
-            raw = quants.quantize(weight.numpy(), getattr(GGMLQuantizationType, kind))
-            weight.copy_(torch.from_numpy(quants.dequantize(raw, getattr(GGMLQuantizationType, kind))))
-            out[name] = unpack(kind, raw, *weight.shape)
-    return out
+    return {name: unpack(kind, raw, *model.get_submodule(name).weight.shape)
+            for name, (kind, raw) in quantise_linears(model, names, kinds).items()}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

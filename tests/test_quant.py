@@ -9,7 +9,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from conftest import hf_greedy, make_tiny_model
+from conftest import hf_greedy, make_tiny_model, quantise_linears
 from specdec.engine import Engine, StopConditions
 from specdec.drafters.registry import make_drafter
 from specdec.errors import SpecdecError
@@ -115,14 +115,9 @@ def _write_gguf(model, path, kinds) -> None:
                              ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
                              ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")):
             linears[f"model.layers.{i}.{ours}"] = f"blk.{i}.{theirs}"
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for j, (name, tensor) in enumerate(linears.items()):
-            weight = modules[name].weight
-            kind = getattr(GGMLQuantizationType, kinds[j % len(kinds)])
-            raw = quants.quantize(weight.numpy(), kind)
-            weight.copy_(torch.from_numpy(quants.dequantize(raw, kind).reshape(weight.shape)))
-            writer.add_tensor(f"{tensor}.weight", raw, raw_shape=raw.shape, raw_dtype=kind)
+    for name, (kind, raw) in quantise_linears(model, list(linears), kinds).items():
+        writer.add_tensor(f"{linears[name]}.weight", raw, raw_shape=raw.shape,
+                          raw_dtype=getattr(GGMLQuantizationType, kind))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
