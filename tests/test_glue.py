@@ -122,6 +122,27 @@ def test_attend_gives_a_tree_node_the_bits_plain_decoding_gives_its_position():
     assert np.array_equal(alone[0].view(np.int32), tree[3].view(np.int32))
 
 
+def test_greedy_top_k_is_torchs_argmax_and_topk():
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(5, 3000, generator=gen)
+    logits[1, 7] = logits[1, 2900] = logits[1].max() + 1  # a tie for the maximum: the first index wins
+    logits[2] = torch.round(logits[2])  # many ties inside the top k
+    for k in (0, 1, 8):
+        for rows in (slice(0, 1), slice(0, 5)):  # one row on the calling thread, several in parallel
+            argmax, top = glue.greedy_top_k(logits[rows].numpy(), k)
+            assert np.array_equal(argmax, logits[rows].argmax(-1).numpy()) and top.shape == (len(argmax), k)
+            if k:
+                ref = logits[rows].topk(k, dim=-1)
+                assert np.array_equal(np.take_along_axis(logits[rows].numpy(), top, 1), ref.values.numpy())
+                assert top[0, 0] == argmax[0]
+    _, top = glue.greedy_top_k(logits[1:3].numpy(), 8)
+    assert top[0, 0] == 7 and top[0, 1] == 2900
+    values, ids = logits[2].numpy()[top[1]], top[1]  # a row of rounded values: ties inside its top 8
+    assert len(set(values.tolist())) < 8
+    for j in range(7):  # descending, and equal values with the lower index first
+        assert values[j] > values[j + 1] or (values[j] == values[j + 1] and ids[j] < ids[j + 1])
+
+
 def _quantised(model, kinds: list[str]) -> dict:
     """Every linear of the tiny model quantised in memory (kinds in turn), as QuantWeights: what reading a GGUF
     of it gives, without the file."""

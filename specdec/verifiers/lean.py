@@ -30,7 +30,7 @@ from typing import Literal, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from specdec.verifiers import gemm
+from specdec.verifiers import gemm, glue
 from specdec.verifiers.base import NodeInputs, captured, hidden_keys
 from specdec.verifiers.lean_model import LeanModel, RowSpans, Step
 from specdec.verifiers.quant import QuantWeight
@@ -377,6 +377,9 @@ class LeanScores:
         v, rows = self.verifier, self.states.shape[0]
         if self._logits is not None or not self._screened():
             logits = self.logits()
+            if logits.device.type == "cpu" and logits.dtype == torch.float32:  # one numba pass for both
+                argmax, hints = glue.greedy_top_k(logits.detach().numpy(), k)
+                return torch.from_numpy(argmax), torch.from_numpy(hints)
             hints = (logits.topk(k, dim=-1).indices if k > 0
                      else torch.empty(rows, 0, dtype=torch.long, device=logits.device))
             return logits.argmax(dim=-1), hints
