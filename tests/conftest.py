@@ -70,7 +70,8 @@ def quantise_linears(model, names: Sequence[str], kinds: Sequence[str]) -> dict[
             weight = model.get_submodule(name).weight
             kind = kinds[i % len(kinds)]
             raw = quants.quantize(weight.numpy(), getattr(GGMLQuantizationType, kind))
-            weight.copy_(torch.from_numpy(quants.dequantize(raw, getattr(GGMLQuantizationType, kind)).reshape(weight.shape)))
+            values = quants.dequantize(raw, getattr(GGMLQuantizationType, kind)).reshape(weight.shape)
+            weight.copy_(torch.from_numpy(values))
             out[name] = (kind, raw)
     return out
 

@@ -12,7 +12,7 @@ end sooner, so the continuation then keeps copying with the same offset (LZ77-st
 `period` tokens back predicts that the last `period` tokens repeat), which always fills the budget.
 
 Drafts are deterministic (q = 1). The drafter needs nothing from the target's scores (`Needs()`); the only state
-is each slot's measured acceptance per chain depth (`DepthRates`), which sizes its chains.
+is each slot's measured acceptance per chain depth and match length (`DepthRates`), which sizes its chains.
 """
 
 from __future__ import annotations
@@ -126,21 +126,33 @@ class NgramDrafter(BaseDrafter):
         self.min_ngram = min_ngram
         self.max_ngram = max_ngram
         self.branches = branches
-        self._rates: dict[int, DepthRates] = {}  # slot -> measured chain acceptance per depth (sizes the chain)
+        self._rates: dict[int, dict[int, DepthRates]] = {}  # slot -> match length -> chain acceptance per depth
+        self._match: dict[int, int] = {}  # slot -> length of the latest best match (the rates that size the chain)
 
-    def depth_rates(self, slot: int) -> DepthRates:
-        """The slot's statistics; a new slot starts from slot 0's (what single calls learnt), else the prior."""
+    def depth_rates(self, slot: int, length: int | None = None) -> DepthRates:
+        """The slot's statistics for chains copied after a match of `length` tokens (default: the latest best
+        match's). Kept apart per length: a 1-gram match is far less reliable than a 3-gram one, and one rate for
+        both fell after a few bad 1-gram matches early in a request until no chain was proposed at all, 3-gram
+        matches included. A new slot starts from slot 0's (what single calls learnt), else the prior."""
         if slot not in self._rates:
-            self._rates[slot] = copy.deepcopy(self._rates[0]) if 0 in self._rates else DepthRates(prior=self.acceptance_prior)
-        return self._rates[slot]
+            self._rates[slot] = copy.deepcopy(self._rates[0]) if 0 in self._rates else {}
+        if length is None:
+            length = self._match.get(slot, self._match.get(0, self.max_ngram))
+        per_length = self._rates[slot]
+        if length not in per_length:
+            per_length[length] = DepthRates(prior=self.acceptance_prior)
+        return per_length[length]
 
     def propose_row(self, slot: int, context: torch.Tensor, budget: int) -> Draft:
-        """context: [L] int64 committed tokens. Returns a tree of at most `budget` nodes rooted at context[-1]."""
-        if budget <= 1:
-            return Draft.root_only(context)
+        """context: [L] int64 committed tokens. Returns a tree of at most `budget` nodes rooted at context[-1].
+        The match is searched even for a one-node budget: its length picks the rates the next budget is priced
+        with (`expected_tokens`), so a slot whose short matches stopped paying still drafts at a long one."""
         tokens = np.ascontiguousarray(context.numpy())
-        starts = find_matches(tokens, self.min_ngram, self.max_ngram, min(self.branches, budget - 1))
+        starts = find_matches(tokens, self.min_ngram, self.max_ngram, max(1, min(self.branches, budget - 1)))
         if len(starts) == 0:
+            return Draft.root_only(context)
+        self._match[slot] = match_length(tokens, int(starts[0]), self.max_ngram)
+        if budget <= 1:
             return Draft.root_only(context)
         lengths = _branch_lengths(budget - 1, len(starts))
         paths: list[tuple[int, ...]] = []
@@ -166,11 +178,21 @@ class NgramDrafter(BaseDrafter):
     def node_value_bound(self, slot: int, budget: int) -> list[float] | None:
         """The most `node_values` can give for a draft within `budget` nodes (a full-length match): if even
         that is not worth scoring, a batch skips proposing."""
-        return self.depth_rates(slot).reach(budget - 1)
+        per_length = [self.depth_rates(slot, n).reach(budget - 1) for n in range(self.min_ngram, self.max_ngram + 1)]
+        return [max(values) for values in zip(*per_length)]
 
     def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
         """[max_nodes]: expected tokens per step with an n-node chain, from measured per-depth acceptance."""
         return self.depth_rates(slot).expected_tokens(max_nodes)
+
+
+def match_length(tokens: np.ndarray, start: int, max_ngram: int) -> int:
+    """How many tokens before `start` equal the context's last ones (at most max_ngram): the n of the match
+    `find_matches` returned the continuation start of."""
+    last, n = tokens.shape[0] - 1, 0
+    while n < max_ngram and n < start and tokens[start - 1 - n] == tokens[last - n]:
+        n += 1
+    return n
 
 
 def _branch_lengths(nodes: int, matches: int) -> list[int]:

@@ -38,7 +38,7 @@ whole tile x 6 rows in 28 registers) suits AVX-512's 32; on AVX2's 16 a pass of 
 instead (`narrow_schedule`, the same values): on AMD EPYC (Zen 3) the head at 16 rows takes 39 ms, not 80.
 
 Threads: numba's, set by the caller (`numba.set_num_threads`); results do not depend on their number. The
-tiles are numba's prange iterations (equal blocks per thread), so a call asks numba nothing about its threads. numba's, set by the caller (`numba.set_num_threads`); results do not depend on their number.
+tiles are numba's prange iterations (equal blocks per thread), so a call asks numba nothing about its threads.
 """
 
 from __future__ import annotations
