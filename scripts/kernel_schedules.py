@@ -16,24 +16,11 @@ import time
 import numpy as np
 
 from specdec.hardware import cpu_name, set_threads
-from specdec.verifiers.quant import narrow_schedule, qmatmul_np, unpack
-
-BLOCK = {"Q8_0": (34, 32, 0), "Q5_0": (22, 32, 0), "Q4_K": (144, 256, 0), "Q6_K": (210, 256, 208)}
-
-
-def random_weight(kind: str, rows: int, cols: int):
-    size, per, at = BLOCK[kind]
-    rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, (rows * cols // per, size), dtype=np.uint8)
-    raw[:, at: at + 2] = rng.uniform(-0.05, 0.05, (raw.shape[0], 1)).astype(np.float16).view(np.uint8)
-    if kind == "Q4_K":
-        raw[:, 2:4] = raw[:, 0:2]
-    return unpack(kind, raw, rows, cols)
-
+from specdec.verifiers.quant import narrow_schedule, qmatmul_np, random_blocks, unpack
 
 def main(rows: int = 262144, cols: int = 640, kind: str = "Q8_0", threads: int = 2) -> None:
     set_threads(threads)
-    w = random_weight(kind, rows, cols)
+    w = unpack(kind, random_blocks(kind, rows, cols), rows, cols)
     x = np.random.default_rng(1).standard_normal((16, cols)).astype(np.float32)
     counts, times = (1, 2, 3, 4, 6, 8, 12, 16), {}
     for m in counts:  # compile and warm

@@ -15,22 +15,8 @@ from specdec.drafters.registry import make_drafter
 from specdec.errors import SpecdecError
 from specdec.models.gguf_weights import module_name, read_quant_weights, tensor_index
 from specdec.verifiers.lean import LeanVerifier
-from specdec.verifiers.quant import TILE, QuantLinear, dequantize, qmatmul, qmatmul_np, stacked, unpack
-
-BLOCK_BYTES = {"Q8_0": (34, 32), "Q5_0": (22, 32), "Q4_K": (144, 256), "Q6_K": (210, 256)}
-
-
-def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Random but valid raw blocks ([rows, bytes]): every byte random except the fp16 scales, kept finite."""
-    size, per = BLOCK_BYTES[kind]
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (rows * cols // per, size), dtype=np.uint8)
-    scales = rng.uniform(-0.05, 0.05, (raw.shape[0], 2)).astype(np.float16).view(np.uint8)  # [nb, 4]
-    at = {"Q8_0": [0], "Q5_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[kind]
-    for i, offset in enumerate(at):
-        raw[:, offset: offset + 2] = scales[:, 2 * i: 2 * i + 2]
-    return raw.reshape(rows, -1)
-
+from specdec.verifiers.quant import (BLOCK_BYTES, TILE, QuantLinear, dequantize, qmatmul, qmatmul_np, random_blocks,
+                                     stacked, unpack)
 
 @pytest.mark.parametrize("kind", list(BLOCK_BYTES))
 def test_unpacked_values_are_bitwise_gguf_py_dequantize(kind):

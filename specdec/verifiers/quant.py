@@ -160,6 +160,23 @@ def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
+BLOCK_BYTES = {"Q8_0": (34, 32), "Q5_0": (22, 32), "Q4_K": (144, 256), "Q6_K": (210, 256)}  # (bytes, weights) a block
+
+
+def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random but valid raw blocks ([rows, bytes]) of a rows x cols weight: every byte random except the fp16
+    scales, kept finite. What the kernel's tests and `scripts/kernel_schedules.py` multiply (its speed does not
+    depend on the values)."""
+    size, per = BLOCK_BYTES[kind]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows * cols // per, size), dtype=np.uint8)
+    scales = rng.uniform(-0.05, 0.05, (raw.shape[0], 2)).astype(np.float16).view(np.uint8)  # [nb, 4]
+    at = {"Q8_0": [0], "Q5_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[kind]
+    for i, offset in enumerate(at):
+        raw[:, offset: offset + 2] = scales[:, 2 * i: 2 * i + 2]
+    return raw.reshape(rows, -1)
+
+
 def dequantize(w: QuantWeight) -> np.ndarray:
     """[N, K] float32: the exact values (s * q, then - o, each rounded to fp32 as gguf-py does)."""
     s = np.repeat(_rows(w.scale, w.rows), w.group, axis=1)
