@@ -34,6 +34,9 @@ import torch
 from specdec.trees.tree import Tree
 
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3  # beyond these logits / T over- or underflows float32 sampling
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
@@ -52,8 +55,9 @@ class SamplingParams:
         for name, value, optional in (("top_k", self.top_k, False), ("seed", self.seed, True)):
             if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if self.temperature != 0 and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or in {MIN_TEMPERATURE:g}..{MAX_TEMPERATURE:g}, got "
+                             f"{self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 means off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:

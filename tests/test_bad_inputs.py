@@ -40,9 +40,21 @@ GEN = ["generate", "hello", "--model", "{model}", "--max-new-tokens", "2"]
 CASES = [
     # data loss
     Case("batch --out over a text file", ["batch", "{dir}/in.jsonl", "--out", "{dir}/important.txt", "--model",
-         "{model}"], "not a specdec batch output", {"in.jsonl": GOOD_ROW, "important.txt": "my notes, no newline"}),
+         "{model}"], "did not write", {"in.jsonl": GOOD_ROW, "important.txt": "my notes, no newline"}),
     Case("batch --out over a text file with lines", ["batch", "{dir}/in.jsonl", "--out", "{dir}/notes.txt",
-         "--model", "{model}"], "not a specdec batch output", {"in.jsonl": GOOD_ROW, "notes.txt": "a\nb\n"}),
+         "--model", "{model}"], "did not write", {"in.jsonl": GOOD_ROW, "notes.txt": "a\nb\n"}),
+    Case("batch --out over the user's JSONL of id rows, no final newline", ["batch", "{dir}/in.jsonl", "--out",
+         "{dir}/mine.jsonl", "--model", "{model}"], "did not write",
+         {"in.jsonl": GOOD_ROW, "mine.jsonl": '{"id": 1, "x": 1}\n{"id": 2, "x": 2}\n{"id": 3, "x": 3}'}),
+    Case("batch --out over the user's JSONL of id rows, garbled last line", ["batch", "{dir}/in.jsonl", "--out",
+         "{dir}/mine.jsonl", "--model", "{model}"], "did not write",
+         {"in.jsonl": GOOD_ROW, "mine.jsonl": '{"id": 1, "x": 1}\n{"id": 2, "x": 2}\n{"id": 3, "x\n'}),
+    Case("batch --out /dev/full", ["batch", "{dir}/in.jsonl", "--out", "/dev/full", "--model", "{model}"],
+         "is a character device", {"in.jsonl": GOOD_ROW}),
+    Case("batch input is a folder", ["batch", "{dir}/sub", "--out", "{dir}/o.jsonl", "--model", "{model}"],
+         "is a folder", {"sub/x": "x"}),
+    Case("batch input /dev/zero", ["batch", "/dev/zero", "--out", "{dir}/o.jsonl", "--model", "{model}"],
+         "is a character device"),
     Case("bench --out is a file", ["bench", "--model", "{model}", "--methods", "plain", "--max-new-tokens", "2",
          "--out", "{dir}/results"], "is a file", {"results": "keep me"}),
     # foreign code
@@ -51,6 +63,9 @@ CASES = [
     # poison values and hangs
     Case("--temperature nan", GEN + ["--temperature", "nan"], "finite"),
     Case("--temperature inf", GEN + ["--temperature", "inf"], "finite"),
+    Case("--temperature 1e-45", GEN + ["--temperature", "1e-45"], "temperature must be 0 (greedy) or in"),
+    Case("--temperature 1e-300", GEN + ["--temperature", "1e-300"], "temperature must be 0 (greedy) or in"),
+    Case("--temperature 1e30", GEN + ["--temperature", "1e30"], "temperature must be 0 (greedy) or in"),
     Case("--tree chain-100000", GEN + ["--tree", "chain-100000"], "at most"),
     Case("--tree-budget 100000", GEN + ["--tree-budget", "100000"], "tree_budget must be"),
     Case("--tree-budget 0", GEN + ["--tree-budget", "0"], "tree_budget must be"),

@@ -73,9 +73,9 @@ def test_rows_errors_and_outputs(tiny_model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert "3 ok, 6 failed" in res.stdout
     got = results(out)
-    assert set(got) == {"a", 2, 4, "empty", "long", "chat", "typo", "badval", 7}
+    assert set(got) == {"a", 2, None, "empty", "long", "chat", "typo", "badval", 7}  # None: line 4, no id
     errors = {k: v["error"] for k, v in got.items() if "error" in v}
-    assert "not valid JSON" in errors[4] and "empty prompt" in errors["empty"]
+    assert got[None]["line"] == 4 and "not valid JSON" in errors[None] and "empty prompt" in errors["empty"]
     assert "exceeds the model's context" in errors["long"] and "chat template" in errors["chat"]
     assert "unknown field" in errors["typo"] and "'top_p' must be a finite number" in errors["badval"]
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -174,19 +174,107 @@ def test_resume_after_kill_9_gives_every_row_once(tiny_model_dir, tmp_path):
 
 def test_torn_and_garbled_output_lines(tmp_path):
     out = tmp_path / "out.jsonl"
-    out.write_bytes(b'{"id": "a"}\n{"id": 2}\n{"id": "c", "te')
+    with OutputFile(out) as f:  # a new output: the state file beside it makes it this job's
+        assert f.done() == set()
+        f.write({"id": "a"})
+    assert (tmp_path / "out.jsonl.specdec-job.json").is_file()
+    with out.open("ab") as f:
+        f.write(b'{"id": 2}\n{"id": "c", "te')  # a torn last write
     with OutputFile(out) as f:
         assert f.done() == {'"a"', "2"}
         with pytest.raises(SpecdecError, match="another run"):
             OutputFile(out)  # locked while this run writes it
     assert out.read_bytes() == b'{"id": "a"}\n{"id": 2}\n'
-    out.write_bytes(b'{"id": "a"}\n{"id": 2, "te\n')  # a complete line of garbage at the end: torn too
+    with out.open("ab") as f:
+        f.write(b'{"id": 3, "te\n')  # a complete line of garbage at the end: torn too
     with OutputFile(out) as f:
-        assert f.done() == {'"a"'}
-    assert out.read_bytes() == b'{"id": "a"}\n'
-    out.write_bytes(b'{"id": "a"}\nnot a row\n{"id": 3}\n')
-    with OutputFile(out) as f, pytest.raises(SpecdecError, match="line 2 is not a result row"):
+        assert f.done() == {'"a"', "2"}
+    assert out.read_bytes() == b'{"id": "a"}\n{"id": 2}\n'
+    with out.open("ab") as f:
+        f.write(b'not a row\n{"id": 3}\n')
+    with OutputFile(out) as f, pytest.raises(SpecdecError, match="line 3 is not a result row"):
         f.done()
+
+
+def test_an_output_not_made_by_the_job_is_never_read_or_cut(tmp_path):
+    mine = tmp_path / "mine.jsonl"
+    content = b'{"id": 1, "x": 1}\n{"id": 2, "x": 2}\n{"id": 3, "x": 3}'  # looks like ours, no final newline
+    mine.write_bytes(content)
+    with pytest.raises(SpecdecError, match="did not write"):
+        OutputFile(mine)
+    assert mine.read_bytes() == content
+    ours = tmp_path / "ours.jsonl"
+    with OutputFile(ours) as f:
+        f.write({"id": 1})
+    ours.unlink()
+    ours.write_bytes(content)  # another file in the output's place: its inode is not the one the state names
+    with pytest.raises(SpecdecError, match="did not write"):
+        OutputFile(ours)
+    assert ours.read_bytes() == content
+
+
+def test_out_hard_linked_to_the_input_is_refused(tiny_model_dir, tmp_path):
+    src = write_rows(tmp_path / "in.jsonl", 4)
+    before = src.read_bytes()
+    os.link(src, tmp_path / "link.jsonl")
+    res = run(str(src), "--out", str(tmp_path / "link.jsonl"), "--model", str(tiny_model_dir))
+    assert res.exit_code == 2 and "is the input file" in res.stderr, res.output
+    assert src.read_bytes() == before
+
+
+def test_bad_lines_and_poison_rows_are_error_rows_and_the_job_goes_on(tiny_model_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    rows = [json.dumps({"id": i, "prompt": prompt(i), "max_new_tokens": 4}) for i in range(6)]
+    rows[2] = '{"id": 2, "prompt": "cut'  # a malformed line: its line number (3) is another row's id
+    rows[3] = json.dumps({"id": 3, "prompt": "x y", "temperature": 1e-45})  # sampling would overflow
+    rows[4] = json.dumps({"id": 4, "messages": "hello"})  # not a chat
+    src.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out.jsonl"
+    res = run(str(src), "--out", str(out), "--model", str(tiny_model_dir))
+    assert res.exit_code == 0, res.output
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    errors = {(r["id"], r.get("line")): r["error"] for r in records if "error" in r}
+    assert set(errors) == {(None, 3), (3, None), (4, None)}, errors
+    assert "not valid JSON" in errors[None, 3] and "temperature must be 0 (greedy) or in" in errors[3, None]
+    assert "'messages' must be a list" in errors[4, None]
+    assert sorted(r["id"] for r in records if "error" not in r) == [0, 1, 5]
+    again = run(str(src), "--out", str(out), "--model", str(tiny_model_dir))  # every line, the bad one too, done
+    assert again.exit_code == 0 and "6 already done" in again.stdout, again.output
+    assert len(out.read_text().splitlines()) == 6
+
+
+def test_batch_reads_standard_input(tiny_model_dir, tmp_path):
+    rows = "".join(json.dumps({"id": i, "prompt": prompt(i), "max_new_tokens": 3}) + "\n" for i in range(3))
+    out = tmp_path / "out.jsonl"
+    res = CliRunner().invoke(batch, ["-", "--out", str(out), "--model", str(tiny_model_dir), "--no-progress"],
+                             input=rows)
+    assert res.exit_code == 0, res.output
+    assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == [0, 1, 2]
+
+
+def test_a_failed_write_leaves_whole_lines_and_the_rerun_resumes(tiny_model_dir, tmp_path):
+    """A real write fault: the job runs under a file-size limit (RLIMIT_FSIZE) that its output outgrows."""
+    import resource
+
+    src = write_rows(tmp_path / "in.jsonl", 12)
+    out = tmp_path / "out.jsonl"
+    args = [str(src), "--out", str(out), "--model", str(tiny_model_dir), "--width", "2", "--no-progress"]
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write() instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (700, 700))
+
+    proc = subprocess.run([sys.executable, "-m", "specdec.jobs.cli", *args, "--threads", "1"],
+                          capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    lines = [x for x in proc.stderr.strip().splitlines() if not x.startswith("[specdec] ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "cannot write to" in lines[0], proc.stderr
+    assert "rerun the same command to resume" in lines[0]
+    data = out.read_bytes()
+    assert data.endswith(b"\n") and 0 < data.count(b"\n") < 12  # whole lines only, some written
+    partial = data.count(b"\n")
+    resumed = run(*args)
+    assert resumed.exit_code == 0 and f"{partial} already done" in resumed.stdout, resumed.output
+    assert len(results(out)) == 12
 
 
 def test_one_line_errors(tiny_model_dir, tmp_path):

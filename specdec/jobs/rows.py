@@ -4,11 +4,12 @@ One JSON object per line (blank lines are skipped):
     {"id": ..., "prompt": "..."}  or  {"id": ..., "messages": [{"role": "user", "content": "..."}, ...]}
 with optional per-row "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop" (a string or a list)
 and "meta" (copied to the output untouched). "id" (a string or an integer) defaults to the line number;
-ids must be unique. A field left out takes the job's setting; a field given must hold a real value: JSON null,
+ids must be unique. A line that is not a JSON object has no id: it becomes an error row keyed by its line
+number in a namespace of its own (`JobRow.key`), so it never collides with a row's id. A field left out takes the job's setting; a field given must hold a real value: JSON null,
 NaN or Infinity make the row an error row (`row_options` raises SpecdecError, the runner records it).
 
-`read_input` parses the file (SpecdecError only for what no row can fix: a missing file, an id that is not a
-string or integer, a repeated id); `row_options` turns a row's fields into `make_request` keywords;
+`read_input` parses the file, or standard input for "-" (SpecdecError only for what no row can fix: a
+missing or non-regular file, an id that is not a string or integer, a repeated id); `row_options` turns a row's fields into `make_request` keywords;
 `derived_seed` gives a sampled row without a seed one that is stable across reruns.
 """
 
@@ -17,6 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +34,15 @@ MAX_SEED = (1 << 63) - 1  # torch.Generator.manual_seed takes at most 64 bits; d
 
 @dataclass(frozen=True)
 class JobRow:
-    id: int | str
+    id: int | str | None  # None: the line could not be parsed into an object, so it has no id
     line: int  # 1-based line number in the input
     fields: dict[str, Any]
     error: str | None = None  # the line could not be parsed
+
+    @property
+    def key(self) -> str:
+        """What the output knows the row by: its id, or its line for a line that has none."""
+        return key(self.id) if self.id is not None else line_key(self.line)
 
 
 def key(row_id: Any) -> str:
@@ -41,27 +50,50 @@ def key(row_id: Any) -> str:
     return json.dumps(row_id)
 
 
+def line_key(line: int) -> str:
+    """The key of an unparsable line (never a JSON text, so never an id's key)."""
+    return f"line {line}"
+
+
 def read_input(path: str | Path) -> list[JobRow]:
-    """Parse the input; SpecdecError for a missing file or repeated ids, error rows for bad lines."""
+    """Parse the input ("-": standard input); SpecdecError for a missing or non-regular file or repeated ids,
+    error rows for bad lines."""
+    if str(path) == "-":
+        return _read_rows(sys.stdin.buffer)
     p = Path(path)
-    if not p.is_file():
-        raise SpecdecError(f"input file {p} not found: give a JSONL file with one prompt per line")
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise SpecdecError(f"input file {p} not found: give a JSONL file with one prompt per line") from None
+    except OSError as err:
+        raise SpecdecError(f"cannot read input file {p}: {err.strerror}") from None
+    if not stat.S_ISREG(mode):
+        from specdec.jobs.output import kind_of
+
+        raise SpecdecError(f"input {p} is {kind_of(mode)}, not a file: give a JSONL file, or pipe the rows to "
+                           f"`specdec batch - --out ...`")
+    try:
+        with p.open("rb") as f:
+            return _read_rows(f)
+    except OSError as err:
+        raise SpecdecError(f"cannot read input file {p}: {err.strerror}") from None
+
+
+def _read_rows(f) -> list[JobRow]:
     rows: list[JobRow] = []
     first_line: dict[str, int] = {}
-    with p.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = _parse_line(raw.decode("utf-8"), n)
-            except UnicodeDecodeError as err:  # never decode a prompt into something else
-                row = JobRow(n, n, {}, f"line {n} is not UTF-8 text (byte {err.start}): save the input as UTF-8")
-            k = key(row.id)
-            if k in first_line:
-                raise SpecdecError(f"input line {n} repeats id {row.id!r} (first on line {first_line[k]}): "
-                                   f"ids must be unique")
-            first_line[k] = n
-            rows.append(row)
+    for n, raw in enumerate(f, start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = _parse_line(raw.decode("utf-8"), n)
+        except UnicodeDecodeError as err:  # never decode a prompt into something else
+            row = JobRow(None, n, {}, f"line {n} is not UTF-8 text (byte {err.start}): save the input as UTF-8")
+        if row.key in first_line:
+            raise SpecdecError(f"input line {n} repeats id {row.id!r} (first on line {first_line[row.key]}): "
+                               f"ids must be unique")
+        first_line[row.key] = n
+        rows.append(row)
     return rows
 
 
@@ -69,9 +101,11 @@ def _parse_line(text: str, n: int) -> JobRow:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
-        return JobRow(n, n, {}, f"line {n} is not valid JSON: {err.msg} (column {err.colno})")
+        return JobRow(None, n, {}, f"line {n} is not valid JSON: {err.msg} (column {err.colno})")
+    except RecursionError:
+        return JobRow(None, n, {}, f"line {n} nests JSON too deeply to read")
     if not isinstance(obj, dict):
-        return JobRow(n, n, {}, f"line {n} is a JSON {type(obj).__name__}, not an object with a prompt")
+        return JobRow(None, n, {}, f"line {n} is a JSON {type(obj).__name__}, not an object with a prompt")
     row_id = obj.get("id", n)
     if isinstance(row_id, bool) or not isinstance(row_id, (int, str)):
         raise SpecdecError(f"input line {n}: id must be a string or an integer, got {json.dumps(row_id)}")

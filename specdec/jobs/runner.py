@@ -5,14 +5,18 @@ single-process path here and the Ray path (`specdec.jobs.ray_runner`) run; the d
 (`specdec.jobs.rows`) and writes the output (`specdec.jobs.output`), so resuming after a kill is the same on
 both. Output records, one JSON line per row in the order rows finish:
     {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "new_tokens", ["seed"], ["meta"], "stats"}
-or {"id", "error"} for a row that cannot be decoded (bad JSON, no or empty prompt, too long, bad values):
-the error is recorded and the job goes on. Sampling is reproducible across reruns: a row without a seed gets
+or {"id", "error"} for a row that cannot be decoded (no or empty prompt, too long, bad values), and
+{"id": null, "line", "error"} for a line that is not a JSON object: the error is recorded and the job goes on.
+A fault while decoding (an exception from the engine) is a row's error too: the rows of that batch not yet
+finished are decoded again one by one, and the one that fails alone is recorded as failed, so no row can stop
+the job (or every rerun of it). Sampling is reproducible across reruns: a row without a seed gets
 one derived from the job's seed (default 0) and its id, and a row's tokens depend only on its prompt and seed
 (see `specdec.engine`), not on which rows share its batch.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +25,7 @@ from typing import Any, Callable, Iterator
 from specdec.config import RunConfig
 from specdec.errors import SpecdecError
 from specdec.jobs.output import OutputFile
-from specdec.jobs.rows import JobRow, key, read_input, row_options
+from specdec.jobs.rows import JobRow, read_input, row_options
 from specdec.text import encode_prompt
 
 Log = Callable[[str], None]
@@ -75,18 +79,33 @@ class JobRunner:
         requests, owners = [], []
         for row in rows:
             if row.error is not None:
-                yield {"id": row.id, "error": row.error}
+                yield error_record(row, row.error)
                 continue
             try:
                 request = self._request(row)
                 self.engine.check(request)
             except SpecdecError as err:
-                yield {"id": row.id, "error": str(err)}
+                yield error_record(row, str(err))
                 continue
             requests.append(request)
             owners.append(row)
-        for i, result in self.engine.stream(requests):
-            yield self._record(owners[i], requests[i], result)
+        yield from self._decode(requests, owners)
+
+    def _decode(self, requests: list, owners: list[JobRow]) -> Iterator[dict]:
+        """Records of `requests` as they finish; a fault in the batch sends its unfinished rows through again one
+        by one, and a row that faults alone gets an error record."""
+        finished: set[int] = set()
+        try:
+            for i, result in self.engine.stream(requests):
+                finished.add(i)
+                yield self._record(owners[i], requests[i], result)
+        except Exception as err:  # noqa: BLE001 - any fault: the job must go on with the other rows
+            if len(requests) == 1:
+                yield error_record(owners[0], f"decoding this row failed ({type(err).__name__}: {err})")
+                return
+            for i in range(len(requests)):
+                if i not in finished:
+                    yield from self._decode([requests[i]], [owners[i]])
 
     def _request(self, row: JobRow):
         options = row_options(row.fields, self.config, row.id)
@@ -97,6 +116,9 @@ class JobRunner:
             raise SpecdecError("a row needs exactly one of 'prompt' (a string) or 'messages' (a chat)")
         if "prompt" in f and not isinstance(f["prompt"], str):
             raise SpecdecError(f"'prompt' must be a string, got {type(f['prompt']).__name__}")
+        if "messages" in f and not isinstance(f["messages"], list):
+            raise SpecdecError(f"'messages' must be a list of {{\"role\": ..., \"content\": ...}} objects, got "
+                               f"{type(f['messages']).__name__}: give a list, or 'prompt' for plain text")
         prompt = f["prompt"] if "prompt" in f else f["messages"]
         return encode_prompt(self.decoder.tokenizer, prompt, chat=self.config.chat)
 
@@ -116,6 +138,13 @@ class JobRunner:
         return record
 
 
+def error_record(row: JobRow, error: str) -> dict:
+    """The output record of a row that failed; a line with no id is named by its line number."""
+    if row.id is None:
+        return {"id": None, "line": row.line, "error": error}
+    return {"id": row.id, "error": error}
+
+
 # ---------------------------------------------------------------------------------------------- the job
 
 
@@ -126,13 +155,13 @@ def run_job(input_path: str | Path, output_path: str | Path, settings: JobSettin
         raise SpecdecError(f"--width must be >= 1, got {settings.width}")
     if ray_workers < 0:
         raise SpecdecError(f"--ray takes a number of workers >= 1, got {ray_workers}")
-    if Path(output_path).exists() and Path(output_path).resolve() == Path(input_path).resolve():
-        raise SpecdecError("--out is the input file: give another output path")
+    if str(input_path) != "-" and _same_file(input_path, output_path):
+        raise SpecdecError("--out is the input file (or a link to it): give another output path")
     rows = read_input(input_path)
     t0 = time.perf_counter()
-    with OutputFile(output_path) as out:
+    with OutputFile(output_path, str(input_path)) as out:
         done = out.done()
-        todo = [r for r in rows if key(r.id) not in done]
+        todo = [r for r in rows if r.key not in done]
         summary = JobSummary(rows=len(rows), skipped=len(rows) - len(todo))
         if log and summary.skipped:
             log(f"resuming: {summary.skipped} of {len(rows)} rows already in {output_path}")
@@ -148,6 +177,14 @@ def run_job(input_path: str | Path, output_path: str | Path, settings: JobSettin
             bar.close()
     summary.wall_s = time.perf_counter() - t0
     return summary
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths are one file (hard and soft links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is missing: not the same
+        return False
 
 
 def _records(todo: list[JobRow], settings: JobSettings, ray_workers: int, log: Log | None) -> Iterator[dict]:
