@@ -32,6 +32,8 @@ import statistics
 from collections import deque
 from typing import Sequence
 
+import numpy as np
+
 from specdec.trees.sizing import LatencyCurve
 
 
@@ -46,12 +48,23 @@ class NodeAllocator:
         # calibrated size nearest each step's node count
         self._corrected: LatencyCurve | None = curve  # the curve as corrected by the steps so far (None: stale)
         self._host: float | None = None  # seconds of drafting + acceptance per step
+        self._table: np.ndarray | None = None  # [N] latency(n) of n = 0..N-1 by the corrected curve (None: stale)
 
     def latency(self, nodes: int) -> float:
         """Predicted seconds of one verify call over `nodes` nodes in all."""
         if self._corrected is None:
             self._corrected = self._correct()
         return self._corrected(nodes)
+
+    def _latencies(self, nodes: int) -> np.ndarray:
+        """[>= nodes + 1] `latency(n)` of n = 0, 1, ...: one table per step (the corrected curve changes only
+        when a step is recorded), for pricing every prefix of a step's candidates at once."""
+        if self._table is None or self._table.shape[0] <= nodes:
+            if self._corrected is None:
+                self._corrected = self._correct()
+            self._table = self._corrected.at(np.arange(max(nodes + 1, 2 * (0 if self._table is None else
+                                                                              self._table.shape[0]), 64)))
+        return self._table
 
     def _correct(self) -> LatencyCurve:
         overall = statistics.median(self._scale) if self._scale else 1.0
@@ -68,7 +81,7 @@ class NodeAllocator:
         ratio = verify_s / max(self.curve(nodes), 1e-9)
         self._scale.append(ratio)
         self._near[min(self.curve.sizes, key=lambda n: (abs(n - nodes), n))].append(ratio)
-        self._corrected = None
+        self._corrected, self._table = None, None
         self._host = host_s if self._host is None else (1 - self.alpha) * self._host + self.alpha * host_s
 
     def allocate(self, values: Sequence[Sequence[float]]) -> list[int]:
@@ -77,21 +90,16 @@ class NodeAllocator:
         Returns how many of them each row keeps (a prefix of its chain)."""
         rows = len(values)
         host = self._host or 0.0
-        candidates = sorted(((v, d, b) for b, vs in enumerate(values) for d, v in enumerate(vs)),
-                            key=lambda c: (-c[0], c[1]))  # best first; a parent before its child on ties
-        plain = rows / (self.latency(rows) + host)
-        best_k, best_rate, gain = 0, plain, 0.0
-        for k, (v, _, _) in enumerate(candidates, 1):
-            gain += v
-            rate = (rows + gain) / (self.latency(rows + k) + host)
-            if rate > best_rate:
-                best_k, best_rate = k, rate
-        if best_rate < (1 + self.min_gain) * plain:  # too close to call: plain is never slower than plain
+        value = np.fromiter((v for vs in values for v in vs), dtype=np.float64)  # [K] every row's nodes
+        row = np.repeat(np.arange(rows), [len(vs) for vs in values])  # [K]
+        depth = np.concatenate([np.arange(len(vs)) for vs in values]) if rows else np.zeros(0, dtype=np.int64)
+        order = np.lexsort((depth, -value))  # best first; a parent before its child on ties; stable: row order
+        latency = self._latencies(rows + value.shape[0])[rows: rows + value.shape[0] + 1]  # [K + 1] of 0..K draft nodes
+        rate = (rows + np.concatenate(([0.0], np.cumsum(value[order])))) / (latency + host)  # [K + 1]
+        best_k = int(np.argmax(rate))  # the first best: fewer nodes on ties
+        if rate[best_k] < (1 + self.min_gain) * rate[0]:  # too close to call: plain is never slower than plain
             best_k = 0
-        keep = [0] * rows
-        for _, _, b in candidates[:best_k]:
-            keep[b] += 1
-        return keep
+        return np.bincount(row[order[:best_k]], minlength=rows).tolist()
 
     def as_dict(self) -> dict:
         return {"scale": round(statistics.median(self._scale), 3) if self._scale else None,

@@ -22,10 +22,11 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from specdec.hardware import cpu_name
@@ -50,6 +51,20 @@ class LatencyCurve:
                 return ta + (tb - ta) * (n - a) / (b - a)
         slope = (t[-1] - t[-2]) / (s[-1] - s[-2]) if len(s) > 1 else 0.0
         return t[-1] + slope * (n - s[-1])
+
+    def at(self, n: np.ndarray) -> np.ndarray:
+        """`self(n)` for every entry of n at once (the allocator prices every prefix of a step's candidates)."""
+        s, t = self._points
+        n = np.asarray(n, dtype=np.float64)
+        out = np.interp(n, s, t)  # t[0] below the first size
+        if len(s) > 1:
+            slope = (t[-1] - t[-2]) / (s[-1] - s[-2])
+            out = np.where(n > s[-1], t[-1] + slope * (n - s[-1]), out)
+        return out
+
+    @cached_property
+    def _points(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.sizes, dtype=np.float64), np.asarray(self.seconds, dtype=np.float64)
 
     def ratios(self) -> dict[int, float]:
         return {n: sec / self.seconds[0] for n, sec in zip(self.sizes, self.seconds)}

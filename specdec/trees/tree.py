@@ -16,7 +16,7 @@ A chain of k drafts is the tree with parents (-1, 0, 1, ..., k - 1). Plain decod
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -32,14 +32,44 @@ class Tree:
     ranks: tuple[int, ...]
     child_lists: tuple[tuple[int, ...], ...] = field(repr=False)  # [n] children of each node, in node order
     depth: torch.Tensor = field(repr=False)  # [n] int64
-    mask: torch.Tensor = field(repr=False)  # [n, n] bool
-    retrieve: torch.Tensor = field(repr=False)  # [leaves, max_depth + 1] int64, -1 padded
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """[n, n] bool, mask[i, j] = j is i or an ancestor of i. Derived when first asked for: a draft an
+        allocator cuts before scoring (auto's merged trie, 30-60 nodes a step) never needs its own."""
+        n = self.size
+        par = np.array(self.parents, dtype=np.int64)  # [n]
+        par[0] = 0  # the root is its own parent for the walk
+        mask = np.eye(n, dtype=bool)  # [n, n]
+        anc = np.arange(n)
+        for _ in range(self.max_depth):  # each pass walks every node one level up
+            anc = par[anc]
+            mask[np.arange(n), anc] = True
+        return torch.from_numpy(mask)
+
+    @cached_property
+    def retrieve(self) -> torch.Tensor:
+        """[leaves, max_depth + 1] int64, -1 padded: node indices root..leaf of every root-to-leaf path."""
+        n, max_depth = self.size, self.max_depth
+        par = np.array(self.parents, dtype=np.int64)
+        par[0] = 0
+        depth = self.depth.numpy()
+        is_leaf = np.ones(n, dtype=bool)
+        is_leaf[par[1:]] = False
+        leaves = np.flatnonzero(is_leaf)
+        retrieve = np.full((len(leaves), max_depth + 1), -1, dtype=np.int64)  # [leaves, max_depth + 1]
+        node, level = leaves.copy(), depth[leaves].copy()
+        for _ in range(max_depth + 1):  # climb from every leaf at once, filling its row right to left
+            live = level >= 0
+            retrieve[np.flatnonzero(live), level[live]] = node[live]
+            node, level = par[node], level - 1
+        return torch.from_numpy(retrieve)
 
     @property
     def size(self) -> int:
         return len(self.parents)
 
-    @property
+    @cached_property
     def max_depth(self) -> int:
         return int(self.depth.max())
 
@@ -128,32 +158,11 @@ def _from_rank_paths(paths: tuple[tuple[int, ...], ...]) -> Tree:
 
 
 def _derive(parents: tuple[int, ...], ranks: tuple[int, ...]) -> Tree:
-    """Vectorised over nodes: each pass walks every node one level up (depth passes in all)."""
+    """Depths and children; the mask and root-to-leaf paths are derived when first asked for."""
     n = len(parents)
-    par = np.array(parents, dtype=np.int64)  # [n]
-    par[0] = 0  # the root is its own parent for the walk
-    depth = np.zeros(n, dtype=np.int64)
-    for i in range(1, n):  # parents precede children
-        depth[i] = depth[par[i]] + 1
-    max_depth = int(depth.max())
-    mask = np.eye(n, dtype=bool)  # [n, n]
-    anc = np.arange(n)
-    for _ in range(max_depth):
-        anc = par[anc]
-        mask[np.arange(n), anc] = True
-    is_leaf = np.ones(n, dtype=bool)
-    is_leaf[par[1:]] = False
-    leaves = np.flatnonzero(is_leaf)
-    retrieve = np.full((len(leaves), max_depth + 1), -1, dtype=np.int64)  # [leaves, max_depth + 1]
-    node, level = leaves.copy(), depth[leaves].copy()
-    for _ in range(max_depth + 1):  # climb from every leaf at once, filling its row right to left
-        live = level >= 0
-        retrieve[np.flatnonzero(live), level[live]] = node[live]
-        node, level = par[node], level - 1
+    depth = [0] * n
     children: list[list[int]] = [[] for _ in range(n)]
-    for i in range(1, n):
+    for i in range(1, n):  # parents precede children
+        depth[i] = depth[parents[i]] + 1
         children[parents[i]].append(i)
-    return Tree(
-        parents, ranks, tuple(tuple(c) for c in children),
-        torch.from_numpy(depth), torch.from_numpy(mask), torch.from_numpy(retrieve),
-    )
+    return Tree(parents, ranks, tuple(tuple(c) for c in children), torch.tensor(depth, dtype=torch.int64))
