@@ -10,6 +10,7 @@ type the kernel does not handle stay on the model's fp32 weight; `QuantReport` s
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedModel
 
+from specdec.errors import SpecdecError
 from specdec.verifiers.quant import QuantWeight, dequantize, unpack
 
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF metadata value types
@@ -33,61 +35,135 @@ class TensorEntry:
     data: np.ndarray  # [nbytes] uint8, a read-only memory map of the file
 
 
+class BadGGUF(SpecdecError, ValueError):
+    """A GGUF whose header does not hold together (cut short, counts or offsets past the end of the file)."""
+
+
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MIN_KV_BYTES = 8 + 4 + 1  # an empty key, its type and the smallest value
+_MIN_TENSOR_BYTES = 8 + 4 + 8 + 4 + 8  # an empty name, n_dims, one dimension, type and offset
+
+
+class _Header:
+    """Reads a GGUF header from a byte buffer, every count, length and offset checked against the file's size
+    before it is used: a crafted file fails with one line (`BadGGUF`) instead of reading or allocating past it."""
+
+    def __init__(self, buf: memoryview, name: str):
+        self.buf, self.name, self.size, self.at = buf, name, len(buf), 0
+
+    def fail(self, what: str) -> BadGGUF:
+        return BadGGUF(f"{self.name} is not a usable GGUF file ({what}, at byte {self.at} of {self.size}): "
+                       "give a complete GGUF file written by llama.cpp or gguf-py")
+
+    def need(self, nbytes: int, what: str) -> None:
+        if nbytes < 0 or self.at + nbytes > self.size:
+            raise self.fail(f"{what} runs past the end of the file")
+
+    def unpack(self, fmt: str, what: str) -> tuple:
+        self.need(struct.calcsize(fmt), what)
+        out = struct.unpack_from(fmt, self.buf, self.at)
+        self.at += struct.calcsize(fmt)
+        return out
+
+    def count(self, what: str, min_bytes: int) -> int:
+        """A u64 count of items taking at least `min_bytes` each: no more than what is left of the file holds."""
+        (n,) = self.unpack("<Q", what)
+        if n * min_bytes > self.size - self.at:
+            raise self.fail(f"{what} {n} does not fit in the {self.size - self.at} bytes left")
+        return n
+
+    def string(self, what: str) -> str:
+        n = self.count(f"length of {what}", 1)
+        text = bytes(self.buf[self.at: self.at + n]).decode("utf-8", "replace")
+        self.at += n
+        return text
+
+    def skip(self, vtype: int, what: str) -> None:
+        if vtype in _SCALAR_BYTES:
+            self.need(_SCALAR_BYTES[vtype], what)
+            self.at += _SCALAR_BYTES[vtype]
+        elif vtype == _STRING:
+            n = self.count(f"length of {what}", 1)
+            self.at += n
+        elif vtype == _ARRAY:
+            (item,) = self.unpack("<I", f"item type of {what}")
+            if item in _SCALAR_BYTES:
+                n = self.count(f"length of array {what}", _SCALAR_BYTES[item])
+                self.at += n * _SCALAR_BYTES[item]
+            elif item in (_STRING, _ARRAY):
+                for _ in range(self.count(f"length of array {what}", 8 if item == _STRING else 12)):
+                    self.skip(item, what)
+            else:
+                raise self.fail(f"unknown item type {item} in array {what}")
+        else:
+            raise self.fail(f"unknown metadata type {vtype} of {what}")
+
+
 def tensor_index(path: str | Path) -> list[TensorEntry]:
     """The tensors of a GGUF (v2/v3) without parsing its metadata values: gguf-py's reader builds an array
     object for every element of every metadata field (the default model's 262k-token vocabulary took ~25 of
-    the ~30 s a load of its weights cost); here those fields are skipped by their lengths."""
+    the ~30 s a load of its weights cost); here those fields are skipped by their lengths.
+
+    Every count, length, type and offset is checked against the file's size before it is used; `BadGGUF` (a
+    SpecdecError and a ValueError, one line) for a file that is not a well-formed GGUF."""
     from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
 
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    buf = memoryview(raw)
-    if bytes(buf[:4]) != b"GGUF":
-        raise ValueError(f"{Path(path).name} is not a GGUF file (no GGUF magic)")
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    if version < 2:
-        raise ValueError(f"{Path(path).name}: GGUF version {version} is not supported (2 or 3)")
-    at, alignment = 24, GGUF_DEFAULT_ALIGNMENT
-
-    def string(at: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", buf, at)
-        return bytes(buf[at + 8: at + 8 + n]).decode("utf-8", "replace"), at + 8 + n
-
-    def skip(vtype: int, at: int) -> int:
-        if vtype in _SCALAR_BYTES:
-            return at + _SCALAR_BYTES[vtype]
-        if vtype == _STRING:
-            return at + 8 + struct.unpack_from("<Q", buf, at)[0]
-        if vtype == _ARRAY:
-            item, count = struct.unpack_from("<IQ", buf, at)
-            at += 12
-            if item in _SCALAR_BYTES:
-                return at + count * _SCALAR_BYTES[item]
-            for _ in range(count):
-                at = skip(item, at)
-            return at
-        raise ValueError(f"{Path(path).name}: unknown GGUF metadata type {vtype}")
-
+    name = Path(path).name
+    try:
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+    except ValueError:  # numpy refuses to map an empty file
+        raw = np.zeros(0, dtype=np.uint8)
+    r = _Header(memoryview(raw), name)
+    if r.size < 4 or bytes(r.buf[:4]) != b"GGUF":
+        raise BadGGUF(f"{name} is not a GGUF file (no GGUF magic): give a .gguf model file")
+    r.at = 4
+    (version,) = r.unpack("<I", "the version")
+    if version not in (2, 3):
+        raise BadGGUF(f"{name}: GGUF version {version} is not supported (2 or 3): convert it with a current llama.cpp")
+    n_tensors, n_kv = r.unpack("<QQ", "the header")
+    for count, least, what in ((n_tensors, _MIN_TENSOR_BYTES, "tensor count"), (n_kv, _MIN_KV_BYTES, "metadata count")):
+        if count * least > r.size - r.at:
+            raise r.fail(f"{what} {count} does not fit in the {r.size - r.at} bytes left")
+    alignment = GGUF_DEFAULT_ALIGNMENT
     for _ in range(n_kv):
-        key, at = string(at)
-        (vtype,) = struct.unpack_from("<I", buf, at)
+        key = r.string("a metadata key")
+        (vtype,) = r.unpack("<I", f"the type of {key}")
         if key == "general.alignment" and vtype == 4:
-            (alignment,) = struct.unpack_from("<I", buf, at + 4)
-        at = skip(vtype, at + 4)
-    infos = []
+            (alignment,) = r.unpack("<I", key)
+            if alignment < 1 or alignment & (alignment - 1):
+                raise r.fail(f"general.alignment {alignment} is not a power of two")
+        else:
+            r.skip(vtype, key)
+    infos, seen = [], set()
     for _ in range(n_tensors):
-        name, at = string(at)
-        (n_dims,) = struct.unpack_from("<I", buf, at)
-        shape = struct.unpack_from(f"<{n_dims}Q", buf, at + 4)
-        kind, offset = struct.unpack_from("<IQ", buf, at + 4 + 8 * n_dims)
-        at += 4 + 8 * n_dims + 12
-        infos.append((name, GGMLQuantizationType(kind), tuple(int(d) for d in shape), offset))
-    start = at + (-at % alignment)
+        tname = r.string("a tensor name")
+        if tname in seen:
+            raise r.fail(f"tensor {tname} is listed twice")
+        seen.add(tname)
+        (n_dims,) = r.unpack("<I", f"the dimensions of {tname}")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise r.fail(f"tensor {tname} has {n_dims} dimensions (1 to {_MAX_DIMS})")
+        shape = tuple(int(d) for d in r.unpack(f"<{n_dims}Q", f"the shape of {tname}"))
+        kind, offset = r.unpack("<IQ", f"the type of {tname}")
+        try:
+            qtype = GGMLQuantizationType(kind)
+            block, size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise r.fail(f"tensor {tname} has unknown type {kind}") from None
+        if any(d < 1 or d > r.size * block for d in shape) or shape[0] % block:
+            raise r.fail(f"tensor {tname} has shape {shape}, impossible for a {qtype.name} tensor of this file")
+        if offset % alignment:
+            raise r.fail(f"tensor {tname} starts at offset {offset}, not a multiple of the alignment {alignment}")
+        infos.append((tname, qtype, shape, offset, math.prod(shape) // block * size))
+    start = r.at + (-r.at % alignment)
     out = []
-    for name, kind, shape, offset in infos:
-        block, size = GGML_QUANT_SIZES[kind]
-        nbytes = int(np.prod(shape)) // block * size
-        out.append(TensorEntry(name, kind.name, shape, raw[start + offset: start + offset + nbytes]))
+    for tname, qtype, shape, offset, nbytes in infos:
+        if start + offset + nbytes > r.size:
+            raise BadGGUF(f"{name} is not a usable GGUF file (tensor {tname}'s {nbytes} bytes at {start + offset} run "
+                          f"past the end of the file, {r.size} bytes): the file is cut short or damaged; get it again")
+        out.append(TensorEntry(tname, qtype.name, shape, raw[start + offset: start + offset + nbytes]))
     return out
+
 
 _LAYER_TENSORS = {  # llama.cpp tensor name within blk.N -> transformers module path within layers.N
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

@@ -15,8 +15,10 @@ import fcntl
 import gc
 import hashlib
 import json
+import math
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -216,16 +218,48 @@ def _convert_gguf(gguf: Path, target: Path, log: Log) -> None:
 
 
 def _dequantize_into(gguf: Path, out: Path) -> _Probe:
-    """Load `gguf` through transformers, save a plain float32 copy (model, tokenizer, generation) in `out`."""
-    _check_architecture(_read_config(gguf.parent, gguf), str(gguf))
+    """Load `gguf` through transformers, save a plain float32 copy (model, tokenizer, generation) in `out`.
+
+    The file's header is checked by specdec's own reader first (`tensor_index`: every count, length and offset
+    against the file's size), so a crafted or cut-short file is refused in one line before gguf-py parses it."""
+    from specdec.models.gguf_weights import tensor_index
+
+    tensors = tensor_index(gguf)
+    config = _read_config(gguf.parent, gguf)
+    _check_architecture(config, str(gguf))
+    _check_described_size(config, sum(math.prod(t.shape) for t in tensors), gguf)
     kwargs = {"gguf_file": gguf.name}
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, attn_implementation="sdpa",
-                                                 **kwargs, trust_remote_code=False).eval()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs, trust_remote_code=False)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, attn_implementation="sdpa",
+                                                     **kwargs, trust_remote_code=False).eval()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs, trust_remote_code=False)
+    except _GGUF_READ_ERRORS as err:  # a well-formed file whose fields transformers cannot use
+        raise SpecdecError(f"cannot load {gguf.name} ({type(err).__name__}: {_first_line(err)}): give a GGUF of a "
+                           f"supported model ({', '.join(SUPPORTED_MODEL_TYPES)}) written by llama.cpp") from None
     probe = _probe(model, tokenizer)
     _save_plain(model, out)
     tokenizer.save_pretrained(out)
     return probe
+
+
+_GGUF_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError,
+                     NotImplementedError, struct.error)  # what transformers / gguf-py raise on fields they cannot use
+
+
+def _check_described_size(config, stored: int, gguf: Path) -> None:
+    """The model the GGUF's metadata describes (built on the meta device: no memory) must be about the weights the
+    file holds: missing or forged hyperparameters would otherwise have transformers allocate a default-sized model
+    (a 7B Llama) around a few stored tensors."""
+    try:
+        with torch.device("meta"):
+            shell = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except _GGUF_READ_ERRORS as err:
+        raise SpecdecError(f"cannot build the model {gguf.name} describes ({type(err).__name__}: {_first_line(err)}): "
+                           "give a GGUF of a supported model written by llama.cpp") from None
+    wanted = sum(p.numel() for p in shell.parameters())
+    if wanted > 1.25 * stored + 2**20:
+        raise SpecdecError(f"{gguf.name}'s metadata describes a model of {wanted:,} parameters but the file holds "
+                           f"{stored:,} weights: the file is damaged or incomplete; get it again")
 
 
 def _save_plain(model: PreTrainedModel, out: Path) -> None:
@@ -290,7 +324,7 @@ def _read_config(directory: Path, gguf: Path | None = None):
                             str(directory))
     try:
         return AutoConfig.from_pretrained(directory, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
+    except _GGUF_READ_ERRORS as err:
         where = gguf if gguf is not None else directory / "config.json"
         raise SpecdecError(f"cannot read the model config in {where} ({_first_line(err)}): "
                            f"give a supported transformers model directory or .gguf file") from err
@@ -304,15 +338,31 @@ def _check_architecture(config, where: str) -> str:
     return model_type
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_safetensors(path: Path) -> None:
+    """Weights are read from safetensors only (no pickle, whatever its loader promises): a directory holding only
+    pickled weights is refused in one line, naming a way out."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+    if pickles:
+        raise SpecdecError(f"{path} holds only pickle weights ({', '.join(pickles[:3])}): specdec loads safetensors "
+                           "or GGUF only; convert them with model.save_pretrained(DIR, safe_serialization=True) "
+                           "where you trust the file, or use the model's .gguf")
+
+
 def _load_dir(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
     config = _read_config(path)
     model_type = _check_architecture(config, str(path))
+    _check_safetensors(path)
     try:
         if model_type == "gemma3":
             model = _gemma3_text_model(path, config, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-                                                         trust_remote_code=False)
+                                                         trust_remote_code=False, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise SpecdecError(f"cannot load the weights in {path} ({_first_line(err)}): "
                            f"check it is a complete transformers checkpoint") from err
@@ -330,7 +380,7 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 def _gemma3_text_model(path: Path, config, dtype: torch.dtype) -> PreTrainedModel:
     """A multimodal Gemma 3 checkpoint as a text-only Gemma3ForCausalLM (the vision tower is dropped)."""
     full = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-                                                trust_remote_code=False)
+                                                trust_remote_code=False, use_safetensors=True)
     text = AutoModelForCausalLM.from_config(config.text_config, dtype=dtype, attn_implementation="sdpa",
                                             trust_remote_code=False)
     text.model.load_state_dict(full.model.language_model.state_dict())
