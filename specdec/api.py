@@ -19,7 +19,7 @@ from specdec.drafters.base import Drafter, missing_members
 from specdec.drafters.registry import make_drafter, unknown_drafter
 from specdec.engine import BatchResult, Engine, GenerationResult, OnTokens, Request, StopConditions, as_ids
 from specdec.errors import SpecdecError
-from specdec.config import WEIGHT_CHOICES
+from specdec.config import GGUF_FORMATS, WEIGHT_CHOICES
 from specdec.models.builtin import BUILTINS
 from specdec.models.loading import LoadedModel, cache_root, gguf_file, load_model
 from specdec.sampling import SamplingParams
@@ -29,6 +29,7 @@ from specdec.trees.presets import load_tree
 from specdec.trees.sizing import AutoBudget, cached_curve, verifier_key
 from specdec.trees.tree import Tree
 from specdec.verifiers.hf import HFVerifier
+from specdec.verifiers.q8act import as_q8
 
 MAX_DROP_IN_WIDTH = 8  # rows of one drop-in generate() call in flight at once
 _PER_ROW = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
@@ -159,7 +160,7 @@ class SpecDecoder:
         if model is None or isinstance(model, str):
             model = load_model(model, dtype=torch.bfloat16 if weights == "bf16" else torch.float32,
                                cache_dir=cache_dir, log=log)
-        elif isinstance(model, LoadedModel) and weights == "gguf":
+        elif isinstance(model, LoadedModel) and weights in GGUF_FORMATS:
             spec = model.name  # a built-in's name finds its GGUF (a loaded .gguf path does not: refused below)
         elif weights != "fp32" and not (weights == "bf16" and _dtype_of(model) == torch.bfloat16):
             raise SpecdecError(f"--weights {weights} needs the model by name (a built-in or a .gguf file), "
@@ -173,12 +174,17 @@ class SpecDecoder:
             self.name = getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.model, self.tokenizer = model, tokenizer
         self.cache_dir = cache_dir
-        if weights == "gguf" and quant is None:
+        if weights in GGUF_FORMATS and quant is None:
             quant = gguf_weights(spec, model, cache_dir, log)
             if chosen and not quant:  # the GGUF holds no block type the kernel runs (all F32/F16): fp32 it is
                 weights, quant = "fp32", None
-        elif weights != "gguf" and quant is not None:
+        elif weights not in GGUF_FORMATS and quant is not None:
             raise SpecdecError("quant weights are the gguf format's: pass weights='gguf' with them, or drop them")
+        if weights == "q8act" and quant:
+            quant = as_q8(quant)  # the same codes, laid out for the integer kernel
+        if weights == "q8act" and not quant:
+            raise SpecdecError("--weights q8act: the GGUF holds no block type the integer kernel runs (Q8_0, Q5_0, "
+                               "Q6_K, Q4_K): use --weights fp32")
         self.weights = weights
         self.verifier = make_verifier(model, backend, strict, cache_dir, quant)
         self.drafter = self._make_drafter(drafter, tree_obj, drafter_options or {})

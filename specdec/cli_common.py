@@ -49,9 +49,10 @@ def common_options(fn: Callable) -> Callable:
         click.option("--tree", help="Tree preset (chain-K, cpu-8, tr-80, ...) or a YAML file."),
         click.option("--tree-budget", type=int, help="Max nodes scored per step, root included."),
         click.option("--backend", type=click.Choice(["auto", "hf", "lean"]), help="Verifier implementation."),
-        click.option("--weights", type=click.Choice(["auto", "fp32", "bf16", "gguf"]),
+        click.option("--weights", type=click.Choice(["auto", "fp32", "bf16", "gguf", "q8act"]),
                      help="Weight format: gguf (the GGUF's own quantised blocks, exact fp32 products; lean backend), "
-                          "fp32 or bf16; auto (default): gguf for a model named by a built-in or .gguf, else fp32."),
+                          "q8act (the GGUF's codes times int8 activations, integer sums), fp32 or bf16; auto "
+                          "(default): gguf for a model named by a built-in or .gguf, else fp32."),
         click.option("--strict", is_flag=True, default=None,
                      help="Batch-invariant scoring (lean): logits bitwise equal to plain decoding's; slower."),
         click.option("--threads", type=int, help="torch CPU threads."),

@@ -94,7 +94,8 @@ def _mapping(name: str, v: Any) -> Any:
     return dict(v)
 
 
-WEIGHT_FORMATS = ("fp32", "bf16", "gguf")  # what a run computes in (bench method suffixes: plain@gguf)
+WEIGHT_FORMATS = ("fp32", "bf16", "gguf", "q8act")  # what a run computes in (bench method suffixes: plain@gguf)
+GGUF_FORMATS = ("gguf", "q8act")  # the formats that compute with the GGUF's own codes (`quant` weights)
 WEIGHT_CHOICES = ("auto",) + WEIGHT_FORMATS  # what a user may ask for (`specdec.api.default_weights` resolves auto)
 
 

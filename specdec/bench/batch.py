@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from specdec.bench.report import machine_info, output_dir, save_report
-from specdec.config import WEIGHT_FORMATS
+from specdec.config import GGUF_FORMATS, WEIGHT_FORMATS
+from specdec.verifiers.q8act import as_q8
 from specdec.data.spec_bench import read_questions
 from specdec.drafters.registry import parse_drafter, unknown_drafter
 from specdec.errors import SpecdecError
@@ -78,7 +79,9 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
     loaded = load_model(spec.model, dtype=torch.bfloat16 if spec.weights == "bf16" else torch.float32,
                         cache_dir=spec.cache_dir, log=log)
     prompts = [encode_prompt(loaded.tokenizer, q["text"], template=PROMPT_TEMPLATE) for q in questions]
-    quant = gguf_weights(spec.model, loaded.model, spec.cache_dir, log) if spec.weights == "gguf" else None
+    quant = gguf_weights(spec.model, loaded.model, spec.cache_dir, log) if spec.weights in GGUF_FORMATS else None
+    if spec.weights == "q8act":
+        quant = as_q8(quant)
     verifier = _lean_verifier(loaded.model, quant)
     eos = frozenset(eos_ids(loaded))
     info = machine_info(dtype=_DTYPES[spec.weights]) | {
@@ -116,7 +119,8 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
     return report
 
 
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "gguf": "gguf blocks (fp32 products)"}  # in the report header
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "gguf": "gguf blocks (fp32 products)",
+           "q8act": "gguf codes x int8 activations (integer sums)"}  # in the report header
 
 
 def _lean_verifier(model, quant: dict | None = None):

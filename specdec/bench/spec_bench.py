@@ -23,6 +23,7 @@ import torch
 
 from specdec.bench import llama_cpp as llama_bench
 from specdec.bench import step_time
+from specdec.config import GGUF_FORMATS
 from specdec.bench.report import machine_info, output_dir, save_report, write_new
 from specdec.data.spec_bench import read_questions
 from specdec.errors import SpecdecError
@@ -79,7 +80,7 @@ class _Runner:
 
         self.spec, self.model, self.eos = spec, loaded.model, eos
         models = {"fp32": loaded}  # weight format -> the loaded model its decoders share
-        quant = None  # the GGUF's quantised weights, read once for every @gguf method (about 25 s a read)
+        quants: dict[str, dict] = {}  # format -> the GGUF's quantised weights, read once (about 25 s a read)
         self.decoders = {}
         for m in spec.methods:
             if m in HF_METHODS or llama_bench.is_llama_method(m):
@@ -90,14 +91,18 @@ class _Runner:
                 from specdec.models.loading import load_model
 
                 models["bf16"] = load_model(spec.model, dtype=torch.bfloat16, cache_dir=spec.cache_dir, log=log)
-            if weights == "gguf" and quant is None:
+            if weights in GGUF_FORMATS and weights not in quants:
                 from specdec.api import gguf_weights
+                from specdec.verifiers.q8act import as_q8
 
-                quant = gguf_weights(spec.model, loaded.model, spec.cache_dir, log)
+                if "gguf" not in quants:
+                    quants["gguf"] = gguf_weights(spec.model, loaded.model, spec.cache_dir, log)
+                if weights == "q8act":
+                    quants["q8act"] = as_q8(quants["gguf"])
             self.decoders[m] = SpecDecoder(
                 models.get(weights, loaded), drafter=drafter, tree=spec.tree, tree_budget=spec.tree_budget,
                 backend=spec.backend, cache_dir=spec.cache_dir, strict=spec.strict, weights=weights, log=log,
-                drafter_options=options or None, quant=quant if weights == "gguf" else None)
+                drafter_options=options or None, quant=quants.get(weights))
         self.llama = _llama_runner(spec, longest_prompt, log)
         self.curves = {m: step_time.curve_of(d, log) for m, d in self.decoders.items()}  # the sizing curves
         self.last_steps: step_time.StepTimes | None = None  # the last run's steps (specdec methods)

@@ -33,6 +33,7 @@ from transformers import PreTrainedModel
 from specdec.verifiers import gemm, glue
 from specdec.verifiers.base import NodeInputs, captured, hidden_keys
 from specdec.verifiers.lean_model import LeanModel, RowSpans, Step
+from specdec.verifiers.q8act import quant_format
 from specdec.verifiers.quant import QuantWeight
 from specdec.verifiers.screen import ScreenedHead, measure_screen
 from specdec.verifiers.strict import BLOCK, TILE, CanonicalTree
@@ -90,7 +91,7 @@ class LeanVerifier:
         self.vocab_size: int = cfg.vocab_size
         self.max_positions: int = cfg.max_position_embeddings
         self.model = LeanModel(model, fuse, quant)
-        self.weights = "gguf" if quant else {torch.bfloat16: "bf16"}.get(self.model.dtype, "fp32")  # the format
+        self.weights = quant_format(quant) if quant else {torch.bfloat16: "bf16"}.get(self.model.dtype, "fp32")
         self.device: torch.device = self.model.embed.device
         self.num_layers: int = len(self.model.layers)
         self.tree_kernel = _use_tree_kernel(attention, self.device)

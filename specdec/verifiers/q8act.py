@@ -1,0 +1,355 @@
+"""The q8act weight format: the GGUF's integer codes times int8 activations, exact integer sums, row by row.
+
+Each input row x [K] is quantised on its own (`quantize_rows`): blocks of 32 values, one fp32 scale
+d = max|x| / 127 a block, codes xq = rint(x / d) in -127..127. A weight keeps its GGUF codes and per-group
+constants (`quant.QuantWeight`: w = s * q - o over groups of g = 16 or 32 inputs). For an output element
+(row m, output n) and each group b, the kernel takes the integer dot product of the group's codes
+
+    iv = sum_k q[n, k] * xq[m, k]        (int32: exact, so any order of the products gives the same value)
+
+and folds it into the fp32 result in a fixed order, one group after the other:
+
+    y = y + (s[n, b] * d[m, b']) * float(iv)          b' = the activation block holding group b
+    y = y - (o[n, b] * d[m, b']) * float(sum_k xq[m, k])    (Q4_K's minimum, through the row's group sums)
+
+Every operation is an IEEE fp32 multiply or add (no fused multiply-add, no reassociation), so each output
+element is a function of its own row's x and the weights alone: batch-invariant by construction, whatever the
+row count, the rows beside it, the pass or the thread. `q8_reference` computes the same operations with numpy;
+the kernel equals it bit for bit (`tests/test_q8act.py`).
+
+The kernel (AVX2, LLVM vector IR through numba intrinsics, as `quant`'s): codes are stored as unsigned bytes
+u = q + z (z = 0 for Q4_K, 16 for Q5_0, 32 for Q6_K; Q8_0 stays signed) in tiles of TILE = 16 output rows,
+four consecutive inputs of a row side by side: codes [N / 16, K / 4, 16, 4]. For four inputs and 8 output rows
+(32 bytes, one register) `vpmaddubsw` multiplies unsigned codes by the row's four broadcast activation codes
+and adds pairs (at most 2 x 63 x 127: no saturation), and `vpmaddwd` with ones adds the pairs into 8 int32 lanes,
+one per output row: 32 multiply-adds in two instructions, accumulated across the group, then - z * sum(xq)
+gives iv. Signed Q8_0 codes go through |q| and sign(xq, q) (`vpsignb`; at most 2 x 128 x 127). A pass keeps
+up to MAX_ROWS = 6 input rows x 2 registers of int32 sums in registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from specdec.verifiers.quant import QuantWeight, _rows
+
+TILE = 16  # output rows per tile: two registers of 8 int32 lanes
+XBLOCK = 32  # activation values per int8 block (one fp32 scale each)
+MAX_ROWS = 6  # input rows a pass keeps in registers
+ZERO_POINT = {"Q8_0": 0, "Q5_0": 16, "Q6_K": 32, "Q4_K": 0}
+
+
+@dataclass(frozen=True)
+class Q8Weight:
+    """A [N, K] weight for the integer kernel: w[n, k] = s[n, k // g] * (u[n, k] - z) - o[n, k // g]."""
+
+    kind: str  # GGUF block type(s) it came from
+    codes: np.ndarray  # [Np / TILE, K / 4, TILE, 4] uint8 (int8 viewed as uint8 when signed)
+    scale: np.ndarray  # [Np / TILE, K // g, TILE] float32
+    offset: np.ndarray | None  # [Np / TILE, K // g, TILE] float32, or None (o = 0)
+    group: int
+    zero: int  # z: u - z is the GGUF code (unsigned codes)
+    signed: bool  # codes are int8 as they are (Q8_0), z = 0
+    rows: int  # N, the real output rows
+    file_bytes: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.codes.shape[1] * 4
+
+    @property
+    def padded_rows(self) -> int:
+        return self.codes.shape[0] * TILE
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes + (0 if self.offset is None else self.offset.nbytes)
+
+
+def from_quant(w: QuantWeight) -> Q8Weight:
+    """`QuantWeight` (tiles of 64 rows, int8 codes) -> `Q8Weight` (tiles of 16 rows, input quads): same values."""
+    kinds = set(w.kind.split("+"))
+    zeros = {ZERO_POINT[k] for k in kinds}
+    if len(zeros) != 1:
+        raise ValueError(f"cannot hold {w.kind} in one integer weight (zero points {sorted(zeros)})")
+    zero, signed = zeros.pop(), kinds == {"Q8_0"}
+    rows, k = w.rows, w.q.shape[1]
+    if k % XBLOCK:
+        raise ValueError(f"q8act needs inputs in blocks of {XBLOCK}, the weight has {k}")
+    pad = -rows % TILE
+    q = _rows(w.q, rows).astype(np.int16) + zero  # [N, K]
+    codes = q.astype(np.int8 if signed else np.uint8).view(np.uint8)
+    scale, offset = _rows(w.scale, rows), None if w.offset is None else _rows(w.offset, rows)
+    if pad:
+        codes = np.concatenate([codes, np.full((pad, k), 0 if signed else zero, np.uint8)])
+        scale = np.concatenate([scale, np.zeros((pad, scale.shape[1]), np.float32)])
+        offset = None if offset is None else np.concatenate([offset, np.zeros((pad, offset.shape[1]), np.float32)])
+    tiles = codes.shape[0] // TILE
+    codes = np.ascontiguousarray(codes.reshape(tiles, TILE, k // 4, 4).transpose(0, 2, 1, 3))
+    tiled = lambda a: np.ascontiguousarray(a.reshape(tiles, TILE, -1).transpose(0, 2, 1))  # noqa: E731
+    return Q8Weight(w.kind, codes, tiled(scale), None if offset is None else tiled(offset), w.group, zero, signed,
+                    rows, w.file_bytes)
+
+
+def as_q8(quant: dict) -> dict:
+    """module name -> weight, every `QuantWeight` converted (`from_quant`); those that cannot be (none of the
+    GGUF types read today) stay as they are."""
+    return {name: w if isinstance(w, Q8Weight) else from_quant(w) for name, w in quant.items()}
+
+
+def quant_format(quant: dict) -> str:
+    """The weight format a dict of quantised weights computes in: q8act when they are `Q8Weight`s, else gguf."""
+    return "q8act" if any(isinstance(w, Q8Weight) for w in quant.values()) else "gguf"
+
+
+def stacked(weights: list[Q8Weight]) -> Q8Weight | None:
+    """One weight of the rows of `weights` one after another (one kernel call), or None when they cannot share
+    one: another width, group, zero point or signedness, offsets in some only, rows that are not whole tiles."""
+    first = weights[0]
+    if any(w.codes.shape[1] != first.codes.shape[1] or w.group != first.group or w.zero != first.zero
+           or w.signed != first.signed or (w.offset is None) != (first.offset is None) or w.rows != w.padded_rows
+           for w in weights):
+        return None
+    return Q8Weight("+".join(sorted({w.kind for w in weights})), np.concatenate([w.codes for w in weights]),
+                    np.concatenate([w.scale for w in weights]),
+                    None if first.offset is None else np.concatenate([w.offset for w in weights]),
+                    first.group, first.zero, first.signed, sum(w.rows for w in weights),
+                    sum(w.file_bytes for w in weights))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# activations
+
+
+@numba.njit(cache=True)
+def quantize_rows(x, group):
+    """x [M, K] float32 -> xq [M, K] int8, d [M, K / 32] float32, group sums [M, K / group] int32; each row
+    on its own (d = max|x| / 127 a block of 32, xq = rint(x * (1 / d)), 0 where the block is all zero)."""
+    m, k = x.shape
+    xq = np.empty((m, k), dtype=np.int8)
+    d = np.empty((m, k // XBLOCK), dtype=np.float32)
+    sums = np.zeros((m, k // group), dtype=np.int32)
+    one, top = np.float32(1.0), np.float32(127.0)
+    for r in range(m):
+        for b in range(k // XBLOCK):
+            amax = np.float32(0.0)
+            for i in range(b * XBLOCK, (b + 1) * XBLOCK):
+                amax = max(amax, abs(x[r, i]))
+            db = np.float32(amax / top)
+            inv = np.float32(one / db) if db > 0 else np.float32(0.0)
+            d[r, b] = db
+            for i in range(b * XBLOCK, (b + 1) * XBLOCK):
+                v = min(max(np.rint(np.float32(x[r, i] * inv)), -top), top)
+                xq[r, i] = np.int8(v)
+                sums[r, i // group] += np.int32(xq[r, i])
+    return xq, d, sums
+
+
+def q8_reference(x: np.ndarray, w: Q8Weight) -> np.ndarray:
+    """x [M, K] float32 -> [M, N] float32: the operations of the module docstring, in numpy (the oracle)."""
+    xq, d, sums = quantize_rows(np.ascontiguousarray(x, dtype=np.float32), w.group)
+    k, g = xq.shape[1], w.group
+    codes = w.codes.transpose(0, 2, 1, 3).reshape(-1, k)[: w.rows]  # [N, K] uint8
+    q = codes.view(np.int8).astype(np.int64) if w.signed else codes.astype(np.int64) - w.zero
+    s = _rows(w.scale, w.rows)  # [N, K / g]
+    o = None if w.offset is None else _rows(w.offset, w.rows)
+    y = np.zeros((x.shape[0], w.rows), dtype=np.float32)
+    for b in range(k // g):
+        iv = (xq[:, b * g: (b + 1) * g].astype(np.int64) @ q[:, b * g: (b + 1) * g].T).astype(np.float32)
+        db = d[:, b * g // XBLOCK][:, None]  # [M, 1]
+        y = y + (s[None, :, b] * db) * iv
+        if o is not None:
+            y = y - (o[None, :, b] * db) * sums[:, b].astype(np.float32)[:, None]
+    return y
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the kernel
+
+_I8x32 = ir.VectorType(ir.IntType(8), 32)
+_I16x16 = ir.VectorType(ir.IntType(16), 16)
+_I32x8 = ir.VectorType(ir.IntType(32), 8)
+_F32x8 = ir.VectorType(ir.FloatType(), 8)
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
+_VECTORS = TILE // 8
+
+
+def _splat(builder, value, ty):
+    """A vector of `ty` with every lane `value`."""
+    one = builder.insert_element(ir.Constant(ty, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(ty, ir.Undefined), ir.Constant(ir.VectorType(_I32, ty.count),
+                                                                                   [0] * ty.count))
+
+
+def _at(builder, base, index, ty, align):
+    return builder.load(builder.bitcast(builder.gep(base, [index]), ty.as_pointer()), align=align)
+
+
+def _microkernel(rows: int):
+    """A numba intrinsic: out[r0: r0 + rows, tile t's 16 outputs] for `rows` input rows (module docstring)."""
+
+    @intrinsic
+    def kernel(typingctx, xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0):
+        sig = types.void(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0)
+
+        def codegen(context, builder, sig, args):
+            xa, da, sa, ca, sca, oa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(6))
+            outa = context.make_array(sig.args[10])(context, builder, args[10])
+            is_signed, has_off, zero_, group_, tile, row0 = args[6], args[7], args[8], args[9], args[11], args[12]
+            const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+            module = builder.module
+            maddubs = cgutils.get_or_insert_function(module, ir.FunctionType(_I16x16, [_I8x32, _I8x32]),
+                                                     "llvm.x86.avx2.pmadd.ub.sw")
+            maddwd = cgutils.get_or_insert_function(module, ir.FunctionType(_I32x8, [_I16x16, _I16x16]),
+                                                    "llvm.x86.avx2.pmadd.wd")
+            psign = cgutils.get_or_insert_function(module, ir.FunctionType(_I8x32, [_I8x32, _I8x32]),
+                                                   "llvm.x86.avx2.psign.b")
+            vabs = cgutils.get_or_insert_function(module, ir.FunctionType(_I8x32, [_I8x32, ir.IntType(1)]),
+                                                  "llvm.abs.v32i8")
+            ones = ir.Constant(_I16x16, [1] * 16)
+            k_cols = cgutils.unpack_tuple(builder, xa.shape, 2)[1]
+            n_pad = cgutils.unpack_tuple(builder, outa.shape, 2)[1]
+            groups = builder.sdiv(k_cols, group_)
+            quads = builder.sdiv(group_, const(4))
+            blocks = builder.sdiv(k_cols, const(XBLOCK))
+            tile_codes = builder.gep(ca.data, [builder.mul(builder.mul(tile, k_cols), const(TILE))])  # k / 4 * 64
+            consts = builder.mul(builder.mul(tile, groups), const(TILE))
+            scales, offsets = builder.gep(sca.data, [consts]), builder.gep(oa.data, [consts])
+            rowk = [builder.mul(builder.add(row0, const(r)), k_cols) for r in range(rows)]
+            y = [[cgutils.alloca_once(builder, _F32x8) for _ in range(_VECTORS)] for _ in range(rows)]
+            acc = [[cgutils.alloca_once(builder, _I32x8) for _ in range(_VECTORS)] for _ in range(rows)]
+            for a in (a for row in y for a in row):
+                builder.store(ir.Constant(_F32x8, [0.0] * 8), a)
+            zero32 = builder.trunc(zero_, _I32)
+
+            def body(signed_codes: bool, with_offset: bool) -> None:
+                with cgutils.for_range(builder, groups) as b:
+                    for a in (a for row in acc for a in row):
+                        builder.store(ir.Constant(_I32x8, [0] * 8), a)
+                    first_quad = builder.mul(b.index, quads)
+                    with cgutils.for_range(builder, quads) as j:
+                        kq = builder.add(first_quad, j.index)  # input quad: inputs 4 kq .. 4 kq + 3
+                        w = [_at(builder, tile_codes, builder.add(builder.mul(kq, const(4 * TILE)), const(32 * v)),
+                                 _I8x32, 1) for v in range(_VECTORS)]
+                        wa = [builder.call(vabs, [wv, ir.Constant(ir.IntType(1), 0)]) for wv in w] \
+                            if signed_codes else w
+                        for r in range(rows):
+                            x4 = _at(builder, xa.data, builder.add(rowk[r], builder.mul(kq, const(4))), _I32, 1)
+                            xb = builder.bitcast(_splat(builder, x4, _I32x8), _I8x32)
+                            for v in range(_VECTORS):
+                                xs = builder.call(psign, [xb, w[v]]) if signed_codes else xb
+                                pair = builder.call(maddubs, [wa[v], xs])
+                                builder.store(builder.add(builder.load(acc[r][v]), builder.call(maddwd, [pair, ones])),
+                                              acc[r][v])
+                    at = builder.mul(b.index, const(TILE))
+                    s = [_at(builder, scales, builder.add(at, const(8 * v)), _F32x8, 4) for v in range(_VECTORS)]
+                    o = [_at(builder, offsets, builder.add(at, const(8 * v)), _F32x8, 4) for v in range(_VECTORS)
+                         ] if with_offset else []
+                    block = builder.sdiv(builder.mul(b.index, group_), const(XBLOCK))
+                    for r in range(rows):
+                        row_sum = builder.load(builder.gep(sa.data, [builder.add(
+                            builder.mul(builder.add(row0, const(r)), groups), b.index)]))  # int32
+                        db = builder.load(builder.gep(da.data, [builder.add(
+                            builder.mul(builder.add(row0, const(r)), blocks), block)]))
+                        dv = _splat(builder, db, _F32x8)
+                        fsum = _splat(builder, builder.sitofp(row_sum, ir.FloatType()), _F32x8)
+                        shift = _splat(builder, builder.mul(zero32, row_sum), _I32x8)
+                        for v in range(_VECTORS):
+                            iv = builder.sub(builder.load(acc[r][v]), shift)
+                            yv = builder.fadd(builder.load(y[r][v]),
+                                              builder.fmul(builder.fmul(s[v], dv), builder.sitofp(iv, _F32x8)))
+                            if with_offset:
+                                yv = builder.fsub(yv, builder.fmul(builder.fmul(o[v], dv), fsum))
+                            builder.store(yv, y[r][v])
+
+            nonzero = lambda v: builder.icmp_unsigned("!=", v, ir.Constant(v.type, 0))  # noqa: E731
+            with builder.if_else(nonzero(is_signed)) as (yes, no):
+                with yes:
+                    body(True, False)
+                with no:
+                    with builder.if_else(nonzero(has_off)) as (off, plain):
+                        with off:
+                            body(False, True)
+                        with plain:
+                            body(False, False)
+            col = builder.mul(tile, const(TILE))
+            for r in range(rows):
+                dst = builder.gep(outa.data, [builder.add(builder.mul(builder.add(row0, const(r)), n_pad), col)])
+                for v in range(_VECTORS):
+                    builder.store(builder.load(y[r][v]),
+                                  builder.bitcast(builder.gep(dst, [const(8 * v)]), _F32x8.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return kernel
+
+
+_k1, _k2, _k3, _k4, _k5, _k6 = (_microkernel(r) for r in range(1, MAX_ROWS + 1))
+
+
+@numba.njit(cache=True)
+def _pass(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0, n):
+    if n == 6:
+        _k6(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0)
+    elif n == 5:
+        _k5(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0)
+    elif n == 4:
+        _k4(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0)
+    elif n == 3:
+        _k3(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0)
+    elif n == 2:
+        _k2(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0)
+    else:
+        _k1(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0)
+
+
+@numba.njit(cache=True)
+def _tiles(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, lo, hi):
+    """Tiles lo..hi-1 on the calling thread: per tile, ceil(M / MAX_ROWS) passes of near-equal row counts."""
+    m = xq.shape[0]
+    passes = (m + MAX_ROWS - 1) // MAX_ROWS
+    for t in range(lo, hi):
+        r0 = 0
+        for p in range(passes):
+            n = (m - r0) // (passes - p)
+            _pass(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0, n)
+            r0 += n
+
+
+@numba.njit(cache=True, parallel=True)
+def _matmul(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, chunk):
+    """The tiles in chunks of `chunk`, shared among numba's threads."""
+    tiles = codes.shape[0]
+    for c in numba.prange((tiles + chunk - 1) // chunk):
+        _tiles(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, c * chunk,
+               min(tiles, (c + 1) * chunk))
+
+
+SERIAL_WORK = 1 << 18  # rows x weights below which the product runs on one thread
+CHUNK = 8  # tiles a parallel work item covers
+
+
+def q8_matmul(x: np.ndarray, w: Q8Weight) -> np.ndarray:
+    """x [M, K] float32 -> [M, N] float32, batch-invariant (module docstring); a view when N is padded."""
+    m, k = x.shape
+    if k != w.codes.shape[1] * 4:
+        raise ValueError(f"q8_matmul: x has {k} columns, the weight {w.codes.shape[1] * 4}")
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    xq, d, sums = quantize_rows(x, w.group)
+    out = np.empty((m, w.padded_rows), dtype=np.float32)
+    offset = w.offset if w.offset is not None else w.scale  # unused without offsets
+    args = (xq, d, sums, w.codes, w.scale, offset, w.signed, w.offset is not None, w.zero, w.group, out)
+    tiles = w.codes.shape[0]
+    if m * w.codes.size < SERIAL_WORK or tiles <= CHUNK:
+        _tiles(*args, 0, tiles)
+    else:
+        _matmul(*args, CHUNK)
+    return out[:, : w.rows] if w.rows != w.padded_rows else out

@@ -1,0 +1,105 @@
+"""The q8act format: the integer kernel against its numpy oracle bit for bit, row-invariant for every row count,
+and speculation in it giving plain decoding's tokens (greedy and sampled), alone and in ragged batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from specdec.drafters.registry import make_drafter
+from specdec.engine import Engine, Request, StopConditions
+from specdec.models.gguf_weights import read_quant_weights
+from specdec.sampling import SamplingParams
+from specdec.verifiers.lean import LeanVerifier
+from specdec.verifiers.q8act import (Q8Weight, as_q8, from_quant, q8_matmul, q8_reference,
+                                     quantize_rows, stacked)
+from specdec.verifiers.quant import BLOCK_BYTES, QuantLinear, dequantize, random_blocks, unpack
+from test_quant import _write_gguf
+
+
+def _weight(kind: str, rows: int, cols: int, seed: int = 0) -> Q8Weight:
+    return from_quant(unpack(kind, random_blocks(kind, rows, cols, seed), rows, cols))
+
+
+@pytest.mark.parametrize("kind", list(BLOCK_BYTES))
+def test_kernel_equals_its_oracle_and_each_row_alone_for_every_row_count(kind):
+    w = _weight(kind, 72, 512, seed=3)  # 72 rows: a padded last tile
+    x = np.random.default_rng(1).standard_normal((40, 512)).astype(np.float32)
+    x[7, 32:64] = 0.0  # an all-zero activation block (scale 0)
+    alone = np.concatenate([q8_matmul(x[i: i + 1], w) for i in range(40)])
+    assert np.array_equal(alone, q8_reference(x, w))
+    for m in range(1, 41):  # every split into passes of up to MAX_ROWS rows
+        assert np.array_equal(q8_matmul(x[:m], w), alone[:m]), m
+
+
+def test_parallel_and_serial_paths_give_the_same_bits():
+    w = _weight("Q4_K", 4096, 256, seed=2)  # big enough for the threaded path at 8 rows
+    x = np.random.default_rng(2).standard_normal((8, 256)).astype(np.float32)
+    assert np.array_equal(q8_matmul(x, w), np.concatenate([q8_matmul(x[i: i + 1], w) for i in range(8)]))
+    assert np.array_equal(q8_matmul(x, w), q8_reference(x, w))
+
+
+@pytest.mark.parametrize("kind", list(BLOCK_BYTES))
+def test_close_to_the_fp32_product(kind):
+    qw = unpack(kind, random_blocks(kind, 64, 1024, seed=4), 64, 1024)
+    x = np.random.default_rng(4).standard_normal((5, 1024)).astype(np.float32)
+    exact = x.astype(np.float64) @ dequantize(qw).T.astype(np.float64)
+    err = np.abs(q8_matmul(x, from_quant(qw)) - exact).max() / np.abs(exact).max()
+    assert err < 0.02, err  # int8 activations in blocks of 32: about 1% of the largest output
+
+
+def test_activation_codes_and_sums():
+    x = np.array([[0.5, -1.0, 0.25] + [0.0] * 29 + [3.0] * 32], dtype=np.float32)
+    xq, d, sums = quantize_rows(x, 16)
+    assert d[0, 0] == np.float32(1.0) / np.float32(127.0) and xq[0, 1] == -127 and xq[0, 0] == 64
+    assert (xq[0, 32:] == 127).all() and sums[0].tolist() == [int(xq[0, :16].sum()), 0, 127 * 16, 127 * 16]
+
+
+def test_stacked_weights_give_the_same_values_in_one_call():
+    a, b = _weight("Q4_K", 32, 256, 1), _weight("Q4_K", 48, 256, 2)
+    both = stacked([a, b])
+    x = np.random.default_rng(5).standard_normal((3, 256)).astype(np.float32)
+    assert np.array_equal(q8_matmul(x, both), np.concatenate([q8_matmul(x, a), q8_matmul(x, b)], axis=1))
+    assert stacked([a, _weight("Q8_0", 32, 256)]) is None  # signed and unsigned codes: two calls
+
+
+@pytest.fixture(scope="module")
+def tiny_q8(tmp_path_factory):
+    model = make_tiny_model("gemma3")
+    path = tmp_path_factory.mktemp("q8") / "tiny.gguf"
+    _write_gguf(model, path, ["Q8_0", "Q5_0"])  # K-quants need 256-wide inputs
+    quant, _ = read_quant_weights(path, model)
+    verifier = LeanVerifier(model, quant=as_q8(quant), gemm="linear")
+    return model, verifier
+
+
+def test_tiny_model_speculates_in_q8act_as_it_decodes_plainly(tiny_q8):
+    model, verifier = tiny_q8
+    assert verifier.weights == "q8act" and isinstance(verifier.model.lm_head, QuantLinear)
+    gen = torch.Generator().manual_seed(7)
+    rows = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (9, 23, 14, 31, 6)]
+    rows[1] = rows[1] + rows[1][:12]  # something for ngram to copy
+    plain = [Engine(verifier, make_drafter("plain", vocab_size=512), sizer=1).generate(p, StopConditions(30)).tokens
+             for p in rows]
+    for name, budget in (("ngram", 8), ("recycling", 12)):
+        alone = [Engine(verifier, make_drafter(name, vocab_size=512), sizer=budget).generate(p, StopConditions(30))
+                 .tokens for p in rows]
+        assert alone == plain, name
+        engine = Engine(verifier, make_drafter(name, vocab_size=512), sizer=budget, width=3)
+        res = engine.generate_batch([Request(p, StopConditions(30)) for p in rows])
+        assert [r.tokens for r in res.results] == plain, name
+
+
+def test_tiny_model_samples_in_q8act_as_plain_sampling_does(tiny_q8):
+    _, verifier = tiny_q8
+    gen = torch.Generator().manual_seed(8)
+    rows = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (11, 17, 8)]
+    params = [SamplingParams(temperature=0.8, top_k=40, seed=s) for s in (1, 2, 3)]
+    plain = [Engine(verifier, make_drafter("plain", vocab_size=512), sizer=1).generate(p, StopConditions(24), sp)
+             .tokens for p, sp in zip(rows, params)]
+    engine = Engine(verifier, make_drafter("recycling", vocab_size=512), sizer=8, width=2)
+    res = engine.generate_batch([Request(p, StopConditions(24), sp) for p, sp in zip(rows, params)])
+    assert [r.tokens for r in res.results] == plain
+
