@@ -176,3 +176,231 @@ def test_pickle_only_model_directory_is_refused(tiny_model_dir, tmp_path, weight
     one_line(err, weights, "safetensors or GGUF only")
     line = run_cli(["generate", "hello", "--model", folder, "--max-new-tokens", "2"], tmp_path / "cache")
     assert "safetensors or GGUF only" in line
+
+
+# -------------------------------------------------------------------------------------- drafter weight files
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tiny_model_dir):
+    from specdec.models import load_model
+
+    return load_model(str(tiny_model_dir)).model  # gemma3_text, hidden 64, 4 layers, vocab 512
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+
+
+def _write(path: Path, tensors: dict, meta: dict) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def diffusion_file(tiny_target, tmp_path_factory) -> Path:
+    import torch
+
+    from specdec.drafters.diffusion import dflash
+    from specdec.drafters.diffusion.cps import NgramLM
+
+    cfg = dflash.DFlashConfig(target="gemma3_text", hidden=64, num_layers=1, target_layers=4, feature_layers=(2, 4),
+                              block=4, vocab=8)
+    net = dflash.BlockDrafter(tiny_target, cfg, torch.arange(10, 18))
+    ngram = NgramLM.fit([[5, 6, 7, 8, 5, 6, 7]], vocab_size=512)
+    path = tmp_path_factory.mktemp("diffusion") / "good.safetensors"
+    dflash.save(net, path, extra={k: torch.from_numpy(v) for k, v in ngram.to_arrays().items()})
+    return path
+
+
+def _damaged_diffusion(good: Path, out: Path, case: str) -> Path:
+    import torch
+
+    t, meta = _read(good)
+    cfg = json.loads(meta["config"])
+    if case == "garbage":
+        out.write_bytes(b"not a safetensors file at all")
+    elif case == "truncated":
+        out.write_bytes(good.read_bytes()[:-100])
+    elif case == "header too large":
+        out.write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    elif case == "header past the end":
+        out.write_bytes(struct.pack("<Q", 4096) + b"{}")
+    elif case == "no config":
+        _write(out, t, {k: v for k, v in meta.items() if k != "config"})
+    elif case == "config not JSON":
+        _write(out, t, meta | {"config": "{oops"})
+    elif case == "config lacks a field":
+        _write(out, t, meta | {"config": json.dumps({k: v for k, v in cfg.items() if k != "block"})})
+    elif case == "block as a string":
+        _write(out, t, meta | {"config": json.dumps(cfg | {"block": "4"})})
+    elif case == "feature layer out of range":
+        _write(out, t, meta | {"config": json.dumps(cfg | {"feature_layers": [2, 99]})})
+    elif case == "no vocab_ids":
+        _write(out, {k: v for k, v in t.items() if k != "vocab_ids"}, meta)
+    elif case == "empty vocabulary":
+        _write(out, t | {"vocab_ids": torch.zeros(0, dtype=torch.int32)}, meta | {"config": json.dumps(cfg | {"vocab": 0})})
+    elif case == "vocab_ids out of range":
+        _write(out, t | {"vocab_ids": torch.arange(510, 518, dtype=torch.int32)}, meta)
+    elif case == "vocab_ids as floats":
+        _write(out, t | {"vocab_ids": t["vocab_ids"].float()}, meta)
+    elif case == "vocab length differs from config":
+        _write(out, t | {"vocab_ids": torch.arange(10, 14, dtype=torch.int32)}, meta)
+    elif case == "missing tensor":
+        _write(out, {k: v for k, v in t.items() if k != "ctx_norm"}, meta)
+    elif case == "foreign tensor":
+        _write(out, t | {"evil": torch.zeros(3)}, meta)
+    elif case == "wrong shape":
+        _write(out, t | {"fc.weight": t["fc.weight"].T}, meta)
+    elif case == "NaN weights":
+        _write(out, t | {"root_proj": torch.full_like(t["root_proj"], float("nan"))}, meta)
+    elif case == "infinite weights":
+        _write(out, t | {"layers.0.q": torch.full_like(t["layers.0.q"], float("inf"))}, meta)
+    elif case == "int weights":
+        _write(out, t | {"ctx_norm": t["ctx_norm"].to(torch.int32)}, meta)
+    elif case == "damaged n-gram table":
+        _write(out, t | {"extra.smoothing": torch.tensor([0.5, 0.5], dtype=torch.float64)}, meta)
+    elif case == "n-gram counts of another length":
+        _write(out, t | {"extra.uni_counts": torch.zeros(1, dtype=torch.int32)}, meta)
+    else:
+        raise ValueError(case)
+    return out
+
+
+DIFFUSION_CASES = [  # (case, what the one line says)
+    ("garbage", "is not a safetensors file"),
+    ("truncated", "is not a safetensors file"),
+    ("header too large", "header claims 1099511627776 bytes"),
+    ("header past the end", "cut short"),
+    ("no config", "lacks the header entry 'config'"),
+    ("config not JSON", "'config' that is not JSON"),
+    ("config lacks a field", "config header with fields"),
+    ("block as a string", "values of the wrong type"),
+    ("feature layer out of range", "feature_layers [2, 99] (0..4)"),
+    ("no vocab_ids", "lacks the tensor vocab_ids"),
+    ("empty vocabulary", "vocab 0 (1..512)"),
+    ("vocab_ids out of range", "outside the target's vocabulary"),
+    ("vocab_ids as floats", "stores vocab_ids as F32"),
+    ("vocab length differs from config", "vocab_ids of shape [4], not [8]"),
+    ("missing tensor", "lacks the tensor ctx_norm"),
+    ("foreign tensor", "holds tensors this drafter does not have (evil)"),
+    ("wrong shape", "fc.weight of shape [128, 64], not [64, 128]"),
+    ("NaN weights", "NaN or infinite values in root_proj"),
+    ("infinite weights", "NaN or infinite values in layers.0.q"),
+    ("int weights", "stores ctx_norm as I32"),
+    ("damaged n-gram table", "damaged n-gram table (smoothing must be four finite numbers)"),
+    ("n-gram counts of another length", "uni_ids / uni_counts must be integer arrays of one length"),
+]
+
+
+def test_good_diffusion_file_loads(tiny_target, diffusion_file):
+    from specdec.drafters.diffusion.drafter import diffusion_drafter
+
+    drafter = diffusion_drafter(512, target=tiny_target, weights=str(diffusion_file))
+    assert drafter.backend.net.vocab_ids.tolist() == list(range(10, 18))
+
+
+@pytest.mark.parametrize("case, says", DIFFUSION_CASES, ids=[c[0] for c in DIFFUSION_CASES])
+def test_damaged_diffusion_weights_are_refused(tiny_target, diffusion_file, tmp_path, case, says):
+    from specdec.drafters.diffusion.drafter import diffusion_drafter
+
+    path = _damaged_diffusion(diffusion_file, tmp_path / "bad.safetensors", case)
+    with pytest.raises(SpecdecError) as err:
+        diffusion_drafter(512, target=tiny_target, weights=str(path))
+    one_line(err, "bad.safetensors", says)
+
+
+@pytest.mark.parametrize("case", ["missing tensor", "NaN weights", "header too large"])
+def test_damaged_diffusion_weights_through_the_cli(tiny_model_dir, diffusion_file, tmp_path, case):
+    path = _damaged_diffusion(diffusion_file, tmp_path / "bad.safetensors", case)
+    line = run_cli(["generate", "hello", "--model", tiny_model_dir, "--max-new-tokens", "2",
+                    "--drafter", f"diffusion[weights={path}]"], tmp_path / "cache")
+    assert "bad.safetensors" in line and dict(DIFFUSION_CASES)[case] in line
+
+
+def _lexical_file(path: Path, tiny_target, case: str = "good") -> Path:
+    import torch
+
+    from specdec.drafters.lexical import placeholders
+
+    embeds, ids = torch.randn(3, 64), torch.arange(20, 40)
+    placeholders.save(path, embeds, ids, placeholders.target_shape(tiny_target), {"data": "test"})
+    t, meta = _read(path)
+    changes = {
+        "good": (t, meta),
+        "no format": (t, {k: v for k, v in meta.items() if k != "format"}),
+        "no embeds": ({"vocab_ids": ids}, meta),
+        "NaN embeds": (t | {"embeds": torch.full((3, 64), float("nan"))}, meta),
+        "embeds of the wrong width": (t | {"embeds": torch.zeros(3, 65)}, meta),
+        "no placeholders": (t | {"embeds": torch.zeros(0, 64)}, meta),
+        "vocab_ids out of range": (t | {"vocab_ids": torch.tensor([5, 100000])}, meta),
+        "negative vocab_ids": (t | {"vocab_ids": torch.tensor([-1, 5])}, meta),
+        "empty vocabulary": (t | {"vocab_ids": torch.zeros(0, dtype=torch.long)}, meta),
+        "repeated vocab_ids": (t | {"vocab_ids": torch.tensor([5, 5, 6])}, meta),
+        "2-D vocab_ids": (t | {"vocab_ids": ids.view(4, 5)}, meta),
+    }
+    tensors, header = changes[case]
+    return _write(path, tensors, header)
+
+
+LEXICAL_CASES = [
+    ("no format", "is not a lexical drafter file"),
+    ("no embeds", "lacks the tensor embeds"),
+    ("NaN embeds", "NaN or infinite values in embeds"),
+    ("embeds of the wrong width", "embeds of shape [3, 65], not [*, 64]"),
+    ("no placeholders", "has 0 placeholders"),
+    ("vocab_ids out of range", "outside the target's vocabulary 0..511 (5..100000)"),
+    ("negative vocab_ids", "outside the target's vocabulary"),
+    ("empty vocabulary", "has an empty vocab_ids"),
+    ("repeated vocab_ids", "repeats token ids in vocab_ids"),
+    ("2-D vocab_ids", "vocab_ids of shape [4, 5], not [*]"),
+]
+
+
+def test_good_lexical_file_loads(tiny_target, tmp_path):
+    from specdec.drafters.lexical.drafter import lexical_drafter
+
+    drafter = lexical_drafter(512, target=tiny_target, weights=str(_lexical_file(tmp_path / "l.safetensors", tiny_target)))
+    assert drafter.k == 3 and drafter.vocab_ids.tolist() == list(range(20, 40))
+
+
+@pytest.mark.parametrize("case, says", LEXICAL_CASES, ids=[c[0] for c in LEXICAL_CASES])
+def test_damaged_lexical_weights_are_refused(tiny_target, tmp_path, case, says):
+    from specdec.drafters.lexical.drafter import lexical_drafter
+
+    path = _lexical_file(tmp_path / "bad.safetensors", tiny_target, case)
+    with pytest.raises(SpecdecError) as err:
+        lexical_drafter(512, target=tiny_target, weights=str(path))
+    one_line(err, "bad.safetensors", says)
+
+
+def test_damaged_lexical_weights_through_the_cli(tiny_model_dir, tiny_target, tmp_path):
+    path = _lexical_file(tmp_path / "bad.safetensors", tiny_target, "NaN embeds")
+    line = run_cli(["generate", "hello", "--model", tiny_model_dir, "--max-new-tokens", "2",
+                    "--drafter", f"lexical[weights={path}]"], tmp_path / "cache")
+    assert "bad.safetensors" in line and "NaN or infinite" in line
+
+
+def test_damaged_training_checkpoint_is_one_line(tmp_path):
+    import torch
+
+    from specdec.drafters import checkpoint
+
+    p = torch.nn.Parameter(torch.zeros(4, 2))
+    opt = torch.optim.AdamW([p])
+    path = tmp_path / "checkpoint.safetensors"
+    _write(path, {"param.w": torch.zeros(2, 4)}, {"step": "7"})
+    with pytest.raises(SpecdecError) as err:
+        checkpoint.resume({"w": p}, opt, path, log=lambda s: None)
+    one_line(err, "checkpoint.safetensors", "param.w of shape [2, 4], not [4, 2]", "delete it to start over")
+    _write(path, {"param.w": torch.zeros(4, 2)}, {})
+    with pytest.raises(SpecdecError) as err:
+        checkpoint.resume({"w": p}, opt, path, log=lambda s: None)
+    one_line(err, "lacks the header entry 'step'")
+    _write(path, {"param.w": torch.ones(4, 2)}, {"step": "7"})
+    assert checkpoint.resume({"w": p}, opt, path, log=lambda s: None) == 7 and bool((p == 1).all())

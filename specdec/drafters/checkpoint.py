@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from specdec.errors import SpecdecError
+from specdec.drafters.weights_file import FLOATS, WeightsFile
 
 
 def save(params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, step: int, path: Path) -> None:
@@ -29,23 +28,28 @@ def save(params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, step: int,
 
 def resume(params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, path: Path,
            log: Callable[[str], None]) -> int:
-    """Loads `path` into params and opt; returns its step (0 when there is no checkpoint yet)."""
+    """Loads `path` into params and opt; returns its step (0 when there is no checkpoint yet). SpecdecError (one
+    line) for a checkpoint that is damaged or not this drafter's: every tensor's dtype and shape is checked
+    before anything is copied."""
     if not path.is_file():
         return 0
-    with safe_open(str(path), framework="pt") as f:
-        step = int((f.metadata() or {})["step"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for n, p in params.items():
-        got = tensors.get(f"param.{n}")
-        if got is None or got.shape != p.shape:
-            raise SpecdecError(f"checkpoint {path} does not match this drafter ({n}: "
-                               f"{None if got is None else tuple(got.shape)} vs {tuple(p.shape)}): delete it to start over")
+    f = WeightsFile(path, "training checkpoint", "delete it to start over")
+    raw = f.meta("step")
+    if not raw.isdigit():
+        raise f.fail(f"has step {raw!r}, not a whole number")
+    names = [f"param.{n}" for n in params]
+    moments = {n for n in params if f"opt.exp_avg.{n}" in f.names()}
+    names += [f"opt.{key}.{n}" for n in moments for key in ("exp_avg", "exp_avg_sq", "step")]
+    f.expect_names(names)
+    values = {n: f.tensor(f"param.{n}", tuple(p.shape), FLOATS) for n, p in params.items()}
+    state = {n: {"exp_avg": f.tensor(f"opt.exp_avg.{n}", tuple(params[n].shape), FLOATS),
+                 "exp_avg_sq": f.tensor(f"opt.exp_avg_sq.{n}", tuple(params[n].shape), FLOATS),
+                 "step": f.tensor(f"opt.step.{n}", (1,), FLOATS).reshape(())} for n in moments}
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(tensors[f"param.{n}"])
-    for n, p in params.items():
-        if f"opt.exp_avg.{n}" in tensors:
-            opt.state[p] = {"exp_avg": tensors[f"opt.exp_avg.{n}"], "exp_avg_sq": tensors[f"opt.exp_avg_sq.{n}"],
-                            "step": tensors[f"opt.step.{n}"].reshape(())}
+            p.copy_(values[n])
+    for n in moments:
+        opt.state[params[n]] = state[n]
+    step = int(raw)
     log(f"resumed from {path} at step {step}")
     return step

@@ -190,6 +190,7 @@ class NgramLM:
         if missing:
             raise ValueError(f"NgramLM.from_arrays: missing {', '.join(missing)}")
         a = {k: np.asarray(v) for k, v in arrays.items()}
+        _check_table(a)
         s = a["smoothing"].astype(np.float64)
         lm = cls(int(a["vocab_size"][0]), (float(s[0]), float(s[1]), float(s[2])), float(s[3]))
         lm._set_corpus(a["tri_keys"], a["tri_counts"], a["bi_keys"], a["bi_counts"], a["uni_ids"], a["uni_counts"])
@@ -287,6 +288,24 @@ def _count(chunks: list[np.ndarray], max_entries: int) -> tuple[np.ndarray, np.n
         keep = np.sort(np.lexsort((keys, -counts))[:max_entries])
         keys, counts = keys[keep], counts[keep]
     return keys.astype(np.int64), np.minimum(counts, np.iinfo(np.int32).max).astype(np.int32)
+
+
+def _check_table(a: dict[str, np.ndarray]) -> None:
+    """ValueError unless the arrays are a corpus table `to_arrays` could have written: integer keys, ids and
+    non-negative counts of matching 1-D lengths, ids below MAX_ID, one vocabulary size and four finite constants."""
+    for keys, counts in (("tri_keys", "tri_counts"), ("bi_keys", "bi_counts"), ("uni_ids", "uni_counts")):
+        k, c = a[keys], a[counts]
+        if k.ndim != 1 or c.ndim != 1 or len(k) != len(c) or k.dtype.kind != "i" or c.dtype.kind != "i":
+            raise ValueError(f"{keys} / {counts} must be integer arrays of one length")
+        if len(k) and (int(k.min()) < 0 or int(c.min()) < 0):
+            raise ValueError(f"{keys} / {counts} hold negative values")
+    if len(a["uni_ids"]) and int(a["uni_ids"].max()) >= MAX_ID:
+        raise ValueError(f"uni_ids hold ids of {MAX_ID} or more")
+    if a["vocab_size"].shape != (1,) or a["vocab_size"].dtype.kind != "i":
+        raise ValueError("vocab_size must be one integer")
+    s = a["smoothing"]
+    if s.shape != (4,) or s.dtype.kind != "f" or not bool(np.isfinite(s).all()):
+        raise ValueError("smoothing must be four finite numbers")
 
 
 def _check_ids(a: np.ndarray) -> np.ndarray:

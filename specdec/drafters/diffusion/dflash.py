@@ -28,16 +28,17 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from specdec.drafters.base import DraftRow, Needs
 from specdec.drafters.diffusion.backend import Lattice
+from specdec.drafters.weights_file import FLOATS, INTS, WeightsFile
 from specdec.errors import SpecdecError
 from specdec.verifiers.lean_model import activate, apply_rope, read_arch, rms_norm
 
 FORMAT = "specdec-dflash-2"  # 2: the root input also carries the last context feature (root_proj)
+MAX_BLOCK = 256  # mask positions a weights file may declare
 
 
 @dataclass(frozen=True)
@@ -207,31 +208,54 @@ def save(net: BlockDrafter, path: str | Path, extra: dict[str, torch.Tensor] | N
 
 
 def load_weights(path: str | Path, target: PreTrainedModel) -> tuple[BlockDrafter, dict[str, torch.Tensor], dict]:
-    """(network, extra arrays, header) from a file `save` wrote; SpecdecError if it is not one, or if it was
-    trained for another target shape."""
-    p = Path(path)
-    if not p.is_file():
-        raise SpecdecError(f"diffusion drafter weights {p} not found: train them with `specdec train diffusion`")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
-        raise SpecdecError(f"{p} is not a safetensors file ({err}): retrain with `specdec train diffusion`") from None
-    if header.get("format") != FORMAT:
-        raise SpecdecError(f"{p} is not a specdec diffusion drafter (format {header.get('format')!r})")
-    raw = json.loads(header["config"])
-    cfg = DFlashConfig(**(raw | {"feature_layers": tuple(raw["feature_layers"])}))
+    """(network, extra arrays, header) from a file `save` wrote; SpecdecError (one line) if it is not one, if it
+    was trained for another target shape, or if any tensor is missing, foreign, of the wrong dtype or shape, or
+    not finite. The header and the head vocabulary are checked before the network is built, every tensor's
+    dtype and shape before its data is read."""
+    f = WeightsFile(path, "diffusion drafter weights", "train them with `specdec train diffusion`")
+    if f.metadata.get("format") != FORMAT:
+        raise f.fail(f"is not a specdec diffusion drafter (format {f.metadata.get('format')!r}, expected {FORMAT})")
+    cfg = _checked_config(f, target)
+    vocab_ids = f.token_ids("vocab_ids", int(target.config.vocab_size), cfg.vocab)
+    net = BlockDrafter(target, cfg, vocab_ids)
+    shapes = {name: tuple(p.shape) for name, p in net.named_parameters()}
+    f.expect_names([*shapes, "vocab_ids"], optional_prefix="extra.")
+    state = {name: f.tensor(name, shape, FLOATS).float() for name, shape in shapes.items()}
+    extra = {n[len("extra."):]: f.tensor(n, None, ("F64", "F32") + INTS) for n in sorted(f.names()) if n.startswith("extra.")}
+    net.load_state_dict(state, strict=False)
+    return net.eval(), extra, dict(f.metadata)
+
+
+def _checked_config(f: WeightsFile, target: PreTrainedModel) -> DFlashConfig:
+    """The header's `config`: every field present with its type, and in range for `target`."""
+    raw = f.meta_json("config")
+    fields = DFlashConfig.__dataclass_fields__
+    if not isinstance(raw, dict) or set(raw) != set(fields):
+        got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise f.fail(f"has a config header with fields {got}, not {sorted(fields)}")
+    ints = [k for k in fields if k not in ("target", "feature_layers")]
+    layers = raw["feature_layers"]
+    if (not isinstance(raw["target"], str) or any(not _is_int(raw[k]) for k in ints)
+            or not isinstance(layers, list) or not layers or not all(_is_int(x) for x in layers)):
+        raise f.fail("has a config header with values of the wrong type")
+    cfg = DFlashConfig(**(raw | {"feature_layers": tuple(layers)}))
     if cfg.shape_key() != target_shape(target):
-        raise SpecdecError(f"{p} was trained for a {cfg.shape_key()} target, not this {target_shape(target)} "
+        raise SpecdecError(f"{f.path} was trained for a {cfg.shape_key()} target, not this {target_shape(target)} "
                            "one: train a drafter for this model with `specdec train diffusion`")
-    net = BlockDrafter(target, cfg, tensors.pop("vocab_ids").long())
-    extra = {k[len("extra."):]: tensors.pop(k) for k in list(tensors) if k.startswith("extra.")}
-    missing = net.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
-    if missing.missing_keys or missing.unexpected_keys:
-        raise SpecdecError(f"{p}: tensors do not match the drafter ({missing.missing_keys[:2]} "
-                           f"{missing.unexpected_keys[:2]}): retrain it")
-    return net.eval(), extra, header
+    n = cfg.target_layers
+    problems = [what for what, bad in (
+        (f"num_layers {cfg.num_layers} (1..{n})", not 1 <= cfg.num_layers <= n),
+        (f"feature_layers {list(cfg.feature_layers)} (0..{n})", not all(0 <= x <= n for x in cfg.feature_layers)),
+        (f"block {cfg.block} (1..{MAX_BLOCK})", not 1 <= cfg.block <= MAX_BLOCK),
+        (f"vocab {cfg.vocab} (1..{target.config.vocab_size})", not 1 <= cfg.vocab <= target.config.vocab_size),
+    ) if bad]
+    if problems:
+        raise f.fail(f"has a config header out of range: {', '.join(problems)}")
+    return cfg
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 # ---- the backend the drafter runs ----------------------------------------------------------------------------

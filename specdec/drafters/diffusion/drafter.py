@@ -171,7 +171,11 @@ def diffusion_drafter(vocab_size: int, tree=None, *, target=None, weights: str |
         block = net.cfg.block  # the preset's k range, cut to what this file was trained for
         adl_cfg = replace(adl_cfg, k_max=block, k_min=min(adl_cfg.k_min, block))
         config = replace(config, adl_config=adl_cfg)
-    ngram = NgramLM.from_arrays({k: v.numpy() for k, v in extra.items()}) if extra else NgramLM()
+    try:
+        ngram = NgramLM.from_arrays({k: v.numpy() for k, v in extra.items()}) if extra else NgramLM()
+    except ValueError as err:
+        raise SpecdecError(f"diffusion drafter weights {path} hold a damaged n-gram table ({err}): train them "
+                           "with `specdec train diffusion`") from None
     eos = target.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     return DiffusionDrafter(dflash.DFlashBackend(net, eos, vocab_size), ngram, config)

@@ -20,13 +20,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from specdec.drafters.weights_file import FLOATS, WeightsFile
 from specdec.errors import SpecdecError
 from specdec.verifiers.lean_model import LeanModel, attend, rms_norm
 
 FORMAT = "specdec-lexical-1"
+MAX_PLACEHOLDERS = 64  # k: each group adds k auxiliary nodes to a verify
 
 
 def target_shape(model) -> str:
@@ -44,24 +45,21 @@ def save(path: str | Path, embeds: torch.Tensor, vocab_ids: torch.Tensor, target
 
 
 def load(path: str | Path, model) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeds [k, H] float32, vocab_ids [V'] int64) of a `specdec train lexical` file made for `model`'s shape."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecdecError(f"lexical drafter weights {path} not found: train them with `specdec train lexical` "
-                           "or give drafter_options {weights: FILE}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise SpecdecError(f"{path} is not a lexical drafter file (format {meta.get('format')!r}, expected {FORMAT})")
-        if meta.get("target") != target_shape(model):
-            raise SpecdecError(f"{path} was trained for a {meta.get('target')} target, not {target_shape(model)}: "
-                               "retrain it with `specdec train lexical --model ...`")
-        embeds, vocab_ids = f.get_tensor("embeds"), f.get_tensor("vocab_ids")
-    if embeds.ndim != 2 or embeds.shape[1] != model.config.hidden_size or vocab_ids.ndim != 1:
-        raise SpecdecError(f"{path}: tensors of the wrong shape {tuple(embeds.shape)}, {tuple(vocab_ids.shape)}")
-    if int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= model.config.vocab_size:
-        raise SpecdecError(f"{path}: head token ids outside the target's vocabulary")
-    return embeds, vocab_ids
+    """(embeds [k, H] float32, vocab_ids [V'] int64) of a `specdec train lexical` file made for `model`'s shape;
+    SpecdecError (one line) for anything else: another format or target, missing or foreign tensors, wrong
+    dtypes or shapes, ids outside the vocabulary, NaN or infinite values (each checked before data is read)."""
+    f = WeightsFile(path, "lexical drafter weights", "train them with `specdec train lexical` or give "
+                    "drafter_options {weights: FILE}")
+    if f.metadata.get("format") != FORMAT:
+        raise f.fail(f"is not a lexical drafter file (format {f.metadata.get('format')!r}, expected {FORMAT})")
+    if f.metadata.get("target") != target_shape(model):
+        raise SpecdecError(f"{f.path} was trained for a {f.metadata.get('target')} target, not "
+                           f"{target_shape(model)}: retrain it with `specdec train lexical --model ...`")
+    f.expect_names(["embeds", "vocab_ids"])
+    embeds = f.tensor("embeds", (None, model.config.hidden_size), FLOATS).float()
+    if not 1 <= embeds.shape[0] <= MAX_PLACEHOLDERS:
+        raise f.fail(f"has {embeds.shape[0]} placeholders (1..{MAX_PLACEHOLDERS})")
+    return embeds, f.token_ids("vocab_ids", int(model.config.vocab_size))
 
 
 def group_states(lean: LeanModel, seq: torch.Tensor, anchors: torch.Tensor, embeds: torch.Tensor,
