@@ -23,8 +23,9 @@ four consecutive inputs of a row side by side: codes [N / 16, K / 4, 16, 4]. For
 (32 bytes, one register) `vpmaddubsw` multiplies unsigned codes by the row's four broadcast activation codes
 and adds pairs (at most 2 x 63 x 127: no saturation), and `vpmaddwd` with ones adds the pairs into 8 int32 lanes,
 one per output row: 32 multiply-adds in two instructions, accumulated across the group, then - z * sum(xq)
-gives iv. Signed Q8_0 codes go through |q| and sign(xq, q) (`vpsignb`; at most 2 x 128 x 127). A pass keeps
-up to MAX_ROWS = 6 input rows x 2 registers of int32 sums in registers.
+gives iv; for unsigned codes the pairs of `flush` quads are first added in int16 (no sum can overflow), so one
+`vpmaddwd` serves up to 8 quads. Signed Q8_0 codes go through |q| and sign(xq, q) (`vpsignb`; at most
+2 x 128 x 127: one quad a `vpmaddwd`). A pass serves up to MAX_ROWS = 4 input rows x 2 registers of sums.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from specdec.verifiers.quant import QuantWeight, _rows
 
 TILE = 16  # output rows per tile: two registers of 8 int32 lanes
 XBLOCK = 32  # activation values per int8 block (one fp32 scale each)
-MAX_ROWS = 6  # input rows a pass keeps in registers
+MAX_ROWS = 4  # input rows a pass keeps in registers (6 spilled the int16 sums: 16 rows of Q4_K 0.97 ms, not 0.81)
 ZERO_POINT = {"Q8_0": 0, "Q5_0": 16, "Q6_K": 32, "Q4_K": 0}
+MAX_CODE = {"Q8_0": 128, "Q5_0": 31, "Q6_K": 63, "Q4_K": 15}  # largest |code| stored (unsigned: u = q + z)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Q8Weight:
     group: int
     zero: int  # z: u - z is the GGUF code (unsigned codes)
     signed: bool  # codes are int8 as they are (Q8_0), z = 0
+    flush: int  # input quads whose vpmaddubsw pairs are summed in int16 (2 x max|u| x 127 x flush <= 32767)
     rows: int  # N, the real output rows
     file_bytes: int
 
@@ -94,7 +97,17 @@ def from_quant(w: QuantWeight) -> Q8Weight:
     codes = np.ascontiguousarray(codes.reshape(tiles, TILE, k // 4, 4).transpose(0, 2, 1, 3))
     tiled = lambda a: np.ascontiguousarray(a.reshape(tiles, TILE, -1).transpose(0, 2, 1))  # noqa: E731
     return Q8Weight(w.kind, codes, tiled(scale), None if offset is None else tiled(offset), w.group, zero, signed,
-                    rows, w.file_bytes)
+                    _flush(signed, max(MAX_CODE[k] for k in kinds), w.group), rows, w.file_bytes)
+
+
+def _flush(signed: bool, top: int, group: int) -> int:
+    """The most input quads (a power of two dividing the group's) whose int16 pair sums cannot overflow."""
+    if signed:
+        return 1  # |q| up to 128: one vpmaddubsw pair sum reaches 32512
+    flush = 1
+    while flush * 2 <= group // 4 and 2 * top * 127 * flush * 2 <= 32767:
+        flush *= 2
+    return flush
 
 
 def as_q8(quant: dict) -> dict:
@@ -119,7 +132,7 @@ def stacked(weights: list[Q8Weight]) -> Q8Weight | None:
     return Q8Weight("+".join(sorted({w.kind for w in weights})), np.concatenate([w.codes for w in weights]),
                     np.concatenate([w.scale for w in weights]),
                     None if first.offset is None else np.concatenate([w.offset for w in weights]),
-                    first.group, first.zero, first.signed, sum(w.rows for w in weights),
+                    first.group, first.zero, first.signed, min(w.flush for w in weights), sum(w.rows for w in weights),
                     sum(w.file_bytes for w in weights))
 
 
@@ -195,13 +208,14 @@ def _microkernel(rows: int):
     """A numba intrinsic: out[r0: r0 + rows, tile t's 16 outputs] for `rows` input rows (module docstring)."""
 
     @intrinsic
-    def kernel(typingctx, xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0):
-        sig = types.void(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0)
+    def kernel(typingctx, xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0):
+        sig = types.void(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0)
 
         def codegen(context, builder, sig, args):
             xa, da, sa, ca, sca, oa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(6))
-            outa = context.make_array(sig.args[10])(context, builder, args[10])
-            is_signed, has_off, zero_, group_, tile, row0 = args[6], args[7], args[8], args[9], args[11], args[12]
+            outa = context.make_array(sig.args[11])(context, builder, args[11])
+            is_signed, has_off, zero_, group_, flush_ = args[6], args[7], args[8], args[9], args[10]
+            tile, row0 = args[12], args[13]
             const = lambda v: ir.Constant(_I64, v)  # noqa: E731
             module = builder.module
             maddubs = cgutils.get_or_insert_function(module, ir.FunctionType(_I16x16, [_I8x32, _I8x32]),
@@ -228,25 +242,33 @@ def _microkernel(rows: int):
                 builder.store(ir.Constant(_F32x8, [0.0] * 8), a)
             zero32 = builder.trunc(zero_, _I32)
 
-            def body(signed_codes: bool, with_offset: bool) -> None:
+            def body(signed_codes: bool, with_offset: bool, flush: int) -> None:
+                """The loops for one kind of codes; `flush` quads' vpmaddubsw pairs are added in int16 before
+                one vpmaddwd turns them into int32 (`Q8Weight.flush`: no int16 sum can overflow)."""
                 with cgutils.for_range(builder, groups) as b:
                     for a in (a for row in acc for a in row):
                         builder.store(ir.Constant(_I32x8, [0] * 8), a)
                     first_quad = builder.mul(b.index, quads)
-                    with cgutils.for_range(builder, quads) as j:
-                        kq = builder.add(first_quad, j.index)  # input quad: inputs 4 kq .. 4 kq + 3
-                        w = [_at(builder, tile_codes, builder.add(builder.mul(kq, const(4 * TILE)), const(32 * v)),
-                                 _I8x32, 1) for v in range(_VECTORS)]
-                        wa = [builder.call(vabs, [wv, ir.Constant(ir.IntType(1), 0)]) for wv in w] \
-                            if signed_codes else w
+                    with cgutils.for_range(builder, builder.sdiv(quads, const(flush))) as j:
+                        pairs: list[list] = [[None] * _VECTORS for _ in range(rows)]
+                        for f in range(flush):
+                            kq = builder.add(first_quad, builder.add(builder.mul(j.index, const(flush)), const(f)))
+                            w = [_at(builder, tile_codes, builder.add(builder.mul(kq, const(4 * TILE)),
+                                                                      const(32 * v)), _I8x32, 1)
+                                 for v in range(_VECTORS)]
+                            wa = [builder.call(vabs, [wv, ir.Constant(ir.IntType(1), 0)]) for wv in w] \
+                                if signed_codes else w
+                            for r in range(rows):
+                                x4 = _at(builder, xa.data, builder.add(rowk[r], builder.mul(kq, const(4))), _I32, 1)
+                                xb = builder.bitcast(_splat(builder, x4, _I32x8), _I8x32)
+                                for v in range(_VECTORS):
+                                    xs = builder.call(psign, [xb, w[v]]) if signed_codes else xb
+                                    pair = builder.call(maddubs, [wa[v], xs])
+                                    pairs[r][v] = pair if f == 0 else builder.add(pairs[r][v], pair)
                         for r in range(rows):
-                            x4 = _at(builder, xa.data, builder.add(rowk[r], builder.mul(kq, const(4))), _I32, 1)
-                            xb = builder.bitcast(_splat(builder, x4, _I32x8), _I8x32)
                             for v in range(_VECTORS):
-                                xs = builder.call(psign, [xb, w[v]]) if signed_codes else xb
-                                pair = builder.call(maddubs, [wa[v], xs])
-                                builder.store(builder.add(builder.load(acc[r][v]), builder.call(maddwd, [pair, ones])),
-                                              acc[r][v])
+                                builder.store(builder.add(builder.load(acc[r][v]),
+                                                          builder.call(maddwd, [pairs[r][v], ones])), acc[r][v])
                     at = builder.mul(b.index, const(TILE))
                     s = [_at(builder, scales, builder.add(at, const(8 * v)), _F32x8, 4) for v in range(_VECTORS)]
                     o = [_at(builder, offsets, builder.add(at, const(8 * v)), _F32x8, 4) for v in range(_VECTORS)
@@ -268,16 +290,22 @@ def _microkernel(rows: int):
                                 yv = builder.fsub(yv, builder.fmul(builder.fmul(o[v], dv), fsum))
                             builder.store(yv, y[r][v])
 
-            nonzero = lambda v: builder.icmp_unsigned("!=", v, ir.Constant(v.type, 0))  # noqa: E731
-            with builder.if_else(nonzero(is_signed)) as (yes, no):
-                with yes:
-                    body(True, False)
-                with no:
-                    with builder.if_else(nonzero(has_off)) as (off, plain):
-                        with off:
-                            body(False, True)
-                        with plain:
-                            body(False, False)
+            def choose(variants: list[tuple[bool, bool, int]]) -> None:
+                """Branch to the body of the first variant whose (signed, has_offset, flush) the call has."""
+                sig_, off_, fl_ = variants[0]
+                match = builder.and_(builder.icmp_unsigned("==", builder.zext(is_signed, _I64), const(int(sig_))),
+                                     builder.icmp_unsigned("==", builder.zext(has_off, _I64), const(int(off_))))
+                match = builder.and_(match, builder.icmp_signed("==", flush_, const(fl_)))
+                if len(variants) == 1:
+                    body(sig_, off_, fl_)  # the caller checked that the call is one of the variants
+                    return
+                with builder.if_else(match) as (yes, no):
+                    with yes:
+                        body(sig_, off_, fl_)
+                    with no:
+                        choose(variants[1:])
+
+            choose(VARIANTS)
             col = builder.mul(tile, const(TILE))
             for r in range(rows):
                 dst = builder.gep(outa.data, [builder.add(builder.mul(builder.add(row0, const(r)), n_pad), col)])
@@ -291,27 +319,24 @@ def _microkernel(rows: int):
     return kernel
 
 
-_k1, _k2, _k3, _k4, _k5, _k6 = (_microkernel(r) for r in range(1, MAX_ROWS + 1))
+VARIANTS = [(True, False, 1), (False, True, 8), (False, False, 4), (False, False, 2)]  # Q8_0, Q4_K, Q5_0, Q6_K
+_k1, _k2, _k3, _k4 = (_microkernel(r) for r in range(1, MAX_ROWS + 1))
 
 
 @numba.njit(cache=True)
-def _pass(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0, n):
-    if n == 6:
-        _k6(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0)
-    elif n == 5:
-        _k5(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0)
-    elif n == 4:
-        _k4(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0)
+def _pass(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0, n):
+    if n == 4:
+        _k4(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0)
     elif n == 3:
-        _k3(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0)
+        _k3(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0)
     elif n == 2:
-        _k2(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0)
+        _k2(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0)
     else:
-        _k1(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0)
+        _k1(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0)
 
 
 @numba.njit(cache=True)
-def _tiles(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, lo, hi):
+def _tiles(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, lo, hi):
     """Tiles lo..hi-1 on the calling thread: per tile, ceil(M / MAX_ROWS) passes of near-equal row counts."""
     m = xq.shape[0]
     passes = (m + MAX_ROWS - 1) // MAX_ROWS
@@ -319,16 +344,16 @@ def _tiles(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, o
         r0 = 0
         for p in range(passes):
             n = (m - r0) // (passes - p)
-            _pass(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, t, r0, n)
+            _pass(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0, n)
             r0 += n
 
 
 @numba.njit(cache=True, parallel=True)
-def _matmul(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, chunk):
+def _matmul(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, chunk):
     """The tiles in chunks of `chunk`, shared among numba's threads."""
     tiles = codes.shape[0]
     for c in numba.prange((tiles + chunk - 1) // chunk):
-        _tiles(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, out, c * chunk,
+        _tiles(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, c * chunk,
                min(tiles, (c + 1) * chunk))
 
 
@@ -346,7 +371,10 @@ def q8_matmul(x: np.ndarray, w: Q8Weight) -> np.ndarray:
     xq, d, sums = quantize_rows(x, w.group)
     out = np.empty((m, w.padded_rows), dtype=np.float32)
     offset = w.offset if w.offset is not None else w.scale  # unused without offsets
-    args = (xq, d, sums, w.codes, w.scale, offset, w.signed, w.offset is not None, w.zero, w.group, out)
+    if (w.signed, w.offset is not None, w.flush) not in VARIANTS:
+        raise ValueError(f"q8_matmul: no kernel for signed={w.signed}, offsets={w.offset is not None}, "
+                         f"flush={w.flush}")
+    args = (xq, d, sums, w.codes, w.scale, offset, w.signed, w.offset is not None, w.zero, w.group, w.flush, out)
     tiles = w.codes.shape[0]
     if m * w.codes.size < SERIAL_WORK or tiles <= CHUNK:
         _tiles(*args, 0, tiles)
