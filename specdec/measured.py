@@ -16,6 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 
 def load_average() -> float:
@@ -77,13 +78,44 @@ def save_json(path: Path, record: dict) -> bool:
         return False
 
 
-def load_json(path: Path | None) -> dict | None:
-    """A cached record, or None when it is missing or damaged (not JSON, null, not a mapping, unreadable):
-    every cache treats None as 'measure again'."""
+MAX_RECORD_BYTES = 16 * 2**20  # a cached record is a few KB
+
+
+def load_json(path: Path | None, check: Callable[[dict], object] | None = None,
+              log: Callable[[str], None] | None = None) -> dict | None:
+    """A cached record, or None when it is missing or damaged: every cache treats None as 'measure again'.
+
+    Damaged: not JSON, not a mapping, too large, or refused by `check` (which raises ValueError, KeyError or
+    TypeError for a record of the wrong shape or values). A damaged file is set aside as `<name>.bad` (kept to
+    look at, never read again) with a one-line notice through `log`."""
     if path is None:
         return None
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
+        size = path.stat().st_size
+        raw = path.read_bytes() if size <= MAX_RECORD_BYTES else b""
+    except OSError:  # missing or unreadable: nothing to set aside
         return None
-    return record if isinstance(record, dict) else None
+    try:
+        if size > MAX_RECORD_BYTES:
+            raise ValueError(f"{size} bytes, more than a record's {MAX_RECORD_BYTES}")
+        record = json.loads(raw)
+        if not isinstance(record, dict):
+            raise TypeError(f"a JSON {type(record).__name__}, not a mapping")
+        if check is not None:
+            check(record)
+        return record
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        bad = path.with_name(path.name + ".bad")
+        try:
+            path.replace(bad)
+            where = f"set aside as {bad.name}"
+        except OSError:
+            where = "left in place"
+        if log is not None:
+            log(f"the cached record {path} is damaged ({_first_line(err)}): {where}, measuring again")
+        return None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

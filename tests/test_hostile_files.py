@@ -404,3 +404,180 @@ def test_damaged_training_checkpoint_is_one_line(tmp_path):
     one_line(err, "lacks the header entry 'step'")
     _write(path, {"param.w": torch.ones(4, 2)}, {"step": "7"})
     assert checkpoint.resume({"w": p}, opt, path, log=lambda s: None) == 7 and bool((p == 1).all())
+
+
+# ------------------------------------------------------------------------------------------- damaged caches
+
+GOOD_CURVE = {"sizes": [1, 2, 4], "seconds": [0.01, 0.012, 0.02]}
+DAMAGED_CURVES = [
+    ("sizes as strings", GOOD_CURVE | {"sizes": ["1", "2", "4"]}),
+    ("seconds as a string", GOOD_CURVE | {"seconds": "0.01"}),
+    ("empty lists", {"sizes": [], "seconds": []}),
+    ("lengths differ", GOOD_CURVE | {"seconds": [0.01, 0.02]}),
+    ("duplicate sizes", {"sizes": [1, 2, 2], "seconds": [0.01, 0.02, 0.03]}),
+    ("unsorted sizes", {"sizes": [4, 2, 1], "seconds": [0.01, 0.02, 0.03]}),
+    ("size zero", {"sizes": [0, 2], "seconds": [0.01, 0.02]}),
+    ("boolean size", {"sizes": [True, 2], "seconds": [0.01, 0.02]}),
+    ("all-zero times", GOOD_CURVE | {"seconds": [0, 0, 0]}),
+    ("negative time", GOOD_CURVE | {"seconds": [0.01, -1, 0.02]}),
+    ("NaN time", GOOD_CURVE | {"seconds": [0.01, float("nan"), 0.02]}),
+    ("no seconds", {"sizes": [1, 2, 4]}),
+]
+
+
+@pytest.mark.parametrize("name, record", DAMAGED_CURVES, ids=[c[0] for c in DAMAGED_CURVES])
+def test_damaged_latency_curves_are_refused_by_from_json(name, record):
+    from specdec.trees.sizing import LatencyCurve
+
+    assert LatencyCurve.from_json(GOOD_CURVE)(3) == pytest.approx(0.016)
+    with pytest.raises((ValueError, KeyError)):
+        LatencyCurve.from_json(json.loads(json.dumps(record)))
+
+
+@pytest.fixture(scope="module")
+def tiny_verifier():
+    from conftest import make_tiny_model
+
+    from specdec.verifiers.lean import LeanVerifier
+
+    return LeanVerifier(make_tiny_model("llama"), gemm="linear")
+
+
+@pytest.mark.parametrize("text", [json.dumps(DAMAGED_CURVES[0][1]), json.dumps(DAMAGED_CURVES[8][1]), "[1, 2]",
+                                  '{"sizes": [1, 2', "\xff\xfe not UTF-8"])
+def test_damaged_latency_record_is_set_aside_and_measured_again(tiny_verifier, tmp_path, text):
+    from specdec.trees.sizing import cached_curve
+
+    (tmp_path / "latency").mkdir()
+    record = tmp_path / "latency" / "k.json"
+    record.write_text(text, encoding="latin-1")
+    lines: list[str] = []
+    curve = cached_curve(tiny_verifier, "k", tmp_path, log=lines.append)
+    assert curve.sizes[0] == 1 and all(t > 0 for t in curve.seconds)
+    assert (tmp_path / "latency" / "k.json.bad").read_text(encoding="latin-1") == text  # kept to look at
+    assert json.loads(record.read_text())["sizes"] == list(curve.sizes)  # the new measurement replaced it
+    notices = [x for x in lines if "damaged" in x]
+    assert len(notices) == 1 and "set aside as k.json.bad" in notices[0] and "\n" not in notices[0]
+    lines.clear()
+    assert cached_curve(tiny_verifier, "k", tmp_path, log=lines.append) == curve and not lines  # read back, quiet
+
+
+def test_self_drafter_calibration_record_is_validated(tmp_path):
+    from specdec.drafters.self_spec import _check_record
+    from specdec.measured import load_json
+
+    for bad in ({"skip": [1, 1], "k": 2}, {"skip": [9], "k": 2}, {"skip": [0, 1, 2, 3], "k": 2},
+                {"skip": ["1"], "k": 2}, {"skip": [1], "k": 0}, {"skip": [1], "k": "4"}, {"k": 2}):
+        path = tmp_path / "self.json"
+        path.write_text(json.dumps(bad))
+        lines: list[str] = []
+        assert load_json(path, check=lambda r: _check_record(r, 4, 8), log=lines.append) is None, bad
+        assert (tmp_path / "self.json.bad").is_file() and not path.exists() and len(lines) == 1
+    path.write_text(json.dumps({"skip": [1, 2], "k": 3}))
+    assert load_json(path, check=lambda r: _check_record(r, 4, 8))["skip"] == [1, 2]
+
+
+def test_oversized_cache_record_is_not_read(tmp_path):
+    from specdec.measured import MAX_RECORD_BYTES, load_json
+
+    path = tmp_path / "big.json"
+    with path.open("wb") as f:
+        f.truncate(MAX_RECORD_BYTES + 1)  # sparse: no disk used
+    lines: list[str] = []
+    assert load_json(path, log=lines.append) is None and len(lines) == 1 and "more than" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------- chat templates
+
+GEMMA_LIKE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set prefix = '' -%}{%- set loop_messages = messages -%}"
+    "{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (prefix if loop.first else '') }}{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")
+QWEN_LIKE = (
+    "{%- set ns = namespace(n=0) -%}{%- for m in messages -%}{%- set ns.n = ns.n + 1 -%}"
+    "<|im_start|>{{ m.role }}\n{% generation %}{{ m.content }}{% endgeneration %}<|im_end|>\n{%- endfor -%}"
+    "{{ ns.n ~ (tools | tojson) ~ (dict(a=1) | tojson) }}{%- if add_generation_prompt -%}<|im_start|>assistant\n"
+    "{%- endif -%}")
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "  The quick fox  "},
+        {"role": "assistant", "content": "jumps"}, {"role": "user", "content": "over the lazy dog"}]
+
+
+def _chat_tokenizer(template: str):
+    from conftest import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    tok.chat_template = template
+    return tok
+
+
+@pytest.mark.parametrize("template", [GEMMA_LIKE, QWEN_LIKE], ids=["gemma-like", "qwen-like"])
+def test_bounded_rendering_gives_transformers_ids(template):
+    from specdec.text import encode_prompt
+
+    tok = _chat_tokenizer(template)
+    for chat in (CHAT, CHAT[1:2]):
+        theirs = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert encode_prompt(tok, chat) == list(theirs)
+    assert encode_prompt(tok, "hello") == list(tok.apply_chat_template(
+        [{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+HOSTILE_TEMPLATES = [  # (id, template, what the line says)
+    ("nested range loops", "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+     "output passed"),
+    ("silent nested loops", "{% set a = range(100000) | list %}{% for i in a %}{% for j in a %}{% endfor %}"
+     "{% endfor %}", "ran longer than"),
+    ("string repeated 10**9 times", "{{ 'x' * 10**9 }}", "repeated a value 1,000,000,000 times"),
+    ("huge power", "{{ 7 ** 99999999 }}", "raised a number to the power 99,999,999"),
+    ("doubling with ~", "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+     "{% endfor %}{{ ns.s }}", "built a value of"),
+    ("doubling with +", "{% set ns = namespace(s=['x']) %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}"
+     "{% endfor %}{{ ns.s | length }}", "built a value of"),
+    ("center(10**9)", "{{ 'x' | center(10**9) }}", "asked for a size of 1,000,000,000"),
+    ("ljust(10**9)", "{{ 'x'.ljust(10**9) }}", "asked for a size of 1,000,000,000"),
+    ("endless recursion", "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
+    ("class walking", "{{ ''.__class__.__mro__[1].__subclasses__() }}", "SecurityError"),
+    ("globals of a function", "{{ raise_exception.__globals__['os'] }}", "SecurityError"),
+    ("underscore namespace", "{% set ns = namespace(_x=1) %}", "SecurityError"),
+    ("syntax error", "{% for %}", "TemplateSyntaxError"),
+    ("undefined variable", "{{ nothing.here }}", "UndefinedError"),
+    ("raise_exception", "{{ raise_exception('no system role here') }}", "TemplateError: no system role here"),
+    ("division by zero", "{{ 1 // 0 }}", "ZeroDivisionError"),
+]
+
+
+@pytest.mark.parametrize("name, template, says", HOSTILE_TEMPLATES, ids=[c[0] for c in HOSTILE_TEMPLATES])
+def test_hostile_chat_templates_end_in_one_line(name, template, says):
+    from specdec.text import encode_prompt
+
+    tok = _chat_tokenizer(template)
+    t0 = time.perf_counter()
+    with pytest.raises(SpecdecError) as err:
+        encode_prompt(tok, "hello")
+    assert time.perf_counter() - t0 < 5.0
+    one_line(err, "the model's chat template failed: ", says, "; use --raw to skip it")
+
+
+def test_roles_not_alternating_is_the_templates_own_message():
+    from specdec.text import encode_prompt
+
+    with pytest.raises(SpecdecError) as err:
+        encode_prompt(_chat_tokenizer(GEMMA_LIKE), [{"role": "assistant", "content": "hi"}])
+    one_line(err, "Conversation roles must alternate", "--raw")
+
+
+def test_looping_chat_template_through_the_cli(tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "looping"
+    shutil.copytree(tiny_model_dir, folder)
+    _chat_tokenizer(HOSTILE_TEMPLATES[0][1]).save_pretrained(folder)
+    t0 = time.perf_counter()
+    line = run_cli(["generate", "hello", "--model", folder, "--max-new-tokens", "2"], tmp_path / "cache")
+    assert time.perf_counter() - t0 < 30
+    assert "the model's chat template failed" in line and "--raw" in line

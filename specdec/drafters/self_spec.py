@@ -240,7 +240,7 @@ def cached_calibration(model: PreTrainedModel, lean: LeanModel, prompts: list[li
     inputs_hash = hashlib.sha256(data.encode()).hexdigest()[:12]
     signature = f"self|{model_fingerprint(model)}|{inputs_hash}|{json.dumps(asdict(settings), sort_keys=True)}"
     path = cache_dir / "self_spec" / f"{gemm_plan.cache_key(signature)}.json"
-    record = load_json(path)
+    record = load_json(path, check=lambda r: _check_record(r, len(lean.layers), settings.k_max), log=log)
     if record is not None and (not record.get("provisional") or overloaded()):
         return record  # a record timed under load is measured again once the machine is calmer
     log(f"self: calibrating the layer-skip set on {len(prompts)} prompts (one time, cached)...")
@@ -250,6 +250,16 @@ def cached_calibration(model: PreTrainedModel, lean: LeanModel, prompts: list[li
     record = calibrate(lean, prompts, settings, how, log)
     save_json(path, record)
     return record
+
+
+def _check_record(record: dict, layers: int, k_max: int) -> None:
+    """ValueError unless a cached calibration names distinct layers in 0..layers-1 leaving one, and k in 1..k_max."""
+    skip, k = record["skip"], record["k"]
+    if (not isinstance(skip, list) or any(type(i) is not int or not 0 <= i < layers for i in skip)
+            or len(set(skip)) != len(skip) or len(skip) >= layers):
+        raise ValueError(f"skip must list distinct layers in 0..{layers - 1} leaving one, got {skip!r}")
+    if type(k) is not int or not 1 <= k <= k_max:
+        raise ValueError(f"k must be a whole number in 1..{k_max}, got {k!r}")
 
 
 # ------------------------------------------------------------------------------------------------------

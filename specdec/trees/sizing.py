@@ -74,7 +74,16 @@ class LatencyCurve:
 
     @staticmethod
     def from_json(d: dict) -> "LatencyCurve":
-        return LatencyCurve(tuple(d["sizes"]), tuple(d["seconds"]))
+        """The curve of a cached record; ValueError unless sizes are whole numbers >= 1, strictly increasing,
+        and seconds as many finite positive numbers (a damaged record is measured again, never used)."""
+        sizes, seconds = d["sizes"], d["seconds"]
+        if not isinstance(sizes, list) or not isinstance(seconds, list) or not sizes or len(sizes) != len(seconds):
+            raise ValueError("sizes and seconds must be two non-empty lists of one length")
+        if any(type(n) is not int or n < 1 for n in sizes) or any(b <= a for a, b in zip(sizes, sizes[1:])):
+            raise ValueError(f"sizes must be increasing whole numbers >= 1, got {sizes[:12]}")
+        if any(type(t) not in (int, float) or not math.isfinite(t) or t <= 0 for t in seconds):
+            raise ValueError(f"seconds must be finite positive numbers, got {seconds[:12]}")
+        return LatencyCurve(tuple(sizes), tuple(float(t) for t in seconds))
 
 
 @lru_cache(maxsize=1)
@@ -149,14 +158,9 @@ def cached_curve(verifier, key: str, cache_dir: Path | None, log: Callable[[str]
     next time the machine is calmer.
     """
     path = None if cache_dir is None else Path(cache_dir) / "latency" / f"{key}.json"
-    data = load_json(path)
-    if data is not None:
-        try:
-            stored = LatencyCurve.from_json(data)
-            if not data.get("provisional") or overloaded():
-                return stored
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged cache entry (wrong shape) is measured again
+    data = load_json(path, check=LatencyCurve.from_json, log=log)  # a damaged record is set aside, with a notice
+    if data is not None and (not data.get("provisional") or overloaded()):
+        return LatencyCurve.from_json(data)
     if log:
         log("calibrating verify latency for this machine and model (once, a few seconds)...")
     busy = overloaded()
