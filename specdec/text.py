@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from specdec.chat_template import render
 from specdec.errors import SpecdecError
 
 Messages = Sequence[Mapping[str, str]]  # [{"role": "user", "content": "..."}, ...]
@@ -56,12 +57,12 @@ def _check_messages(messages: Any) -> None:
 
 
 def _chat_ids(tokenizer: Any, messages: list) -> list[int]:
-    """apply_chat_template returns ids, or (transformers 5.x) a BatchEncoding / dict holding "input_ids"."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, Mapping) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
+    """The chat rendered by the tokenizer's template within time and size limits (`specdec.chat_template`), then
+    tokenized without added special tokens: what transformers' apply_chat_template computes."""
+    source = tokenizer.get_chat_template() if hasattr(tokenizer, "get_chat_template") else tokenizer.chat_template
+    special = dict(getattr(tokenizer, "special_tokens_map", None) or {})
+    text = render(source, [dict(m) for m in messages], special)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if hasattr(ids, "tolist"):  # a tensor or an array
         ids = ids.tolist()
-    if ids and isinstance(ids[0], (list, tuple)):  # a batch of one conversation
-        ids = ids[0]
     return [int(t) for t in ids]
