@@ -69,6 +69,12 @@ CASES = [
     Case("--tree chain-100000", GEN + ["--tree", "chain-100000"], "at most"),
     Case("--tree-budget 100000", GEN + ["--tree-budget", "100000"], "tree_budget must be"),
     Case("--tree-budget 0", GEN + ["--tree-budget", "0"], "tree_budget must be"),
+    # drafter options: typos, absurd sizes, malformed specs
+    Case("auto[...] typo", GEN + ["--drafter", "auto[propose_node=8]"], "propose_node"),
+    Case("auto[propose_nodes=10**12]", GEN + ["--drafter", "auto[propose_nodes=1000000000000]"],
+         "propose_nodes must be a whole number in 2..1024"),
+    Case("recycling[k=10**12]", GEN + ["--drafter", "recycling[k=1000000000000]"], "k must be a whole number in 1..64"),
+    Case("auto[drafters=ngram (unbalanced)", GEN + ["--drafter", "auto[drafters=ngram"], "write options as"),
     # wrong types in a config file
     Case("config temperature: hot", GEN + ["--config", "{dir}/c.yaml"], "temperature", {"c.yaml": "temperature: hot\n"}),
     Case("config max_new_tokens: ten", ["generate", "hello", "--model", "{model}", "--config", "{dir}/c.yaml"],

@@ -444,15 +444,21 @@ class AutoDrafter:
 DEFAULT_COMPONENTS = ("ngram", "recycling")
 
 
+MAX_PROPOSE = 1024  # nodes a row may propose a step (past this the merge's tables alone are gigabytes)
+
+
 def auto_drafter(vocab_size: int, tree: Tree | None = None, *, drafters: str | None = None,
                  draft_model: Any = None, propose_nodes: int = 32, min_value: float = 0.02, horizon: float = 64.0,
-                 **context: Any) -> AutoDrafter:
+                 target: Any = None, target_tokenizer: Any = None) -> AutoDrafter:
     """Registry factory for `auto`. drafters: the components, '+'-separated registered names, each built with
     its defaults (None: ngram+recycling, and `model` when a draft model is given); draft_model: a draft model
-    (a load_model spec or a loaded model) for the `model` component; context: what the engine knows (the
-    target, its tokenizer), handed to the components."""
+    (a load_model spec or a loaded model) for the `model` component; target, target_tokenizer: what the engine
+    knows, handed to the components that ask for them. Any other option is refused (a typo is never ignored)."""
     from specdec.drafters.registry import make_drafter
 
+    context = {k: v for k, v in (("target", target), ("target_tokenizer", target_tokenizer)) if v is not None}
+    if isinstance(propose_nodes, bool) or not isinstance(propose_nodes, int) or not 2 <= propose_nodes <= MAX_PROPOSE:
+        raise ValueError(f"auto: propose_nodes must be a whole number in 2..{MAX_PROPOSE}, got {propose_nodes!r}")
     if tree is not None:
         raise ValueError("drafter 'auto' builds its own trees and takes no tree preset")
     if drafters is None:

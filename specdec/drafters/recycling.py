@@ -86,6 +86,9 @@ def expand_reference(adj: np.ndarray, root: int, tree: Tree) -> tuple[list[int],
 RESIZE_EVERY = 32  # steps between re-sizing the tree from measured rank acceptance
 
 
+MAX_K = 64  # successors kept a token: the table is [vocab, k] int32 (Gemma 3's 262k tokens x 64: 67 MB)
+
+
 class RecyclingDrafter(BaseDrafter):
     """Token Recycling over a static template, truncated to the budget in BFS order.
 
@@ -104,8 +107,8 @@ class RecyclingDrafter(BaseDrafter):
     name = "recycling"
 
     def __init__(self, vocab_size: int, template: Tree | None = None, k: int = 8):
-        if k < 1:
-            raise ValueError(f"recycling: k must be >= 1, got {k}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise ValueError(f"recycling: k must be a whole number in 1..{MAX_K}, got {k!r}")
         self.k = k
         self.needs = Needs(topk=k)  # top-k tokens wanted from the target at every scored node
         self.vocab_size = vocab_size
