@@ -581,3 +581,93 @@ def test_looping_chat_template_through_the_cli(tiny_model_dir, tmp_path):
     line = run_cli(["generate", "hello", "--model", folder, "--max-new-tokens", "2"], tmp_path / "cache")
     assert time.perf_counter() - t0 < 30
     assert "the model's chat template failed" in line and "--raw" in line
+
+
+# ------------------------------------------------------------------------------------------ specdec train
+
+
+def _train(kind: str, model: Path, work: Path, out: Path, cache: Path) -> str:
+    args = ["train", kind, "--model", model, "--work-dir", work, "--out", out, "--prompts", "8",
+            "--max-new-tokens", "8", "--steps", "2", "--vocab", "64", "--threads", "1"]
+    return run_cli(args + (["--block", "4"] if kind == "diffusion" else []), cache)
+
+
+def _corpus(work: Path, rows: list) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("kind", ["lexical", "diffusion"])
+def test_train_refuses_unwritable_work_dir_and_out(kind, tiny_model_dir, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    line = _train(kind, tiny_model_dir, tmp_path / "afile" / "work", tmp_path / "o.safetensors", tmp_path / "c")
+    assert line.startswith("error: --work-dir ") and "cannot be written" in line
+    line = _train(kind, tiny_model_dir, Path("/proc/specdec-no-such-work"), tmp_path / "o.safetensors", tmp_path / "c")
+    assert "--work-dir /proc/specdec-no-such-work cannot be written" in line
+    line = _train(kind, tiny_model_dir, tmp_path / "work", Path("/proc/drafter.safetensors"), tmp_path / "c")
+    assert "the folder of --out /proc cannot be written" in line
+
+
+def test_train_refuses_a_work_dir_made_for_another_model(tiny_model_dir, tmp_path):
+    from specdec.drafters.corpus import target_stamp
+
+    work = tmp_path / "work"
+    work.mkdir()
+
+    class Other:  # a model of another vocabulary
+        model = type("M", (), {"config": type("C", (), dict(model_type="llama", hidden_size=64, num_hidden_layers=2,
+                                                                vocab_size=32000))})()
+        tokenizer = None
+
+    (work / "target.json").write_text(json.dumps(target_stamp(Other())))
+    line = _train("lexical", tiny_model_dir, work, tmp_path / "o.safetensors", tmp_path / "c")
+    assert "was made for another model (llama, hidden 64, 2 layers, vocabulary 32000" in line
+    assert "not this one (gemma3_text, hidden 64, 4 layers, vocabulary 512" in line
+
+
+def _prompts(n: int = 8) -> list[str]:
+    from specdec.drafters.training_prompts import training_prompts
+
+    return training_prompts(n)
+
+
+CORPUS_CASES = [
+    ("no prompt_ids", [{"prompt": "p", "ids": [1, 2]}], "line 1: prompt_ids is missing"),
+    ("a list row", [[1, 2, 3]], "line 1: not a {\"prompt\", \"prompt_ids\", \"output_ids\"} row"),
+    ("ids as strings", [{"prompt": "p", "prompt_ids": [5], "output_ids": [5, 6]},
+                        {"prompt": "q", "prompt_ids": ["5"], "output_ids": []}], "line 2: prompt_ids holds values"),
+    ("another model's ids", [{"prompt": "p", "prompt_ids": [5], "output_ids": [200000]}],
+     "output_ids holds values that are not token ids of this model (0..511)"),
+    ("empty prompt_ids", [{"prompt": "p", "prompt_ids": [], "output_ids": [5]}], "prompt_ids is not a list"),
+]
+
+
+@pytest.mark.parametrize("name, rows, says", CORPUS_CASES, ids=[c[0] for c in CORPUS_CASES])
+def test_train_refuses_corpus_rows_of_the_wrong_shape(tiny_model_dir, tmp_path, name, rows, says):
+    _corpus(tmp_path / "work", rows)
+    line = _train("diffusion", tiny_model_dir, tmp_path / "work", tmp_path / "o.safetensors", tmp_path / "c")
+    assert "corpus.jsonl" in line and says in line and "delete it to make it again" in line
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["lexical", "diffusion"])
+def test_train_refuses_a_corpus_too_small_to_train_on(kind, tiny_model_dir, tmp_path):
+    rows = [{"prompt": p, "prompt_ids": [5, 6], "output_ids": [7, 8] if i < 3 else [2]}
+            for i, p in enumerate(_prompts())]  # every prompt done already, only three outputs usable
+    _corpus(tmp_path / "work", rows)
+    line = _train(kind, tiny_model_dir, tmp_path / "work", tmp_path / "o.safetensors", tmp_path / "c")
+    assert "has 3 sequences with 2 or more output tokens; training needs at least 4" in line
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_empty_corpus_through_the_api_writes_no_drafter(tiny_model_dir, tmp_path):
+    from specdec.api import SpecDecoder
+    from specdec.drafters.lexical.train import LexicalTrainConfig, train_lexical
+
+    decoder = SpecDecoder(str(tiny_model_dir), drafter="ngram", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(SpecdecError) as err:
+        train_lexical(decoder, tmp_path / "work", tmp_path / "o.safetensors", LexicalTrainConfig(prompts=0, steps=2),
+                      log=lambda s: None)
+    one_line(err, "has 0 sequences", "at least 4")
+    assert not (tmp_path / "o.safetensors").exists()
+    assert json.loads((tmp_path / "work" / "target.json").read_text())["vocab_size"] == 512  # stamped

@@ -6,12 +6,17 @@ drafter, so the text is plain decoding's) and appends one JSON line per prompt t
 "prompt_ids": [...], "output_ids": [...]}. Lines are written in chunks, flushed and fsynced; a rerun skips the
 prompts already there, so a killed run resumes where it stopped. `read_corpus` reads it back (a torn last line
 is dropped and redone on the next run).
+
+Before a run, `prepare_work_dir` checks the work dir and the output can be written and that the work dir was
+made for this model; `check_rows` and `check_enough` check the corpus's rows and that there are enough of them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,7 +25,92 @@ import torch
 
 from specdec.bench.spec_bench import PROMPT_TEMPLATE
 from specdec.drafters.training_prompts import training_prompts
+from specdec.errors import SpecdecError
 from specdec.text import encode_prompt
+
+
+MIN_SEQUENCES = 4  # corpus rows with at least 2 output tokens (a root and one label) a training run needs
+
+
+def prepare_work_dir(work: Path, out: Path, decoder) -> None:
+    """Before training: `work` and `out`'s folder can be written, and `work` was made for this model. The first
+    run stamps it (`target.json`: the model's shape, vocabulary size and a fingerprint of its tokenizer), later
+    runs must match, so another model's corpus, features or checkpoints are never trained on. A corpus from
+    before stamps is checked row by row (`check_rows`) instead. SpecdecError (one line) otherwise."""
+    _writable_dir(work, "--work-dir")
+    _writable_dir(out.parent, "the folder of --out")
+    if out.exists() and (not out.is_file() or not os.access(out, os.W_OK)):
+        raise SpecdecError(f"--out {out} cannot be written ({'a folder' if out.is_dir() else 'read-only'}): give a "
+                           "writable file path")
+    stamp, mine = work / "target.json", target_stamp(decoder)
+    if stamp.is_file():
+        try:
+            theirs = json.loads(stamp.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            theirs = None
+        if theirs != mine:
+            made = _describe(theirs) if isinstance(theirs, dict) else "a damaged stamp"
+            raise SpecdecError(f"the work dir {work} was made for another model ({made}), not this one "
+                               f"({_describe(mine)}): give a new --work-dir, or empty {work}")
+        return
+    check_rows(read_corpus(work / "corpus.jsonl"), mine["vocab_size"], work / "corpus.jsonl")
+    try:
+        stamp.write_text(json.dumps(mine))
+    except OSError as err:
+        raise SpecdecError(f"cannot write {stamp} ({err.strerror}): give a writable --work-dir") from None
+
+
+def target_stamp(decoder) -> dict:
+    """What a work dir is made for: the target's architecture, shape, vocabulary size and tokenizer."""
+    cfg = decoder.model.config
+    tok = getattr(decoder, "tokenizer", None)
+    vocab = sorted(tok.get_vocab().items()) if tok is not None else []
+    return {"model_type": cfg.model_type, "hidden_size": int(cfg.hidden_size),
+            "num_hidden_layers": int(cfg.num_hidden_layers), "vocab_size": int(cfg.vocab_size),
+            "tokenizer": hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]}
+
+
+def _describe(stamp: dict) -> str:
+    return (f"{stamp.get('model_type')}, hidden {stamp.get('hidden_size')}, {stamp.get('num_hidden_layers')} "
+            f"layers, vocabulary {stamp.get('vocab_size')}, tokenizer {stamp.get('tokenizer')}")
+
+
+def _writable_dir(path: Path, flag: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise SpecdecError(f"{flag} {path} cannot be written ({err.strerror or err}): give a writable folder") from None
+
+
+def check_rows(rows: list, vocab_size: int, path: Path) -> None:
+    """SpecdecError (one line, naming the line) unless every corpus row is {"prompt": text, "prompt_ids": [ids,
+    at least one], "output_ids": [ids]} with every id in 0..vocab_size - 1."""
+    for line, row in enumerate(rows, 1):
+        problem = None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            problem = "not a {\"prompt\", \"prompt_ids\", \"output_ids\"} row"
+        else:
+            for key in ("prompt_ids", "output_ids"):
+                ids = row.get(key)
+                if not isinstance(ids, list) or (key == "prompt_ids" and not ids):
+                    problem = f"{key} is {'missing' if ids is None else 'not a list of token ids'}"
+                elif any(type(t) is not int or not 0 <= t < vocab_size for t in ids):
+                    problem = f"{key} holds values that are not token ids of this model (0..{vocab_size - 1})"
+                if problem:
+                    break
+        if problem:
+            raise SpecdecError(f"the corpus {path}, line {line}: {problem}: delete it to make it again, or give a "
+                               "new --work-dir")
+
+
+def check_enough(rows: list[dict], path: Path, minimum: int = MIN_SEQUENCES) -> None:
+    """SpecdecError unless `minimum` rows have at least 2 output tokens (what a training step samples from)."""
+    usable = sum(1 for r in rows if len(r["output_ids"]) >= 2)
+    if usable < minimum:
+        raise SpecdecError(f"the corpus {path} has {usable} sequences with 2 or more output tokens; training needs at "
+                           f"least {minimum}: raise --prompts or --max-new-tokens")
 
 
 def read_corpus(path: str | Path) -> list[dict]:
@@ -42,6 +132,7 @@ def generate_corpus(decoder, path: str | Path, count: int, max_new_tokens: int =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_corpus(path)
+    check_rows(done, int(decoder.model.config.vocab_size), path)
     with path.open("w", encoding="utf-8") as f:  # rewrite the intact prefix (drops a torn tail)
         for row in done:
             f.write(json.dumps(row) + "\n")

@@ -30,7 +30,7 @@ import torch
 
 from specdec.drafters import checkpoint
 from specdec.drafters.diffusion import dflash
-from specdec.drafters.corpus import generate_corpus, head_vocab
+from specdec.drafters.corpus import check_enough, generate_corpus, head_vocab, prepare_work_dir
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,11 @@ def train_diffusion(decoder, work_dir: str | Path, out: str | Path, cfg: TrainCo
                     log: Callable[[str], None] = print) -> Path:
     """Everything from corpus to weights file; returns `out`."""
     work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    prepare_work_dir(work, Path(out), decoder)
     torch.manual_seed(cfg.seed)
     corpus_path = work / "corpus.jsonl"
     rows = generate_corpus(decoder, corpus_path, cfg.prompts, cfg.max_new_tokens, log=log)  # resumes; no-op when done
+    check_enough(rows, corpus_path)
     model = decoder.model
     layers = tuple(model.config.num_hidden_layers if l == -1 else l for l in cfg.feature_layers)
     seqs = [r["prompt_ids"] + r["output_ids"] for r in rows]

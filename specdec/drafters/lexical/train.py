@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from specdec.drafters import checkpoint
-from specdec.drafters.corpus import generate_corpus, head_vocab
+from specdec.drafters.corpus import check_enough, generate_corpus, head_vocab, prepare_work_dir
 from specdec.drafters.lexical import placeholders
 from specdec.verifiers.lean_model import LeanModel
 
@@ -49,8 +49,9 @@ def train_lexical(decoder, work_dir: str | Path, out: str | Path, cfg: LexicalTr
                   log: Callable[[str], None] = print) -> Path:
     """Everything from corpus to weights file; returns `out`."""
     work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    prepare_work_dir(work, Path(out), decoder)
     rows = generate_corpus(decoder, work / "corpus.jsonl", cfg.prompts, cfg.max_new_tokens, log=log)
+    check_enough(rows, work / "corpus.jsonl")
     model = decoder.model
     seqs = [r["prompt_ids"] + r["output_ids"] for r in rows]
     starts = [len(r["prompt_ids"]) - 1 for r in rows]
