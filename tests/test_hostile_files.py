@@ -29,7 +29,8 @@ def run_cli(args: list[str], cache: Path) -> str:
     from specdec.cli import main
 
     result = CliRunner().invoke(main, [str(a) for a in args], env={"SPECDEC_CACHE": str(cache)})
-    lines = [x for x in result.stderr.strip().splitlines() if not x.startswith("[specdec] ")]
+    lines = [x for x in result.stderr.strip().splitlines()  # not the logs, nor training's progress bar
+             if x.strip() and not x.startswith(("[specdec] ", "train lexical:", "train diffusion:"))]
     assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     return lines[0]
@@ -671,3 +672,34 @@ def test_empty_corpus_through_the_api_writes_no_drafter(tiny_model_dir, tmp_path
     one_line(err, "has 0 sequences", "at least 4")
     assert not (tmp_path / "o.safetensors").exists()
     assert json.loads((tmp_path / "work" / "target.json").read_text())["vocab_size"] == 512  # stamped
+
+
+def test_train_out_that_is_a_device_is_refused(tiny_model_dir, tmp_path):
+    line = _train("lexical", tiny_model_dir, tmp_path / "work", Path("/dev/full"), tmp_path / "c")
+    assert "--out /dev/full cannot be written (not a regular file)" in line
+
+
+def test_disk_full_while_writing_the_drafter_is_one_line_and_a_rerun_finishes(tiny_model_dir, tmp_path, monkeypatch):
+    import errno
+
+    from specdec.drafters.lexical import placeholders
+
+    real = placeholders.save_file
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(placeholders, "save_file", full)
+    out = tmp_path / "o.safetensors"
+    line = _train("lexical", tiny_model_dir, tmp_path / "work", out, tmp_path / "c")
+    assert f"cannot write --out {out} (No space left on device)" in line and not out.exists()
+    monkeypatch.setattr(placeholders, "save_file", real)
+    from click.testing import CliRunner
+
+    from specdec.cli import main
+
+    again = CliRunner().invoke(main, [str(a) for a in ["train", "lexical", "--model", tiny_model_dir, "--work-dir",
+                                                       tmp_path / "work", "--out", out, "--prompts", "8",
+                                                       "--max-new-tokens", "8", "--steps", "2", "--vocab", "64"]],
+                               env={"SPECDEC_CACHE": str(tmp_path / "c")})
+    assert again.exit_code == 0 and "resumed from" in again.output and out.is_file(), again.output

@@ -13,13 +13,14 @@ made for this model; `check_rows` and `check_enough` check the corpus's rows and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -40,8 +41,8 @@ def prepare_work_dir(work: Path, out: Path, decoder) -> None:
     _writable_dir(work, "--work-dir")
     _writable_dir(out.parent, "the folder of --out")
     if out.exists() and (not out.is_file() or not os.access(out, os.W_OK)):
-        raise SpecdecError(f"--out {out} cannot be written ({'a folder' if out.is_dir() else 'read-only'}): give a "
-                           "writable file path")
+        what = "read-only" if out.is_file() else "a folder" if out.is_dir() else "not a regular file"
+        raise SpecdecError(f"--out {out} cannot be written ({what}): give a writable file path")
     stamp, mine = work / "target.json", target_stamp(decoder)
     if stamp.is_file():
         try:
@@ -58,6 +59,20 @@ def prepare_work_dir(work: Path, out: Path, decoder) -> None:
         stamp.write_text(json.dumps(mine))
     except OSError as err:
         raise SpecdecError(f"cannot write {stamp} ({err.strerror}): give a writable --work-dir") from None
+
+
+@contextlib.contextmanager
+def writing_output(out: Path) -> Iterator[None]:
+    """Around writing the weights file at the end of training: a write error (disk full, read-only) is one line;
+    the final checkpoint stays in the work dir, so a rerun only writes the file."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+        raise SpecdecError(f"cannot write --out {out} ({reason}): free space or give a writable path, then run the "
+                           "same command again (training resumes from its last checkpoint)") from None
 
 
 def target_stamp(decoder) -> dict:

@@ -30,7 +30,7 @@ import torch
 
 from specdec.drafters import checkpoint
 from specdec.drafters.diffusion import dflash
-from specdec.drafters.corpus import check_enough, generate_corpus, head_vocab, prepare_work_dir
+from specdec.drafters.corpus import check_enough, generate_corpus, head_vocab, prepare_work_dir, writing_output
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,8 @@ def train_diffusion(decoder, work_dir: str | Path, out: str | Path, cfg: TrainCo
               "data": f"the target's greedy outputs, max_new_tokens {cfg.max_new_tokens}",
               "train": json.dumps(cfg.__dict__)}
     extra = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ngram.to_arrays().items()}
-    dflash.save(net, out, extra=extra, meta=recipe)
+    with writing_output(Path(out)):
+        dflash.save(net, out, extra=extra, meta=recipe)
     log(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB)")
     return Path(out)
 

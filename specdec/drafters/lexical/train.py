@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from specdec.drafters import checkpoint
-from specdec.drafters.corpus import check_enough, generate_corpus, head_vocab, prepare_work_dir
+from specdec.drafters.corpus import check_enough, generate_corpus, head_vocab, prepare_work_dir, writing_output
 from specdec.drafters.lexical import placeholders
 from specdec.verifiers.lean_model import LeanModel
 
@@ -68,7 +68,8 @@ def train_lexical(decoder, work_dir: str | Path, out: str | Path, cfg: LexicalTr
                          "Python stdlib docstrings; none shares 8 words with Spec-Bench)",
               "data": f"the target's greedy outputs, max_new_tokens {cfg.max_new_tokens}",
               "train": json.dumps(cfg.__dict__)}
-    placeholders.save(out, embeds, vocab_ids, placeholders.target_shape(model), recipe)
+    with writing_output(Path(out)):
+        placeholders.save(out, embeds, vocab_ids, placeholders.target_shape(model), recipe)
     log(f"wrote {out} ({Path(out).stat().st_size / 1e3:.1f} kB)")
     return Path(out)
 
