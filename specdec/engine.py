@@ -160,6 +160,20 @@ class BatchResult:
 
 
 OnTokens = Callable[[int, list[int]], None]  # (request index, tokens just committed)
+GROW_ROOM = 256  # tokens past the longest prompt the cache starts with (it grows from there)
+MEMORY_SHARE = 0.8  # of the machine's free memory a pass's worst-case KV cache may take
+
+
+def check_memory(needed: int, width: int, limit: int, available: int | None = None) -> None:
+    """SpecdecError when `width` rows of up to `limit` tokens could need more KV cache (`needed` bytes) than the
+    machine has free: refused before anything is allocated, instead of dying halfway through a job."""
+    from specdec.hardware import available_memory
+
+    free = available_memory() if available is None else available
+    if needed > MEMORY_SHARE * free:
+        raise SpecdecError(f"{width} rows of up to {limit} tokens could need {needed / 2**30:.1f} GiB of KV cache, "
+                           f"more than {MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free: lower max_new_tokens "
+                           f"or the batch width")
 
 
 class Engine:
@@ -270,8 +284,12 @@ class Run:
         width = min(eng.width, len(pending))
         longest = max(self.ids[i].numel() + self.requests[i].stop.max_new_tokens for i in pending)
         # room for the largest tree (and its aux nodes) after the longest row; never past the model's context
-        self.max_len = min(v.max_positions, longest + eng.max_nodes + eng.drafter.needs.max_aux)
-        v.reset(width, self.max_len)
+        self.room = eng.max_nodes + eng.drafter.needs.max_aux
+        self.limit = min(v.max_positions, longest + self.room)
+        check_memory(v.cache_bytes(width, self.limit), width, self.limit)
+        # the cache starts at the longest prompt and grows with the rows (`Verifier.reserve`)
+        start = max(self.ids[i].numel() for i in pending) + self.room + GROW_ROOM
+        v.reset(width, min(self.limit, start))
         pending.reverse()  # pop() takes the next in input order
         rows: dict[int, _Row] = {}  # slot -> row
         for slot in range(width):
@@ -289,6 +307,7 @@ class Run:
         request = self.requests[index]
         self.engine.drafter.reset(slot, request.sampling)
         row = _Row(index, slot, request, self.ids[index])
+        self.engine.verifier.reserve(min(self.limit, row.n + self.room))
         needs = self.engine.drafter.needs
         with torch.inference_mode():
             if needs.prefill_hidden and needs.hidden_layers:
@@ -312,7 +331,9 @@ class Run:
         """One batched step over `rows`; returns the rows that finished."""
         eng = self.engine
         t0 = time.perf_counter()
-        cap = self.max_len - max(eng.verifier.length(r.slot) for r in rows)
+        longest = max(eng.verifier.length(r.slot) for r in rows)
+        cap = self.limit - longest
+        eng.verifier.reserve(min(self.limit, longest + self.room))
         slots = [r.slot for r in rows]
         views = [DraftRow(r.slot, r.context) for r in rows]  # contexts as of this step's start
         plan = eng.sizer.plan(eng.drafter, slots, cap)

@@ -140,6 +140,12 @@ class LogitsVerifier:
     num_layers = 0
     batched = False
 
+    def reserve(self, max_len: int) -> None:  # test doubles keep their whole history
+        pass
+
+    def cache_bytes(self, num_slots: int, max_len: int) -> int:
+        return 0
+
     def score_nodes(self, slots: Sequence[int], tokens: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor,
                     sizes: Sequence[int] | None = None, *, embeds: NodeInputs | None = None,
                     hidden_layers: Sequence[int] = ()) -> DenseScores:

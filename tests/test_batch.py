@@ -222,6 +222,30 @@ def test_max_new_tokens_per_row_reached_inside_drafts():
     assert res.results[0].stats.steps == 0
 
 
+def test_the_cache_grows_with_the_rows_not_with_their_limits():
+    """A row allowed 3000 tokens that stops at its first costs no more cache than a short one (it took the whole
+    3000 in every slot); rows that do run long grow the cache as they go, token for token as transformers."""
+    rows = prompts(4, seed=6)
+    first = reference("gemma3", tuple(rows[3]), 1)[0]  # row 3 stops on its first token
+    _, res = run("gemma3", "ngram", rows, [8, 8, 8, 3000], width=4, eos=[None, None, None, first])
+    assert res.results[3].tokens == [first] and res.results[3].finish_reason == "eos"
+    assert verifier("gemma3", False).max_len < max(map(len, rows)) + 300  # never grew towards 3000
+    assert [r.tokens for r in res.results[:3]] == [reference("gemma3", tuple(p), 8) for p in rows[:3]]
+    _, res = run("llama", "recycling", rows[:2], [400, 330], width=2)
+    assert verifier("llama", False).max_len >= max(map(len, rows[:2])) + 400  # grew past its first allocation
+    assert [r.tokens for r in res.results] == [reference("llama", tuple(p), n) for p, n in zip(rows[:2], [400, 330])]
+
+
+def test_a_pass_whose_worst_case_cannot_fit_is_refused_before_allocating():
+    from specdec.engine import check_memory
+
+    check_memory(10 * 2**30, 8, 30000, available=24 * 2**30)  # fits
+    with pytest.raises(SpecdecError, match="8 rows of up to 30000 tokens could need 20.0 GiB of KV cache"):
+        check_memory(20 * 2**30, 8, 30000, available=24 * 2**30)
+    v = verifier("llama")
+    assert v.cache_bytes(2, 100) == 2 * 2 * 2 * 2 * 100 * 16 * 4  # k and v, 2 layers, 2 slots, 2 kv heads, fp32
+
+
 def test_continuous_batching_keeps_the_width():
     rows, max_new = prompts(12, seed=4), [6, 30, 6, 6, 30, 6, 6, 30, 6, 6, 6, 6]
     refs = [reference("llama", tuple(p), n) for p, n in zip(rows, max_new)]

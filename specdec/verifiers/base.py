@@ -5,6 +5,8 @@ it holds the committed prefix: every token except the last committed one (the tr
 produced when it is scored as node 0 of the next tree.
 
 - ``reset(num_slots, max_len)``: allocate / clear the cache for that many slots of up to max_len tokens.
+- ``reserve(max_len)``: make room for max_len tokens a slot, keeping what the cache holds (it may grow more).
+- ``cache_bytes(num_slots, max_len)``: what ``reset`` with those sizes allocates (0: nothing ahead of use).
 - ``prefill(slot, tokens, hidden_layers=())``: clear the slot and write the KV of ``tokens`` [p] (prompt minus its
   last token); returns the hidden states at ``hidden_layers`` (layer -> [p, H], same numbering as below), for
   drafters that read the prompt's hidden states (`Needs.prefill_hidden`).
@@ -54,6 +56,10 @@ class Verifier(Protocol):
     batched: bool  # scores several slots in one call (False: one row at a time)
 
     def reset(self, num_slots: int, max_len: int) -> None: ...
+
+    def reserve(self, max_len: int) -> None: ...
+
+    def cache_bytes(self, num_slots: int, max_len: int) -> int: ...
 
     def prefill(self, slot: int, tokens: torch.Tensor, *,
                 hidden_layers: Sequence[int] = ()) -> dict[int, torch.Tensor]: ...

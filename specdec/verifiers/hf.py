@@ -40,6 +40,12 @@ class HFVerifier:
             raise ValueError("the transformers verifier runs one sequence at a time; use backend='lean' for batches")
         self._cache, self._len, self._pending = DynamicCache(), 0, 0
 
+    def reserve(self, max_len: int) -> None:  # transformers' DynamicCache grows by itself
+        pass
+
+    def cache_bytes(self, num_slots: int, max_len: int) -> int:
+        return 0  # not allocated ahead: grows with the one row
+
     def prefill(self, slot: int, tokens: torch.Tensor, *,
                 hidden_layers: Sequence[int] = ()) -> dict[int, torch.Tensor]:
         """Write the KV of `tokens` [p]; returns the hidden states asked for: layer -> [p, hidden]."""

@@ -118,18 +118,43 @@ class LeanVerifier:
     # ---- Verifier protocol ---------------------------------------------------------------------------
 
     def reset(self, num_slots: int, max_len: int) -> None:
-        a, dtype = self.model.arch, self.model.dtype
-        if max_len > self.max_positions:
-            raise ValueError(f"max_len {max_len} exceeds the model's {self.max_positions} positions")
-        rows = -(-max_len // BLOCK) * BLOCK if self.strict else max_len  # strict key ranges end on a block
-        shape = (num_slots, a.num_kv_heads, rows, a.head_dim)
-        # zeros, not empty: masked keys past a row's end must not hold NaN/inf (0 * NaN poisons the output)
-        self._caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
-                         torch.zeros(shape, dtype=dtype, device=self.device)) for _ in a.windows]
+        self._caches = self._allocate(num_slots, max_len)
         self._lengths = [0] * num_slots
         self._scored = {}
         self._rope = self.model.rope_tables(max_len)
         self.max_len = max_len
+
+    def reserve(self, max_len: int) -> None:
+        """Room for `max_len` tokens in every slot: the cache grows (to at least twice its size, at most the
+        model's positions) and keeps what it holds, so a long row costs memory only as it grows."""
+        if max_len <= self.max_len:
+            return
+        grown = min(self.max_positions, max(max_len, 2 * self.max_len))
+        caches = self._allocate(len(self._lengths), grown)
+        for (k_new, v_new), (k_old, v_old) in zip(caches, self._caches):
+            k_new[:, :, : k_old.shape[2]] = k_old
+            v_new[:, :, : v_old.shape[2]] = v_old
+        self._caches = caches
+        self._rope = self.model.rope_tables(grown)
+        self.max_len = grown
+
+    def cache_bytes(self, num_slots: int, max_len: int) -> int:
+        """Bytes of the KV cache `reset(num_slots, max_len)` allocates."""
+        a = self.model.arch
+        return 2 * len(a.windows) * num_slots * a.num_kv_heads * self._rows(max_len) * a.head_dim * \
+            self.model.dtype.itemsize
+
+    def _rows(self, max_len: int) -> int:
+        return -(-max_len // BLOCK) * BLOCK if self.strict else max_len  # strict key ranges end on a block
+
+    def _allocate(self, num_slots: int, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        a, dtype = self.model.arch, self.model.dtype
+        if max_len > self.max_positions:
+            raise ValueError(f"max_len {max_len} exceeds the model's {self.max_positions} positions")
+        shape = (num_slots, a.num_kv_heads, self._rows(max_len), a.head_dim)
+        # zeros, not empty: masked keys past a row's end must not hold NaN/inf (0 * NaN poisons the output)
+        return [(torch.zeros(shape, dtype=dtype, device=self.device),
+                 torch.zeros(shape, dtype=dtype, device=self.device)) for _ in a.windows]
 
     def length(self, slot: int) -> int:
         return self._lengths[slot]
