@@ -13,7 +13,7 @@ from specdec.engine import Engine, Request, StopConditions
 from specdec.models.gguf_weights import read_quant_weights
 from specdec.sampling import SamplingParams
 from specdec.verifiers.lean import LeanVerifier
-from specdec.verifiers.q8act import (Q8Weight, as_q8, from_quant, q8_matmul, q8_reference,
+from specdec.verifiers.q8act import (Q8Weight, as_q8, codes_of, from_quant, q8_matmul, q8_reference,
                                      quantize_rows, stacked)
 from specdec.verifiers.quant import BLOCK_BYTES, QuantLinear, dequantize, random_blocks, unpack
 from test_quant import _write_gguf
@@ -48,6 +48,18 @@ def test_close_to_the_fp32_product(kind):
     exact = x.astype(np.float64) @ dequantize(qw).T.astype(np.float64)
     err = np.abs(q8_matmul(x, from_quant(qw)) - exact).max() / np.abs(exact).max()
     assert err < 0.02, err  # int8 activations in blocks of 32: about 1% of the largest output
+
+
+def test_q4_k_codes_stay_two_a_byte():
+    qw = unpack("Q4_K", random_blocks("Q4_K", 32, 512, seed=6), 32, 512)
+    w = from_quant(qw)
+    assert w.nibbles and w.codes.nbytes == 32 * 512 // 2
+    assert np.array_equal(codes_of(w).astype(np.int16), dequantize_codes(qw))
+
+
+def dequantize_codes(qw) -> np.ndarray:
+    """[N, K] the GGUF codes the QuantWeight holds (its tiled int8 q, untiled)."""
+    return qw.q.transpose(0, 2, 1).reshape(-1, qw.q.shape[1])[: qw.rows].astype(np.int16)
 
 
 def test_activation_codes_and_sums():

@@ -19,7 +19,8 @@ the kernel equals it bit for bit (`tests/test_q8act.py`).
 
 The kernel (AVX2, LLVM vector IR through numba intrinsics, as `quant`'s): codes are stored as unsigned bytes
 u = q + z (z = 0 for Q4_K, 16 for Q5_0, 32 for Q6_K; Q8_0 stays signed) in tiles of TILE = 16 output rows,
-four consecutive inputs of a row side by side: codes [N / 16, K / 4, 16, 4]. For four inputs and 8 output rows
+four consecutive inputs of a row side by side: codes [N / 16, K / 4, 16, 4]; Q4_K's 4-bit codes stay two a byte
+(quads 2j and 2j + 1 in the low and high nibbles, split in registers), so a pass reads about the file's bytes. For four inputs and 8 output rows
 (32 bytes, one register) `vpmaddubsw` multiplies unsigned codes by the row's four broadcast activation codes
 and adds pairs (at most 2 x 63 x 127: no saturation), and `vpmaddwd` with ones adds the pairs into 8 int32 lanes,
 one per output row: 32 multiply-adds in two instructions, accumulated across the group, then - z * sum(xq)
@@ -52,19 +53,22 @@ class Q8Weight:
     """A [N, K] weight for the integer kernel: w[n, k] = s[n, k // g] * (u[n, k] - z) - o[n, k // g]."""
 
     kind: str  # GGUF block type(s) it came from
-    codes: np.ndarray  # [Np / TILE, K / 4, TILE, 4] uint8 (int8 viewed as uint8 when signed)
+    codes: np.ndarray  # [Np / TILE, K / 4, TILE, 4] uint8 (int8 viewed as uint8 when signed); nibbles:
+    #                    [Np / TILE, K / 8, TILE, 4], quad 2j in the low nibbles, quad 2j + 1 in the high ones
     scale: np.ndarray  # [Np / TILE, K // g, TILE] float32
     offset: np.ndarray | None  # [Np / TILE, K // g, TILE] float32, or None (o = 0)
     group: int
     zero: int  # z: u - z is the GGUF code (unsigned codes)
     signed: bool  # codes are int8 as they are (Q8_0), z = 0
     flush: int  # input quads whose vpmaddubsw pairs are summed in int16 (2 x max|u| x 127 x flush <= 32767)
+    nibbles: bool  # two 4-bit codes a byte (Q4_K: the file's bytes, not twice them)
     rows: int  # N, the real output rows
+    cols: int  # K
     file_bytes: int
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.rows, self.codes.shape[1] * 4
+        return self.rows, self.cols
 
     @property
     def padded_rows(self) -> int:
@@ -94,10 +98,22 @@ def from_quant(w: QuantWeight) -> Q8Weight:
         scale = np.concatenate([scale, np.zeros((pad, scale.shape[1]), np.float32)])
         offset = None if offset is None else np.concatenate([offset, np.zeros((pad, offset.shape[1]), np.float32)])
     tiles = codes.shape[0] // TILE
-    codes = np.ascontiguousarray(codes.reshape(tiles, TILE, k // 4, 4).transpose(0, 2, 1, 3))
+    codes = np.ascontiguousarray(codes.reshape(tiles, TILE, k // 4, 4).transpose(0, 2, 1, 3))  # [T, K/4, 16, 4]
+    flush = _flush(signed, max(MAX_CODE[k] for k in kinds), w.group)
+    nibbles = max(MAX_CODE[k] for k in kinds) < 16 and not signed and flush % 2 == 0
+    if nibbles:  # quads 2j and 2j + 1 share a byte: read at half the bytes, split in registers
+        codes = np.ascontiguousarray(codes[:, 0::2] | (codes[:, 1::2] << 4))
     tiled = lambda a: np.ascontiguousarray(a.reshape(tiles, TILE, -1).transpose(0, 2, 1))  # noqa: E731
     return Q8Weight(w.kind, codes, tiled(scale), None if offset is None else tiled(offset), w.group, zero, signed,
-                    _flush(signed, max(MAX_CODE[k] for k in kinds), w.group), rows, w.file_bytes)
+                    flush, nibbles, rows, k, w.file_bytes)
+
+
+def codes_of(w: Q8Weight) -> np.ndarray:
+    """[N, K] the weight's unsigned (or, signed, int8-as-uint8) codes, from whichever layout it is stored in."""
+    codes = w.codes
+    if w.nibbles:
+        codes = np.stack([codes & 0x0F, codes >> 4], axis=2).reshape(codes.shape[0], -1, TILE, 4)
+    return codes.transpose(0, 2, 1, 3).reshape(-1, w.cols)[: w.rows]
 
 
 def _flush(signed: bool, top: int, group: int) -> int:
@@ -125,15 +141,15 @@ def stacked(weights: list[Q8Weight]) -> Q8Weight | None:
     """One weight of the rows of `weights` one after another (one kernel call), or None when they cannot share
     one: another width, group, zero point or signedness, offsets in some only, rows that are not whole tiles."""
     first = weights[0]
-    if any(w.codes.shape[1] != first.codes.shape[1] or w.group != first.group or w.zero != first.zero
-           or w.signed != first.signed or (w.offset is None) != (first.offset is None) or w.rows != w.padded_rows
-           for w in weights):
+    if any(w.cols != first.cols or w.group != first.group or w.zero != first.zero or w.signed != first.signed
+           or w.flush != first.flush or w.nibbles != first.nibbles or (w.offset is None) != (first.offset is None)
+           or w.rows != w.padded_rows for w in weights):
         return None
     return Q8Weight("+".join(sorted({w.kind for w in weights})), np.concatenate([w.codes for w in weights]),
                     np.concatenate([w.scale for w in weights]),
                     None if first.offset is None else np.concatenate([w.offset for w in weights]),
-                    first.group, first.zero, first.signed, min(w.flush for w in weights), sum(w.rows for w in weights),
-                    sum(w.file_bytes for w in weights))
+                    first.group, first.zero, first.signed, first.flush, first.nibbles, sum(w.rows for w in weights),
+                    first.cols, sum(w.file_bytes for w in weights))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -168,7 +184,7 @@ def q8_reference(x: np.ndarray, w: Q8Weight) -> np.ndarray:
     """x [M, K] float32 -> [M, N] float32: the operations of the module docstring, in numpy (the oracle)."""
     xq, d, sums = quantize_rows(np.ascontiguousarray(x, dtype=np.float32), w.group)
     k, g = xq.shape[1], w.group
-    codes = w.codes.transpose(0, 2, 1, 3).reshape(-1, k)[: w.rows]  # [N, K] uint8
+    codes = codes_of(w)  # [N, K] uint8
     q = codes.view(np.int8).astype(np.int64) if w.signed else codes.astype(np.int64) - w.zero
     s = _rows(w.scale, w.rows)  # [N, K / g]
     o = None if w.offset is None else _rows(w.offset, w.rows)
@@ -208,14 +224,15 @@ def _microkernel(rows: int):
     """A numba intrinsic: out[r0: r0 + rows, tile t's 16 outputs] for `rows` input rows (module docstring)."""
 
     @intrinsic
-    def kernel(typingctx, xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0):
-        sig = types.void(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0)
+    def kernel(typingctx, xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0):
+        sig = types.void(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t,
+                         r0)
 
         def codegen(context, builder, sig, args):
             xa, da, sa, ca, sca, oa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(6))
-            outa = context.make_array(sig.args[11])(context, builder, args[11])
-            is_signed, has_off, zero_, group_, flush_ = args[6], args[7], args[8], args[9], args[10]
-            tile, row0 = args[12], args[13]
+            outa = context.make_array(sig.args[12])(context, builder, args[12])
+            is_signed, has_off, zero_, group_, flush_, nib = args[6], args[7], args[8], args[9], args[10], args[11]
+            tile, row0 = args[13], args[14]
             const = lambda v: ir.Constant(_I64, v)  # noqa: E731
             module = builder.module
             maddubs = cgutils.get_or_insert_function(module, ir.FunctionType(_I16x16, [_I8x32, _I8x32]),
@@ -232,7 +249,8 @@ def _microkernel(rows: int):
             groups = builder.sdiv(k_cols, group_)
             quads = builder.sdiv(group_, const(4))
             blocks = builder.sdiv(k_cols, const(XBLOCK))
-            tile_codes = builder.gep(ca.data, [builder.mul(builder.mul(tile, k_cols), const(TILE))])  # k / 4 * 64
+            stored = cgutils.unpack_tuple(builder, ca.shape, 4)[1]  # quads (bytes) or quad pairs (nibbles)
+            tile_codes = builder.gep(ca.data, [builder.mul(builder.mul(tile, stored), const(4 * TILE))])
             consts = builder.mul(builder.mul(tile, groups), const(TILE))
             scales, offsets = builder.gep(sca.data, [consts]), builder.gep(oa.data, [consts])
             rowk = [builder.mul(builder.add(row0, const(r)), k_cols) for r in range(rows)]
@@ -242,7 +260,10 @@ def _microkernel(rows: int):
                 builder.store(ir.Constant(_F32x8, [0.0] * 8), a)
             zero32 = builder.trunc(zero_, _I32)
 
-            def body(signed_codes: bool, with_offset: bool, flush: int) -> None:
+            low4 = ir.Constant(_I8x32, [0x0F] * 32)
+            four = ir.Constant(_I8x32, [4] * 32)
+
+            def body(signed_codes: bool, with_offset: bool, flush: int, nibbles: bool) -> None:
                 """The loops for one kind of codes; `flush` quads' vpmaddubsw pairs are added in int16 before
                 one vpmaddwd turns them into int32 (`Q8Weight.flush`: no int16 sum can overflow)."""
                 with cgutils.for_range(builder, groups) as b:
@@ -253,9 +274,17 @@ def _microkernel(rows: int):
                         pairs: list[list] = [[None] * _VECTORS for _ in range(rows)]
                         for f in range(flush):
                             kq = builder.add(first_quad, builder.add(builder.mul(j.index, const(flush)), const(f)))
-                            w = [_at(builder, tile_codes, builder.add(builder.mul(kq, const(4 * TILE)),
-                                                                      const(32 * v)), _I8x32, 1)
-                                 for v in range(_VECTORS)]
+                            if not nibbles:
+                                w = [_at(builder, tile_codes, builder.add(builder.mul(kq, const(4 * TILE)),
+                                                                          const(32 * v)), _I8x32, 1)
+                                     for v in range(_VECTORS)]
+                            elif f % 2 == 0:  # quads 2j, 2j + 1 in one load: kq is even (flush, quads even)
+                                at_pair = builder.mul(builder.lshr(kq, const(1)), const(4 * TILE))
+                                raw = [_at(builder, tile_codes, builder.add(at_pair, const(32 * v)), _I8x32, 1)
+                                       for v in range(_VECTORS)]
+                                w = [builder.and_(r_, low4) for r_ in raw]
+                            else:
+                                w = [builder.lshr(r_, four) for r_ in raw]
                             wa = [builder.call(vabs, [wv, ir.Constant(ir.IntType(1), 0)]) for wv in w] \
                                 if signed_codes else w
                             for r in range(rows):
@@ -290,18 +319,19 @@ def _microkernel(rows: int):
                                 yv = builder.fsub(yv, builder.fmul(builder.fmul(o[v], dv), fsum))
                             builder.store(yv, y[r][v])
 
-            def choose(variants: list[tuple[bool, bool, int]]) -> None:
-                """Branch to the body of the first variant whose (signed, has_offset, flush) the call has."""
-                sig_, off_, fl_ = variants[0]
+            def choose(variants: list[tuple[bool, bool, int, bool]]) -> None:
+                """Branch to the body of the first variant whose (signed, has_offset, flush, nibbles) the call has."""
+                sig_, off_, fl_, nib_ = variants[0]
                 match = builder.and_(builder.icmp_unsigned("==", builder.zext(is_signed, _I64), const(int(sig_))),
                                      builder.icmp_unsigned("==", builder.zext(has_off, _I64), const(int(off_))))
                 match = builder.and_(match, builder.icmp_signed("==", flush_, const(fl_)))
+                match = builder.and_(match, builder.icmp_unsigned("==", builder.zext(nib, _I64), const(int(nib_))))
                 if len(variants) == 1:
-                    body(sig_, off_, fl_)  # the caller checked that the call is one of the variants
+                    body(sig_, off_, fl_, nib_)  # the caller checked that the call is one of the variants
                     return
                 with builder.if_else(match) as (yes, no):
                     with yes:
-                        body(sig_, off_, fl_)
+                        body(sig_, off_, fl_, nib_)
                     with no:
                         choose(variants[1:])
 
@@ -319,24 +349,25 @@ def _microkernel(rows: int):
     return kernel
 
 
-VARIANTS = [(True, False, 1), (False, True, 8), (False, False, 4), (False, False, 2)]  # Q8_0, Q4_K, Q5_0, Q6_K
+# (signed, offsets, flush, nibbles) of the kernels compiled: Q8_0, Q4_K, Q5_0, Q6_K
+VARIANTS = [(True, False, 1, False), (False, True, 8, True), (False, False, 4, False), (False, False, 2, False)]
 _k1, _k2, _k3, _k4 = (_microkernel(r) for r in range(1, MAX_ROWS + 1))
 
 
 @numba.njit(cache=True)
-def _pass(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0, n):
+def _pass(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0, n):
     if n == 4:
-        _k4(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0)
+        _k4(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0)
     elif n == 3:
-        _k3(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0)
+        _k3(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0)
     elif n == 2:
-        _k2(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0)
+        _k2(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0)
     else:
-        _k1(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0)
+        _k1(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0)
 
 
 @numba.njit(cache=True)
-def _tiles(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, lo, hi):
+def _tiles(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, lo, hi):
     """Tiles lo..hi-1 on the calling thread: per tile, ceil(M / MAX_ROWS) passes of near-equal row counts."""
     m = xq.shape[0]
     passes = (m + MAX_ROWS - 1) // MAX_ROWS
@@ -344,16 +375,16 @@ def _tiles(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, f
         r0 = 0
         for p in range(passes):
             n = (m - r0) // (passes - p)
-            _pass(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, t, r0, n)
+            _pass(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0, n)
             r0 += n
 
 
 @numba.njit(cache=True, parallel=True)
-def _matmul(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, chunk):
+def _matmul(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, chunk):
     """The tiles in chunks of `chunk`, shared among numba's threads."""
     tiles = codes.shape[0]
     for c in numba.prange((tiles + chunk - 1) // chunk):
-        _tiles(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, out, c * chunk,
+        _tiles(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, c * chunk,
                min(tiles, (c + 1) * chunk))
 
 
@@ -364,19 +395,20 @@ CHUNK = 8  # tiles a parallel work item covers
 def q8_matmul(x: np.ndarray, w: Q8Weight) -> np.ndarray:
     """x [M, K] float32 -> [M, N] float32, batch-invariant (module docstring); a view when N is padded."""
     m, k = x.shape
-    if k != w.codes.shape[1] * 4:
-        raise ValueError(f"q8_matmul: x has {k} columns, the weight {w.codes.shape[1] * 4}")
+    if k != w.cols:
+        raise ValueError(f"q8_matmul: x has {k} columns, the weight {w.cols}")
     if x.dtype != np.float32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32)
     xq, d, sums = quantize_rows(x, w.group)
     out = np.empty((m, w.padded_rows), dtype=np.float32)
     offset = w.offset if w.offset is not None else w.scale  # unused without offsets
-    if (w.signed, w.offset is not None, w.flush) not in VARIANTS:
+    if (w.signed, w.offset is not None, w.flush, w.nibbles) not in VARIANTS:
         raise ValueError(f"q8_matmul: no kernel for signed={w.signed}, offsets={w.offset is not None}, "
-                         f"flush={w.flush}")
-    args = (xq, d, sums, w.codes, w.scale, offset, w.signed, w.offset is not None, w.zero, w.group, w.flush, out)
+                         f"flush={w.flush}, nibbles={w.nibbles}")
+    args = (xq, d, sums, w.codes, w.scale, offset, w.signed, w.offset is not None, w.zero, w.group, w.flush,
+            w.nibbles, out)
     tiles = w.codes.shape[0]
-    if m * w.codes.size < SERIAL_WORK or tiles <= CHUNK:
+    if m * w.padded_rows * w.cols < SERIAL_WORK or tiles <= CHUNK:
         _tiles(*args, 0, tiles)
     else:
         _matmul(*args, CHUNK)
