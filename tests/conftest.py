@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import pytest
@@ -52,6 +53,26 @@ def make_tiny_model(arch: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Mo
     cfg = model.config
     cfg._attn_implementation = "sdpa"
     return model.eval()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The whole test session's specdec cache is a temporary folder: the tiny models' latency curves, GEMM plans
+    and screen calibrations never land in the user's cache. Only the real models' files (models/, gguf/: large,
+    the same for every run) are the user's, linked in."""
+    from specdec.models.loading import default_cache_dir
+
+    real, before = default_cache_dir(), os.environ.get("SPECDEC_CACHE")
+    cache = tmp_path_factory.mktemp("specdec-cache")
+    for shared in ("models", "gguf"):
+        (real / shared).mkdir(parents=True, exist_ok=True)
+        (cache / shared).symlink_to(real / shared, target_is_directory=True)
+    os.environ["SPECDEC_CACHE"] = str(cache)
+    yield cache
+    if before is None:
+        del os.environ["SPECDEC_CACHE"]
+    else:
+        os.environ["SPECDEC_CACHE"] = before
 
 
 @pytest.fixture(scope="session", params=ARCHS)

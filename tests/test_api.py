@@ -100,3 +100,12 @@ def test_auto_weights_pick_gguf_only_where_there_is_a_gguf(tmp_path, tiny_model_
     assert default_weights("gemma3-270m", backend="hf") == default_weights("gemma3-270m", strict=True) == "fp32"
     decoder = specdec.SpecDecoder(str(tiny_model_dir), drafter="plain")  # a transformers directory: no GGUF
     assert decoder.weights == "fp32"
+
+
+def test_the_tests_keep_to_their_own_cache(private_cache):
+    from pathlib import Path
+
+    from specdec.models.loading import default_cache_dir
+
+    assert default_cache_dir() == private_cache != Path.home() / ".cache" / "specdec"
+    assert (private_cache / "models").is_symlink()  # the real models' files are shared, not copied
