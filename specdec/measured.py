@@ -104,7 +104,7 @@ def load_json(path: Path | None, check: Callable[[dict], object] | None = None,
         if check is not None:
             check(record)
         return record
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
         bad = path.with_name(path.name + ".bad")
         try:
             path.replace(bad)

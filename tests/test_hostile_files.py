@@ -703,3 +703,31 @@ def test_disk_full_while_writing_the_drafter_is_one_line_and_a_rerun_finishes(ti
                                                        "--max-new-tokens", "8", "--steps", "2", "--vocab", "64"]],
                                env={"SPECDEC_CACHE": str(tmp_path / "c")})
     assert again.exit_code == 0 and "resumed from" in again.output and out.is_file(), again.output
+
+
+@pytest.mark.parametrize("record", ['{"plan": {"choices": []}}', '{"plan": {"choices": {"a": {"1": "sideways"}}}}',
+                                    '{"plan": 3}', "[1, 2]"])
+def test_a_damaged_gemm_plan_is_set_aside_and_measured_again(tmp_path, record):
+    import torch
+
+    from specdec.verifiers import gemm
+
+    weights = [torch.randn(32, 16)]
+    path = gemm.cache_path("sig", tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(record)
+    plan = gemm.load_or_calibrate(weights, "sig", tmp_path, budget_s=0.5)
+    assert isinstance(plan, gemm.GemmPlan) and path.with_name(path.name + ".bad").read_text() == record
+
+
+@pytest.mark.parametrize("record", ['{"screen_buckets": "all"}', '{"screen_buckets": [0, 1]}', '{"x": 1}'])
+def test_a_damaged_screen_record_is_set_aside_and_measured_again(tmp_path, record):
+    import torch
+
+    from specdec.verifiers.screen import ScreenedHead, measure_screen
+
+    head = ScreenedHead(torch.randn(64, 16))
+    path = tmp_path / "screen.json"
+    path.write_text(record)
+    got = measure_screen(head, lambda h: (h @ head.weight.T).argmax(-1), [1, 2], path, rounds=1)
+    assert got <= {1, 2} and (tmp_path / "screen.json.bad").read_text() == record

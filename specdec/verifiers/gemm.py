@@ -275,12 +275,9 @@ def load_or_calibrate(
     measures again.
     """
     path = cache_path(model_signature, cache_dir)
-    record = load_json(path)
+    record = load_json(path, check=lambda r: GemmPlan.from_json(r["plan"]))  # a damaged one is set aside
     if record is not None:
-        try:
-            return GemmPlan.from_json(record["plan"])
-        except (ValueError, KeyError, TypeError, AttributeError):
-            pass  # a damaged cache entry: measure again and overwrite it
+        return GemmPlan.from_json(record["plan"])
     t0, others0 = time.perf_counter(), _others_cpu_s()
 
     def others_share() -> float:

@@ -135,17 +135,22 @@ def _lowest_best(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(values == best, ids, big).min(dim=-1).values
 
 
+def _buckets(record: dict) -> frozenset[int]:
+    """The row counts a screen record names (ValueError / TypeError / KeyError for a damaged one)."""
+    buckets = record["screen_buckets"]
+    if not isinstance(buckets, list) or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
+        raise ValueError(f"screen_buckets must be a list of row counts, got {buckets!r}")
+    return frozenset(buckets)
+
+
 def measure_screen(head: ScreenedHead, full_argmax: Callable[[torch.Tensor], torch.Tensor],
                    buckets: Sequence[int], path: Path | None, rounds: int = 5) -> frozenset[int]:
     """Row counts (of `buckets`) at which `head.select` is faster than `full_argmax` (the fp32 LM head and
     its argmax), timed interleaved, best of `rounds`; cached as JSON at `path`. Empty when the bf16 GEMM fails
     `self_check`. A measurement taken while the machine is overloaded is not cached."""
-    record = load_json(path)
+    record = load_json(path, check=_buckets)  # a damaged one is set aside and measured again
     if record is not None:
-        try:
-            return frozenset(int(b) for b in record["screen_buckets"])
-        except (ValueError, KeyError, TypeError):
-            pass  # damaged: measure again
+        return _buckets(record)
     ok = head.self_check()
     best: dict[int, dict[str, float]] = {b: {"full": math.inf, "screen": math.inf} for b in buckets}
     if ok:
