@@ -192,7 +192,8 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, echo: Callabl
         log(f"[{i}/{len(questions)}] {q['category']}: " + ", ".join(f"{r.method} {r.tokens_per_s:.1f} tok/s" for r in done))
     info["loadavg"] = load_average()  # beside the step times: other processes' load during the run
     report = summarise(rows, spec.methods, info)
-    report["mismatches"] = [_explain(m, rows, loaded.model, tok) for m in report["mismatches"]]
+    base = "hf-plain" if "hf-plain" in spec.methods else spec.methods[0]  # what `summarise` compares with
+    report["mismatches"] = [_explain(m, rows, loaded.model, base) for m in report["mismatches"]]
     report["markdown"] += _mismatch_lines(report["mismatches"])
     paths = save_report(report | {"rows": [asdict(r) for r in rows]}, spec.out_dir, "bench")
     echo(report["markdown"])
@@ -206,10 +207,11 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, echo: Callabl
 
 
 @torch.inference_mode()
-def _explain(mismatch: dict, rows: list[Row], model, tok) -> dict:
-    """At the first differing position: the target's logits (one plain transformers forward) for both tokens."""
+def _explain(mismatch: dict, rows: list[Row], model, base_method: str) -> dict:
+    """At the first differing position from `base_method`'s output: the target's logits (one plain transformers
+    fp32 forward) for both tokens."""
     by = {(r.question_id, r.method): r for r in rows}
-    base = by.get((mismatch["question_id"], "hf-plain"))
+    base = by.get((mismatch["question_id"], base_method))
     ours = by[(mismatch["question_id"], mismatch["method"])]
     pos = mismatch["first_diff"]
     if base is None or pos >= min(len(base.tokens), len(ours.tokens)):
