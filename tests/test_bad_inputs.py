@@ -74,6 +74,13 @@ CASES = [
     Case("auto[propose_nodes=10**12]", GEN + ["--drafter", "auto[propose_nodes=1000000000000]"],
          "propose_nodes must be a whole number in 2..1024"),
     Case("recycling[k=10**12]", GEN + ["--drafter", "recycling[k=1000000000000]"], "k must be a whole number in 1..64"),
+    Case("ngram[max_ngram=10**9]", GEN + ["--drafter", "ngram[max_ngram=1000000000]"],
+         "max_ngram must be a whole number in 1..32"),
+    Case("ngram[branches=2.5]", GEN + ["--drafter", "ngram[branches=2.5]"], "branches must be a whole number"),
+    Case("diffusion[beam=10**6]", GEN + ["--drafter", "diffusion[beam=1000000]"], "beam must be a whole number in 1..16"),
+    Case("diffusion[mass=nan]", GEN + ["--drafter", "diffusion[mass=.nan]"], "mass must be a number in"),
+    Case("lexical[alternatives=10**6]", GEN + ["--drafter", "lexical[alternatives=1000000]"],
+         "alternatives must be a whole number in 0..16"),
     Case("auto[drafters=ngram (unbalanced)", GEN + ["--drafter", "auto[drafters=ngram"], "write options as"),
     # wrong types in a config file
     Case("config temperature: hot", GEN + ["--config", "{dir}/c.yaml"], "temperature", {"c.yaml": "temperature: hot\n"}),

@@ -298,3 +298,14 @@ class PlainDrafter(BaseDrafter):
     """No drafting: a 1-node tree. Plain autoregressive decoding through the same engine."""
 
     name = "plain"
+
+
+def check_option(drafter: str, name: str, value: object, lo: float, hi: float, whole: bool = True) -> None:
+    """ValueError unless a drafter option is a whole number (whole) or a finite number in lo..hi: every
+    `name[key=value]` option has a range, checked when the drafter is built (a huge one allocated terabytes)."""
+    import math
+
+    kind = "a whole number" if whole else "a number"
+    ok = not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
+    if not ok or not math.isfinite(value) or not lo <= value <= hi:  # type: ignore[arg-type]
+        raise ValueError(f"{drafter}: {name} must be {kind} in {lo:g}..{hi:g}, got {value!r}")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from specdec.drafters.base import BaseDrafter, Draft, Feedback
+from specdec.drafters.base import BaseDrafter, Draft, Feedback, check_option
 from specdec.trees.sizing import DepthRates
 from specdec.trees.tree import Tree
 
@@ -119,6 +119,8 @@ class NgramDrafter(BaseDrafter):
     acceptance_prior = 0.8
 
     def __init__(self, min_ngram: int = 1, max_ngram: int = 3, branches: int = 1):
+        for name, value in (("min_ngram", min_ngram), ("max_ngram", max_ngram), ("branches", branches)):
+            check_option("ngram", name, value, 1, 32)
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"ngram: need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         if branches < 1:

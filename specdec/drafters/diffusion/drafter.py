@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from specdec.drafters.base import BaseDrafter, Draft, DraftRow, Feedback
+from specdec.drafters.base import BaseDrafter, Draft, DraftRow, Feedback, check_option
 from specdec.drafters.shipped import shipped_weights
 from specdec.drafters.diffusion.adl import CPU, PAPER, ADLConfig, AdaptiveLength
 from specdec.drafters.diffusion.backend import DLMBackend
@@ -142,6 +142,13 @@ def diffusion_drafter(vocab_size: int, tree=None, *, target=None, weights: str |
 
     if tree is not None:
         raise ValueError("drafter 'diffusion' builds its own trees and takes no tree preset")
+    for name, value in (("k_min", k_min), ("k_max", k_max), ("delta", delta)):
+        if value is not None:
+            check_option("diffusion", name, value, 1, 64)
+    check_option("diffusion", "mass", mass, 1e-6, 1.0, whole=False)
+    check_option("diffusion", "cap", cap, 1, 256)
+    check_option("diffusion", "lam", lam, 0.0, 1.0, whole=False)
+    check_option("diffusion", "beam", beam, 1, 16)
     if preset not in PRESETS:
         raise ValueError(f"diffusion: preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     adl_cfg = PRESETS[preset]

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from specdec.drafters.base import AuxNodes, BaseDrafter, Draft, DraftRow, Feedback, Needs
+from specdec.drafters.base import AuxNodes, BaseDrafter, Draft, DraftRow, Feedback, Needs, check_option
 from specdec.sampling import SamplingParams
 from specdec.trees.sizing import DepthRates
 from specdec.trees.tree import Tree
@@ -137,6 +137,9 @@ def lexical_drafter(vocab_size: int, tree=None, *, target=None, weights: str | N
         raise ValueError("drafter 'lexical' builds its own trees and takes no tree preset")
     if target is None:
         raise ValueError("lexical: needs the target model")
+    check_option("lexical", "groups", groups, 1, 8)
+    check_option("lexical", "threshold", threshold, 0.0, 1.0, whole=False)
+    check_option("lexical", "alternatives", alternatives, 0, 16)
     embeds, vocab_ids = load(weights or shipped_weights("specdec.drafters.lexical", target), target)
     w = target.get_output_embeddings().weight
     head = w.detach()[vocab_ids.to(w.device)].float()
