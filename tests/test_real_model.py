@@ -150,3 +150,29 @@ def test_default_model_gguf_speculation_equals_gguf_plain(real, real_gguf, real_
         assert result.tokens == plain.generate_ids(ids, max_new_tokens=NEW_TOKENS).tokens
         scored += sum(result.stats.tree_sizes) - result.stats.steps
     assert scored > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["ngram", "auto"])
+def test_default_model_q8act_speculation_equals_q8act_plain(real, real_quant, drafter):
+    """The integer format on the real model: a fixed budget scores draft nodes, batches of 3 ragged rows run
+    beside them, and every output is plain q8act decoding's token for token (each logit a function of its row)."""
+    from specdec.verifiers.q8act import as_q8
+
+    _, prompts, _ = real
+    loaded = real[0]
+    quant = as_q8(real_quant)
+    plain = SpecDecoder(loaded, drafter="plain", weights="q8act", quant=quant)
+    name, options = parse_drafter(drafter)
+    spec = SpecDecoder(loaded, drafter=name, drafter_options=options or None, weights="q8act", tree_budget=8,
+                       quant=quant)
+    assert plain.weights == spec.weights == "q8act"
+    alone = [plain.generate_ids(ids, max_new_tokens=NEW_TOKENS).tokens for ids in prompts]
+    scored = 0
+    for ids, ref in zip(prompts, alone):
+        result = spec.generate_ids(ids, max_new_tokens=NEW_TOKENS)
+        assert result.tokens == ref
+        scored += sum(result.stats.tree_sizes) - result.stats.steps
+    assert scored > 0
+    batch = spec.generate_many(prompts, width=3, max_new_tokens=NEW_TOKENS)
+    assert [r.tokens for r in batch.results] == alone
