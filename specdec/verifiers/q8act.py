@@ -43,7 +43,7 @@ from specdec.verifiers.quant import QuantWeight, _rows
 
 TILE = 16  # output rows per tile: two registers of 8 int32 lanes
 XBLOCK = 32  # activation values per int8 block (one fp32 scale each)
-MAX_ROWS = 4  # input rows a pass keeps in registers (6 spilled the int16 sums: 16 rows of Q4_K 0.97 ms, not 0.81)
+MAX_ROWS = 4  # input rows a pass serves (at 6, LLVM spilled the int16 sums to the stack)
 ZERO_POINT = {"Q8_0": 0, "Q5_0": 16, "Q6_K": 32, "Q4_K": 0}
 MAX_CODE = {"Q8_0": 128, "Q5_0": 31, "Q6_K": 63, "Q4_K": 15}  # largest |code| stored (unsigned: u = q + z)
 
