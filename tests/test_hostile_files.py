@@ -122,7 +122,7 @@ def test_crafted_gguf_headers_are_refused_in_one_line(tmp_path, name, content, s
     t0 = time.perf_counter()
     with pytest.raises(SpecdecError) as err:
         tensor_index(path)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 10.0  # a hang bound, far above any load: looping over 2^40 takes hours
     one_line(err, "crafted.gguf", says)
     assert isinstance(err.value, ValueError)  # callers that catch ValueError (--weights gguf) still do
 
@@ -560,7 +560,7 @@ def test_hostile_chat_templates_end_in_one_line(name, template, says):
     t0 = time.perf_counter()
     with pytest.raises(SpecdecError) as err:
         encode_prompt(tok, "hello")
-    assert time.perf_counter() - t0 < 5.0
+    assert time.perf_counter() - t0 < 20.0  # the render's own deadline is 2 s; this bound only catches a hang
     one_line(err, "the model's chat template failed: ", says, "; use --raw to skip it")
 
 
@@ -580,7 +580,7 @@ def test_looping_chat_template_through_the_cli(tiny_model_dir, tmp_path):
     _chat_tokenizer(HOSTILE_TEMPLATES[0][1]).save_pretrained(folder)
     t0 = time.perf_counter()
     line = run_cli(["generate", "hello", "--model", folder, "--max-new-tokens", "2"], tmp_path / "cache")
-    assert time.perf_counter() - t0 < 30
+    assert time.perf_counter() - t0 < 120  # a hang bound (the loop runs 10^10 steps without the deadline)
     assert "the model's chat template failed" in line and "--raw" in line
 
 
