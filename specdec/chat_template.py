@@ -191,10 +191,14 @@ def _compile(source: str) -> jinja2.Template:
     return env.from_string(tree)
 
 
-def render(source: str, messages: list, variables: dict[str, Any]) -> str:
+RAW_HINT = "use --raw to skip it"
+
+
+def render(source: str, messages: list, variables: dict[str, Any], hint: str = RAW_HINT) -> str:
     """`source` rendered for `messages` with add_generation_prompt on and `variables` (the tokenizer's special
     tokens), within TIME_LIMIT_S and an output limit of MIN_OUTPUT_CHARS + 8 characters per message character.
-    SpecdecError (one line) for anything the template raises or a limit it reaches."""
+    SpecdecError (one line, ending in `hint`: what the user can do) for anything the template raises or a limit
+    it reaches."""
     size = sum(len(str(m.get("content", ""))) for m in messages)
     token = _limits.set(_Limits(time.monotonic() + TIME_LIMIT_S, MIN_OUTPUT_CHARS + 8 * size))
     try:
@@ -209,7 +213,7 @@ def render(source: str, messages: list, variables: dict[str, Any]) -> str:
             out.append(chunk)
         return "".join(out)
     except Exception as err:  # noqa: BLE001 - an untrusted template can raise anything; each is one line
-        raise SpecdecError(f"the model's chat template failed: {_describe(err)}; use --raw to skip it") from None
+        raise SpecdecError(f"the model's chat template failed: {_describe(err)}; {hint}") from None
     finally:
         _limits.reset(token)
 

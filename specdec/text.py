@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from specdec.chat_template import render
+from specdec.chat_template import RAW_HINT, render
 from specdec.errors import SpecdecError
 
 Messages = Sequence[Mapping[str, str]]  # [{"role": "user", "content": "..."}, ...]
@@ -38,7 +38,8 @@ def encode_prompt(tokenizer: Any, prompt: str | Messages, chat: bool = True, tem
         _check_utf8(m["content"])
     if not has_template:
         raise SpecdecError("this model's tokenizer has no chat template: give 'prompt' text instead of 'messages'")
-    return _chat_ids(tokenizer, list(prompt))
+    # --raw does not apply to a chat (it always needs the template): the way round a failing one is plain text
+    return _chat_ids(tokenizer, list(prompt), hint="give the text as 'prompt' with --raw instead of 'messages'")
 
 
 def _check_utf8(text: str) -> None:
@@ -56,12 +57,12 @@ def _check_messages(messages: Any) -> None:
         raise SpecdecError("'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} strings")
 
 
-def _chat_ids(tokenizer: Any, messages: list) -> list[int]:
+def _chat_ids(tokenizer: Any, messages: list, hint: str = RAW_HINT) -> list[int]:
     """The chat rendered by the tokenizer's template within time and size limits (`specdec.chat_template`), then
     tokenized without added special tokens: what transformers' apply_chat_template computes."""
     source = tokenizer.get_chat_template() if hasattr(tokenizer, "get_chat_template") else tokenizer.chat_template
     special = dict(getattr(tokenizer, "special_tokens_map", None) or {})
-    text = render(source, [dict(m) for m in messages], special)
+    text = render(source, [dict(m) for m in messages], special, hint)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if hasattr(ids, "tolist"):  # a tensor or an array
         ids = ids.tolist()

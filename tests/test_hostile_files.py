@@ -564,6 +564,15 @@ def test_hostile_chat_templates_end_in_one_line(name, template, says):
     one_line(err, "the model's chat template failed: ", says, "; use --raw to skip it")
 
 
+def test_a_failing_template_on_a_chat_points_to_plain_text_not_raw():
+    from specdec.text import encode_prompt
+
+    with pytest.raises(SpecdecError) as err:  # --raw cannot help a chat: it always needs the template
+        encode_prompt(_chat_tokenizer("{{ 1 // 0 }}"), [{"role": "user", "content": "hi"}], chat=False)
+    one_line(err, "the model's chat template failed: ", "ZeroDivisionError",
+             "give the text as 'prompt' with --raw instead of 'messages'")
+
+
 def test_roles_not_alternating_is_the_templates_own_message():
     from specdec.text import encode_prompt
 
