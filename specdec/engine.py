@@ -35,6 +35,7 @@ import torch
 
 from specdec.drafters.base import Draft, Drafter, DraftRow, Feedback
 from specdec.errors import SpecdecError
+from specdec.hardware import available_memory
 from specdec.sampling import (SamplingParams, SampledTargets, Uniforms, accept_greedy, accept_sampled,
                               step_generator, target_probs)
 from specdec.trees.budget import CurveSizer, FixedSizer, Sizer, StepPlan
@@ -167,8 +168,6 @@ MEMORY_SHARE = 0.8  # of the machine's free memory a pass's worst-case KV cache 
 def check_memory(needed: int, width: int, limit: int, available: int | None = None) -> None:
     """SpecdecError when `width` rows of up to `limit` tokens could need more KV cache (`needed` bytes) than the
     machine has free: refused before anything is allocated, instead of dying halfway through a job."""
-    from specdec.hardware import available_memory
-
     free = available_memory() if available is None else available
     if needed > MEMORY_SHARE * free:
         raise SpecdecError(f"{width} rows of up to {limit} tokens could need {needed / 2**30:.1f} GiB of KV cache, "

@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 from specdec.bench.report import machine_info, output_dir, save_report
 from specdec.config import GGUF_FORMATS, WEIGHT_FORMATS
-from specdec.verifiers.q8act import as_q8
 from specdec.data.spec_bench import read_questions
 from specdec.drafters.registry import parse_drafter, unknown_drafter
 from specdec.errors import SpecdecError
@@ -58,6 +57,7 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
     from specdec.models.loading import default_cache_dir, load_model
     from specdec.text import encode_prompt
     from specdec.trees.sizing import cached_curve, verifier_key
+    from specdec.verifiers.q8act import as_q8
 
     if not spec.batch_sizes or min(spec.batch_sizes) < 1:
         raise SpecdecError("--batch takes batch sizes >= 1, e.g. 1,2,4,8,16")

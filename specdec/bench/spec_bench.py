@@ -23,8 +23,8 @@ import torch
 
 from specdec.bench import llama_cpp as llama_bench
 from specdec.bench import step_time
-from specdec.config import GGUF_FORMATS
 from specdec.bench.report import machine_info, output_dir, save_report, write_new
+from specdec.config import GGUF_FORMATS
 from specdec.data.spec_bench import read_questions
 from specdec.errors import SpecdecError
 from specdec.measured import load_average

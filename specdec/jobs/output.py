@@ -23,7 +23,7 @@ import stat
 from pathlib import Path
 
 from specdec.errors import SpecdecError
-from specdec.jobs.rows import key, line_key
+from specdec.jobs.rows import key, kind_of, line_key
 
 STATE_SUFFIX = ".specdec-job.json"
 STATE_FORMAT = "specdec batch output"
@@ -32,16 +32,6 @@ FIRST_BYTES = 256  # of the first record, kept in the state file
 
 def state_path(path: Path) -> Path:
     return path.with_name(path.name + STATE_SUFFIX)
-
-
-def kind_of(mode: int) -> str:
-    """What a non-regular file is, in words (for errors)."""
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
 
 
 class OutputFile:

@@ -68,8 +68,6 @@ def read_input(path: str | Path) -> list[JobRow]:
     except OSError as err:
         raise SpecdecError(f"cannot read input file {p}: {err.strerror}") from None
     if not stat.S_ISREG(mode):
-        from specdec.jobs.output import kind_of
-
         raise SpecdecError(f"input {p} is {kind_of(mode)}, not a file: give a JSONL file, or pipe the rows to "
                            f"`specdec batch - --out ...`")
     try:
@@ -77,6 +75,16 @@ def read_input(path: str | Path) -> list[JobRow]:
             return _read_rows(f)
     except OSError as err:
         raise SpecdecError(f"cannot read input file {p}: {err.strerror}") from None
+
+
+def kind_of(mode: int) -> str:
+    """What a non-regular file is, in words (for errors about inputs and outputs)."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _read_rows(f) -> list[JobRow]:

@@ -52,9 +52,7 @@ class NodeAllocator:
 
     def latency(self, nodes: int) -> float:
         """Predicted seconds of one verify call over `nodes` nodes in all."""
-        if self._corrected is None:
-            self._corrected = self._correct()
-        return self._corrected(nodes)
+        return float(self._latencies(nodes)[nodes])
 
     def _latencies(self, nodes: int) -> np.ndarray:
         """[>= nodes + 1] `latency(n)` of n = 0, 1, ...: one table per step (the corrected curve changes only

@@ -43,14 +43,8 @@ class LatencyCurve:
     seconds: tuple[float, ...]  # verify latency at each size (median of a few runs)
 
     def __call__(self, n: int) -> float:
-        s, t = self.sizes, self.seconds
-        if n <= s[0]:
-            return t[0]
-        for (a, ta), (b, tb) in zip(zip(s, t), zip(s[1:], t[1:])):
-            if n <= b:
-                return ta + (tb - ta) * (n - a) / (b - a)
-        slope = (t[-1] - t[-2]) / (s[-1] - s[-2]) if len(s) > 1 else 0.0
-        return t[-1] + slope * (n - s[-1])
+        """Seconds at n nodes: the first size's below it, linear between sizes, the last segment's slope past them."""
+        return float(self.at(np.asarray(n)))
 
     def at(self, n: np.ndarray) -> np.ndarray:
         """`self(n)` for every entry of n at once (the allocator prices every prefix of a step's candidates)."""
