@@ -59,7 +59,8 @@ def test_q4_k_codes_stay_two_a_byte():
 
 def dequantize_codes(qw) -> np.ndarray:
     """[N, K] the GGUF codes the QuantWeight holds (its tiled int8 q, untiled)."""
-    return qw.q.transpose(0, 2, 1).reshape(-1, qw.q.shape[1])[: qw.rows].astype(np.int16)
+    codes = qw.codes()
+    return codes.transpose(0, 2, 1).reshape(-1, codes.shape[1])[: qw.rows].astype(np.int16)
 
 
 def test_activation_codes_and_sums():

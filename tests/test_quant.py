@@ -3,6 +3,7 @@ decoding through it (tiny Gemma 3 written to a real GGUF file) token for token l
 
 from __future__ import annotations
 
+import dataclasses
 import gguf
 import numpy as np
 import pytest
@@ -57,6 +58,20 @@ def test_both_pass_schedules_give_the_same_bits(kind):
         wide, narrow = qmatmul_np(x[:m], w, narrow=False), qmatmul_np(x[:m], w, narrow=True)
         assert np.array_equal(wide.view(np.int32), narrow.view(np.int32))
         assert np.array_equal(narrow[:1].view(np.int32), qmatmul_np(x[:1], w, narrow=True).view(np.int32))
+
+
+def test_nibble_packed_codes_give_the_bits_of_one_code_a_byte():
+    # Q4_K keeps two codes a byte (the file's bytes) and splits them in registers; each output element must
+    # still be the same fma chain over k as with one int8 code a byte, in every pass schedule and row count
+    rows, cols = 130, 512
+    packed = unpack("Q4_K", random_blocks("Q4_K", rows, cols, seed=7), rows, cols)
+    assert packed.nibbles and packed.q.nbytes * 2 == packed.codes().nbytes and packed.shape == (rows, cols)
+    bytewise = dataclasses.replace(packed, q=packed.codes(), nibbles=False)
+    x = torch.randn(13, cols, generator=torch.Generator().manual_seed(8)).numpy()
+    for m in (1, 2, 6, 7, 13):
+        for narrow in (False, True):
+            got, want = qmatmul_np(x[:m], packed, narrow=narrow), qmatmul_np(x[:m], bytewise, narrow=narrow)
+            assert np.array_equal(got.view(np.int32), want.view(np.int32))
 
 
 def test_small_and_large_weights_take_the_same_kernel_path_in_value():

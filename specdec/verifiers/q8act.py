@@ -82,11 +82,11 @@ def from_quant(w: QuantWeight) -> Q8Weight:
     if len(zeros) != 1:
         raise ValueError(f"cannot hold {w.kind} in one integer weight (zero points {sorted(zeros)})")
     zero, signed = zeros.pop(), kinds == {"Q8_0"}
-    rows, k = w.rows, w.q.shape[1]
+    rows, k = w.rows, w.cols
     if k % XBLOCK:
         raise ValueError(f"q8act needs inputs in blocks of {XBLOCK}, the weight has {k}")
     pad = -rows % TILE
-    q = _rows(w.q, rows).astype(np.int16) + zero  # [N, K]
+    q = _rows(w.codes(), rows).astype(np.int16) + zero  # [N, K]
     codes = q.astype(np.int8 if signed else np.uint8).view(np.uint8)
     scale, offset = _rows(w.scale, rows), None if w.offset is None else _rows(w.offset, rows)
     if pad:

@@ -62,16 +62,29 @@ class QuantWeight:
     """A [N, K] weight as integer codes and per-group fp32 constants: w[n, k] = s[n, k // g] * q[n, k] - o[n, k // g]."""
 
     kind: str  # the GGUF block type it came from ("Q8_0", ...)
-    q: np.ndarray  # [Np / TILE, K, TILE] int8, Np = N rounded up to TILE (padding rows are zero)
+    q: np.ndarray  # [Np / TILE, K, TILE] int8, Np = N rounded up to TILE (padding rows are zero); nibbles:
+    #                [Np / TILE, K / 2, TILE] uint8, input 2j's code in the low nibble, 2j + 1's in the high one
     scale: np.ndarray  # [Np / TILE, K // group, TILE] float32
     offset: np.ndarray | None  # [Np / TILE, K // group, TILE] float32, or None (o = 0)
     group: int
     rows: int  # N, the real output rows
     file_bytes: int  # bytes of the tensor in the GGUF
+    nibbles: bool = False  # 4-bit codes two a byte (Q4_K: the file's code bytes, split in registers)
+
+    @property
+    def cols(self) -> int:
+        return self.q.shape[1] * (2 if self.nibbles else 1)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.rows, self.q.shape[1]
+        return self.rows, self.cols
+
+    def codes(self) -> np.ndarray:
+        """[Np / TILE, K, TILE] int8: one code a byte, whichever layout `q` is stored in."""
+        if not self.nibbles:
+            return self.q
+        t, half, lanes = self.q.shape
+        return np.stack([self.q & 0x0F, self.q >> 4], axis=2).reshape(t, 2 * half, lanes).view(np.int8)
 
     @property
     def padded_rows(self) -> int:
@@ -137,8 +150,14 @@ def unpack(kind: str, raw: np.ndarray, rows: int, cols: int) -> QuantWeight:
         q = np.concatenate([q, np.zeros((pad, cols), np.int8)])
         scale = np.concatenate([scale, np.zeros((pad, per_row), np.float32)])
         offset = None if offset is None else np.concatenate([offset, np.zeros((pad, per_row), np.float32)])
-    return QuantWeight(kind, _tiled(q), _tiled(scale.astype(np.float32)),
-                       None if offset is None else _tiled(offset.astype(np.float32)), group, rows, int(data.size))
+    codes = _tiled(q)
+    nibbles = kind == "Q4_K"  # codes 0..15, groups of 32: pairs of inputs share a byte, as in the file
+    if nibbles:
+        u = codes.view(np.uint8)
+        codes = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
+    return QuantWeight(kind, codes, _tiled(scale.astype(np.float32)),
+                       None if offset is None else _tiled(offset.astype(np.float32)), group, rows, int(data.size),
+                       nibbles)
 
 
 def _tiled(a: np.ndarray) -> np.ndarray:
@@ -180,7 +199,7 @@ def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
 def dequantize(w: QuantWeight) -> np.ndarray:
     """[N, K] float32: the exact values (s * q, then - o, each rounded to fp32 as gguf-py does)."""
     s = np.repeat(_rows(w.scale, w.rows), w.group, axis=1)
-    out = s * _rows(w.q, w.rows).astype(np.float32)
+    out = s * _rows(w.codes(), w.rows).astype(np.float32)
     if w.offset is not None:
         out -= np.repeat(_rows(w.offset, w.rows), w.group, axis=1)
     return out
@@ -198,13 +217,13 @@ def stacked(weights: list) -> "QuantWeight | None":
         return q8act.stacked(weights) if all(isinstance(w, q8act.Q8Weight) for w in weights) else None
     first = weights[0]
     if any(w.q.shape[1] != first.q.shape[1] or w.group != first.group or (w.offset is None) != (first.offset is None)
-           or w.rows != w.padded_rows for w in weights):
+           or w.nibbles != first.nibbles or w.rows != w.padded_rows for w in weights):
         return None
     kinds = sorted({w.kind for w in weights})
     return QuantWeight("+".join(kinds), np.concatenate([w.q for w in weights]),
                        np.concatenate([w.scale for w in weights]),
                        None if first.offset is None else np.concatenate([w.offset for w in weights]),
-                       first.group, sum(w.rows for w in weights), sum(w.file_bytes for w in weights))
+                       first.group, sum(w.rows for w in weights), sum(w.file_bytes for w in weights), first.nibbles)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -252,56 +271,79 @@ def _microkernel(rows: int, vectors: int):
     sequential fused multiply-add chain over k = 0..K-1, whatever `rows`, `vectors`, `r0`, `v0` or the thread."""
 
     @intrinsic
-    def kernel(typingctx, x, q, scale, offset, has_offset, group, out, t, r0, v0):
-        sig = types.void(x, q, scale, offset, has_offset, group, out, t, r0, v0)
+    def kernel(typingctx, x, q, scale, offset, has_offset, nibbles, group, out, t, r0, v0):
+        sig = types.void(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, v0)
 
         def codegen(context, builder, sig, args):
             xa, qa, sa, oa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(4))
-            outa = context.make_array(sig.args[6])(context, builder, args[6])
-            has_off, group_, tile, row0 = args[4], args[5], args[7], args[8]
+            outa = context.make_array(sig.args[7])(context, builder, args[7])
+            has_off, packed, group_, tile, row0 = args[4], args[5], args[6], args[8], args[9]
             const = lambda v: ir.Constant(_I64, v)  # noqa: E731
-            lane0 = builder.mul(args[9], const(16))  # first output row of the slice within the tile
-            k_cols = cgutils.unpack_tuple(builder, qa.shape, 3)[1]
+            lane0 = builder.mul(args[10], const(16))  # first output row of the slice within the tile
+            k_cols = cgutils.unpack_tuple(builder, xa.shape, 2)[1]
+            code_rows = cgutils.unpack_tuple(builder, qa.shape, 3)[1]  # K, or K / 2 for nibbles
             n_pad = cgutils.unpack_tuple(builder, outa.shape, 2)[1]
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V, [_V] * 3), "llvm.fma.v16f32")
             acc = [[cgutils.alloca_once(builder, _V) for _ in range(vectors)] for _ in range(rows)]
             for a in (a for row in acc for a in row):
                 builder.store(ir.Constant(_V, [0.0] * 16), a)
             groups = builder.sdiv(k_cols, group_)
-            tile_codes = builder.mul(builder.mul(tile, k_cols), const(TILE))
+            tile_codes = builder.mul(builder.mul(tile, code_rows), const(TILE))
             codes = builder.gep(qa.data, [builder.add(tile_codes, lane0)])  # q[t, :, lane0:]: rows TILE apart
             consts = builder.add(builder.mul(builder.mul(tile, groups), const(TILE)), lane0)  # s[t, :, lane0:]
             scales, offsets = builder.gep(sa.data, [consts]), builder.gep(oa.data, [consts])
             xrow = [builder.gep(xa.data, [builder.mul(builder.add(row0, const(r)), k_cols)]) for r in range(rows)]
             splat = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
 
-            def passes(with_offset: bool) -> None:
+            def step(k, qv, s, o, to_float) -> None:
+                """Input position k: the weights w = s * q (- o) of its codes qv, then every row's fma."""
+                w = []
+                for i in range(vectors):
+                    wi = builder.fmul(s[i], to_float(qv[i], _V))
+                    w.append(builder.fsub(wi, o[i]) if o else wi)
+                for r in range(rows):
+                    xk = builder.load(builder.gep(xrow[r], [k]), align=4)
+                    xv = builder.shuffle_vector(
+                        builder.insert_element(ir.Constant(_V, ir.Undefined), xk, ir.Constant(ir.IntType(32), 0)),
+                        ir.Constant(_V, ir.Undefined), splat)
+                    for i in range(vectors):
+                        builder.store(builder.call(fma, [xv, w[i], builder.load(acc[r][i])]), acc[r][i])
+
+            def passes(with_offset: bool, nibbles: bool) -> None:
                 with cgutils.for_range(builder, groups) as b:
                     at = builder.mul(b.index, const(TILE))
                     s = [_load(builder, scales, builder.add(at, const(16 * i)), _V, 4) for i in range(vectors)]
                     o = [_load(builder, offsets, builder.add(at, const(16 * i)), _V, 4) for i in range(vectors)
                          ] if with_offset else []
-                    with cgutils.for_range(builder, group_) as j:
-                        k = builder.add(builder.mul(b.index, group_), j.index)
-                        at_k = builder.mul(k, const(TILE))
-                        w = []
-                        for i in range(vectors):
-                            qv = _load(builder, codes, builder.add(at_k, const(16 * i)), _CODES, 1)
-                            wi = builder.fmul(s[i], builder.sitofp(qv, _V))
-                            w.append(builder.fsub(wi, o[i]) if with_offset else wi)
-                        for r in range(rows):
-                            xk = builder.load(builder.gep(xrow[r], [k]), align=4)
-                            xv = builder.shuffle_vector(
-                                builder.insert_element(ir.Constant(_V, ir.Undefined), xk, ir.Constant(ir.IntType(32), 0)),
-                                ir.Constant(_V, ir.Undefined), splat)
-                            for i in range(vectors):
-                                builder.store(builder.call(fma, [xv, w[i], builder.load(acc[r][i])]), acc[r][i])
+                    if not nibbles:
+                        with cgutils.for_range(builder, group_) as j:
+                            k = builder.add(builder.mul(b.index, group_), j.index)
+                            at_k = builder.mul(k, const(TILE))
+                            qv = [_load(builder, codes, builder.add(at_k, const(16 * i)), _CODES, 1)
+                                  for i in range(vectors)]
+                            step(k, qv, s, o, builder.sitofp)
+                        return
+                    with cgutils.for_range(builder, builder.sdiv(group_, const(2))) as j:  # input pairs
+                        pair = builder.add(builder.mul(b.index, builder.sdiv(group_, const(2))), j.index)
+                        at_k = builder.mul(pair, const(TILE))
+                        both = [_load(builder, codes, builder.add(at_k, const(16 * i)), _CODES, 1)
+                                for i in range(vectors)]
+                        low = [builder.and_(v, ir.Constant(_CODES, [15] * 16)) for v in both]
+                        high = [builder.lshr(v, ir.Constant(_CODES, [4] * 16)) for v in both]
+                        k = builder.mul(pair, const(2))
+                        step(k, low, s, o, builder.uitofp)  # input 2j, then 2j + 1: the same chain over k
+                        step(builder.add(k, const(1)), high, s, o, builder.uitofp)
 
-            with builder.if_else(builder.icmp_unsigned("!=", has_off, ir.Constant(has_off.type, 0))) as (yes, no):
+            on = lambda flag: builder.icmp_unsigned("!=", flag, ir.Constant(flag.type, 0))  # noqa: E731
+            with builder.if_else(on(has_off)) as (yes, no):
                 with yes:
-                    passes(True)
+                    with builder.if_else(on(packed)) as (nib, byte):
+                        with nib:
+                            passes(True, True)
+                        with byte:
+                            passes(True, False)
                 with no:
-                    passes(False)
+                    passes(False, False)
             col = builder.add(builder.mul(tile, const(TILE)), lane0)
             for r in range(rows):
                 dst = builder.gep(outa.data, [builder.add(builder.mul(builder.add(row0, const(r)), n_pad), col)])
@@ -320,42 +362,42 @@ _quarter1, _quarter2, _quarter3, _quarter4, _quarter5, _quarter6 = (_microkernel
 
 
 @numba.njit(cache=True)
-def _pass(x, q, scale, offset, has_offset, group, out, t, r0, n):
+def _pass(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, n):
     """Rows r0..r0+n-1 (n <= MAX_ROWS) of output tile t, the whole tile at once: the microkernel for n rows."""
     if n == 6:
-        _rows6(x, q, scale, offset, has_offset, group, out, t, r0, 0)
+        _rows6(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, 0)
     elif n == 5:
-        _rows5(x, q, scale, offset, has_offset, group, out, t, r0, 0)
+        _rows5(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, 0)
     elif n == 4:
-        _rows4(x, q, scale, offset, has_offset, group, out, t, r0, 0)
+        _rows4(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, 0)
     elif n == 3:
-        _rows3(x, q, scale, offset, has_offset, group, out, t, r0, 0)
+        _rows3(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, 0)
     elif n == 2:
-        _rows2(x, q, scale, offset, has_offset, group, out, t, r0, 0)
+        _rows2(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, 0)
     else:
-        _rows1(x, q, scale, offset, has_offset, group, out, t, r0, 0)
+        _rows1(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, 0)
 
 
 @numba.njit(cache=True)
-def _quarters(x, q, scale, offset, has_offset, group, out, t, r0, n):
+def _quarters(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, n):
     """`_pass` as four passes over a quarter of the tile each (the narrow schedule's, `narrow_schedule`)."""
     for v in range(_VECTORS):
         if n == 6:
-            _quarter6(x, q, scale, offset, has_offset, group, out, t, r0, v)
+            _quarter6(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, v)
         elif n == 5:
-            _quarter5(x, q, scale, offset, has_offset, group, out, t, r0, v)
+            _quarter5(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, v)
         elif n == 4:
-            _quarter4(x, q, scale, offset, has_offset, group, out, t, r0, v)
+            _quarter4(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, v)
         elif n == 3:
-            _quarter3(x, q, scale, offset, has_offset, group, out, t, r0, v)
+            _quarter3(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, v)
         elif n == 2:
-            _quarter2(x, q, scale, offset, has_offset, group, out, t, r0, v)
+            _quarter2(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, v)
         else:
-            _quarter1(x, q, scale, offset, has_offset, group, out, t, r0, v)
+            _quarter1(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, v)
 
 
 @numba.njit(cache=True)
-def _tiles(x, q, scale, offset, has_offset, group, out, lo, hi, narrow):
+def _tiles(x, q, scale, offset, has_offset, nibbles, group, out, lo, hi, narrow):
     """Output tiles lo..hi-1 of `_qmatmul` on the calling thread (small products run only this): per tile,
     ceil(M / MAX_ROWS) passes of near-equal row counts, back to back while the tile's codes are in cache; on the
     narrow schedule a pass of 2+ rows is four quarter-tile passes."""
@@ -366,17 +408,17 @@ def _tiles(x, q, scale, offset, has_offset, group, out, lo, hi, narrow):
         for p in range(passes):
             n = (m - r0) // (passes - p)
             if narrow and n > 1:
-                _quarters(x, q, scale, offset, has_offset, group, out, t, r0, n)
+                _quarters(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, n)
             else:
-                _pass(x, q, scale, offset, has_offset, group, out, t, r0, n)
+                _pass(x, q, scale, offset, has_offset, nibbles, group, out, t, r0, n)
             r0 += n
 
 
 @numba.njit(cache=True, parallel=True)
-def _qmatmul(x, q, scale, offset, has_offset, group, out, narrow):
+def _qmatmul(x, q, scale, offset, has_offset, nibbles, group, out, narrow):
     """out [M, Np] = x [M, K] @ dequant(q).T, the tiles shared among numba's threads (prange: equal blocks)."""
     for t in numba.prange(q.shape[0]):
-        _tiles(x, q, scale, offset, has_offset, group, out, t, t + 1, narrow)
+        _tiles(x, q, scale, offset, has_offset, nibbles, group, out, t, t + 1, narrow)
 
 
 SERIAL_WORK = 1 << 18  # rows x weight elements below which the product runs on one thread
@@ -391,8 +433,8 @@ def qmatmul_np(x: np.ndarray, w: QuantWeight, narrow: bool | None = None) -> np.
     """`qmatmul` on numpy arrays: x [M, K] float32 -> [M, N] float32 (a view when N is padded). `narrow`: the
     pass schedule (default: this CPU's, `narrow_schedule`); every schedule gives the same values."""
     m, k = x.shape
-    if k != w.q.shape[1]:
-        raise ValueError(f"qmatmul: x has {k} columns, the weight {w.q.shape[1]}")
+    if k != w.cols:
+        raise ValueError(f"qmatmul: x has {k} columns, the weight {w.cols}")
     if x.dtype != np.float32 or not x.flags.c_contiguous:  # the microkernel reads rows k apart
         x = np.ascontiguousarray(x, dtype=np.float32)
     if narrow is None:
@@ -400,10 +442,10 @@ def qmatmul_np(x: np.ndarray, w: QuantWeight, narrow: bool | None = None) -> np.
     out = np.empty((m, w.padded_rows), dtype=np.float32)
     offset = w.offset if w.offset is not None else w.scale  # unused when has_offset is False
     tiles = w.q.shape[0]
-    if m * w.q.size < SERIAL_WORK or tiles == 1:
-        _tiles(x, w.q, w.scale, offset, w.offset is not None, w.group, out, 0, tiles, narrow)
+    if m * w.padded_rows * w.cols < SERIAL_WORK or tiles == 1:
+        _tiles(x, w.q, w.scale, offset, w.offset is not None, w.nibbles, w.group, out, 0, tiles, narrow)
     else:
-        _qmatmul(x, w.q, w.scale, offset, w.offset is not None, w.group, out, narrow)
+        _qmatmul(x, w.q, w.scale, offset, w.offset is not None, w.nibbles, w.group, out, narrow)
     return out[:, : w.rows] if w.rows != w.padded_rows else out
 
 
