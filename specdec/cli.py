@@ -124,7 +124,10 @@ def _print_stats(result, cfg: RunConfig) -> None:
               help="Comma-separated: hf-plain, hf-pld, drafter names (with options for ablations: "
                    "'diffusion[cps=false;adl=false]'; a weight format: ngram@gguf), or the llama.cpp baselines llama-q4km-plain, "
                    "llama-q4km-pld, llama-f32-plain, llama-f32-pld (need the llamacpp extra; never in the default, "
-                   "installed or not); --drafter (with the config's drafter_options) is added when missing.")
+                   "installed or not), llama.cpp's own server llama-server-plain, llama-server-ngram-mod (and "
+                   "-ngram-simple, -ngram-map-k, -ngram-map-k4v, -ngram-cache, -draft; need $SPECDEC_LLAMA_SERVER "
+                   "or llama-server on PATH); --drafter (with the config's drafter_options) is added when missing.")
+@click.option("--llama-draft", help="The draft model of llama-server-draft: a built-in name or a .gguf file.")
 @click.option("--out", "out_dir", default="bench_results", show_default=True, help="Folder for JSON + Markdown.")
 @click.option("--batch", "batch_sizes", help="Batched throughput instead: comma-separated batch sizes, e.g. 1,2,4,8.")
 @click.option("--batch-prompts", type=int, default=16, show_default=True, help="Prompts for --batch.")
@@ -139,7 +142,7 @@ def _print_stats(result, cfg: RunConfig) -> None:
 @user_errors
 def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, per_category: int,
           max_new_tokens: int, methods: str, out_dir: str, batch_sizes: str | None, batch_prompts: int,
-          batch_drafters: str, repeats: int,
+          batch_drafters: str, repeats: int, llama_draft: str | None,
           plot: bool, curve: str | None, **overrides: Any) -> None:
     """Spec-Bench, side by side in one run: tau, tokens/s, speedup and exact-match rate per category."""
     cfg = load_config(config_path).updated(**overrides)
@@ -172,6 +175,7 @@ def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, p
         methods=_bench_methods(methods, cfg, drafter_given=overrides.get("drafter") is not None), out_dir=out_dir,
         cache_dir=cache_dir, tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend, plot=plot,
         curve=curve, strict=cfg.strict, drafter=cfg.drafter, drafter_options=cfg.drafter_options,
+        llama_draft=llama_draft,
     )
     run_bench(spec, log=log, echo=click.echo)
 

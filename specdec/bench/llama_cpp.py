@@ -55,7 +55,8 @@ class LlamaMethod:
 
 
 def is_llama_method(name: str) -> bool:
-    return name.startswith(PREFIX)
+    """A llama-cpp-python method (`llama-server-*`, llama.cpp's own server, is `specdec.bench.llama_server`'s)."""
+    return name.startswith(PREFIX) and not name.startswith("llama-server-")
 
 
 def parse_method(name: str) -> LlamaMethod:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from specdec.bench import llama_cpp as llama_bench
+from specdec.bench import llama_server
 from specdec.bench import step_time
 from specdec.bench.report import machine_info, output_dir, save_report, write_new
 from specdec.config import GGUF_FORMATS
@@ -52,6 +53,7 @@ class BenchSpec:
     strict: bool = False  # specdec methods score with the lean verifier's batch-invariant mode
     drafter: str | None = None  # the configured drafter: the method of this name gets drafter_options
     drafter_options: dict[str, Any] = field(default_factory=dict)
+    llama_draft: str | None = None  # the draft model of the llama-server-draft method (built-in name or .gguf)
 
 
 @dataclass
@@ -83,7 +85,7 @@ class _Runner:
         quants: dict[str, dict] = {}  # format -> the GGUF's quantised weights, read once (about 25 s a read)
         self.decoders = {}
         for m in spec.methods:
-            if m in HF_METHODS or llama_bench.is_llama_method(m):
+            if is_baseline(m):
                 continue
             drafter, weights, options = split_method(m)
             options = {**(spec.drafter_options if drafter == spec.drafter else {}), **options}
@@ -104,6 +106,7 @@ class _Runner:
                 backend=spec.backend, cache_dir=spec.cache_dir, strict=spec.strict, weights=weights, log=log,
                 drafter_options=options or None, quant=quants.get(weights))
         self.llama = _llama_runner(spec, longest_prompt, log)
+        self.server = _server_runner(spec, longest_prompt, log)
         self.curves = {m: step_time.curve_of(d, log) for m, d in self.decoders.items()}  # the sizing curves
         self.last_steps: step_time.StepTimes | None = None  # the last run's steps (specdec methods)
 
@@ -111,6 +114,7 @@ class _Runner:
         """Runner facts for the saved report (llama.cpp version and files when llama methods run; the latency
         curves the specdec methods' step times are predicted from)."""
         facts = self.llama.describe() if self.llama is not None else {}
+        facts |= self.server.describe() if self.server is not None else {}
         return facts | {"latency_curves": {m: c.to_json() for m, c in self.curves.items()}}
 
     def run(self, method: str, ids: list[int], max_new: int) -> tuple[list[int], float, float]:
@@ -121,6 +125,9 @@ class _Runner:
         if llama_bench.is_llama_method(method):
             tokens, seconds = self.llama.generate(method, ids, max_new, self.eos)
             return tokens, seconds, float("nan")
+        if llama_server.is_server_method(method):
+            tokens, seconds = self.server.generate(method, ids, max_new, self.eos)
+            return tokens, seconds, float("nan")
         res = self.decoders[method].generate_ids(ids, max_new_tokens=max_new, eos_token_id=self.eos)
         self.last_steps = step_time.StepTimes.of(res.stats, self.curves[method])
         return res.tokens, res.stats.total_s, res.stats.tau
@@ -129,6 +136,30 @@ class _Runner:
         extra = {"prompt_lookup_num_tokens": PLD_NUM_TOKENS} if method == "hf-pld" else {}
         tokens, seconds = hf_generate(self.model, ids, max_new, self.eos, **extra)
         return tokens, seconds, float("nan")
+
+
+    def close(self) -> None:
+        """Stops the llama-server processes, if any ran."""
+        if self.server is not None:
+            self.server.close()
+
+
+def is_baseline(method: str) -> bool:
+    """transformers or llama.cpp (either runner): not a specdec method."""
+    return method in HF_METHODS or llama_bench.is_llama_method(method) or llama_server.is_server_method(method)
+
+
+def _server_runner(spec: BenchSpec, longest_prompt: int, log: Callable[[str], None]):
+    """One llama-server per llama-server method of spec.methods, started now; None when there are none."""
+    from specdec.models.loading import gguf_file
+
+    modes = llama_server.check_methods(spec.methods, spec.llama_draft)
+    if not modes:
+        return None
+    gguf = gguf_file(spec.model, cache_dir=spec.cache_dir, log=log)
+    draft = gguf_file(spec.llama_draft, cache_dir=spec.cache_dir, log=log) if "draft" in modes else None
+    return llama_server.ServerRunner(modes, gguf, draft, torch.get_num_threads(),
+                                     longest_prompt + spec.max_new_tokens + 64, log)
 
 
 def _llama_runner(spec: BenchSpec, longest_prompt: int, log: Callable[[str], None]):
@@ -164,8 +195,9 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, echo: Callabl
                            f"add {spec.drafter} to --methods")
     output_dir(spec.out_dir)  # a bad --out fails now, not after the run
     llama_bench.check_methods(spec.methods)  # an unknown llama method or a missing llama_cpp, too
+    llama_server.check_methods(spec.methods, spec.llama_draft)  # a missing llama-server binary, too
     for m in spec.methods:
-        if m not in HF_METHODS and not llama_bench.is_llama_method(m):
+        if not is_baseline(m):
             split_method(m)  # an unknown weight format fails before the model loads
     questions = read_questions(spec.prompts, spec.per_category)
     loaded = load_model(spec.model, cache_dir=spec.cache_dir, log=log)
@@ -180,16 +212,20 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, echo: Callabl
     info |= runner.describe()  # llama.cpp's version and files when llama methods run
     log(f"bench: {len(questions)} prompts x {len(spec.methods)} methods, {spec.max_new_tokens} new tokens, "
         f"{info['threads']} threads, {info['cpu']}")
-    for m in spec.methods:
-        runner.run(m, warm, 4)
     rows: list[Row] = []
-    for i, (q, ids) in enumerate(zip(questions, prompts), start=1):
+    try:
         for m in spec.methods:
-            tokens, secs, tau = runner.run(m, ids, spec.max_new_tokens)
-            rows.append(Row(q["question_id"], q["category"], m, len(ids), len(tokens), secs, tau, tokens, ids,
-                            steps=runner.last_steps))
-        done = [r for r in rows if r.question_id == q["question_id"]]
-        log(f"[{i}/{len(questions)}] {q['category']}: " + ", ".join(f"{r.method} {r.tokens_per_s:.1f} tok/s" for r in done))
+            runner.run(m, warm, 4)
+        for i, (q, ids) in enumerate(zip(questions, prompts), start=1):
+            for m in spec.methods:
+                tokens, secs, tau = runner.run(m, ids, spec.max_new_tokens)
+                rows.append(Row(q["question_id"], q["category"], m, len(ids), len(tokens), secs, tau, tokens, ids,
+                                steps=runner.last_steps))
+            done = [r for r in rows if r.question_id == q["question_id"]]
+            log(f"[{i}/{len(questions)}] {q['category']}: "
+                + ", ".join(f"{r.method} {r.tokens_per_s:.1f} tok/s" for r in done))
+    finally:
+        runner.close()
     info["loadavg"] = load_average()  # beside the step times: other processes' load during the run
     report = summarise(rows, spec.methods, info)
     base = "hf-plain" if "hf-plain" in spec.methods else spec.methods[0]  # what `summarise` compares with
@@ -268,6 +304,8 @@ def own_plain(method: str) -> str:
         return "hf-plain"
     if llama_bench.is_llama_method(method):
         return llama_bench.parse_method(method).plain
+    if llama_server.is_server_method(method):
+        return llama_server.PREFIX + "plain"
     weights = split_method(method)[1]
     return "plain" if weights == "fp32" and "@" not in method else f"plain@{weights}"
 
@@ -329,7 +367,7 @@ def _markdown(table: dict, methods: tuple[str, ...], info: dict, base: str) -> s
             f"model {info['model']} {info['dtype']} | {info['cpu']}, {info['threads']} threads | "
             f"torch {info['torch']}, transformers {info['transformers']} | speedup and exact match vs {base}; "
             f"'= own plain': exact match vs the plain decoding of the method's own system (hf-plain, "
-            f"llama-<weights>-plain of the same file, specdec plain)")
+            f"llama-<weights>-plain of the same file, llama-server-plain, specdec plain)")
     cols = "| category | " + " | ".join(f"{m} tau | {m} tok/s | {m} speedup | {m} exact | {m} = own plain"
                                         for m in methods)
     timed = step_time.timed(table, methods)  # specdec methods: measured vs predicted step ms

@@ -11,9 +11,10 @@ a group of g consecutive inputs (gguf-py's `dequantize` computes exactly these f
     Q4_K   32  4-bit           d * 6-bit scale      dmin * 6-bit min   4.5
 
 `QuantWeight` holds q as int8 with s (and o) as fp32: the file's values exactly, unpacked once at load from the
-nibble/bit planes into one byte a code (Q8_0: 1.06x the file's bytes, Q5_0 1.55x, Q4_K 1.9x; the default model's
-whole working set 1.24x, 292 MiB against the file's 235 MiB), stored in tiles of TILE = 64 output rows with the
-rows innermost: q [N / TILE, K, TILE], s and o [N / TILE, K / g, TILE]. One kernel then serves every type.
+bit planes into one byte a code (Q8_0, Q5_0, Q6_K), or, for Q4_K, kept two 4-bit codes a byte as in the file and
+split in registers. They are stored in tiles of TILE = 64 output rows with the rows innermost: q [N / TILE, K, TILE]
+(Q4_K: [N / TILE, K / 2, TILE], inputs 2j and 2j + 1 in the low and high nibbles), s and o [N / TILE, K / g, TILE].
+One kernel serves every type.
 
 `qmatmul(x, w)` computes y = x @ dequant(w).T for x [M, K] fp32. A pass over one tile serves up to MAX_ROWS = 6
 input rows: per input position k it dequantises the tile's 64 weights of column k into 4 vector registers
