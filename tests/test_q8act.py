@@ -51,7 +51,7 @@ def test_close_to_the_fp32_product(kind):
 
 
 def test_q4_k_codes_stay_two_a_byte():
-    qw = unpack("Q4_K", random_blocks("Q4_K", 32, 512, seed=6), 32, 512)
+    qw = unpack("Q4_K", random_blocks("Q4_K", 32, 512, seed=6), 32, 512, nibbles=True)
     w = from_quant(qw)
     assert w.nibbles and w.codes.nbytes == 32 * 512 // 2
     assert np.array_equal(codes_of(w).astype(np.int16), dequantize_codes(qw))
