@@ -68,16 +68,18 @@ def make_verifier(model: PreTrainedModel, backend: str = "auto", strict: bool = 
         return HFVerifier(model)
 
 
-def gguf_weights(spec: str | None, model: PreTrainedModel, cache_dir: str | None, log=None) -> dict:
+def gguf_weights(spec: str | None, model: PreTrainedModel, cache_dir: str | None, log=None,
+                 fmt: str = "gguf") -> dict:
     """The GGUF's quantised linears for `model`, loaded from the GGUF that `spec` (a built-in or .gguf) names:
-    what `weights="gguf"` computes with (`specdec.models.gguf_weights`). SpecdecError when they do not match."""
+    what `weights=fmt` ("gguf" or "q8act") computes with (`specdec.models.gguf_weights`). SpecdecError when they
+    do not match."""
     from specdec.models.gguf_weights import read_quant_weights
 
     path = gguf_file(spec, cache_dir=cache_dir, log=log)
     try:
-        quant, report = read_quant_weights(path, model)
+        quant, report = read_quant_weights(path, model, fmt)
     except ValueError as err:
-        raise SpecdecError(f"--weights gguf: {err}") from None
+        raise SpecdecError(f"--weights {fmt}: {err}") from None
     if log:
         log(report.summary())
     return quant
@@ -175,13 +177,13 @@ class SpecDecoder:
         self.model, self.tokenizer = model, tokenizer
         self.cache_dir = cache_dir
         if weights in GGUF_FORMATS and quant is None:
-            quant = gguf_weights(spec, model, cache_dir, log)
+            quant = gguf_weights(spec, model, cache_dir, log, weights)
             if chosen and not quant:  # the GGUF holds no block type the kernel runs (all F32/F16): fp32 it is
                 weights, quant = "fp32", None
         elif weights not in GGUF_FORMATS and quant is not None:
             raise SpecdecError("quant weights are the gguf format's: pass weights='gguf' with them, or drop them")
         if weights == "q8act" and quant:
-            quant = as_q8(quant)  # the same codes, laid out for the integer kernel
+            quant = as_q8(quant)  # given as gguf weights: the same codes, laid out for the integer kernel
         if weights == "q8act" and not quant:
             raise SpecdecError("--weights q8act: the GGUF holds no block type the integer kernel runs (Q8_0, Q5_0, "
                                "Q6_K, Q4_K): use --weights fp32")

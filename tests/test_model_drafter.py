@@ -286,6 +286,38 @@ def test_bad_options_raise():
         drafter(model, depth=3)
 
 
+@pytest.mark.parametrize("fmt", ["gguf", "q8act"])
+def test_draft_model_in_a_gguf_format_drafts_and_stays_lossless(tmp_path, fmt):
+    from test_quant import _write_gguf
+
+    from specdec.models.gguf_weights import read_quant_weights
+    from specdec.verifiers.q8act import as_q8
+    from specdec.verifiers.quant import QuantLinear
+
+    target, draft = make_tiny_model("gemma3"), noisy_copy(make_tiny_model("gemma3"), scale=0.1)
+    _write_gguf(draft, tmp_path / "draft.gguf", ["Q8_0", "Q5_0"])  # draft's weights become the dequantised ones
+    quant, _ = read_quant_weights(tmp_path / "draft.gguf", draft)
+    quant = as_q8(quant) if fmt == "q8act" else quant
+    runner = DraftRunner(lean_forward(draft, "linear", quant=quant), 4096)
+    assert isinstance(runner.lean.lm_head, QuantLinear) and runner.vocab_size == VOCAB
+    after = runner.feed(torch.tensor(PROMPT))
+    tol = ATOL if fmt == "gguf" else 0.05 * float(hf_logits(draft, PROMPT)[-1].abs().max())  # int8 activations
+    torch.testing.assert_close(after, hf_logits(draft, PROMPT)[-1], atol=tol, rtol=0)
+    drafting = ModelDrafter(runner, VOCAB, k=4)
+    res = Engine(HFVerifier(target), drafting, 8).generate(PROMPT, StopConditions(40))
+    assert res.tokens == hf_greedy(target, PROMPT, 40) and res.stats.tau > 1.0
+    with pytest.raises(SpecdecError, match="draft_vocab picks rows of the draft model's fp32 LM head"):
+        runner.restrict_head(torch.arange(10))
+
+
+def test_gguf_draft_formats_need_a_gguf_draft_model():
+    with pytest.raises(SpecdecError, match="weights=gguf reads the draft model's GGUF"):
+        drafter(make_tiny_model("llama"), weights="gguf")
+    with pytest.raises(SpecdecError, match="weights must be auto, fp32, gguf or q8act"):
+        drafter(make_tiny_model("llama"), weights="int4")
+    assert isinstance(drafter(make_tiny_model("llama"), weights="auto"), ModelDrafter)  # a loaded model: fp32
+
+
 def test_budget_of_one_is_a_plain_step():
     d = drafter(make_tiny_model("llama"))
     draft: Draft = d.draft(torch.tensor(PROMPT), 1)

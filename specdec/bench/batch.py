@@ -13,6 +13,9 @@ plain and spec in the same run, so drafters are compared within one run rather t
 times on shared machines are noisy: compare ratios from one run. Batches run
 on the lean verifier (per-row positions and caches): `--backend hf` is refused, not ignored. `--weights`
 picks the format every method runs in (fp32, bf16, or gguf: the GGUF's own blocks, `specdec.verifiers.quant`).
+`others` may also name llama.cpp's own server (`llama-server-plain`, `llama-server-ngram-mod`, ...:
+`specdec.bench.llama_server`): at batch size B one server with B slots (`-np B`) on the same GGUF, B requests
+in flight.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from specdec.bench import llama_server
 from specdec.bench.report import machine_info, output_dir, save_report
 from specdec.config import GGUF_FORMATS, WEIGHT_FORMATS
 from specdec.data.spec_bench import read_questions
@@ -50,14 +56,11 @@ class BatchBenchSpec:
 
 def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
                     echo: Callable[[str], None] = print) -> dict:
-    import torch
-
     from specdec.api import gguf_weights
     from specdec.bench.spec_bench import PROMPT_TEMPLATE, eos_ids
     from specdec.models.loading import default_cache_dir, load_model
     from specdec.text import encode_prompt
     from specdec.trees.sizing import cached_curve, verifier_key
-    from specdec.verifiers.q8act import as_q8
 
     if not spec.batch_sizes or min(spec.batch_sizes) < 1:
         raise SpecdecError("--batch takes batch sizes >= 1, e.g. 1,2,4,8,16")
@@ -71,7 +74,12 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
     methods = ("plain", "spec") + tuple(spec.others)
     if len(set(methods)) != len(methods):
         raise SpecdecError(f"--batch-drafters: each drafter once, and not plain or spec; got {','.join(spec.others)}")
+    servers = llama_server.check_methods(spec.others, None)  # a missing binary fails now
+    if "draft" in servers:
+        raise SpecdecError("--batch-drafters: llama-server-draft is not run in --batch: use plain or an ngram mode")
     for m in spec.others:  # a malformed or unknown one fails before the model loads
+        if llama_server.is_server_method(m):
+            continue
         problem = unknown_drafter(parse_drafter(m, "--batch-drafters")[0])
         if problem:
             raise SpecdecError(f"--batch-drafters: {problem}")
@@ -79,9 +87,8 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
     loaded = load_model(spec.model, dtype=torch.bfloat16 if spec.weights == "bf16" else torch.float32,
                         cache_dir=spec.cache_dir, log=log)
     prompts = [encode_prompt(loaded.tokenizer, q["text"], template=PROMPT_TEMPLATE) for q in questions]
-    quant = gguf_weights(spec.model, loaded.model, spec.cache_dir, log) if spec.weights in GGUF_FORMATS else None
-    if spec.weights == "q8act":
-        quant = as_q8(quant)
+    quant = gguf_weights(spec.model, loaded.model, spec.cache_dir, log, spec.weights) \
+        if spec.weights in GGUF_FORMATS else None
     verifier = _lean_verifier(loaded.model, quant)
     eos = frozenset(eos_ids(loaded))
     info = machine_info(dtype=_DTYPES[spec.weights]) | {
@@ -93,19 +100,24 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
         f"{','.join(map(str, spec.batch_sizes))}, {info['threads']} threads, {info['cpu']}")
     curve = cached_curve(verifier, verifier_key(loaded.model.config, verifier),
                          Path(spec.cache_dir) if spec.cache_dir else default_cache_dir(), log)
-    runner = _Runner(verifier, loaded, spec, eos, curve)
-    for method in methods:  # numba kernels, GEMM paths and caches warm up outside the timings
-        runner.run(method, prompts[:2], 2, 4)
+    runner = _Runner(verifier, loaded, spec, eos, curve, log)
     rows = []
-    for b in spec.batch_sizes:
-        best: dict[str, dict] = {}
-        for _ in range(max(1, spec.repeats)):
-            for method in methods:
-                r = runner.run(method, prompts, b, spec.max_new_tokens)
-                log(f"batch {b} {method}: {r['tokens_per_s']:.2f} tokens/s, tau {r['tau']:.2f}")
-                if method not in best or r["tokens_per_s"] > best[method]["tokens_per_s"]:
-                    best[method] = r
-        rows += [best[m] | {"batch": b, "method": m} for m in methods]
+    try:
+        for method in methods:  # numba kernels, GEMM paths and caches warm up outside the timings
+            if not llama_server.is_server_method(method):
+                runner.run(method, prompts[:2], 2, 4)
+        for b in spec.batch_sizes:
+            best: dict[str, dict] = {}
+            for _ in range(max(1, spec.repeats)):
+                for method in methods:
+                    r = runner.run(method, prompts, b, spec.max_new_tokens)
+                    log(f"batch {b} {method}: {r['tokens_per_s']:.2f} tokens/s, tau {r['tau']:.2f}")
+                    if method not in best or r["tokens_per_s"] > best[method]["tokens_per_s"]:
+                        best[method] = r
+            rows += [best[m] | {"batch": b, "method": m} for m in methods]
+    finally:
+        runner.close()
+    info |= runner.describe()
     if verifier.screen is not None:  # how the screened LM head decided the greedy tokens of all runs
         counts = verifier.screen.counts
         info["screen"] = dict(counts) | {"candidates_per_row": round(counts["candidates"] / max(1, counts["rows"]), 2)}
@@ -148,12 +160,50 @@ def pick_questions(path: str | None, n: int) -> list[dict]:
 class _Runner:
     """One timed pass of all prompts at one batch size; fresh drafters and policy each time."""
 
-    def __init__(self, verifier, loaded, spec: BatchBenchSpec, eos: frozenset[int], curve=None):
-        self.verifier, self.spec, self.eos, self.curve = verifier, spec, eos, curve
+    def __init__(self, verifier, loaded, spec: BatchBenchSpec, eos: frozenset[int], curve=None,
+                 log: Callable[[str], None] = print):
+        self.verifier, self.spec, self.eos, self.curve, self.log = verifier, spec, eos, curve, log
         self.vocab_size = loaded.model.config.vocab_size
         self.context = {"target": loaded.model, "target_tokenizer": loaded.tokenizer}  # for model / self drafters
+        self.server: tuple[str, int, llama_server.ServerRunner] | None = None  # (mode, slots, servers)
+        self.commands: dict[str, str] = {}  # each server's command line, for the report
 
     def run(self, method: str, prompts: list[list[int]], width: int, max_new: int) -> dict:
+        if llama_server.is_server_method(method):
+            return self._run_server(method, prompts, width, max_new)
+        return self._run_engine(method, prompts, width, max_new)
+
+    def _run_server(self, method: str, prompts: list[list[int]], width: int, max_new: int) -> dict:
+        """All prompts through llama-server with `width` slots and `width` requests in flight; the server is
+        started once per (mode, width), outside the timing."""
+        from specdec.models.loading import gguf_file
+
+        mode = method[len(llama_server.PREFIX):]
+        if self.server is None or self.server[:2] != (mode, width):
+            self.close()
+            gguf = gguf_file(self.spec.model, cache_dir=self.spec.cache_dir)
+            n_ctx = max(map(len, prompts)) + max_new + 64
+            servers = llama_server.ServerRunner([mode], gguf, None, torch.get_num_threads(), n_ctx, self.log,
+                                                parallel=width)
+            self.commands[f"{mode} x{width}"] = servers.describe()["llama_server"][mode]
+            self.server = (mode, width, servers)
+            servers.generate_many(method, prompts[:width], 4, sorted(self.eos), width)  # warm-up, untimed
+        t0 = time.perf_counter()
+        tokens = self.server[2].generate_many(method, prompts, max_new, sorted(self.eos), width)
+        wall = time.perf_counter() - t0
+        new = sum(map(len, tokens))
+        return {"tokens": tokens, "new_tokens": new, "seconds": wall, "tokens_per_s": new / wall,
+                "tau": float("nan"), "budgets": {}, "stats": {}}
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server[2].close()
+            self.server = None
+
+    def describe(self) -> dict:
+        return {"llama_server": self.commands} if self.commands else {}
+
+    def _run_engine(self, method: str, prompts: list[list[int]], width: int, max_new: int) -> dict:
         from specdec.drafters.registry import make_drafter
         from specdec.engine import Engine, Request, StopConditions
         from specdec.trees.budget import BatchSizer

@@ -57,7 +57,7 @@ class DraftRunner:
     def __init__(self, lean: LeanModel, max_positions: int):
         self.lean = lean
         self.max_positions = max_positions
-        self.vocab_size: int = lean.lm_head.weight.shape[0]
+        self.vocab_size: int = lean.lm_head.out_features
         self.length = 0
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (k, v) [1, Hkv, capacity, D]
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -105,6 +105,9 @@ class DraftRunner:
             return
         ids = ids.long().unique()
         head = self.lean.lm_head
+        if not isinstance(head, Linear):
+            raise SpecdecError("draft_vocab picks rows of the draft model's fp32 LM head: add weights=fp32 to the "
+                               "model drafter's options, or drop draft_vocab")
         bias = None if head.bias is None else head.bias[ids]
         self._head = (ids, Linear(head.weight[ids], bias, self.lean.plan))
 
@@ -484,14 +487,46 @@ def _draft_seed(seed: int | None) -> int:
 # construction
 
 
+def draft_quant(spec: Any, model: PreTrainedModel, weights: str, cache_dir: str | Path | None) -> dict | None:
+    """The draft model's quantised linears for `weights` (None: its fp32 tensors). A GGUF format needs
+    draft_model to name a GGUF; "auto" picks q8act when it does."""
+    from specdec.models.loading import gguf_file
+
+    names_gguf = isinstance(spec, (str, Path)) and _is_gguf(spec, cache_dir)
+    if weights == "auto":
+        weights = "q8act" if names_gguf else "fp32"
+    if weights == "fp32":
+        return None
+    if not names_gguf:
+        raise SpecdecError(f"model drafter: weights={weights} reads the draft model's GGUF: give draft_model as a "
+                           "built-in name or a .gguf file, or use weights=fp32")
+    from specdec.models.gguf_weights import read_quant_weights
+
+    try:
+        return read_quant_weights(gguf_file(str(spec), cache_dir=cache_dir), model, weights)[0]
+    except ValueError as err:
+        raise SpecdecError(f"model drafter: weights={weights}: {err}") from None
+
+
+def _is_gguf(spec: str | Path, cache_dir: str | Path | None) -> bool:
+    from specdec.models.loading import gguf_file
+
+    try:
+        gguf_file(str(spec), cache_dir=cache_dir)
+    except SpecdecError:
+        return False
+    return True
+
+
 def lean_forward(model: PreTrainedModel, gemm: str = "auto", cache_dir: str | Path | None = None,
-                 what: str = "draft model") -> LeanModel:
-    """`model`'s lean forward (its own weights); the GEMM plan is chosen and cached as the lean verifier does."""
+                 what: str = "draft model", quant: dict | None = None) -> LeanModel:
+    """`model`'s lean forward (its own weights, or `quant`'s quantised linears); the GEMM plan is chosen and
+    cached as the lean verifier does."""
     from specdec.verifiers.lean import LeanVerifier
 
     gemm_dir = Path(cache_dir) / "gemm" if cache_dir is not None else None
     try:
-        return LeanVerifier(model, gemm=gemm, cache_dir=gemm_dir).model  # type: ignore[arg-type]
+        return LeanVerifier(model, gemm=gemm, cache_dir=gemm_dir, quant=quant).model  # type: ignore[arg-type]
     except ValueError as err:
         raise SpecdecError(f"{what}: {err}: use a Llama, Qwen2 or Gemma 3 model") from None
 
@@ -543,17 +578,24 @@ def model_drafter(
     target_tokenizer: Any = None,
     cache_dir: str | None = None,
     gemm: Literal["auto", "linear", "wxt"] = "auto",
+    weights: Literal["auto", "fp32", "gguf", "q8act"] = "auto",
 ) -> ModelDrafter:
     """Registry factory for `model`. draft_model: a load_model spec or a loaded model sharing the target's
     tokenizer; target_tokenizer: checked against the draft's when both are known. temperature/top_k/top_p/seed:
     the sampling the drafter drafts for until the engine's `reset` passes each request's own.
-    draft_vocab: N = draft only the N most frequent tokens (`frequent_tokens`) plus the prompt's, or token ids."""
+    draft_vocab: N = draft only the N most frequent tokens (`frequent_tokens`) plus the prompt's, or token ids.
+    weights: the draft model's weight format: "auto" is q8act (the GGUF's codes, integer products: the fastest
+    format measured on one row) when draft_model names a GGUF (a built-in or a .gguf file), else fp32. The draft
+    model's numerics never change the output, which the target's verification decides."""
     if tree is not None:
         raise ValueError("drafter 'model' builds its own trees and takes no tree preset: use mode='tree'")
     sampling = SamplingParams(temperature, top_k, top_p, seed).validate()
+    if weights not in ("auto", "fp32", "gguf", "q8act"):
+        raise SpecdecError(f"model drafter: weights must be auto, fp32, gguf or q8act, got {weights!r}")
     model, tokenizer, name = resolve_model(draft_model, cache_dir)
     check_vocab(model, tokenizer, vocab_size, target_tokenizer, name)
-    runner = DraftRunner(lean_forward(model, gemm, cache_dir), int(model.config.max_position_embeddings))
+    quant = draft_quant(draft_model, model, weights, cache_dir)
+    runner = DraftRunner(lean_forward(model, gemm, cache_dir, quant=quant), int(model.config.max_position_embeddings))
     head = draft_vocabulary(draft_vocab, tokenizer or target_tokenizer, vocab_size)
     return ModelDrafter(runner, vocab_size, k=k, mode=mode, branch=branch, adaptive=adaptive, sampling=sampling,
                         head_ids=head)

@@ -179,12 +179,13 @@ class QuantReport:
     kinds: dict[str, int] = field(default_factory=dict)  # block type -> tensors
     file_bytes: int = 0  # bytes of those tensors in the GGUF
     kernel_bytes: int = 0  # bytes one pass of the kernel reads (int8 codes + fp32 constants)
+    fmt: str = "gguf"  # the weight format they were read for (gguf or q8act)
     fp32: list[str] = field(default_factory=list)  # linear modules left on the model's fp32 weight (and why)
 
     def summary(self) -> str:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.kinds.items()))
         rest = f"; fp32: {', '.join(self.fp32)}" if self.fp32 else ""
-        return (f"gguf weights: {kinds} ({self.file_bytes / 2**20:.0f} MiB in the file, "
+        return (f"{self.fmt} weights: {kinds} ({self.file_bytes / 2**20:.0f} MiB in the file, "
                 f"{self.kernel_bytes / 2**20:.0f} MiB read a pass){rest}")
 
 
@@ -201,8 +202,10 @@ def module_name(tensor: str, prefix: str, tied: bool) -> str | None:
     return None
 
 
-def read_quant_weights(gguf: str | Path, model: PreTrainedModel) -> tuple[dict[str, QuantWeight], QuantReport]:
-    """module name -> QuantWeight for every linear of `model` the GGUF stores in a supported block type.
+def read_quant_weights(gguf: str | Path, model: PreTrainedModel,
+                       fmt: str = "gguf") -> tuple[dict[str, QuantWeight], QuantReport]:
+    """module name -> QuantWeight for every linear of `model` the GGUF stores in a supported block type; with
+    fmt "q8act" each converted for the integer kernel (`q8act.from_quant`) as it is read.
 
     ValueError when a weight's exact values differ from the model's (the model was not loaded from this file).
     """
@@ -213,8 +216,10 @@ def read_quant_weights(gguf: str | Path, model: PreTrainedModel) -> tuple[dict[s
     names = {t.name for t in tensors}
     if "output.weight" in names:
         tied = False  # a separate output matrix is the head, whatever the config says
+    from specdec.verifiers.q8act import from_quant
+
     out: dict[str, QuantWeight] = {}
-    report = QuantReport()
+    report = QuantReport(fmt=fmt)
     for tensor in tensors:
         name = module_name(tensor.name, prefix, tied)
         if name is None or name not in modules:
@@ -231,10 +236,10 @@ def read_quant_weights(gguf: str | Path, model: PreTrainedModel) -> tuple[dict[s
                                                                  reference.view(np.int32)):
             raise ValueError(f"{tensor.name} of {Path(gguf).name} is not the loaded model's {name} weight "
                              f"(the model must be the one dequantised from this GGUF)")
-        out[name] = weight
+        out[name] = from_quant(weight) if fmt == "q8act" else weight
         report.kinds[kind] = report.kinds.get(kind, 0) + 1
         report.file_bytes += weight.file_bytes
-        report.kernel_bytes += weight.nbytes
+        report.kernel_bytes += out[name].nbytes
     for name, mod in modules.items():
         if name not in out and type(mod).__name__ == "Linear" and not any(f.startswith(name) for f in report.fp32):
             report.fp32.append(name)

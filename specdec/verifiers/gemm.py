@@ -127,6 +127,10 @@ class Linear:
         self.bias = None if bias is None else bias.detach()  # [out]
         self.use(plan or GemmPlan())
 
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
     def use(self, plan: GemmPlan) -> None:
         self._by_bucket = {b: plan.orientation(self.weight, b) for b in BUCKETS}
 

@@ -74,6 +74,11 @@ class Q8Weight:
     def padded_rows(self) -> int:
         return self.codes.shape[0] * TILE
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes one pass over the weight reads."""
+        return self.codes.nbytes + self.scale.nbytes + (0 if self.offset is None else self.offset.nbytes)
+
 
 def from_quant(w: QuantWeight) -> Q8Weight:
     """`QuantWeight` (tiles of 64 rows, int8 codes) -> `Q8Weight` (tiles of 16 rows, input quads): same values."""

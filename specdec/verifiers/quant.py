@@ -478,6 +478,10 @@ class QuantLinear:
         self.bias = None if bias is None else bias.detach().float()  # [out]
         self._bias_np = None if self.bias is None else self.bias.numpy()  # the same memory, for `rows`
 
+    @property
+    def out_features(self) -> int:
+        return self.quant.rows
+
     def use(self, plan) -> None:  # a GEMM plan does not apply: one kernel for every row count
         pass
 
