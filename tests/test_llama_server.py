@@ -81,6 +81,8 @@ def test_runner_starts_one_server_per_mode_sends_ids_and_cuts_at_eos(tmp_path, m
         assert tokens == [4, 5, 6, 7] and seconds > 0  # cut after the bench's EOS id, which is kept
         tokens, _ = runner.generate("llama-server-plain", [20], 3, eos=[7])
         assert tokens == [21, 22, 23]
+        many = runner.generate_many("llama-server-plain", [[10 * i] for i in range(7)], 2, [7], in_flight=3)
+        assert many == [[10 * i + 1, 10 * i + 2] for i in range(7)]  # in prompt order, whatever finished first
         processes = [s.process for s in runner.servers.values()]
         assert set(runner.describe()["llama_server"]) == {"plain", "ngram-mod", "draft"}
     assert all(p.poll() is not None for p in processes)  # stopped on leaving the block

@@ -166,6 +166,15 @@ class ServerRunner:
         cut = next((i + 1 for i, t in enumerate(tokens) if t in stop), len(tokens))
         return tokens[:cut], seconds
 
+    def generate_many(self, method: str, prompts: list[list[int]], max_new: int, eos: list[int],
+                      in_flight: int) -> list[list[int]]:
+        """Every prompt's greedy continuation, `in_flight` requests at a time (a server started with as many
+        slots: `parallel`), in prompt order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=in_flight) as pool:
+            return [tokens for tokens, _ in pool.map(lambda ids: self.generate(method, ids, max_new, eos), prompts)]
+
     def close(self) -> None:
         for server in self.servers.values():
             if server.process.poll() is None:
