@@ -108,6 +108,10 @@ def _print_stats(result, cfg: RunConfig) -> None:
         f"threads={d['threads']} finish={d['finish_reason']}",
         err=True,
     )
+    per_step = 1e3 / max(1, d["steps"])
+    click.echo(f"[stats] per step: verify {d['verify_s'] * per_step:.2f} ms, inside the drafter (propose + observe) "
+               f"{d['drafter_s'] * per_step:.2f} ms, rest of the loop "
+               f"{(d['total_s'] - d['prefill_s'] - d['verify_s'] - d['drafter_s']) * per_step:.2f} ms", err=True)
     hist = " ".join(f"{k}:{v}" for k, v in d["accept_histogram"].items())
     click.echo(f"[stats] accepted-length histogram (tokens/step: steps): {hist}", err=True)
     if d.get("proposed_by"):  # drafts that name their sources (auto): whose nodes were scored and accepted

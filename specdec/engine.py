@@ -77,12 +77,14 @@ class DecodeStats:
     step_nodes: list[int] = field(default_factory=list)  # [steps] nodes its verify call scored (all rows, aux too)
     step_s: list[float] = field(default_factory=list)  # [steps] seconds of the whole step, sizing .. observe
     step_verify_s: list[float] = field(default_factory=list)  # [steps] seconds of its score_nodes + greedy tokens
+    step_drafter_s: list[float] = field(default_factory=list)  # [steps] seconds inside the drafter (propose + observe)
     # drafts that say who proposed each node (`Draft.sources`, the auto drafter): draft nodes per source
     proposed_by: Counter = field(default_factory=Counter)  # scored
     accepted_by: Counter = field(default_factory=Counter)  # accepted
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    drafter_s: float = 0.0  # inside the drafter's propose and observe (its share of a batched step)
     total_s: float = 0.0
 
     @property
@@ -109,6 +111,7 @@ class DecodeStats:
             "prefill_s": round(self.prefill_s, 4),
             "draft_s": round(self.draft_s, 4),
             "verify_s": round(self.verify_s, 4),
+            "drafter_s": round(self.drafter_s, 4),
             "total_s": round(self.total_s, 4),
         } | ({"proposed_by": dict(self.proposed_by.most_common()), "accepted_by": dict(self.accepted_by.most_common())}
              if self.proposed_by else {})
@@ -133,6 +136,7 @@ class BatchStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     accept_s: float = 0.0
+    drafter_s: float = 0.0  # inside the drafter's propose and observe
     wall_s: float = 0.0
 
     @property
@@ -150,7 +154,8 @@ class BatchStats:
             "mean_rows_per_step": round(self.row_steps / max(1, self.steps), 2), "tau": round(self.tau, 4),
             "tokens_per_s": round(self.tokens_per_s, 3), "budget_histogram": dict(sorted(self.budgets.items())),
             "prefill_s": round(self.prefill_s, 4), "draft_s": round(self.draft_s, 4),
-            "verify_s": round(self.verify_s, 4), "accept_s": round(self.accept_s, 4), "wall_s": round(self.wall_s, 4),
+            "verify_s": round(self.verify_s, 4), "accept_s": round(self.accept_s, 4),
+            "drafter_s": round(self.drafter_s, 4), "wall_s": round(self.wall_s, 4),
         }
 
 
@@ -262,6 +267,7 @@ class Run:
         for r, ids in zip(self.requests, self.ids):
             engine.check(r, ids)
         self.stats = BatchStats(rows=len(self.requests))
+        self._drafter_s = 0.0  # seconds inside the drafter during the current step
 
     def __iter__(self) -> Iterator[tuple[int, GenerationResult]]:
         t0 = time.perf_counter()
@@ -372,8 +378,10 @@ class Run:
             if reason is not None:
                 row.reason = reason
                 finished.append(row)
+        t_observe = time.perf_counter()
         eng.drafter.observe(views, drafts, feedback)
         t3 = time.perf_counter()
+        self._drafter_s += t3 - t_observe
         self._account(rows, plan, sum(batch.sizes), committed_total, (t0, t1, t2, t3))
         return finished
 
@@ -382,12 +390,14 @@ class Run:
         if not plan.propose:
             return [Draft.root_only(r.context) for r in views]
         name = eng.drafter.name
+        t0 = time.perf_counter()
         try:
             drafts = eng.drafter.propose(views, plan.budgets)
         except SpecdecError:
             raise
         except Exception as err:  # a drafter's bug must name the drafter, not surface as the engine's
             raise SpecdecError(f"drafter '{name}' failed in propose: {type(err).__name__}: {err}") from err
+        self._drafter_s += time.perf_counter() - t0
         if len(drafts) != len(views):
             raise SpecdecError(f"drafter '{name}' returned {len(drafts)} drafts for {len(views)} rows")
         drafts = eng.sizer.trim(plan, eng.drafter, [r.slot for r in views], list(drafts))
@@ -428,8 +438,10 @@ class Run:
                  t: tuple[float, float, float, float]) -> None:
         """nodes: nodes scored this step, all rows together."""
         draft_s, verify_s, accept_s = t[1] - t[0], t[2] - t[1], t[3] - t[2]
+        drafter_s, self._drafter_s = self._drafter_s, 0.0
         self.engine.sizer.record(plan, len(rows), nodes, verify_s, draft_s + accept_s, committed)
         s = self.stats
+        s.drafter_s += drafter_s
         s.steps += 1
         s.row_steps += len(rows)
         s.committed += committed
@@ -442,6 +454,8 @@ class Run:
             row.stats.step_nodes.append(nodes)
             row.stats.step_s.append(t[3] - t[0])
             row.stats.step_verify_s.append(verify_s)
+            row.stats.drafter_s += drafter_s / len(rows)
+            row.stats.step_drafter_s.append(drafter_s)
 
 
 @dataclass

@@ -7,6 +7,8 @@ masks or KV compaction were wrong anywhere, the committed tokens would drift fro
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -66,6 +68,28 @@ def test_plain_drafter_matches(tiny_model):
     ref = hf_greedy(tiny_model, PROMPT, 25)
     res = Engine(HFVerifier(tiny_model), PlainDrafter(), sizer=1).generate(PROMPT, StopConditions(25))
     assert res.tokens == ref and res.stats.tau == 1.0 and res.finish_reason == "length"
+
+
+class _SlowPlain(PlainDrafter):
+    """Plain drafting that sleeps in propose and observe: time the loop must book as the drafter's."""
+
+    def propose(self, rows, budgets):
+        time.sleep(0.004)
+        return super().propose(rows, budgets)
+
+    def observe(self, rows, drafts, feedback):
+        time.sleep(0.002)
+        super().observe(rows, drafts, feedback)
+
+
+def test_time_inside_the_drafter_is_booked_per_step(tiny_model):
+    res = Engine(HFVerifier(tiny_model), _SlowPlain(), sizer=1).generate(PROMPT, StopConditions(6))
+    s = res.stats
+    assert s.steps == len(s.step_drafter_s) == 6  # plain: one token a step
+    assert all(t >= 0.006 for t in s.step_drafter_s) and s.drafter_s == pytest.approx(sum(s.step_drafter_s))
+    assert all(d < t for d, t in zip(s.step_drafter_s, s.step_s))  # a part of each step, not more
+    fast = Engine(HFVerifier(tiny_model), PlainDrafter(), sizer=1).generate(PROMPT, StopConditions(6))
+    assert fast.tokens == res.tokens  # timing the drafter changes nothing it decodes
 
 
 @pytest.mark.parametrize("max_new", [1, 2, 7, 13])

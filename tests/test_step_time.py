@@ -65,8 +65,8 @@ def row(qid: int, cat: str, method: str, steps: step_time.StepTimes | None) -> R
 def test_report_columns_come_from_the_rows_numbers():
     # ngram: 2 prompts, 3 steps in all; pooled means: step (30 + 50 + 40) / 3 = 40 ms, verify (20 + 40 + 30) / 3
     # = 30 ms, so host 10 ms; curve (15 + 35 + 25) / 3 = 25 ms; predicted 25 + 10 = 35 ms; ratio 40 / 35
-    a = step_time.StepTimes([1, 4], [0.030, 0.050], [0.020, 0.040], [0.015, 0.035])
-    b = step_time.StepTimes([2], [0.040], [0.030], [0.025])
+    a = step_time.StepTimes([1, 4], [0.030, 0.050], [0.020, 0.040], [0.015, 0.035], [0.002, 0.004])
+    b = step_time.StepTimes([2], [0.040], [0.030], [0.025], [0.003])
     rows = [row(1, "x", "hf-plain", None), row(1, "x", "ngram", a),
             row(2, "y", "hf-plain", None), row(2, "y", "ngram", b)]
     info = {"prompts": 2, "max_new_tokens": 8, "model": "tiny", "dtype": "float32", "cpu": "Test CPU",
@@ -75,6 +75,7 @@ def test_report_columns_come_from_the_rows_numbers():
     t = report["table"]["overall"]["ngram"]["step_time"]
     assert t["steps"] == 3 and t["nodes"] == pytest.approx(7 / 3)
     assert (t["step_ms"], t["verify_ms"], t["host_ms"]) == pytest.approx((40.0, 30.0, 10.0))
+    assert t["drafter_ms"] == pytest.approx(3.0)  # (2 + 4 + 3) / 3: the drafter's share of the host time
     assert (t["curve_ms"], t["predicted_ms"], t["ratio"]) == pytest.approx((25.0, 35.0, 40 / 35))
     assert report["table"]["x"]["ngram"]["step_time"]["ratio"] == pytest.approx(0.040 / 0.035)  # (30+50)/2 / (25+10)
     assert report["table"]["overall"]["hf-plain"]["step_time"] == {}  # transformers: no steps, no columns
@@ -83,7 +84,7 @@ def test_report_columns_come_from_the_rows_numbers():
     assert header.endswith("| ngram step ms | ngram pred ms | ngram meas/pred |") and "hf-plain step" not in header
     overall = next(line for line in md.splitlines() if line.startswith("| **overall**"))
     assert overall.endswith("| 40.0 | 35.0 | 1.14 |")
-    assert "| ngram | 3 | 2.33 | 25.0 | 30.0 | 10.00 | 35.0 | 40.0 | 1.14 |" in md
+    assert "| ngram | 3 | 2.33 | 25.0 | 30.0 | 10.00 | 3.00 | 35.0 | 40.0 | 1.14 |" in md
     assert "Test CPU, 2 threads, load average 3.50" in md  # the machine beside the numbers
     separator = next(line for line in md.splitlines() if line.startswith("|---|"))
     assert separator.count("---|") == header.count("|") - 1  # one separator per column
