@@ -1,6 +1,6 @@
 """Mean ms per plain / ngram step of specdec on 3 Spec-Bench prompts x 128 tokens.
 
-`python step_ms.py new` uses the installed specdec; `python step_ms.py old OLD_CHECKOUT` imports another checkout's.
+`python scripts/one_loop_step_ms.py new` uses the installed specdec; `python scripts/one_loop_step_ms.py old OLD_CHECKOUT` imports another checkout's.
 """
 import sys, time, statistics, json
 from pathlib import Path

@@ -88,7 +88,7 @@ def gguf_weights(spec: str | None, model: PreTrainedModel, cache_dir: str | None
 def default_weights(model: "str | os.PathLike | LoadedModel | PreTrainedModel | None", backend: str = "auto",
                     strict: bool = False) -> str:
     """What weights="auto" computes in: gguf, the GGUF's own blocks (the fastest format measured, and equal to
-    fp32 greedy decoding on every benchmark prompt checked: README, weight formats), when the model is named by a
+    fp32 greedy decoding on every benchmark prompt checked: docs/weight-formats.md), when the model is named by a
     built-in or a .gguf file, so there is a GGUF to read; fp32 otherwise (a transformers directory or a loaded
     model has none), and with the hf backend or strict scoring, which stay on the format their tests cover."""
     if backend == "hf" or strict:

@@ -73,7 +73,7 @@ def import_llama_cpp() -> ModuleType:
         return importlib.import_module("llama_cpp")
     except ImportError:
         raise SpecdecError(f"the llama-* bench methods need llama-cpp-python, which is not installed: run `{INSTALL}` "
-                           "(GGML_NATIVE=OFF with this CPU's ISA flags, see the README)") from None
+                           "(GGML_NATIVE=OFF with this CPU's ISA flags, see docs/benchmarks.md)") from None
 
 
 def check_methods(methods: tuple[str, ...]) -> list[LlamaMethod]:

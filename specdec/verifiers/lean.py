@@ -19,7 +19,7 @@ for them (sampling).
 
 `strict=True` (opt-in) scores with row-tiled GEMMs and a per-query canonical attention
 (`specdec.verifiers.strict`): a node's logits are then bitwise what plain decoding computes at its
-position, whatever else is in the call; it costs verify time (see README, strict mode). Strict never screens.
+position, whatever else is in the call; it costs verify time (docs/design.md, strict mode). Strict never screens.
 """
 
 from __future__ import annotations

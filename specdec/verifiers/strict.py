@@ -29,7 +29,7 @@ import torch
 
 from specdec.verifiers.gemm import GemmPlan, Linear, matmul
 
-TILE = 8  # GEMM rows per tile; measured on Gemma 3 270M, 2 threads: cheaper than 16 up to 8 nodes (see README)
+TILE = 8  # GEMM rows per tile; measured on Gemma 3 270M, 2 threads: cheaper than 16 up to 8 nodes (docs/design.md, strict mode)
 BLOCK = 64  # attention key ranges are rounded to multiples of this many keys
 
 
