@@ -300,6 +300,7 @@ def test_draft_model_in_a_gguf_format_drafts_and_stays_lossless(tmp_path, fmt):
     quant = as_q8(quant) if fmt == "q8act" else quant
     runner = DraftRunner(lean_forward(draft, "linear", quant=quant), 4096)
     assert isinstance(runner.lean.lm_head, QuantLinear) and runner.vocab_size == VOCAB
+    assert runner.lean.glued  # the row-wise numba forward, as the verifier runs these weights
     after = runner.feed(torch.tensor(PROMPT))
     tol = ATOL if fmt == "gguf" else 0.05 * float(hf_logits(draft, PROMPT)[-1].abs().max())  # int8 activations
     torch.testing.assert_close(after, hf_logits(draft, PROMPT)[-1], atol=tol, rtol=0)

@@ -41,7 +41,7 @@ from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams, target_probs
 from specdec.trees.tree import Tree
 from specdec.verifiers.gemm import Linear
-from specdec.verifiers.lean_model import LeanModel, Step
+from specdec.verifiers.lean_model import LeanModel, RowSpans, Step
 
 FEED_CHUNK = 256  # tokens per forward when the draft model catches up on a long context (the prompt)
 
@@ -184,10 +184,13 @@ class DraftRunner:
         for w in set(self.lean.arch.windows):
             mask = visible if w is None else visible & (q_pos[:, None] - k_pos[None, :] < w)
             masks[w] = mask[None, None]
-        return Step(positions=q_pos[None], slots=torch.zeros(1, dtype=torch.long),
-                    write_index=(base + m + torch.arange(n))[None], kv_end=total,
-                    kv_start={w: 0 for w in masks}, masks=masks,
-                    slot_slice=slice(0, 1))
+        write = base + m + torch.arange(n)  # [n]
+        rows = None
+        if self.lean.glued:  # GGUF-native weights: the row-wise forward, each node over the keys its mask shows
+            rows = RowSpans(slots=[0], bounds=[0, n], node_slot=torch.zeros(n, dtype=torch.long), node_write=write,
+                            ranges={w: [(0, total, mask)] for w, mask in masks.items()})
+        return Step(positions=q_pos[None], slots=torch.zeros(1, dtype=torch.long), write_index=write[None],
+                    kv_end=total, kv_start={w: 0 for w in masks}, masks=masks, slot_slice=slice(0, 1), rows=rows)
 
     def _ensure(self, needed: int) -> None:
         if needed <= self._capacity:

@@ -177,6 +177,12 @@ class LeanModel:
         self._glue = [_GlueNorms.of(lw) for lw in self.layers] if self._quant and self.dtype == torch.float32 else None
         self._glue_final = None if self._glue is None else self.final_norm.contiguous().numpy()
 
+    @property
+    def glued(self) -> bool:
+        """Whether a step with `Step.rows` (and no tree kernel) runs the row-wise numba forward (`_layers_glued`):
+        GGUF-native weights on fp32 rows."""
+        return self._glue is not None
+
     # ---- weights -------------------------------------------------------------------------------------
 
     def _norm_scale(self, norm: torch.nn.Module) -> torch.Tensor:
