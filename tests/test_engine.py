@@ -60,8 +60,10 @@ def test_matches_transformers_generate(tiny_model, mode):
     drafter = OracleDrafter(PROMPT, ref, tiny_model.config.vocab_size, mode)
     res = Engine(HFVerifier(tiny_model), drafter, sizer=16).generate(PROMPT, StopConditions(40))
     assert res.tokens == ref
-    expected_tau = {"accept": 5.0, "reject": 1.0, "tree": 5.0}[mode]
-    assert res.stats.tau == pytest.approx(expected_tau, abs=0.6)  # the last step may be cut by the length limit
+    # 40 tokens: every step of a right chain of 4 (or a tree holding it at rank 1) commits 4 + the bonus, 8 steps;
+    # a wrong chain commits the bonus alone, 40 steps
+    expected = {"accept": [5] * 8, "reject": [1] * 40, "tree": [5] * 8}[mode]
+    assert res.stats.accepted == expected and res.stats.tau == sum(expected) / len(expected)
 
 
 def test_plain_drafter_matches(tiny_model):

@@ -110,23 +110,43 @@ def test_generate_text_and_generate_many_sample_the_same_text():
     assert len({o for pair in outs.values() for o in pair}) == 1, outs
 
 
-def test_q_drafts_keep_the_q_ratio_rule():
-    """A drafter reporting q goes through accept_sampled: it is called with that q (and lossless, tested
-    statistically in test_sampling)."""
-    seen = []
+def test_q_drafts_are_accepted_by_the_q_ratio_and_sample_the_target():
+    """A draft token drawn from q is accepted with probability min(1, p / q): sum(min(p, q)) over its draws (the
+    q-ratio rule; position-keyed acceptance of a token would give sum(q * p)), and the first token still follows
+    the target p."""
+    from test_sampling import chi2_pvalue
+
+    from specdec.sampling import target_probs
+
+    m, prompt, sampling = model("llama"), [5, 6, 7], SamplingParams(0.7)
+    with torch.no_grad():
+        p = target_probs(m(torch.tensor([prompt])).logits[0, -1].float(), sampling)  # [V]
+    q = torch.softmax(torch.randn(VOCAB, generator=torch.Generator().manual_seed(1)), dim=0)  # [V], not p
+    q = 0.5 * q + 0.5 * p  # overlapping p in half its mass
+    draws = torch.Generator().manual_seed(2)
 
     class QChain(BaseDrafter):
         name = "qchain"
 
         def propose_row(self, slot, context, budget):
-            q = torch.full((2, VOCAB), 1.0 / VOCAB)
-            seen.append(slot)
-            return Draft(Tree.chain(1), torch.tensor([int(context[-1]), 7]), q=q)
+            token = int(torch.multinomial(q, 1, generator=draws))  # drawn from q, as the rule requires
+            return Draft(Tree.chain(1), torch.tensor([int(context[-1]), token]), q=torch.stack([q, q]))
 
-    v = LeanVerifier(model("llama"), gemm="linear")
-    res = Engine(v, QChain(), 2).generate([5, 6, 7], StopConditions(10), SamplingParams(1.0, seed=3))
-    again = Engine(v, QChain(), 2).generate([5, 6, 7], StopConditions(10), SamplingParams(1.0, seed=3))
-    assert len(res.tokens) == 10 and res.tokens == again.tokens and seen  # keyed randomness: reproducible
+    v, n = LeanVerifier(m, gemm="linear"), 1200
+    first, accepted = torch.zeros(VOCAB), 0
+    for seed in range(n):
+        res = Engine(v, QChain(), 2).generate(prompt, StopConditions(2), SamplingParams(0.7, seed=seed))
+        first[res.tokens[0]] += 1
+        accepted += res.stats.accepted[0] == 2  # the draft token and the bonus
+    rule, deterministic = float(torch.minimum(p, q).sum()), float((p * q).sum())
+    sd = (rule * (1 - rule) / n) ** 0.5
+    assert rule - deterministic > 8 * sd  # the two rules are told apart at this n
+    assert abs(accepted / n - rule) < 4 * sd
+    top = p.argsort(descending=True)[:5]  # the five likeliest tokens, the rest: cells of >= 5 expected draws
+    rest = torch.ones(VOCAB, dtype=torch.bool)
+    rest[top] = False
+    cells = lambda x: torch.cat([x[top], x[rest].sum()[None]])  # noqa: E731
+    assert chi2_pvalue(cells(first), cells(p)) > 1e-3
 
 
 # ------------------------------------------------------------------------------------------ auxiliary nodes
