@@ -588,8 +588,9 @@ def model_drafter(
     the sampling the drafter drafts for until the engine's `reset` passes each request's own.
     draft_vocab: N = draft only the N most frequent tokens (`frequent_tokens`) plus the prompt's, or token ids.
     weights: the draft model's weight format: "auto" is q8act (the GGUF's codes, integer products: the fastest
-    format measured on one row) when draft_model names a GGUF (a built-in or a .gguf file), else fp32. The draft
-    model's numerics never change the output, which the target's verification decides."""
+    format measured on one row) when draft_model names a GGUF (a built-in or a .gguf file) and draft_vocab is not
+    given, else fp32. The draft model's numerics never change the output, which the target's verification
+    decides."""
     if tree is not None:
         raise ValueError("drafter 'model' builds its own trees and takes no tree preset: use mode='tree'")
     sampling = SamplingParams(temperature, top_k, top_p, seed).validate()
@@ -597,6 +598,8 @@ def model_drafter(
         raise SpecdecError(f"model drafter: weights must be auto, fp32, gguf or q8act, got {weights!r}")
     model, tokenizer, name = resolve_model(draft_model, cache_dir)
     check_vocab(model, tokenizer, vocab_size, target_tokenizer, name)
+    if weights == "auto" and draft_vocab is not None:
+        weights = "fp32"  # draft_vocab takes rows of an fp32 LM head
     quant = draft_quant(draft_model, model, weights, cache_dir)
     runner = DraftRunner(lean_forward(model, gemm, cache_dir, quant=quant), int(model.config.max_position_embeddings))
     head = draft_vocabulary(draft_vocab, tokenizer or target_tokenizer, vocab_size)
