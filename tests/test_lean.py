@@ -86,8 +86,24 @@ def score_tree(v: LeanVerifier, slot: int, tree: Tree, tokens: list[int]) -> tor
     return v.score([slot], torch.tensor([tokens]), tree.depth[None], tree.mask[None])[0]
 
 
-def test_is_a_verifier(model):
-    assert isinstance(LeanVerifier(model, gemm="linear"), Verifier)
+def test_implements_the_verifier_protocol_as_declared(model):
+    # every method of the protocol, with the protocol's parameters in its order, and every declared attribute
+    # set to a value of its type (isinstance on a Protocol checks only that the names exist)
+    import inspect
+    import typing
+
+    v = LeanVerifier(model, gemm="linear")
+    declared = [n for n, f in vars(Verifier).items() if callable(f) and not n.startswith("_")]
+    assert declared
+    for name in declared:
+        want = list(inspect.signature(getattr(Verifier, name)).parameters)
+        got = list(inspect.signature(getattr(LeanVerifier, name)).parameters)
+        assert got[: len(want)] == want, f"{name}: {got} against the protocol's {want}"
+    hints = typing.get_type_hints(Verifier)
+    assert hints
+    for name, kind in hints.items():
+        assert isinstance(getattr(v, name), kind), f"{name} is {getattr(v, name)!r}, declared {kind}"
+    assert v.vocab_size == model.config.vocab_size and v.num_layers == model.config.num_hidden_layers
 
 
 def test_sequential_decoding_matches_hf(model):
