@@ -19,6 +19,7 @@ from specdec.drafters.base import Drafter, missing_members
 from specdec.drafters.registry import make_drafter, unknown_drafter
 from specdec.engine import BatchResult, Engine, GenerationResult, OnTokens, Request, StopConditions, as_ids
 from specdec.errors import SpecdecError
+from specdec.hardware import set_threads
 from specdec.config import GGUF_FORMATS, WEIGHT_CHOICES
 from specdec.models.builtin import BUILTINS
 from specdec.models.loading import LoadedModel, cache_root, gguf_file, load_model
@@ -154,6 +155,9 @@ class SpecDecoder:
             raise SpecdecError(problem)
         if weights not in WEIGHT_CHOICES:
             raise SpecdecError(f"unknown weight format '{weights}': choose one of {', '.join(WEIGHT_CHOICES)}")
+        # numba's kernels on the caller's torch thread count: numba's OpenMP layer, on its first parallel call,
+        # would otherwise set the process's count (torch's too) to its own
+        set_threads(torch.get_num_threads())
         chosen = weights == "auto"
         if chosen:
             weights = "gguf" if quant is not None else default_weights(model, backend, strict)

@@ -109,3 +109,25 @@ def test_the_tests_keep_to_their_own_cache(private_cache):
 
     assert default_cache_dir() == private_cache != Path.home() / ".cache" / "specdec"
     assert (private_cache / "models").is_symlink()  # the real models' files are shared, not copied
+
+
+def test_decoder_keeps_the_callers_torch_thread_count():
+    # numba's OpenMP layer sets the process's thread count to numba's own on its first parallel call; the decoder
+    # puts numba's kernels on torch's count first, so decoding never changes the count the caller chose
+    import numba
+    import numpy as np
+
+    from specdec.verifiers import glue
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs a numba pool of 2+ threads to show a mismatch")
+    try:
+        numba.set_num_threads(2)  # numba left at its default, as a caller who never touched it has it
+        torch.set_num_threads(1)  # and torch's count set by the caller afterwards
+        dec = specdec.SpecDecoder(make_tiny_model("llama"), drafter="ngram", backend="lean")
+        glue.greedy_top_k(np.random.default_rng(0).standard_normal((64, 4096)).astype(np.float32), 3)  # parallel
+        dec.generate_ids([5, 6, 7, 8], max_new_tokens=4)
+        assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(1)
+        torch.set_num_threads(1)
