@@ -202,11 +202,6 @@ class RankRates:
         return tuple(out)
 
 
-def expected_tokens_of_paths(paths: Sequence[tuple[int, ...]], rates: Sequence[float]) -> float:
-    """1 (the bonus) + sum over nodes of the probability that the node is accepted (its path's probability)."""
-    return 1.0 + sum(math.prod(rates[r] for r in p) for p in paths)
-
-
 class DepthRates:
     """Running P(the depth-d draft of a chain is accepted | depth d - 1 was), for chain drafters."""
 
