@@ -39,7 +39,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from specdec.verifiers.quant import QuantWeight, _rows
+from specdec.verifiers.quant import QuantWeight, _rows, pack_pairs, unpack_pairs
 
 TILE = 16  # output rows per tile: two registers of 8 int32 lanes
 XBLOCK = 32  # activation values per int8 block (one fp32 scale each)
@@ -103,7 +103,7 @@ def from_quant(w: QuantWeight) -> Q8Weight:
     flush = _flush(signed, max(MAX_CODE[k] for k in kinds), w.group)
     nibbles = max(MAX_CODE[k] for k in kinds) < 16 and not signed and flush % 2 == 0
     if nibbles:  # quads 2j and 2j + 1 share a byte: read at half the bytes, split in registers
-        codes = np.ascontiguousarray(codes[:, 0::2] | (codes[:, 1::2] << 4))
+        codes = pack_pairs(codes)
     tiled = lambda a: np.ascontiguousarray(a.reshape(tiles, TILE, -1).transpose(0, 2, 1))  # noqa: E731
     return Q8Weight(w.kind, codes, tiled(scale), None if offset is None else tiled(offset), w.group, zero, signed,
                     flush, nibbles, rows, k, w.file_bytes)
@@ -111,9 +111,7 @@ def from_quant(w: QuantWeight) -> Q8Weight:
 
 def codes_of(w: Q8Weight) -> np.ndarray:
     """[N, K] the weight's unsigned (or, signed, int8-as-uint8) codes, from whichever layout it is stored in."""
-    codes = w.codes
-    if w.nibbles:
-        codes = np.stack([codes & 0x0F, codes >> 4], axis=2).reshape(codes.shape[0], -1, TILE, 4)
+    codes = unpack_pairs(w.codes) if w.nibbles else w.codes  # [Np / TILE, K / 4, TILE, 4]
     return codes.transpose(0, 2, 1, 3).reshape(-1, w.cols)[: w.rows]
 
 

@@ -82,10 +82,7 @@ class QuantWeight:
 
     def codes(self) -> np.ndarray:
         """[Np / TILE, K, TILE] int8: one code a byte, whichever layout `q` is stored in."""
-        if not self.nibbles:
-            return self.q
-        t, half, lanes = self.q.shape
-        return np.stack([self.q & 0x0F, self.q >> 4], axis=2).reshape(t, 2 * half, lanes).view(np.int8)
+        return unpack_pairs(self.q).view(np.int8) if self.nibbles else self.q
 
     @property
     def padded_rows(self) -> int:
@@ -155,11 +152,22 @@ def unpack(kind: str, raw: np.ndarray, rows: int, cols: int, nibbles: bool | Non
     codes = _tiled(q)
     nibbles = kind == "Q4_K" and (pack_nibbles() if nibbles is None else nibbles)  # codes 0..15, groups of 32
     if nibbles:  # pairs of inputs share a byte, as in the file
-        u = codes.view(np.uint8)
-        codes = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
+        codes = pack_pairs(codes.view(np.uint8))
     return QuantWeight(kind, codes, _tiled(scale.astype(np.float32)),
                        None if offset is None else _tiled(offset.astype(np.float32)), group, rows, int(data.size),
                        nibbles)
+
+
+def pack_pairs(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes [T, 2n, ...] uint8 -> [T, n, ...]: entries 2j and 2j + 1 of axis 1 in the low and high nibbles
+    of one byte (the layout both kernels split in registers)."""
+    return np.ascontiguousarray(codes[:, 0::2] | (codes[:, 1::2] << 4))
+
+
+def unpack_pairs(packed: np.ndarray) -> np.ndarray:
+    """The inverse of `pack_pairs`: [T, n, ...] uint8 -> [T, 2n, ...]."""
+    both = np.stack([packed & 0x0F, packed >> 4], axis=2)  # [T, n, 2, ...]
+    return both.reshape(packed.shape[0], -1, *packed.shape[2:])
 
 
 def _tiled(a: np.ndarray) -> np.ndarray:
