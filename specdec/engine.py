@@ -267,7 +267,6 @@ class Run:
         for r, ids in zip(self.requests, self.ids):
             engine.check(r, ids)
         self.stats = BatchStats(rows=len(self.requests))
-        self._drafter_s = 0.0  # seconds inside the drafter during the current step
 
     def __iter__(self) -> Iterator[tuple[int, GenerationResult]]:
         t0 = time.perf_counter()
@@ -342,7 +341,7 @@ class Run:
         slots = [r.slot for r in rows]
         views = [DraftRow(r.slot, r.context) for r in rows]  # contexts as of this step's start
         plan = eng.sizer.plan(eng.drafter, slots, cap)
-        drafts = self._propose(views, plan, cap)
+        drafts, propose_s = self._propose(views, plan, cap)
         batch = pack(drafts, eng.verifier.device)
         t1 = time.perf_counter()
         needs = eng.drafter.needs
@@ -381,14 +380,14 @@ class Run:
         t_observe = time.perf_counter()
         eng.drafter.observe(views, drafts, feedback)
         t3 = time.perf_counter()
-        self._drafter_s += t3 - t_observe
-        self._account(rows, plan, sum(batch.sizes), committed_total, (t0, t1, t2, t3))
+        self._account(rows, plan, sum(batch.sizes), committed_total, (t0, t1, t2, t3), propose_s + t3 - t_observe)
         return finished
 
-    def _propose(self, views: list[DraftRow], plan: StepPlan, cap: int) -> list[Draft]:
+    def _propose(self, views: list[DraftRow], plan: StepPlan, cap: int) -> tuple[list[Draft], float]:
+        """The checked drafts of `views`, and the seconds spent inside the drafter's propose."""
         eng = self.engine
         if not plan.propose:
-            return [Draft.root_only(r.context) for r in views]
+            return [Draft.root_only(r.context) for r in views], 0.0
         name = eng.drafter.name
         t0 = time.perf_counter()
         try:
@@ -397,11 +396,11 @@ class Run:
             raise
         except Exception as err:  # a drafter's bug must name the drafter, not surface as the engine's
             raise SpecdecError(f"drafter '{name}' failed in propose: {type(err).__name__}: {err}") from err
-        self._drafter_s += time.perf_counter() - t0
+        propose_s = time.perf_counter() - t0
         if len(drafts) != len(views):
             raise SpecdecError(f"drafter '{name}' returned {len(drafts)} drafts for {len(views)} rows")
         drafts = eng.sizer.trim(plan, eng.drafter, [r.slot for r in views], list(drafts))
-        return [self._checked(name, r, d, b, cap) for r, d, b in zip(views, drafts, plan.budgets)]
+        return [self._checked(name, r, d, b, cap) for r, d, b in zip(views, drafts, plan.budgets)], propose_s
 
     def _checked(self, name: str, row: DraftRow, draft: Draft, budget: int, cap: int) -> Draft:
         """The draft if it is one the loop can score: within budget, rooted at the last token, in vocabulary."""
@@ -435,10 +434,10 @@ class Run:
         return path, [tokens[i] for i in path[1:]] + [bonus]
 
     def _account(self, rows: list[_Row], plan: StepPlan, nodes: int, committed: int,
-                 t: tuple[float, float, float, float]) -> None:
-        """nodes: nodes scored this step, all rows together."""
+                 t: tuple[float, float, float, float], drafter_s: float) -> None:
+        """nodes: nodes scored this step, all rows together; drafter_s: seconds inside the drafter's propose and
+        observe."""
         draft_s, verify_s, accept_s = t[1] - t[0], t[2] - t[1], t[3] - t[2]
-        drafter_s, self._drafter_s = self._drafter_s, 0.0
         self.engine.sizer.record(plan, len(rows), nodes, verify_s, draft_s + accept_s, committed)
         s = self.stats
         s.drafter_s += drafter_s
