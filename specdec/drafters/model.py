@@ -493,32 +493,33 @@ def _draft_seed(seed: int | None) -> int:
 def draft_quant(spec: Any, model: PreTrainedModel, weights: str, cache_dir: str | Path | None) -> dict | None:
     """The draft model's quantised linears for `weights` (None: its fp32 tensors). A GGUF format needs
     draft_model to name a GGUF; "auto" picks q8act when it does."""
-    from specdec.models.loading import gguf_file
-
-    names_gguf = isinstance(spec, (str, Path)) and _is_gguf(spec, cache_dir)
+    path = _gguf_of(spec, cache_dir)
     if weights == "auto":
-        weights = "q8act" if names_gguf else "fp32"
+        weights = "q8act" if path is not None else "fp32"
     if weights == "fp32":
         return None
-    if not names_gguf:
+    if path is None:
         raise SpecdecError(f"model drafter: weights={weights} reads the draft model's GGUF: give draft_model as a "
                            "built-in name or a .gguf file, or use weights=fp32")
     from specdec.models.gguf_weights import read_quant_weights
 
     try:
-        return read_quant_weights(gguf_file(str(spec), cache_dir=cache_dir), model, weights)[0]
+        return read_quant_weights(path, model, weights)[0]
     except ValueError as err:
         raise SpecdecError(f"model drafter: weights={weights}: {err}") from None
 
 
-def _is_gguf(spec: str | Path, cache_dir: str | Path | None) -> bool:
+def _gguf_of(spec: Any, cache_dir: str | Path | None) -> Path | None:
+    """The GGUF file a draft_model spec names (a built-in or a .gguf path), resolved once (a built-in's is
+    checked against its sha256 on every resolution); None for a directory or a loaded model."""
     from specdec.models.loading import gguf_file
 
+    if not isinstance(spec, (str, Path)):
+        return None
     try:
-        gguf_file(str(spec), cache_dir=cache_dir)
+        return gguf_file(str(spec), cache_dir=cache_dir)
     except SpecdecError:
-        return False
-    return True
+        return None
 
 
 def lean_forward(model: PreTrainedModel, gemm: str = "auto", cache_dir: str | Path | None = None,

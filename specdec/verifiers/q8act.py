@@ -20,10 +20,10 @@ the kernel equals it bit for bit (`tests/test_q8act.py`).
 The kernel (AVX2, LLVM vector IR through numba intrinsics, as `quant`'s): codes are stored as unsigned bytes
 u = q + z (z = 0 for Q4_K, 16 for Q5_0, 32 for Q6_K; Q8_0 stays signed) in tiles of TILE = 16 output rows,
 four consecutive inputs of a row side by side: codes [N / 16, K / 4, 16, 4]; Q4_K's 4-bit codes stay two a byte
-(quads 2j and 2j + 1 in the low and high nibbles, split in registers), so a pass reads about the file's bytes. For four inputs and 8 output rows
-(32 bytes, one register) `vpmaddubsw` multiplies unsigned codes by the row's four broadcast activation codes
-and adds pairs (at most 2 x 63 x 127: no saturation), and `vpmaddwd` with ones adds the pairs into 8 int32 lanes,
-one per output row: 32 multiply-adds in two instructions, accumulated across the group, then - z * sum(xq)
+(quads 2j and 2j + 1 in the low and high nibbles, split in registers), so a pass reads about the file's bytes.
+For four inputs and 8 output rows (32 bytes, one register) `vpmaddubsw` multiplies unsigned codes by the row's
+four broadcast activation codes and adds pairs (at most 2 x 63 x 127: no saturation), and `vpmaddwd` with ones
+adds the pairs into 8 int32 lanes, one per output row: 32 multiply-adds in two instructions, accumulated across the group, then - z * sum(xq)
 gives iv; for unsigned codes the pairs of `flush` quads are first added in int16 (no sum can overflow), so one
 `vpmaddwd` serves up to 8 quads. Signed Q8_0 codes go through |q| and sign(xq, q) (`vpsignb`; at most
 2 x 128 x 127: one quad a `vpmaddwd`). A pass serves up to MAX_ROWS = 4 input rows x 2 registers of sums.
