@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -176,14 +177,11 @@ class _Runner:
     def _run_server(self, method: str, prompts: list[list[int]], width: int, max_new: int) -> dict:
         """All prompts through llama-server with `width` slots and `width` requests in flight; the server is
         started once per (mode, width), outside the timing."""
-        from specdec.models.loading import gguf_file
-
         mode = method[len(llama_server.PREFIX):]
         if self.server is None or self.server[:2] != (mode, width):
             self.close()
-            gguf = gguf_file(self.spec.model, cache_dir=self.spec.cache_dir)
             n_ctx = max(map(len, prompts)) + max_new + 64
-            servers = llama_server.ServerRunner([mode], gguf, None, torch.get_num_threads(), n_ctx, self.log,
+            servers = llama_server.ServerRunner([mode], self._gguf, None, torch.get_num_threads(), n_ctx, self.log,
                                                 parallel=width)
             self.commands[f"{mode} x{width}"] = servers.describe()["llama_server"][mode]
             self.server = (mode, width, servers)
@@ -194,6 +192,13 @@ class _Runner:
         new = sum(map(len, tokens))
         return {"tokens": tokens, "new_tokens": new, "seconds": wall, "tokens_per_s": new / wall,
                 "tau": float("nan"), "budgets": {}, "stats": {}}
+
+    @cached_property
+    def _gguf(self) -> Path:
+        """The model's GGUF for llama-server, resolved once (a built-in's is hashed on every resolution)."""
+        from specdec.models.loading import gguf_file
+
+        return gguf_file(self.spec.model, cache_dir=self.spec.cache_dir)
 
     def close(self) -> None:
         if self.server is not None:

@@ -137,7 +137,6 @@ class _Runner:
         tokens, seconds = hf_generate(self.model, ids, max_new, self.eos, **extra)
         return tokens, seconds, float("nan")
 
-
     def close(self) -> None:
         """Stops the llama-server processes, if any ran."""
         if self.server is not None:

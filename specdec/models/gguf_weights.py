@@ -19,6 +19,7 @@ import numpy as np
 from transformers import PreTrainedModel
 
 from specdec.errors import SpecdecError
+from specdec.verifiers.q8act import Q8Weight, from_quant
 from specdec.verifiers.quant import QuantWeight, dequantize, unpack
 
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF metadata value types
@@ -203,7 +204,7 @@ def module_name(tensor: str, prefix: str, tied: bool) -> str | None:
 
 
 def read_quant_weights(gguf: str | Path, model: PreTrainedModel,
-                       fmt: str = "gguf") -> tuple[dict[str, QuantWeight], QuantReport]:
+                       fmt: str = "gguf") -> tuple[dict[str, QuantWeight | Q8Weight], QuantReport]:
     """module name -> QuantWeight for every linear of `model` the GGUF stores in a supported block type; with
     fmt "q8act" each converted for the integer kernel (`q8act.from_quant`) as it is read.
 
@@ -216,9 +217,7 @@ def read_quant_weights(gguf: str | Path, model: PreTrainedModel,
     names = {t.name for t in tensors}
     if "output.weight" in names:
         tied = False  # a separate output matrix is the head, whatever the config says
-    from specdec.verifiers.q8act import from_quant
-
-    out: dict[str, QuantWeight] = {}
+    out: dict[str, QuantWeight | Q8Weight] = {}
     report = QuantReport(fmt=fmt)
     for tensor in tensors:
         name = module_name(tensor.name, prefix, tied)
