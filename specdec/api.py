@@ -16,13 +16,14 @@ import torch
 from transformers import PreTrainedModel
 
 from specdec.drafters.base import Drafter, missing_members
-from specdec.drafters.registry import make_drafter, unknown_drafter
+from specdec.drafters.registry import make_drafter, needs_target_weights, unknown_drafter
 from specdec.engine import BatchResult, Engine, GenerationResult, OnTokens, Request, StopConditions, as_ids
 from specdec.errors import SpecdecError
 from specdec.hardware import set_threads
 from specdec.config import GGUF_FORMATS, WEIGHT_CHOICES
 from specdec.models.builtin import BUILTINS
 from specdec.models.loading import LoadedModel, cache_root, gguf_file, load_model
+from specdec.models.native import load_native
 from specdec.sampling import SamplingParams
 from specdec.text import encode_prompt
 from specdec.trees.budget import BatchSizer
@@ -104,6 +105,16 @@ def default_weights(model: "str | os.PathLike | LoadedModel | PreTrainedModel | 
     return "fp32"
 
 
+def _is_gguf_spec(spec: str | None) -> bool:
+    """Whether a model spec names a GGUF (a built-in or a .gguf file)."""
+    return spec is None or spec in BUILTINS or (spec.lower().endswith(".gguf") and Path(spec).is_file())
+
+
+def _dense_drafter(drafter: "str | Drafter", options: dict | None) -> bool:
+    """Whether the drafter needs the target's dense weights (a drafter object: assume it may)."""
+    return not isinstance(drafter, str) or needs_target_weights(drafter, options)
+
+
 def _lean_runs(model: "LoadedModel | PreTrainedModel") -> bool:
     from specdec.verifiers.lean_model import read_arch
 
@@ -163,7 +174,12 @@ class SpecDecoder:
             weights = "gguf" if quant is not None else default_weights(model, backend, strict)
         cache_dir = str(cache_root(cache_dir))  # checked once: every cache below lives under it
         spec = model
-        if model is None or isinstance(model, str):
+        native = None  # what a native load read (`specdec.models.native`)
+        if (model is None or isinstance(model, str)) and weights in GGUF_FORMATS and backend != "hf" \
+                and quant is None and _is_gguf_spec(model) and not _dense_drafter(drafter, drafter_options):
+            model = load_native(model, weights, cache_dir, log)  # the GGUF in its own memory: no fp32 copy
+            quant, native = model.quant, model.report
+        elif model is None or isinstance(model, str):
             model = load_model(model, dtype=torch.bfloat16 if weights == "bf16" else torch.float32,
                                cache_dir=cache_dir, log=log)
         elif isinstance(model, LoadedModel) and weights in GGUF_FORMATS:
@@ -180,7 +196,12 @@ class SpecDecoder:
             self.name = getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.model, self.tokenizer = model, tokenizer
         self.cache_dir = cache_dir
-        if weights in GGUF_FORMATS and quant is None:
+        if native is not None and not native.kinds:  # the GGUF holds no block type the kernels run (F32/F16)
+            if not chosen:
+                raise SpecdecError(f"--weights {weights}: the GGUF holds no block type the kernels run (Q8_0, Q5_0, "
+                                   "Q6_K, Q4_K): use --weights fp32")
+            weights = "fp32"  # its values as they are (a quantised embedding stays rows read from the file)
+        elif weights in GGUF_FORMATS and quant is None:
             quant = gguf_weights(spec, model, cache_dir, log, weights)
             if chosen and not quant:  # the GGUF holds no block type the kernel runs (all F32/F16): fp32 it is
                 weights, quant = "fp32", None

@@ -62,6 +62,23 @@ def make_drafter(name: str, *, vocab_size: int, tree: Tree | None = None, contex
     return drafter
 
 
+def needs_target_weights(name: str, options: dict[str, Any] | None = None) -> bool:
+    """Whether drafter `name` (with `options`) computes with the target model's own dense weights (its factory
+    asks for the `target`, e.g. self, lexical, diffusion; for auto: any of its components), so a target loaded
+    without them (`specdec.models.native`) cannot serve it."""
+    options = options or {}
+    if name == "auto":
+        from specdec.drafters.auto import DEFAULT_COMPONENTS
+
+        drafters = options.get("drafters")
+        names = DEFAULT_COMPONENTS if drafters is None else [n.strip() for n in str(drafters).split("+") if n.strip()]
+        return any(n != "auto" and needs_target_weights(n) for n in names)
+    if unknown_drafter(name):
+        return False
+    factory = _FACTORIES[name] if name in _FACTORIES else _import(name)
+    return "target" in getattr(factory, "context_keys", ())
+
+
 def parse_drafter(text: str, what: str = "drafter") -> tuple[str, dict[str, Any]]:
     """'name' or 'name[key=value;key=value]' -> (name, options), values read as YAML scalars: `auto[drafters=
     ngram+recycling+diffusion]`, `diffusion[cps=false]`. SpecdecError (naming `what`) for a malformed one."""

@@ -34,6 +34,13 @@ class TensorEntry:
     kind: str  # "Q4_K", "F32", ...
     shape: tuple[int, ...]
     data: np.ndarray  # [nbytes] uint8, a read-only memory map of the file
+    offset: int = 0  # where the bytes start in the file (to read them without mapping: `read`)
+
+    def read(self, path: str | Path, first: int = 0, count: int | None = None) -> np.ndarray:
+        """Bytes first..first+count of the tensor read from the file into memory ([count] uint8): unlike touching
+        `data`, this leaves no pages of the file mapped into the process (they stay in the OS page cache)."""
+        count = self.data.size - first if count is None else count
+        return np.fromfile(path, dtype=np.uint8, count=count, offset=self.offset + first)
 
 
 class BadGGUF(SpecdecError, ValueError):
@@ -162,7 +169,7 @@ def tensor_index(path: str | Path) -> list[TensorEntry]:
         if start + offset + nbytes > r.size:
             raise BadGGUF(f"{name} is not a usable GGUF file (tensor {tname}'s {nbytes} bytes at {start + offset} run "
                           f"past the end of the file, {r.size} bytes): the file is cut short or damaged; get it again")
-        out.append(TensorEntry(tname, qtype.name, shape, raw[start + offset: start + offset + nbytes]))
+        out.append(TensorEntry(tname, qtype.name, shape, raw[start + offset: start + offset + nbytes], start + offset))
     return out
 
 

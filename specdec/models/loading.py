@@ -43,7 +43,10 @@ class LoadedModel:
     model: PreTrainedModel  # eval mode, attn_implementation="sdpa"
     tokenizer: PreTrainedTokenizerBase
     name: str  # built-in name, directory name or GGUF file stem
-    source: str  # the directory the weights were loaded from
+    source: str  # the directory the weights were loaded from (a GGUF loaded natively: the file)
+    quant: dict | None = None  # loaded natively (`specdec.models.native`): module name -> the GGUF's own weight;
+    # the model is then a shell whose quantised linears and embedding are on the meta device
+    report: object | None = None  # what a native load read (`specdec.models.gguf_weights.QuantReport`)
 
 
 @dataclass(frozen=True)
@@ -153,10 +156,14 @@ def _load_builtin(builtin: Builtin, cache: Path, dtype: torch.dtype, log: Log) -
     return _load_via_cache(lambda: assemble(builtin, gguf_cache_dir(cache), log), target, builtin.name, dtype, log)
 
 
-def _load_gguf_file(path: Path, cache: Path, dtype: torch.dtype, log: Log) -> LoadedModel:
+def gguf_key(path: Path) -> str:
+    """A short key of a user's GGUF file (its size and modification time): a changed file gets new cache entries."""
     stat = path.stat()
-    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache / "models" / f"{path.stem}-{key}"
+    return hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def _load_gguf_file(path: Path, cache: Path, dtype: torch.dtype, log: Log) -> LoadedModel:
+    target = cache / "models" / f"{path.stem}-{gguf_key(path)}"
     return _load_via_cache(lambda: path, target, path.stem, dtype, log)
 
 

@@ -92,7 +92,7 @@ class LeanVerifier:
         self.max_positions: int = cfg.max_position_embeddings
         self.model = LeanModel(model, fuse, quant)
         self.weights = quant_format(quant) if quant else {torch.bfloat16: "bf16"}.get(self.model.dtype, "fp32")
-        self.device: torch.device = self.model.embed.device
+        self.device: torch.device = self.model.device
         self.num_layers: int = len(self.model.layers)
         self.tree_kernel = _use_tree_kernel(attention, self.device)
         if self.device.type != "cpu":  # the GEMM plan and the screen are CPU measurements: plain F.linear there

@@ -159,12 +159,13 @@ class LeanModel:
             raise ValueError("fuse=True cannot be combined with quantised weights")
         self._quant = {} if quant is None else dict(quant)
         base = model.model
-        self.embed = base.embed_tokens.weight.detach()  # [V, hidden]
+        self._names = {id(mod): name for name, mod in model.named_modules()}  # for _linear's lookups
+        table = self._quant.pop(self._names[id(base.embed_tokens)], None)  # a natively loaded GGUF's rows
+        self.embed = base.embed_tokens.weight.detach() if table is None else table  # [V, hidden] or a RowTable
         scale = getattr(base.embed_tokens, "embed_scale", None)
         self.embed_scale = None if scale is None else scale.detach().to(self.dtype)
         self.final_norm = self._norm_scale(base.norm)
         head = model.get_output_embeddings()
-        self._names = {id(mod): name for name, mod in model.named_modules()}  # for _linear's lookups
         self.lm_head = self._linear(head)
         self.layers = [self._layer(layer, fuse) for layer in base.layers]
         unused = set(self._quant) - set(self._names.values())
@@ -176,6 +177,18 @@ class LeanModel:
         # GGUF-native weights on fp32 rows: the layers run through `glue` (`_layers_glued`)
         self._glue = [_GlueNorms.of(lw) for lw in self.layers] if self._quant and self.dtype == torch.float32 else None
         self._glue_final = None if self._glue is None else self.final_norm.contiguous().numpy()
+
+    @property
+    def device(self) -> torch.device:
+        return self.final_norm.device
+
+    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:  # [...] int64 -> [..., hidden], scale not applied
+        if isinstance(self.embed, torch.Tensor):
+            return F.embedding(tokens, self.embed)
+        return self.embed.rows(tokens).to(self.dtype)  # a GGUF's rows, dequantised as asked for
+
+    def embed_table(self) -> torch.Tensor:  # [V, hidden]: the whole embedding (a RowTable's: dequantised, a copy)
+        return self.embed if isinstance(self.embed, torch.Tensor) else self.embed.dense().to(self.dtype)
 
     @property
     def glued(self) -> bool:
@@ -293,7 +306,7 @@ class LeanModel:
         positions = step.positions  # [B, n]
         if step.real is not None:  # packed: the dense parts run on the R real nodes only
             tokens, positions = tokens.view(-1)[step.real][:, None], positions.reshape(-1)[step.real][:, None]
-        x = F.embedding(tokens, self.embed).view(-1, a.hidden)  # [B*n or R, hidden]
+        x = self.embed_rows(tokens).view(-1, a.hidden)  # [B*n or R, hidden]
         if self.embed_scale is not None:
             x = x * self.embed_scale
         if embeds is not None:

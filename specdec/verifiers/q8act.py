@@ -126,14 +126,17 @@ def _flush(signed: bool, top: int, group: int) -> int:
 
 
 def as_q8(quant: dict) -> dict:
-    """module name -> weight, every `QuantWeight` converted (`from_quant`); those that cannot be (none of the
-    GGUF types read today) stay as they are."""
-    return {name: w if isinstance(w, Q8Weight) else from_quant(w) for name, w in quant.items()}
+    """module name -> weight, every `QuantWeight` converted (`from_quant`); anything else (a `Q8Weight`, a native
+    load's embedding rows) stays as it is."""
+    return {name: from_quant(w) if isinstance(w, QuantWeight) else w for name, w in quant.items()}
 
 
 def quant_format(quant: dict) -> str:
-    """The weight format a dict of quantised weights computes in: q8act when they are `Q8Weight`s, else gguf."""
-    return "q8act" if any(isinstance(w, Q8Weight) for w in quant.values()) else "gguf"
+    """The weight format a dict of quantised weights computes in: q8act when they are `Q8Weight`s, gguf when
+    `QuantWeight`s, else fp32 (only a native load's embedding rows: every linear is a float tensor)."""
+    if any(isinstance(w, Q8Weight) for w in quant.values()):
+        return "q8act"
+    return "gguf" if any(isinstance(w, QuantWeight) for w in quant.values()) else "fp32"
 
 
 def stacked(weights: list[Q8Weight]) -> Q8Weight | None:

@@ -215,6 +215,20 @@ def dequantize(w: QuantWeight) -> np.ndarray:
     return out
 
 
+def take_rows(w: QuantWeight, order: np.ndarray) -> QuantWeight:
+    """The weight whose row i is `w`'s row order[i] (a permutation of its rows: llama's q/k as transformers
+    reorders them): codes and constants move with their rows, so every value is unchanged."""
+    def moved(a: np.ndarray) -> np.ndarray:
+        rows = _rows(a, w.rows)[order]
+        pad = np.zeros((w.padded_rows - w.rows, rows.shape[1]), a.dtype)
+        return _tiled(np.concatenate([rows, pad]))
+
+    q = w.q if not w.nibbles else unpack_pairs(w.q)
+    q = moved(q)
+    return QuantWeight(w.kind, pack_pairs(q) if w.nibbles else q, moved(w.scale),
+                       None if w.offset is None else moved(w.offset), w.group, w.rows, w.file_bytes, w.nibbles)
+
+
 def stacked(weights: list) -> "QuantWeight | None":
     """One weight holding the rows of `weights` one after the other (the fused [q; k; v] or [gate; up] of a
     layer: one kernel call instead of several), or None when they cannot share a kernel call: another input

@@ -82,7 +82,7 @@ def group_states(lean: LeanModel, seq: torch.Tensor, anchors: torch.Tensor, embe
         ph_keys = torch.cat([torch.zeros(T, A * k, dtype=torch.bool), ph_keys])
         masks[window] = torch.cat([real_keys, ph_keys], 1)[None, None]
     with torch.no_grad():
-        x_real = torch.nn.functional.embedding(seq, lean.embed)
+        x_real = lean.embed_rows(seq)
         if lean.embed_scale is not None:
             x_real = x_real * lean.embed_scale
     x_ph = embeds.to(lean.dtype).repeat(A, 1)  # [A*k, H]

@@ -59,7 +59,7 @@ def train_lexical(decoder, work_dir: str | Path, out: str | Path, cfg: LexicalTr
     lean = LeanModel(model)  # the default plan: plain torch products, so autograd reaches the placeholders
     head = lean.lm_head.weight[vocab_ids].float()  # [V', H]
     rope = lean.rope_tables(max(len(s) for s in seqs) + cfg.k + 1)
-    init = lean.embed.float().mean(0) * (1.0 if lean.embed_scale is None else float(lean.embed_scale))
+    init = lean.embed_table().float().mean(0) * (1.0 if lean.embed_scale is None else float(lean.embed_scale))
     embeds = torch.nn.Parameter(init.repeat(cfg.k, 1).clone())  # [k, H]
     log(f"lexical: {cfg.k} placeholders x {embeds.shape[1]} ({embeds.numel()} parameters), head {vocab_ids.numel()} "
         f"tokens, {len(seqs)} sequences")

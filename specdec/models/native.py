@@ -1,0 +1,310 @@
+"""A GGUF loaded in its own memory: for the quantised formats (gguf, q8act), no fp32 copy of the big weights.
+
+`load_native(spec, fmt)` gives a `LoadedModel` whose transformers model is a shell built on the meta device
+from the GGUF's config: its norms, biases and any tensor the file stores as F32 / F16 / BF16 are real fp32
+tensors read from the file; every quantised linear stays on meta and is served by `LoadedModel.quant` (the
+file's blocks unpacked for the kernel, `specdec.verifiers.quant` / `q8act`), and a quantised token embedding
+by a `RowTable` that dequantises the rows a step asks for straight from the memory-mapped file. Nothing is
+computed with the shell itself: it carries the config, the module names and the small tensors the lean forward
+(`specdec.verifiers.lean_model`) reads.
+
+This module owns the small cache entry of each GGUF (`<cache>/models/<name>.gguf-meta/`: config, tokenizer,
+generation config and the record of the exactness check; no weights). The entry is written once, staged and
+renamed into place under a lock as `specdec.models.loading` writes its caches; writing it runs the check:
+every tensor the kernels compute with, unpacked, must be bitwise gguf-py's `dequantize` of the same tensor
+after transformers' own per-architecture conversion (`TENSOR_PROCESSORS`: llama's q/k row order, ...), one
+tensor at a time, so the whole model is never held in fp32. A later load trusts the entry (the file's size
+and modification time are part of its name for a user's .gguf; a built-in is checked against its sha256).
+
+Tensor names follow transformers' own GGUF mapping (`get_gguf_hf_weights_map`), so an architecture needs no
+table here. Loading never runs code from the file: config and tokenizer are read as data by transformers'
+GGUF readers with trust_remote_code=False.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+
+from specdec.errors import SpecdecError
+from specdec.models.builtin import BUILTINS, DEFAULT_BUILTIN
+from specdec.models.gguf_weights import QuantReport, TensorEntry, tensor_index
+from specdec.models.loading import (
+    STAGING,
+    LoadedModel,
+    Log,
+    _check_architecture,
+    _check_described_size,
+    _exclusive,
+    _first_line,
+    _GGUF_READ_ERRORS,
+    _publish,
+    _quiet,
+    cache_root,
+    gguf_file,
+    gguf_key,
+    remove_stale_staging,
+)
+from specdec.verifiers.q8act import from_quant
+from specdec.verifiers.quant import QuantWeight, dequantize, take_rows, unpack
+
+FLOAT_KINDS = ("F32", "F16", "BF16")  # stored as values: read as fp32 tensors
+KERNEL_KINDS = ("Q8_0", "Q5_0", "Q6_K", "Q4_K")  # the block types the gguf and q8act kernels run
+_CHECK_VERSION = 1  # bump when unpacking changes: entries checked by an older version are checked again
+_META = ".gguf-meta"
+_CHECK_ROWS = 16384  # rows of a tensor checked at a time
+
+
+class RowTable:
+    """A [V, H] matrix kept as the GGUF's raw blocks (a memory map of the file): `rows(ids)` dequantises the
+    rows asked for with gguf-py, the values a dequantised copy would hold, without the copy."""
+
+    def __init__(self, entry: TensorEntry):
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        self.kind = entry.kind
+        self._qtype = GGMLQuantizationType[entry.kind]
+        block, size = GGML_QUANT_SIZES[self._qtype]
+        cols, rows = entry.shape[:2]
+        self.shape = (rows, cols)
+        self._raw = entry.data.reshape(rows, cols // block * size)  # [V, bytes a row], mapped
+        self.file_bytes = int(entry.data.size)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int64 -> [..., H] float32
+        from gguf import dequantize as gguf_dequantize
+
+        flat = ids.reshape(-1).cpu().numpy()
+        values = gguf_dequantize(self._raw[flat], self._qtype).reshape(len(flat), self.shape[1])
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(*ids.shape, self.shape[1])
+
+    def dense(self) -> torch.Tensor:  # [V, H] float32: the whole table (what a trainer needs)
+        return self.rows(torch.arange(self.shape[0]))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where each GGUF tensor goes: transformers parameter name, and how it is held."""
+
+    floats: dict[str, tuple[TensorEntry, str]]  # parameter -> (tensor, gguf name): real fp32 tensors
+    linears: dict[str, TensorEntry]  # linear module -> its quantised weight
+    embedding: tuple[str, TensorEntry] | None  # (embedding module, tensor) kept as a RowTable
+    unsupported: list[tuple[str, str]]  # (gguf name, block type) of quantised tensors no kernel runs
+
+
+def load_native(spec: str | None, fmt: str = "gguf", cache_dir: str | Path | None = None,
+                log: Log | None = None) -> LoadedModel:
+    """The GGUF behind `spec` (a built-in name or a .gguf path) as a shell + its own quantised weights for `fmt`
+    ("gguf" or "q8act"): `LoadedModel.quant` maps module names to the kernel's weights (and the embedding
+    module to a `RowTable`), `LoadedModel.report` says what was read. SpecdecError for anything the user can
+    fix, in one line."""
+    say = log if log is not None else _quiet
+    spec = DEFAULT_BUILTIN if spec is None else spec
+    path = gguf_file(spec, cache_dir=cache_dir, log=say)
+    name = spec if spec in BUILTINS else f"{path.stem}-{gguf_key(path)}"
+    entry = cache_root(cache_dir) / "models" / f"{name}{_META}"
+    index = tensor_index(path)  # the header checked against the file's size (BadGGUF: one line)
+    if not entry.is_dir():
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            with _exclusive(entry, say):
+                if not entry.is_dir():
+                    remove_stale_staging(entry)
+                    _write_entry(path, index, entry, say)
+        except OSError as err:
+            raise SpecdecError(f"cannot write the model cache {entry.parent} ({err.strerror or err}): point "
+                               "--cache-dir / SPECDEC_CACHE at a writable folder") from None
+    config = AutoConfig.from_pretrained(entry, trust_remote_code=False)
+    shell = _shell(config)
+    shell.generation_config = GenerationConfig.from_pretrained(entry)
+    plan = _plan(shell, index, path)
+    if plan.unsupported:
+        gname, kind = plan.unsupported[0]
+        raise SpecdecError(f"{path.name}: tensor {gname} is {kind}, a block type the gguf and q8act kernels lack "
+                           f"(they run {', '.join(KERNEL_KINDS)}): use --weights fp32 (dequantised, ~4x the file's "
+                           "memory) or a GGUF quantised to those types")
+    processor = _processor(shell)
+    _fill_floats(shell, plan, processor)
+    quant: dict = {}
+    report = QuantReport(fmt=fmt)
+    for module, tensor in plan.linears.items():
+        weight = _unpack(tensor, processor, path)
+        quant[module] = from_quant(weight) if fmt == "q8act" else weight
+        report.kinds[tensor.kind] = report.kinds.get(tensor.kind, 0) + 1
+        report.file_bytes += weight.file_bytes
+        report.kernel_bytes += quant[module].nbytes
+    if plan.embedding is not None:
+        quant[plan.embedding[0]] = RowTable(plan.embedding[1])
+    left = [n for n, p in shell.named_parameters() if p.is_meta and n.rsplit(".", 1)[0] not in quant]
+    if left:
+        raise SpecdecError(f"{path.name} holds no usable tensor for {left[0]} ({len(left)} parameters missing): the "
+                           "file is incomplete or of another model; use a GGUF written by llama.cpp")
+    tokenizer = AutoTokenizer.from_pretrained(entry, trust_remote_code=False)
+    say(report.summary())
+    return LoadedModel(shell.eval(), tokenizer, spec if spec in BUILTINS else path.stem, str(path), quant=quant,
+                       report=report)
+
+
+def _shell(config) -> PreTrainedModel:
+    """The model with every parameter on the meta device (no memory) and its buffers (rotary tables, embedding
+    scales) computed on the CPU, as the model's own constructors compute them."""
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa",
+                                                 trust_remote_code=False)
+    for _, module in shell.named_modules():
+        if hasattr(module, "scalar_embed_scale") and "embed_scale" in module._buffers:
+            module.register_buffer("embed_scale", torch.tensor(module.scalar_embed_scale), persistent=False)
+    for parent in shell.modules():
+        for child_name, child in list(parent.named_children()):
+            if any(b.is_meta for b in child.buffers(recurse=False)) and "Rotary" in type(child).__name__:
+                setattr(parent, child_name, type(child)(config=child.config))
+    meta = [n for n, b in shell.named_buffers() if b.is_meta]
+    if meta:
+        raise SpecdecError(f"cannot build {config.model_type} without its weights (buffer {meta[0]}): use "
+                           "--weights fp32")
+    return shell
+
+
+def _processor(shell: PreTrainedModel):
+    """transformers' per-architecture conversion of GGUF tensors (llama's q/k row order, Gemma's norm offsets)."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    arch = {"gemma3_text": "gemma3"}.get(shell.config.model_type, shell.config.model_type)
+    return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=shell.config.to_dict())
+
+
+def _plan(shell: PreTrainedModel, index: list[TensorEntry], path: Path) -> _Plan:
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    names = get_gguf_hf_weights_map(shell, _processor(shell))  # gguf name -> parameter name
+    modules = dict(shell.named_modules())
+    embed_module = next(n for n, m in modules.items() if m is shell.get_input_embeddings())
+    head_module = next(n for n, m in modules.items() if m is shell.get_output_embeddings())
+    tied = not any(t.name == "output.weight" for t in index)
+    floats, linears, unsupported, embedding = {}, {}, [], None
+    for t in index:
+        param = names.get(t.name)
+        if param is None:
+            continue
+        module = param.rsplit(".", 1)[0]
+        quantised = t.kind not in FLOAT_KINDS
+        if quantised and t.kind not in KERNEL_KINDS:
+            unsupported.append((t.name, t.kind))
+            continue
+        if not quantised:
+            floats[param] = (t, t.name)  # a tied head is tied to it again after loading (`_fill_floats`)
+            continue
+        if not param.endswith(".weight") or not isinstance(modules[module], (torch.nn.Linear, torch.nn.Embedding)):
+            raise SpecdecError(f"{path.name}: tensor {t.name} ({t.kind}) is quantised but {param} is not a linear "
+                               "weight the kernels can serve: use --weights fp32")
+        if module == embed_module:
+            embedding = (module, t)
+            if tied:
+                linears[head_module] = t
+        else:
+            linears[module] = t
+    return _Plan(floats, linears, embedding, unsupported)
+
+
+def _fill_floats(shell: PreTrainedModel, plan: _Plan, processor) -> None:
+    """The tensors the file stores as values, as real fp32 parameters of the shell."""
+    from gguf import GGMLQuantizationType
+    from gguf import dequantize as gguf_dequantize
+
+    state = {}
+    for param, (t, gname) in plan.floats.items():
+        values = gguf_dequantize(t.data, GGMLQuantizationType[t.kind]).reshape(tuple(reversed(t.shape)))
+        values = processor.process(weights=values, name=gname).weights
+        state[param] = torch.from_numpy(np.array(values, dtype=np.float32))
+    wanted = dict(shell.named_parameters())
+    for param, value in state.items():
+        if tuple(value.shape) != tuple(wanted[param].shape):
+            raise SpecdecError(f"tensor for {param} has shape {tuple(value.shape)}, the model "
+                               f"{tuple(wanted[param].shape)}: the GGUF's metadata does not describe its tensors; "
+                               "get the file again")
+    shell.load_state_dict(state, strict=False, assign=True)
+    if shell.config.tie_word_embeddings and not shell.get_input_embeddings().weight.is_meta:
+        shell.tie_weights()  # an F32 / F16 embedding is the head too: one tensor
+
+
+def _row_order(processor, name: str, rows: int) -> np.ndarray | None:
+    """The row permutation transformers' conversion applies to tensor `name` (llama's q/k), or None for none.
+    SpecdecError when it changes values, which a permutation of rows cannot express."""
+    probe = np.arange(rows, dtype=np.float64)[:, None]
+    out = np.asarray(processor.process(weights=probe, name=name).weights)
+    order = out.reshape(-1).astype(np.int64)
+    if out.shape != probe.shape or not np.array_equal(np.sort(order), np.arange(rows)) or \
+            not np.array_equal(order.astype(np.float64), out.reshape(-1)):
+        raise SpecdecError(f"transformers converts GGUF tensor {name} by more than a row order: use --weights fp32")
+    return None if np.array_equal(order, np.arange(rows)) else order
+
+
+def _unpack(t: TensorEntry, processor, path: Path) -> QuantWeight:
+    """The tensor as the gguf kernel holds it, in transformers' row order; its bytes are read, not mapped."""
+    cols, rows = t.shape[:2]
+    weight = unpack(t.kind, t.read(path), rows, cols)
+    order = _row_order(processor, t.name, rows)
+    return weight if order is None else take_rows(weight, order)
+
+
+def _write_entry(path: Path, index: list[TensorEntry], entry: Path, log: Log) -> None:
+    """Config, tokenizer and generation config read from the GGUF, the kernel's tensors checked (streamed) against
+    gguf-py, then the entry renamed into place."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}{STAGING}", suffix=".partial", dir=entry.parent))
+    staging.chmod(0o755)
+    try:
+        log(f"reading {path.name}'s config and tokenizer (one time)...")
+        try:
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+            _check_architecture(config, str(path))
+            _check_described_size(config, sum(math.prod(t.shape) for t in index), path)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        except _GGUF_READ_ERRORS as err:
+            raise SpecdecError(f"cannot read {path.name} ({type(err).__name__}: {_first_line(err)}): give a GGUF "
+                               "of a supported model written by llama.cpp") from None
+        shell = _shell(config)
+        plan = _plan(shell, index, path)
+        log(f"checking {len(plan.linears)} quantised tensors against gguf-py (one time)...")
+        checked = _check_exact(plan, _processor(shell), path)
+        config.save_pretrained(staging)
+        GenerationConfig.from_model_config(config).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "checked.json").write_text(json.dumps({"version": _CHECK_VERSION, "file": path.name,
+                                                          "bytes": path.stat().st_size, "tensors": checked}))
+        _publish(staging, entry)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_exact(plan: _Plan, processor, path: Path) -> int:
+    """Every quantised linear, unpacked (and reordered) as the kernels hold it, bitwise equal to gguf-py's
+    dequantisation after transformers' conversion: one tensor at a time. Returns how many were checked."""
+    from gguf import GGMLQuantizationType
+    from gguf import dequantize as gguf_dequantize
+
+    seen = set()
+    for t in plan.linears.values():
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        cols, rows = t.shape[:2]
+        whole = _row_order(processor, t.name, rows) is not None  # reordered rows: check the tensor in one piece
+        step = rows if whole else _CHECK_ROWS  # else in slices of rows: a large head never sits in fp32 twice
+        row_bytes = t.data.size // rows
+        for first in range(0, rows, step):
+            n = min(step, rows - first)
+            raw = t.read(path, first * row_bytes, n * row_bytes)
+            ours = dequantize(_unpack(t, processor, path) if whole else unpack(t.kind, raw, n, cols))
+            theirs = gguf_dequantize(raw, GGMLQuantizationType[t.kind]).reshape(n, cols)
+            theirs = np.asarray(processor.process(weights=theirs, name=t.name).weights, dtype=np.float32)
+            if ours.shape != theirs.shape or not np.array_equal(ours.view(np.int32), theirs.view(np.int32)):
+                raise SpecdecError(f"{path.name}: tensor {t.name} ({t.kind}) unpacks to other values than gguf-py's: "
+                                   "report this as a specdec bug; use --weights fp32 meanwhile")
+    return len(seen)

@@ -1,0 +1,159 @@
+"""A GGUF loaded in its own memory (`specdec.models.native`): tiny random models written as real GGUFs (llama.cpp
+tensor names and conversions, quantised linears, a byte-level vocabulary), decoded natively and compared token
+for token with transformers' own GGUF loader, and with the dequantised-cache path for the integer format."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+from transformers import AutoModelForCausalLM
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from conftest import VOCAB, hf_greedy, make_tiny_model
+from specdec.api import SpecDecoder
+from specdec.errors import SpecdecError
+from specdec.models.native import RowTable, load_native
+from specdec.verifiers.quant import QuantWeight
+
+GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}
+PROMPTS = [[5, 17, 99, 3, 250, 7, 64, 301, 12, 45], [8, 8, 200, 31, 7, 64, 301, 12, 45, 5, 17, 99, 4]]
+
+
+def write_gguf(model, path, kinds=("Q8_0", "Q5_0"), embed_kind="Q8_0") -> None:
+    """`model` as llama.cpp's converter writes it: its names, llama's q/k rows permuted for interleaved rope,
+    Gemma's norms stored as 1 + w; 2-D linears in kinds[i % len(kinds)], the embedding in `embed_kind`."""
+    cfg = model.config
+    arch = GGUF_ARCH[cfg.model_type.replace("_text", "")]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny {arch}")
+    writer.add_context_length(256)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(float(cfg.rope_parameters.get("rope_theta", 10000.0)
+                                    if "rope_theta" in cfg.rope_parameters else 10000.0))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if arch == "gemma3":
+        writer.add_sliding_window(cfg.sliding_window)
+    tokens = list(bytes_to_unicode().values()) + ["he", "ll"]
+    tokens += [f"<|unused{i}|>" for i in range(VOCAB - 2 - len(tokens))] + ["<|bos|>", "<|eos|>"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (VOCAB - 2) + [3, 3])
+    writer.add_token_merges(["h e", "l l"])
+    writer.add_bos_token_id(VOCAB - 2)
+    writer.add_eos_token_id(VOCAB - 1)
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
+                                     cfg.num_hidden_layers)
+    tied = bool(cfg.tie_word_embeddings)
+    i = 0
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and tied:
+            continue
+        stem, suffix = name.rsplit(".", 1)
+        target = f"{names.get_name(stem)}.{suffix}"
+        w = tensor.float().numpy()
+        if arch == "llama" and (".attn_q." in target or ".attn_k." in target):
+            heads = cfg.num_attention_heads if ".attn_q." in target else cfg.num_key_value_heads
+            w = w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        if arch == "gemma3" and "norm" in target:
+            w = w + 1.0
+        if w.ndim == 2:
+            kind = embed_kind if target.startswith("token_embd") else kinds[i % len(kinds)]
+            i += 1
+            if kind != "F32":
+                raw = quants.quantize(np.ascontiguousarray(w), getattr(GGMLQuantizationType, kind))
+                writer.add_tensor(target, raw, raw_shape=raw.shape, raw_dtype=getattr(GGMLQuantizationType, kind))
+                continue
+        writer.add_tensor(target, np.ascontiguousarray(w, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def transformers_of(path) -> torch.nn.Module:
+    """transformers' own reading of the GGUF (dequantised to fp32): the reference."""
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_native_gguf_decodes_like_transformers_reading_the_same_file(tmp_path, arch):
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_gguf(make_tiny_model(arch), path)
+    reference = transformers_of(path)
+    cache = str(tmp_path / "cache")
+    plain = SpecDecoder(str(path), drafter="plain", cache_dir=cache)
+    assert plain.weights == "gguf" and plain.verifier.weights == "gguf"
+    assert all(p.is_meta for n, p in plain.model.named_parameters() if n.endswith("proj.weight"))  # no fp32 copy
+    ngram = SpecDecoder(str(path), drafter="ngram", cache_dir=cache, tree_budget=6)
+    for prompt in PROMPTS:
+        want = hf_greedy(reference, prompt, 24)
+        assert plain.generate_ids(prompt, max_new_tokens=24, eos_token_id=[]).tokens == want
+        assert ngram.generate_ids(prompt, max_new_tokens=24, eos_token_id=[]).tokens == want
+
+
+def test_native_integer_format_gives_the_cached_paths_tokens(tmp_path):
+    # q8act quantises activations, so transformers is not its reference: the dequantised-cache path is (the
+    # same kernel on the same codes); a drafter that needs the dense target takes that path
+    path = tmp_path / "tiny.gguf"
+    write_gguf(make_tiny_model("qwen2"), path)
+    cache = str(tmp_path / "cache")
+    native = SpecDecoder(str(path), drafter="plain", weights="q8act", cache_dir=cache)
+    assert native.weights == "q8act" and any(p.is_meta for p in native.model.parameters())
+    from specdec.api import gguf_weights
+    from specdec.models.loading import load_model
+
+    loaded = load_model(str(path), cache_dir=cache)
+    assert not any(p.is_meta for p in loaded.model.parameters())
+    cached = SpecDecoder(loaded, drafter="plain", weights="q8act", cache_dir=cache,
+                         quant=gguf_weights(str(path), loaded.model, cache, fmt="gguf"))
+    for prompt in PROMPTS:
+        assert native.generate_ids(prompt, max_new_tokens=20, eos_token_id=[]).tokens == \
+            cached.generate_ids(prompt, max_new_tokens=20, eos_token_id=[]).tokens
+
+
+def test_embedding_rows_are_read_from_the_file_and_the_entry_is_reused(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(make_tiny_model("qwen2"), path, embed_kind="Q5_0")
+    lines: list[str] = []
+    first = load_native(str(path), cache_dir=tmp_path / "cache", log=lines.append)
+    assert any("checking" in line for line in lines)
+    table = first.quant["model.embed_tokens"]
+    assert isinstance(table, RowTable) and table.kind == "Q5_0"
+    reference = transformers_of(path).model.embed_tokens.weight.detach()
+    ids = torch.tensor([[3, 500, 3], [0, 77, 511]])
+    assert torch.equal(table.rows(ids), reference[ids])  # gguf-py's values, row by row
+    assert isinstance(first.quant["lm_head"], QuantWeight)  # untied: output.weight is the head
+    lines.clear()
+    load_native(str(path), cache_dir=tmp_path / "cache", log=lines.append)
+    assert not any("checking" in line or "reading" in line for line in lines)  # the entry is reused
+
+
+def test_block_type_the_kernels_lack_is_named_in_one_line(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(make_tiny_model("qwen2"), path, kinds=("Q8_0", "Q4_1"))
+    with pytest.raises(SpecdecError) as err:
+        SpecDecoder(str(path), drafter="plain", cache_dir=str(tmp_path / "cache"))
+    message = str(err.value)
+    assert "\n" not in message and "Q4_1" in message and "--weights fp32" in message
+
+
+def test_all_float_gguf_runs_natively_in_fp32(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(make_tiny_model("gemma3"), path, kinds=("F32",), embed_kind="F32")
+    decoder = SpecDecoder(str(path), drafter="plain", cache_dir=str(tmp_path / "cache"))
+    assert decoder.weights == "fp32" and not any(p.is_meta for p in decoder.model.parameters())
+    reference = transformers_of(path)
+    assert decoder.generate_ids(PROMPTS[0], max_new_tokens=16, eos_token_id=[]).tokens == \
+        hf_greedy(reference, PROMPTS[0], 16)
+    with pytest.raises(SpecdecError, match="no block type the kernels run"):
+        SpecDecoder(str(path), drafter="plain", weights="gguf", cache_dir=str(tmp_path / "cache"))
