@@ -157,3 +157,15 @@ def test_all_float_gguf_runs_natively_in_fp32(tmp_path):
         hf_greedy(reference, PROMPTS[0], 16)
     with pytest.raises(SpecdecError, match="no block type the kernels run"):
         SpecDecoder(str(path), drafter="plain", weights="gguf", cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_tensor_names_are_transformers_own(arch):
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    from specdec.models.native import _processor, gguf_names
+
+    model = make_tiny_model(arch)
+    theirs = get_gguf_hf_weights_map(model, _processor(model))
+    params = dict(model.named_parameters(remove_duplicate=False))  # theirs also names buffers
+    assert gguf_names(model) == {g: p for g, p in theirs.items() if p in params}

@@ -16,7 +16,7 @@ from specdec.errors import SpecdecError
 from specdec.models.gguf_weights import module_name, read_quant_weights, tensor_index
 from specdec.verifiers.lean import LeanVerifier
 from specdec.verifiers.quant import (BLOCK_BYTES, TILE, QuantLinear, dequantize, qmatmul, qmatmul_np, random_blocks,
-                                     stacked, unpack)
+                                     UNPACK_ROWS, stacked, unpack)
 
 @pytest.mark.parametrize("kind", list(BLOCK_BYTES))
 def test_unpacked_values_are_bitwise_gguf_py_dequantize(kind):
@@ -25,6 +25,16 @@ def test_unpacked_values_are_bitwise_gguf_py_dequantize(kind):
     ref = quants.dequantize(raw, getattr(GGMLQuantizationType, kind)).reshape(rows, cols).astype(np.float32)
     got = dequantize(unpack(kind, raw, rows, cols))
     assert np.array_equal(got.view(np.int32), ref.view(np.int32))
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0"])
+def test_a_tall_tensor_unpacked_slice_by_slice_is_the_whole(kind):
+    rows, cols = 2 * UNPACK_ROWS + 70, 256  # two whole slices and a ragged one (padded to a tile)
+    raw = random_blocks(kind, rows, cols, seed=3)
+    ref = quants.dequantize(raw, getattr(GGMLQuantizationType, kind)).reshape(rows, cols).astype(np.float32)
+    got = unpack(kind, raw, rows, cols)
+    assert got.rows == rows and got.padded_rows == -(-rows // TILE) * TILE and got.file_bytes == raw.size
+    assert np.array_equal(dequantize(got).view(np.int32), ref.view(np.int32))
 
 
 def test_unsupported_block_type_is_named():
@@ -190,3 +200,21 @@ def test_gguf_weights_need_the_lean_backend():
 
     with pytest.raises(SpecdecError, match="lean backend"):
         make_verifier(make_tiny_model("gemma3"), backend="hf", quant={"lm_head": None})
+
+
+def test_stacking_views_of_one_stacked_weight_copies_nothing():
+    from specdec.verifiers.q8act import from_quant
+    from specdec.verifiers.quant import split_stacked
+
+    parts = [unpack("Q8_0", random_blocks("Q8_0", rows, 64, seed=rows), rows, 64) for rows in (128, 64, 64)]
+    joint = stacked(parts)
+    for whole in (joint, from_quant(joint)):
+        views = split_stacked(whole, parts)
+        assert [v.rows for v in views] == [128, 64, 64] and [v.kind for v in views] == ["Q8_0"] * 3
+        again = stacked(views)
+        arrays = [f for f in ("q", "codes", "scale") if hasattr(again, f) and isinstance(getattr(again, f), np.ndarray)]
+        assert all(np.shares_memory(getattr(again, f), getattr(whole, f)) for f in arrays)  # no copy
+        assert all(np.array_equal(getattr(again, f), getattr(whole, f)) for f in arrays)
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    views = split_stacked(joint, parts)
+    assert np.array_equal(qmatmul_np(x, views[1]), qmatmul_np(x, parts[1]))  # a view computes its own rows

@@ -98,8 +98,20 @@ class _Header:
             if item in _SCALAR_BYTES:
                 n = self.count(f"length of array {what}", _SCALAR_BYTES[item])
                 self.at += n * _SCALAR_BYTES[item]
-            elif item in (_STRING, _ARRAY):
-                for _ in range(self.count(f"length of array {what}", 8 if item == _STRING else 12)):
+            elif item == _STRING:  # a vocabulary: hundreds of thousands of strings, skipped by their lengths
+                n = self.count(f"length of array {what}", 8)
+                buf, at, size = self.buf, self.at, self.size
+                for _ in range(n):
+                    if at + 8 > size:
+                        self.at = at
+                        raise self.fail(f"length of {what} runs past the end of the file")
+                    at += 8 + struct.unpack_from("<Q", buf, at)[0]
+                    if at > size:
+                        self.at = size
+                        raise self.fail(f"{what} runs past the end of the file")
+                self.at = at
+            elif item == _ARRAY:
+                for _ in range(self.count(f"length of array {what}", 12)):
                     self.skip(item, what)
             else:
                 raise self.fail(f"unknown item type {item} in array {what}")

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
 
 from specdec.errors import SpecdecError
 from specdec.models.builtin import BUILTINS, DEFAULT_BUILTIN
@@ -54,12 +55,14 @@ from specdec.models.loading import (
     remove_stale_staging,
 )
 from specdec.verifiers.q8act import from_quant
-from specdec.verifiers.quant import QuantWeight, dequantize, take_rows, unpack
+from specdec.verifiers.quant import (QuantWeight, dequantize, split_stacked, stacked, take_rows, unpack,
+                                     unpack_rows)
 
 FLOAT_KINDS = ("F32", "F16", "BF16")  # stored as values: read as fp32 tensors
 KERNEL_KINDS = ("Q8_0", "Q5_0", "Q6_K", "Q4_K")  # the block types the gguf and q8act kernels run
 _CHECK_VERSION = 1  # bump when unpacking changes: entries checked by an older version are checked again
 _META = ".gguf-meta"
+_GGUF_ARCH = {"gemma3_text": "gemma3"}  # transformers model type -> llama.cpp architecture, where they differ
 _CHECK_ROWS = 16384  # rows of a tensor checked at a time
 
 
@@ -121,6 +124,8 @@ def load_native(spec: str | None, fmt: str = "gguf", cache_dir: str | Path | Non
         except OSError as err:
             raise SpecdecError(f"cannot write the model cache {entry.parent} ({err.strerror or err}): point "
                                "--cache-dir / SPECDEC_CACHE at a writable folder") from None
+    tokenizer = AutoTokenizer.from_pretrained(entry, trust_remote_code=False)  # first: its peak (a 262k vocabulary:
+    # ~450 MB while it is built, ~300 MB after) then does not sit on top of the weights
     config = AutoConfig.from_pretrained(entry, trust_remote_code=False)
     shell = _shell(config)
     shell.generation_config = GenerationConfig.from_pretrained(entry)
@@ -134,22 +139,56 @@ def load_native(spec: str | None, fmt: str = "gguf", cache_dir: str | Path | Non
     _fill_floats(shell, plan, processor)
     quant: dict = {}
     report = QuantReport(fmt=fmt)
-    for module, tensor in plan.linears.items():
-        weight = _unpack(tensor, processor, path)
-        quant[module] = from_quant(weight) if fmt == "q8act" else weight
-        report.kinds[tensor.kind] = report.kinds.get(tensor.kind, 0) + 1
-        report.file_bytes += weight.file_bytes
-        report.kernel_bytes += quant[module].nbytes
+    for group in _input_groups(plan.linears):
+        weights = [_unpack(plan.linears[m], processor, path) for m in group]
+        for module, weight in zip(group, _for_kernel(weights, fmt)):
+            quant[module] = weight
+            kind = plan.linears[module].kind
+            report.kinds[kind] = report.kinds.get(kind, 0) + 1
+            report.file_bytes += weight.file_bytes
+            report.kernel_bytes += weight.nbytes
     if plan.embedding is not None:
         quant[plan.embedding[0]] = RowTable(plan.embedding[1])
     left = [n for n, p in shell.named_parameters() if p.is_meta and n.rsplit(".", 1)[0] not in quant]
     if left:
         raise SpecdecError(f"{path.name} holds no usable tensor for {left[0]} ({len(left)} parameters missing): the "
                            "file is incomplete or of another model; use a GGUF written by llama.cpp")
-    tokenizer = AutoTokenizer.from_pretrained(entry, trust_remote_code=False)
     say(report.summary())
     return LoadedModel(shell.eval(), tokenizer, spec if spec in BUILTINS else path.stem, str(path), quant=quant,
                        report=report)
+
+
+_SHARED_INPUT = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def _input_groups(linears: dict[str, TensorEntry]) -> list[list[str]]:
+    """The linear modules in groups that read the same input (a layer's q/k/v, its gate/up: what the lean
+    forward stacks into one kernel call), every other module alone."""
+    groups, taken = [], set()
+    for module in linears:
+        parent, _, leaf = module.rpartition(".")
+        parent, _, owner = parent.rpartition(".")
+        group = [module]
+        for names in _SHARED_INPUT:
+            if f"{owner}.{leaf}" in names:
+                group = [m for m in (f"{parent}.{n}" for n in names) if m in linears]
+        if module not in taken:
+            groups.append(group)
+            taken.update(group)
+    return groups
+
+
+def _for_kernel(weights: list[QuantWeight], fmt: str) -> list:
+    """A group's weights as the kernel of `fmt` holds them; when they can share a kernel call, as views of one
+    stacked weight (`split_stacked`), so the forward's stacking reuses it instead of copying the layer."""
+    joint = stacked(weights) if len(weights) > 1 else None
+    if joint is None:
+        return [from_quant(w) for w in weights] if fmt == "q8act" else weights
+    if fmt == "q8act":
+        if len({w.kind for w in weights}) > 1:  # one integer layout per kind: convert each, stack later
+            return [from_quant(w) for w in weights]
+        joint = from_quant(joint)
+    return split_stacked(joint, weights)
 
 
 def _shell(config) -> PreTrainedModel:
@@ -176,14 +215,32 @@ def _processor(shell: PreTrainedModel):
     """transformers' per-architecture conversion of GGUF tensors (llama's q/k row order, Gemma's norm offsets)."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    arch = {"gemma3_text": "gemma3"}.get(shell.config.model_type, shell.config.model_type)
+    arch = _GGUF_ARCH.get(shell.config.model_type, shell.config.model_type)
     return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=shell.config.to_dict())
 
 
-def _plan(shell: PreTrainedModel, index: list[TensorEntry], path: Path) -> _Plan:
-    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+def gguf_names(shell: PreTrainedModel) -> dict[str, str]:
+    """GGUF tensor name -> parameter name: gguf-py's name map of the architecture applied to the model's
+    parameters, as transformers' `get_gguf_hf_weights_map` applies it (which builds the map again for each of
+    the model's modules: 3 s on the default model, for the same answer on the architectures loaded here)."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
-    names = get_gguf_hf_weights_map(shell, _processor(shell))  # gguf name -> parameter name
+    model_type = _GGUF_ARCH.get(shell.config.model_type, shell.config.model_type)
+    arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == model_type), None)
+    if arch is None:
+        raise SpecdecError(f"gguf-py has no tensor names for architecture {model_type}: use --weights fp32")
+    name_map = get_tensor_name_map(arch, shell.config.num_hidden_layers)
+    out = {}
+    for param, _ in shell.named_parameters(remove_duplicate=False):
+        stem, suffix = param.rsplit(".", 1)
+        gguf_name = name_map.get_name(stem)
+        if gguf_name is not None:
+            out.setdefault(f"{gguf_name}.{suffix}", param)
+    return out
+
+
+def _plan(shell: PreTrainedModel, index: list[TensorEntry], path: Path) -> _Plan:
+    names = gguf_names(shell)  # gguf name -> parameter name
     modules = dict(shell.named_modules())
     embed_module = next(n for n, m in modules.items() if m is shell.get_input_embeddings())
     head_module = next(n for n, m in modules.items() if m is shell.get_output_embeddings())
@@ -249,7 +306,8 @@ def _row_order(processor, name: str, rows: int) -> np.ndarray | None:
 def _unpack(t: TensorEntry, processor, path: Path) -> QuantWeight:
     """The tensor as the gguf kernel holds it, in transformers' row order; its bytes are read, not mapped."""
     cols, rows = t.shape[:2]
-    weight = unpack(t.kind, t.read(path), rows, cols)
+    row_bytes = t.data.size // rows
+    weight = unpack_rows(t.kind, lambda first, n: t.read(path, first * row_bytes, n * row_bytes), rows, cols)
     order = _row_order(processor, t.name, rows)
     return weight if order is None else take_rows(weight, order)
 
@@ -265,7 +323,9 @@ def _write_entry(path: Path, index: list[TensorEntry], entry: Path, log: Log) ->
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
             _check_architecture(config, str(path))
             _check_described_size(config, sum(math.prod(t.shape) for t in index), path)
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+            known = config.model_type if TOKENIZER_MAPPING_NAMES.get(config.model_type) else None  # else from config
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, tokenizer_type=known,
+                                                      trust_remote_code=False)  # typed: no second metadata parse
         except _GGUF_READ_ERRORS as err:
             raise SpecdecError(f"cannot read {path.name} ({type(err).__name__}: {_first_line(err)}): give a GGUF "
                                "of a supported model written by llama.cpp") from None

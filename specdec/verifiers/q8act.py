@@ -39,7 +39,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from specdec.verifiers.quant import QuantWeight, _rows, pack_pairs, unpack_pairs
+from specdec.verifiers.quant import QuantWeight, _rows, concat_tiles, pack_pairs, unpack_pairs
 
 TILE = 16  # output rows per tile: two registers of 8 int32 lanes
 XBLOCK = 32  # activation values per int8 block (one fp32 scale each)
@@ -147,9 +147,9 @@ def stacked(weights: list[Q8Weight]) -> Q8Weight | None:
            or w.flush != first.flush or w.nibbles != first.nibbles or (w.offset is None) != (first.offset is None)
            or w.rows != w.padded_rows for w in weights):
         return None
-    return Q8Weight("+".join(sorted({w.kind for w in weights})), np.concatenate([w.codes for w in weights]),
-                    np.concatenate([w.scale for w in weights]),
-                    None if first.offset is None else np.concatenate([w.offset for w in weights]),
+    return Q8Weight("+".join(sorted({w.kind for w in weights})), concat_tiles([w.codes for w in weights]),
+                    concat_tiles([w.scale for w in weights]),
+                    None if first.offset is None else concat_tiles([w.offset for w in weights]),
                     first.group, first.zero, first.signed, first.flush, first.nibbles, sum(w.rows for w in weights),
                     first.cols, sum(w.file_bytes for w in weights))
 

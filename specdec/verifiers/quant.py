@@ -44,7 +44,7 @@ tiles are numba's prange iterations (equal blocks per thread), so a call asks nu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 
 import numba
@@ -98,10 +98,43 @@ class QuantWeight:
 # unpacking the file's blocks (numpy, once at load)
 
 
+UNPACK_ROWS = 4096  # rows unpacked at a time (whole tiles): a large head's temporaries stay a slice's
+
+
 def unpack(kind: str, raw: np.ndarray, rows: int, cols: int, nibbles: bool | None = None) -> QuantWeight:
     """The GGUF tensor's raw bytes (uint8, any shape holding rows * cols weights' blocks) -> QuantWeight.
     `nibbles`: Q4_K codes two a byte (default: `pack_nibbles()`, this CPU's faster layout; both give the same
     values). ValueError for a block type not handled here."""
+    data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    row_bytes = data.size // rows
+    return unpack_rows(kind, lambda first, n: data[first * row_bytes: (first + n) * row_bytes], rows, cols, nibbles)
+
+
+def unpack_rows(kind: str, read, rows: int, cols: int, nibbles: bool | None = None) -> QuantWeight:
+    """`unpack` of a tensor whose raw bytes come UNPACK_ROWS rows at a time from read(first, n) (uint8 of rows
+    first..first+n-1): the result's arrays are filled slice by slice, so unpacking never holds more than the
+    result and one slice's temporaries (the file's bytes included, when `read` reads them from the file)."""
+    if rows <= UNPACK_ROWS:
+        return _unpack_slice(kind, read(0, rows), rows, cols, nibbles)
+    out = None
+    for first in range(0, rows, UNPACK_ROWS):
+        n = min(UNPACK_ROWS, rows - first)
+        part = _unpack_slice(kind, read(first, n), n, cols, nibbles)
+        if out is None:
+            tiles = -(-rows // TILE)
+            def empty(a):  # noqa: E306
+                return None if a is None else np.empty((tiles, *a.shape[1:]), a.dtype)
+            out = replace(part, q=empty(part.q), scale=empty(part.scale), offset=empty(part.offset), rows=rows,
+                          file_bytes=0)
+        t0 = first // TILE
+        for name in ("q", "scale", "offset"):
+            if getattr(part, name) is not None:
+                getattr(out, name)[t0: t0 + getattr(part, name).shape[0]] = getattr(part, name)
+        out = replace(out, file_bytes=out.file_bytes + part.file_bytes)
+    return out
+
+
+def _unpack_slice(kind: str, raw: np.ndarray, rows: int, cols: int, nibbles: bool | None) -> QuantWeight:
     data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     if kind == "Q8_0":
         blocks = data.reshape(-1, 34)
@@ -244,10 +277,44 @@ def stacked(weights: list) -> "QuantWeight | None":
            or w.nibbles != first.nibbles or w.rows != w.padded_rows for w in weights):
         return None
     kinds = sorted({w.kind for w in weights})
-    return QuantWeight("+".join(kinds), np.concatenate([w.q for w in weights]),
-                       np.concatenate([w.scale for w in weights]),
-                       None if first.offset is None else np.concatenate([w.offset for w in weights]),
+    return QuantWeight("+".join(kinds), concat_tiles([w.q for w in weights]),
+                       concat_tiles([w.scale for w in weights]),
+                       None if first.offset is None else concat_tiles([w.offset for w in weights]),
                        first.group, sum(w.rows for w in weights), sum(w.file_bytes for w in weights), first.nibbles)
+
+
+def concat_tiles(arrays: list[np.ndarray]) -> np.ndarray:
+    """np.concatenate along axis 0, but without a copy when the arrays already lie one after another in one
+    array (the views `split_stacked` makes): then the view over all of them."""
+    owner, first = arrays[0].base, arrays[0]
+    if owner is None or not isinstance(owner, np.ndarray) or not owner.flags.c_contiguous or any(
+            a.base is not owner or not a.flags.c_contiguous or a.dtype != first.dtype or a.shape[1:] != first.shape[1:]
+            for a in arrays):
+        return np.concatenate(arrays)
+    at = first.ctypes.data
+    for a in arrays:
+        if a.ctypes.data != at:
+            return np.concatenate(arrays)
+        at += a.nbytes
+    return np.ndarray((sum(a.shape[0] for a in arrays), *first.shape[1:]), first.dtype, buffer=owner,
+                      offset=first.ctypes.data - owner.ctypes.data)
+
+
+_TILED_FIELDS = ("q", "codes", "scale", "offset")  # the arrays of QuantWeight / Q8Weight, tiles along axis 0
+
+
+def split_stacked(joint, parts: list) -> list:
+    """`parts` (the weights `joint` stacks, in order; `QuantWeight`s, and `joint` a `QuantWeight` or the
+    `q8act.Q8Weight` made of one) each as views of `joint`'s arrays: the same values, and `stacked` of the
+    views gives `joint` back without a copy, so a loader that stacks as it reads never holds a layer twice."""
+    out, t = [], 0
+    for p in parts:
+        n = p.padded_rows // TILE
+        views = {f.name: getattr(joint, f.name)[t: t + n] for f in fields(joint)
+                 if f.name in _TILED_FIELDS and getattr(joint, f.name) is not None}
+        out.append(replace(joint, kind=p.kind, rows=p.rows, file_bytes=p.file_bytes, **views))
+        t += n
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
