@@ -105,7 +105,7 @@ def default_weights(model: "str | os.PathLike | LoadedModel | PreTrainedModel | 
     return "fp32"
 
 
-def _is_gguf_spec(spec: str | None) -> bool:
+def is_gguf_spec(spec: str | None) -> bool:
     """Whether a model spec names a GGUF (a built-in or a .gguf file)."""
     return spec is None or spec in BUILTINS or (spec.lower().endswith(".gguf") and Path(spec).is_file())
 
@@ -176,7 +176,7 @@ class SpecDecoder:
         spec = model
         native = None  # what a native load read (`specdec.models.native`)
         if (model is None or isinstance(model, str)) and weights in GGUF_FORMATS and backend != "hf" \
-                and quant is None and _is_gguf_spec(model) and not _dense_drafter(drafter, drafter_options):
+                and quant is None and is_gguf_spec(model) and not _dense_drafter(drafter, drafter_options):
             model = load_native(model, weights, cache_dir, log)  # the GGUF in its own memory: no fp32 copy
             quant, native = model.quant, model.report
         elif model is None or isinstance(model, str):

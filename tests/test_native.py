@@ -29,7 +29,7 @@ def write_gguf(model, path, kinds=("Q8_0", "Q5_0"), embed_kind="Q8_0") -> None:
     arch = GGUF_ARCH[cfg.model_type.replace("_text", "")]
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(f"tiny {arch}")
-    writer.add_context_length(256)
+    writer.add_context_length(4096)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_feed_forward_length(cfg.intermediate_size)
@@ -169,3 +169,52 @@ def test_tensor_names_are_transformers_own(arch):
     theirs = get_gguf_hf_weights_map(model, _processor(model))
     params = dict(model.named_parameters(remove_duplicate=False))  # theirs also names buffers
     assert gguf_names(model) == {g: p for g, p in theirs.items() if p in params}
+
+
+def test_draft_model_named_by_a_gguf_loads_natively_and_stays_lossless(tmp_path):
+    from specdec.drafters.model import ModelDrafter
+    from specdec.drafters.registry import make_drafter
+    from specdec.engine import Engine, StopConditions
+
+    target = make_tiny_model("qwen2")
+    path = tmp_path / "draft.gguf"
+    write_gguf(make_tiny_model("qwen2", seed=1), path)
+    drafter = make_drafter("model", vocab_size=VOCAB, draft_model=str(path), cache_dir=str(tmp_path / "cache"), k=3)
+    lean = drafter._seqs[0].runner.lean
+    assert isinstance(drafter, ModelDrafter) and lean.glued  # weights=auto: q8act, natively
+    assert type(lean.lm_head.quant).__name__ == "Q8Weight" and isinstance(lean.embed, RowTable)
+    from specdec.verifiers.hf import HFVerifier
+
+    result = Engine(HFVerifier(target), drafter, 6).generate(PROMPTS[0], StopConditions(24))
+    assert result.tokens == hf_greedy(target, PROMPTS[0], 24)
+
+
+def test_benches_load_a_gguf_natively_when_no_method_needs_fp32(tmp_path):
+    import json
+
+    from specdec.bench.batch import BatchBenchSpec, run_batch_bench
+    from specdec.bench.spec_bench import BenchSpec, native_format, run_bench
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(make_tiny_model("qwen2"), path)
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text("\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]}) for i, (c, t) in
+                                 enumerate([("coding", "hello hello hello world"), ("math", "he ll he ll 1 2 3")])))
+    methods = ("plain@gguf", "ngram@gguf", "plain@q8act", "ngram@q8act")
+    spec = BenchSpec(model=str(path), prompts=str(prompts), max_new_tokens=8, methods=methods,
+                     out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    assert native_format(spec) == "gguf"
+    assert native_format(BenchSpec(model=str(path), methods=("hf-plain", "plain@gguf"))) is None  # needs fp32
+    assert native_format(BenchSpec(model=str(path), methods=("lexical@gguf",))) is None  # computes with it
+    run_bench(spec, log=lambda _: None, echo=lambda _: None)
+    rows = json.loads(next((tmp_path / "out").glob("*.json")).read_text())["rows"]
+    out = {(r["question_id"], r["method"]): r["tokens"] for r in rows}
+    for q in (0, 1):
+        assert len(out[q, "plain@gguf"]) == 8
+        assert out[q, "ngram@gguf"] == out[q, "plain@gguf"] and out[q, "ngram@q8act"] == out[q, "plain@q8act"]
+    report = run_batch_bench(BatchBenchSpec(model=str(path), prompts=str(prompts), weights="q8act", n_prompts=2,
+                                            max_new_tokens=6, batch_sizes=(2,), repeats=1,
+                                            cache_dir=str(tmp_path / "cache")), log=lambda _: None,
+                             echo=lambda _: None)
+    assert [t["method"] for t in report["table"]] == ["plain", "spec"]
+    assert all(t["exact_match"] == 1.0 for t in report["table"])

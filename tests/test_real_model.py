@@ -176,3 +176,17 @@ def test_default_model_q8act_speculation_equals_q8act_plain(real, real_quant, dr
     assert scored > 0
     batch = spec.generate_many(prompts, width=3, max_new_tokens=NEW_TOKENS)
     assert [r.tokens for r in batch.results] == alone
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+@pytest.mark.parametrize("drafter", ["plain", "auto"])
+def test_default_model_loaded_natively_matches_transformers_generate(real, drafter):
+    """What `specdec generate` runs by default: the GGUF loaded in its own memory (no fp32 copy of its weights,
+    `specdec.models.native`) gives transformers' fp32 greedy tokens on the dequantised model, as the
+    dequantised-cache path above does."""
+    _, prompts, refs = real
+    decoder = SpecDecoder(drafter=drafter)
+    assert decoder.weights == "gguf" and any(p.is_meta for p in decoder.model.parameters())
+    for ids, ref in zip(prompts, refs):
+        assert decoder.generate_ids(ids, max_new_tokens=NEW_TOKENS).tokens == ref

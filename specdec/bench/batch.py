@@ -57,9 +57,11 @@ class BatchBenchSpec:
 
 def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
                     echo: Callable[[str], None] = print) -> dict:
-    from specdec.api import gguf_weights
+    from specdec.api import gguf_weights, is_gguf_spec
     from specdec.bench.spec_bench import PROMPT_TEMPLATE, eos_ids
+    from specdec.drafters.registry import needs_target_weights
     from specdec.models.loading import default_cache_dir, load_model
+    from specdec.models.native import load_native
     from specdec.text import encode_prompt
     from specdec.trees.sizing import cached_curve, verifier_key
 
@@ -85,11 +87,19 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
         if problem:
             raise SpecdecError(f"--batch-drafters: {problem}")
     questions = pick_questions(spec.prompts, spec.n_prompts)
-    loaded = load_model(spec.model, dtype=torch.bfloat16 if spec.weights == "bf16" else torch.float32,
-                        cache_dir=spec.cache_dir, log=log)
+    dense = spec.weights not in GGUF_FORMATS or not is_gguf_spec(spec.model) \
+        or needs_target_weights(spec.drafter, spec.drafter_options) or any(
+            needs_target_weights(*parse_drafter(m, "--batch-drafters")) for m in spec.others
+            if not llama_server.is_server_method(m))
+    if dense:
+        loaded = load_model(spec.model, dtype=torch.bfloat16 if spec.weights == "bf16" else torch.float32,
+                            cache_dir=spec.cache_dir, log=log)
+        quant = gguf_weights(spec.model, loaded.model, spec.cache_dir, log, spec.weights) \
+            if spec.weights in GGUF_FORMATS else None
+    else:  # no drafter computes with the fp32 model: the GGUF in its own memory, as users run it
+        loaded = load_native(spec.model, spec.weights, spec.cache_dir, log)
+        quant = loaded.quant
     prompts = [encode_prompt(loaded.tokenizer, q["text"], template=PROMPT_TEMPLATE) for q in questions]
-    quant = gguf_weights(spec.model, loaded.model, spec.cache_dir, log, spec.weights) \
-        if spec.weights in GGUF_FORMATS else None
     verifier = _lean_verifier(loaded.model, quant)
     eos = frozenset(eos_ids(loaded))
     info = machine_info(dtype=_DTYPES[spec.weights]) | {

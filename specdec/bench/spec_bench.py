@@ -79,10 +79,15 @@ class _Runner:
 
     def __init__(self, spec: BenchSpec, loaded, eos: list[int], longest_prompt: int, log: Callable[[str], None]):
         from specdec.api import SpecDecoder
+        from specdec.verifiers.q8act import as_q8, quant_format
 
         self.spec, self.model, self.eos = spec, loaded.model, eos
         models = {"fp32": loaded}  # weight format -> the loaded model its decoders share
         quants: dict[str, dict] = {}  # format -> the GGUF's quantised weights, read once (about 25 s a read)
+        if loaded.quant is not None:  # loaded natively (`native_format`): its weights, in gguf or q8act
+            fmt = quant_format(loaded.quant)
+            quants[fmt] = loaded.quant
+            models = {fmt: loaded}
         self.decoders = {}
         for m in spec.methods:
             if is_baseline(m):
@@ -95,7 +100,6 @@ class _Runner:
                 models["bf16"] = load_model(spec.model, dtype=torch.bfloat16, cache_dir=spec.cache_dir, log=log)
             if weights in GGUF_FORMATS and weights not in quants:
                 from specdec.api import gguf_weights
-                from specdec.verifiers.q8act import as_q8
 
                 if "gguf" not in quants:
                     quants["gguf"] = gguf_weights(spec.model, loaded.model, spec.cache_dir, log)
@@ -199,7 +203,13 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, echo: Callabl
         if not is_baseline(m):
             split_method(m)  # an unknown weight format fails before the model loads
     questions = read_questions(spec.prompts, spec.per_category)
-    loaded = load_model(spec.model, cache_dir=spec.cache_dir, log=log)
+    native = native_format(spec)
+    if native is not None:  # no method computes with the fp32 model: the GGUF in its own memory, as users run it
+        from specdec.models.native import load_native
+
+        loaded = load_native(spec.model, native, spec.cache_dir, log)
+    else:
+        loaded = load_model(spec.model, cache_dir=spec.cache_dir, log=log)
     tok = loaded.tokenizer
     eos = eos_ids(loaded)
     prompts = [encode_prompt(tok, q["text"], template=PROMPT_TEMPLATE) for q in questions]
@@ -241,6 +251,30 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, echo: Callabl
     return report
 
 
+def native_format(spec: BenchSpec) -> str | None:
+    """The quantised format to load the model in natively (`specdec.models.native`) when no method needs its
+    dense fp32 weights (transformers baselines, the fp32 / bf16 formats, drafters computing with the target's
+    weights) and it is named by a GGUF: gguf when a method runs it (q8act is then converted from it), else
+    q8act; None otherwise."""
+    from specdec.api import is_gguf_spec
+    from specdec.drafters.registry import needs_target_weights
+
+    formats = set()
+    for m in spec.methods:
+        if llama_bench.is_llama_method(m) or llama_server.is_server_method(m):
+            continue
+        if m in HF_METHODS:
+            return None
+        drafter, weights, options = split_method(m)
+        options = {**(spec.drafter_options if drafter == spec.drafter else {}), **options}
+        if weights not in GGUF_FORMATS or needs_target_weights(drafter, options):
+            return None
+        formats.add(weights)
+    if not formats or spec.backend == "hf" or spec.strict or not is_gguf_spec(spec.model):
+        return None
+    return "gguf" if "gguf" in formats else "q8act"
+
+
 @torch.inference_mode()
 def _explain(mismatch: dict, rows: list[Row], model, base_method: str) -> dict:
     """At the first differing position from `base_method`'s output: the target's logits (one plain transformers
@@ -251,6 +285,8 @@ def _explain(mismatch: dict, rows: list[Row], model, base_method: str) -> dict:
     pos = mismatch["first_diff"]
     if base is None or pos >= min(len(base.tokens), len(ours.tokens)):
         return mismatch | {"note": "one output is a prefix of the other (length / EOS)"}
+    if any(p.is_meta for p in model.parameters()):
+        return mismatch | {"note": f"at token {pos} (the model was loaded natively: no fp32 logits to show)"}
     ids = base.prompt + base.tokens[:pos]
     logits = model(torch.tensor([ids])).logits[0, -1].float()
     a, b = base.tokens[pos], ours.tokens[pos]

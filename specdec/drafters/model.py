@@ -509,6 +509,20 @@ def draft_quant(spec: Any, model: PreTrainedModel, weights: str, cache_dir: str 
         raise SpecdecError(f"model drafter: weights={weights}: {err}") from None
 
 
+def _native_draft(spec: Any, weights: str, cache_dir: str | Path | None):
+    """The draft model loaded in its own memory (`specdec.models.native`: no fp32 copy of its weights) when it
+    runs in a quantised format: a GGUF named by spec with weights auto / gguf / q8act, or a natively loaded
+    model as given; else None (the dequantised path)."""
+    from specdec.models.loading import LoadedModel
+    from specdec.models.native import load_native
+
+    if isinstance(spec, LoadedModel):
+        return spec if spec.quant is not None else None
+    if weights == "fp32" or _gguf_of(spec, cache_dir) is None:
+        return None
+    return load_native(str(spec), "q8act" if weights == "auto" else weights, cache_dir)
+
+
 def _gguf_of(spec: Any, cache_dir: str | Path | None) -> Path | None:
     """The GGUF file a draft_model spec names (a built-in or a .gguf path), resolved once (a built-in's is
     checked against its sha256 on every resolution); None for a directory or a loaded model."""
@@ -597,11 +611,12 @@ def model_drafter(
     sampling = SamplingParams(temperature, top_k, top_p, seed).validate()
     if weights not in ("auto", "fp32", "gguf", "q8act"):
         raise SpecdecError(f"model drafter: weights must be auto, fp32, gguf or q8act, got {weights!r}")
-    model, tokenizer, name = resolve_model(draft_model, cache_dir)
-    check_vocab(model, tokenizer, vocab_size, target_tokenizer, name)
     if weights == "auto" and draft_vocab is not None:
         weights = "fp32"  # draft_vocab takes rows of an fp32 LM head
-    quant = draft_quant(draft_model, model, weights, cache_dir)
+    native = _native_draft(draft_model, weights, cache_dir)
+    model, tokenizer, name = resolve_model(draft_model if native is None else native, cache_dir)
+    check_vocab(model, tokenizer, vocab_size, target_tokenizer, name)
+    quant = native.quant if native is not None else draft_quant(draft_model, model, weights, cache_dir)
     runner = DraftRunner(lean_forward(model, gemm, cache_dir, quant=quant), int(model.config.max_position_embeddings))
     head = draft_vocabulary(draft_vocab, tokenizer or target_tokenizer, vocab_size)
     return ModelDrafter(runner, vocab_size, k=k, mode=mode, branch=branch, adaptive=adaptive, sampling=sampling,
