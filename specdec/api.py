@@ -227,7 +227,8 @@ class SpecDecoder:
         if width not in self._engines:
             if width > 1 and not self.verifier.batched:
                 raise SpecdecError("batches need the lean verifier (backend 'lean' or 'auto' on a Gemma 3 / Qwen2 / "
-                                   "Llama model): the transformers verifier decodes one row at a time; use width 1")
+                                   "Qwen3 / Llama / Mistral model): the transformers verifier decodes one row at a "
+                                   "time; use width 1")
             budget = self.tree_budget
             max_nodes = budget if isinstance(budget, int) else int(budget.max_nodes)
             curve = budget.curve if isinstance(budget, AutoBudget) else None

@@ -197,11 +197,17 @@ def _bench_methods(methods: str, cfg: RunConfig, drafter_given: bool) -> tuple[s
 
 @main.command("models")
 def models_cmd() -> None:
-    """List the built-in models."""
+    """List the built-in models and what other models load."""
     from specdec.models.loading import list_builtin
+    from specdec.models.native import FLOAT_KINDS, KERNEL_KINDS
+    from specdec.verifiers.lean_model import SUPPORTED
 
     for name, desc in list_builtin().items():
         click.echo(f"{name:24s} {desc}")
+    click.echo(f"\nAlso: --model FILE.gguf or a transformers directory of a {', '.join(SUPPORTED)} model.")
+    click.echo(f"GGUF block types the gguf / q8act formats run (the file's blocks, no fp32 copy): "
+               f"{', '.join(KERNEL_KINDS)}; {', '.join(FLOAT_KINDS)} tensors load as values. Other block types "
+               "run with --weights fp32 (dequantised once into a cache, ~4x the file in memory).")
 
 
 @main.command("trees")

@@ -129,3 +129,11 @@ def test_broken_config(tmp_path):
     bad.write_text("modle: x\n")
     res = run("generate", "hi", "--config", str(bad))
     assert res.exit_code == 2 and "unknown setting" in res.stderr
+
+
+def test_models_lists_built_ins_architectures_and_block_types():
+    result = run("models")
+    assert result.exit_code == 0
+    assert "gemma3-270m" in result.output and "(the default)" in result.output
+    assert "qwen3" in result.output and "mistral" in result.output  # architectures that load
+    assert "Q4_K" in result.output and "--weights fp32" in result.output  # block types, and the way out

@@ -17,8 +17,12 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from specdec.trees.tree import Tree
@@ -29,7 +33,7 @@ from specdec.verifiers.lean import LeanVerifier
 VOCAB = 96
 WINDOW = 8  # Gemma / Qwen2 sliding window: prefixes below cross it
 ATOL = 2e-5  # logits are O(1-10); fp32 differences seen are ~1e-6
-ARCHS = ("llama", "qwen2", "qwen2_sliding", "gemma3")
+ARCHS = ("llama", "qwen2", "qwen2_sliding", "gemma3", "qwen3", "mistral_sliding")
 
 
 def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
@@ -43,6 +47,10 @@ def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
     elif arch == "qwen2_sliding":  # layer 0 global, layers 1-2 sliding
         model = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=3, use_sliding_window=True, sliding_window=WINDOW,
                                              max_window_layers=1, **common))
+    elif arch == "qwen3":  # q/k norms, plain RMSNorm weights
+        model = Qwen3ForCausalLM(Qwen3Config(num_hidden_layers=2, **common))
+    elif arch == "mistral_sliding":  # one window for every layer (no layer_types in Mistral's config)
+        model = MistralForCausalLM(MistralConfig(num_hidden_layers=2, sliding_window=WINDOW, **common))
     elif arch == "gemma3":
         model = Gemma3ForCausalLM(Gemma3TextConfig(
             num_hidden_layers=4, sliding_window=WINDOW, query_pre_attn_scalar=24,

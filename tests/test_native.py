@@ -18,7 +18,29 @@ from specdec.errors import SpecdecError
 from specdec.models.native import RowTable, load_native
 from specdec.verifiers.quant import QuantWeight
 
-GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+
+
+def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
+    """conftest's tiny models, plus Qwen3 (q/k norms; head_dim 128, what its GGUF config implies) and Mistral."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    if arch in ("llama", "qwen2", "gemma3"):
+        return make_tiny_model(arch, seed=seed)
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=4096, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    if arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=128, tie_word_embeddings=True, **common))
+    else:
+        model = MistralForCausalLM(MistralConfig(head_dim=16, **common))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)  # as conftest: sharper distributions, varied greedy paths
+    return model.eval()
 PROMPTS = [[5, 17, 99, 3, 250, 7, 64, 301, 12, 45], [8, 8, 200, 31, 7, 64, 301, 12, 45, 5, 17, 99, 4]]
 
 
@@ -28,7 +50,7 @@ def write_gguf(model, path, kinds=("Q8_0", "Q5_0"), embed_kind="Q8_0") -> None:
     cfg = model.config
     arch = GGUF_ARCH[cfg.model_type.replace("_text", "")]
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(f"tiny {arch}")
+    writer.add_name("Mistral tiny" if cfg.model_type == "mistral" else cfg.model_type)
     writer.add_context_length(4096)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -85,11 +107,14 @@ def transformers_of(path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_native_gguf_decodes_like_transformers_reading_the_same_file(tmp_path, arch):
     path = tmp_path / f"tiny-{arch}.gguf"
-    write_gguf(make_tiny_model(arch), path)
+    write_gguf(tiny(arch), path)
     reference = transformers_of(path)
+    # llama.cpp writes Mistral as llama, and transformers reads it back as llama (its "mistral" mapping, taken
+    # only for a file named exactly "mistral", then fails in gguf-py's name tables)
+    assert reference.config.model_type == {"mistral": "llama", "gemma3": "gemma3_text"}.get(arch, arch)
     cache = str(tmp_path / "cache")
     plain = SpecDecoder(str(path), drafter="plain", cache_dir=cache)
     assert plain.weights == "gguf" and plain.verifier.weights == "gguf"
@@ -166,9 +191,9 @@ def test_tensor_names_are_transformers_own(arch):
     from specdec.models.native import _processor, gguf_names
 
     model = make_tiny_model(arch)
-    theirs = get_gguf_hf_weights_map(model, _processor(model))
+    theirs = get_gguf_hf_weights_map(model, _processor(model, arch))
     params = dict(model.named_parameters(remove_duplicate=False))  # theirs also names buffers
-    assert gguf_names(model) == {g: p for g, p in theirs.items() if p in params}
+    assert gguf_names(model, arch) == {g: p for g, p in theirs.items() if p in params}
 
 
 def test_draft_model_named_by_a_gguf_loads_natively_and_stays_lossless(tmp_path):

@@ -546,7 +546,7 @@ def lean_forward(model: PreTrainedModel, gemm: str = "auto", cache_dir: str | Pa
     try:
         return LeanVerifier(model, gemm=gemm, cache_dir=gemm_dir, quant=quant).model  # type: ignore[arg-type]
     except ValueError as err:
-        raise SpecdecError(f"{what}: {err}: use a Llama, Qwen2 or Gemma 3 model") from None
+        raise SpecdecError(f"{what}: {err}: use a Llama, Mistral, Qwen2, Qwen3 or Gemma 3 model") from None
 
 
 def resolve_model(spec: Any, cache_dir: str | Path | None = None) -> tuple[PreTrainedModel, Any, str]:

@@ -185,6 +185,29 @@ def tensor_index(path: str | Path) -> list[TensorEntry]:
     return out
 
 
+def gguf_architecture(path: str | Path) -> str:
+    """The file's `general.architecture` (llama.cpp's name: "llama", "qwen2", "gemma3", ...), read by the checked
+    header reader up to that key. BadGGUF when the file has none."""
+    name = Path(path).name
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)  # the key comes first in llama.cpp's files; a vocabulary may follow
+    r = _Header(memoryview(head), name)
+    if r.size < 24 or head[:4] != b"GGUF":
+        raise BadGGUF(f"{name} is not a GGUF file (no GGUF magic): give a .gguf model file")
+    r.at = 4
+    _, _, n_kv = r.unpack("<IQQ", "the header")
+    try:
+        for _ in range(n_kv):
+            key = r.string("a metadata key")
+            (vtype,) = r.unpack("<I", f"the type of {key}")
+            if key == "general.architecture" and vtype == _STRING:
+                return r.string(key)
+            r.skip(vtype, key)
+    except BadGGUF:
+        pass  # past the first MiB: not where llama.cpp writes it
+    raise BadGGUF(f"{name} has no general.architecture near its start: give a GGUF written by llama.cpp or gguf-py")
+
+
 _LAYER_TENSORS = {  # llama.cpp tensor name within blk.N -> transformers module path within layers.N
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",

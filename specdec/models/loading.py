@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from specdec.errors import SpecdecError
 from specdec.models.builtin import BUILTINS, DEFAULT_BUILTIN, Builtin, assemble
 
-SUPPORTED_MODEL_TYPES = ("gemma3_text", "gemma3", "qwen2", "llama")
+SUPPORTED_MODEL_TYPES = ("gemma3_text", "gemma3", "qwen2", "qwen3", "llama", "mistral")
 _PROBE_TEXT = "def fibonacci(n):\n    return n if n < 2 else"  # tokens the cache is verified on
 _GENERATION_KEYS = ("eos_token_id", "bos_token_id", "pad_token_id")
 

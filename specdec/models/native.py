@@ -37,7 +37,7 @@ from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
 
 from specdec.errors import SpecdecError
 from specdec.models.builtin import BUILTINS, DEFAULT_BUILTIN
-from specdec.models.gguf_weights import QuantReport, TensorEntry, tensor_index
+from specdec.models.gguf_weights import QuantReport, TensorEntry, gguf_architecture, tensor_index
 from specdec.models.loading import (
     STAGING,
     LoadedModel,
@@ -62,7 +62,6 @@ FLOAT_KINDS = ("F32", "F16", "BF16")  # stored as values: read as fp32 tensors
 KERNEL_KINDS = ("Q8_0", "Q5_0", "Q6_K", "Q4_K")  # the block types the gguf and q8act kernels run
 _CHECK_VERSION = 1  # bump when unpacking changes: entries checked by an older version are checked again
 _META = ".gguf-meta"
-_GGUF_ARCH = {"gemma3_text": "gemma3"}  # transformers model type -> llama.cpp architecture, where they differ
 _CHECK_ROWS = 16384  # rows of a tensor checked at a time
 
 
@@ -114,13 +113,14 @@ def load_native(spec: str | None, fmt: str = "gguf", cache_dir: str | Path | Non
     name = spec if spec in BUILTINS else f"{path.stem}-{gguf_key(path)}"
     entry = cache_root(cache_dir) / "models" / f"{name}{_META}"
     index = tensor_index(path)  # the header checked against the file's size (BadGGUF: one line)
+    arch = gguf_architecture(path)
     if not entry.is_dir():
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
             with _exclusive(entry, say):
                 if not entry.is_dir():
                     remove_stale_staging(entry)
-                    _write_entry(path, index, entry, say)
+                    _write_entry(path, index, arch, entry, say)
         except OSError as err:
             raise SpecdecError(f"cannot write the model cache {entry.parent} ({err.strerror or err}): point "
                                "--cache-dir / SPECDEC_CACHE at a writable folder") from None
@@ -129,13 +129,13 @@ def load_native(spec: str | None, fmt: str = "gguf", cache_dir: str | Path | Non
     config = AutoConfig.from_pretrained(entry, trust_remote_code=False)
     shell = _shell(config)
     shell.generation_config = GenerationConfig.from_pretrained(entry)
-    plan = _plan(shell, index, path)
+    plan = _plan(shell, index, path, arch)
     if plan.unsupported:
         gname, kind = plan.unsupported[0]
         raise SpecdecError(f"{path.name}: tensor {gname} is {kind}, a block type the gguf and q8act kernels lack "
                            f"(they run {', '.join(KERNEL_KINDS)}): use --weights fp32 (dequantised, ~4x the file's "
                            "memory) or a GGUF quantised to those types")
-    processor = _processor(shell)
+    processor = _processor(shell, arch)
     _fill_floats(shell, plan, processor)
     quant: dict = {}
     report = QuantReport(fmt=fmt)
@@ -211,25 +211,24 @@ def _shell(config) -> PreTrainedModel:
     return shell
 
 
-def _processor(shell: PreTrainedModel):
-    """transformers' per-architecture conversion of GGUF tensors (llama's q/k row order, Gemma's norm offsets)."""
+def _processor(shell: PreTrainedModel, arch: str):
+    """transformers' per-architecture conversion of GGUF tensors (llama's q/k row order, Gemma's norm offsets),
+    chosen by the file's architecture as transformers chooses it (a Mistral GGUF is a llama one)."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    arch = _GGUF_ARCH.get(shell.config.model_type, shell.config.model_type)
     return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=shell.config.to_dict())
 
 
-def gguf_names(shell: PreTrainedModel) -> dict[str, str]:
-    """GGUF tensor name -> parameter name: gguf-py's name map of the architecture applied to the model's
-    parameters, as transformers' `get_gguf_hf_weights_map` applies it (which builds the map again for each of
-    the model's modules: 3 s on the default model, for the same answer on the architectures loaded here)."""
+def gguf_names(shell: PreTrainedModel, arch: str) -> dict[str, str]:
+    """GGUF tensor name -> parameter name: gguf-py's name map of the file's architecture `arch` applied to the
+    model's parameters, as transformers' `get_gguf_hf_weights_map` applies it (which builds the map again for
+    each of the model's modules: 3 s on the default model, for the same answer on the architectures loaded here)."""
     from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
-    model_type = _GGUF_ARCH.get(shell.config.model_type, shell.config.model_type)
-    arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == model_type), None)
-    if arch is None:
-        raise SpecdecError(f"gguf-py has no tensor names for architecture {model_type}: use --weights fp32")
-    name_map = get_tensor_name_map(arch, shell.config.num_hidden_layers)
+    key = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
+    if key is None:
+        raise SpecdecError(f"gguf-py has no tensor names for architecture {arch}: use --weights fp32")
+    name_map = get_tensor_name_map(key, shell.config.num_hidden_layers)
     out = {}
     for param, _ in shell.named_parameters(remove_duplicate=False):
         stem, suffix = param.rsplit(".", 1)
@@ -239,8 +238,8 @@ def gguf_names(shell: PreTrainedModel) -> dict[str, str]:
     return out
 
 
-def _plan(shell: PreTrainedModel, index: list[TensorEntry], path: Path) -> _Plan:
-    names = gguf_names(shell)  # gguf name -> parameter name
+def _plan(shell: PreTrainedModel, index: list[TensorEntry], path: Path, arch: str) -> _Plan:
+    names = gguf_names(shell, arch)  # gguf name -> parameter name
     modules = dict(shell.named_modules())
     embed_module = next(n for n, m in modules.items() if m is shell.get_input_embeddings())
     head_module = next(n for n, m in modules.items() if m is shell.get_output_embeddings())
@@ -312,7 +311,7 @@ def _unpack(t: TensorEntry, processor, path: Path) -> QuantWeight:
     return weight if order is None else take_rows(weight, order)
 
 
-def _write_entry(path: Path, index: list[TensorEntry], entry: Path, log: Log) -> None:
+def _write_entry(path: Path, index: list[TensorEntry], arch: str, entry: Path, log: Log) -> None:
     """Config, tokenizer and generation config read from the GGUF, the kernel's tensors checked (streamed) against
     gguf-py, then the entry renamed into place."""
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}{STAGING}", suffix=".partial", dir=entry.parent))
@@ -330,9 +329,9 @@ def _write_entry(path: Path, index: list[TensorEntry], entry: Path, log: Log) ->
             raise SpecdecError(f"cannot read {path.name} ({type(err).__name__}: {_first_line(err)}): give a GGUF "
                                "of a supported model written by llama.cpp") from None
         shell = _shell(config)
-        plan = _plan(shell, index, path)
+        plan = _plan(shell, index, path, arch)
         log(f"checking {len(plan.linears)} quantised tensors against gguf-py (one time)...")
-        checked = _check_exact(plan, _processor(shell), path)
+        checked = _check_exact(plan, _processor(shell, arch), path)
         config.save_pretrained(staging)
         GenerationConfig.from_model_config(config).save_pretrained(staging)
         tokenizer.save_pretrained(staging)

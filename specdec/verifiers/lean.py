@@ -43,7 +43,7 @@ PREFILL_CHUNK = 256
 
 
 class LeanVerifier:
-    """`Verifier` for Llama, Qwen2 and Gemma 3 text models on their own weights (ValueError for others).
+    """`Verifier` for Llama, Mistral, Qwen2, Qwen3 and Gemma 3 text models on their own weights (ValueError for others).
 
     gemm: "auto" measures the fastest GEMM orientation per weight shape and row count once per machine
     and caches it (see `specdec.verifiers.gemm`); or force one orientation. compile: torch.compile the

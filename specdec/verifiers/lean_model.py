@@ -1,4 +1,4 @@
-"""The lean forward of Llama, Qwen2 and Gemma 3 (text) decoders, on the loaded transformers model's own weights.
+"""The lean forward of Llama, Mistral, Qwen2, Qwen3 and Gemma 3 (text) decoders, on the loaded transformers model's own weights.
 
 One function of (tokens, positions, KV write indices, masks) -> hidden states, in the gpt-fast manner: no
 module hooks, no cache objects, masks and positions passed in, the KV written by position into preallocated
@@ -35,7 +35,7 @@ from specdec.verifiers.quant import QuantLinear, QuantWeight, stacked
 from specdec.verifiers.strict import CanonicalTree, TiledLinear, attend_canonical
 from specdec.verifiers.tree_attention import tree_attention
 
-SUPPORTED = ("llama", "qwen2", "gemma3_text")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq independent of sequence length
 
 
@@ -98,8 +98,8 @@ class _Layer:
     post_attn_norm: torch.Tensor | None  # [hidden] (Gemma)
     ff_norm: torch.Tensor  # [hidden]
     post_ff_norm: torch.Tensor | None  # [hidden] (Gemma)
-    q_norm: torch.Tensor | None  # [head_dim] (Gemma)
-    k_norm: torch.Tensor | None  # [head_dim] (Gemma)
+    q_norm: torch.Tensor | None  # [head_dim] (Gemma, Qwen3)
+    k_norm: torch.Tensor | None  # [head_dim] (Gemma, Qwen3)
     gate_up: list[Linear | QuantLinear]  # one fused [gate; up] Linear, or gate, up
     down: Linear | QuantLinear
 
@@ -131,7 +131,10 @@ def read_arch(model: PreTrainedModel) -> Arch:
     act = cfg.hidden_activation if gemma else cfg.hidden_act
     if act not in ("gelu_pytorch_tanh", "silu"):
         raise ValueError(f"lean verifier: unsupported activation {act!r}")
-    layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is None:  # Mistral: one sliding window for every layer when the config sets one
+        everywhere = getattr(cfg, "sliding_window", None) is not None
+        layer_types = ["sliding_attention" if everywhere else "full_attention"] * cfg.num_hidden_layers
     windows = tuple(cfg.sliding_window if t == "sliding_attention" else None for t in layer_types)
     return Arch(
         model_type=cfg.model_type, hidden=cfg.hidden_size, num_heads=cfg.num_attention_heads,
@@ -211,8 +214,8 @@ class LeanModel:
             post_attn_norm=self._norm_scale(layer.post_attention_layernorm) if g else None,
             ff_norm=self._norm_scale(layer.pre_feedforward_layernorm if g else layer.post_attention_layernorm),
             post_ff_norm=self._norm_scale(layer.post_feedforward_layernorm) if g else None,
-            q_norm=self._norm_scale(att.q_norm) if g else None,
-            k_norm=self._norm_scale(att.k_norm) if g else None,
+            q_norm=self._norm_scale(att.q_norm) if getattr(att, "q_norm", None) is not None else None,  # Gemma,
+            k_norm=self._norm_scale(att.k_norm) if getattr(att, "k_norm", None) is not None else None,  # Qwen3
             gate_up=self._linears([mlp.gate_proj, mlp.up_proj], fuse),
             down=self._linear(mlp.down_proj),
         )
