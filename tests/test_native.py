@@ -243,3 +243,23 @@ def test_benches_load_a_gguf_natively_when_no_method_needs_fp32(tmp_path):
                              echo=lambda _: None)
     assert [t["method"] for t in report["table"]] == ["plain", "spec"]
     assert all(t["exact_match"] == 1.0 for t in report["table"])
+
+
+def test_the_entry_tokenizer_is_autotokenizers(tmp_path):
+    from transformers import AutoTokenizer
+
+    from specdec.models.native import load_tokenizer
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(tiny("qwen2"), path)
+    loaded = load_native(str(path), cache_dir=tmp_path / "cache")
+    entry = next((tmp_path / "cache" / "models").glob("*.gguf-meta"))
+    ours, theirs = load_tokenizer(entry), AutoTokenizer.from_pretrained(entry)
+    assert loaded.tokenizer.get_vocab() == theirs.get_vocab()
+    for attr in ("bos_token_id", "eos_token_id", "all_special_ids", "chat_template"):
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+    for text in ("hello world", "he ll he<|eos|>llo", " \n\t 123 <|bos|>x"):
+        ids = theirs(text).input_ids
+        assert ours(text).input_ids == ids
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)

@@ -188,5 +188,8 @@ def test_default_model_loaded_natively_matches_transformers_generate(real, draft
     _, prompts, refs = real
     decoder = SpecDecoder(drafter=drafter)
     assert decoder.weights == "gguf" and any(p.is_meta for p in decoder.model.parameters())
+    for q in read_questions(per_category=1, limit=PROMPTS):  # its tokenizer (read from the cache entry) agrees
+        assert encode_prompt(decoder.tokenizer, q["text"], template=PROMPT_TEMPLATE) == \
+            encode_prompt(real[0].tokenizer, q["text"], template=PROMPT_TEMPLATE)
     for ids, ref in zip(prompts, refs):
         assert decoder.generate_ids(ids, max_new_tokens=NEW_TOKENS).tokens == ref

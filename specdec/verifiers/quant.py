@@ -112,83 +112,122 @@ def unpack(kind: str, raw: np.ndarray, rows: int, cols: int, nibbles: bool | Non
 
 def unpack_rows(kind: str, read, rows: int, cols: int, nibbles: bool | None = None) -> QuantWeight:
     """`unpack` of a tensor whose raw bytes come UNPACK_ROWS rows at a time from read(first, n) (uint8 of rows
-    first..first+n-1): the result's arrays are filled slice by slice, so unpacking never holds more than the
-    result and one slice's temporaries (the file's bytes included, when `read` reads them from the file)."""
-    if rows <= UNPACK_ROWS:
-        return _unpack_slice(kind, read(0, rows), rows, cols, nibbles)
-    out = None
-    for first in range(0, rows, UNPACK_ROWS):
-        n = min(UNPACK_ROWS, rows - first)
-        part = _unpack_slice(kind, read(first, n), n, cols, nibbles)
-        if out is None:
-            tiles = -(-rows // TILE)
-            def empty(a):  # noqa: E306
-                return None if a is None else np.empty((tiles, *a.shape[1:]), a.dtype)
-            out = replace(part, q=empty(part.q), scale=empty(part.scale), offset=empty(part.offset), rows=rows,
-                          file_bytes=0)
-        t0 = first // TILE
-        for name in ("q", "scale", "offset"):
-            if getattr(part, name) is not None:
-                getattr(out, name)[t0: t0 + getattr(part, name).shape[0]] = getattr(part, name)
-        out = replace(out, file_bytes=out.file_bytes + part.file_bytes)
-    return out
-
-
-def _unpack_slice(kind: str, raw: np.ndarray, rows: int, cols: int, nibbles: bool | None) -> QuantWeight:
-    data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
-    if kind == "Q8_0":
-        blocks = data.reshape(-1, 34)
-        scale = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # [nb, 1]
-        q = blocks[:, 2:].copy().view(np.int8)  # [nb, 32]
-        offset, group = None, 32
-    elif kind == "Q5_0":
-        blocks = data.reshape(-1, 22)
-        scale = blocks[:, :2].copy().view(np.float16).astype(np.float32)
-        qh = blocks[:, 2:6].copy().view(np.uint32)  # [nb, 1]: bit j = high bit of code j
-        qs = blocks[:, 6:]  # [nb, 16]: low nibbles = codes 0..15, high nibbles = codes 16..31
-        low = np.concatenate([qs & 0x0F, qs >> 4], axis=1)  # [nb, 32]
-        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # [nb, 32]
-        q = ((low | (high << 4)).astype(np.int16) - 16).astype(np.int8)
-        offset, group = None, 32
-    elif kind == "Q6_K":
-        blocks = data.reshape(-1, 210)
-        ql, qh = blocks[:, :128], blocks[:, 128:192]
-        sc = blocks[:, 192:208].copy().view(np.int8).astype(np.float32)  # [nb, 16]
-        d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)  # [nb, 1]
-        # codes in the order gguf-py's Q6_K.dequantize_blocks produces them (two halves of 128)
-        low = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
-        high = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
-        q = (low.reshape(-1, 8, 32) | (high.reshape(-1, 8, 32) << 4)).astype(np.int16) - 32
-        q = q.reshape(-1, QK_K).astype(np.int8)
-        scale = d * sc  # [nb, 16]: exact (11-bit by 8-bit products)
-        offset, group = None, 16
-    elif kind == "Q4_K":
-        blocks = data.reshape(-1, 144)
-        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [nb, 1]
-        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-        sc, mn = _k_scale_min(blocks[:, 4:16])  # [nb, 8] each
-        qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-        q = (qs & 0x0F).reshape(-1, QK_K).astype(np.int8)
-        scale, offset, group = d * sc.astype(np.float32), dmin * mn.astype(np.float32), 32
-    else:
+    first..first+n-1), each slice decoded straight into the result's tiles (numba, `_DECODERS`), so unpacking never
+    holds more than the result and one slice's bytes (read from the file when `read` reads it)."""
+    if kind not in _BLOCKS:
         raise ValueError(f"GGUF block type {kind} is not supported by the gguf weight format "
                          f"(supported: Q8_0, Q5_0, Q6_K, Q4_K)")
-    per_row = cols // group
-    q = q.reshape(rows, cols)
-    scale = scale.reshape(rows, per_row)
-    offset = None if offset is None else offset.reshape(rows, per_row)
-    pad = -rows % TILE
-    if pad:
-        q = np.concatenate([q, np.zeros((pad, cols), np.int8)])
-        scale = np.concatenate([scale, np.zeros((pad, per_row), np.float32)])
-        offset = None if offset is None else np.concatenate([offset, np.zeros((pad, per_row), np.float32)])
-    codes = _tiled(q)
+    size, per, group, has_offset = _BLOCKS[kind]
+    tiles, per_row = -(-rows // TILE), cols // group
+    q = np.zeros((tiles, cols, TILE), np.int8)  # padding rows stay zero
+    scale = np.zeros((tiles, per_row, TILE), np.float32)
+    offset = np.zeros((tiles, per_row, TILE), np.float32) if has_offset else None
+    nbytes = 0
+    for first in range(0, rows, UNPACK_ROWS):
+        n = min(UNPACK_ROWS, rows - first)
+        blocks = np.ascontiguousarray(read(first, n)).view(np.uint8).reshape(n, cols // per, size)
+        nbytes += blocks.size
+        _DECODERS[kind](blocks, q, first)
+        s, o = _constants(kind, blocks)  # [n, per_row] float32 each (o None)
+        _tile_into(s, scale, first)
+        if o is not None:
+            _tile_into(o, offset, first)
     nibbles = kind == "Q4_K" and (pack_nibbles() if nibbles is None else nibbles)  # codes 0..15, groups of 32
-    if nibbles:  # pairs of inputs share a byte, as in the file
-        codes = pack_pairs(codes.view(np.uint8))
-    return QuantWeight(kind, codes, _tiled(scale.astype(np.float32)),
-                       None if offset is None else _tiled(offset.astype(np.float32)), group, rows, int(data.size),
-                       nibbles)
+    codes = pack_pairs(q.view(np.uint8)) if nibbles else q  # pairs of inputs share a byte, as in the file
+    return QuantWeight(kind, codes, scale, offset, group, rows, nbytes, nibbles)
+
+
+_BLOCKS = {"Q8_0": (34, 32, 32, False), "Q5_0": (22, 32, 32, False), "Q6_K": (210, 256, 16, False),
+           "Q4_K": (144, 256, 32, True)}  # block bytes, weights a block, group, has an offset
+
+
+def _fp16(blocks: np.ndarray, at: int) -> np.ndarray:  # [n, bpr, size] -> [n, bpr] float32 of the fp16 at byte `at`
+    return np.ascontiguousarray(blocks[:, :, at: at + 2]).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _constants(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """A slice's group constants [n, per_row] float32: s (and o), the fp32 products gguf-py computes."""
+    n = blocks.shape[0]
+    if kind in ("Q8_0", "Q5_0"):
+        return _fp16(blocks, 0), None
+    if kind == "Q6_K":
+        sc = np.ascontiguousarray(blocks[:, :, 192:208]).view(np.int8).astype(np.float32)  # [n, bpr, 16]
+        return (_fp16(blocks, 208)[:, :, None] * sc).reshape(n, -1), None  # exact: 11-bit by 8-bit products
+    sc, mn = _k_scale_min(blocks[:, :, 4:16].reshape(-1, 12))  # Q4_K: [n * bpr, 8] each
+    d, dmin = _fp16(blocks, 0).reshape(-1, 1), _fp16(blocks, 2).reshape(-1, 1)
+    return (d * sc.astype(np.float32)).reshape(n, -1), (dmin * mn.astype(np.float32)).reshape(n, -1)
+
+
+@numba.njit(parallel=True, cache=True)
+def _tile_into(src, out, first):  # src [n, C] rows first.. -> out [T, C, TILE]
+    n = src.shape[0]
+    for t in numba.prange((n + TILE - 1) // TILE):
+        for i in range(min(TILE, n - t * TILE)):
+            r = t * TILE + i
+            row = first + r
+            for c in range(src.shape[1]):
+                out[row // TILE, c, row % TILE] = src[r, c]
+
+
+@numba.njit(parallel=True, cache=True)
+def _codes_q8_0(blocks, q, first):  # [n, bpr, 34]: fp16 d, 32 int8 codes
+    n, bpr = blocks.shape[0], blocks.shape[1]
+    for t in numba.prange((n + TILE - 1) // TILE):
+        for i in range(min(TILE, n - t * TILE)):
+            r = t * TILE + i
+            row = first + r
+            for b in range(bpr):
+                for j in range(32):
+                    c = np.int64(blocks[r, b, 2 + j])
+                    q[row // TILE, b * 32 + j, row % TILE] = np.int8(c - 256 if c > 127 else c)
+
+
+@numba.njit(parallel=True, cache=True)
+def _codes_q5_0(blocks, q, first):  # [n, bpr, 22]: fp16 d, u32 high bits, 16 bytes of low nibbles
+    n, bpr = blocks.shape[0], blocks.shape[1]
+    for t in numba.prange((n + TILE - 1) // TILE):
+        for i in range(min(TILE, n - t * TILE)):
+            r = t * TILE + i
+            row = first + r
+            for b in range(bpr):
+                qh = (np.int64(blocks[r, b, 2]) | (np.int64(blocks[r, b, 3]) << 8)
+                      | (np.int64(blocks[r, b, 4]) << 16) | (np.int64(blocks[r, b, 5]) << 24))
+                for j in range(32):
+                    byte = np.int64(blocks[r, b, 6 + (j % 16)])
+                    low = (byte & 0x0F) if j < 16 else (byte >> 4)
+                    high = (qh >> j) & 1
+                    q[row // TILE, b * 32 + j, row % TILE] = np.int8((low | (high << 4)) - 16)
+
+
+@numba.njit(parallel=True, cache=True)
+def _codes_q6_k(blocks, q, first):  # [n, bpr, 210]: ql 128, qh 64, int8 scales 16, fp16 d
+    n, bpr = blocks.shape[0], blocks.shape[1]
+    for t in numba.prange((n + TILE - 1) // TILE):
+        for i in range(min(TILE, n - t * TILE)):
+            r = t * TILE + i
+            row = first + r
+            for b in range(bpr):
+                for e in range(256):  # gguf-py's order: two halves of 128
+                    half, rest = e // 128, e % 128
+                    low = (np.int64(blocks[r, b, half * 64 + rest % 64]) >> (4 * (rest // 64))) & 0x0F
+                    high = (np.int64(blocks[r, b, 128 + half * 32 + rest % 32]) >> (2 * (rest // 32))) & 0x03
+                    q[row // TILE, b * 256 + e, row % TILE] = np.int8((low | (high << 4)) - 32)
+
+
+@numba.njit(parallel=True, cache=True)
+def _codes_q4_k(blocks, q, first):  # [n, bpr, 144]: fp16 d, fp16 dmin, 12 bytes of scales, 128 of nibbles
+    n, bpr = blocks.shape[0], blocks.shape[1]
+    for t in numba.prange((n + TILE - 1) // TILE):
+        for i in range(min(TILE, n - t * TILE)):
+            r = t * TILE + i
+            row = first + r
+            for b in range(bpr):
+                for e in range(256):  # chunks of 64: 32 low nibbles, then the same 32 bytes' high nibbles
+                    byte = np.int64(blocks[r, b, 16 + (e // 64) * 32 + e % 32])
+                    q[row // TILE, b * 256 + e, row % TILE] = np.int8((byte >> (4 * ((e // 32) % 2))) & 0x0F)
+
+
+_DECODERS = {"Q8_0": _codes_q8_0, "Q5_0": _codes_q5_0, "Q6_K": _codes_q6_k, "Q4_K": _codes_q4_k}
 
 
 def pack_pairs(codes: np.ndarray) -> np.ndarray:
@@ -222,7 +261,7 @@ def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-BLOCK_BYTES = {"Q8_0": (34, 32), "Q5_0": (22, 32), "Q4_K": (144, 256), "Q6_K": (210, 256)}  # (bytes, weights) a block
+BLOCK_BYTES = {kind: (size, per) for kind, (size, per, _, _) in _BLOCKS.items()}  # (bytes, weights) a block
 
 
 def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
