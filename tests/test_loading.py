@@ -216,7 +216,7 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     save_tiny(gpt2, tmp_path / "gpt2")
     with pytest.raises(SpecdecError) as err:
         load_model(str(tmp_path / "gpt2"), cache_dir=tmp_path)
-    assert_one_line_error(err, "'gpt2'", "gemma3_text, gemma3, qwen2, llama")
+    assert_one_line_error(err, "'gpt2'", "gemma3_text, gemma3, qwen2, qwen3, llama, mistral")
 
 
 def test_same_tokenizer_passes():
