@@ -126,11 +126,12 @@ def test_native_gguf_decodes_like_transformers_reading_the_same_file(tmp_path, a
         assert ngram.generate_ids(prompt, max_new_tokens=24, eos_token_id=[]).tokens == want
 
 
-def test_native_integer_format_gives_the_cached_paths_tokens(tmp_path):
+@pytest.mark.parametrize("kinds", [("Q8_0", "Q5_0"), ("Q5_0",), ("Q8_0",)])  # one kind: stacked as read
+def test_native_integer_format_gives_the_cached_paths_tokens(tmp_path, kinds):
     # q8act quantises activations, so transformers is not its reference: the dequantised-cache path is (the
     # same kernel on the same codes); a drafter that needs the dense target takes that path
     path = tmp_path / "tiny.gguf"
-    write_gguf(make_tiny_model("qwen2"), path)
+    write_gguf(make_tiny_model("qwen2"), path, kinds=kinds)
     cache = str(tmp_path / "cache")
     native = SpecDecoder(str(path), drafter="plain", weights="q8act", cache_dir=cache)
     assert native.weights == "q8act" and any(p.is_meta for p in native.model.parameters())

@@ -206,15 +206,22 @@ def test_stacking_views_of_one_stacked_weight_copies_nothing():
     from specdec.verifiers.q8act import from_quant
     from specdec.verifiers.quant import split_stacked
 
-    parts = [unpack("Q8_0", random_blocks("Q8_0", rows, 64, seed=rows), rows, 64) for rows in (128, 64, 64)]
-    joint = stacked(parts)
-    for whole in (joint, from_quant(joint)):
-        views = split_stacked(whole, parts)
-        assert [v.rows for v in views] == [128, 64, 64] and [v.kind for v in views] == ["Q8_0"] * 3
-        again = stacked(views)
-        arrays = [f for f in ("q", "codes", "scale") if hasattr(again, f) and isinstance(getattr(again, f), np.ndarray)]
-        assert all(np.shares_memory(getattr(again, f), getattr(whole, f)) for f in arrays)  # no copy
-        assert all(np.array_equal(getattr(again, f), getattr(whole, f)) for f in arrays)
-    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
-    views = split_stacked(joint, parts)
-    assert np.array_equal(qmatmul_np(x, views[1]), qmatmul_np(x, parts[1]))  # a view computes its own rows
+    from specdec.verifiers.q8act import q8_matmul
+
+    for kind in ("Q8_0", "Q4_K"):  # the integer layout: tiles of 16 rows, Q4_K's codes two a byte
+        parts = [unpack(kind, random_blocks(kind, rows, 256, seed=rows), rows, 256) for rows in (128, 64, 64)]
+        joint = stacked(parts)
+        x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+        for whole, matmul, own in ((joint, qmatmul_np, parts), (from_quant(joint), q8_matmul,
+                                                                  [from_quant(p) for p in parts])):
+            views = split_stacked(whole, parts)
+            assert [v.rows for v in views] == [128, 64, 64] and [v.kind for v in views] == [kind] * 3
+            again = stacked(views)
+            assert again is not None and again.shape == whole.shape
+            arrays = [f for f in ("q", "codes", "scale", "offset") if isinstance(getattr(whole, f, None), np.ndarray)]
+            assert len(arrays) >= 2
+            for f in arrays:
+                assert np.shares_memory(getattr(again, f), getattr(whole, f))  # no copy
+                assert np.array_equal(getattr(again, f), getattr(whole, f))
+            for view, alone in zip(views, own):  # each view computes its own rows
+                assert np.array_equal(matmul(x, view), matmul(x, alone))

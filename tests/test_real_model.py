@@ -193,3 +193,16 @@ def test_default_model_loaded_natively_matches_transformers_generate(real, draft
             encode_prompt(real[0].tokenizer, q["text"], template=PROMPT_TEMPLATE)
     for ids, ref in zip(prompts, refs):
         assert decoder.generate_ids(ids, max_new_tokens=NEW_TOKENS).tokens == ref
+
+
+@pytest.mark.slow
+def test_default_model_loaded_natively_in_q8act_gives_the_cached_paths_tokens(real, real_quant):
+    from specdec.verifiers.q8act import as_q8
+
+    _, prompts, _ = real
+    native = SpecDecoder(drafter="plain", weights="q8act")
+    cached = SpecDecoder(real[0], drafter="plain", weights="q8act", quant=as_q8(real_quant))
+    assert native.weights == cached.weights == "q8act" and any(p.is_meta for p in native.model.parameters())
+    for ids in prompts:
+        assert native.generate_ids(ids, max_new_tokens=NEW_TOKENS).tokens == \
+            cached.generate_ids(ids, max_new_tokens=NEW_TOKENS).tokens

@@ -346,9 +346,13 @@ def split_stacked(joint, parts: list) -> list:
     """`parts` (the weights `joint` stacks, in order; `QuantWeight`s, and `joint` a `QuantWeight` or the
     `q8act.Q8Weight` made of one) each as views of `joint`'s arrays: the same values, and `stacked` of the
     views gives `joint` back without a copy, so a loader that stacks as it reads never holds a layer twice."""
+    arrays = [getattr(joint, f.name) for f in fields(joint) if f.name in _TILED_FIELDS]
+    per_tile = joint.padded_rows // arrays[0].shape[0]  # rows a tile of the joint's layout holds (64 or 16)
     out, t = [], 0
     for p in parts:
-        n = p.padded_rows // TILE
+        if p.rows % per_tile:
+            raise ValueError(f"cannot split {p.rows} rows out of tiles of {per_tile}")
+        n = p.rows // per_tile
         views = {f.name: getattr(joint, f.name)[t: t + n] for f in fields(joint)
                  if f.name in _TILED_FIELDS and getattr(joint, f.name) is not None}
         out.append(replace(joint, kind=p.kind, rows=p.rows, file_bytes=p.file_bytes, **views))
