@@ -31,7 +31,7 @@ gives iv; for unsigned codes the pairs of `flush` quads are first added in int16
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numba
 import numpy as np
@@ -39,6 +39,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from specdec.verifiers.quant import TILE as QTILE
 from specdec.verifiers.quant import QuantWeight, _rows, concat_tiles, pack_pairs, unpack_pairs
 
 TILE = 16  # output rows per tile: two registers of 8 int32 lanes
@@ -81,7 +82,33 @@ class Q8Weight:
 
 
 def from_quant(w: QuantWeight) -> Q8Weight:
-    """`QuantWeight` (tiles of 64 rows, int8 codes) -> `Q8Weight` (tiles of 16 rows, input quads): same values."""
+    """`QuantWeight` (tiles of 64 rows, int8 codes) -> `Q8Weight` (tiles of 16 rows, input quads): same values.
+    A tall weight is converted SLICE_ROWS rows at a time into the result's arrays, so the conversion's int16 and
+    transposed temporaries stay a slice's (a 262k-row head's were ~700 MB)."""
+    if w.rows <= SLICE_ROWS:
+        return _from_quant(w)
+    out = None
+    for first in range(0, w.rows, SLICE_ROWS):
+        t0, t1 = first // QTILE, min(first + SLICE_ROWS, w.padded_rows) // QTILE  # the gguf layout's tiles
+        part = _from_quant(replace(w, q=w.q[t0:t1], scale=w.scale[t0:t1],
+                                   offset=None if w.offset is None else w.offset[t0:t1],
+                                   rows=min(SLICE_ROWS, w.rows - first)))
+        if out is None:
+            tiles = -(-w.rows // TILE)  # as one call pads: to whole tiles of this layout
+            empty = lambda a: None if a is None else np.empty((tiles, *a.shape[1:]), a.dtype)  # noqa: E731
+            out = replace(part, codes=empty(part.codes), scale=empty(part.scale), offset=empty(part.offset),
+                          rows=w.rows, file_bytes=w.file_bytes)
+        at = first // TILE
+        for name in ("codes", "scale", "offset"):
+            if getattr(part, name) is not None:
+                getattr(out, name)[at: at + getattr(part, name).shape[0]] = getattr(part, name)
+    return out
+
+
+SLICE_ROWS = 4096  # rows `from_quant` converts at a time (whole tiles of both layouts)
+
+
+def _from_quant(w: QuantWeight) -> Q8Weight:
     kinds = set(w.kind.split("+"))
     zeros = {ZERO_POINT[k] for k in kinds}
     if len(zeros) != 1:
