@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType, quants
 from transformers import AutoModelForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from conftest import VOCAB, hf_greedy, make_tiny_model
+from conftest import VOCAB, hf_greedy, make_tiny_model, random_prompts
 from specdec.api import SpecDecoder
 from specdec.errors import SpecdecError
 from specdec.models.native import RowTable, load_native
@@ -120,10 +120,10 @@ def test_native_gguf_decodes_like_transformers_reading_the_same_file(tmp_path, a
     assert plain.weights == "gguf" and plain.verifier.weights == "gguf"
     assert all(p.is_meta for n, p in plain.model.named_parameters() if n.endswith("proj.weight"))  # no fp32 copy
     ngram = SpecDecoder(str(path), drafter="ngram", cache_dir=cache, tree_budget=6)
-    for prompt in PROMPTS:
-        want = hf_greedy(reference, prompt, 24)
-        assert plain.generate_ids(prompt, max_new_tokens=24, eos_token_id=[]).tokens == want
-        assert ngram.generate_ids(prompt, max_new_tokens=24, eos_token_id=[]).tokens == want
+    for prompt in PROMPTS + random_prompts(3, seed=4, length=12):  # 5 prompts x 64 tokens
+        want = hf_greedy(reference, prompt, 64)
+        assert plain.generate_ids(prompt, max_new_tokens=64, eos_token_id=[]).tokens == want
+        assert ngram.generate_ids(prompt, max_new_tokens=64, eos_token_id=[]).tokens == want
 
 
 @pytest.mark.parametrize("kinds", [("Q8_0", "Q5_0"), ("Q5_0",), ("Q8_0",)])  # one kind: stacked as read
