@@ -103,6 +103,21 @@ def quantise_linears(model, names: Sequence[str], kinds: Sequence[str]) -> dict[
     return out
 
 
+def add_byte_vocab(writer, vocab: int) -> None:
+    """A byte-level BPE vocabulary of `vocab` tokens in a GGUF being written (gguf-py's writer): byte tokens (all
+    256 when there is room), two merges ("he", "ll"), unused fillers, then <|bos|> and <|eos|> as the last ids."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = list(bytes_to_unicode().values())[: vocab - 4] + ["he", "ll"]
+    tokens += [f"<|unused{i}|>" for i in range(vocab - 2 - len(tokens))] + ["<|bos|>", "<|eos|>"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (vocab - 2) + [3, 3])
+    writer.add_token_merges(["h e", "l l"])
+    writer.add_bos_token_id(vocab - 2)
+    writer.add_eos_token_id(vocab - 1)
+
+
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
     """transformers' own greedy generate(): the reference every path is compared with."""
     ids = torch.tensor([prompt])

@@ -22,8 +22,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from conftest import add_byte_vocab
 from specdec.errors import SpecdecError
 from specdec.models import check_same_tokenizer, default_cache_dir, list_builtin, load_model
 from specdec.models.builtin import BUILTINS, Builtin, Chunk, assemble, chunk_paths, concatenate, file_sha256
@@ -133,13 +133,7 @@ def write_tiny_gguf(model, path) -> None:
     writer.add_head_count_kv(2)
     writer.add_rope_freq_base(model.config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(model.config.rms_norm_eps)
-    tokens = list(bytes_to_unicode().values())[: VOCAB - 4] + ["he", "ll", "<|bos|>", "<|eos|>"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([1] * (VOCAB - 2) + [3, 3])
-    writer.add_token_merges(["h e", "l l"])
-    writer.add_bos_token_id(VOCAB - 2)
-    writer.add_eos_token_id(VOCAB - 1)
+    add_byte_vocab(writer, VOCAB)
     for name, tensor in model.state_dict().items():
         if name != "lm_head.weight":
             writer.add_tensor(gguf_name(name), tensor.numpy().astype(np.float32))

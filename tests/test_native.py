@@ -10,9 +10,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 from transformers import AutoModelForCausalLM
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from conftest import VOCAB, hf_greedy, make_tiny_model, random_prompts
+from conftest import VOCAB, add_byte_vocab, hf_greedy, make_tiny_model, random_prompts
 from specdec.api import SpecDecoder
 from specdec.errors import SpecdecError
 from specdec.models.native import RowTable, load_native
@@ -65,14 +64,7 @@ def write_gguf(model, path, kinds=("Q8_0", "Q5_0"), embed_kind="Q8_0") -> None:
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if arch == "gemma3":
         writer.add_sliding_window(cfg.sliding_window)
-    tokens = list(bytes_to_unicode().values()) + ["he", "ll"]
-    tokens += [f"<|unused{i}|>" for i in range(VOCAB - 2 - len(tokens))] + ["<|bos|>", "<|eos|>"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([1] * (VOCAB - 2) + [3, 3])
-    writer.add_token_merges(["h e", "l l"])
-    writer.add_bos_token_id(VOCAB - 2)
-    writer.add_eos_token_id(VOCAB - 1)
+    add_byte_vocab(writer, VOCAB)
     names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
                                      cfg.num_hidden_layers)
     tied = bool(cfg.tie_word_embeddings)

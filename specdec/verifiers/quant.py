@@ -112,7 +112,7 @@ def unpack(kind: str, raw: np.ndarray, rows: int, cols: int, nibbles: bool | Non
 
 def unpack_rows(kind: str, read, rows: int, cols: int, nibbles: bool | None = None) -> QuantWeight:
     """`unpack` of a tensor whose raw bytes come UNPACK_ROWS rows at a time from read(first, n) (uint8 of rows
-    first..first+n-1), each slice decoded straight into the result's tiles (numba, `_DECODERS`), so unpacking never
+    first..first+n-1), each slice decoded straight into the result's tiles (numba, `_decode_codes`), so unpacking never
     holds more than the result and one slice's bytes (read from the file when `read` reads it)."""
     if kind not in _BLOCKS:
         raise ValueError(f"GGUF block type {kind} is not supported by the gguf weight format "
@@ -127,7 +127,7 @@ def unpack_rows(kind: str, read, rows: int, cols: int, nibbles: bool | None = No
         n = min(UNPACK_ROWS, rows - first)
         blocks = np.ascontiguousarray(read(first, n)).view(np.uint8).reshape(n, cols // per, size)
         nbytes += blocks.size
-        _DECODERS[kind](blocks, q, first)
+        _decode_codes(blocks, q, first, _KIND_IDS[kind], per)
         s, o = _constants(kind, blocks)  # [n, per_row] float32 each (o None)
         _tile_into(s, scale, first)
         if o is not None:
@@ -169,65 +169,41 @@ def _tile_into(src, out, first):  # src [n, C] rows first.. -> out [T, C, TILE]
                 out[row // TILE, c, row % TILE] = src[r, c]
 
 
+@numba.njit(inline="always")
+def _code(blocks, r, b, e, kind):
+    """Code e of block b of row r (blocks [n, bpr, bytes]) as gguf-py's dequantisation orders them. kind: 0 Q8_0
+    (fp16 d, 32 int8), 1 Q5_0 (fp16 d, 32 high bits, 16 bytes of low nibbles), 2 Q6_K (ql 128, qh 64, int8
+    scales 16, fp16 d; two halves of 128 codes), 3 Q4_K (fp16 d, fp16 dmin, 12 bytes of scales, 128 of nibbles:
+    chunks of 64, 32 low nibbles then the same 32 bytes' high nibbles)."""
+    if kind == 0:
+        c = np.int64(blocks[r, b, 2 + e])
+        return c - 256 if c > 127 else c
+    if kind == 1:
+        byte = np.int64(blocks[r, b, 6 + e % 16])
+        low = (byte & 0x0F) if e < 16 else (byte >> 4)
+        high = (np.int64(blocks[r, b, 2 + e // 8]) >> (e % 8)) & 1
+        return (low | (high << 4)) - 16
+    if kind == 2:
+        half, rest = e // 128, e % 128
+        low = (np.int64(blocks[r, b, half * 64 + rest % 64]) >> (4 * (rest // 64))) & 0x0F
+        high = (np.int64(blocks[r, b, 128 + half * 32 + rest % 32]) >> (2 * (rest // 32))) & 0x03
+        return (low | (high << 4)) - 32
+    return (np.int64(blocks[r, b, 16 + (e // 64) * 32 + e % 32]) >> (4 * ((e // 32) % 2))) & 0x0F
+
+
 @numba.njit(parallel=True, cache=True)
-def _codes_q8_0(blocks, q, first):  # [n, bpr, 34]: fp16 d, 32 int8 codes
+def _decode_codes(blocks, q, first, kind, per):  # blocks [n, bpr, bytes] of rows first.. -> q [T, K, TILE] int8
     n, bpr = blocks.shape[0], blocks.shape[1]
-    for t in numba.prange((n + TILE - 1) // TILE):
+    for t in numba.prange((n + TILE - 1) // TILE):  # a tile a thread: no two threads write one cache line
         for i in range(min(TILE, n - t * TILE)):
             r = t * TILE + i
             row = first + r
             for b in range(bpr):
-                for j in range(32):
-                    c = np.int64(blocks[r, b, 2 + j])
-                    q[row // TILE, b * 32 + j, row % TILE] = np.int8(c - 256 if c > 127 else c)
+                for e in range(per):
+                    q[row // TILE, b * per + e, row % TILE] = np.int8(_code(blocks, r, b, e, kind))
 
 
-@numba.njit(parallel=True, cache=True)
-def _codes_q5_0(blocks, q, first):  # [n, bpr, 22]: fp16 d, u32 high bits, 16 bytes of low nibbles
-    n, bpr = blocks.shape[0], blocks.shape[1]
-    for t in numba.prange((n + TILE - 1) // TILE):
-        for i in range(min(TILE, n - t * TILE)):
-            r = t * TILE + i
-            row = first + r
-            for b in range(bpr):
-                qh = (np.int64(blocks[r, b, 2]) | (np.int64(blocks[r, b, 3]) << 8)
-                      | (np.int64(blocks[r, b, 4]) << 16) | (np.int64(blocks[r, b, 5]) << 24))
-                for j in range(32):
-                    byte = np.int64(blocks[r, b, 6 + (j % 16)])
-                    low = (byte & 0x0F) if j < 16 else (byte >> 4)
-                    high = (qh >> j) & 1
-                    q[row // TILE, b * 32 + j, row % TILE] = np.int8((low | (high << 4)) - 16)
-
-
-@numba.njit(parallel=True, cache=True)
-def _codes_q6_k(blocks, q, first):  # [n, bpr, 210]: ql 128, qh 64, int8 scales 16, fp16 d
-    n, bpr = blocks.shape[0], blocks.shape[1]
-    for t in numba.prange((n + TILE - 1) // TILE):
-        for i in range(min(TILE, n - t * TILE)):
-            r = t * TILE + i
-            row = first + r
-            for b in range(bpr):
-                for e in range(256):  # gguf-py's order: two halves of 128
-                    half, rest = e // 128, e % 128
-                    low = (np.int64(blocks[r, b, half * 64 + rest % 64]) >> (4 * (rest // 64))) & 0x0F
-                    high = (np.int64(blocks[r, b, 128 + half * 32 + rest % 32]) >> (2 * (rest // 32))) & 0x03
-                    q[row // TILE, b * 256 + e, row % TILE] = np.int8((low | (high << 4)) - 32)
-
-
-@numba.njit(parallel=True, cache=True)
-def _codes_q4_k(blocks, q, first):  # [n, bpr, 144]: fp16 d, fp16 dmin, 12 bytes of scales, 128 of nibbles
-    n, bpr = blocks.shape[0], blocks.shape[1]
-    for t in numba.prange((n + TILE - 1) // TILE):
-        for i in range(min(TILE, n - t * TILE)):
-            r = t * TILE + i
-            row = first + r
-            for b in range(bpr):
-                for e in range(256):  # chunks of 64: 32 low nibbles, then the same 32 bytes' high nibbles
-                    byte = np.int64(blocks[r, b, 16 + (e // 64) * 32 + e % 32])
-                    q[row // TILE, b * 256 + e, row % TILE] = np.int8((byte >> (4 * ((e // 32) % 2))) & 0x0F)
-
-
-_DECODERS = {"Q8_0": _codes_q8_0, "Q5_0": _codes_q5_0, "Q6_K": _codes_q6_k, "Q4_K": _codes_q4_k}
+_KIND_IDS = {"Q8_0": 0, "Q5_0": 1, "Q6_K": 2, "Q4_K": 3}  # `_code`'s kind numbers
 
 
 def pack_pairs(codes: np.ndarray) -> np.ndarray:
