@@ -189,12 +189,16 @@ class SpecDecoder:
                                "not a loaded model: pass its name, or use weights='fp32'")
         if chosen and weights == "gguf" and not _lean_runs(model):
             weights = "fp32"  # a GGUF of an architecture the lean path does not have: its fp32 weights
+        # what drafters that compute with the target get: a natively loaded model with its own weights (the
+        # self drafter runs on them), else the transformers model
+        self._target = model if isinstance(model, LoadedModel) and model.quant is not None else None
         if isinstance(model, LoadedModel):
             tokenizer = tokenizer if tokenizer is not None else model.tokenizer
             self.name, model = model.name, model.model
         else:
             self.name = getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.model, self.tokenizer = model, tokenizer
+        self._target = self._target or model
         self.cache_dir = cache_dir
         if native is not None and not native.kinds:  # the GGUF holds no block type the kernels run (F32/F16)
             if not chosen:
@@ -258,7 +262,7 @@ class SpecDecoder:
                 raise SpecdecError("tree= is for a drafter given by name; a drafter object builds its own trees")
             return drafter
         try:
-            context = {"target": self.model, "target_tokenizer": self.tokenizer}
+            context = {"target": self._target, "target_tokenizer": self.tokenizer}
             return make_drafter(drafter, vocab_size=self.verifier.vocab_size, tree=tree, context=context, **options)
         except (ValueError, TypeError) as err:
             raise SpecdecError(str(err).splitlines()[0]) from None

@@ -275,3 +275,16 @@ def test_default_builtin_loads_and_reloads_from_cache():
     ids = first.tokenizer("def add(a, b):\n    return", return_tensors="pt").input_ids  # [1, seq]
     assert first.name == "gemma3-270m" and first.model.config.model_type == "gemma3_text"
     assert torch.equal(logits(first.model, ids), logits(second.model, ids))
+
+
+def test_a_checked_gguf_is_stamped_and_not_hashed_again_until_it_changes(tmp_path):
+    from specdec.models.builtin import _stamp, _stamped
+
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"GGUFrest")
+    sha = file_sha256(path)
+    assert not _stamped(path, sha)
+    _stamp(path, sha)
+    assert _stamped(path, sha) and not _stamped(path, "0" * 64)  # the stamp names the sha it was checked for
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # rewritten: a new time
+    assert not _stamped(path, sha)

@@ -256,3 +256,24 @@ def test_the_entry_tokenizer_is_autotokenizers(tmp_path):
         assert ours(text).input_ids == ids
         for skip in (True, False):
             assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
+
+
+@pytest.mark.parametrize("weights", ["gguf", "q8act"])
+def test_self_drafter_runs_on_a_native_targets_own_weights(tmp_path, weights):
+    from specdec.verifiers.quant import QuantLinear
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(make_tiny_model("gemma3"), path)
+    cache = str(tmp_path / "cache")
+    plain = SpecDecoder(str(path), drafter="plain", weights=weights, cache_dir=cache)
+    spec = SpecDecoder(str(path), drafter="self", weights=weights, cache_dir=cache, tree_budget=6,
+                       drafter_options={"skip": [1, 2], "k": 3})
+    assert any(p.is_meta for p in spec.model.parameters())  # native: the self drafter did not need fp32 weights
+    lean = spec.drafter._seqs[0].runner.lean
+    assert isinstance(lean.lm_head, QuantLinear) and len(lean.layers) == 2  # the target's codes, 2 of 4 layers
+    scored = 0
+    for prompt in PROMPTS:
+        result = spec.generate_ids(prompt, max_new_tokens=32, eos_token_id=[])
+        assert result.tokens == plain.generate_ids(prompt, max_new_tokens=32, eos_token_id=[]).tokens
+        scored += sum(result.stats.tree_sizes) - result.stats.steps
+    assert scored > 0

@@ -64,8 +64,9 @@ def make_drafter(name: str, *, vocab_size: int, tree: Tree | None = None, contex
 
 def needs_target_weights(name: str, options: dict[str, Any] | None = None) -> bool:
     """Whether drafter `name` (with `options`) computes with the target model's own dense weights (its factory
-    asks for the `target`, e.g. self, lexical, diffusion; for auto: any of its components), so a target loaded
-    without them (`specdec.models.native`) cannot serve it."""
+    asks for the `target` and does not say `native_target`: lexical, diffusion; for auto: any of its
+    components), so a target loaded without them (`specdec.models.native`) cannot serve it. `self` runs on a
+    natively loaded target's quantised weights."""
     options = options or {}
     if name == "auto":
         from specdec.drafters.auto import DEFAULT_COMPONENTS
@@ -76,7 +77,7 @@ def needs_target_weights(name: str, options: dict[str, Any] | None = None) -> bo
     if unknown_drafter(name):
         return False
     factory = _FACTORIES[name] if name in _FACTORIES else _import(name)
-    return "target" in getattr(factory, "context_keys", ())
+    return "target" in getattr(factory, "context_keys", ()) and not getattr(factory, "native_target", False)
 
 
 def parse_drafter(text: str, what: str = "drafter") -> tuple[str, dict[str, Any]]:
@@ -165,6 +166,7 @@ register("ngram", _ngram)
 register("recycling", _recycling)
 _model.context_keys = ("target_tokenizer",)  # type: ignore[attr-defined]
 _self.context_keys = ("target", "target_tokenizer")  # type: ignore[attr-defined]
+_self.native_target = True  # type: ignore[attr-defined]  # computes with a natively loaded target's own weights
 
 
 def _diffusion(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:

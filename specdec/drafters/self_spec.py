@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 
@@ -42,6 +43,7 @@ from specdec.sampling import SamplingParams
 from specdec.text import encode_prompt
 from specdec.trees.tree import Tree
 from specdec.verifiers import gemm as gemm_plan
+from specdec.verifiers.gemm import Linear
 from specdec.verifiers.lean_model import LeanModel
 
 
@@ -224,12 +226,22 @@ def spec_bench_prompts(tokenizer: Any, count: int) -> list[list[int]]:
     return [encode_prompt(tokenizer, q) for q in questions[::step][:count]]
 
 
-def model_fingerprint(model: PreTrainedModel) -> str:
-    """Config plus a few weight values: tells apart models of one architecture with different weights."""
+def model_fingerprint(model: PreTrainedModel, lean: LeanModel) -> str:
+    """Config, weight format and a few weight values as the forward holds them (a natively loaded GGUF has no
+    fp32 weights: its codes and constants then): tells apart models of one architecture with different weights."""
     h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    down = lean.layers[-1].down
+    if isinstance(down, Linear):
+        kind, held = b"fp", [down.weight.detach().flatten()[:4096].float().numpy()]
+    else:  # a QuantLinear over a QuantWeight (codes in q) or a q8act Q8Weight (codes)
+        w = down.quant
+        codes = w.q if hasattr(w, "q") else w.codes
+        kind, held = type(w).__name__.encode(), [w.scale.reshape(-1)[:4096], codes.reshape(-1)[:4096]]
+    h.update(kind)
     with torch.no_grad():
-        for p in (model.get_input_embeddings().weight, model.model.layers[-1].mlp.down_proj.weight):
-            h.update(p.detach().flatten()[:4096].float().numpy().tobytes())
+        h.update(lean.embed_rows(torch.arange(4)).float().numpy().tobytes())
+    for a in held:
+        h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -238,7 +250,7 @@ def cached_calibration(model: PreTrainedModel, lean: LeanModel, prompts: list[li
     """The calibration record for this model, prompts, settings and draft vocabulary: cached, else measured."""
     data = json.dumps([prompts, None if head is None else head.tolist()])
     inputs_hash = hashlib.sha256(data.encode()).hexdigest()[:12]
-    signature = f"self|{model_fingerprint(model)}|{inputs_hash}|{json.dumps(asdict(settings), sort_keys=True)}"
+    signature = f"self|{model_fingerprint(model, lean)}|{inputs_hash}|{json.dumps(asdict(settings), sort_keys=True)}"
     path = cache_dir / "self_spec" / f"{gemm_plan.cache_key(signature)}.json"
     record = load_json(path, check=lambda r: _check_record(r, len(lean.layers), settings.k_max), log=log)
     if record is not None and (not record.get("provisional") or overloaded()):
@@ -303,7 +315,8 @@ def self_drafter(
     if rows != vocab_size:
         raise SpecdecError(f"self drafter: model '{name}' has {rows} output rows, the target {vocab_size}: "
                            "pass the target model itself as target=")
-    lean = lean_forward(model, gemm, cache_dir, what="self drafter")
+    quant = getattr(target, "quant", None)  # a natively loaded GGUF (`specdec.models.native`): its own weights
+    lean = lean_forward(model, gemm, cache_dir, what="self drafter", quant=quant)
     max_positions = int(model.config.max_position_embeddings)
     head = draft_vocabulary(draft_vocab, tokenizer or target_tokenizer, vocab_size)
     record = None

