@@ -277,3 +277,18 @@ def test_self_drafter_runs_on_a_native_targets_own_weights(tmp_path, weights):
         assert result.tokens == plain.generate_ids(prompt, max_new_tokens=32, eos_token_id=[]).tokens
         scored += sum(result.stats.tree_sizes) - result.stats.steps
     assert scored > 0
+
+
+def test_a_tensor_of_another_shape_than_the_metadata_describes_is_one_line(tmp_path):
+    model = make_tiny_model("qwen2")
+    path = tmp_path / "tiny.gguf"
+    write_gguf(model, path)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"blk.0.ffn_down.weight") + len(b"blk.0.ffn_down.weight")
+    n_dims = int.from_bytes(raw[at: at + 4], "little")
+    assert n_dims == 2
+    raw[at + 4: at + 20] = (64).to_bytes(8, "little") + (128).to_bytes(8, "little")  # [128, 64], not [64, 128]
+    path.write_bytes(bytes(raw))
+    with pytest.raises(SpecdecError) as err:
+        SpecDecoder(str(path), drafter="plain", cache_dir=str(tmp_path / "cache"))
+    assert "\n" not in str(err.value) and "blk.0.ffn_down.weight" in str(err.value)

@@ -265,10 +265,16 @@ def _plan(shell: PreTrainedModel, index: list[TensorEntry], path: Path, arch: st
     head_module = next(n for n, m in modules.items() if m is shell.get_output_embeddings())
     tied = not any(t.name == "output.weight" for t in index)
     floats, linears, unsupported, embedding = {}, {}, [], None
+    params = dict(shell.named_parameters(remove_duplicate=False))
     for t in index:
         param = names.get(t.name)
         if param is None:
             continue
+        want = tuple(params[param].shape)
+        if tuple(reversed(t.shape)) != want:  # GGUF lists the inner dimension first
+            raise SpecdecError(f"{path.name}: tensor {t.name} has shape {tuple(reversed(t.shape))}, the model its "
+                               f"metadata describes wants {want} for {param}: the file is damaged or not a "
+                               "llama.cpp GGUF; get it again")
         module = param.rsplit(".", 1)[0]
         quantised = t.kind not in FLOAT_KINDS
         if quantised and t.kind not in KERNEL_KINDS:
