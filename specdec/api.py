@@ -140,6 +140,10 @@ class SpecDecoder:
     weights: auto (`default_weights`: gguf for a model named by a built-in or .gguf, else fp32), fp32, bf16 or
     gguf (the GGUF's own quantised blocks, read at construction; `quant` passes ones already read by
     `gguf_weights` for this model, so several decoders share one copy). `self.weights` is the one chosen.
+    A model named by a built-in or a .gguf file in gguf / q8act loads in its own memory (`specdec.models.native`:
+    no fp32 copy of its weights), unless the drafter computes with the target's fp32 weights (lexical,
+    diffusion); `self.model` is then a transformers model whose quantised weights are on the meta device (its
+    config, generation config and module names are real; it cannot run a forward itself).
     """
 
     def __init__(
