@@ -3,7 +3,8 @@
 `load_native(spec, fmt)` gives a `LoadedModel` whose transformers model is a shell built on the meta device
 from the GGUF's config: its norms, biases and any tensor the file stores as F32 / F16 / BF16 are real fp32
 tensors read from the file; every quantised linear stays on meta and is served by `LoadedModel.quant` (the
-file's blocks unpacked for the kernel, `specdec.verifiers.quant` / `q8act`), and a quantised token embedding
+file's blocks read and unpacked slice by slice for the kernel, `specdec.verifiers.quant` / `q8act`, a layer's
+q/k/v and gate/up as views of one stacked weight), and a quantised token embedding
 by a `RowTable` that dequantises the rows a step asks for straight from the memory-mapped file. Nothing is
 computed with the shell itself: it carries the config, the module names and the small tensors the lean forward
 (`specdec.verifiers.lean_model`) reads.
@@ -16,9 +17,10 @@ after transformers' own per-architecture conversion (`TENSOR_PROCESSORS`: llama'
 tensor at a time, so the whole model is never held in fp32. A later load trusts the entry (the file's size
 and modification time are part of its name for a user's .gguf; a built-in is checked against its sha256).
 
-Tensor names follow transformers' own GGUF mapping (`get_gguf_hf_weights_map`), so an architecture needs no
-table here. Loading never runs code from the file: config and tokenizer are read as data by transformers'
-GGUF readers with trust_remote_code=False.
+Tensor names are gguf-py's name map of the file's `general.architecture`, applied as transformers'
+`get_gguf_hf_weights_map` applies it (`gguf_names`), so an architecture needs no table here. Loading never runs
+code from the file: config and tokenizer are read as data by transformers' GGUF readers with
+trust_remote_code=False, and the chat template renders in specdec's sandbox (`specdec.chat_template`).
 """
 
 from __future__ import annotations
