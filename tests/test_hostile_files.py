@@ -113,6 +113,20 @@ def test_the_crafting_helper_writes_what_gguf_py_reads(tmp_path):
     assert (theirs.name, theirs.tensor_type.name, theirs.n_bytes) == ("token_embd.weight", "F32", 128)
 
 
+def test_the_architecture_is_read_from_the_checked_header(tmp_path):
+    from specdec.models.gguf_weights import BadGGUF, gguf_architecture
+
+    (tmp_path / "good.gguf").write_bytes(GOOD)
+    assert gguf_architecture(tmp_path / "good.gguf") == "llama"
+    (tmp_path / "none.gguf").write_bytes(gguf_bytes(kvs=(kv_u32("general.alignment", 32),)))
+    (tmp_path / "cut.gguf").write_bytes(gguf_bytes(kvs=(_s("k") + struct.pack("<IQ", 8, 2**62),)))
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    for bad, says in (("none", "has no general.architecture"), ("cut", "length of k"), ("empty", "no GGUF magic")):
+        with pytest.raises(BadGGUF) as err:
+            gguf_architecture(tmp_path / f"{bad}.gguf")
+        assert says in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("name, content, says", CRAFTED, ids=[c[0] for c in CRAFTED])
 def test_crafted_gguf_headers_are_refused_in_one_line(tmp_path, name, content, says):
     from specdec.models.gguf_weights import tensor_index

@@ -23,7 +23,7 @@ from specdec.verifiers.q8act import Q8Weight, from_quant
 from specdec.verifiers.quant import QuantWeight, dequantize, unpack
 
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF metadata value types
-_STRING, _ARRAY = 8, 9
+_U32, _STRING, _ARRAY = 4, 8, 9
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,23 @@ class _Header:
         else:
             raise self.fail(f"unknown metadata type {vtype} of {what}")
 
+    def metadata(self, n_kv: int, wanted: dict[str, int], stop: bool = False) -> dict[str, int | str]:
+        """Walks `n_kv` metadata entries, reading the value of each `wanted` key (key -> the type it must have: a
+        u32 or a string) and skipping every other entry by its length; `stop`: return once all wanted are read."""
+        found: dict[str, int | str] = {}
+        for _ in range(n_kv):
+            key = self.string("a metadata key")
+            (vtype,) = self.unpack("<I", f"the type of {key}")
+            if wanted.get(key) == vtype == _STRING:
+                found[key] = self.string(key)
+            elif wanted.get(key) == vtype == _U32:
+                (found[key],) = self.unpack("<I", key)
+            else:
+                self.skip(vtype, key)
+            if stop and len(found) == len(wanted):
+                break
+        return found
+
 
 def tensor_index(path: str | Path) -> list[TensorEntry]:
     """The tensors of a GGUF (v2/v3) without parsing its metadata values: gguf-py's reader builds an array
@@ -129,14 +146,8 @@ def tensor_index(path: str | Path) -> list[TensorEntry]:
     from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
 
     name = Path(path).name
-    try:
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
-    except ValueError:  # numpy refuses to map an empty file
-        raw = np.zeros(0, dtype=np.uint8)
-    r = _Header(memoryview(raw), name)
-    if r.size < 4 or bytes(r.buf[:4]) != b"GGUF":
-        raise BadGGUF(f"{name} is not a GGUF file (no GGUF magic): give a .gguf model file")
-    r.at = 4
+    raw = _mapped(path)
+    r = _opened(raw, name)
     (version,) = r.unpack("<I", "the version")
     if version not in (2, 3):
         raise BadGGUF(f"{name}: GGUF version {version} is not supported (2 or 3): convert it with a current llama.cpp")
@@ -144,16 +155,9 @@ def tensor_index(path: str | Path) -> list[TensorEntry]:
     for count, least, what in ((n_tensors, _MIN_TENSOR_BYTES, "tensor count"), (n_kv, _MIN_KV_BYTES, "metadata count")):
         if count * least > r.size - r.at:
             raise r.fail(f"{what} {count} does not fit in the {r.size - r.at} bytes left")
-    alignment = GGUF_DEFAULT_ALIGNMENT
-    for _ in range(n_kv):
-        key = r.string("a metadata key")
-        (vtype,) = r.unpack("<I", f"the type of {key}")
-        if key == "general.alignment" and vtype == 4:
-            (alignment,) = r.unpack("<I", key)
-            if alignment < 1 or alignment & (alignment - 1):
-                raise r.fail(f"general.alignment {alignment} is not a power of two")
-        else:
-            r.skip(vtype, key)
+    alignment = r.metadata(n_kv, {"general.alignment": _U32}).get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if alignment < 1 or alignment & (alignment - 1):
+        raise r.fail(f"general.alignment {alignment} is not a power of two")
     infos, seen = [], set()
     for _ in range(n_tensors):
         tname = r.string("a tensor name")
@@ -187,25 +191,31 @@ def tensor_index(path: str | Path) -> list[TensorEntry]:
 
 def gguf_architecture(path: str | Path) -> str:
     """The file's `general.architecture` (llama.cpp's name: "llama", "qwen2", "gemma3", ...), read by the checked
-    header reader up to that key. BadGGUF when the file has none."""
-    name = Path(path).name
-    with open(path, "rb") as f:
-        head = f.read(1 << 20)  # the key comes first in llama.cpp's files; a vocabulary may follow
-    r = _Header(memoryview(head), name)
-    if r.size < 24 or head[:4] != b"GGUF":
+    header reader, which stops at that key (llama.cpp writes it first). BadGGUF when the file has none."""
+    r = _opened(_mapped(path), Path(path).name)
+    r.unpack("<I", "the version")
+    _, n_kv = r.unpack("<QQ", "the header")
+    found = r.metadata(n_kv, {"general.architecture": _STRING}, stop=True)
+    if "general.architecture" not in found:
+        raise BadGGUF(f"{r.name} has no general.architecture: give a GGUF written by llama.cpp or gguf-py")
+    return found["general.architecture"]
+
+
+def _mapped(path: str | Path) -> np.ndarray:
+    """The file as a read-only uint8 memory map (an empty array for an empty file, which numpy will not map)."""
+    try:
+        return np.memmap(path, dtype=np.uint8, mode="r")
+    except ValueError:
+        return np.zeros(0, dtype=np.uint8)
+
+
+def _opened(raw: np.ndarray, name: str) -> _Header:
+    """A header reader past the GGUF magic; BadGGUF when the bytes do not start with it."""
+    r = _Header(memoryview(raw), name)
+    if r.size < 4 or bytes(r.buf[:4]) != b"GGUF":
         raise BadGGUF(f"{name} is not a GGUF file (no GGUF magic): give a .gguf model file")
     r.at = 4
-    _, _, n_kv = r.unpack("<IQQ", "the header")
-    try:
-        for _ in range(n_kv):
-            key = r.string("a metadata key")
-            (vtype,) = r.unpack("<I", f"the type of {key}")
-            if key == "general.architecture" and vtype == _STRING:
-                return r.string(key)
-            r.skip(vtype, key)
-    except BadGGUF:
-        pass  # past the first MiB: not where llama.cpp writes it
-    raise BadGGUF(f"{name} has no general.architecture near its start: give a GGUF written by llama.cpp or gguf-py")
+    return r
 
 
 _LAYER_TENSORS = {  # llama.cpp tensor name within blk.N -> transformers module path within layers.N
