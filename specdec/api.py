@@ -110,9 +110,14 @@ def is_gguf_spec(spec: str | None) -> bool:
     return spec is None or spec in BUILTINS or (spec.lower().endswith(".gguf") and Path(spec).is_file())
 
 
-def _dense_drafter(drafter: "str | Drafter", options: dict | None) -> bool:
-    """Whether the drafter needs the target's dense weights (a drafter object: assume it may)."""
-    return not isinstance(drafter, str) or needs_target_weights(drafter, options)
+def loads_natively(model: Any, weights: str, backend: str, drafters: Sequence[tuple["str | Drafter", dict | None]]) \
+        -> bool:
+    """Whether `model` loads in its own memory (`specdec.models.native`): a spec naming a GGUF, in a quantised
+    format, on the lean backend, and no drafter of `drafters` ((name or object, options) pairs) computes with the
+    target's fp32 weights (a drafter object: assume it may). The one rule SpecDecoder and the benches follow."""
+    return ((model is None or isinstance(model, str)) and weights in GGUF_FORMATS and backend != "hf"
+            and is_gguf_spec(model) and not any(not isinstance(d, str) or needs_target_weights(d, options)
+                                                 for d, options in drafters))
 
 
 def _lean_runs(model: "LoadedModel | PreTrainedModel") -> bool:
@@ -179,8 +184,7 @@ class SpecDecoder:
         cache_dir = str(cache_root(cache_dir))  # checked once: every cache below lives under it
         spec = model
         native = None  # what a native load read (`specdec.models.native`)
-        if (model is None or isinstance(model, str)) and weights in GGUF_FORMATS and backend != "hf" \
-                and quant is None and is_gguf_spec(model) and not _dense_drafter(drafter, drafter_options):
+        if quant is None and loads_natively(model, weights, backend, [(drafter, drafter_options)]):
             model = load_native(model, weights, cache_dir, log)  # the GGUF in its own memory: no fp32 copy
             quant, native = model.quant, model.report
         elif model is None or isinstance(model, str):
@@ -193,16 +197,16 @@ class SpecDecoder:
                                "not a loaded model: pass its name, or use weights='fp32'")
         if chosen and weights == "gguf" and not _lean_runs(model):
             weights = "fp32"  # a GGUF of an architecture the lean path does not have: its fp32 weights
-        # what drafters that compute with the target get: a natively loaded model with its own weights (the
-        # self drafter runs on them), else the transformers model
-        self._target = model if isinstance(model, LoadedModel) and model.quant is not None else None
-        if isinstance(model, LoadedModel):
-            tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-            self.name, model = model.name, model.model
+        loaded = model if isinstance(model, LoadedModel) else None
+        if loaded is not None:
+            tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
+            self.name, model = loaded.name, loaded.model
         else:
             self.name = getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.model, self.tokenizer = model, tokenizer
-        self._target = self._target or model
+        # what drafters that compute with the target get: a natively loaded model with its own weights (the
+        # self drafter runs on them), else the transformers model
+        self._target = loaded if loaded is not None and loaded.quant is not None else model
         self.cache_dir = cache_dir
         if native is not None and not native.kinds:  # the GGUF holds no block type the kernels run (F32/F16)
             if not chosen:

@@ -57,9 +57,8 @@ class BatchBenchSpec:
 
 def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
                     echo: Callable[[str], None] = print) -> dict:
-    from specdec.api import gguf_weights, is_gguf_spec
+    from specdec.api import gguf_weights, loads_natively
     from specdec.bench.spec_bench import PROMPT_TEMPLATE, eos_ids
-    from specdec.drafters.registry import needs_target_weights
     from specdec.models.loading import default_cache_dir, load_model
     from specdec.models.native import load_native
     from specdec.text import encode_prompt
@@ -87,11 +86,9 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
         if problem:
             raise SpecdecError(f"--batch-drafters: {problem}")
     questions = pick_questions(spec.prompts, spec.n_prompts)
-    dense = spec.weights not in GGUF_FORMATS or not is_gguf_spec(spec.model) \
-        or needs_target_weights(spec.drafter, spec.drafter_options) or any(
-            needs_target_weights(*parse_drafter(m, "--batch-drafters")) for m in spec.others
-            if not llama_server.is_server_method(m))
-    if dense:
+    drafters = [(spec.drafter, spec.drafter_options)] + [parse_drafter(m, "--batch-drafters") for m in spec.others
+                                                         if not llama_server.is_server_method(m)]
+    if not loads_natively(spec.model, spec.weights, spec.backend, drafters):
         loaded = load_model(spec.model, dtype=torch.bfloat16 if spec.weights == "bf16" else torch.float32,
                             cache_dir=spec.cache_dir, log=log)
         quant = gguf_weights(spec.model, loaded.model, spec.cache_dir, log, spec.weights) \

@@ -256,23 +256,22 @@ def native_format(spec: BenchSpec) -> str | None:
     dense fp32 weights (transformers baselines, the fp32 / bf16 formats, drafters computing with the target's
     weights) and it is named by a GGUF: gguf when a method runs it (q8act is then converted from it), else
     q8act; None otherwise."""
-    from specdec.api import is_gguf_spec
-    from specdec.drafters.registry import needs_target_weights
+    from specdec.api import loads_natively
 
-    formats = set()
+    formats, drafters = set(), []
     for m in spec.methods:
         if llama_bench.is_llama_method(m) or llama_server.is_server_method(m):
             continue
         if m in HF_METHODS:
             return None
         drafter, weights, options = split_method(m)
-        options = {**(spec.drafter_options if drafter == spec.drafter else {}), **options}
-        if weights not in GGUF_FORMATS or needs_target_weights(drafter, options):
-            return None
         formats.add(weights)
-    if not formats or spec.backend == "hf" or spec.strict or not is_gguf_spec(spec.model):
+        drafters.append((drafter, {**(spec.drafter_options if drafter == spec.drafter else {}), **options}))
+    fmt = "gguf" if "gguf" in formats else "q8act"
+    if not formats or not formats <= set(GGUF_FORMATS) or spec.strict \
+            or not loads_natively(spec.model, fmt, spec.backend, drafters):
         return None
-    return "gguf" if "gguf" in formats else "q8act"
+    return fmt
 
 
 @torch.inference_mode()
