@@ -120,10 +120,11 @@ def test_tiny_model_samples_in_q8act_as_plain_sampling_does(tiny_q8):
 
 @pytest.mark.parametrize("kind", ["Q4_K", "Q8_0"])
 def test_a_tall_weight_converts_slice_by_slice_to_the_same_arrays(kind):
-    from specdec.verifiers.q8act import SLICE_ROWS, _from_quant
+    from specdec.verifiers.q8act import _from_quant
+    from specdec.verifiers.quant import UNPACK_ROWS
     from specdec.verifiers.quant import random_blocks, unpack
 
-    rows = SLICE_ROWS + 80  # one whole slice and a ragged one (not whole tiles of either layout)
+    rows = UNPACK_ROWS + 80  # one whole slice and a ragged one (not whole tiles of either layout)
     w = unpack(kind, random_blocks(kind, rows, 256, seed=7), rows, 256)
     sliced, whole = from_quant(w), _from_quant(w)
     assert (sliced.rows, sliced.cols, sliced.nibbles, sliced.flush) == (whole.rows, whole.cols, whole.nibbles, whole.flush)

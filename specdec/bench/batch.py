@@ -202,7 +202,7 @@ class _Runner:
 
     @cached_property
     def _gguf(self) -> Path:
-        """The model's GGUF for llama-server, resolved once (a built-in's is hashed on every resolution)."""
+        """The model's GGUF for llama-server, resolved once for all the server's starts."""
         from specdec.models.loading import gguf_file
 
         return gguf_file(self.spec.model, cache_dir=self.spec.cache_dir)

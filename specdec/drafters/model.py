@@ -524,8 +524,8 @@ def _native_draft(spec: Any, weights: str, cache_dir: str | Path | None):
 
 
 def _gguf_of(spec: Any, cache_dir: str | Path | None) -> Path | None:
-    """The GGUF file a draft_model spec names (a built-in or a .gguf path), resolved once (a built-in's is
-    checked against its sha256 on every resolution); None for a directory or a loaded model."""
+    """The GGUF file a draft_model spec names (a built-in or a .gguf path); None for a directory or a loaded
+    model."""
     from specdec.models.loading import gguf_file
 
     if not isinstance(spec, (str, Path)):

@@ -124,14 +124,19 @@ def _stamp_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.sha256")
 
 
+def _stamp_text(target: Path, sha256: str) -> str:
+    """What a stamp holds: the file's size and modification time, and the sha256 it was checked against."""
+    stat = target.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{sha256}"
+
+
 def _stamped(target: Path, sha256: str | None) -> bool:
     """Whether `target` is the file a stamp says was checked against `sha256`: same size, modification time and
     sha256 as recorded then (so a load does not hash 1 GB again; a rewritten file has a new time and is hashed)."""
     if sha256 is None:
         return True
-    stat = target.stat()
     try:
-        return _stamp_path(target).read_text(encoding="utf-8") == f"{stat.st_size}:{stat.st_mtime_ns}:{sha256}"
+        return _stamp_path(target).read_text(encoding="utf-8") == _stamp_text(target, sha256)
     except (OSError, UnicodeDecodeError):
         return False
 
@@ -141,10 +146,9 @@ def _stamp(target: Path, sha256: str | None) -> None:
     again next time)."""
     if sha256 is None or _stamped(target, sha256):
         return
-    stat = target.stat()
     try:
         partial = _stamp_path(target).with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(f"{stat.st_size}:{stat.st_mtime_ns}:{sha256}", encoding="utf-8")
+        partial.write_text(_stamp_text(target, sha256), encoding="utf-8")
         os.replace(partial, _stamp_path(target))
     except OSError:
         pass

@@ -40,7 +40,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from specdec.verifiers.quant import TILE as QTILE
-from specdec.verifiers.quant import QuantWeight, _rows, concat_tiles, pack_pairs, unpack_pairs
+from specdec.verifiers.quant import UNPACK_ROWS, QuantWeight, _rows, concat_tiles, pack_pairs, unpack_pairs
 
 TILE = 16  # output rows per tile: two registers of 8 int32 lanes
 XBLOCK = 32  # activation values per int8 block (one fp32 scale each)
@@ -83,16 +83,16 @@ class Q8Weight:
 
 def from_quant(w: QuantWeight) -> Q8Weight:
     """`QuantWeight` (tiles of 64 rows, int8 codes) -> `Q8Weight` (tiles of 16 rows, input quads): same values.
-    A tall weight is converted SLICE_ROWS rows at a time into the result's arrays, so the conversion's int16 and
+    A tall weight is converted UNPACK_ROWS rows at a time into the result's arrays, so the conversion's int16 and
     transposed temporaries stay a slice's (a 262k-row head's were ~700 MB)."""
-    if w.rows <= SLICE_ROWS:
+    if w.rows <= UNPACK_ROWS:
         return _from_quant(w)
     out = None
-    for first in range(0, w.rows, SLICE_ROWS):
-        t0, t1 = first // QTILE, min(first + SLICE_ROWS, w.padded_rows) // QTILE  # the gguf layout's tiles
+    for first in range(0, w.rows, UNPACK_ROWS):
+        t0, t1 = first // QTILE, min(first + UNPACK_ROWS, w.padded_rows) // QTILE  # the gguf layout's tiles
         part = _from_quant(replace(w, q=w.q[t0:t1], scale=w.scale[t0:t1],
                                    offset=None if w.offset is None else w.offset[t0:t1],
-                                   rows=min(SLICE_ROWS, w.rows - first)))
+                                   rows=min(UNPACK_ROWS, w.rows - first)))
         if out is None:
             tiles = -(-w.rows // TILE)  # as one call pads: to whole tiles of this layout
             empty = lambda a: None if a is None else np.empty((tiles, *a.shape[1:]), a.dtype)  # noqa: E731
@@ -103,9 +103,6 @@ def from_quant(w: QuantWeight) -> Q8Weight:
             if getattr(part, name) is not None:
                 getattr(out, name)[at: at + getattr(part, name).shape[0]] = getattr(part, name)
     return out
-
-
-SLICE_ROWS = 4096  # rows `from_quant` converts at a time (whole tiles of both layouts)
 
 
 def _from_quant(w: QuantWeight) -> Q8Weight:

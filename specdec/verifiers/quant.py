@@ -54,7 +54,6 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-QK_K = 256  # super-block of the K-quants
 TILE = 64  # output rows per tile, innermost in memory (N is padded to a multiple)
 
 
@@ -98,7 +97,8 @@ class QuantWeight:
 # unpacking the file's blocks (numpy, once at load)
 
 
-UNPACK_ROWS = 4096  # rows unpacked at a time (whole tiles): a large head's temporaries stay a slice's
+UNPACK_ROWS = 4096  # rows unpacked (and converted to q8act) at a time, whole tiles of both layouts: a large
+# head's temporaries stay a slice's
 
 
 def unpack(kind: str, raw: np.ndarray, rows: int, cols: int, nibbles: bool | None = None) -> QuantWeight:
