@@ -97,7 +97,7 @@ class RowTable:
 class _Plan:
     """Where each GGUF tensor goes: transformers parameter name, and how it is held."""
 
-    floats: dict[str, tuple[TensorEntry, str]]  # parameter -> (tensor, gguf name): real fp32 tensors
+    floats: dict[str, TensorEntry]  # parameter -> its tensor, read as real fp32
     linears: dict[str, TensorEntry]  # linear module -> its quantised weight
     embedding: tuple[str, TensorEntry] | None  # (embedding module, tensor) kept as a RowTable
     unsupported: list[tuple[str, str]]  # (gguf name, block type) of quantised tensors no kernel runs
@@ -283,7 +283,7 @@ def _plan(shell: PreTrainedModel, index: list[TensorEntry], path: Path, arch: st
             unsupported.append((t.name, t.kind))
             continue
         if not quantised:
-            floats[param] = (t, t.name)  # a tied head is tied to it again after loading (`_fill_floats`)
+            floats[param] = t  # a tied head is tied to it again after loading (`_fill_floats`)
             continue
         if not param.endswith(".weight") or not isinstance(modules[module], (torch.nn.Linear, torch.nn.Embedding)):
             raise SpecdecError(f"{path.name}: tensor {t.name} ({t.kind}) is quantised but {param} is not a linear "
@@ -303,9 +303,9 @@ def _fill_floats(shell: PreTrainedModel, plan: _Plan, processor) -> None:
     from gguf import dequantize as gguf_dequantize
 
     state = {}
-    for param, (t, gname) in plan.floats.items():
+    for param, t in plan.floats.items():
         values = gguf_dequantize(t.data, GGMLQuantizationType[t.kind]).reshape(tuple(reversed(t.shape)))
-        values = processor.process(weights=values, name=gname).weights
+        values = processor.process(weights=values, name=t.name).weights
         state[param] = torch.from_numpy(np.array(values, dtype=np.float32))
     wanted = dict(shell.named_parameters())
     for param, value in state.items():
