@@ -225,3 +225,29 @@ def test_stacking_views_of_one_stacked_weight_copies_nothing():
                 assert np.array_equal(getattr(again, f), getattr(whole, f))
             for view, alone in zip(views, own):  # each view computes its own rows
                 assert np.array_equal(matmul(x, view), matmul(x, alone))
+
+
+def test_tiny_model_on_the_integer_screened_head_decodes_as_without_it(tmp_path):
+    """screen=True on a gguf-format head (`screen.IntScreenedHead`): greedy tokens of plain decoding and of
+    Token Recycling (top-k hints from the screen), alone and in ragged batches, equal the unscreened head's and
+    transformers'."""
+    from specdec.engine import Request
+    from specdec.verifiers.screen import IntScreenedHead
+
+    model = make_tiny_model("gemma3")
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(model, path, ["Q8_0", "Q5_0"])
+    quant, _ = read_quant_weights(path, model)
+    screened = LeanVerifier(model, quant=quant, gemm="linear", screen=True)
+    assert isinstance(screened.screen, IntScreenedHead)
+    gen = torch.Generator().manual_seed(6)
+    rows = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (7, 19, 12, 30)]
+    reference = [hf_greedy(model, p, 24) for p in rows]
+    alone = [Engine(screened, make_drafter("plain", vocab_size=512), sizer=1).generate(p, StopConditions(24)).tokens
+             for p in rows]
+    assert alone == reference
+    for name, budget in (("recycling", 8), ("ngram", 6)):
+        engine = Engine(screened, make_drafter(name, vocab_size=512), sizer=budget, width=3)
+        res = engine.generate_batch([Request(p, StopConditions(24)) for p in rows])
+        assert [r.tokens for r in res.results] == reference, name
+    assert screened.screen.counts["rows"] > 4 * 24

@@ -13,9 +13,9 @@ only, ``start_b`` being 0 for global layers and the first key its root can see f
 row reads another row's length or padding. (Strict scoring attends per query, see below.)
 
 `score_nodes` returns `LeanScores`: the final hidden states of the scored nodes, turned into greedy tokens by
-the bf16-screened LM head (`specdec.verifiers.screen`, exact fp32 argmax at about half the LM head's cost) at
-the row counts where that was measured faster, else by the full fp32 LM head; full logits only for what asks
-for them (sampling).
+a screened LM head (`specdec.verifiers.screen`, the exact argmax from a cheaper pass: bf16 for an fp32 head, the
+integer q8act kernel for a gguf-format head) at the row counts where that was measured faster, else by the full
+LM head; full logits only for what asks for them (sampling).
 
 `strict=True` (opt-in) scores with row-tiled GEMMs and a per-query canonical attention
 (`specdec.verifiers.strict`): a node's logits are then bitwise what plain decoding computes at its
@@ -34,8 +34,8 @@ from specdec.verifiers import gemm, glue
 from specdec.verifiers.base import NodeInputs, captured, hidden_keys
 from specdec.verifiers.lean_model import LeanModel, RowSpans, Step
 from specdec.verifiers.q8act import quant_format
-from specdec.verifiers.quant import QuantWeight
-from specdec.verifiers.screen import ScreenedHead, measure_screen
+from specdec.verifiers.quant import QuantLinear, QuantWeight
+from specdec.verifiers.screen import IntScreenedHead, ScreenedHead, measure_screen
 from specdec.verifiers.strict import BLOCK, TILE, CanonicalTree
 from specdec.verifiers.tree_attention import triton_available
 
@@ -52,15 +52,15 @@ class LeanVerifier:
     on Gemma 3 270M (2-core EPYC) it changed no verify time by more than the noise (~1 ms).
     quant: GGUF-native weights (`specdec.verifiers.quant`, read by `specdec.models.gguf_weights`): the linears
     named run the quantised fp32 kernel, batch-invariant by construction, and the layers' norms, rotary and
-    residual joins run fused (`specdec.verifiers.glue`); the GEMM plan covers the rest and the screen is off
-    (the quantised head reads fewer bytes than the screen's bf16 copy). Not with compile.
+    residual joins run fused (`specdec.verifiers.glue`); the GEMM plan covers the rest, and a gguf-format head
+    is screened by the integer kernel (`screen.IntScreenedHead`; a q8act head is not screened). Not with compile.
     On a GPU the GEMMs are plain F.linear and the screen is off unless asked for.
     strict: batch-invariant scoring (see `specdec.verifiers.strict`): tiled GEMMs in the plan's orientation
     for TILE rows and a per-query canonical attention; not with compile. Prefill is unchanged.
-    screen: greedy tokens from the bf16-screened LM head (`specdec.verifiers.screen`, exact): "auto" at the
-    row counts where it measured faster than the fp32 head on this machine (measured with the GEMM plan,
+    screen: greedy tokens from the screened LM head (`specdec.verifiers.screen`, exact): "auto" at the
+    row counts where it measured faster than the full head on this machine (measured with the GEMM plan,
     cached beside it; only with gemm="auto"), True at every row count, False never. Off for strict scoring,
-    LM heads with a bias or a final softcap, and when the bf16 GEMM fails its self-check.
+    LM heads with a bias or a final softcap, and when the screen fails its self-check.
     attention: "auto" runs tree attention through the triton kernel (`specdec.verifiers.tree_attention`) when
     the model is on CUDA and triton is installed, else torch SDPA with a mask (CPU: always SDPA); or force one.
     Strict scoring keeps its own canonical attention.
@@ -260,17 +260,22 @@ class LeanVerifier:
 
     # ---- LM head -------------------------------------------------------------------------------------
 
-    def _screen_for(self, choice, gemm_choice: str, cache_dir) -> tuple[ScreenedHead | None, frozenset[int]]:
+    def _screen_for(self, choice, gemm_choice: str, cache_dir) -> tuple[ScreenedHead | IntScreenedHead | None, frozenset[int]]:
         """The screened head and the row buckets it serves (see the class docstring's `screen`)."""
         m = self.model
+        integer = isinstance(m.lm_head, QuantLinear) and isinstance(m.lm_head.quant, QuantWeight)  # gguf format
         usable = (not self.strict and m.lm_head.bias is None and m.arch.final_softcap is None
-                  and m.dtype == torch.float32 and isinstance(m.lm_head, gemm.Linear))  # a quantised head: no
+                  and m.dtype == torch.float32 and (integer or isinstance(m.lm_head, gemm.Linear)))
         if choice is False or not usable or (choice == "auto" and gemm_choice != "auto"):
             return None, frozenset()
-        head = ScreenedHead(m.lm_head.weight)
+        if integer:
+            head, shape = IntScreenedHead(m.lm_head.quant), f"{m.lm_head.quant.kind}-{m.lm_head.quant.shape}"
+        else:
+            head, shape = ScreenedHead(m.lm_head.weight), gemm.shape_key(m.lm_head.weight)
         if choice is True:
             return (head, frozenset(gemm.BUCKETS)) if head.self_check() else (None, frozenset())
-        signature = "|".join([m.arch.model_type, str(m.dtype), gemm.shape_key(m.lm_head.weight), "screen-v1"])
+        version = "int-screen-v1" if integer else "screen-v1"
+        signature = "|".join([m.arch.model_type, str(m.dtype), shape, version])
         path = Path(cache_dir or gemm.default_cache_dir()) / f"screen-{gemm.cache_key(signature)}.json"
         buckets = measure_screen(head, lambda h: m.logits(h).argmax(dim=-1), gemm.BUCKETS, path)
         return (head, buckets) if buckets else (None, frozenset())

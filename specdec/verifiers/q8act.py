@@ -115,15 +115,13 @@ def _from_quant(w: QuantWeight) -> Q8Weight:
     if k % XBLOCK:
         raise ValueError(f"q8act needs inputs in blocks of {XBLOCK}, the weight has {k}")
     pad = -rows % TILE
-    q = _rows(w.codes(), rows).astype(np.int16) + zero  # [N, K]
-    codes = q.astype(np.int8 if signed else np.uint8).view(np.uint8)
+    tiles = (rows + pad) // TILE
+    codes = np.empty((tiles, k // 4, TILE, 4), np.uint8)
+    _retile(w.codes(), zero, rows, codes)
     scale, offset = _rows(w.scale, rows), None if w.offset is None else _rows(w.offset, rows)
     if pad:
-        codes = np.concatenate([codes, np.full((pad, k), 0 if signed else zero, np.uint8)])
         scale = np.concatenate([scale, np.zeros((pad, scale.shape[1]), np.float32)])
         offset = None if offset is None else np.concatenate([offset, np.zeros((pad, offset.shape[1]), np.float32)])
-    tiles = codes.shape[0] // TILE
-    codes = np.ascontiguousarray(codes.reshape(tiles, TILE, k // 4, 4).transpose(0, 2, 1, 3))  # [T, K/4, 16, 4]
     flush = _flush(signed, max(MAX_CODE[k] for k in kinds), w.group)
     nibbles = max(MAX_CODE[k] for k in kinds) < 16 and not signed and flush % 2 == 0
     if nibbles:  # quads 2j and 2j + 1 share a byte: read at half the bytes, split in registers
@@ -131,6 +129,20 @@ def _from_quant(w: QuantWeight) -> Q8Weight:
     tiled = lambda a: np.ascontiguousarray(a.reshape(tiles, TILE, -1).transpose(0, 2, 1))  # noqa: E731
     return Q8Weight(w.kind, codes, tiled(scale), None if offset is None else tiled(offset), w.group, zero, signed,
                     flush, nibbles, rows, k, w.file_bytes)
+
+
+@numba.njit(cache=True)
+def _retile(q, zero, rows, out):  # q [Tq, K, QTILE] int8 (quant's layout) -> out [T, K / 4, TILE, 4] uint8
+    """Each real row's codes plus the zero point (a signed code's byte as it is), in input quads; padding rows
+    hold the zero point (code 0)."""
+    tiles, quads = out.shape[0], out.shape[1]
+    for t in range(tiles):
+        for lane in range(TILE):
+            row = t * TILE + lane
+            for j in range(quads):
+                for i in range(4):
+                    code = np.int32(q[row // QTILE, 4 * j + i, row % QTILE]) if row < rows else np.int32(0)
+                    out[t, j, lane, i] = np.uint8((code + zero) & 0xFF)
 
 
 def codes_of(w: Q8Weight) -> np.ndarray:
