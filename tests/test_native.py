@@ -43,7 +43,7 @@ def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
 PROMPTS = [[5, 17, 99, 3, 250, 7, 64, 301, 12, 45], [8, 8, 200, 31, 7, 64, 301, 12, 45, 5, 17, 99, 4]]
 
 
-def write_gguf(model, path, kinds=("Q8_0", "Q5_0"), embed_kind="Q8_0") -> None:
+def write_gguf(model, path, kinds=("Q8_0", "Q5_0"), embed_kind="Q8_0", extra=None) -> None:
     """`model` as llama.cpp's converter writes it: its names, llama's q/k rows permuted for interleaved rope,
     Gemma's norms stored as 1 + w; 2-D linears in kinds[i % len(kinds)], the embedding in `embed_kind`."""
     cfg = model.config
@@ -88,6 +88,8 @@ def write_gguf(model, path, kinds=("Q8_0", "Q5_0"), embed_kind="Q8_0") -> None:
                 writer.add_tensor(target, raw, raw_shape=raw.shape, raw_dtype=getattr(GGMLQuantizationType, kind))
                 continue
         writer.add_tensor(target, np.ascontiguousarray(w, dtype=np.float32))
+    for name, value in (extra or {}).items():  # tensors the converter adds (Llama 3's rope_freqs)
+        writer.add_tensor(name, np.ascontiguousarray(value, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -292,3 +294,39 @@ def test_a_tensor_of_another_shape_than_the_metadata_describes_is_one_line(tmp_p
     with pytest.raises(SpecdecError) as err:
         SpecDecoder(str(path), drafter="plain", cache_dir=str(tmp_path / "cache"))
     assert "\n" not in str(err.value) and "blk.0.ffn_down.weight" in str(err.value)
+
+
+def test_llama3_rope_factors_in_the_gguf_are_applied(tmp_path):
+    """Llama 3.x GGUFs carry their rope scaling as `rope_freqs` factors (transformers' GGUF reader drops them):
+    natively and in fp32 the model decodes as transformers' llama3 rope computes it from the original config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=4096, head_dim=16,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, rope_parameters=rope)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    rotary = model.model.rotary_emb
+    default = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+    factors = (default / rotary.inv_freq.double()).float().numpy()  # what llama.cpp's converter writes
+    assert factors.max() > 7.9  # the scaling changes most frequencies here
+    path = tmp_path / "tiny-llama3.gguf"
+    write_gguf(model, path, extra={"rope_freqs.weight": factors})
+    dropped = transformers_of(path)  # transformers' reading: default rope
+    reference = LlamaForCausalLM(config).eval()
+    reference.load_state_dict(dropped.state_dict())  # the file's weights, llama3 rope from the config
+    cache = str(tmp_path / "cache")
+    native = SpecDecoder(str(path), drafter="plain", cache_dir=cache)
+    fp32 = SpecDecoder(str(path), drafter="plain", weights="fp32", cache_dir=cache)
+    prompts = PROMPTS + random_prompts(3, seed=5, length=12)
+    wants = [hf_greedy(reference, p, 48) for p in prompts]
+    assert any(hf_greedy(dropped, p, 48) != w for p, w in zip(prompts, wants))  # the factors matter
+    for prompt, want in zip(prompts, wants):
+        assert native.generate_ids(prompt, max_new_tokens=48, eos_token_id=[]).tokens == want
+        assert fp32.generate_ids(prompt, max_new_tokens=48, eos_token_id=[]).tokens == want

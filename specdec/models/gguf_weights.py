@@ -43,6 +43,18 @@ class TensorEntry:
         return np.fromfile(path, dtype=np.uint8, count=count, offset=self.offset + first)
 
 
+def rope_factors(index: list[TensorEntry]) -> np.ndarray | None:
+    """[head_dim / 2] float32: the `rope_freqs.weight` tensor llama.cpp's converter writes for Llama 3.x's rope
+    scaling (each rotary frequency is divided by its factor), or None when the file has none."""
+    entry = next((t for t in index if t.name == "rope_freqs.weight"), None)
+    if entry is None:
+        return None
+    if entry.kind != "F32" or len(entry.shape) != 1:
+        raise SpecdecError(f"rope_freqs.weight is {entry.kind} of shape {entry.shape}, not the F32 vector llama.cpp "
+                           "writes: the file is damaged; get it again")
+    return np.array(entry.data.view(np.float32), dtype=np.float32)
+
+
 class BadGGUF(SpecdecError, ValueError):
     """A GGUF whose header does not hold together (cut short, counts or offsets past the end of the file)."""
 

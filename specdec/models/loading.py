@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from specdec.errors import SpecdecError
+from specdec.measured import load_json
 from specdec.models.builtin import BUILTINS, DEFAULT_BUILTIN, Builtin, assemble
 
 SUPPORTED_MODEL_TYPES = ("gemma3_text", "gemma3", "qwen2", "qwen3", "llama", "mistral")
@@ -229,7 +231,7 @@ def _dequantize_into(gguf: Path, out: Path) -> _Probe:
 
     The file's header is checked by specdec's own reader first (`tensor_index`: every count, length and offset
     against the file's size), so a crafted or cut-short file is refused in one line before gguf-py parses it."""
-    from specdec.models.gguf_weights import tensor_index
+    from specdec.models.gguf_weights import rope_factors, tensor_index
 
     tensors = tensor_index(gguf)
     config = _read_config(gguf.parent, gguf)
@@ -243,14 +245,40 @@ def _dequantize_into(gguf: Path, out: Path) -> _Probe:
     except _GGUF_READ_ERRORS as err:  # a well-formed file whose fields transformers cannot use
         raise SpecdecError(f"cannot load {gguf.name} ({type(err).__name__}: {_first_line(err)}): give a GGUF of a "
                            f"supported model ({', '.join(SUPPORTED_MODEL_TYPES)}) written by llama.cpp") from None
+    factors = rope_factors(tensors)
+    if factors is not None:
+        apply_rope_factors(model, factors)
     probe = _probe(model, tokenizer)
     _save_plain(model, out)
     tokenizer.save_pretrained(out)
+    if factors is not None:
+        (out / ROPE_FACTORS).write_text(json.dumps({"rope_factors": [float(f) for f in factors]}))
     return probe
 
 
 _GGUF_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError,
                      NotImplementedError, struct.error)  # what transformers / gguf-py raise on fields they cannot use
+
+
+ROPE_FACTORS = "rope_freqs.json"  # a cache entry's Llama 3.x rope factors (from the GGUF; transformers drops them)
+
+
+def apply_rope_factors(model: PreTrainedModel, factors) -> None:
+    """Divide every rotary module's frequencies by the GGUF's `rope_freqs` factors (llama.cpp's Llama 3.x rope
+    scaling, which transformers' GGUF reader does not carry into the config): the frequencies llama.cpp uses.
+    SpecdecError when their count is not the model's."""
+    factors = torch.as_tensor(np.asarray(factors, dtype=np.float32))
+    for module in model.modules():
+        if "Rotary" not in type(module).__name__:
+            continue
+        for name in ("inv_freq", "original_inv_freq"):
+            freq = getattr(module, name, None)
+            if freq is None:
+                continue
+            if freq.shape != factors.shape:
+                raise SpecdecError(f"the GGUF has {factors.numel()} rope factors, the model {freq.numel()} rotary "
+                                   "frequencies: the file is damaged; get it again")
+            module.register_buffer(name, freq / factors, persistent=False)
 
 
 def _check_described_size(config, stored: int, gguf: Path) -> None:
@@ -373,7 +401,18 @@ def _load_dir(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
     except (OSError, ValueError) as err:
         raise SpecdecError(f"cannot load the weights in {path} ({_first_line(err)}): "
                            f"check it is a complete transformers checkpoint") from err
+    if (path / ROPE_FACTORS).is_file():
+        record = load_json(path / ROPE_FACTORS, check=_rope_record)
+        if record is None:
+            raise SpecdecError(f"{path / ROPE_FACTORS} is damaged: delete {path} and run again to rebuild it")
+        apply_rope_factors(model, record["rope_factors"])
     return LoadedModel(model.eval(), _load_tokenizer(path), name, str(path))
+
+
+def _rope_record(record: dict) -> None:
+    factors = record["rope_factors"]
+    if not isinstance(factors, list) or not all(isinstance(v, float) for v in factors):
+        raise ValueError("rope_factors must be a list of floats")
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:

@@ -39,7 +39,7 @@ from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
 
 from specdec.errors import SpecdecError
 from specdec.models.builtin import BUILTINS, DEFAULT_BUILTIN
-from specdec.models.gguf_weights import QuantReport, TensorEntry, gguf_architecture, tensor_index
+from specdec.models.gguf_weights import QuantReport, TensorEntry, gguf_architecture, rope_factors, tensor_index
 from specdec.models.loading import (
     STAGING,
     LoadedModel,
@@ -51,6 +51,7 @@ from specdec.models.loading import (
     _GGUF_READ_ERRORS,
     _publish,
     _quiet,
+    apply_rope_factors,
     cache_root,
     gguf_file,
     gguf_key,
@@ -130,6 +131,9 @@ def load_native(spec: str | None, fmt: str = "gguf", cache_dir: str | Path | Non
     # after) then does not sit on top of the weights
     config = AutoConfig.from_pretrained(entry, trust_remote_code=False)
     shell = _shell(config)
+    factors = rope_factors(index)
+    if factors is not None:
+        apply_rope_factors(shell, factors)
     shell.generation_config = GenerationConfig.from_pretrained(entry)
     plan = _plan(shell, index, path, arch)
     if plan.unsupported:
