@@ -17,13 +17,14 @@ from specdec.errors import SpecdecError
 from specdec.models.native import RowTable, load_native
 from specdec.verifiers.quant import QuantWeight
 
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3"}
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
 
 
 def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
-    """conftest's tiny models, plus Qwen3 (q/k norms; head_dim 128, what its GGUF config implies) and Mistral."""
-    from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    """conftest's tiny models, plus Qwen3 (q/k norms; head_dim 128, what its GGUF config implies), Mistral and
+    Phi-3 (fused [q; k; v] and [gate; up] linears)."""
+    from transformers import MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     if arch in ("llama", "qwen2", "gemma3"):
         return make_tiny_model(arch, seed=seed)
@@ -33,6 +34,8 @@ def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
                   eos_token_id=2, pad_token_id=0)
     if arch == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(head_dim=128, tie_word_embeddings=True, **common))
+    elif arch == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(**common))
     else:
         model = MistralForCausalLM(MistralConfig(head_dim=16, **common))
     with torch.no_grad():
@@ -56,15 +59,18 @@ def write_gguf(model, path, kinds=("Q8_0", "Q5_0"), embed_kind="Q8_0", extra=Non
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_rope_dimension_count(cfg.head_dim)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(cfg.rope_parameters.get("rope_theta", 10000.0)
                                     if "rope_theta" in cfg.rope_parameters else 10000.0))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if arch == "gemma3":
         writer.add_sliding_window(cfg.sliding_window)
     add_byte_vocab(writer, VOCAB)
+    if arch == "phi3":
+        writer.add_pad_token_id(0)  # as Phi-3's GGUFs do (transformers' Phi-3 config defaults to 32000)
     names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
                                      cfg.num_hidden_layers)
     tied = bool(cfg.tie_word_embeddings)
@@ -179,13 +185,13 @@ def test_all_float_gguf_runs_natively_in_fp32(tmp_path):
         SpecDecoder(str(path), drafter="plain", weights="gguf", cache_dir=str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "phi3"])
 def test_tensor_names_are_transformers_own(arch):
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
     from specdec.models.native import _processor, gguf_names
 
-    model = make_tiny_model(arch)
+    model = tiny(arch)
     theirs = get_gguf_hf_weights_map(model, _processor(model, arch))
     params = dict(model.named_parameters(remove_duplicate=False))  # theirs also names buffers
     assert gguf_names(model, arch) == {g: p for g, p in theirs.items() if p in params}

@@ -33,7 +33,7 @@ from specdec.errors import SpecdecError
 from specdec.measured import load_json
 from specdec.models.builtin import BUILTINS, DEFAULT_BUILTIN, Builtin, assemble
 
-SUPPORTED_MODEL_TYPES = ("gemma3_text", "gemma3", "qwen2", "qwen3", "llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("gemma3_text", "gemma3", "qwen2", "qwen3", "llama", "mistral", "phi3")
 _PROBE_TEXT = "def fibonacci(n):\n    return n if n < 2 else"  # tokens the cache is verified on
 _GENERATION_KEYS = ("eos_token_id", "bos_token_id", "pad_token_id")
 

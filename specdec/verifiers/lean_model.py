@@ -1,4 +1,4 @@
-"""The lean forward of Llama, Mistral, Qwen2, Qwen3 and Gemma 3 (text) decoders, on the loaded transformers model's own weights.
+"""The lean forward of Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 3 (text) decoders, on the loaded transformers model's own weights.
 
 One function of (tokens, positions, KV write indices, masks) -> hidden states, in the gpt-fast manner: no
 module hooks, no cache objects, masks and positions passed in, the KV written by position into preallocated
@@ -35,7 +35,7 @@ from specdec.verifiers.quant import QuantLinear, QuantWeight, stacked
 from specdec.verifiers.strict import CanonicalTree, TiledLinear, attend_canonical
 from specdec.verifiers.tree_attention import tree_attention
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq independent of sequence length
 
 
@@ -131,8 +131,12 @@ def read_arch(model: PreTrainedModel) -> Arch:
     act = cfg.hidden_activation if gemma else cfg.hidden_act
     if act not in ("gelu_pytorch_tanh", "silu"):
         raise ValueError(f"lean verifier: unsupported activation {act!r}")
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"lean verifier: partial rotary embeddings (factor {rope['partial_rotary_factor']}) "
+                         "are unsupported")
     layer_types = getattr(cfg, "layer_types", None)
-    if layer_types is None:  # Mistral: one sliding window for every layer when the config sets one
+    if layer_types is None:  # Mistral, Phi-3: one sliding window for every layer when the config sets one
         everywhere = getattr(cfg, "sliding_window", None) is not None
         layer_types = ["sliding_attention" if everywhere else "full_attention"] * cfg.num_hidden_layers
     windows = tuple(cfg.sliding_window if t == "sliding_attention" else None for t in layer_types)
@@ -209,14 +213,16 @@ class LeanModel:
         att, mlp, g = layer.self_attn, layer.mlp, self.arch.gemma
         return _Layer(
             in_norm=self._norm_scale(layer.input_layernorm),
-            qkv=self._linears([att.q_proj, att.k_proj, att.v_proj], fuse),
+            qkv=self._linears([att.qkv_proj] if hasattr(att, "qkv_proj") else [att.q_proj, att.k_proj, att.v_proj],
+                              fuse),  # Phi-3 stores [q; k; v] as one linear
             o=self._linear(att.o_proj),
             post_attn_norm=self._norm_scale(layer.post_attention_layernorm) if g else None,
             ff_norm=self._norm_scale(layer.pre_feedforward_layernorm if g else layer.post_attention_layernorm),
             post_ff_norm=self._norm_scale(layer.post_feedforward_layernorm) if g else None,
             q_norm=self._norm_scale(att.q_norm) if getattr(att, "q_norm", None) is not None else None,  # Gemma,
             k_norm=self._norm_scale(att.k_norm) if getattr(att, "k_norm", None) is not None else None,  # Qwen3
-            gate_up=self._linears([mlp.gate_proj, mlp.up_proj], fuse),
+            gate_up=self._linears([mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj],
+                                  fuse),  # Phi-3: [gate; up] as one linear
             down=self._linear(mlp.down_proj),
         )
 
@@ -234,7 +240,7 @@ class LeanModel:
         are quantised weights that can share a kernel call (`quant.stacked`: the same values, fewer calls)."""
         if not fuse:
             lins = [self._linear(m) for m in mods]
-            if all(isinstance(lin, QuantLinear) and lin.bias is None for lin in lins):
+            if len(lins) > 1 and all(isinstance(lin, QuantLinear) and lin.bias is None for lin in lins):
                 both = stacked([lin.quant for lin in lins])
                 return lins if both is None else [QuantLinear(both)]
             return lins
