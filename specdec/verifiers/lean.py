@@ -43,13 +43,12 @@ PREFILL_CHUNK = 256
 
 
 class LeanVerifier:
-    """`Verifier` for Llama, Mistral, Qwen2, Qwen3 and Gemma 3 text models on their own weights (ValueError for others).
+    """`Verifier` for Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 3 text models on their own weights (ValueError for
+    others).
 
     gemm: "auto" measures the fastest GEMM orientation per weight shape and row count once per machine
     and caches it (see `specdec.verifiers.gemm`); or force one orientation. compile: torch.compile the
-    dense per-layer parts (scoring only; prefill stays eager). fuse: concatenate q/k/v and gate/up weights
-    once (copies ~25% of the non-embedding weights) so each layer runs 4 GEMMs instead of 7; off by default:
-    on Gemma 3 270M (2-core EPYC) it changed no verify time by more than the noise (~1 ms).
+    dense per-layer parts (scoring only; prefill stays eager).
     quant: GGUF-native weights (`specdec.verifiers.quant`, read by `specdec.models.gguf_weights`): the linears
     named run the quantised fp32 kernel, batch-invariant by construction, and the layers' norms, rotary and
     residual joins run fused (`specdec.verifiers.glue`); the GEMM plan covers the rest, and a gguf-format head
@@ -75,7 +74,6 @@ class LeanVerifier:
         *,
         gemm: Literal["auto", "linear", "wxt", "onednn"] = "auto",
         compile: bool = False,
-        fuse: bool = False,
         quant: dict[str, QuantWeight] | None = None,
         cache_dir: str | Path | None = None,
         calibration_budget_s: float = 10.0,
@@ -90,7 +88,7 @@ class LeanVerifier:
         cfg = model.config
         self.vocab_size: int = cfg.vocab_size
         self.max_positions: int = cfg.max_position_embeddings
-        self.model = LeanModel(model, fuse, quant)
+        self.model = LeanModel(model, quant)
         self.weights = quant_format(quant) if quant else {torch.bfloat16: "bf16"}.get(self.model.dtype, "fp32")
         self.device: torch.device = self.model.device
         self.num_layers: int = len(self.model.layers)

@@ -6,8 +6,7 @@ per-layer tensors the caller owns. This module knows the architectures (norm fla
 norms, activations, rotary tables, sliding windows) and nothing about slots, trees or acceptance: the caller
 (`specdec.verifiers.lean`) builds the `Step`.
 
-Weights are the model's own tensors, no copies. `fuse=True` concatenates q/k/v and gate/up once (copies) so
-each layer runs 4 GEMMs instead of 7; measured on Gemma 3 270M it saved nothing, so it is off by default.
+Weights are the model's own tensors, no copies.
 GEMM orientation per shape and row count comes from a `GemmPlan` (`specdec.verifiers.gemm`).
 Attention is either batched (one key range and mask per window for all rows: the draft model's runner) or,
 with `Step.rows` (the verifier's ragged batches), row by row over each row's own key range.
@@ -158,12 +157,10 @@ class LeanModel:
     (`specdec.verifiers.quant`); those linears run the quantised kernel, every other one the model's tensor.
     """
 
-    def __init__(self, model: PreTrainedModel, fuse: bool = False, quant: dict[str, QuantWeight] | None = None):
+    def __init__(self, model: PreTrainedModel, quant: dict[str, QuantWeight] | None = None):
         self.arch = arch = read_arch(model)
         self.dtype = model.get_input_embeddings().weight.dtype
         self.plan = GemmPlan()
-        if quant and fuse:
-            raise ValueError("fuse=True cannot be combined with quantised weights")
         self._quant = {} if quant is None else dict(quant)
         base = model.model
         self._names = {id(mod): name for name, mod in model.named_modules()}  # for _linear's lookups
@@ -174,7 +171,7 @@ class LeanModel:
         self.final_norm = self._norm_scale(base.norm)
         head = model.get_output_embeddings()
         self.lm_head = self._linear(head)
-        self.layers = [self._layer(layer, fuse) for layer in base.layers]
+        self.layers = [self._layer(layer) for layer in base.layers]
         unused = set(self._quant) - set(self._names.values())
         if unused:
             raise ValueError(f"quantised weights for modules the model does not have: {sorted(unused)[:3]}")
@@ -209,20 +206,20 @@ class LeanModel:
         w = norm.weight.detach().float()
         return (1.0 + w) if self.arch.gemma else w
 
-    def _layer(self, layer: torch.nn.Module, fuse: bool) -> _Layer:
+    def _layer(self, layer: torch.nn.Module) -> _Layer:
         att, mlp, g = layer.self_attn, layer.mlp, self.arch.gemma
         return _Layer(
             in_norm=self._norm_scale(layer.input_layernorm),
-            qkv=self._linears([att.qkv_proj] if hasattr(att, "qkv_proj") else [att.q_proj, att.k_proj, att.v_proj],
-                              fuse),  # Phi-3 stores [q; k; v] as one linear
+            qkv=self._linears([att.qkv_proj] if hasattr(att, "qkv_proj")  # Phi-3 stores [q; k; v] as one linear
+                              else [att.q_proj, att.k_proj, att.v_proj]),
             o=self._linear(att.o_proj),
             post_attn_norm=self._norm_scale(layer.post_attention_layernorm) if g else None,
             ff_norm=self._norm_scale(layer.pre_feedforward_layernorm if g else layer.post_attention_layernorm),
             post_ff_norm=self._norm_scale(layer.post_feedforward_layernorm) if g else None,
             q_norm=self._norm_scale(att.q_norm) if getattr(att, "q_norm", None) is not None else None,  # Gemma,
             k_norm=self._norm_scale(att.k_norm) if getattr(att, "k_norm", None) is not None else None,  # Qwen3
-            gate_up=self._linears([mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj],
-                                  fuse),  # Phi-3: [gate; up] as one linear
+            gate_up=self._linears([mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj")  # Phi-3: [gate; up] as one
+                                  else [mlp.gate_proj, mlp.up_proj]),
             down=self._linear(mlp.down_proj),
         )
 
@@ -235,18 +232,15 @@ class LeanModel:
                              f"{tuple(mod.weight.shape)}")
         return QuantLinear(quant, mod.bias)
 
-    def _linears(self, mods: list[torch.nn.Linear], fuse: bool) -> list[Linear | QuantLinear]:
-        """The linears of one input ([q, k, v] or [gate, up]): fused into one when asked for, and always when all
-        are quantised weights that can share a kernel call (`quant.stacked`: the same values, fewer calls)."""
-        if not fuse:
-            lins = [self._linear(m) for m in mods]
-            if len(lins) > 1 and all(isinstance(lin, QuantLinear) and lin.bias is None for lin in lins):
-                both = stacked([lin.quant for lin in lins])
-                return lins if both is None else [QuantLinear(both)]
-            return lins
-        biases = [m.bias for m in mods]
-        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        return [Linear(torch.cat([m.weight.detach() for m in mods]), bias)]
+    def _linears(self, mods: list[torch.nn.Linear]) -> list[Linear | QuantLinear]:
+        """The linears of one input ([q, k, v] or [gate, up]): one stacked linear when all are quantised weights
+        that can share a kernel call (`quant.stacked`: the same values, fewer calls; float tensors stay apart:
+        concatenating them on Gemma 3 270M saved no time and copied a quarter of the weights)."""
+        lins = [self._linear(m) for m in mods]
+        if len(lins) > 1 and all(isinstance(lin, QuantLinear) and lin.bias is None for lin in lins):
+            both = stacked([lin.quant for lin in lins])
+            return lins if both is None else [QuantLinear(both)]
+        return lins
 
     def linears(self) -> list[Linear | QuantLinear]:
         """Every GEMM of the forward, the LM head first."""
