@@ -240,6 +240,35 @@ def _train_options(command):
     return command
 
 
+@train_group.command("corpus")
+@click.option("--model", default="gemma3-270m", show_default=True, help="The target (a built-in name or a path).")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder of the packed corpus (the repository keeps corpus/<model>); extended, never rewritten.")
+@click.option("--prompts", type=click.IntRange(min=1), default=14000, show_default=True,
+              help="Training prompts to cover (specdec.drafters.training_prompts; none from a benchmark).")
+@click.option("--max-new-tokens", type=click.IntRange(min=8), default=256, show_default=True)
+@click.option("--width", type=click.IntRange(min=1), default=8, show_default=True, help="Rows decoded together.")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@user_errors
+def train_corpus_cmd(model: str, out: str, prompts: int, max_new_tokens: int, width: int, threads: int | None,
+                     cache_dir: str | None) -> None:
+    """Extend the target's corpus in --out: its greedy outputs (the default format, exact) on the training
+    prompts not there yet, packed 512 rows a file; the unfinished tail waits in <cache>/train (resumable)."""
+    from pathlib import Path
+
+    from specdec.api import SpecDecoder
+    from specdec.drafters.corpus import extend_corpus
+    from specdec.models.loading import cache_root
+
+    setup(threads)
+    live = cache_root(cache_dir) / "train" / f"corpus-{Path(model).name}.live.jsonl"
+    decoder = SpecDecoder(model, drafter="ngram", cache_dir=cache_dir, log=log)
+    rows = extend_corpus(decoder, out, live, prompts, max_new_tokens, width, log=log)
+    tokens = sum(len(r["output_ids"]) for r in rows)
+    click.echo(f"{len(rows)} rows, {tokens} target tokens ({out} and {live})")
+
+
 @train_group.command("diffusion")
 @_train_options
 @click.option("--work-dir", type=click.Path(file_okay=False),

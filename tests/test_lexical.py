@@ -5,6 +5,7 @@ the unit's tree; the weights file; training lowers the loss; the training prompt
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
 import pytest
@@ -199,3 +200,41 @@ def test_train_command_makes_weights_the_drafter_loads(kind, tiny_model_dir, tmp
     spec = SpecDecoder(str(tiny_model_dir), drafter=kind, drafter_options={"weights": str(out)})
     for p in ("The sea", "Once upon a time"):
         assert spec.generate_text(p, max_new_tokens=16)[0] == plain.generate_text(p, max_new_tokens=16)[0]
+
+
+def test_training_prompts_reach_thousands_and_stay_off_the_benchmark():
+    from specdec.drafters.training_prompts import benchmark_grams, benchmark_texts, overlaps, training_prompts
+
+    got = training_prompts(6000)
+    assert len(got) == 6000 and len(set(got)) == 6000
+    assert got[:381] == training_prompts(381)  # the first set, which the shipped drafters were trained on, first
+    grams = benchmark_grams(benchmark_texts())
+    assert not any(overlaps(p, grams) for p in got)
+
+
+def test_corpus_is_packed_into_files_and_extended_without_duplicates(tiny_model_dir, tmp_path):
+    """`extend_corpus` (`specdec train corpus`): rows are the target's plain greedy outputs, full chunks are packed
+    into gzip files, the tail stays live; a kill between packing and rewriting the live file (rows in both) and a
+    rerun neither lose nor duplicate a row."""
+    from specdec.api import SpecDecoder
+    from specdec.bench.spec_bench import PROMPT_TEMPLATE
+    from specdec.drafters.corpus import extend_corpus, packed_rows, read_corpus
+    from specdec.drafters.training_prompts import training_prompts
+    from specdec.text import encode_prompt
+
+    decoder = SpecDecoder(str(tiny_model_dir), drafter="ngram")
+    folder, live = tmp_path / "corpus", tmp_path / "live.jsonl"
+    rows = extend_corpus(decoder, folder, live, 10, 8, width=2, log=lambda s: None, chunk_rows=4)
+    assert sorted(p.name for p in folder.iterdir()) == ["corpus-00000.jsonl.gz", "corpus-00001.jsonl.gz"]
+    assert len(read_corpus(live)) == 2 and {r["prompt"] for r in rows} == set(training_prompts(10))
+    plain = SpecDecoder(str(tiny_model_dir), drafter="plain")
+    for row in rows[:3]:
+        assert row["prompt_ids"] == encode_prompt(decoder.tokenizer, row["prompt"], template=PROMPT_TEMPLATE)
+        assert row["output_ids"] == plain.generate_ids(row["prompt_ids"], max_new_tokens=8).tokens
+    with live.open("a") as f:  # a kill after a file was packed, before the live file lost its rows
+        f.writelines(json.dumps(r) + "\n" for r in packed_rows(folder)[4:8])
+    rows = extend_corpus(decoder, folder, live, 13, 8, width=2, log=lambda s: None, chunk_rows=4)
+    assert len(rows) == 13 and sorted(r["prompt"] for r in rows) == sorted(training_prompts(13))
+    assert len(packed_rows(folder)) == 12 and len(read_corpus(live)) == 1
+    again = extend_corpus(decoder, folder, live, 13, 8, width=2, log=lambda s: None, chunk_rows=4)
+    assert again == rows  # nothing left to decode

@@ -5,7 +5,8 @@
 drafter, so the text is plain decoding's) and appends one JSON line per prompt to a file: {"prompt": text,
 "prompt_ids": [...], "output_ids": [...]}. Lines are written in chunks, flushed and fsynced; a rerun skips the
 prompts already there, so a killed run resumes where it stopped. `read_corpus` reads it back (a torn last line
-is dropped and redone on the next run).
+is dropped and redone on the next run). `extend_corpus` keeps a corpus in a repository: complete files of
+CHUNK_ROWS rows, gzip-compressed JSON lines (`pack_corpus`), the unfinished tail in a live file outside it.
 
 Before a run, `prepare_work_dir` checks the work dir and the output can be written and that the work dir was
 made for this model; `check_rows` and `check_enough` check the corpus's rows and that there are enough of them.
@@ -14,6 +15,7 @@ made for this model; `check_rows` and `check_enough` check the corpus's rows and
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -142,8 +144,10 @@ def read_corpus(path: str | Path) -> list[dict]:
 
 
 def generate_corpus(decoder, path: str | Path, count: int, max_new_tokens: int = 128, chunk: int = 16,
-                    width: int = 4, log: Callable[[str], None] = print) -> list[dict]:
-    """The target's greedy outputs on `count` training prompts, appended to `path` (resumable)."""
+                    width: int = 4, log: Callable[[str], None] = print, skip: set[str] = frozenset(),
+                    after_chunk: Callable[[], None] | None = None) -> list[dict]:
+    """The target's greedy outputs on `count` training prompts, appended to `path` (resumable); prompts in
+    `skip` (already stored elsewhere) are not decoded; `after_chunk` runs after each fsynced chunk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_corpus(path)
@@ -151,7 +155,7 @@ def generate_corpus(decoder, path: str | Path, count: int, max_new_tokens: int =
     with path.open("w", encoding="utf-8") as f:  # rewrite the intact prefix (drops a torn tail)
         for row in done:
             f.write(json.dumps(row) + "\n")
-    have = {r["prompt"] for r in done}
+    have = {r["prompt"] for r in done} | set(skip)
     todo = [p for p in training_prompts(count) if p not in have]
     t0, tokens = time.perf_counter(), 0
     for begin in range(0, len(todo), chunk):
@@ -165,9 +169,74 @@ def generate_corpus(decoder, path: str | Path, count: int, max_new_tokens: int =
             f.flush()
             os.fsync(f.fileno())
         elapsed = time.perf_counter() - t0
-        log(f"corpus: {len(done) + begin + len(part)}/{len(done) + len(todo)} prompts, {tokens} new tokens, "
+        log(f"corpus: {len(have) + begin + len(part)}/{len(have) + len(todo)} prompts, {tokens} new tokens, "
             f"{tokens / max(elapsed, 1e-9):.1f} tok/s")
+        if after_chunk is not None:
+            after_chunk()
     return read_corpus(path)
+
+
+CHUNK_ROWS = 512  # rows of one packed corpus file
+
+
+def packed_rows(folder: str | Path) -> list[dict]:
+    """The rows of every packed file in `folder` (`corpus-NNNNN.jsonl.gz`, in order); [] for none."""
+    rows: list[dict] = []
+    for f in sorted(Path(folder).glob("corpus-*.jsonl.gz")):
+        with gzip.open(f, "rt", encoding="utf-8") as lines:
+            rows += [json.loads(line) for line in lines if line.strip()]
+    return rows
+
+
+def pack_corpus(live: Path, folder: Path, chunk_rows: int = CHUNK_ROWS) -> int:
+    """Move the first `chunk_rows` rows of the `live` corpus file into the next packed file of `folder` while it
+    has that many (each file written to a temporary name, fsynced and renamed; then `live` is rewritten without
+    them, also by rename): what a repository keeps. A kill between the two renames leaves those rows in both,
+    which `extend_corpus` drops from `live` on its next run. Returns the rows packed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, moved = read_corpus(live), 0
+    while len(rows) - moved >= chunk_rows:
+        index = len(list(folder.glob("corpus-*.jsonl.gz")))
+        part = rows[moved: moved + chunk_rows]
+        target = folder / f"corpus-{index:05d}.jsonl.gz"
+        tmp = target.with_suffix(".tmp")
+        with open(tmp, "wb") as raw:
+            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as z:
+                z.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in part).encode())
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, target)
+        moved += chunk_rows
+    if moved:
+        _rewrite(live, rows[moved:])
+    return moved
+
+
+def _rewrite(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def extend_corpus(decoder, folder: str | Path, live: str | Path, count: int, max_new_tokens: int, width: int,
+                  log: Callable[[str], None] = print, chunk_rows: int = CHUNK_ROWS) -> list[dict]:
+    """The corpus of `folder` (packed files, what the repository holds) extended to `count` training prompts:
+    prompts already packed are skipped, new rows go to `live` (resumable, fsynced a chunk at a time) and every
+    full `chunk_rows` of them is packed into `folder` as it is made. Returns every row, packed and live."""
+    folder, live = Path(folder), Path(live)
+    packed = packed_rows(folder)
+    vocab = int(decoder.model.config.vocab_size)
+    check_rows(packed, vocab, folder)
+    stored = {r["prompt"] for r in packed}
+    pending = read_corpus(live)
+    if any(r["prompt"] in stored for r in pending):  # a kill between pack_corpus's two renames
+        _rewrite(live, [r for r in pending if r["prompt"] not in stored])
+    generate_corpus(decoder, live, count, max_new_tokens, chunk=4 * width, width=width, log=log, skip=stored,
+                    after_chunk=lambda: pack_corpus(live, folder, chunk_rows))
+    return packed_rows(folder) + read_corpus(live)
 
 
 def head_vocab(seqs: list[list[int]], size: int, eos: list[int]) -> torch.Tensor:

@@ -6,6 +6,9 @@ translation, summarization, qa, math reasoning, retrieval) each get templates fi
 passages that extraction, summarization, translation and retrieval requests need are docstrings of stdlib
 modules (`inspect.getdoc`), so the set is reproducible on one Python version and needs no download.
 `training_prompts` drops every prompt that shares an 8-word run with a benchmark prompt (`overlaps`).
+The first 381 prompts are the set the shipped drafters were trained on; past them comes a larger set (about
+9,000: every template product, three requests a docstring paragraph of ~150 modules, two a public stdlib API,
+numeric word problems, two-turn edit requests), for the corpus of #34.
 """
 
 from __future__ import annotations
@@ -55,10 +58,10 @@ MODULES = ("json", "collections", "itertools", "functools", "re", "string", "tex
            "os.path", "glob", "tempfile", "contextlib", "operator", "abc", "io", "time", "socket", "email")
 
 
-def passages(limit: int = 200) -> list[str]:
-    """Paragraphs (80..700 characters) from stdlib docstrings, in a fixed order."""
+def passages(limit: int = 200, modules: Sequence[str] = MODULES) -> list[str]:
+    """Paragraphs (80..700 characters) from the docstrings of stdlib `modules`, in a fixed order."""
     out: list[str] = []
-    for name in MODULES:
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ImportError:
@@ -110,6 +113,93 @@ def _requests(rng: random.Random, texts: Sequence[str]) -> list[str]:
     return out
 
 
+MORE_MODULES = ("array", "ast", "asyncio", "binascii", "bz2", "cmath", "codecs", "colorsys", "concurrent.futures",
+                "configparser", "contextvars", "copyreg", "ctypes", "dis", "doctest", "email.message", "filecmp",
+                "fnmatch", "ftplib", "getopt", "gettext", "graphlib", "gzip", "hmac", "html.parser", "http.client",
+                "http.server", "imaplib", "ipaddress", "keyword", "linecache", "locale", "lzma", "mailbox",
+                "mimetypes", "mmap", "multiprocessing", "netrc", "numbers", "optparse", "pickletools", "platform",
+                "plistlib", "poplib", "profile", "pstats", "py_compile", "quopri", "reprlib", "sched", "secrets",
+                "select", "selectors", "shelve", "shlex", "signal", "smtplib", "sqlite3", "ssl", "stat",
+                "string.templatelib", "subprocess", "symtable", "sys", "sysconfig", "tabnanny", "timeit", "token",
+                "tokenize", "trace", "traceback", "tracemalloc", "types", "unicodedata", "unittest", "urllib.request",
+                "uu", "warnings", "wave", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "xmlrpc.client",
+                "zipapp", "zlib", "zoneinfo", "builtins", "gc", "errno", "os", "io", "collections.abc")
+PASSAGE_ASKS = (
+    "Summarize the following text in two sentences:\n{text}",
+    "Extract every technical term from this text and list them:\n{text}",
+    "Rewrite this paragraph in plain language for a beginner:\n{text}",
+    "Turn this documentation into a bulleted list of key points:\n{text}",
+    "Give this passage a short, descriptive title and explain your choice:\n{text}",
+    "Read the passage and answer the question.\nPassage: {text}\nQuestion: What would a programmer use this for?",
+    "Here is a paragraph from some documentation. Edit it to be shorter without losing information:\n{text}",
+    "Write two quiz questions, with answers, that test understanding of this text:\n{text}",
+)
+API_ASKS = (
+    "Write a short Python example that uses `{api}` and explain what it prints.",
+    "What does `{api}` do in Python? Answer in two or three sentences.",
+    "Write a small function that relies on `{api}`, with a docstring and one test.",
+    "When would you choose `{api}` over writing the logic yourself? Give an example.",
+)
+STYLES = ("to a ten-year-old", "in one paragraph", "with an everyday analogy", "for a university student",
+          "as a numbered list of steps")
+CODE_VARIANTS = ("Write a Python function that {t}.", "Write a Python function that {t}, and add type hints and a "
+                 "docstring.", "Write a Python function that {t}, then write three unit tests for it.",
+                 "Explain how you would write a function that {t}, then write it in Python.",
+                 "Here is a task: a function that {t}. Write it in Python and state its time complexity.")
+FOLLOW_UPS = ("Now make it shorter.", "Now rewrite it in a more formal tone.", "Now add a title.",
+              "Now explain it to a child.", "Now turn it into three bullet points.")
+
+
+def _apis(limit: int) -> list[str]:
+    """`module.name` of public functions and classes with a docstring, in a fixed order."""
+    out: list[str] = []
+    for name in MODULES + MORE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for attr in sorted(dir(module)):
+            obj = getattr(module, attr, None)
+            if not attr.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj)
+                                             or inspect.isbuiltin(obj)) and inspect.getdoc(obj):
+                out.append(f"{name}.{attr}")
+    return list(dict.fromkeys(out))[:limit]
+
+
+def _more_requests(rng: random.Random, texts: Sequence[str], apis: Sequence[str]) -> list[str]:
+    """The larger set (#34's corpus): every template product, three asks a passage, two an API, numeric word
+    problems and two-turn edit requests."""
+    out = [f"Write a {f} about {t}." for f in FORMS for t in TOPICS]
+    out += [f"Pretend you are {r}. {a}" for r in ROLES for a in ASKS]
+    out += [f"Explain {c} {s}." for c in CONCEPTS + THINGS for s in STYLES]
+    out += [f"Discuss {h}: its causes, its main figures and its consequences." for h in HISTORY]
+    out += [f"Compare {a} and {b}: how are they alike and how do they differ?"
+            for a, b in zip(CONCEPTS, CONCEPTS[1:] + CONCEPTS[:1])]
+    out += [v.format(t=t) for t in CODE_TASKS for v in CODE_VARIANTS]
+    out += [f"Write a {f} about {t}.\n{u}" for f in FORMS for t in TOPICS[:12] for u in rng.sample(FOLLOW_UPS, 1)]
+    for _ in range(400):
+        a, b = rng.sample(NAMES, 2)
+        x, y, z = rng.randint(3, 90), rng.randint(2, 30), rng.randint(2, 9)
+        out.append(rng.choice((
+            f"{a} buys {x} apples and {b} buys {y} more than {a}. They share them equally with {z} friends. "
+            f"How many apples does each of the {z + 2} people get? Explain your reasoning.",
+            f"A train travels {x * 10} km in {z} hours. How far does it travel in {y} hours at the same speed?",
+            f"What is {x} percent of {y * 50}? Show your work.",
+            f"{a} saves {y} dollars a week. How many weeks until {a} has {x * y + z} dollars?",
+            f"Solve for x: {z}x - {y} = {x}. Explain each step.",
+            f"The sum of two numbers is {x + y} and their difference is {abs(x - y)}. What are the numbers?")))
+    for i, text in enumerate(texts):
+        for j in range(3):
+            ask = PASSAGE_ASKS[(3 * i + j) % len(PASSAGE_ASKS)]
+            out.append(ask.format(text=text))
+        sentence = re.split(r"(?<=[.!?])\s", text)[0]
+        out.append(f"Translate into {LANGUAGES[i % len(LANGUAGES)]}: {sentence}")
+    for i, api in enumerate(apis):
+        for j in range(2):
+            out.append(API_ASKS[(2 * i + j) % len(API_ASKS)].format(api=api))
+    return out
+
+
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
@@ -136,9 +226,17 @@ def benchmark_texts() -> list[str]:
 
 
 def training_prompts(count: int, seed: int = 0) -> list[str]:
-    """`count` prompts (fewer if the lists run out), shuffled with `seed`, none sharing 8 words with Spec-Bench."""
+    """`count` distinct prompts (fewer if the lists run out), none sharing 8 words with Spec-Bench: the first set
+    (381 prompts) shuffled with `seed`, then the larger set (`_more_requests`) shuffled after it, so a count the
+    first set covers gives the prompts it always gave."""
     rng = random.Random(seed)
     bench = benchmark_grams(benchmark_texts())
-    prompts = [p for p in _requests(rng, passages()) if not overlaps(p, bench)]
-    rng.shuffle(prompts)
-    return prompts[:count]
+    first = [p for p in _requests(rng, passages()) if not overlaps(p, bench)]
+    rng.shuffle(first)
+    if count <= len(first):
+        return first[:count]
+    more = _more_requests(random.Random(seed + 1), passages(limit=3000, modules=MODULES + MORE_MODULES),
+                          _apis(limit=3000))
+    more = [p for p in dict.fromkeys(more) if p not in set(first) and not overlaps(p, bench)]
+    random.Random(seed + 2).shuffle(more)
+    return (first + more)[:count]
