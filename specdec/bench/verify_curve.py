@@ -5,8 +5,8 @@ forward with a DynamicCache (cropped back after each call, logits for all k node
 greedy scoring (what greedy decoding runs: the k nodes' greedy tokens, from the bf16-screened LM head where
 that measured faster) eager, under torch.compile (``lean_compiled``), without the screen (``lean_noscreen``:
 full fp32 logits and their argmax), in its strict, batch-invariant mode (``lean_strict``), and per weight format:
-on the GGUF's own quantised blocks (``lean_gguf``, its head screened by the integer kernel where that measured
-faster; ``lean_gguf_noscreen``: the full head; ``lean_q8act``: their codes times int8 activations) and on the model cast to bf16 (``lean_bf16``). Variants are
+on the GGUF's own quantised blocks (``lean_gguf``; ``lean_gguf_screen``: its head screened by the integer kernel;
+``lean_q8act``: their codes times int8 activations) and on the model cast to bf16 (``lean_bf16``). Variants are
 timed round robin (one call of each per
 round) so background load on a shared machine hits them alike; the median and min of `--reps` rounds are
 reported with the ratio to k = 1. Prints hardware, dtype and threads; `--json out.json` saves everything (to
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ks", default=",".join(map(str, KS)))
     ap.add_argument("--variants", default="hf,lean,lean_compiled",
                     help="comma list of hf, lean, lean_compiled, lean_noscreen, lean_linear, lean_strict, "
-                         "lean_gguf (the GGUF's own blocks), lean_gguf_noscreen (the same, full LM head), "
+                         "lean_gguf (the GGUF's own blocks), lean_gguf_screen (the same, integer-screened head), "
                          "lean_q8act (their codes x int8 activations), lean_bf16")
     ap.add_argument("--gemm", default="auto", choices=["auto", "linear", "wxt", "onednn"])
     ap.add_argument("--gemm-cache", type=Path, help="GEMM plan cache dir (default ~/.cache/specdec/gemm)")
@@ -149,15 +149,15 @@ def main(argv: list[str] | None = None) -> None:
         verifiers["lean_noscreen"] = LeanVerifier(model, gemm=args.gemm, cache_dir=args.gemm_cache, screen=False)
     if "lean_linear" in variants:  # the same forward with every GEMM as F.linear: what orientation buys
         verifiers["lean_linear"] = LeanVerifier(model, gemm="linear")
-    if any(v in variants for v in ("lean_gguf", "lean_gguf_noscreen", "lean_q8act")):  # --model names a GGUF
+    if any(v in variants for v in ("lean_gguf", "lean_gguf_screen", "lean_q8act")):  # --model names a GGUF
         from specdec.api import gguf_weights
         from specdec.verifiers.q8act import as_q8
 
         quant = gguf_weights(args.model, model, None, print)
-        if "lean_gguf" in variants:  # exact fp32 products (specdec.verifiers.quant), integer-screened head
+        if "lean_gguf" in variants:  # exact fp32 products (specdec.verifiers.quant)
             verifiers["lean_gguf"] = LeanVerifier(model, quant=quant)
-        if "lean_gguf_noscreen" in variants:  # the same with the full head: what the integer screen buys
-            verifiers["lean_gguf_noscreen"] = LeanVerifier(model, quant=quant, screen=False)
+        if "lean_gguf_screen" in variants:  # the same, its head screened by the integer kernel at every row count
+            verifiers["lean_gguf_screen"] = LeanVerifier(model, quant=quant, screen=True)
         if "lean_q8act" in variants:  # int8 activations, integer sums (specdec.verifiers.q8act)
             verifiers["lean_q8act"] = LeanVerifier(model, quant=as_q8(quant))
     if "lean_bf16" in variants:  # the same model cast to bf16 (its own reference)

@@ -13,9 +13,9 @@ only, ``start_b`` being 0 for global layers and the first key its root can see f
 row reads another row's length or padding. (Strict scoring attends per query, see below.)
 
 `score_nodes` returns `LeanScores`: the final hidden states of the scored nodes, turned into greedy tokens by
-a screened LM head (`specdec.verifiers.screen`, the exact argmax from a cheaper pass: bf16 for an fp32 head, the
-integer q8act kernel for a gguf-format head) at the row counts where that was measured faster, else by the full
-LM head; full logits only for what asks for them (sampling).
+a screened LM head (`specdec.verifiers.screen`, the exact argmax from a cheaper pass: bf16 for an fp32 head; the
+integer q8act kernel for a gguf-format head when asked for) at the row counts where that was measured faster,
+else by the full LM head; full logits only for what asks for them (sampling).
 
 `strict=True` (opt-in) scores with row-tiled GEMMs and a per-query canonical attention
 (`specdec.verifiers.strict`): a node's logits are then bitwise what plain decoding computes at its
@@ -51,15 +51,17 @@ class LeanVerifier:
     dense per-layer parts (scoring only; prefill stays eager).
     quant: GGUF-native weights (`specdec.verifiers.quant`, read by `specdec.models.gguf_weights`): the linears
     named run the quantised fp32 kernel, batch-invariant by construction, and the layers' norms, rotary and
-    residual joins run fused (`specdec.verifiers.glue`); the GEMM plan covers the rest, and a gguf-format head
-    is screened by the integer kernel (`screen.IntScreenedHead`; a q8act head is not screened). Not with compile.
+    residual joins run fused (`specdec.verifiers.glue`); the GEMM plan covers the rest. Not with compile.
     On a GPU the GEMMs are plain F.linear and the screen is off unless asked for.
     strict: batch-invariant scoring (see `specdec.verifiers.strict`): tiled GEMMs in the plan's orientation
     for TILE rows and a per-query canonical attention; not with compile. Prefill is unchanged.
     screen: greedy tokens from the screened LM head (`specdec.verifiers.screen`, exact): "auto" at the
     row counts where it measured faster than the full head on this machine (measured with the GEMM plan,
     cached beside it; only with gemm="auto"), True at every row count, False never. Off for strict scoring,
-    LM heads with a bias or a final softcap, and when the screen fails its self-check.
+    LM heads with a bias or a final softcap, and when the screen fails its self-check. A gguf-format head is
+    screened by the integer kernel (`screen.IntScreenedHead`) only with True: it holds a second copy of the
+    head's codes (+164 MB peak on the default model) and, measured on AVX2 (Zen 3), made verify 7-14% cheaper
+    at 2-16 nodes but decoding no faster within noise.
     attention: "auto" runs tree attention through the triton kernel (`specdec.verifiers.tree_attention`) when
     the model is on CUDA and triton is installed, else torch SDPA with a mask (CPU: always SDPA); or force one.
     Strict scoring keeps its own canonical attention.
@@ -264,8 +266,8 @@ class LeanVerifier:
         integer = isinstance(m.lm_head, QuantLinear) and isinstance(m.lm_head.quant, QuantWeight)  # gguf format
         usable = (not self.strict and m.lm_head.bias is None and m.arch.final_softcap is None
                   and m.dtype == torch.float32 and (integer or isinstance(m.lm_head, gemm.Linear)))
-        if choice is False or not usable or (choice == "auto" and gemm_choice != "auto"):
-            return None, frozenset()
+        if choice is False or not usable or (choice == "auto" and (gemm_choice != "auto" or integer)):
+            return None, frozenset()  # the integer screen only when asked for (see the class docstring)
         if integer:
             head, shape = IntScreenedHead(m.lm_head.quant), f"{m.lm_head.quant.kind}-{m.lm_head.quant.shape}"
         else:
