@@ -83,7 +83,6 @@ class Draft:
     tree: Tree
     tokens: torch.Tensor  # [n] int64, tokens[0] is the root (last committed token)
     q: torch.Tensor | None = None  # [n, vocab] float32 draft distribution at each node's parent, or None (q = 1)
-    scores: torch.Tensor | None = None  # [n] float32 drafter's log-confidence per node (dynamic trees), optional
     aux: AuxNodes | None = None  # nodes scored alongside, never accepted (see the module docstring)
     sources: tuple[str, ...] | None = None  # [n] which drafter(s) proposed each node ("ngram+recycling"), optional
 
@@ -107,8 +106,7 @@ class Draft:
             ai = torch.tensor(keep_aux, dtype=torch.long)
             aux = AuxNodes(torch.tensor(parents, dtype=torch.long), self.aux.tokens[ai],
                            None if self.aux.embeds is None else self.aux.embeds[ai.to(self.aux.embeds.device)])
-        return Draft(tree, self.tokens[index], None if self.q is None else self.q[index],
-                     None if self.scores is None else self.scores[index], aux,
+        return Draft(tree, self.tokens[index], None if self.q is None else self.q[index], aux,
                      None if self.sources is None else tuple(self.sources[i] for i in kept))
 
     @staticmethod
