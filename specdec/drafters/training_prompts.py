@@ -18,7 +18,7 @@ import json
 import inspect
 import random
 import re
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 TOPICS = ("the ocean", "a lighthouse keeper", "autumn in the mountains", "a robot learning to paint", "city traffic",
           "an old library", "the first day of school", "a lost umbrella", "volcanoes", "a chess tournament",
@@ -58,20 +58,23 @@ MODULES = ("json", "collections", "itertools", "functools", "re", "string", "tex
            "os.path", "glob", "tempfile", "contextlib", "operator", "abc", "io", "time", "socket", "email")
 
 
-def passages(limit: int = 200, modules: Sequence[str] = MODULES) -> list[str]:
-    """Paragraphs (80..700 characters) from the docstrings of stdlib `modules`, in a fixed order."""
-    out: list[str] = []
+def _public(modules: Sequence[str]) -> Iterator[tuple[str, object, list[tuple[str, object]]]]:
+    """(name, module, its public functions and classes as (attribute, object), sorted) of each importable module."""
     for name in modules:
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        docs = [inspect.getdoc(module) or ""]
-        for attr in sorted(dir(module)):
-            if not attr.startswith("_"):
-                obj = getattr(module, attr, None)
-                if inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj):
-                    docs.append(inspect.getdoc(obj) or "")
+        objects = [(attr, getattr(module, attr, None)) for attr in sorted(dir(module)) if not attr.startswith("_")]
+        yield name, module, [(attr, obj) for attr, obj in objects
+                             if inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)]
+
+
+def passages(limit: int = 200, modules: Sequence[str] = MODULES) -> list[str]:
+    """Paragraphs (80..700 characters) from the docstrings of stdlib `modules`, in a fixed order."""
+    out: list[str] = []
+    for _, module, public in _public(modules):
+        docs = [inspect.getdoc(module) or ""] + [inspect.getdoc(obj) or "" for _, obj in public]
         for doc in docs:
             for para in re.split(r"\n\s*\n", doc):
                 para = " ".join(para.split())
@@ -152,17 +155,8 @@ FOLLOW_UPS = ("Now make it shorter.", "Now rewrite it in a more formal tone.", "
 
 def _apis(limit: int) -> list[str]:
     """`module.name` of public functions and classes with a docstring, in a fixed order."""
-    out: list[str] = []
-    for name in MODULES + MORE_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        for attr in sorted(dir(module)):
-            obj = getattr(module, attr, None)
-            if not attr.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj)
-                                             or inspect.isbuiltin(obj)) and inspect.getdoc(obj):
-                out.append(f"{name}.{attr}")
+    out = [f"{name}.{attr}" for name, _, public in _public(MODULES + MORE_MODULES)
+           for attr, obj in public if inspect.getdoc(obj)]
     return list(dict.fromkeys(out))[:limit]
 
 
@@ -237,6 +231,7 @@ def training_prompts(count: int, seed: int = 0) -> list[str]:
         return first[:count]
     more = _more_requests(random.Random(seed + 1), passages(limit=3000, modules=MODULES + MORE_MODULES),
                           _apis(limit=3000))
-    more = [p for p in dict.fromkeys(more) if p not in set(first) and not overlaps(p, bench)]
+    taken = set(first)
+    more = [p for p in dict.fromkeys(more) if p not in taken and not overlaps(p, bench)]
     random.Random(seed + 2).shuffle(more)
     return (first + more)[:count]
