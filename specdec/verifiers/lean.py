@@ -60,8 +60,7 @@ class LeanVerifier:
     cached beside it; only with gemm="auto"), True at every row count, False never. Off for strict scoring,
     LM heads with a bias or a final softcap, and when the screen fails its self-check. A gguf-format head is
     screened by the integer kernel (`screen.IntScreenedHead`) only with True: it holds a second copy of the
-    head's codes (+164 MB peak on the default model) and, measured on AVX2 (Zen 3), made verify 7-14% cheaper
-    at 2-16 nodes but decoding no faster within noise.
+    head's codes (what it costs and buys: docs/design.md).
     attention: "auto" runs tree attention through the triton kernel (`specdec.verifiers.tree_attention`) when
     the model is on CUDA and triton is installed, else torch SDPA with a mask (CPU: always SDPA); or force one.
     Strict scoring keeps its own canonical attention.

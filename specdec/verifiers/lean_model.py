@@ -234,8 +234,8 @@ class LeanModel:
 
     def _linears(self, mods: list[torch.nn.Linear]) -> list[Linear | QuantLinear]:
         """The linears of one input ([q, k, v] or [gate, up]): one stacked linear when all are quantised weights
-        that can share a kernel call (`quant.stacked`: the same values, fewer calls; float tensors stay apart:
-        concatenating them on Gemma 3 270M saved no time and copied a quarter of the weights)."""
+        that can share a kernel call (`quant.stacked`: the same values, fewer calls); float tensors stay apart
+        (no copies of the model's weights)."""
         lins = [self._linear(m) for m in mods]
         if len(lins) > 1 and all(isinstance(lin, QuantLinear) and lin.bias is None for lin in lins):
             both = stacked([lin.quant for lin in lins])
