@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 from specdec.errors import SpecdecError
 from specdec.jobs.rows import JobRow
-from specdec.jobs.runner import JobRunner, JobSettings
+from specdec.jobs.worker import JobRunner, JobSettings
 
 
 class JobWorker:
