@@ -14,7 +14,8 @@ import torch
 import test_diffusion
 import test_lexical
 from conftest import ARCHS, hf_greedy, make_tiny_model, random_prompts, run_engine
-from specdec.drafters.auto import AutoDrafter, auto_drafter
+from specdec.drafters.auto import AutoDrafter
+from specdec.drafters.registry import auto_drafter
 from specdec.drafters.base import BaseDrafter, Draft, DraftRow, PlainDrafter
 from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.recycling import RecyclingDrafter

@@ -46,6 +46,7 @@ from specdec.trees.tree import Tree
 
 MAX_DEPTH = 16  # depths past this share the last row of the rate table
 MAX_RANK = 8  # ranks past this share the last column
+MAX_PROPOSE = 1024  # nodes a row may propose a step (past this the merge's tables alone are gigabytes)
 REGIMES = (0, 1, 3)  # a row's regime: drafts its last step accepted, at least 0 / 1 / 3 (copying runs on)
 
 
@@ -439,38 +440,3 @@ class AutoDrafter:
         hit = on_path[1:][tried]
         self._slot_rates(slot).update(table, depth, rank, hit)
         self._global.update(table, depth, rank, hit)
-
-
-DEFAULT_COMPONENTS = ("ngram", "recycling")
-
-
-MAX_PROPOSE = 1024  # nodes a row may propose a step (past this the merge's tables alone are gigabytes)
-
-
-def auto_drafter(vocab_size: int, tree: Tree | None = None, *, drafters: str | None = None,
-                 draft_model: Any = None, propose_nodes: int = 32, min_value: float = 0.02, horizon: float = 64.0,
-                 target: Any = None, target_tokenizer: Any = None) -> AutoDrafter:
-    """Registry factory for `auto`. drafters: the components, '+'-separated registered names, each built with
-    its defaults (None: ngram+recycling, and `model` when a draft model is given); draft_model: a draft model
-    (a load_model spec or a loaded model) for the `model` component; target, target_tokenizer: what the engine
-    knows, handed to the components that ask for them. Any other option is refused (a typo is never ignored)."""
-    from specdec.drafters.registry import make_drafter
-
-    context = {k: v for k, v in (("target", target), ("target_tokenizer", target_tokenizer)) if v is not None}
-    if isinstance(propose_nodes, bool) or not isinstance(propose_nodes, int) or not 2 <= propose_nodes <= MAX_PROPOSE:
-        raise ValueError(f"auto: propose_nodes must be a whole number in 2..{MAX_PROPOSE}, got {propose_nodes!r}")
-    if tree is not None:
-        raise ValueError("drafter 'auto' builds its own trees and takes no tree preset")
-    if drafters is None:
-        names = list(DEFAULT_COMPONENTS) + (["model"] if draft_model is not None else [])
-    else:
-        names = [n.strip() for n in str(drafters).split("+") if n.strip()]
-    if not names or any(n in ("auto", "plain") for n in names):
-        raise ValueError(f"auto: drafters must name one or more drafters other than auto and plain, "
-                         f"e.g. ngram+recycling; got {drafters!r}")
-    if ("model" in names) != (draft_model is not None):
-        raise ValueError("auto: the model component and draft_model go together: give draft_model=DIR|NAME "
-                         "(drafters then includes model unless you list them), or drop model from drafters")
-    components = [make_drafter(n, vocab_size=vocab_size, context=context,
-                               **({"draft_model": draft_model} if n == "model" else {})) for n in names]
-    return AutoDrafter(components, propose_nodes=propose_nodes, min_value=min_value, horizon=horizon)

@@ -15,7 +15,8 @@ from typing import Any, Callable
 from specdec.drafters.base import Drafter, PlainDrafter, missing_members
 from specdec.trees.tree import Tree
 
-DrafterFactory = Callable[..., Drafter]  # (vocab_size: int, tree: Tree | None, **options) -> Drafter
+DrafterFactory = Callable[..., Drafter]
+DEFAULT_COMPONENTS = ("ngram", "recycling")  # auto's components unless told otherwise  # (vocab_size: int, tree: Tree | None, **options) -> Drafter
 
 _FACTORIES: dict[str, DrafterFactory] = {}
 
@@ -69,8 +70,6 @@ def needs_target_weights(name: str, options: dict[str, Any] | None = None) -> bo
     natively loaded target's quantised weights."""
     options = options or {}
     if name == "auto":
-        from specdec.drafters.auto import DEFAULT_COMPONENTS
-
         drafters = options.get("drafters")
         names = DEFAULT_COMPONENTS if drafters is None else [n.strip() for n in str(drafters).split("+") if n.strip()]
         return any(n != "auto" and needs_target_weights(n) for n in names)
@@ -183,9 +182,36 @@ def _lexical(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
     return lexical_drafter(vocab_size, tree, **options)
 
 
-def _auto(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
-    from specdec.drafters.auto import auto_drafter
+def auto_drafter(vocab_size: int, tree: Tree | None = None, *, drafters: str | None = None,
+                 draft_model: Any = None, propose_nodes: int = 32, min_value: float = 0.02, horizon: float = 64.0,
+                 target: Any = None, target_tokenizer: Any = None) -> Drafter:
+    """Registry factory for `auto`. drafters: the components, '+'-separated registered names, each built with
+    its defaults (None: ngram+recycling, and `model` when a draft model is given); draft_model: a draft model
+    (a load_model spec or a loaded model) for the `model` component; target, target_tokenizer: what the engine
+    knows, handed to the components that ask for them. Any other option is refused (a typo is never ignored)."""
+    from specdec.drafters.auto import MAX_PROPOSE, AutoDrafter
 
+    context = {k: v for k, v in (("target", target), ("target_tokenizer", target_tokenizer)) if v is not None}
+    if isinstance(propose_nodes, bool) or not isinstance(propose_nodes, int) or not 2 <= propose_nodes <= MAX_PROPOSE:
+        raise ValueError(f"auto: propose_nodes must be a whole number in 2..{MAX_PROPOSE}, got {propose_nodes!r}")
+    if tree is not None:
+        raise ValueError("drafter 'auto' builds its own trees and takes no tree preset")
+    if drafters is None:
+        names = list(DEFAULT_COMPONENTS) + (["model"] if draft_model is not None else [])
+    else:
+        names = [n.strip() for n in str(drafters).split("+") if n.strip()]
+    if not names or any(n in ("auto", "plain") for n in names):
+        raise ValueError(f"auto: drafters must name one or more drafters other than auto and plain, "
+                         f"e.g. ngram+recycling; got {drafters!r}")
+    if ("model" in names) != (draft_model is not None):
+        raise ValueError("auto: the model component and draft_model go together: give draft_model=DIR|NAME "
+                         "(drafters then includes model unless you list them), or drop model from drafters")
+    components = [make_drafter(n, vocab_size=vocab_size, context=context,
+                               **({"draft_model": draft_model} if n == "model" else {})) for n in names]
+    return AutoDrafter(components, propose_nodes=propose_nodes, min_value=min_value, horizon=horizon)
+
+
+def _auto(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
     _check_call("auto", auto_drafter, vocab_size, tree, **options)
     return auto_drafter(vocab_size, tree, **options)
 
