@@ -80,6 +80,13 @@ class Q8Weight:
         """Bytes one pass over the weight reads."""
         return self.codes.nbytes + self.scale.nbytes + (0 if self.offset is None else self.offset.nbytes)
 
+    def matmul(self, x: np.ndarray) -> np.ndarray:  # x [m, K] float32 -> [m, N] float32
+        return q8_matmul(x, self)
+
+    @staticmethod
+    def stack(weights: list["Q8Weight"]) -> "Q8Weight | None":
+        return stacked(weights)
+
 
 def from_quant(w: QuantWeight) -> Q8Weight:
     """`QuantWeight` (tiles of 64 rows, int8 codes) -> `Q8Weight` (tiles of 16 rows, input quads): same values.

@@ -92,6 +92,13 @@ class QuantWeight:
         """Bytes one pass over the weight reads."""
         return self.q.nbytes + self.scale.nbytes + (0 if self.offset is None else self.offset.nbytes)
 
+    def matmul(self, x: np.ndarray) -> np.ndarray:  # x [m, K] float32 -> [m, N] float32
+        return qmatmul_np(x, self)
+
+    @staticmethod
+    def stack(weights: list["QuantWeight"]) -> "QuantWeight | None":
+        return _stack(weights)
+
 
 # ------------------------------------------------------------------------------------------------------------
 # unpacking the file's blocks (numpy, once at load)
@@ -277,16 +284,17 @@ def take_rows(w: QuantWeight, order: np.ndarray) -> QuantWeight:
                        None if w.offset is None else moved(w.offset), w.group, w.rows, w.file_bytes, w.nibbles)
 
 
-def stacked(weights: list) -> "QuantWeight | None":
+def stacked(weights: list):  # -> a weight of the same class as `weights`, or None
     """One weight holding the rows of `weights` one after the other (the fused [q; k; v] or [gate; up] of a
-    layer: one kernel call instead of several), or None when they cannot share a kernel call: another input
-    width or group, offsets in some only, or rows that are not whole tiles. Every output element is computed
-    exactly as before (the same sequential chain over k), so stacking changes no value. `Q8Weight`s stack by
-    `q8act.stacked`."""
-    from specdec.verifiers import q8act
+    layer: one kernel call instead of several), or None when they cannot share a kernel call: another format,
+    input width or group, offsets in some only, or rows that are not whole tiles. Each format stacks its own
+    (`QuantWeight.stack`, `q8act.Q8Weight.stack`); every output element is computed exactly as before (the same
+    chain over k), so stacking changes no value."""
+    kind = type(weights[0])
+    return kind.stack(weights) if all(type(w) is kind for w in weights) else None
 
-    if isinstance(weights[0], q8act.Q8Weight):
-        return q8act.stacked(weights) if all(isinstance(w, q8act.Q8Weight) for w in weights) else None
+
+def _stack(weights: list[QuantWeight]) -> QuantWeight | None:
     first = weights[0]
     if any(w.q.shape[1] != first.q.shape[1] or w.group != first.group or (w.offset is None) != (first.offset is None)
            or w.nibbles != first.nibbles or w.rows != w.padded_rows for w in weights):
@@ -574,14 +582,11 @@ def qmatmul_np(x: np.ndarray, w: QuantWeight, narrow: bool | None = None) -> np.
 
 
 class QuantLinear:
-    """``y = x @ dequant(weight).T + bias`` through `qmatmul_np` (a `QuantWeight`: the gguf format) or
-    `q8act.q8_matmul` (a `Q8Weight`: the q8act format); the `Linear` interface of the lean forward, and `rows`
+    """``y = x @ dequant(weight).T + bias`` through the weight's own kernel (`QuantWeight.matmul`: the gguf
+    format; `q8act.Q8Weight.matmul`: the q8act format); the `Linear` interface of the lean forward, and `rows`
     for the glued forward's numpy rows (`specdec.verifiers.lean_model._layers_glued`)."""
 
     def __init__(self, weight, bias: torch.Tensor | None = None):  # weight: QuantWeight | q8act.Q8Weight
-        from specdec.verifiers.q8act import Q8Weight, q8_matmul
-
-        self._matmul = q8_matmul if isinstance(weight, Q8Weight) else qmatmul_np
         self.quant = weight
         self.bias = None if bias is None else bias.detach().float()  # [out]
         self._bias_np = None if self.bias is None else self.bias.numpy()  # the same memory, for `rows`
@@ -599,5 +604,5 @@ class QuantLinear:
         return torch.from_numpy(self.rows(x.numpy()))
 
     def rows(self, x: np.ndarray) -> np.ndarray:  # x [m, in] float32 -> [m, out] float32, on numpy rows
-        y = self._matmul(x, self.quant)
+        y = self.quant.matmul(x)
         return y if self._bias_np is None else y + self._bias_np

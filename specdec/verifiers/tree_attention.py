@@ -150,4 +150,5 @@ def tree_attention(
     impl = _triton_impl()
     if impl is None:
         raise ImportError("tree_attention(force='triton') needs triton: pip install triton")
+    check_tree_attention_args(q, k_cache, v_cache, prefix_lens, depth, tree_mask, window)
     return impl.triton_tree_attention(q, k_cache, v_cache, prefix_lens, depth, tree_mask, scale, window, softcap)

@@ -15,8 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from specdec.verifiers.tree_attention import check_tree_attention_args
-
 
 @triton.jit
 def _online_softmax_step(
@@ -134,8 +132,8 @@ def triton_tree_attention(
     block_n: int | None = None,
 ) -> torch.Tensor:  # [B, Hq, n, D], q.dtype
     """Launch the kernel. Inputs may be strided views; prefix_lens + n <= S_max is the caller's contract
-    (not checked here, to avoid a device sync). block_m / block_n (powers of two >= 16) override the tiling."""
-    check_tree_attention_args(q, k_cache, v_cache, prefix_lens, depth, tree_mask, window)
+    (not checked here, to avoid a device sync), and so are the shapes (`tree_attention.tree_attention` checks
+    them before it launches this). block_m / block_n (powers of two >= 16) override the tiling."""
     batch, num_q_heads, n, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_q_heads // num_kv_heads
