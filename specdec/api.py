@@ -24,6 +24,7 @@ from specdec.config import GGUF_FORMATS, WEIGHT_CHOICES
 from specdec.models.builtin import BUILTINS
 from specdec.models.loading import LoadedModel, cache_root, gguf_file, load_model
 from specdec.models.native import load_native
+from specdec.plan import ModelFacts, check_device, default_weights, is_gguf_spec, model_facts, resolve
 from specdec.sampling import SamplingParams
 from specdec.text import encode_prompt
 from specdec.trees.budget import BatchSizer
@@ -87,56 +88,27 @@ def gguf_weights(spec: str | None, model: PreTrainedModel, cache_dir: str | None
     return quant
 
 
-def default_weights(model: "str | os.PathLike | LoadedModel | PreTrainedModel | None", backend: str = "auto",
-                    strict: bool = False) -> str:
-    """What weights="auto" computes in: gguf, the GGUF's own blocks (the fastest format measured, and equal to
-    fp32 greedy decoding on every benchmark prompt checked: docs/weight-formats.md), when the model is named by a
-    built-in or a .gguf file, so there is a GGUF to read; fp32 otherwise (a transformers directory or a loaded
-    model has none), and with the hf backend or strict scoring, which stay on the format their tests cover."""
-    if backend == "hf" or strict:
-        return "fp32"
-    if isinstance(model, LoadedModel):
-        return "gguf" if model.name in BUILTINS else "fp32"
-    if model is None:
-        return "gguf"  # the default built-in
-    if isinstance(model, (str, os.PathLike)):
-        spec = os.fspath(model)
-        return "gguf" if spec in BUILTINS or (spec.lower().endswith(".gguf") and Path(spec).is_file()) else "fp32"
-    return "fp32"
-
-
-def is_gguf_spec(spec: str | None) -> bool:
-    """Whether a model spec names a GGUF (a built-in or a .gguf file)."""
-    return spec is None or spec in BUILTINS or (spec.lower().endswith(".gguf") and Path(spec).is_file())
-
-
 def loads_natively(model: Any, weights: str, backend: str, drafters: Sequence[tuple["str | Drafter", dict | None]]) \
         -> bool:
     """Whether `model` loads in its own memory (`specdec.models.native`): a spec naming a GGUF, in a quantised
     format, on the lean backend, and no drafter of `drafters` ((name or object, options) pairs) computes with the
     target's fp32 weights (a drafter object: assume it may). The one rule SpecDecoder and the benches follow."""
-    return ((model is None or isinstance(model, str)) and weights in GGUF_FORMATS and backend != "hf"
-            and is_gguf_spec(model) and not any(not isinstance(d, str) or needs_target_weights(d, options)
-                                                 for d, options in drafters))
-
-
-def _lean_runs(model: "LoadedModel | PreTrainedModel") -> bool:
-    from specdec.verifiers.lean_model import read_arch
-
-    try:
-        read_arch(model.model if isinstance(model, LoadedModel) else model)
-    except ValueError:
+    if not (model is None or isinstance(model, str)) or not is_gguf_spec(model):
         return False
-    return True
-
-
-def _dtype_of(model: LoadedModel | PreTrainedModel) -> torch.dtype:
-    net = model.model if isinstance(model, LoadedModel) else model
-    return net.get_input_embeddings().weight.dtype
+    fp32 = any(not isinstance(d, str) or needs_target_weights(d, options) for d, options in drafters)
+    facts = ModelFacts("gguf", model or "", lean=True, named_gguf=True)  # what the plan's load rule reads
+    try:
+        return resolve(facts, weights=weights, backend=backend, fp32_drafter=fp32).load == "native"
+    except SpecdecError:
+        return False
 
 
 class SpecDecoder:
     """A loaded target model + verifier + drafter, reusable across prompts (drafter state persists: hot start).
+
+    What it computes with is decided first, from the settings and the model's files alone (`specdec.plan`:
+    `self.plan`, printed by --stats / --json), then built once. device: cpu, cuda or cuda:N (the model and the
+    verifier's caches live there; the gguf / q8act kernels are CPU code).
 
     Every call runs through the one loop (`specdec.engine.Engine`): `generate_ids` / `generate_text` at width 1,
     `generate_many` with `width` rows in flight, both with the same drafter and the same sampling rule, so a
@@ -166,6 +138,7 @@ class SpecDecoder:
         strict: bool = False,
         weights: str = "auto",
         quant: dict | None = None,
+        device: str = "cpu",
     ):
         if isinstance(model, os.PathLike):  # a directory or .gguf given as a Path
             model = os.fspath(model)
@@ -175,57 +148,41 @@ class SpecDecoder:
             raise SpecdecError(problem)
         if weights not in WEIGHT_CHOICES:
             raise SpecdecError(f"unknown weight format '{weights}': choose one of {', '.join(WEIGHT_CHOICES)}")
+        device = check_device(device)
         # numba's kernels on the caller's torch thread count: numba's OpenMP layer, on its first parallel call,
         # would otherwise set the process's count (torch's too) to its own
         set_threads(torch.get_num_threads())
-        chosen = weights == "auto"
-        if chosen:
-            weights = "gguf" if quant is not None else default_weights(model, backend, strict)
         cache_dir = str(cache_root(cache_dir))  # checked once: every cache below lives under it
-        spec = model
-        native = None  # what a native load read (`specdec.models.native`)
-        if quant is None and loads_natively(model, weights, backend, [(drafter, drafter_options)]):
-            model = load_native(model, weights, cache_dir, log)  # the GGUF in its own memory: no fp32 copy
-            quant, native = model.quant, model.report
-        elif model is None or isinstance(model, str):
-            model = load_model(model, dtype=torch.bfloat16 if weights == "bf16" else torch.float32,
+        fp32_drafter = not isinstance(drafter, str) or needs_target_weights(drafter, drafter_options)
+        self.plan = plan = resolve(model_facts(model, cache_dir, log), weights=weights, backend=backend,
+                                   strict=strict, device=device, fp32_drafter=fp32_drafter,
+                                   quant_given=quant is not None)
+        spec = model.name if isinstance(model, LoadedModel) else model  # a built-in's name finds its GGUF
+        if plan.load == "native":
+            model = load_native(model, plan.weights, cache_dir, log)  # the GGUF in its own memory: no fp32 copy
+            quant = model.quant
+        elif plan.load != "given":
+            model = load_model(model, dtype=torch.bfloat16 if plan.weights == "bf16" else torch.float32,
                                cache_dir=cache_dir, log=log)
-        elif isinstance(model, LoadedModel) and weights in GGUF_FORMATS:
-            spec = model.name  # a built-in's name finds its GGUF (a loaded .gguf path does not: refused below)
-        elif weights != "fp32" and not (weights == "bf16" and _dtype_of(model) == torch.bfloat16):
-            raise SpecdecError(f"--weights {weights} needs the model by name (a built-in or a .gguf file), "
-                               "not a loaded model: pass its name, or use weights='fp32'")
-        if chosen and weights == "gguf" and not _lean_runs(model):
-            weights = "fp32"  # a GGUF of an architecture the lean path does not have: its fp32 weights
         loaded = model if isinstance(model, LoadedModel) else None
         if loaded is not None:
             tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
             self.name, model = loaded.name, loaded.model
         else:
             self.name = getattr(model.config, "_name_or_path", "") or model.config.model_type
+        if plan.weights in GGUF_FORMATS and quant is None:
+            quant = gguf_weights(spec, model, cache_dir, log, plan.weights)
+        if plan.weights == "q8act":
+            quant = as_q8(quant)  # given as gguf weights: the same codes, laid out for the integer kernel
+        if device != "cpu":
+            model = model.to(device)
         self.model, self.tokenizer = model, tokenizer
         # what drafters that compute with the target get: a natively loaded model with its own weights (the
         # self drafter runs on them), else the transformers model
         self._target = loaded if loaded is not None and loaded.quant is not None else model
         self.cache_dir = cache_dir
-        if native is not None and not native.kinds:  # the GGUF holds no block type the kernels run (F32/F16)
-            if not chosen:
-                raise SpecdecError(f"--weights {weights}: the GGUF holds no block type the kernels run (Q8_0, Q5_0, "
-                                   "Q6_K, Q4_K): use --weights fp32")
-            weights = "fp32"  # its values as they are (a quantised embedding stays rows read from the file)
-        elif weights in GGUF_FORMATS and quant is None:
-            quant = gguf_weights(spec, model, cache_dir, log, weights)
-            if chosen and not quant:  # the GGUF holds no block type the kernel runs (all F32/F16): fp32 it is
-                weights, quant = "fp32", None
-        elif weights not in GGUF_FORMATS and quant is not None:
-            raise SpecdecError("quant weights are the gguf format's: pass weights='gguf' with them, or drop them")
-        if weights == "q8act" and quant:
-            quant = as_q8(quant)  # given as gguf weights: the same codes, laid out for the integer kernel
-        if weights == "q8act" and not quant:
-            raise SpecdecError("--weights q8act: the GGUF holds no block type the integer kernel runs (Q8_0, Q5_0, "
-                               "Q6_K, Q4_K): use --weights fp32")
-        self.weights = weights
-        self.verifier = make_verifier(model, backend, strict, cache_dir, quant)
+        self.weights, strict = plan.weights, plan.strict
+        self.verifier = make_verifier(model, plan.backend, strict, cache_dir, quant)
         self.drafter = self._make_drafter(drafter, tree_obj, drafter_options or {})
         self.tree_budget = self._budget(tree_budget, log)
         self.engine = Engine(self.verifier, self.drafter, self.tree_budget)  # width 1

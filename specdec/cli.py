@@ -49,13 +49,15 @@ def generate(prompt: str, config_path: str | None, cache_dir: str | None, raw: b
     text = decoder.tokenizer.decode(result.tokens, skip_special_tokens=True)
     cfg = cfg.updated(weights=decoder.weights)  # the format weights=auto chose, in the stats
     if as_json:
-        click.echo(json.dumps({"text": text, "token_ids": result.tokens, "stats": _stats_dict(result, cfg)}))
+        click.echo(json.dumps({"text": text, "token_ids": result.tokens, "stats": _stats_dict(result, cfg),
+                               "plan": decoder.plan.as_dict()}))
         return
     if printer:
         printer.finish()
     else:
         click.echo(text)
     if stats:
+        click.echo(f"[stats] plan: {decoder.plan.line()}", err=True)
         _print_stats(result, cfg)
 
 
@@ -67,7 +69,7 @@ def _decoder(cfg: RunConfig, cache_dir: str | None):
     return SpecDecoder(
         cfg.model, drafter=name, tree=cfg.tree, tree_budget=cfg.tree_budget, backend=cfg.backend,
         cache_dir=cache_dir, drafter_options={**cfg.drafter_options, **options}, log=log, strict=cfg.strict,
-        weights=cfg.weights,
+        weights=cfg.weights, device=cfg.device,
     )
 
 

@@ -55,6 +55,7 @@ def common_options(fn: Callable) -> Callable:
                           "(default): gguf for a model named by a built-in or .gguf, else fp32."),
         click.option("--strict", is_flag=True, default=None,
                      help="Batch-invariant scoring (lean): logits bitwise equal to plain decoding's; slower."),
+        click.option("--device", help="cpu (default), cuda or cuda:N; the gguf and q8act formats run on the cpu."),
         click.option("--threads", type=int, help="torch CPU threads."),
         click.option("--cache-dir", envvar="SPECDEC_CACHE", help="Model cache (default ~/.cache/specdec)."),
     ]

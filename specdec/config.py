@@ -28,6 +28,7 @@ class RunConfig:
     backend: str = "auto"  # auto | hf | lean
     strict: bool = False  # lean verifier's batch-invariant scoring: bit-identical to plain decoding, slower
     weights: str = "auto"  # auto (gguf when the model is a GGUF by name, else fp32) | fp32 | bf16 | gguf
+    device: str = "cpu"  # cpu | cuda | cuda:N: where the model, its caches and the drafters' tensors live
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int = 0
@@ -113,7 +114,7 @@ def _backend(name: str, v: Any) -> Any:
 
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "model": _text, "drafter": _text, "tree": _text, "tree_budget": _whole(1, MAX_TREE_NODES),
-    "backend": _backend, "strict": _flag, "weights": _weights, "max_new_tokens": _whole(0), "temperature": _number, "top_k": _whole(0),
+    "backend": _backend, "device": _text, "strict": _flag, "weights": _weights, "max_new_tokens": _whole(0), "temperature": _number, "top_k": _whole(0),
     "top_p": _number, "seed": _whole(0, 2**63 - 1), "stop_strings": _stops, "chat": _flag,
     "threads": _whole(1, 1024), "drafter_options": _mapping,
 }

@@ -46,7 +46,7 @@ class JobRunner:
         self.decoder = SpecDecoder(cfg.model, drafter=cfg.drafter, tree=cfg.tree, tree_budget=cfg.tree_budget,
                                    backend=cfg.backend, cache_dir=settings.cache_dir,
                                    drafter_options=cfg.drafter_options, log=log, strict=cfg.strict,
-                                   weights=cfg.weights)
+                                   weights=cfg.weights, device=cfg.device)
         self.engine = self.decoder.engine_for(settings.width)
 
     def run(self, rows: list[JobRow]) -> Iterator[dict]:

@@ -213,6 +213,27 @@ def gguf_architecture(path: str | Path) -> str:
     return found["general.architecture"]
 
 
+def gguf_shape(path: str | Path) -> dict[str, int | str]:
+    """What the plan reads of a GGUF's metadata (`specdec.plan`): "arch" (`general.architecture`) and, where the
+    file has them as u32, "rope_dims" (`<arch>.rope.dimension_count`) and "head_dim" (`<arch>.attention.key_length`,
+    else `<arch>.embedding_length` / `<arch>.attention.head_count`). BadGGUF for a malformed file."""
+    arch = gguf_architecture(path)
+    keys = {f"{arch}.{k}": _U32 for k in ("rope.dimension_count", "attention.key_length", "embedding_length",
+                                          "attention.head_count")}
+    r = _opened(_mapped(path), Path(path).name)
+    r.unpack("<I", "the version")
+    _, n_kv = r.unpack("<QQ", "the header")
+    found = r.metadata(n_kv, keys, stop=True)
+    out: dict[str, int | str] = {"arch": arch}
+    if f"{arch}.rope.dimension_count" in found:
+        out["rope_dims"] = found[f"{arch}.rope.dimension_count"]
+    if f"{arch}.attention.key_length" in found:
+        out["head_dim"] = found[f"{arch}.attention.key_length"]
+    elif found.get(f"{arch}.attention.head_count") and f"{arch}.embedding_length" in found:
+        out["head_dim"] = found[f"{arch}.embedding_length"] // found[f"{arch}.attention.head_count"]
+    return out
+
+
 def _mapped(path: str | Path) -> np.ndarray:
     """The file as a read-only uint8 memory map (an empty array for an empty file, which numpy will not map)."""
     try:

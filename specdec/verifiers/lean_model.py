@@ -122,7 +122,11 @@ class _GlueNorms:
 
 
 def read_arch(model: PreTrainedModel) -> Arch:
-    cfg = model.config
+    return arch_of(model.config)
+
+
+def arch_of(cfg) -> Arch:
+    """The lean forward's constants of a transformers config; ValueError for one it does not run."""
     if cfg.model_type not in SUPPORTED:
         raise ValueError(f"lean verifier: unsupported model type {cfg.model_type!r} (supported: {SUPPORTED})")
     gemma = cfg.model_type == "gemma3_text"
