@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from specdec.drafters.registry import make_drafter  # noqa: E402
 from specdec.engine import Engine, Request, StopConditions  # noqa: E402
 from specdec.sampling import SamplingParams  # noqa: E402
-from specdec.trees.budget import BatchSizer  # noqa: E402
+from specdec.trees.budget import Sizer  # noqa: E402
 from specdec.trees.presets import CPU_RANK_ACCEPT, best_tree, load_tree  # noqa: E402
 from specdec.trees.tree import Tree  # noqa: E402
 from specdec.verifiers.lean import LeanVerifier  # noqa: E402
@@ -86,7 +86,7 @@ def e2e_checks() -> None:
         for name in ("plain", "ngram", "recycling"):
             for width in (1, 5):
                 drafter = make_drafter(name, vocab_size=512, tree=load_tree("cpu-8") if name == "recycling" else None)
-                eng = Engine(LeanVerifier(model), drafter, BatchSizer(1 if name == "plain" else 8, False), width)
+                eng = Engine(LeanVerifier(model), drafter, Sizer(drafter, 1 if name == "plain" else 8), width)
                 got = [r.tokens for r in eng.generate_batch([Request(p, StopConditions(24)) for p in rows]).results]
                 if got != refs:
                     bad.append(f"{name}/w{width} greedy")

@@ -2,8 +2,8 @@
 
 Gemma 3 270M in the gguf format decodes 26 training prompts (`specdec.drafters.training_prompts`, seed 1; never
 Spec-Bench) for 96 new tokens with the ngram drafter at a fixed budget (default 6 nodes: a 5-token chain
-wherever a match exists), then prints P(depth d accepted | depth d - 1 accepted) per match length and depth with
-the drafter's prior pseudo-counts taken out. Usage: python scripts/ngram_acceptance.py [BUDGET]
+wherever a match exists), then prints P(depth d accepted | depth d - 1 accepted) per depth over the chains the
+loop scored, from the sizer's acceptance table (`specdec.trees.acceptance`: measured counts, every regime). Usage: python scripts/ngram_acceptance.py [BUDGET]
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from specdec.engine import Engine, StopConditions
 from specdec.hardware import set_threads
 from specdec.models.loading import load_model
 from specdec.text import encode_prompt
-from specdec.trees.sizing import DepthRates
+from specdec.trees.acceptance import REGIMES
+from specdec.trees.budget import Sizer
 from specdec.verifiers.lean import LeanVerifier
 
 
@@ -29,17 +30,16 @@ def main(budget: int = 6) -> None:
         lm = load_model("gemma3-270m")
         verifier = LeanVerifier(lm.model, quant=gguf_weights("gemma3-270m", lm.model, None, lambda *a: None))
     drafter = make_drafter("ngram", vocab_size=verifier.vocab_size)
+    sizer = Sizer(drafter, budget)  # a fixed budget: every chain scored whole
+    engine = Engine(verifier, drafter, sizer)
     for prompt in training_prompts(26, seed=1):
-        Engine(verifier, drafter, sizer=budget).generate(encode_prompt(lm.tokenizer, prompt), StopConditions(96))
-    fresh = DepthRates(prior=drafter.acceptance_prior)  # the pseudo-counts to take out
-    print(f"budget {budget}: P(accepted | parent accepted) per match length and depth over matched steps (of how many)")
-    for n in range(drafter.min_ngram, drafter.max_ngram + 1):
-        rates, cells = drafter.depth_rates(0, n), []
-        for depth in range(1, budget):
-            tries = rates.tries[depth] - fresh.tries[depth]
-            hits = rates.hits[depth] - fresh.hits[depth]
-            cells.append(f"{hits / tries:.3f} of {tries:.0f}" if tries else "-")
-        print(f"  {n}-gram matches: " + ", ".join(cells))
+        engine.generate(encode_prompt(lm.tokenizer, prompt), StopConditions(96))
+    counts = sizer.acceptance._global  # measured counts only, [tables x regimes, depth, rank]
+    tries = counts.tries[: len(REGIMES), :, 0].sum(axis=0)  # the ngram table, every regime, rank 0
+    hits = counts.hits[: len(REGIMES), :, 0].sum(axis=0)
+    cells = [f"{hits[d] / tries[d]:.3f} of {tries[d]:.0f}" if tries[d] else "-" for d in range(1, budget)]
+    print(f"budget {budget}: P(accepted | parent accepted) per depth over the scored chains (of how many): "
+          + ", ".join(cells))
 
 
 if __name__ == "__main__":

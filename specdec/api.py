@@ -21,22 +21,21 @@ from specdec.engine import BatchResult, Engine, GenerationResult, OnTokens, Requ
 from specdec.errors import SpecdecError
 from specdec.hardware import set_threads
 from specdec.config import GGUF_FORMATS, WEIGHT_CHOICES
-from specdec.models.builtin import BUILTINS
 from specdec.models.loading import LoadedModel, cache_root, gguf_file, load_model
 from specdec.models.native import load_native
-from specdec.plan import ModelFacts, check_device, default_weights, is_gguf_spec, model_facts, resolve
+from specdec.plan import ModelFacts, check_device, is_gguf_spec, model_facts, resolve
+from specdec.plan import default_weights  # noqa: F401  (re-exported: callers import it from here)
 from specdec.sampling import SamplingParams
 from specdec.text import encode_prompt
-from specdec.trees.budget import BatchSizer
+from specdec.trees.budget import Sizer
 from specdec.trees.presets import load_tree
-from specdec.trees.sizing import AutoBudget, cached_curve, verifier_key
+from specdec.trees.sizing import LatencyCurve, cached_curve, verifier_key
 from specdec.trees.tree import Tree
 from specdec.verifiers.hf import HFVerifier
 from specdec.verifiers.q8act import as_q8
 
 MAX_DROP_IN_WIDTH = 8  # rows of one drop-in generate() call in flight at once
 _PER_ROW = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
-DEFAULT_BUDGET = {"plain": 1}  # nodes per step incl. root, for drafters that cannot estimate their acceptance
 AUTO_MAX_NODES = 32  # the largest tree auto-sizing considers
 
 
@@ -184,38 +183,35 @@ class SpecDecoder:
         self.weights, strict = plan.weights, plan.strict
         self.verifier = make_verifier(model, plan.backend, strict, cache_dir, quant)
         self.drafter = self._make_drafter(drafter, tree_obj, drafter_options or {})
-        self.tree_budget = self._budget(tree_budget, log)
-        self.engine = Engine(self.verifier, self.drafter, self.tree_budget)  # width 1
-        self._engines: dict[int, Engine] = {1: self.engine}
+        self.max_nodes, self.curve = self._budget(tree_budget, tree_obj, log)
+        self._engines: dict[int, Engine] = {}
+        self.engine = self.engine_for(1)
 
     def engine_for(self, width: int) -> Engine:
-        """The loop with `width` rows in flight (kept across calls: its budget measurements persist).
-
-        Width 1 sizes trees with the calibrated latency curve (or the fixed budget); wider batches measure
-        their own step costs (`specdec.trees.budget.BatchSizer`)."""
+        """The loop with `width` rows in flight (kept across calls: its sizer's measurements persist)."""
         if width not in self._engines:
             if width > 1 and not self.verifier.batched:
                 raise SpecdecError("batches need the lean verifier (backend 'lean' or 'auto' on a Gemma 3 / Qwen2 / "
                                    "Qwen3 / Llama / Mistral model): the transformers verifier decodes one row at a "
                                    "time; use width 1")
-            budget = self.tree_budget
-            max_nodes = budget if isinstance(budget, int) else int(budget.max_nodes)
-            curve = budget.curve if isinstance(budget, AutoBudget) else None
-            self._engines[width] = Engine(self.verifier, self.drafter, BatchSizer(max_nodes, True, curve), width)
+            sizer = Sizer(self.drafter, self.max_nodes, self.curve)
+            self._engines[width] = Engine(self.verifier, self.drafter, sizer, width)
         return self._engines[width]
 
-    def _budget(self, tree_budget: int | None, log: Callable[[str], None] | None) -> int | AutoBudget:
-        """An explicit budget is used as given; otherwise size trees to this machine's measured verify cost."""
+    def _budget(self, tree_budget: int | None, tree: Tree | None,
+                log: Callable[[str], None] | None) -> tuple[int, LatencyCurve | None]:
+        """(max nodes a row, the latency curve that sizes each step; None: a fixed budget). An explicit budget is a
+        fixed one; plain decoding scores one node; otherwise every step scores what pays on this machine's
+        measured verify cost, up to AUTO_MAX_NODES (or the size of a tree preset given, if larger)."""
         if tree_budget is not None:
             if tree_budget < 1:
                 raise SpecdecError(f"tree budget must be >= 1 node, got {tree_budget}")
-            return tree_budget
-        name = self.drafter.name
-        if name in DEFAULT_BUDGET or self.drafter.expected_tokens(0, 2) is None:
-            return DEFAULT_BUDGET.get(name, 8)
+            return tree_budget, None
+        if self.drafter.name == "plain":
+            return 1, None
         key = verifier_key(self.model.config, self.verifier)  # strict scoring has its own cost curve
-        cache = Path(self.cache_dir)
-        return AutoBudget(cached_curve(self.verifier, key, cache, log), AUTO_MAX_NODES)
+        curve = cached_curve(self.verifier, key, Path(self.cache_dir), log)
+        return max(AUTO_MAX_NODES, tree.size if tree is not None else 0), curve
 
     def _make_drafter(self, drafter: str | Drafter, tree: Tree | None, options: dict[str, Any]) -> Drafter:
         if not isinstance(drafter, str):

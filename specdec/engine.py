@@ -6,13 +6,15 @@ The engine knows nothing about text: token ids in, token ids out (stop strings c
 
 One step, for the B active rows (`width` at most; a finished row frees its slot for the next pending request at
 once, continuous batching):
-1. the `Sizer` (`specdec.trees.budget`) gives each row a node budget; the drafter proposes all rows' trees in
-   one call (`specdec.drafters.base`), optionally with auxiliary nodes;
+1. the sizer (`specdec.trees.budget`) gives each row a node budget; the drafter proposes all rows' trees in
+   one call (`specdec.drafters.base`), optionally with auxiliary nodes; the sizer keeps of them the nodes that
+   pay for their share of the step, valued by what the loop has seen accepted (`specdec.trees.acceptance`);
 2. the trees (real nodes, then aux nodes) are padded to the same node count with dummy nodes and stacked;
    ONE `verifier.score_nodes` scores the real nodes of every row: each row at its own position (its slot's
    length), its KV written by position, so rows of different lengths need no padding or realignment;
 3. per row: acceptance over the real tree (`specdec.sampling`), `commit` of the accepted path, the stop rule
-   (`apply_stop`), streaming callback, and the drafter's `observe` with lazily read scores.
+   (`apply_stop`), streaming callback; the sizer learns which nodes were accepted, and the drafter observes
+   the scores (read lazily).
 
 Sampling (one rule for every drafter, width and batch): the token at output index t is inverse_cdf(p_t, u_t),
 u_t from the row's own seed (`specdec.sampling.Uniforms`), and a deterministic draft token is accepted iff it
@@ -38,8 +40,7 @@ from specdec.errors import SpecdecError
 from specdec.hardware import available_memory
 from specdec.sampling import (SamplingParams, SampledTargets, Uniforms, accept_greedy, accept_sampled,
                               step_generator, target_probs)
-from specdec.trees.budget import CurveSizer, FixedSizer, Sizer, StepPlan
-from specdec.trees.sizing import AutoBudget
+from specdec.trees.budget import Sizer, StepPlan
 from specdec.verifiers.base import NodeInputs, NodeScores, Verifier
 
 
@@ -183,18 +184,17 @@ def check_memory(needed: int, width: int, limit: int, available: int | None = No
 class Engine:
     """The loop over `width` rows in flight on one verifier with `width` slots and ONE drafter for all rows.
 
-    sizer: per-step budgets (`specdec.trees.budget`); an int is a fixed budget, an `AutoBudget` sizes each row's
-    tree to the machine's measured verify cost. The engine keeps its drafter and sizer across calls (hot start).
+    sizer: what each step scores (`specdec.trees.budget.Sizer`): with a latency curve the nodes that pay on this
+    machine; an int is a fixed budget (every proposed node, up to that many a row). The engine keeps its drafter
+    and sizer across calls (hot start).
     """
 
-    def __init__(self, verifier: Verifier, drafter: Drafter, sizer: "int | AutoBudget | Sizer" = 8,
+    def __init__(self, verifier: Verifier, drafter: Drafter, sizer: "int | Sizer" = 8,
                  width: int = 1):
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise SpecdecError(f"batch width must be a whole number >= 1, got {width!r}")
         if isinstance(sizer, int):
-            sizer = FixedSizer(sizer)
-        elif isinstance(sizer, AutoBudget):
-            sizer = CurveSizer(sizer)
+            sizer = Sizer(drafter, sizer)
         self.verifier, self.drafter, self.sizer, self.width = verifier, drafter, sizer, width
 
     @property
@@ -310,6 +310,7 @@ class Run:
         t0 = time.perf_counter()
         request = self.requests[index]
         self.engine.drafter.reset(slot, request.sampling)
+        self.engine.sizer.reset(slot)
         row = _Row(index, slot, request, self.ids[index])
         self.engine.verifier.reserve(min(self.limit, row.n + self.room))
         needs = self.engine.drafter.needs
@@ -355,11 +356,12 @@ class Run:
             argmax_list, hints = None, scores.topk(needs.topk)
         hints = hints.cpu()
         t2 = time.perf_counter()
-        finished, committed_total, feedback = [], 0, []
+        finished, committed_total, feedback, paths = [], 0, [], []
         for b, (row, draft) in enumerate(zip(rows, drafts)):
             lo = batch.bounds[b]
             path, committed = self._accept(row, draft, scores, lo, argmax_list)
             eng.verifier.commit(row.slot, path)
+            paths.append(path)
             committed_total += len(committed)
             feedback.append(Feedback(
                 accepted=torch.tensor(path, dtype=torch.long), new_tokens=torch.tensor(committed, dtype=torch.long),
@@ -377,6 +379,7 @@ class Run:
             if reason is not None:
                 row.reason = reason
                 finished.append(row)
+        eng.sizer.learn(slots, drafts, paths)
         t_observe = time.perf_counter()
         eng.drafter.observe(views, drafts, feedback)
         t3 = time.perf_counter()

@@ -139,10 +139,9 @@ def run_engine(model, drafter, rows: list[list[int]], width: int, budget: int, p
     (tokens per row, the BatchResult)."""
     from specdec.engine import Engine, Request, StopConditions
     from specdec.sampling import SamplingParams
-    from specdec.trees.budget import BatchSizer
     from specdec.verifiers.lean import LeanVerifier
 
-    eng = Engine(LeanVerifier(model, gemm="linear"), drafter, BatchSizer(budget, adaptive=False), width)
+    eng = Engine(LeanVerifier(model, gemm="linear"), drafter, budget, width)
     params = params or [SamplingParams()] * len(rows)
     res = eng.generate_batch([Request(p, StopConditions(new), s) for p, s in zip(rows, params)])
     return [r.tokens for r in res.results], res

@@ -21,6 +21,7 @@ from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.recycling import RecyclingDrafter
 from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams
+from specdec.trees.budget import Sizer, StepPlan
 from specdec.trees.tree import Tree
 
 VOCAB = 512
@@ -74,11 +75,13 @@ class Fixed(BaseDrafter):
         self.seen.append((draft, feedback))
 
 
-def test_merge_shares_equal_nodes_labels_them_and_keeps_the_most_valuable():
+def test_merge_shares_equal_nodes_labels_them_and_the_sizer_keeps_the_most_valuable():
     a = Fixed("a", [(0,), (0, 0), (0, 0, 0)], [5, 6, 7])  # chain 5 6 7
     b = Fixed("b", [(0,), (1,), (0, 0)], [5, 9, 6])  # 5 -> 6 shared with a, 9 a sibling of 5
-    auto = AutoDrafter([a, b], min_value=0.0)
+    auto = AutoDrafter([a, b])
+    sizer = Sizer(auto, 10)
     auto.reset(0, SamplingParams())
+    sizer.reset(0)
     ctx = torch.tensor([1, 2, 3])
     full = auto.propose([DraftRow(0, ctx)], [10])[0]
     pairs = {(full.tree.parents[i], int(full.tokens[i])) for i in range(1, full.size)}
@@ -88,21 +91,24 @@ def test_merge_shares_equal_nodes_labels_them_and_keeps_the_most_valuable():
     assert by_token == {5: "a+b", 6: "a+b", 7: "a", 9: "b"}
     assert len(pairs) == 4
     index = {int(full.tokens[i]): i for i in range(1, full.size)}
+    assert full.tree.ranks[index[9]] == 1 and full.tree.ranks[index[6]] == 0  # the best rank any source gave
     for _ in range(3):  # the target agrees with the nodes both proposed: the shared table learns that
-        auto.observe([DraftRow(0, ctx)], [full], [_feedback(full, [0, index[5], index[6]])])
+        fb = _feedback(full, [0, index[5], index[6]])
+        sizer.learn([0], [full], [fb.accepted.tolist()])
+        auto.observe([DraftRow(0, ctx)], [full], [fb])
         full = auto.propose([DraftRow(0, ctx)], [10])[0]
         index = {int(full.tokens[i]): i for i in range(1, full.size)}
-    assert auto.acceptance(0)["agreed"][0] > 0.5 > auto.acceptance(0)["b"][0]
-    auto.observe([DraftRow(0, ctx)], [full], [_feedback(full, [0, index[5], index[6]])])
-    cut = auto.propose([DraftRow(0, ctx)], [3])[0]  # two draft nodes: the shared chain 5, 6 is worth most
-    assert sorted(int(t) for t in cut.tokens[1:]) == [5, 6]
+    rates = sizer.acceptance.rates(0)
+    assert rates["agreed"][0] > 0.5 > rates["b"][0]
+    cut = sizer.trim(StepPlan([3]), auto, [0], [full])[0]  # two draft nodes: the shared chain 5, 6 is worth most
+    assert sorted(int(t) for t in cut.tokens[1:]) == [5, 6] and cut.sources == ("", "a+b", "a+b")
     assert cut.tree.parents == (-1, 0, 1)
 
 
 def test_components_are_told_about_their_own_nodes_in_their_own_indices():
     a = Fixed("a", [(0,), (0, 0), (0, 0, 0)], [5, 6, 7])
     b = Fixed("b", [(0,), (1,), (0, 0)], [9, 5, 4])  # 9 first, 5 its sibling; 5 -> 4 not in a
-    auto = AutoDrafter([a, b], min_value=0.0)
+    auto = AutoDrafter([a, b])
     auto.reset(0, SamplingParams())
     row = DraftRow(0, torch.tensor([1, 2, 3]))
     merged = auto.propose([row], [10])[0]
@@ -123,34 +129,31 @@ def test_components_are_told_about_their_own_nodes_in_their_own_indices():
     torch.testing.assert_close(fbb.path_hidden(0), fb.hidden(0)[torch.tensor([0, n5, n6])])
 
 
-def test_a_component_that_stopped_paying_is_tried_again_after_a_while():
+def test_a_source_that_stopped_paying_is_tried_again_after_a_while():
     """Counts fade (`horizon`): after a run of rejected drafts and then steps that proposed nothing (skipped as
     not worth it), the bound on the row's node values climbs back, so the row proposes again (ngram before
     the text starts to repeat); without fading it would stay shut out for the rest of the request."""
-    a = Fixed("a", [(0,), (0, 0), (0, 0, 0)], [5, 6, 7])
-    auto = AutoDrafter([a], min_value=0.0, horizon=64)
-    auto.reset(0, SamplingParams())
-    row = DraftRow(0, torch.tensor([1, 2, 3]))
-    fresh = auto.node_value_bound(0, 4)[0]
-    for _ in range(20):  # every draft rejected
-        draft = auto.propose([row], [4])[0]
-        auto.observe([row], [draft], [_feedback(draft, [0])])
-    shut = auto.node_value_bound(0, 4)[0]
-    assert shut < 0.1 < fresh
-    root = Draft.root_only(row.context)
-    for _ in range(200):  # the loop skipped proposing: plain steps
-        auto.observe([row], [root], [_feedback(root, [0])])
-    again = auto.node_value_bound(0, 4)[0]
-    assert again > 0.3 > shut
-    never = AutoDrafter([Fixed("a", [(0,)], [5])], min_value=0.0, horizon=1e9)  # no fading: shut for good
-    never.reset(0, SamplingParams())
-    for _ in range(20):
-        draft = never.propose([row], [4])[0]
-        never.observe([row], [draft], [_feedback(draft, [0])])
-    before = never.node_value_bound(0, 4)[0]
-    for _ in range(200):
-        never.observe([row], [root], [_feedback(root, [0])])
-    assert never.node_value_bound(0, 4)[0] == pytest.approx(before) and before < 0.1
+    from specdec.trees.acceptance import Acceptance
+
+    draft = Draft(Tree.chain(3), torch.tensor([3, 5, 6, 7]))
+    root = Draft.root_only(torch.tensor([1, 2, 3]))
+
+    def shut_then_idle(horizon: float) -> tuple[float, float, float]:
+        acc = Acceptance({"a": 0.4}, horizon=horizon)
+        acc.reset(0)
+        fresh = acc.bound(0, 4)[0]
+        for _ in range(20):  # every draft rejected
+            acc.values(0, draft, "a")
+            acc.learn(0, draft, [0], "a")
+        shut = acc.bound(0, 4)[0]
+        for _ in range(200):  # the loop skipped proposing: plain steps
+            acc.learn(0, root, [0], "a")
+        return fresh, shut, acc.bound(0, 4)[0]
+
+    fresh, shut, again = shut_then_idle(64)
+    assert shut < 0.1 < fresh and again > 0.3 > shut
+    _, shut, again = shut_then_idle(1e9)  # no fading: shut for good
+    assert again == pytest.approx(shut) and shut < 0.1
 
 
 def _feedback(draft: Draft, path: list[int]):
@@ -198,10 +201,15 @@ def test_values_follow_the_measured_acceptance_of_each_component():
     model = make_tiny_model("llama")
     rows = random_prompts(2, seed=11)
     refs = {tuple(p): hf_greedy(model, p, 40) for p in rows}
+    from specdec.engine import Engine, Request, StopConditions
+    from specdec.verifiers.lean import LeanVerifier
+
     auto = AutoDrafter([Wrong(), Oracle(refs)])
-    got, res = run_engine(model, auto, rows, 1, 6, new=40)
-    assert got == [refs[tuple(p)] for p in rows]
-    rates = auto.acceptance(0)
+    sizer = Sizer(auto, 6)  # a fixed budget: the merge is cut to its 5 most valuable nodes
+    res = Engine(LeanVerifier(model, gemm="linear"), auto, sizer).generate_batch(
+        [Request(p, StopConditions(40)) for p in rows])
+    assert [r.tokens for r in res.results] == [refs[tuple(p)] for p in rows]
+    rates = sizer.acceptance.rates(0)
     assert rates["oracle"][0] > 0.8 and rates["wrong"][0] < 0.2, rates
     late = res.results[-1].stats
     assert late.accepted_by["oracle"] > 20 and late.accepted_by.get("wrong", 0) == 0
@@ -251,26 +259,14 @@ def test_auto_through_the_api_and_its_stats(tiny_model_dir):
         SpecDecoder(tiny_model_dir, drafter="auto", drafter_options={"drafters": "ngram+bogus"})
 
 
-class CutToThree:
-    """A sizer that cuts every draft to its 3 most valuable nodes (what an allocator does, deterministically)."""
+class CutToThree(Sizer):
+    """The one sizer at a fixed budget of 16, then every draft cut to its 3 most valuable nodes."""
 
-    max_nodes = 16
-
-    def plan(self, drafter, slots, cap):
-        from specdec.trees.budget import StepPlan
-
-        return StepPlan([min(16, cap)] * len(slots), allocated=True)
+    def __init__(self, drafter):
+        super().__init__(drafter, 16)
 
     def trim(self, plan, drafter, slots, drafts):
-        out = []
-        for s, d in zip(slots, drafts):
-            v = drafter.node_values(s, d)
-            best = sorted(range(len(v)), key=lambda i: (-v[i], i))[:3]
-            out.append(d.keep([0] + [i + 1 for i in best]))
-        return out
-
-    def record(self, *args):
-        pass
+        return super().trim(StepPlan([4] * len(slots)), drafter, slots, drafts)
 
 
 @pytest.mark.parametrize("width", [1, 3])
@@ -284,7 +280,8 @@ def test_drafts_cut_after_proposing_stay_exact(width):
     model = test_lexical.target(arch)
     rows = random_prompts(3, seed=12)
     refs = [hf_greedy(model, p, 24) for p in rows]
-    engine = Engine(LeanVerifier(model, gemm="linear"), all_four(arch), CutToThree(), width)
+    drafter = all_four(arch)
+    engine = Engine(LeanVerifier(model, gemm="linear"), drafter, CutToThree(drafter), width)
     res = engine.generate_batch([Request(p, StopConditions(24)) for p in rows])
     assert [r.tokens for r in res.results] == refs
     sizes = {s for r in res.results for s in r.stats.tree_sizes}

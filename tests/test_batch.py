@@ -23,7 +23,7 @@ from specdec.engine import Engine, Request, StopConditions
 from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams, inverse_cdf
 from specdec.trees.allocate import NodeAllocator
-from specdec.trees.budget import BatchSizer, BudgetPolicy
+from specdec.trees.budget import Sizer, StepPlan
 from specdec.trees.presets import load_tree
 from specdec.trees.sizing import LatencyCurve
 from specdec.trees.tree import Tree
@@ -106,7 +106,8 @@ def drafter(arch: str, name: str, rows: list[list[int]] | None = None, refs: lis
 
 
 def engine(arch, drafter_, budget, width, adaptive=True, curve=None, screen=False) -> Engine:
-    return Engine(verifier(arch, screen), drafter_, BatchSizer(budget, adaptive, curve), width)
+    """adaptive with a curve: the one sizer's allocation; otherwise a fixed budget (every proposed node scored)."""
+    return Engine(verifier(arch, screen), drafter_, Sizer(drafter_, budget, curve if adaptive else None), width)
 
 
 def run(arch, name, rows, max_new, width, budget=8, adaptive=True, eos=None, refs=None, curve=None, screen=False):
@@ -297,38 +298,42 @@ def test_inverse_cdf_samples_the_distribution():
     assert inverse_cdf(p, 0.0) == 0 and inverse_cdf(p, 1.0 - 1e-17) == 4
 
 
-def feed(policy: BudgetPolicy, rows: int, latency, tau, steps: int) -> list[int]:
-    """Run the policy against a synthetic machine: latency(N) seconds per call, tau(b) tokens per row-step."""
-    chosen = []
-    for _ in range(steps):
-        b = policy.choose(rows)
-        policy.record(b, rows, rows * b, latency(rows * b), 1e-5 * rows, round(tau(b) * rows))
-        chosen.append(b)
-    return chosen
+def chain(tokens: list[int]) -> Draft:
+    return Draft(Tree.chain(len(tokens) - 1), torch.tensor(tokens))
 
 
-def test_policy_turns_drafting_off_when_verification_is_compute_bound():
-    policy = BudgetPolicy(8)
-    chosen = feed(policy, 16, lambda n: 1e-3 * n, lambda b: min(b, 1 + 0.4 * (b - 1)), 400)
-    assert chosen[:4] == [1, 1, 2, 1]  # the climb stops at the first budget that loses
-    assert set(chosen) == {1, 2} and chosen[-100:].count(1) > 95  # then plain, exploring ever more rarely
-    assert chosen.count(1) / len(chosen) > 0.93
+def test_sizer_proposes_and_keeps_only_what_pays():
+    d = PlainDrafter()
+    d.name = "ngram"  # its prior, 0.4 (a plain drafter states none)
+    drafts = [chain([1, 5, 6, 7, 8]), chain([2, 9])]
+    flat = Sizer(d, 8, FLAT)
+    plan = flat.plan(d, [0, 1], cap=100)
+    assert plan.propose and plan.budgets == [8, 8]
+    assert [x.size for x in flat.trim(plan, d, [0, 1], drafts)] == [5, 2]  # every node pays when nodes are free
+    steep = Sizer(d, 8, STEEP)
+    assert not steep.plan(d, [0, 1], cap=100).propose  # not even a full chain could pay: a plain step
+    capped = flat.trim(StepPlan([3, 8]), d, [0, 1], drafts)
+    assert capped[0].tokens.tolist() == [1, 5, 6] and capped[1].size == 2  # the budget keeps the best nodes
+    fixed = Sizer(d, 3)  # no curve: a fixed budget, drafts as proposed up to it
+    assert fixed.plan(d, [0], cap=100) == StepPlan([3])
+    assert [x.size for x in fixed.trim(StepPlan([3, 3]), d, [0, 1], drafts)] == [3, 2]
+    assert Sizer(d, 8, FLAT).plan(d, [0], cap=1) == StepPlan([1], propose=False)  # the cache is full
 
 
-def test_policy_keeps_big_trees_when_verification_is_flat():
-    policy = BudgetPolicy(8)
-    chosen = feed(policy, 2, lambda n: 0.05 + 1e-4 * n, lambda b: min(b, 1 + 0.5 * (b - 1)), 200)
-    assert chosen[:7] == [1, 1, 2, 2, 4, 4, 8]  # climbs while bigger trees pay, two samples a rung
-    assert chosen[-100:].count(8) > 90
-    assert BudgetPolicy(8, adaptive=False).choose(16) == 8 and BudgetPolicy(1).ladder == [1]
-
-
-def test_verify_latency_interpolates_and_extrapolates_pessimistically():
-    policy = BudgetPolicy(4)
-    for n, s in ((2, 1.0), (8, 4.0)):
-        policy.record(1, n, n, s, 0.0, n)
-    assert policy.verify_latency(1) == 1.0 and policy.verify_latency(5) == pytest.approx(2.5)
-    assert policy.verify_latency(16) == pytest.approx(8.0)
+def test_sizer_learns_from_accepted_paths():
+    d = PlainDrafter()
+    d.name = "ngram"
+    sizer = Sizer(d, 8, FLAT)
+    sizer.reset(0)
+    draft = chain([1, 5, 6, 7, 8])
+    before = sizer.acceptance.values(0, draft, "ngram")
+    for _ in range(10):
+        sizer.learn([0], [draft], [[0, 1, 2, 3, 4]])  # every node accepted
+    after = sizer.acceptance.values(0, draft, "ngram")
+    assert (after > before).all() and after[0] > 0.75
+    for _ in range(40):
+        sizer.learn([0], [draft], [[0]])  # none accepted
+    assert sizer.acceptance.values(0, draft, "ngram")[0] < 0.3
 
 
 def test_bad_requests_and_drafters_raise():
@@ -342,8 +347,9 @@ def test_bad_requests_and_drafters_raise():
         def propose_row(self, slot: int, context: torch.Tensor, budget: int) -> Draft:
             return Draft(Tree.chain(3), torch.cat([context[-1:], torch.tensor([10, 11, 12])]))
 
-    with pytest.raises(SpecdecError, match="'plain' proposed 4 nodes for a budget of 2"):  # refused, never cut
-        engine("llama", Overreaching(), 2, 1, adaptive=False).generate_batch([Request([5, 6], StopConditions(4))])
+    res = engine("llama", Overreaching(), 2, 1, adaptive=False).generate_batch([Request([5, 6], StopConditions(4))])
+    assert res.results[0].stats.tree_sizes == [2] * len(res.results[0].stats.tree_sizes)  # cut to the budget
+    assert res.results[0].tokens == reference("llama", (5, 6), 4)
 
 
 def test_generate_many_through_spec_decoder():

@@ -15,7 +15,6 @@ from specdec.drafters.ngram import NgramDrafter, continuation, find_matches, fin
 from specdec.drafters.recycling import RecyclingDrafter, expand, expand_reference
 from specdec.drafters.registry import drafter_names, make_drafter, register
 from specdec.trees.presets import load_tree
-from specdec.trees.sizing import DepthRates
 from specdec.trees.tree import Tree
 
 
@@ -100,22 +99,6 @@ def test_find_matches_numba_equals_reference(vocab):
         m = int(rng.integers(1, 5))
         got = find_matches(tokens.astype(np.int64), min_n, max_n, m).tolist()
         assert got == find_matches_reference(tokens.tolist(), min_n, max_n, m)
-
-
-def test_ngram_prices_chains_by_the_length_of_their_match():
-    d = NgramDrafter(max_ngram=3)
-    one_gram = ids(5, 9, 4, 7, 1, 5)  # only "5" recurs
-    three_gram = ids(1, 2, 3, 8, 6, 1, 2, 3)
-    for _ in range(40):  # 1-gram chains that always miss
-        draft = d.propose_row(0, one_gram, 4)
-        assert draft.size == 4
-        d.observe_row(0, draft, Feedback(accepted=ids(0), new_tokens=ids(0), topk_tokens=ids(), context_len=6))
-    weak = d.expected_tokens(0, 4)  # priced by the latest match: a 1-gram
-    assert weak[1] < 1.2 and d.node_values(0, draft)[0] < 0.2
-    assert d.propose_row(0, three_gram, 1).size == 1  # a one-node step still finds the match, a 3-gram
-    strong = d.expected_tokens(0, 4)
-    assert strong[1] > 1.7 and strong == DepthRates(prior=d.acceptance_prior).expected_tokens(4)  # untouched
-    assert d.node_value_bound(0, 4)[0] == pytest.approx(d.acceptance_prior)  # the best length bounds a draft
 
 
 def test_ngram_needs_no_topk_and_rejects_bad_options():

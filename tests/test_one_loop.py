@@ -23,7 +23,6 @@ from specdec.drafters.registry import make_drafter
 from specdec.engine import Engine, Request, StopConditions
 from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams
-from specdec.trees.budget import BatchSizer
 from specdec.trees.presets import load_tree
 from specdec.trees.tree import Tree
 from specdec.verifiers.hf import HFVerifier
@@ -52,7 +51,7 @@ def drafter(name: str):
 
 def sampled_run(arch: str, name: str, rows, params, width: int, budget: int, device: str = "cpu") -> list[list[int]]:
     v = LeanVerifier(model(arch, device), gemm="linear")
-    eng = Engine(v, drafter(name), BatchSizer(budget, adaptive=False), width)
+    eng = Engine(v, drafter(name), budget, width)
     res = eng.generate_batch([Request(p, StopConditions(24), s) for p, s in zip(rows, params)])
     return [r.tokens for r in res.results]
 
@@ -90,7 +89,7 @@ def test_greedy_equals_generate_on_each_device(arch, device):
     for name, budget, width in (("plain", 1, 1), ("ngram", 8, 4), ("recycling", 9, 3)):
         v = LeanVerifier(m, gemm="linear")
         assert v.device.type == device and v.tree_kernel == (device == "cuda")
-        eng = Engine(v, drafter(name), BatchSizer(budget, adaptive=False), width)
+        eng = Engine(v, drafter(name), budget, width)
         got = [r.tokens for r in eng.generate_batch([Request(p, StopConditions(16)) for p in rows]).results]
         assert got == refs, name
 
@@ -275,7 +274,7 @@ class Lacking:
 
 
 def test_custom_drafter_missing_members_is_named():
-    with pytest.raises(TypeError, match="lacks needs, reset, observe, expected_tokens"):
+    with pytest.raises(TypeError, match="lacks needs, reset, observe of the drafter protocol"):
         make_drafter(f"{__name__}:Lacking", vocab_size=VOCAB)
     with pytest.raises(SpecdecError, match="lacks needs, reset, observe"):
         specdec.SpecDecoder(model("llama"), drafter=Lacking())

@@ -2,11 +2,11 @@
 
 For each batch size B the same N Spec-Bench prompts are decoded twice with B rows in flight (continuous
 batching), greedy: "plain" (the plain drafter, tree budget 1) and "spec" (the chosen drafter; nodes per step
-chosen by measurement, at most the tree budget: `specdec.trees.allocate.NodeAllocator` for chain drafters
-that value their nodes, else `specdec.trees.budget.BudgetPolicy`). Reported per B and method: total
+chosen by measurement, at most the tree budget (default: `specdec.api.AUTO_MAX_NODES`), by the one sizer every
+call uses: `specdec.trees.budget.Sizer`). Reported per B and method: total
 tokens/s (all new tokens / wall time of the run), speedup over plain at batch 1 and over plain at the same
-B, tau (tokens per row per step), the tree budgets the policy chose, and the exact-match rate of every row
-against its plain batch-1 output. Every run starts from fresh drafters and a fresh policy (cold), so runs are
+B, tau (tokens per row per step), the tree budgets the sizer planned, and the exact-match rate of every row
+against its plain batch-1 output. Every run starts from fresh drafters and a fresh sizer (cold), so runs are
 comparable; one untimed warm-up run per method comes first. Hardware, dtype, threads and prompt count are
 printed with the table. `others` (`--batch-drafters ngram,recycling`) adds more drafters, run interleaved with
 plain and spec in the same run, so drafters are compared within one run rather than across runs. Absolute
@@ -218,22 +218,24 @@ class _Runner:
     def _run_engine(self, method: str, prompts: list[list[int]], width: int, max_new: int) -> dict:
         from specdec.drafters.registry import make_drafter
         from specdec.engine import Engine, Request, StopConditions
-        from specdec.trees.budget import BatchSizer
+        from specdec.api import AUTO_MAX_NODES
+        from specdec.trees.budget import Sizer
         from specdec.trees.presets import load_tree
 
         if method == "plain":
             name, tree, budget, options = "plain", None, 1, {}
         elif method == "spec":
-            name, tree, budget = self.spec.drafter, self.spec.tree, self.spec.tree_budget or 16
+            name, tree, budget = self.spec.drafter, self.spec.tree, self.spec.tree_budget or AUTO_MAX_NODES
             options = dict(self.spec.drafter_options)
         else:  # one of spec.others: its own options, the default tree, the same node cap
-            (name, options), tree, budget = parse_drafter(method, "--batch-drafters"), None, self.spec.tree_budget or 16
+            (name, options), tree, budget = parse_drafter(method, "--batch-drafters"), None, \
+                self.spec.tree_budget or AUTO_MAX_NODES
         try:
             drafter = make_drafter(name, vocab_size=self.vocab_size, tree=load_tree(tree) if tree else None,
                                    context=self.context, **options)
         except (ValueError, TypeError) as err:
             raise SpecdecError(str(err).splitlines()[0]) from None
-        engine = Engine(self.verifier, drafter, BatchSizer(budget, True, self.curve), width)
+        engine = Engine(self.verifier, drafter, Sizer(drafter, budget, None if budget == 1 else self.curve), width)
         stop = StopConditions(max_new, eos_token_ids=self.eos)
         t0 = time.perf_counter()
         res = engine.generate_batch([Request(p, stop) for p in prompts])

@@ -1,6 +1,6 @@
 """Predicted vs measured step time: the sizing curve checked against the steps a bench really ran.
 
-Tree sizing (`specdec.trees.sizing`, `specdec.trees.budget.CurveSizer`) prices a step of n scored nodes at
+Tree sizing (`specdec.trees.sizing`, `specdec.trees.budget.Sizer`) prices a step of n scored nodes at
 curve(n) + host: curve(n) the calibrated verify latency (a chain of n nodes after a 256-token prefix, the
 median of a few rounds, cached per machine), host the step's work outside the verifier (sizing, drafting,
 acceptance, the drafter's observe, the loop's Python), which the curve does not time and the sizer measures
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from specdec.trees.sizing import AutoBudget, LatencyCurve, cached_curve, verifier_key
+from specdec.trees.sizing import LatencyCurve, cached_curve, verifier_key
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ class StepTimes:
 def curve_of(decoder, log: Callable[[str], None] | None = None) -> LatencyCurve:
     """The latency curve a `SpecDecoder` sizes its trees with; for a fixed budget (plain) the same cached curve
     of its verifier, measured now if this machine has none yet."""
-    if isinstance(decoder.tree_budget, AutoBudget):
-        return decoder.tree_budget.curve
+    if decoder.curve is not None:
+        return decoder.curve
     key = verifier_key(decoder.model.config, decoder.verifier)
     return cached_curve(decoder.verifier, key, Path(decoder.cache_dir), log)
 

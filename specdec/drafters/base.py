@@ -27,8 +27,10 @@ What a drafter may use or offer is declared here, not discovered:
   `aux_hidden`). Their input is a token id or an embedding vector (the residual stream's input, i.e. after
   any embedding scale the model applies). This is how a drafter gets predictions for the next step without a
   forward of its own (lexical-unit placeholders).
-- Acceptance estimates for sizing trees (`expected_tokens`, `node_values`, `node_value_bound`): None means
-  "no estimate" and the engine falls back to fixed or measured budgets.
+- How many of a draft's nodes a step scores is not the drafter's business: the loop's sizer values every node by
+  what it has measured of the node's source, depth and rank (`specdec.trees.acceptance`) and keeps the nodes
+  that pay (`specdec.trees.budget`). A drafter may state `acceptance_prior`, the rate its nodes start from
+  before anything is measured, and a drafter that merges others exposes them as `components` (`auto`).
 
 Drafts are deterministic (q = 1, the default) unless ``q`` carries the distribution each draft token was sampled
 from; `specdec.sampling` then uses the lossless q-ratio rule (equal in distribution, not token for token).
@@ -61,8 +63,6 @@ class Needs:
     # entering decoder layer l (0 = the embeddings), L (or -1) the final normed state the LM head reads
     max_aux: int = 0  # auxiliary nodes one row's draft may carry at most
     prefill_hidden: bool = False  # also the prompt's hidden states at `hidden_layers` (`observe_prefill`)
-    sizes_by_values: bool = False  # offers: `node_values` for every node of any draft it makes, so even a single
-    # sequence's draft is cut each step to the nodes that pay (`specdec.trees.budget.CurveSizer`)
 
 
 @dataclass(frozen=True)
@@ -215,24 +215,8 @@ class Drafter(Protocol):
 
     # observe_prefill(slot, context, hidden) -> None: required only when needs.prefill_hidden (see the module)
 
-    def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
-        """[max_nodes]: entry n - 1 = expected tokens per step with an n-node tree (bonus included), or None."""
-        ...
 
-    def node_values(self, slot: int, draft: Draft) -> list[float] | None:
-        """P(accepted) of each draft node (nodes 1..n-1, in node order; a chain's in depth order), each at most its
-        parent's, or None: lets a batch keep the nodes worth their verify cost across rows
-        (`specdec.trees.allocate`)."""
-        ...
-
-    def node_value_bound(self, slot: int, budget: int) -> list[float] | None:
-        """The most `node_values` could give within `budget` nodes (None: no bound); a batch skips proposing
-        when even that is not worth scoring."""
-        ...
-
-
-PROTOCOL_MEMBERS = ("name", "needs", "reset", "propose", "observe", "expected_tokens", "node_values",
-                    "node_value_bound")
+PROTOCOL_MEMBERS = ("name", "needs", "reset", "propose", "observe")
 
 
 def missing_members(obj: object) -> list[str]:
@@ -254,8 +238,8 @@ class BaseDrafter:
 
     name = "base"
     needs = Needs()
-    # P(a draft node is accepted | its parent was) assumed before anything is measured, for the sizers
-    # (`NgramDrafter`, `AutoDrafter` read it); None: theirs (0.4-0.5)
+    # P(a draft node is accepted | its parent was) assumed before anything is measured, for the loop's acceptance
+    # table (`specdec.trees.acceptance.sources_of`); None: its default
     acceptance_prior: float | None = None
 
     def reset(self, slot: int, sampling: SamplingParams) -> None:
@@ -277,15 +261,6 @@ class BaseDrafter:
 
     def observe_prefill(self, slot: int, context: torch.Tensor, hidden: dict[int, torch.Tensor]) -> None:
         """context [L] committed tokens; hidden: layer -> [L - 1, H] (needs.prefill_hidden only)."""
-
-    def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
-        return None
-
-    def node_values(self, slot: int, draft: Draft) -> list[float] | None:
-        return None
-
-    def node_value_bound(self, slot: int, budget: int) -> list[float] | None:
-        return None
 
     def draft(self, context: torch.Tensor, budget: int, slot: int = 0) -> Draft:
         """One row's proposal outside the engine (tools, tests)."""

@@ -11,20 +11,17 @@ latest version of a name or line. An early match runs until the end of the conte
 end sooner, so the continuation then keeps copying with the same offset (LZ77-style overlapping copy: a match
 `period` tokens back predicts that the last `period` tokens repeat), which always fills the budget.
 
-Drafts are deterministic (q = 1). The drafter needs nothing from the target's scores (`Needs()`); the only state
-is each slot's measured acceptance per chain depth and match length (`DepthRates`), which sizes its chains.
+Drafts are deterministic (q = 1). The drafter needs nothing from the target's scores (`Needs()`) and keeps no
+state; how many of its nodes a step scores is the loop's sizer's (`specdec.trees.budget`).
 """
 
 from __future__ import annotations
-
-import copy
 
 import numpy as np
 import torch
 from numba import njit
 
-from specdec.drafters.base import BaseDrafter, Draft, Feedback, check_option
-from specdec.trees.sizing import DepthRates
+from specdec.drafters.base import BaseDrafter, Draft, check_option
 from specdec.trees.tree import Tree
 
 
@@ -128,33 +125,14 @@ class NgramDrafter(BaseDrafter):
         self.min_ngram = min_ngram
         self.max_ngram = max_ngram
         self.branches = branches
-        self._rates: dict[int, dict[int, DepthRates]] = {}  # slot -> match length -> chain acceptance per depth
-        self._match: dict[int, int] = {}  # slot -> length of the latest best match (the rates that size the chain)
-
-    def depth_rates(self, slot: int, length: int | None = None) -> DepthRates:
-        """The slot's statistics for chains copied after a match of `length` tokens (default: the latest best
-        match's). Kept apart per length: a 1-gram match is far less reliable than a 3-gram one, and one rate for
-        both fell after a few bad 1-gram matches early in a request until no chain was proposed at all, 3-gram
-        matches included. A new slot starts from slot 0's (what single calls learnt), else the prior."""
-        if slot not in self._rates:
-            self._rates[slot] = copy.deepcopy(self._rates[0]) if 0 in self._rates else {}
-        if length is None:
-            length = self._match.get(slot, self._match.get(0, self.max_ngram))
-        per_length = self._rates[slot]
-        if length not in per_length:
-            per_length[length] = DepthRates(prior=self.acceptance_prior)
-        return per_length[length]
 
     def propose_row(self, slot: int, context: torch.Tensor, budget: int) -> Draft:
-        """context: [L] int64 committed tokens. Returns a tree of at most `budget` nodes rooted at context[-1].
-        The match is searched even for a one-node budget: its length picks the rates the next budget is priced
-        with (`expected_tokens`), so a slot whose short matches stopped paying still drafts at a long one."""
+        """context: [L] int64 committed tokens. Returns a tree of at most `budget` nodes rooted at context[-1]."""
+        if budget <= 1:
+            return Draft.root_only(context)
         tokens = np.ascontiguousarray(context.numpy())
         starts = find_matches(tokens, self.min_ngram, self.max_ngram, max(1, min(self.branches, budget - 1)))
         if len(starts) == 0:
-            return Draft.root_only(context)
-        self._match[slot] = match_length(tokens, int(starts[0]), self.max_ngram)
-        if budget <= 1:
             return Draft.root_only(context)
         lengths = _branch_lengths(budget - 1, len(starts))
         paths: list[tuple[int, ...]] = []
@@ -165,36 +143,6 @@ class NgramDrafter(BaseDrafter):
         order = sorted(range(len(paths)), key=lambda i: (len(paths[i]), paths[i]))  # the Tree's BFS order
         draft_tokens = [int(tokens[-1])] + [values[i] for i in order]
         return Draft(Tree.from_rank_paths([paths[i] for i in order]), torch.tensor(draft_tokens))
-
-    def observe_row(self, slot: int, draft: Draft, feedback: Feedback) -> None:
-        if draft.size > 1:  # steps without a match say nothing about how deep matches hold
-            self.depth_rates(slot).update(draft.tree.max_depth, len(feedback.accepted) - 1)
-
-    def node_values(self, slot: int, draft: Draft) -> list[float] | None:
-        """P(accepted) of each draft node of a chain, in depth order (None for branched drafts): lets a batch
-        keep, over all its rows, the nodes worth scoring (`specdec.trees.allocate`)."""
-        if draft.size != draft.tree.max_depth + 1:
-            return None
-        return self.depth_rates(slot).reach(draft.size - 1)
-
-    def node_value_bound(self, slot: int, budget: int) -> list[float] | None:
-        """The most `node_values` can give for a draft within `budget` nodes (a full-length match): if even
-        that is not worth scoring, a batch skips proposing."""
-        per_length = [self.depth_rates(slot, n).reach(budget - 1) for n in range(self.min_ngram, self.max_ngram + 1)]
-        return [max(values) for values in zip(*per_length)]
-
-    def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
-        """[max_nodes]: expected tokens per step with an n-node chain, from measured per-depth acceptance."""
-        return self.depth_rates(slot).expected_tokens(max_nodes)
-
-
-def match_length(tokens: np.ndarray, start: int, max_ngram: int) -> int:
-    """How many tokens before `start` equal the context's last ones (at most max_ngram): the n of the match
-    `find_matches` returned the continuation start of."""
-    last, n = tokens.shape[0] - 1, 0
-    while n < max_ngram and n < start and tokens[start - 1 - n] == tokens[last - n]:
-        n += 1
-    return n
 
 
 def _branch_lengths(nodes: int, matches: int) -> list[int]:

@@ -20,7 +20,6 @@ The expansion is a numba kernel (`expand`) with a plain-Python oracle (`expand_r
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import torch
@@ -136,10 +135,6 @@ class RecyclingDrafter(BaseDrafter):
         """A new prompt: the adjacency matrix and rank statistics are kept (hot start)."""
         self.table(slot).resize()
 
-    def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
-        """[max_nodes]: entry n - 1 = expected tokens per step with an n-node tree, from measured rank rates."""
-        return self.table(slot).expected_tokens(max_nodes)
-
     def clear(self) -> None:
         """Forget everything learnt: zero every adjacency matrix."""
         for t in self._tables.values():
@@ -200,18 +195,6 @@ class _Table:
         if self.template is None and max(abs(a - b) for a, b in zip(rates, self._rates_used)) > 0.02:
             self._rates_used = rates
             self._truncated.clear()
-
-    def expected_tokens(self, max_nodes: int) -> list[float]:
-        rates = self._rates_used
-        if self.template is not None:
-            paths = self.template.rank_paths()[: max_nodes - 1]
-        else:
-            paths = sorted(best_tree(max_nodes - 1, rates), key=lambda p: -math.prod(rates[r] for r in p))
-        probs = [math.prod(rates[r] if r < len(rates) else 0.0 for r in p) for p in paths]
-        out = [1.0]
-        for q in probs:
-            out.append(out[-1] + q)
-        return out + [out[-1]] * (max_nodes - len(out))
 
     def _template_prefix(self, budget: int) -> tuple[np.ndarray, np.ndarray]:
         if budget < 1:

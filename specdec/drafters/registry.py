@@ -183,8 +183,8 @@ def _lexical(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:
 
 
 def auto_drafter(vocab_size: int, tree: Tree | None = None, *, drafters: str | None = None,
-                 draft_model: Any = None, propose_nodes: int = 32, min_value: float = 0.02, horizon: float = 64.0,
-                 target: Any = None, target_tokenizer: Any = None) -> Drafter:
+                 draft_model: Any = None, propose_nodes: int = 32, target: Any = None,
+                 target_tokenizer: Any = None) -> Drafter:
     """Registry factory for `auto`. drafters: the components, '+'-separated registered names, each built with
     its defaults (None: ngram+recycling, and `model` when a draft model is given); draft_model: a draft model
     (a load_model spec or a loaded model) for the `model` component; target, target_tokenizer: what the engine
@@ -208,7 +208,7 @@ def auto_drafter(vocab_size: int, tree: Tree | None = None, *, drafters: str | N
                          "(drafters then includes model unless you list them), or drop model from drafters")
     components = [make_drafter(n, vocab_size=vocab_size, context=context,
                                **({"draft_model": draft_model} if n == "model" else {})) for n in names]
-    return AutoDrafter(components, propose_nodes=propose_nodes, min_value=min_value, horizon=horizon)
+    return AutoDrafter(components, propose_nodes=propose_nodes)
 
 
 def _auto(vocab_size: int, tree: Tree | None, **options: Any) -> Drafter:

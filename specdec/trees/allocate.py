@@ -1,11 +1,12 @@
 """Draft nodes across the rows of a batch: which of the proposed nodes one batched verify scores.
 
-`BatchEngine` asks every row's drafter for its full draft (at the tree budget), then `NodeAllocator.allocate`
-keeps, over all rows together, the nodes most likely to be accepted, as many as pay for themselves:
+The loop's sizer (`specdec.trees.budget.Sizer`) asks every row's drafter for its draft (up to the tree budget),
+then `NodeAllocator.allocate` keeps, over all rows together, the nodes most likely to be accepted, as many as pay
+for themselves:
 
-- each non-root node has a value, the probability that it is accepted (its chain's measured per-depth
-  acceptance multiplied down to its depth: `DepthRates.reach`), so a node is never worth more than its parent
-  and keeping the best K nodes of the whole batch keeps whole prefixes of each row's chain;
+- each non-root node has a value, the probability that it is accepted (`specdec.trees.acceptance`: the measured
+  acceptance of its source at its depth and rank, multiplied down its path), so a node is never worth more than
+  its parent and keeping the best K nodes of the whole batch keeps a subtree of each row's draft;
 - scoring B roots plus K draft nodes costs T(B + K) seconds: the verifier's calibrated `LatencyCurve`
   (one row, cached per machine and model) corrected by the loop's own steps: at each calibrated size, the
   median of measured / predicted over the last steps near that size (the median over all sizes where fewer
@@ -22,8 +23,8 @@ keeps, over all rows together, the nodes most likely to be accepted, as many as 
 
 At large batch the GEMMs turn compute-bound, T rises steeply with K, and K falls to what still pays, down
 to 0: plain batched decoding. When even full-length drafts for every row could not pay, the batch does not
-propose at all (`BatchRun._worth_drafting`): proposing and cutting 16 chains a step for nothing ran at 0.92x
-plain in the same benchmark, skipping at 0.98x. A row whose drafter found nothing costs one node.
+propose at all (`Sizer.plan`): proposing and cutting 16 chains a step for nothing ran at 0.92x plain in the same
+benchmark, skipping at 0.98x. A row whose drafter found nothing costs one node.
 """
 
 from __future__ import annotations
@@ -83,9 +84,9 @@ class NodeAllocator:
         self._host = host_s if self._host is None else (1 - self.alpha) * self._host + self.alpha * host_s
 
     def allocate(self, values: Sequence[Sequence[float]]) -> list[int]:
-        """values[b]: acceptance probabilities of row b's draft nodes in depth order (non-increasing).
+        """values[b]: acceptance probabilities of row b's candidate nodes, best first (a parent before its children).
 
-        Returns how many of them each row keeps (a prefix of its chain)."""
+        Returns how many of them each row keeps (a prefix of its list)."""
         rows = len(values)
         host = self._host or 0.0
         value = np.fromiter((v for vs in values for v in vs), dtype=np.float64)  # [K] every row's nodes

@@ -1,23 +1,16 @@
-"""Hardware-aware tree sizing: how many nodes to score per step on this machine, for this model.
-
-Two measured inputs, one decision:
+"""The verifier's measured cost: how long scoring n nodes takes on this machine, for this model.
 
 - `LatencyCurve`: the verifier's cost of scoring n nodes, measured once per machine / model / backend / thread
-  count (`calibrate`) and cached as JSON. Piecewise-linear in between the measured sizes.
-- The drafter's own estimate of the tokens a step commits with an n-node tree, `expected_tokens(n)` (bonus
-  included), kept up to date from its running acceptance statistics.
-- `choose_budget`: the n maximising expected tokens per second, expected_tokens(n) / (latency(n) + overhead),
-  overhead being the step's host work outside the verifier, which the curve does not time (measured as the loop
-  runs: `specdec.trees.budget.CurveSizer`). `specdec bench` prints curve + overhead beside the measured steps.
-
-`RankRates` is the acceptance statistic tree drafters share: per child rank, how often the rank-r child was the
-accepted one when its parent was reached, smoothed by a prior so a cold start behaves like the prior.
+  count (`calibrate`) and cached as JSON. Piecewise-linear in between the measured sizes. The loop's sizer
+  (`specdec.trees.budget.Sizer`) prices every step with it, corrected by the steps it has run
+  (`specdec.trees.allocate.NodeAllocator`); `specdec bench` prints curve + host time beside the measured steps.
+- `RankRates`: per child rank, how often the rank-r child was the accepted one when its parent was reached,
+  smoothed by a prior so a cold start behaves like the prior (what Token Recycling shapes its tree by).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import statistics
 import time
@@ -165,17 +158,6 @@ def cached_curve(verifier, key: str, cache_dir: Path | None, log: Callable[[str]
     return curve
 
 
-def choose_budget(curve: LatencyCurve, expected_tokens: Callable[[int], float], max_nodes: int,
-                  overhead_s: float = 0.0) -> int:
-    """The node count n in [1, max_nodes] maximising expected_tokens(n) / (latency(n) + overhead)."""
-    best, best_rate = 1, -1.0
-    for n in range(1, max_nodes + 1):
-        rate = expected_tokens(n) / (curve(n) + overhead_s)
-        if rate > best_rate + 1e-12:
-            best, best_rate = n, rate
-    return best
-
-
 class RankRates:
     """Running P(the rank-r child is accepted | its parent was accepted and had a rank-r child proposed)."""
 
@@ -200,53 +182,3 @@ class RankRates:
             cap = min(cap, max(1e-4, min(0.999, h / t)))
             out.append(cap)
         return tuple(out)
-
-
-class DepthRates:
-    """Running P(the depth-d draft of a chain is accepted | depth d - 1 was), for chain drafters."""
-
-    def __init__(self, prior: float = 0.5, max_depth: int = 64, strength: float = 10.0):
-        self.hits = [prior * strength] * (max_depth + 1)
-        self.tries = [strength] * (max_depth + 1)
-
-    def update(self, proposed: int, accepted: int) -> None:
-        """proposed: draft tokens in the chain; accepted: how many of them were accepted."""
-        for d in range(1, min(proposed, accepted + 1, len(self.tries) - 1) + 1):
-            self.tries[d] += 1
-            self.hits[d] += d <= accepted
-
-    def reach(self, depth: int) -> list[float]:
-        """[depth]: entry d - 1 is P(the depth-d draft of a chain is accepted), non-increasing in d."""
-        out, p = [], 1.0
-        for d in range(1, depth + 1):
-            p *= self.hits[min(d, len(self.hits) - 1)] / self.tries[min(d, len(self.tries) - 1)]
-            out.append(p)
-        return out
-
-    def expected_tokens(self, max_nodes: int) -> list[float]:
-        """[max_nodes]: entry n - 1 is the expected tokens per step with an n-node chain (bonus included)."""
-        out = [1.0]
-        for p in self.reach(max_nodes - 1):
-            out.append(out[-1] + p)
-        return out
-
-
-class AutoBudget:
-    """Per-step node budget from the latency curve and the drafter's `expected_tokens`, refreshed every few steps.
-
-    Drafters whose `expected_tokens` gives None get `max_nodes`.
-    """
-
-    def __init__(self, curve: LatencyCurve, max_nodes: int, every: int = 16):
-        self.curve, self.max_nodes, self.every = curve, max_nodes, every
-        self._steps, self._budget = 0, None
-
-    def budget(self, drafter, slot: int = 0, overhead_s: float = 0.0) -> int:
-        if self._budget is None or self._steps % self.every == 0:
-            table = drafter.expected_tokens(slot, self.max_nodes)  # [max_nodes] or None
-            if table is None:
-                self._budget = self.max_nodes
-            else:
-                self._budget = choose_budget(self.curve, lambda n: table[n - 1], len(table), overhead_s)
-        self._steps += 1
-        return self._budget

@@ -25,7 +25,6 @@ from specdec.drafters.diffusion.adl import CPU, PAPER, ADLConfig, AdaptiveLength
 from specdec.drafters.diffusion.backend import DLMBackend
 from specdec.drafters.diffusion.cps import NgramLM, merge_beams, path_search, top_sets
 from specdec.sampling import SamplingParams
-from specdec.trees.sizing import DepthRates
 from specdec.trees.tree import Tree
 
 
@@ -55,7 +54,6 @@ class DiffusionDrafter(BaseDrafter):
         self.adl = AdaptiveLength(config.adl_config, fixed=not config.adl)
         self.needs = backend.needs
         self._raw: dict[int, torch.Tensor] = {}  # slot -> last step's per-position argmax draft (for ADL)
-        self._rates: dict[int, DepthRates] = {}  # slot -> measured acceptance per depth (sizing)
         self._fresh: set[int] = set()  # slots whose prompt is not yet in the live 3-gram counts
 
     # ---- protocol --------------------------------------------------------------------------------------
@@ -65,7 +63,6 @@ class DiffusionDrafter(BaseDrafter):
         self.ngram.reset(slot)
         self.adl.reset(slot)
         self._raw.pop(slot, None)
-        self._rates[slot] = DepthRates()
         self._fresh.add(slot)
 
     def observe_prefill(self, slot: int, context: torch.Tensor, hidden: dict[int, torch.Tensor]) -> None:
@@ -121,12 +118,6 @@ class DiffusionDrafter(BaseDrafter):
                 raw = self._raw.get(r.slot)
                 if raw is not None:
                     self.adl.update(r.slot, raw.tolist(), self.eos, accepted)
-                self._rates.setdefault(r.slot, DepthRates()).update(d.tree.max_depth, accepted)
-
-    # ---- sizing ----------------------------------------------------------------------------------------
-
-    def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
-        return self._rates.setdefault(slot, DepthRates()).expected_tokens(max_nodes)
 
 
 def diffusion_drafter(vocab_size: int, tree=None, *, target=None, weights: str | None = None, dlm: str | None = None,

@@ -22,7 +22,6 @@ import torch
 
 from specdec.drafters.base import AuxNodes, BaseDrafter, Draft, DraftRow, Feedback, Needs, check_option
 from specdec.sampling import SamplingParams
-from specdec.trees.sizing import DepthRates
 from specdec.trees.tree import Tree
 
 
@@ -41,11 +40,9 @@ class LexicalDrafter(BaseDrafter):
         self.groups, self.threshold, self.alternatives, self.softcap = groups, threshold, alternatives, softcap
         self.needs = Needs(hidden_layers=(-1,), max_aux=groups * self.k)
         self._pred: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}  # slot -> (tokens [k, r], p [k, r])
-        self._rates: dict[int, DepthRates] = {}
 
     def reset(self, slot: int, sampling: SamplingParams) -> None:
         self._pred[slot] = None
-        self._rates[slot] = DepthRates()
 
     def propose(self, rows: Sequence[DraftRow], budgets: Sequence[int]) -> list[Draft]:
         return [self._propose(r, b) for r, b in zip(rows, budgets)]
@@ -97,8 +94,6 @@ class LexicalDrafter(BaseDrafter):
 
     def observe(self, rows: Sequence[DraftRow], drafts: Sequence[Draft], feedback: Sequence[Feedback]) -> None:
         for r, d, f in zip(rows, drafts, feedback):
-            if d.size > 1:
-                self._rates.setdefault(r.slot, DepthRates()).update(d.tree.max_depth, len(f.accepted) - 1)
             # the group that rode under the step's last committed node, read off the draft as scored (the loop
             # may drop aux nodes it has no room for; a merged draft may keep only some groups)
             off = _group_under(d, int(f.accepted[-1])) if f.whole_path else None
@@ -111,9 +106,6 @@ class LexicalDrafter(BaseDrafter):
             logits = torch.tanh(logits / self.softcap) * self.softcap
         p, idx = logits.softmax(-1).topk(1 + self.alternatives, dim=-1)
         return self.vocab_ids[idx].cpu(), p.cpu()
-
-    def expected_tokens(self, slot: int, max_nodes: int) -> list[float] | None:
-        return self._rates.setdefault(slot, DepthRates()).expected_tokens(max_nodes)
 
 
 def _group_under(draft: Draft, node: int) -> int | None:
