@@ -2,8 +2,8 @@
 
 For each batch size B the same N Spec-Bench prompts are decoded twice with B rows in flight (continuous
 batching), greedy: "plain" (the plain drafter, tree budget 1) and "spec" (the chosen drafter; nodes per step
-chosen by measurement, at most the tree budget (default: `specdec.api.AUTO_MAX_NODES`), by the one sizer every
-call uses: `specdec.trees.budget.Sizer`). Reported per B and method: total
+chosen by measurement, at most the tree budget (default `BATCH_MAX_NODES`), by the one sizer every call uses:
+`specdec.trees.budget.Sizer`). Reported per B and method: total
 tokens/s (all new tokens / wall time of the run), speedup over plain at batch 1 and over plain at the same
 B, tau (tokens per row per step), the tree budgets the sizer planned, and the exact-match rate of every row
 against its plain batch-1 output. Every run starts from fresh drafters and a fresh sizer (cold), so runs are
@@ -34,6 +34,8 @@ from specdec.config import GGUF_FORMATS, WEIGHT_FORMATS
 from specdec.data.spec_bench import read_questions
 from specdec.drafters.registry import parse_drafter, unknown_drafter
 from specdec.errors import SpecdecError
+
+BATCH_MAX_NODES = 16  # the node cap a row's step may score, unless --tree-budget sets it
 
 
 @dataclass(frozen=True)
@@ -218,18 +220,17 @@ class _Runner:
     def _run_engine(self, method: str, prompts: list[list[int]], width: int, max_new: int) -> dict:
         from specdec.drafters.registry import make_drafter
         from specdec.engine import Engine, Request, StopConditions
-        from specdec.api import AUTO_MAX_NODES
         from specdec.trees.budget import Sizer
         from specdec.trees.presets import load_tree
 
         if method == "plain":
             name, tree, budget, options = "plain", None, 1, {}
         elif method == "spec":
-            name, tree, budget = self.spec.drafter, self.spec.tree, self.spec.tree_budget or AUTO_MAX_NODES
+            name, tree, budget = self.spec.drafter, self.spec.tree, self.spec.tree_budget or BATCH_MAX_NODES
             options = dict(self.spec.drafter_options)
         else:  # one of spec.others: its own options, the default tree, the same node cap
             (name, options), tree, budget = parse_drafter(method, "--batch-drafters"), None, \
-                self.spec.tree_budget or AUTO_MAX_NODES
+                self.spec.tree_budget or BATCH_MAX_NODES
         try:
             drafter = make_drafter(name, vocab_size=self.vocab_size, tree=load_tree(tree) if tree else None,
                                    context=self.context, **options)
