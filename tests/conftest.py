@@ -134,6 +134,17 @@ def random_prompts(count: int, seed: int = 0, length: int = 10) -> list[list[int
     return [torch.randint(3, VOCAB, (length + 2 * i,), generator=gen).tolist() for i in range(count)]
 
 
+def score(v, slots, tokens, depth, mask):
+    """[B, n, V] float32 logits of every node of `v.score_nodes` (each row's n nodes all real): what tests compare."""
+    b, n = tokens.shape
+    return v.score_nodes(slots, tokens, depth, mask).logits().view(b, n, -1)
+
+
+def score_packed(v, slots, tokens, depth, mask, sizes):
+    """[sum(sizes), V] float32 logits of the real nodes of padded rows, packed row by row."""
+    return v.score_nodes(slots, tokens, depth, mask, sizes).logits()
+
+
 def run_engine(model, drafter, rows: list[list[int]], width: int, budget: int, params=None, new: int = 20):
     """Decode `rows` through the one loop (lean verifier, fixed node budget, `width` rows in flight) ->
     (tokens per row, the BatchResult)."""

@@ -25,6 +25,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from conftest import score, score_packed
 from specdec.trees.tree import Tree
 from specdec.verifiers import gemm
 from specdec.verifiers.base import Verifier
@@ -91,7 +92,7 @@ def branch(tree: Tree, node: int) -> list[int]:  # root .. node
 
 
 def score_tree(v: LeanVerifier, slot: int, tree: Tree, tokens: list[int]) -> torch.Tensor:
-    return v.score([slot], torch.tensor([tokens]), tree.depth[None], tree.mask[None])[0]
+    return score(v, [slot], torch.tensor([tokens]), tree.depth[None], tree.mask[None])[0]
 
 
 def test_implements_the_verifier_protocol_as_declared(model):
@@ -122,7 +123,7 @@ def test_sequential_decoding_matches_hf(model):
     v.reset(1, 64)
     v.prefill(0, torch.tensor(ids[:3]))
     for t in range(3, len(ids)):  # one token at a time: the 1-node tree
-        out = v.score([0], torch.tensor([[ids[t]]]), torch.zeros(1, 1, dtype=torch.long),
+        out = score(v, [0], torch.tensor([[ids[t]]]), torch.zeros(1, 1, dtype=torch.long),
                       torch.ones(1, 1, 1, dtype=torch.bool))
         v.commit(0, [0])
         torch.testing.assert_close(out[0, 0], ref[t], atol=ATOL, rtol=0)
@@ -182,11 +183,11 @@ def test_ragged_batch_equals_rows_alone(model, slots, packed):
     for slot, prefix in zip(slots, prefixes):
         v.prefill(slot, prefix)
     if packed:
-        flat = v.score_packed(slots, batch_tokens, batch_depth, batch_mask, sizes)
+        flat = score_packed(v, slots, batch_tokens, batch_depth, batch_mask, sizes)
         assert flat.shape == (sum(sizes), VOCAB)
         out = [flat[sum(sizes[:r]): sum(sizes[: r + 1])] for r in range(3)]
     else:
-        out = [row[:size] for row, size in zip(v.score(slots, batch_tokens, batch_depth, batch_mask), sizes)]
+        out = [row[:size] for row, size in zip(score(v, slots, batch_tokens, batch_depth, batch_mask), sizes)]
     for r in range(3):
         torch.testing.assert_close(out[r], expected[r], atol=ATOL, rtol=0)
     # the KV the packed call wrote is what the next step reads: keep each row's deepest branch, score on

@@ -12,7 +12,7 @@ import torch
 
 from conftest import LogitsVerifier
 
-from conftest import SLIDING_WINDOW, make_tiny_model
+from conftest import SLIDING_WINDOW, make_tiny_model, score, score_packed
 from specdec.api import SpecDecoder
 from specdec.drafters.registry import make_drafter
 from specdec.engine import Engine, StopConditions
@@ -40,7 +40,7 @@ def plain_logits(v: LeanVerifier, prefix: torch.Tensor, tokens: list[int]) -> to
     v.prefill(0, prefix)
     rows = []
     for t in tokens:
-        rows.append(v.score([0], torch.tensor([[t]]), ROOT.depth[None], ROOT.mask[None])[0, 0])
+        rows.append(score(v, [0], torch.tensor([[t]]), ROOT.depth[None], ROOT.mask[None])[0, 0])
         v.commit(0, [0])
     return torch.stack(rows)
 
@@ -48,7 +48,7 @@ def plain_logits(v: LeanVerifier, prefix: torch.Tensor, tokens: list[int]) -> to
 def tree_logits(v: LeanVerifier, prefix: torch.Tensor, tree: Tree, tokens: torch.Tensor) -> torch.Tensor:
     v.reset(1, 160)
     v.prefill(0, prefix)
-    return v.score([0], tokens[None], tree.depth[None], tree.mask[None])[0]  # [n, V]
+    return score(v, [0], tokens[None], tree.depth[None], tree.mask[None])[0]  # [n, V]
 
 
 def random_case(prefix_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +91,7 @@ def test_committed_branch_kv_equals_plain_kv(model):
     path = path_to(TREE, 8)  # 0, 2, 4, 7... the deepest node under the second root child
     tree_logits(v, prefix, TREE, tokens)
     v.commit(0, path)
-    nxt = v.score([0], torch.tensor([[7]]), ROOT.depth[None], ROOT.mask[None])[0, 0]
+    nxt = score(v, [0], torch.tensor([[7]]), ROOT.depth[None], ROOT.mask[None])[0, 0]
     spec_cache = [(k.clone(), vv.clone()) for k, vv in v._caches]
     expected = plain_logits(v, prefix, tokens[path].tolist() + [7])[-1]
     assert torch.equal(nxt, expected)
@@ -122,10 +122,10 @@ def test_ragged_batch_rows_equal_rows_alone(model, packed):
         v.prefill(slot, prefix)
     sizes = [t.size for t in trees]
     if packed:
-        flat = v.score_packed(slots, batch_tokens, batch_depth, batch_mask, sizes)
+        flat = score_packed(v, slots, batch_tokens, batch_depth, batch_mask, sizes)
         out = [flat[sum(sizes[:r]): sum(sizes[: r + 1])] for r in range(3)]
     else:
-        out = [row[:size] for row, size in zip(v.score(slots, batch_tokens, batch_depth, batch_mask), sizes)]
+        out = [row[:size] for row, size in zip(score(v, slots, batch_tokens, batch_depth, batch_mask), sizes)]
     for r in range(3):
         assert torch.equal(out[r], alone[r]), f"row {r}"
 
@@ -177,7 +177,7 @@ class Recorder(LogitsVerifier):
         return self.inner.length(slot)
 
     def score(self, slots, tokens, depth, mask):
-        self._last = self.inner.score(slots, tokens, depth, mask)
+        self._last = score(self.inner, slots, tokens, depth, mask)
         return self._last
 
     def commit(self, slot, keep):
@@ -250,12 +250,12 @@ def test_default_model_strict_tree_equals_plain_with_two_threads():
         prefix, tokens = torch.randint(10, 5000, (530,), generator=gen), torch.randint(10, 5000, (16,), generator=gen)
         v.reset(1, 600)
         v.prefill(0, prefix)
-        out = v.score([0], tokens[None], tree.depth[None], tree.mask[None])[0]
+        out = score(v, [0], tokens[None], tree.depth[None], tree.mask[None])[0]
         for node in (5, 15):
             v.reset(1, 600)
             v.prefill(0, prefix)
             for t in tokens[path_to(tree, node)].tolist():
-                expected = v.score([0], torch.tensor([[t]]), ROOT.depth[None], ROOT.mask[None])[0, 0]
+                expected = score(v, [0], torch.tensor([[t]]), ROOT.depth[None], ROOT.mask[None])[0, 0]
                 v.commit(0, [0])
             assert torch.equal(out[node], expected), f"node {node}"
     finally:

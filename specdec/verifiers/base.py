@@ -10,21 +10,19 @@ produced when it is scored as node 0 of the next tree.
 - ``prefill(slot, tokens, hidden_layers=())``: clear the slot and write the KV of ``tokens`` [p] (prompt minus its
   last token); returns the hidden states at ``hidden_layers`` (layer -> [p, H], same numbering as below), for
   drafters that read the prompt's hidden states (`Needs.prefill_hidden`).
-- ``score(slots, tokens, depth, mask)``: tokens/depth [B, n], mask [B, n, n] bool (mask[b, i, j]: node i sees
-  node j). Node i of row b sits at position ``length(slot) + depth[b, i]`` and attends to the whole committed
-  prefix of its slot (subject to sliding windows) plus the tree nodes its mask allows. Returns logits
-  [B, n, V] float32. The KV of the scored nodes is held until ``commit``.
+- ``score_nodes(slots, tokens, depth, mask, sizes, *, embeds=None, hidden_layers=())``: tokens/depth [B, n], mask
+  [B, n, n] bool (mask[b, i, j]: node i sees node j); row b's first ``sizes[b]`` nodes are real (the rest
+  padding). Node i of row b sits at position ``length(slot) + depth[b, i]`` and attends to the whole committed
+  prefix of its slot (subject to sliding windows) plus the tree nodes its mask allows. Returns `NodeScores` over
+  the R = sum(sizes) real nodes, packed row by row, that compute only what is asked for: greedy tokens (exact,
+  possibly without the full logits: see `specdec.verifiers.screen`), top-k hints, full logits [R, V] float32,
+  hidden states at ``hidden_layers`` (l in 0..L-1: the residual stream entering decoder layer l, 0 =
+  embeddings; L or -1: the final normed state). ``embeds`` (`NodeInputs`) replaces the input embedding of some
+  packed nodes by given vectors (auxiliary nodes). The KV of the scored nodes is held until ``commit``.
 - ``commit(slot, keep)``: append the KV of nodes ``keep`` (root first, then each accepted node in path order)
   to the slot's prefix; the other scored nodes are discarded. Rows padded with dummy nodes simply never
   keep them.
 - ``length(slot)``: committed prefix length.
-
-- ``score_nodes(slots, tokens, depth, mask, sizes, *, embeds=None, hidden_layers=())``: the same call for rows of
-  ``sizes[b]`` real nodes (the rest padding), returning `NodeScores` over the R = sum(sizes) real nodes, packed
-  row by row, that compute only what is asked for: greedy tokens (exact, possibly without the full logits: see
-  `specdec.verifiers.screen`), top-k hints, full logits, hidden states at ``hidden_layers`` (l in 0..L-1: the
-  residual stream entering decoder layer l, 0 = embeddings; L or -1: the final normed state). ``embeds``
-  (`NodeInputs`) replaces the input embedding of some packed nodes by given vectors (auxiliary nodes).
 - ``device``: where the model, the cache and every tensor of a call live; callers build inputs there.
 
 Implementations: `specdec.verifiers.hf.HFVerifier` (any supported transformers model, batch 1) and the lean
@@ -63,15 +61,6 @@ class Verifier(Protocol):
 
     def prefill(self, slot: int, tokens: torch.Tensor, *,
                 hidden_layers: Sequence[int] = ()) -> dict[int, torch.Tensor]: ...
-
-    def score(
-        self,
-        slots: Sequence[int],
-        tokens: torch.Tensor,  # [B, n] int64
-        depth: torch.Tensor,  # [B, n] int64
-        mask: torch.Tensor,  # [B, n, n] bool
-    ) -> torch.Tensor:  # [B, n, V] float32
-        ...
 
     def score_nodes(
         self,

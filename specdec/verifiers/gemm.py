@@ -24,7 +24,6 @@ Thread count is the caller's business; it is only read to key the cache.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections import Counter

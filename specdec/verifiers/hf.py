@@ -67,16 +67,6 @@ class HFVerifier:
         return self._len
 
     @torch.inference_mode()
-    def score(
-        self,
-        slots: Sequence[int],
-        tokens: torch.Tensor,  # [1, n]
-        depth: torch.Tensor,  # [1, n]
-        mask: torch.Tensor,  # [1, n, n] bool
-    ) -> torch.Tensor:  # [1, n, V]
-        return self._forward(tokens, depth, mask, None, ()).logits.float()
-
-    @torch.inference_mode()
     def score_nodes(
         self,
         slots: Sequence[int],
@@ -96,7 +86,7 @@ class HFVerifier:
 
     def _forward(self, tokens, depth, mask, embeds: NodeInputs | None, hidden: tuple[int, ...]):
         if self._pending:
-            raise RuntimeError("score() called twice without commit()")
+            raise RuntimeError("score_nodes() called twice without commit()")
         if tokens.shape[0] != 1:
             raise ValueError("the transformers verifier scores one row at a time")
         tokens, depth, mask = tokens.to(self.device), depth.to(self.device), mask.to(self.device)

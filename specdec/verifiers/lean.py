@@ -181,31 +181,6 @@ class LeanVerifier:
                 for k, v in parts.items()}
 
     @torch.inference_mode()
-    def score(
-        self,
-        slots: Sequence[int],
-        tokens: torch.Tensor,  # [B, n] int64
-        depth: torch.Tensor,  # [B, n] int64
-        mask: torch.Tensor,  # [B, n, n] bool
-    ) -> torch.Tensor:  # [B, n, V] float32
-        batch, n = tokens.shape
-        return self.score_packed(slots, tokens, depth, mask, [n] * batch).view(batch, n, -1)
-
-    @torch.inference_mode()
-    def score_packed(
-        self,
-        slots: Sequence[int],
-        tokens: torch.Tensor,  # [B, n] int64
-        depth: torch.Tensor,  # [B, n] int64
-        mask: torch.Tensor,  # [B, n, n] bool
-        sizes: Sequence[int],  # [B] real nodes per row: nodes sizes[b]..n-1 of row b are padding
-    ) -> torch.Tensor:  # [sum(sizes), V] float32: row b's nodes at offsets sum(sizes[:b]) ..
-        """Scores only the real nodes of padded rows: the GEMMs (projections, MLP, LM head: nearly all the
-        work) run on sum(sizes) rows instead of B * n, attention on each row's own nodes. `score` is this with
-        every node real; `score_nodes` the same without computing every node's full logits."""
-        return self.score_nodes(slots, tokens, depth, mask, sizes).logits()
-
-    @torch.inference_mode()
     def score_nodes(
         self,
         slots: Sequence[int],
@@ -217,15 +192,17 @@ class LeanVerifier:
         embeds: NodeInputs | None = None,
         hidden_layers: Sequence[int] = (),
     ) -> "LeanScores":
-        """`score_packed` without the LM head: `LeanScores` over the sum(sizes) real nodes, row by row (see the
-        `Verifier` protocol for `embeds` and `hidden_layers`)."""
+        """`LeanScores` over the sum(sizes) real nodes of padded rows, row by row (see the `Verifier` protocol for
+        `embeds` and `hidden_layers`): the GEMMs (projections, MLP, LM head: nearly all the work) run on sum(sizes)
+        rows instead of B * n, attention on each row's own nodes, and the LM head only as far as what is read
+        asks (greedy tokens through the screen, full logits, top-k)."""
         slots = [int(s) for s in slots]
         batch, n = tokens.shape
         sizes = [n] * batch if sizes is None else sizes
         if len(set(slots)) != len(slots) or batch != len(slots) or len(sizes) != batch:
-            raise ValueError("score: one distinct slot and one size per row expected")
+            raise ValueError("score_nodes: one distinct slot and one size per row expected")
         if any(not 1 <= int(s) <= n for s in sizes):
-            raise ValueError(f"score: sizes must be within 1..{n}, got {list(sizes)}")
+            raise ValueError(f"score_nodes: sizes must be within 1..{n}, got {list(sizes)}")
         dev = self.device
         step = self._step(slots, depth.long().to(dev), mask.bool().to(dev), canonical=self.strict,
                           sizes=[int(s) for s in sizes])
@@ -290,7 +267,7 @@ class LeanVerifier:
         lens_list = [self._lengths[s] for s in slots]
         end = max(lens_list) + n
         if end > self.max_len:
-            raise ValueError(f"score: {end} cache entries needed, reset() allowed {self.max_len}")
+            raise ValueError(f"score_nodes: {end} cache entries needed, reset() allowed {self.max_len}")
         dev = self.device
         lens = torch.tensor(lens_list, device=dev)
         q_pos = lens[:, None] + depth  # [B, n]

@@ -442,7 +442,6 @@ class LeanModel:
     def _attend_rows(self, q, k, v, rows: RowSpans, cache, window: int | None) -> torch.Tensor:
         """Write packed k/v [R, Hkv, D] by position; each row's queries q [R, Hq, D] attend over that row's own
         key range -> [R, Hq*D]."""
-        a = self.arch
         k_cache, v_cache = cache
         k_cache[rows.node_slot, :, rows.node_write] = k  # advanced dims first: [R, Hkv, D]
         v_cache[rows.node_slot, :, rows.node_write] = v

@@ -43,7 +43,6 @@ drafting hint, never used for acceptance.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import Counter
