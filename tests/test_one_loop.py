@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
+import textwrap
 from functools import lru_cache
 
 import pytest
 import torch
 
 import specdec
-from conftest import ARCHS, hf_greedy, make_tiny_model, make_tiny_tokenizer
+from conftest import ARCHS, hf_greedy, make_tiny_model, make_tiny_tokenizer, run_engine, score
 from specdec.drafters.base import AuxNodes, BaseDrafter, Draft, Feedback, Needs, PlainDrafter
 from specdec.drafters.recycling import RecyclingDrafter
 from specdec.drafters.registry import make_drafter
@@ -204,7 +205,7 @@ def test_aux_nodes_leave_real_scores_unchanged(arch, strict):
             tokens = torch.cat([draft.tokens, aux.tokens])[chain]
             t = Tree.chain(len(chain) - 1)
             plain.prefill(0, torch.tensor(context[:-1]))
-            got = plain.score([0], tokens[None], t.depth[None], t.mask[None])[0, -1]
+            got = score(plain, [0], tokens[None], t.depth[None], t.mask[None])[0, -1]
             torch.testing.assert_close(fb.aux_logits()[j], got, atol=1e-4, rtol=1e-4)
         assert fb.aux_logits().shape == (aux.size, VOCAB) and fb.aux_hidden(-1).shape[0] == aux.size
         context += fb.new_tokens.tolist()
@@ -387,3 +388,18 @@ def test_plain_drafter_in_one_loop_is_plain_decoding():
     prompt = prompts(1, seed=10)[0]
     res = Engine(LeanVerifier(m, gemm="linear"), PlainDrafter(), 1).generate(prompt, StopConditions(12))
     assert res.tokens == hf_greedy(m, prompt, 12) and res.stats.tau == 1.0
+
+
+def test_the_custom_drafter_example_in_the_design_doc_runs_exact():
+    """docs/design.md's custom drafter, executed as written: the loop decodes with it exactly as plainly."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text(encoding="utf-8")
+    block = next(b for b in doc.split("```python")[1:] if "class RepeatLast" in b).split("```")[0]
+    namespace: dict = {}
+    exec(textwrap.dedent(block), namespace)  # noqa: S102 - the repository's own documentation
+    m = model("llama")
+    rows = [[5, 6, 6, 6, 7, 8, 8], [9, 10, 11, 12]]
+    got, res = run_engine(m, namespace["RepeatLast"](), rows, 2, 8, new=16)
+    assert got == [hf_greedy(m, r, 16) for r in rows]
+    assert max(s for r in res.results for s in r.stats.tree_sizes) == 4  # its 3-token chains were scored
