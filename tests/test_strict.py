@@ -92,11 +92,11 @@ def test_committed_branch_kv_equals_plain_kv(model):
     tree_logits(v, prefix, TREE, tokens)
     v.commit(0, path)
     nxt = score(v, [0], torch.tensor([[7]]), ROOT.depth[None], ROOT.mask[None])[0, 0]
-    spec_cache = [(k.clone(), vv.clone()) for k, vv in v._caches]
+    spec_cache = [(k.clone(), vv.clone()) for k, vv in v.cache.layers]
     expected = plain_logits(v, prefix, tokens[path].tolist() + [7])[-1]
     assert torch.equal(nxt, expected)
     end = prefix.numel() + len(path) + 1
-    for (k0, v0), (k1, v1) in zip(spec_cache, v._caches):
+    for (k0, v0), (k1, v1) in zip(spec_cache, v.cache.layers):
         assert torch.equal(k0[0, :, :end], k1[0, :, :end]) and torch.equal(v0[0, :, :end], v1[0, :, :end])
 
 

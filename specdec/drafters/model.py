@@ -41,6 +41,7 @@ from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams, target_probs
 from specdec.trees.tree import Tree
 from specdec.verifiers.gemm import Linear
+from specdec.verifiers.kv_cache import KVCache
 from specdec.verifiers.lean_model import LeanModel, RowSpans, Step
 
 FEED_CHUNK = 256  # tokens per forward when the draft model catches up on a long context (the prompt)
@@ -59,9 +60,9 @@ class DraftRunner:
         self.max_positions = max_positions
         self.vocab_size: int = lean.lm_head.out_features
         self.length = 0
-        self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (k, v) [1, Hkv, capacity, D]
+        a = lean.arch
+        self.cache = KVCache(len(lean.layers), a.num_kv_heads, a.head_dim, lean.dtype, lean.device, max_positions)
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._capacity = 0
         self._depth = torch.zeros(0, dtype=torch.long)  # [m] depth of each pending node
         self._anc = torch.zeros(0, 0, dtype=torch.bool)  # [m, m] ancestor-or-self among pending nodes
         self._head: tuple[torch.Tensor, Linear] | None = None  # (token ids [N], their LM head rows) or full head
@@ -91,7 +92,7 @@ class DraftRunner:
         self._ensure(self.length + m + n)  # before _grow: the copy covers the existing pending nodes only
         self._grow(m, n, parents)
         step = self._step(m, n)
-        hidden = self.lean.forward(tokens.view(1, n), step, self._caches, self._rope)  # [1, n, hidden]
+        hidden = self.lean.forward(tokens.view(1, n), step, self.cache.layers, self._rope)  # [1, n, hidden]
         if not rows:
             return torch.zeros(0, self.vocab_size)
         picked = hidden[:, torch.as_tensor(rows, dtype=torch.long)]  # [1, r, hidden]
@@ -128,14 +129,7 @@ class DraftRunner:
             ok = 0 <= node < self.pending and int(self._depth[node]) == j
             if not ok or (j and not bool(self._anc[node, nodes[j - 1]])):
                 raise ValueError(f"draft runner: keep must be a chain of pending nodes from depth 0, got {nodes}")
-        moved = [j for j, node in enumerate(nodes) if node != j]
-        if moved:
-            src = torch.tensor([self.length + nodes[j] for j in moved])
-            dst = torch.tensor([self.length + j for j in moved])
-            with torch.inference_mode():
-                for k_cache, v_cache in self._caches:
-                    k_cache[0, :, dst] = k_cache[0, :, src]
-                    v_cache[0, :, dst] = v_cache[0, :, src]
+        self.cache.keep(0, self.length, nodes)
         self.truncate(self.length)
         self.length += len(nodes)
 
@@ -193,22 +187,13 @@ class DraftRunner:
                     kv_end=total, kv_start={w: 0 for w in masks}, masks=masks, slot_slice=slice(0, 1), rows=rows)
 
     def _ensure(self, needed: int) -> None:
-        if needed <= self._capacity:
-            return
         if needed > self.max_positions:
             raise ValueError(f"draft runner: {needed} positions exceed the draft model's {self.max_positions}")
-        capacity = min(self.max_positions, max(needed, 2 * self._capacity, 256))
-        a, used = self.lean.arch, self.length + self.pending
-        shape = (1, a.num_kv_heads, capacity, a.head_dim)
-        caches = []
-        for i in range(len(self.lean.layers)):
-            k, v = torch.zeros(shape, dtype=self.lean.dtype), torch.zeros(shape, dtype=self.lean.dtype)
-            if self._caches:
-                k[:, :, :used] = self._caches[i][0][:, :, :used]
-                v[:, :, :used] = self._caches[i][1][:, :, :used]
-            caches.append((k, v))
-        self._caches, self._capacity = caches, capacity
-        self._rope = self.lean.rope_tables(capacity)
+        if not self.cache.layers:
+            self.cache.reset(1, min(self.max_positions, max(needed, 256)))
+            self._rope = self.lean.rope_tables(self.cache.capacity)
+        elif self.cache.reserve(needed, at_least=256):
+            self._rope = self.lean.rope_tables(self.cache.capacity)
 
 
 # ------------------------------------------------------------------------------------------------------

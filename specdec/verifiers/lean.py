@@ -37,6 +37,7 @@ from specdec.verifiers.q8act import quant_format
 from specdec.verifiers.quant import QuantLinear, QuantWeight
 from specdec.verifiers.screen import IntScreenedHead, ScreenedHead, measure_screen
 from specdec.verifiers.strict import BLOCK, TILE, CanonicalTree
+from specdec.verifiers.kv_cache import KVCache
 from specdec.verifiers.tree_attention import triton_available
 
 PREFILL_CHUNK = 256
@@ -104,11 +105,12 @@ class LeanVerifier:
         self.strict = strict
         self._scorer = self.model.tiled(TILE) if strict else self.model  # the forward `score` runs
         self.screen, self.screen_buckets = self._screen_for(screen, gemm, cache_dir)
-        self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        a = self.model.arch
+        self.cache = KVCache(len(a.windows), a.num_kv_heads, a.head_dim, self.model.dtype, self.device,
+                             self.max_positions, BLOCK if strict else 1)  # strict key ranges end on a block
         self._lengths: list[int] = []
         self._scored: dict[int, int] = {}  # slot -> node count of its last scored tree (for commit checks)
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.max_len = 0
 
     @property
     def gemm_plan(self) -> gemm.GemmPlan:
@@ -117,43 +119,25 @@ class LeanVerifier:
     # ---- Verifier protocol ---------------------------------------------------------------------------
 
     def reset(self, num_slots: int, max_len: int) -> None:
-        self._caches = self._allocate(num_slots, max_len)
+        self.cache.reset(num_slots, max_len)
         self._lengths = [0] * num_slots
         self._scored = {}
         self._rope = self.model.rope_tables(max_len)
-        self.max_len = max_len
 
     def reserve(self, max_len: int) -> None:
         """Room for `max_len` tokens in every slot: the cache grows (to at least twice its size, at most the
         model's positions) and keeps what it holds, so a long row costs memory only as it grows."""
-        if max_len <= self.max_len:
-            return
-        grown = min(self.max_positions, max(max_len, 2 * self.max_len))
-        caches = self._allocate(len(self._lengths), grown)
-        for (k_new, v_new), (k_old, v_old) in zip(caches, self._caches):
-            k_new[:, :, : k_old.shape[2]] = k_old
-            v_new[:, :, : v_old.shape[2]] = v_old
-        self._caches = caches
-        self._rope = self.model.rope_tables(grown)
-        self.max_len = grown
+        if self.cache.reserve(max_len):
+            self._rope = self.model.rope_tables(self.cache.capacity)
+
+    @property
+    def max_len(self) -> int:
+        """Positions a slot holds now."""
+        return self.cache.capacity
 
     def cache_bytes(self, num_slots: int, max_len: int) -> int:
         """Bytes of the KV cache `reset(num_slots, max_len)` allocates."""
-        a = self.model.arch
-        return 2 * len(a.windows) * num_slots * a.num_kv_heads * self._rows(max_len) * a.head_dim * \
-            self.model.dtype.itemsize
-
-    def _rows(self, max_len: int) -> int:
-        return -(-max_len // BLOCK) * BLOCK if self.strict else max_len  # strict key ranges end on a block
-
-    def _allocate(self, num_slots: int, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        a, dtype = self.model.arch, self.model.dtype
-        if max_len > self.max_positions:
-            raise ValueError(f"max_len {max_len} exceeds the model's {self.max_positions} positions")
-        shape = (num_slots, a.num_kv_heads, self._rows(max_len), a.head_dim)
-        # zeros, not empty: masked keys past a row's end must not hold NaN/inf (0 * NaN poisons the output)
-        return [(torch.zeros(shape, dtype=dtype, device=self.device),
-                 torch.zeros(shape, dtype=dtype, device=self.device)) for _ in a.windows]
+        return self.cache.bytes(num_slots, max_len)
 
     def length(self, slot: int) -> int:
         return self._lengths[slot]
@@ -173,7 +157,7 @@ class LeanVerifier:
             causal = torch.ones(m, m, dtype=torch.bool, device=self.device).tril_()
             step = self._step([slot], torch.arange(m, device=self.device)[None], causal[None], sizes=[m])
             capture = dict.fromkeys(keys) or None
-            self.model.forward(chunk[None], step, self._caches, self._rope, capture=capture)  # eager
+            self.model.forward(chunk[None], step, self.cache.layers, self._rope, capture=capture)  # eager
             for k in keys:
                 parts[k].append(capture[k].reshape(m, -1))  # type: ignore[index]
             self._lengths[slot] += m
@@ -210,7 +194,7 @@ class LeanVerifier:
             step.real = torch.cat([torch.arange(int(s), device=dev) + b * n for b, s in enumerate(sizes)])  # [R]
         capture = dict.fromkeys(hidden_keys(hidden_layers, self.num_layers)) or None
         vectors = None if embeds is None else (embeds.index.to(dev), embeds.embeds.to(dev))
-        hidden = self._scorer.forward(tokens.long().to(dev), step, self._caches, self._rope,
+        hidden = self._scorer.forward(tokens.long().to(dev), step, self.cache.layers, self._rope,
                                       compiled=self._compiled, embeds=vectors, capture=capture)
         for s in slots:
             self._scored[s] = n
@@ -224,14 +208,7 @@ class LeanVerifier:
         if not keep or keep[0] != 0 or any(b <= a for a, b in zip(keep, keep[1:])) or keep[-1] >= n:
             raise ValueError(f"commit: keep must start at the root and increase within {n} nodes, got {keep}")
         base = self._lengths[slot]
-        moved = [j for j, node in enumerate(keep) if node != j]
-        if moved:
-            src = torch.tensor([base + keep[j] for j in moved], device=self.device)
-            dst = torch.tensor([base + j for j in moved], device=self.device)
-            with torch.inference_mode():
-                for k_cache, v_cache in self._caches:
-                    k_cache[slot, :, dst] = k_cache[slot, :, src]
-                    v_cache[slot, :, dst] = v_cache[slot, :, src]
+        self.cache.keep(slot, base, keep)
         self._lengths[slot] = base + len(keep)
 
     # ---- LM head -------------------------------------------------------------------------------------
