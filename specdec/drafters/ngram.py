@@ -108,11 +108,9 @@ class NgramDrafter(BaseDrafter):
     """
 
     name = "ngram"
-    # P(accepted) per depth before a slot has measured its own. Prompt lookup is usually right where it finds a
-    # match: Gemma 3 270M greedy (gguf) on 26 training prompts accepted the first draft token on 0.84 of 484
-    # matched steps and each deeper one on 0.94-0.98 (`python scripts/ngram_acceptance.py 6`). The sizers' default
-    # 0.5 was not only pessimistic but self-sealing: where a second node costs more than 1.5x one (AVX2 gguf:
-    # 26.7 ms against 17.0) a 0.5 chain never pays, so no chain was proposed and nothing measured.
+    # P(accepted | parent accepted) before the loop has measured any (`scripts/ngram_acceptance.py` measures it):
+    # prompt lookup is usually right where it finds a match, and a prior too low never gets a chain scored, so it
+    # would never be corrected
     acceptance_prior = 0.8
 
     def __init__(self, min_ngram: int = 1, max_ngram: int = 3, branches: int = 1):

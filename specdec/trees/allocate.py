@@ -10,21 +10,17 @@ for themselves:
 - scoring B roots plus K draft nodes costs T(B + K) seconds: the verifier's calibrated `LatencyCurve`
   (one row, cached per machine and model) corrected by the loop's own steps: at each calibrated size, the
   median of measured / predicted over the last steps near that size (the median over all sizes where fewer
-  than `min_samples` were near it), kept non-decreasing in the node count. One scale for all sizes was not
-  enough: on Gemma 3 270M in gguf (2-core EPYC) a bench's one-node steps ran at 0.70x the curve and its
-  4-5-node steps at 0.82-0.86x, so the curve overstated the base cost more than a node's, and a single
-  scale made extra nodes look cheaper than they were. Causes: batched attention, the machine's load, and a
-  calibration that times sizes round robin, each call after a larger one;
+  than `min_samples` were near it), kept non-decreasing in the node count (the curve can be off by a different
+  factor at each size: batched attention, the machine's load, a calibration timed round robin);
 - K maximises expected committed tokens per second, (B + sum of the K best values) / (T(B + K) + host), host
   being the measured drafting + acceptance seconds of a step; unless that beats plain (K = 0) by at least
   `min_gain` (10%), K = 0: what the model leaves out (padding and packing, acceptance estimated per slot)
-  costs a few percent. Measured (64 Spec-Bench prompts, batch 16, Gemma 3 270M, 2 cores): without the
-  margin the allocator drafted 1-2 nodes a step for a predicted few percent and ran at 0.93x plain.
+  costs a few percent.
 
 At large batch the GEMMs turn compute-bound, T rises steeply with K, and K falls to what still pays, down
 to 0: plain batched decoding. When even full-length drafts for every row could not pay, the batch does not
-propose at all (`Sizer.plan`): proposing and cutting 16 chains a step for nothing ran at 0.92x plain in the same
-benchmark, skipping at 0.98x. A row whose drafter found nothing costs one node.
+propose at all (`Sizer.plan`): proposing and cutting drafts a step for nothing costs host time. A row whose
+drafter found nothing costs one node.
 """
 
 from __future__ import annotations

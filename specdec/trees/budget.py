@@ -69,7 +69,7 @@ class Sizer:
         if budget <= 1:
             return StepPlan([1] * len(slots), propose=False)
         bounds = [self.acceptance.bound(s, budget) for s in slots]
-        worth = any(self.allocator.allocate(bounds))  # measured: proposing for nothing cost 8%
+        worth = any(self.allocator.allocate(bounds))  # proposing for nothing costs host time
         return StepPlan([budget] * len(slots), propose=worth)
 
     def trim(self, plan: StepPlan, drafter: Drafter, slots: Sequence[int], drafts: list[Draft]) -> list[Draft]:

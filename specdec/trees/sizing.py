@@ -106,12 +106,8 @@ def calibrate(verifier, sizes: Sequence[int] = CALIBRATION_SIZES, prefix_len: in
     """Verify latency of a chain of n nodes after a prefix_len-token prefix, for each n.
 
     Sizes are timed round robin (one call of each per round), so drifting load hits all alike, and each keeps
-    its median round: the curve predicts what a decoding step typically costs, and steps are checked against
-    it (`specdec.bench.step_time`). Until CURVE_VERSION 3 it kept the fastest round, which the measured steps
-    exceeded by 10% (plain) to 23% (ngram, recycling; Gemma 3 270M, 2 threads, 2-core EPYC, two Spec-Bench
-    prompts): real verifies cost what these chain verifies cost when timed interleaved with them (medians
-    within noise), and the steps' host work was under 1 ms, so the gap was the fastest-of-5 statistic. With
-    the median the same bench measured 0.94-1.00x the prediction. Cost never falls as n grows, so a size
+    its median round (not the fastest: the curve predicts what a decoding step typically costs, and steps are
+    checked against it, `specdec.bench.step_time`). Cost never falls as n grows, so a size
     measured slower than a larger one is given the larger one's time (noise, not the verifier). Not timed:
     the step's work outside the verifier, which the sizer adds as it measures it.
     """

@@ -29,14 +29,10 @@ weights in value, not bitwise (another summation order, one rounding per step in
 The microkernel is LLVM vector IR emitted through numba intrinsics (`llvm.fma.v16f32`, 16-lane vectors that
 LLVM lowers to the machine's registers): numba's own loops did not keep accumulators in registers (a scalar
 register-blocked version ran 3-4x slower, unvectorised), and llvmlite ships with numba, so no compiler or new
-dependency is needed. Measured on AMD EPYC (Zen 4) 2 vCPUs, 2 threads, 262144 x 640 Q8_0 head, median:
-5.5 / 9.5 / 18.4 / 30.9 ms at 1 / 4 / 8 / 16 rows, against 15 / 27 / 45 / 78-133 ms for the previous kernel
-(128-row tiles, accumulators in L1, separate multiply and add) and 60-74 / 107-135 / 118-132 / 145-152 ms for
-torch fp32 on the dequantised weight. From 6 rows on a pass is bound by the fused multiply-adds themselves
-(Zen 4 runs one 16-lane fma a cycle per core), so extra rows cost about 1.4 ms each on the head: 16 rows of
-this model's 268 M weights are at least ~36 ms of fma on two cores, whatever the kernel. That schedule (the
+dependency is needed. From about 6 rows on a pass is bound by the fused multiply-adds themselves (one 16-lane
+fma a cycle per core), so each extra row costs its weights' fma time, whatever the kernel. The schedule (the
 whole tile x 6 rows in 28 registers) suits AVX-512's 32; on AVX2's 16 a pass of 2+ rows covers a quarter tile
-instead (`narrow_schedule`, the same values): on AMD EPYC (Zen 3) the head at 16 rows takes 39 ms, not 80.
+instead (`narrow_schedule`, the same values). Timings of both: docs/benchmarks.md.
 
 Threads: numba's, set by the caller (`numba.set_num_threads`); results do not depend on their number. The
 tiles are numba's prange iterations (equal blocks per thread), so a call asks numba nothing about its threads.
@@ -362,13 +358,9 @@ def narrow_schedule() -> bool:
     A pass keeps rows x vectors accumulators of 16 lanes in registers: the whole tile (4 vectors) x 6 rows is
     24 zmm + 4 weight zmm of AVX-512's 32, but 48 ymm on AVX2, whose 16 ymm then spill on every step. There a
     pass of two or more rows covers a quarter of the tile (1 vector = 2 ymm) x up to 6 rows: 12 ymm of
-    accumulators, and the tile's codes (K x 64 bytes, in L1/L2 after the first quarter) are read 4 times.
-    Measured on AMD EPYC (Zen 3, AVX2) 2 vCPUs, 2 threads, 262144 x 640 Q8_0 head, median of 7, whole-tile /
-    quarter passes (`python scripts/kernel_schedules.py`): 7.6 / 7.5 ms at 1 row, 14.5 / 12.1 at 3, 30.6 / 16.5
-    at 6, 80.3 / 39.2 at 16. At 2 rows the head alone is a tie (9.4 / 10.5-11.1), but the whole 2-node verify
-    costs 1.36-1.49x one node with quarter passes against 1.49-1.58x with whole-tile ones (three interleaved
-    pairs of `python -m specdec.bench.verify_curve --ks 1,2 --variants lean_gguf --reps 25`). Which passes run
-    changes no value: each output element is the same fma chain over k either way."""
+    accumulators, and the tile's codes (K x 64 bytes, in L1/L2 after the first quarter) are read 4 times
+    (`python scripts/kernel_schedules.py` times both; docs/benchmarks.md). Which passes run changes no value:
+    each output element is the same fma chain over k either way."""
     import llvmlite.binding as llvm
 
     return not llvm.get_host_cpu_features().get("avx512f", False)
@@ -378,11 +370,9 @@ def pack_nibbles() -> bool:
     """Whether Q4_K codes stay two a byte on this CPU: where AVX-512 is present (16 fp32 lanes an instruction).
 
     A pass at one row spends about ten vector instructions per 16 weights on AVX2 (widen, convert, scale, offset,
-    fma): it is bound by them, not by memory, and splitting nibbles adds more than the halved code bytes save.
-    Measured on AMD EPYC (Zen 3, AVX2) 2 vCPUs, a 8960 x 1536 Q4_K weight, median of 41 interleaved calls, bytes /
-    nibbles: 0.68 / 0.84 ms at 1 row, 1.07 / 0.93 at 2, 1.42 / 1.52 at 4, 6.03 / 6.03 at 16 (2 threads); and on
-    Qwen2.5-Coder-1.5B plain decoding 8.84 tok/s with bytes against 8.17 with nibbles (3 prompts x 64 tokens).
-    AVX-512 halves the instructions per weight, which leaves the pass bound by the bytes it reads."""
+    fma): it is bound by them, not by memory, and splitting nibbles adds more than the halved code bytes save
+    (measured: docs/benchmarks.md). AVX-512 halves the instructions per weight, which leaves the pass bound by
+    the bytes it reads."""
     return not narrow_schedule()
 
 
