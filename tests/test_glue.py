@@ -164,9 +164,3 @@ def test_glued_forward_decodes_like_transformers(arch):
     engine = Engine(verifier, make_drafter("recycling", vocab_size=512), sizer=8, width=2)
     res = engine.generate_batch([Request(p, StopConditions(24)) for p in rows])
     assert [r.tokens for r in res.results] == alone  # trees, ragged rows: the same tokens
-
-
-def test_quantised_weights_refuse_compile():
-    model = make_tiny_model("llama")
-    with pytest.raises(ValueError, match="compile"):
-        LeanVerifier(model, quant=_quantised(model, ["Q8_0"]), gemm="linear", compile=True)

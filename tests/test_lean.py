@@ -294,22 +294,6 @@ def test_gemm_orientations_agree(model):
         torch.testing.assert_close(out, outs[0], atol=ATOL, rtol=0)
 
 
-def test_compiled_forward_matches_eager():
-    model = make_model("gemma3")
-    gen = torch.Generator().manual_seed(6)
-    ids = torch.randint(0, VOCAB, (20,), generator=gen)
-    outs = []
-    for compiled in (False, True):
-        v = LeanVerifier(model, gemm=gemm.available()[-1], compile=compiled)  # oneDNN where built in
-        v.reset(1, 32)
-        v.prefill(0, ids[:9])
-        one = score_tree(v, 0, Tree.chain(0), ids[9:10].tolist())
-        v.commit(0, [0])
-        outs.append((one, score_tree(v, 0, Tree.chain(2), ids[10:13].tolist())))
-    for eager, compiled in zip(*outs):
-        torch.testing.assert_close(compiled, eager, atol=ATOL, rtol=0)
-
-
 @pytest.mark.parametrize("rows", [1, 3, 16, 70])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matmul_orientations_equal(rows, with_bias):

@@ -3,7 +3,7 @@
 For each k in 1, 2, 4, ..., 64 it times one scoring call over a `--prefix`-token cache, for: transformers'
 forward with a DynamicCache (cropped back after each call, logits for all k nodes), and the lean verifier's
 greedy scoring (what greedy decoding runs: the k nodes' greedy tokens, from the bf16-screened LM head where
-that measured faster) eager, under torch.compile (``lean_compiled``), without the screen (``lean_noscreen``:
+that measured faster), without the screen (``lean_noscreen``:
 full fp32 logits and their argmax), in its strict, batch-invariant mode (``lean_strict``), and per weight format:
 on the GGUF's own quantised blocks (``lean_gguf``; ``lean_gguf_screen``: its head screened by the integer kernel;
 ``lean_q8act``: their codes times int8 activations) and on the model cast to bf16 (``lean_bf16``). Variants are
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefix", type=int, default=512)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--ks", default=",".join(map(str, KS)))
-    ap.add_argument("--variants", default="hf,lean,lean_compiled",
-                    help="comma list of hf, lean, lean_compiled, lean_noscreen, lean_linear, lean_strict, "
+    ap.add_argument("--variants", default="hf,lean",
+                    help="comma list of hf, lean, lean_noscreen, lean_linear, lean_strict, "
                          "lean_gguf (the GGUF's own blocks), lean_gguf_screen (the same, integer-screened head), "
                          "lean_q8act (their codes x int8 activations), lean_bf16")
     ap.add_argument("--gemm", default="auto", choices=["auto", "linear", "wxt", "onednn"])
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     print(" ".join(f"{k}={v}" for k, v in info.items()), flush=True)
 
     verifiers = {}
-    if "lean" in variants or "lean_compiled" in variants:
+    if "lean" in variants:
         wait_for_quiet(args.wait_quiet)  # a plan measured under load is cached and kept
         t0 = time.perf_counter()
         verifiers["lean"] = LeanVerifier(model, gemm=args.gemm, cache_dir=args.gemm_cache)
@@ -141,8 +141,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"GEMM plan ({info['gemm_setup_s']} s to calibrate or load; default {plan['default']}):")
         for shape, per_bucket in plan["choices"].items():
             print(f"  {shape:>11}: " + " ".join(f"{b}:{o}" for b, o in per_bucket.items()))
-    if "lean_compiled" in variants:
-        verifiers["lean_compiled"] = LeanVerifier(model, gemm=args.gemm, cache_dir=args.gemm_cache, compile=True)
     if "lean_strict" in variants:  # tiled GEMMs + per-query canonical attention (specdec.verifiers.strict)
         verifiers["lean_strict"] = LeanVerifier(model, gemm=args.gemm, cache_dir=args.gemm_cache, strict=True)
     if "lean_noscreen" in variants:  # the fp32 LM head on every row count: what the screen buys
@@ -173,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         for v, ts in times.items():
             results[v][k] = {"median_ms": statistics.median(ts), "min_ms": min(ts), "busy_rounds": busy}
         print(f"k={k:<3d} " + "  ".join(f"{v} {statistics.median(times[v]):7.1f}" for v in variants)
-              + f"   ({time.perf_counter() - t0:.0f} s incl. compile/waits; {busy} busy rounds)", flush=True)
+              + f"   ({time.perf_counter() - t0:.0f} s incl. warm-up/waits; {busy} busy rounds)", flush=True)
     info["loadavg_end"] = load_average()
     print_table(results, ks, info)
     if args.json:

@@ -68,23 +68,10 @@ def matmul(
     if orientation == "linear":
         return F.linear(x, weight, bias)
     if orientation == "onednn":
-        if torch.compiler.is_compiling():  # inductor lowers the raw op only for frozen (constant) weights
-            return _onednn_linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if bias is None:
         return torch.mm(weight, x.t()).t()
     return torch.addmm(bias.unsqueeze(1), weight, x.t()).t()
-
-
-@torch.library.custom_op("specdec::onednn_linear", mutates_args=())
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """oneDNN's linear as an opaque op, so torch.compile calls it as is (weights are graph inputs here)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-@_onednn_linear.register_fake
-def _(x, weight, bias):
-    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @dataclass(frozen=True)

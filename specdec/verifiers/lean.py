@@ -48,14 +48,13 @@ class LeanVerifier:
     others).
 
     gemm: "auto" measures the fastest GEMM orientation per weight shape and row count once per machine
-    and caches it (see `specdec.verifiers.gemm`); or force one orientation. compile: torch.compile the
-    dense per-layer parts (scoring only; prefill stays eager).
+    and caches it (see `specdec.verifiers.gemm`); or force one orientation.
     quant: GGUF-native weights (`specdec.verifiers.quant`, read by `specdec.models.gguf_weights`): the linears
     named run the quantised fp32 kernel, batch-invariant by construction, and the layers' norms, rotary and
-    residual joins run fused (`specdec.verifiers.glue`); the GEMM plan covers the rest. Not with compile.
+    residual joins run fused (`specdec.verifiers.glue`); the GEMM plan covers the rest.
     On a GPU the GEMMs are plain F.linear and the screen is off unless asked for.
     strict: batch-invariant scoring (see `specdec.verifiers.strict`): tiled GEMMs in the plan's orientation
-    for TILE rows and a per-query canonical attention; not with compile. Prefill is unchanged.
+    for TILE rows and a per-query canonical attention. Prefill is unchanged.
     screen: greedy tokens from the screened LM head (`specdec.verifiers.screen`, exact): "auto" at the
     row counts where it measured faster than the full head on this machine (measured with the GEMM plan,
     cached beside it; only with gemm="auto"), True at every row count, False never. Off for strict scoring,
@@ -75,7 +74,6 @@ class LeanVerifier:
         model: PreTrainedModel,
         *,
         gemm: Literal["auto", "linear", "wxt", "onednn"] = "auto",
-        compile: bool = False,
         quant: dict[str, QuantWeight] | None = None,
         cache_dir: str | Path | None = None,
         calibration_budget_s: float = 10.0,
@@ -83,10 +81,6 @@ class LeanVerifier:
         screen: bool | Literal["auto"] = "auto",
         attention: Literal["auto", "sdpa", "triton"] = "auto",
     ):
-        if strict and compile:
-            raise ValueError("strict scoring runs eager: compile=True cannot be combined with strict=True")
-        if quant and compile:
-            raise ValueError("quantised weights run their own fused kernels: compile=True cannot be combined with quant")
         cfg = model.config
         self.vocab_size: int = cfg.vocab_size
         self.max_positions: int = cfg.max_position_embeddings
@@ -99,9 +93,6 @@ class LeanVerifier:
             gemm = "linear" if gemm == "auto" else gemm
             screen = False if screen == "auto" else screen
         self.model.use_plan(_plan_for(self.model, gemm, cache_dir, calibration_budget_s))
-        self._compiled = compile
-        if compile:
-            self.model.compile()
         self.strict = strict
         self._scorer = self.model.tiled(TILE) if strict else self.model  # the forward `score` runs
         self.screen, self.screen_buckets = self._screen_for(screen, gemm, cache_dir)
@@ -195,7 +186,7 @@ class LeanVerifier:
         capture = dict.fromkeys(hidden_keys(hidden_layers, self.num_layers)) or None
         vectors = None if embeds is None else (embeds.index.to(dev), embeds.embeds.to(dev))
         hidden = self._scorer.forward(tokens.long().to(dev), step, self.cache.layers, self._rope,
-                                      compiled=self._compiled, embeds=vectors, capture=capture)
+                                      embeds=vectors, capture=capture)
         for s in slots:
             self._scored[s] = n
         return LeanScores(self, hidden.reshape(-1, hidden.shape[-1]), capture or {})  # [R, hidden]

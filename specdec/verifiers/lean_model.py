@@ -180,8 +180,7 @@ class LeanModel:
         if unused:
             raise ValueError(f"quantised weights for modules the model does not have: {sorted(unused)[:3]}")
         self._inv_freq = _inv_freqs(base.rotary_emb, set(arch.rope_kinds), arch.gemma)
-        self._gqa = bool(arch.num_heads != arch.num_kv_heads)  # a bool stays a constant under torch.compile
-        self._compiled = (self.pre_attention, self.post_attention)  # replaced by compile()
+        self._gqa = bool(arch.num_heads != arch.num_kv_heads)
         # GGUF-native weights on fp32 rows: the layers run through `glue` (`_layers_glued`)
         self._glue = [_GlueNorms.of(lw) for lw in self.layers] if self._quant and self.dtype == torch.float32 else None
         self._glue_final = None if self._glue is None else self.final_norm.contiguous().numpy()
@@ -302,7 +301,6 @@ class LeanModel:
         step: Step,
         caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v) [slots, Hkv, max_len, D]
         rope: dict[str, tuple[torch.Tensor, torch.Tensor]],  # kind -> (cos, sin) [max_len, D]
-        compiled: bool = False,  # run the dense parts through their torch.compile'd versions
         embeds: tuple[torch.Tensor, torch.Tensor] | None = None,  # (index [E], vectors [E, hidden]): inputs of
         # some (packed) nodes given as vectors instead of token embeddings
         capture: dict[int, torch.Tensor | None] | None = None,  # layer -> filled with [B*n or R, hidden]: the
@@ -325,7 +323,7 @@ class LeanModel:
             return hidden if step.real is not None else hidden.view(batch, n, a.hidden)
         cos_sin = {kind: (c[positions].unsqueeze(2), s[positions].unsqueeze(2))  # [B, n, 1, D] or packed [R, 1, 1, D]
                    for kind, (c, s) in rope.items()}
-        pre, post = self._compiled if compiled else (self.pre_attention, self.post_attention)
+        pre, post = self.pre_attention, self.post_attention
         for i, lw in enumerate(self.layers):
             if capture is not None and i in capture:
                 capture[i] = x
@@ -379,15 +377,6 @@ class LeanModel:
             following = norms[i + 1].in_norm if i + 1 < len(norms) else self._glue_final
             xs, h = glue.add_norm(xs, _project([lw.down], act.numpy()), g.post_ff_norm, following, eps)
         return torch.from_numpy(h)
-
-    def compile(self, **options) -> None:
-        """torch.compile the dense per-layer parts (everything but the cache writes and attention).
-
-        Their only varying size is the row count, so one graph per GEMM bucket serves every layer, batch
-        layout and prefix length; the KV cache and masks never enter a compiled graph.
-        """
-        self._compiled = (torch.compile(self.pre_attention, dynamic=True, **options),
-                          torch.compile(self.post_attention, dynamic=True, **options))
 
     def pre_attention(self, x: torch.Tensor, lw: _Layer, cos: torch.Tensor, sin: torch.Tensor):
         """x [B*n, hidden] -> q [B, n, Hq, D], k and v [B, n, Hkv, D] (normed, rotated); cos/sin [B, n, 1, D]."""
@@ -510,7 +499,7 @@ def attend(
     mask: torch.Tensor | None,  # [B, 1, n, S] bool, True = may attend; None = every key
     scale: float,
     softcap: float | None,
-    gqa: bool,  # Hq != Hkv, passed in: SDPA wants a plain bool for enable_gqa, also under torch.compile
+    gqa: bool,  # Hq != Hkv, passed in: SDPA wants a plain bool for enable_gqa
 ) -> torch.Tensor:  # [B, Hq, n, D]
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
