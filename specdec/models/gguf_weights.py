@@ -11,8 +11,10 @@ type the kernel does not handle stay on the model's fp32 weight; `QuantReport` s
 from __future__ import annotations
 
 import math
+import os
 import struct
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -151,10 +153,17 @@ class _Header:
 def tensor_index(path: str | Path) -> list[TensorEntry]:
     """The tensors of a GGUF (v2/v3) without parsing its metadata values: gguf-py's reader builds an array
     object for every element of every metadata field (the default model's 262k-token vocabulary took ~25 of
-    the ~30 s a load of its weights cost); here those fields are skipped by their lengths.
+    the ~30 s a load of its weights cost); here those fields are skipped by their lengths. Read once per file
+    version in a process (the plan and the load both ask).
 
     Every count, length, type and offset is checked against the file's size before it is used; `BadGGUF` (a
     SpecdecError and a ValueError, one line) for a file that is not a well-formed GGUF."""
+    st = os.stat(path)
+    return list(_tensor_index(str(Path(path).resolve()), st.st_size, st.st_mtime_ns))
+
+
+@lru_cache(maxsize=8)
+def _tensor_index(path: str, size: int, mtime_ns: int) -> tuple[TensorEntry, ...]:  # size, mtime: the cache key
     from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
 
     name = Path(path).name
@@ -198,7 +207,7 @@ def tensor_index(path: str | Path) -> list[TensorEntry]:
             raise BadGGUF(f"{name} is not a usable GGUF file (tensor {tname}'s {nbytes} bytes at {start + offset} run "
                           f"past the end of the file, {r.size} bytes): the file is cut short or damaged; get it again")
         out.append(TensorEntry(tname, qtype.name, shape, raw[start + offset: start + offset + nbytes], start + offset))
-    return out
+    return tuple(out)
 
 
 def gguf_architecture(path: str | Path) -> str:
