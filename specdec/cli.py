@@ -281,10 +281,13 @@ def train_corpus_cmd(model: str, out: str, prompts: int, max_new_tokens: int, wi
 @click.option("--block", type=click.IntRange(min=2, max=64), default=12, show_default=True,
               help="Mask positions per block (a draft uses k <= block).")
 @click.option("--layers", "num_layers", type=click.IntRange(min=1, max=4), default=1, show_default=True)
+@click.option("--corpus", type=click.Path(file_okay=False, exists=True),
+              help="Train on this packed corpus (what `specdec train corpus --out` fills, e.g. corpus/gemma3-270m) "
+                   "instead of generating one; 1 prompt in 50 is held out and evaluated at every checkpoint.")
 @user_errors
 def train_diffusion_cmd(model: str, work_dir: str | None, out: str | None, steps: int, prompts: int,
                         max_new_tokens: int, block: int, num_layers: int, vocab: int, threads: int | None,
-                        cache_dir: str | None) -> None:
+                        cache_dir: str | None, corpus: str | None) -> None:
     """Train the block-diffusion drafter for --model (`--drafter diffusion`)."""
     from pathlib import Path
 
@@ -299,7 +302,7 @@ def train_diffusion_cmd(model: str, work_dir: str | None, out: str | None, steps
     layers = decoder.verifier.num_layers
     cfg = TrainConfig(prompts=prompts, max_new_tokens=max_new_tokens, steps=steps, block=block,
                       num_layers=num_layers, vocab=vocab,
-                      feature_layers=tuple(sorted({layers // 3, 2 * layers // 3, layers})))
+                      feature_layers=tuple(sorted({layers // 3, 2 * layers // 3, layers})), corpus=corpus)
     train_diffusion(decoder, work, target, cfg, log=log)
     click.echo(str(target))
 

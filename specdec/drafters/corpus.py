@@ -239,6 +239,33 @@ def extend_corpus(decoder, folder: str | Path, live: str | Path, count: int, max
     return packed_rows(folder) + read_corpus(live)
 
 
+HELD_OUT_EVERY = 50  # one training prompt in this many (by its hash) is held out of training: never trained on
+
+
+def held_out(prompt: str) -> bool:
+    """Whether a corpus row's prompt belongs to the held-out slice: a pure function of its text (the same slice
+    however the corpus grows or is ordered)."""
+    return int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:4], "big") % HELD_OUT_EVERY == 0
+
+
+def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(rows to train on, the held-out rows)."""
+    train = [r for r in rows if not held_out(r["prompt"])]
+    return train, [r for r in rows if held_out(r["prompt"])]
+
+
+def corpus_rows(folder: str | Path, vocab_size: int) -> list[dict]:
+    """The packed corpus of `folder` (what the repository keeps, `specdec train corpus`), every row checked;
+    SpecdecError when it holds none."""
+    folder = Path(folder)
+    rows = packed_rows(folder)
+    if not rows:
+        raise SpecdecError(f"--corpus {folder} holds no corpus-*.jsonl.gz file: give the folder `specdec train "
+                           "corpus --out` filled (the repository keeps corpus/<model>)")
+    check_rows(rows, vocab_size, folder)
+    return rows
+
+
 def head_vocab(seqs: list[list[int]], size: int, eos: list[int]) -> torch.Tensor:
     """The `size` most frequent tokens of the corpus (EOS always in), ascending ids."""
     counts: dict[int, int] = {}

@@ -1,7 +1,10 @@
 """`specdec train diffusion`: train the block-diffusion drafter (`dflash.BlockDrafter`) on the target's outputs.
 
 Steps, each resumable in `work_dir`:
-1. corpus: the target's greedy outputs on `training_prompts` (never a benchmark prompt), `specdec.drafters.corpus`.
+1. corpus: the target's greedy outputs on `training_prompts` (never a benchmark prompt), `specdec.drafters.corpus`:
+   a packed corpus folder (`cfg.corpus`: what `specdec train corpus` fills, the repository's corpus/<model>) or
+   one generated in `work_dir`. Rows whose prompt falls in the held-out slice (`corpus.held_out`, 1 in 50 by
+   hash) are never trained on: their first-mask top-1 and tau are printed at every checkpoint.
 2. features: the target's hidden states at the feature layers of every corpus position, through the lean
    verifier's prefill, in one float32 memory map (`features.f32`, rows = positions of all sequences, with
    `features.json` giving each sequence's offset); recomputed if incomplete.
@@ -30,7 +33,8 @@ import torch
 
 from specdec.drafters import checkpoint
 from specdec.drafters.diffusion import dflash
-from specdec.drafters.corpus import check_enough, generate_corpus, head_vocab, prepare_work_dir, writing_output
+from specdec.drafters.corpus import (check_enough, corpus_rows, generate_corpus, head_vocab, prepare_work_dir,
+                                     split_rows, writing_output)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class TrainConfig:
     checkpoint_every: int = 200
     seed: int = 0
     ngram_entries: int = 400_000
+    corpus: str | None = None  # a packed corpus folder (`specdec train corpus`); None: generate one in the work dir
+    eval_rows: int = 64  # held-out rows evaluated at each checkpoint (at most)
 
 
 def train_diffusion(decoder, work_dir: str | Path, out: str | Path, cfg: TrainConfig = TrainConfig(),
@@ -58,26 +64,36 @@ def train_diffusion(decoder, work_dir: str | Path, out: str | Path, cfg: TrainCo
     work = Path(work_dir)
     prepare_work_dir(work, Path(out), decoder)
     torch.manual_seed(cfg.seed)
-    corpus_path = work / "corpus.jsonl"
-    rows = generate_corpus(decoder, corpus_path, cfg.prompts, cfg.max_new_tokens, log=log)  # resumes; no-op when done
-    check_enough(rows, corpus_path)
+    if cfg.corpus is not None:
+        corpus_path = Path(cfg.corpus)
+        rows = corpus_rows(corpus_path, int(decoder.model.config.vocab_size))
+    else:
+        corpus_path = work / "corpus.jsonl"
+        rows = generate_corpus(decoder, corpus_path, cfg.prompts, cfg.max_new_tokens, log=log)  # resumes
+    train_rows, held = split_rows(rows)
+    rows = train_rows + held  # features in this order: the held-out sequences last
+    check_enough(train_rows, corpus_path)
     model = decoder.model
     layers = tuple(model.config.num_hidden_layers if l == -1 else l for l in cfg.feature_layers)
     seqs = [r["prompt_ids"] + r["output_ids"] for r in rows]
     starts = [len(r["prompt_ids"]) - 1 for r in rows]  # first root position inside the output
     feats, offsets = features(decoder.verifier, seqs, layers, work, log)
-    vocab_ids = head_vocab(seqs, cfg.vocab, decoder.eos_ids())
+    n_train = len(train_rows)
+    vocab_ids = head_vocab(seqs[:n_train], cfg.vocab, decoder.eos_ids())
     dcfg = dflash.DFlashConfig(target=model.config.model_type, hidden=model.config.hidden_size,
                                num_layers=cfg.num_layers, target_layers=model.config.num_hidden_layers,
                                feature_layers=layers, block=cfg.block, vocab=int(vocab_ids.numel()))
     net = dflash.BlockDrafter(model, dcfg, vocab_ids)
     log(f"drafter: {dflash.param_count(net) / 1e6:.2f}M trainable parameters, head {vocab_ids.numel()} tokens, "
-        f"{len(seqs)} sequences, {sum(len(s) - st - 1 for s, st in zip(seqs, starts))} output positions")
-    fit(net, seqs, starts, feats, offsets, cfg, work / "checkpoint.safetensors", log)
+        f"{n_train} sequences ({sum(len(s) - st - 1 for s, st in zip(seqs[:n_train], starts))} output positions), "
+        f"{len(held)} held out")
+    held_out = list(range(n_train, len(seqs)))[: cfg.eval_rows]
+    fit(net, seqs, starts, feats, offsets, cfg, work / "checkpoint.safetensors", log, train=list(range(n_train)),
+        held_out=held_out)
     from specdec.drafters.diffusion.cps import NgramLM
 
-    ngram = NgramLM.fit([r["output_ids"] for r in rows], max_entries=cfg.ngram_entries)
-    recipe = {"prompts": f"{len(rows)} prompts from specdec.drafters.training_prompts "
+    ngram = NgramLM.fit([r["output_ids"] for r in train_rows], max_entries=cfg.ngram_entries)
+    recipe = {"prompts": f"{n_train} prompts from specdec.drafters.training_prompts "
                          "(templates, word lists, Python stdlib docstrings; none shares 8 words with Spec-Bench)",
               "data": f"the target's greedy outputs, max_new_tokens {cfg.max_new_tokens}",
               "train": json.dumps(cfg.__dict__)}
@@ -115,7 +131,9 @@ def features(verifier, seqs: list[list[int]], layers: tuple[int, ...], work: Pat
 
 
 def fit(net: dflash.BlockDrafter, seqs, starts, feats, offsets, cfg: TrainConfig, ckpt: Path,
-        log: Callable[[str], None]) -> None:
+        log: Callable[[str], None], train: list[int] | None = None, held_out: list[int] = ()) -> None:
+    """Trains on the sequences `train` (default: all); at each checkpoint prints the held-out sequences' first-mask
+    top-1 and tau (`evaluate`)."""
     from tqdm import tqdm
 
     params = [p for p in net.parameters() if p.requires_grad]
@@ -124,7 +142,8 @@ def fit(net: dflash.BlockDrafter, seqs, starts, feats, offsets, cfg: TrainConfig
     rng = random.Random(cfg.seed + step)
     col = torch.full((int(net.embed.shape[0]),), -100, dtype=torch.long)  # token id -> head column
     col[net.vocab_ids] = torch.arange(net.vocab_ids.numel())
-    usable = [i for i, (s, st) in enumerate(zip(seqs, starts)) if len(s) - st >= 3]
+    pool = range(len(seqs)) if train is None else train
+    usable = [i for i in pool if len(seqs[i]) - starts[i] >= 3]
     bar = tqdm(total=cfg.steps, initial=step, desc="train diffusion", unit="step", mininterval=5)
     ema_loss = ema_acc = None
     net.train()
@@ -151,8 +170,44 @@ def fit(net: dflash.BlockDrafter, seqs, starts, feats, offsets, cfg: TrainConfig
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoint.save(dict(net.named_parameters()), opt, step, ckpt)
             log(f"step {step}/{cfg.steps}: loss {ema_loss:.3f}, first-mask top-1 {ema_acc:.3f} (checkpoint saved)")
+            if held_out:
+                top1, tau, anchors = evaluate(net, seqs, starts, feats, offsets, held_out, cfg.block, col)
+                log(f"step {step}: held-out first-mask top-1 {top1:.3f}, tau {tau:.2f} ({anchors} anchors in "
+                    f"{len(held_out)} sequences never trained on)")
+                net.train()
     bar.close()
     net.eval()
+
+
+@torch.no_grad()
+def evaluate(net: dflash.BlockDrafter, seqs, starts, feats, offsets, rows: list[int], k: int, col: torch.Tensor,
+             anchors: int = 32) -> tuple[float, float, int]:
+    """On sequences `rows` (held out of training): (first-mask top-1, tau, anchors). Roots evenly spaced over each
+    output; a block of k masks is drafted greedily as a chain (each mask's argmax), and tau = 1 + the masks
+    matched in a row from the first: the tokens a verify step would commit with that chain (bonus included)."""
+    net.eval()
+    hits, taus, count = 0, 0.0, 0
+    for i in rows:
+        seq = torch.tensor(seqs[i])
+        last = len(seqs[i]) - 2
+        if last < starts[i]:
+            continue
+        roots = torch.tensor(sorted(set(np.linspace(starts[i], last, num=anchors).round().astype(int).tolist())))
+        f = torch.from_numpy(np.array(feats[offsets[i]: offsets[i + 1]]))
+        ctx_feats = net.features(f)
+        ctx = net.context_kv(ctx_feats, torch.arange(seq.numel()))
+        positions = roots[:, None] + torch.arange(k + 1)[None]
+        prev = torch.where((roots > 0)[:, None], ctx_feats[(roots - 1).clamp(min=0)], 0.0)
+        logits = net.forward_block(net.block_inputs(seq[roots], prev, k), positions, ctx,
+                                   torch.arange(seq.numel())[None] < roots[:, None])[:, 1:]  # [A, k, V']
+        label_pos = positions[:, 1:]
+        labels = torch.where(label_pos < seq.numel(), col[seq[label_pos.clamp(max=seq.numel() - 1)]],
+                             torch.tensor(-100))  # [A, k]
+        right = (logits.argmax(-1) == labels) & (labels >= 0)  # [A, k]
+        hits += int(right[:, 0].sum())
+        taus += float((1 + right.int().cumprod(dim=1).sum(dim=1)).sum())
+        count += int(roots.numel())
+    return (hits / count, taus / count, count) if count else (0.0, 1.0, 0)
 
 
 def _loss(net, seq, feats, roots, k, col, gamma):
