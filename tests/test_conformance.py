@@ -90,12 +90,26 @@ def prompt(n: int, seed: int) -> list[int]:
 TREE = Tree.from_parents([-1, 0, 0, 1, 1, 2, 3])  # root, two children, grandchildren, a depth-3 node
 
 
-def test_tree_nodes_score_as_their_paths_decoded_token_by_token(backend, arch):
+def started(backend: Backend, arch: str, length: int, seed: int):
+    """(model, verifier, context, tree tokens): a `length`-token context prefilled in slot 0 (all but its last
+    token, the next tree's root), and TREE's tokens rooted at it."""
     model, v = built(backend, arch)
+    context = prompt(length, seed=seed)
     v.reset(1, 128)
-    context = prompt(11, seed=1)
-    tokens = [context[-1]] + prompt(6, seed=2)  # node i's token; node 0 is the root
     v.prefill(0, torch.tensor(context[:-1]))
+    return model, v, context, [context[-1]] + prompt(TREE.size - 1, seed=seed + 100)
+
+
+def step(v, token: int) -> torch.Tensor:
+    """[V] logits of one plain decoding step feeding `token` (its KV committed)."""
+    out = score(v, [0], torch.tensor([[token]]), torch.zeros(1, 1, dtype=torch.long),
+                torch.ones(1, 1, 1, dtype=torch.bool))[0, 0]
+    v.commit(0, [0])
+    return out
+
+
+def test_tree_nodes_score_as_their_paths_decoded_token_by_token(backend, arch):
+    _, v, context, tokens = started(backend, arch, 11, seed=1)  # node i's token; node 0 is the root
     tree_out = score(v, [0], torch.tensor([tokens]), TREE.depth[None], TREE.mask[None])[0]  # [n, V]
     v.commit(0, [0])
     for node in range(TREE.size):
@@ -110,31 +124,22 @@ def test_tree_nodes_score_as_their_paths_decoded_token_by_token(backend, arch):
         v.reset(1, 128)
         v.prefill(0, torch.tensor(context[:-1]))
         for tok in [context[-1]] + path:
-            alone = score(v, [0], torch.tensor([[tok]]), torch.zeros(1, 1, dtype=torch.long),
-                          torch.ones(1, 1, 1, dtype=torch.bool))[0, 0]
-            v.commit(0, [0])
+            alone = step(v, tok)
         close(tree_out[node], alone, backend.exact)
 
 
 def test_commit_keeps_exactly_the_accepted_path(backend, arch):
-    _, v = built(backend, arch)
-    context = prompt(9, seed=3)
-    tokens = [context[-1]] + prompt(6, seed=4)
-    v.reset(1, 128)
-    v.prefill(0, torch.tensor(context[:-1]))
+    _, v, context, tokens = started(backend, arch, 9, seed=3)
     score(v, [0], torch.tensor([tokens]), TREE.depth[None], TREE.mask[None])
     path = [0, 2, 5]  # root, its second child, that child's child
     v.commit(0, path)
     assert v.length(0) == len(context) - 1 + len(path)
     nxt = prompt(1, seed=5)
-    after = score(v, [0], torch.tensor([nxt]), torch.zeros(1, 1, dtype=torch.long),
-                  torch.ones(1, 1, 1, dtype=torch.bool))[0, 0]
+    after = step(v, nxt[0])
     v.reset(1, 128)  # plain decoding of the same tokens: the context prefilled, then one token a step
     v.prefill(0, torch.tensor(context[:-1]))
     for tok in [context[-1]] + [tokens[i] for i in path[1:]] + nxt:
-        want = score(v, [0], torch.tensor([[tok]]), torch.zeros(1, 1, dtype=torch.long),
-                     torch.ones(1, 1, 1, dtype=torch.bool))[0, 0]
-        v.commit(0, [0])
+        want = step(v, tok)
     close(after, want, backend.exact)
 
 
@@ -166,11 +171,7 @@ def test_packed_rows_score_as_each_row_alone(backend, arch):
 
 
 def test_greedy_tokens_and_hints_are_the_logits_own(backend, arch):
-    _, v = built(backend, arch)
-    context = prompt(13, seed=6)
-    tokens = [context[-1]] + prompt(6, seed=7)
-    v.reset(1, 128)
-    v.prefill(0, torch.tensor(context[:-1]))
+    _, v, _, tokens = started(backend, arch, 13, seed=6)
     scores = v.score_nodes([0], torch.tensor([tokens]), TREE.depth[None].to(v.device), TREE.mask[None])
     argmax, hints = scores.greedy(4)
     logits = scores.logits()
@@ -179,11 +180,7 @@ def test_greedy_tokens_and_hints_are_the_logits_own(backend, arch):
 
 
 def test_aux_nodes_change_no_real_node(backend, arch):
-    model, v = built(backend, arch)
-    context = prompt(10, seed=8)
-    tokens = [context[-1]] + prompt(6, seed=9)
-    v.reset(1, 128)
-    v.prefill(0, torch.tensor(context[:-1]))
+    model, v, context, tokens = started(backend, arch, 10, seed=8)
     plain = score(v, [0], torch.tensor([tokens]), TREE.depth[None], TREE.mask[None])[0]
     v.commit(0, [0])
     v.reset(1, 128)
