@@ -9,8 +9,8 @@ number in a namespace of its own (`JobRow.key`), so it never collides with a row
 NaN or Infinity make the row an error row (`row_options` raises SpecdecError, the runner records it).
 
 `read_input` parses the file, or standard input for "-" (SpecdecError only for what no row can fix: a
-missing or non-regular file, an id that is not a string or integer, a repeated id); `row_options` turns a row's fields into `make_request` keywords;
-`derived_seed` gives a sampled row without a seed one that is stable across reruns.
+missing or non-regular file, an id that is not a string or integer, a repeated id); `row_options` turns a row's
+fields into `SpecDecoder.request` keywords; `derived_seed` gives a sampled row without a seed one that is stable across reruns.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _parse_line(text: str, n: int) -> JobRow:
 
 
 def row_options(f: dict[str, Any], cfg: RunConfig, row_id: int | str) -> dict[str, Any]:
-    """A row's `make_request` keywords: its own values, checked, else the job's; SpecdecError for a bad one."""
+    """A row's `SpecDecoder.request` keywords: its own values, checked, else the job's; SpecdecError for a bad one."""
     unknown = sorted(set(f) - ROW_FIELDS)
     if unknown:
         raise SpecdecError(f"unknown field(s) {unknown}: a row may hold {sorted(ROW_FIELDS)}")
