@@ -251,3 +251,12 @@ def test_tiny_model_on_the_integer_screened_head_decodes_as_without_it(tmp_path)
         res = engine.generate_batch([Request(p, StopConditions(24)) for p in rows])
         assert [r.tokens for r in res.results] == reference, name
     assert screened.screen.counts["rows"] > 4 * 24
+
+
+def test_q4k_codes_stay_two_a_byte_where_memory_matters():
+    """Large models keep the file's nibbles on every CPU (their bytes would cost the Q4_K tensors over again in
+    memory); small ones take the CPU's faster layout (one a byte on AVX2, two on AVX-512)."""
+    from specdec.verifiers.quant import NIBBLE_BYTES, narrow_schedule, pack_nibbles
+
+    assert pack_nibbles(NIBBLE_BYTES) and pack_nibbles(10 * NIBBLE_BYTES)
+    assert pack_nibbles(0) == pack_nibbles(NIBBLE_BYTES - 1) == (not narrow_schedule())

@@ -58,8 +58,8 @@ from specdec.models.loading import (
     remove_stale_staging,
 )
 from specdec.verifiers.q8act import from_quant
-from specdec.verifiers.quant import (QuantWeight, dequantize, split_stacked, stacked, take_rows, unpack,
-                                     unpack_rows)
+from specdec.verifiers.quant import (QuantWeight, dequantize, pack_nibbles, split_stacked, stacked, take_rows,
+                                     unpack, unpack_rows)
 
 FLOAT_KINDS = ("F32", "F16", "BF16")  # stored as values: read as fp32 tensors
 KERNEL_KINDS = ("Q8_0", "Q5_0", "Q6_K", "Q4_K")  # the block types the gguf and q8act kernels run
@@ -145,8 +145,9 @@ def load_native(spec: str | None, fmt: str = "gguf", cache_dir: str | Path | Non
     _fill_floats(shell, plan, processor)
     quant: dict = {}
     report = QuantReport(fmt=fmt)
+    nibbles = pack_nibbles(sum(t.data.size for t in plan.linears.values() if t.kind == "Q4_K"))
     for group in _input_groups(plan.linears):
-        weights = [_unpack(plan.linears[m], processor, path) for m in group]
+        weights = [_unpack(plan.linears[m], processor, path, nibbles) for m in group]
         for module, weight in zip(group, _for_kernel(weights, fmt)):
             quant[module] = weight
             kind = plan.linears[module].kind
@@ -334,11 +335,13 @@ def _row_order(processor, name: str, rows: int) -> np.ndarray | None:
     return None if np.array_equal(order, np.arange(rows)) else order
 
 
-def _unpack(t: TensorEntry, processor, path: Path) -> QuantWeight:
-    """The tensor as the gguf kernel holds it, in transformers' row order; its bytes are read, not mapped."""
+def _unpack(t: TensorEntry, processor, path: Path, nibbles: bool | None = None) -> QuantWeight:
+    """The tensor as the gguf kernel holds it, in transformers' row order; its bytes are read, not mapped.
+    nibbles: Q4_K codes two a byte (None: `quant.pack_nibbles` for this tensor alone)."""
     cols, rows = t.shape[:2]
     row_bytes = t.data.size // rows
-    weight = unpack_rows(t.kind, lambda first, n: t.read(path, first * row_bytes, n * row_bytes), rows, cols)
+    weight = unpack_rows(t.kind, lambda first, n: t.read(path, first * row_bytes, n * row_bytes), rows, cols,
+                         nibbles)
     order = _row_order(processor, t.name, rows)
     return weight if order is None else take_rows(weight, order)
 

@@ -366,14 +366,19 @@ def narrow_schedule() -> bool:
     return not llvm.get_host_cpu_features().get("avx512f", False)
 
 
-def pack_nibbles() -> bool:
-    """Whether Q4_K codes stay two a byte on this CPU: where AVX-512 is present (16 fp32 lanes an instruction).
+NIBBLE_BYTES = 256 << 20  # a model's Q4_K bytes from which its codes stay two a byte on AVX2 too
 
-    A pass at one row spends about ten vector instructions per 16 weights on AVX2 (widen, convert, scale, offset,
-    fma): it is bound by them, not by memory, and splitting nibbles adds more than the halved code bytes save
-    (measured: docs/benchmarks.md). AVX-512 halves the instructions per weight, which leaves the pass bound by
-    the bytes it reads."""
-    return not narrow_schedule()
+
+def pack_nibbles(q4k_bytes: int = 0) -> bool:
+    """Whether Q4_K codes stay two a byte (as in the file) for a model with `q4k_bytes` of Q4_K tensors.
+
+    With AVX-512, always: it halves the instructions per weight, which leaves a pass bound by the bytes it reads.
+    On AVX2 a pass at one row spends about ten vector instructions per 16 weights (widen, convert, scale, offset,
+    fma): it is bound by them, and splitting nibbles makes it slower (Qwen2.5-Coder-1.5B plain decoding about 5%;
+    docs/benchmarks.md) while one code a byte costs the Q4_K bytes over again in memory. So there, below
+    `NIBBLE_BYTES` of Q4_K (small models, where that memory is small) one a byte; from it (a 1.5B model's
+    ~0.5 GB, and more the larger the model) two a byte: memory first where memory is what limits the user."""
+    return not narrow_schedule() or q4k_bytes >= NIBBLE_BYTES
 
 
 def _load(builder, base, index, ty, align):
