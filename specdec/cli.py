@@ -316,9 +316,13 @@ def train_diffusion_cmd(model: str, work_dir: str | None, out: str | None, steps
               help="The weights file (default <work-dir>/lexical.safetensors).")
 @click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True)
 @click.option("--placeholders", "k", type=click.IntRange(min=1, max=8), default=3, show_default=True)
+@click.option("--corpus", type=click.Path(file_okay=False, exists=True),
+              help="Train on this packed corpus (what `specdec train corpus --out` fills, e.g. corpus/gemma3-270m) "
+                   "instead of generating one; 1 prompt in 50 is held out and evaluated at every checkpoint.")
 @user_errors
 def train_lexical_cmd(model: str, work_dir: str | None, out: str | None, steps: int, prompts: int,
-                      max_new_tokens: int, k: int, vocab: int, threads: int | None, cache_dir: str | None) -> None:
+                      max_new_tokens: int, k: int, vocab: int, threads: int | None, cache_dir: str | None,
+                      corpus: str | None) -> None:
     """Train the lexical drafter's placeholder embeddings for --model (`--drafter lexical`)."""
     from pathlib import Path
 
@@ -330,7 +334,8 @@ def train_lexical_cmd(model: str, work_dir: str | None, out: str | None, steps: 
     work = Path(work_dir) if work_dir else cache_root(cache_dir) / "train" / Path(model).name
     target = Path(out) if out else work / "lexical.safetensors"
     decoder = SpecDecoder(model, drafter="ngram", cache_dir=cache_dir, log=log)
-    cfg = LexicalTrainConfig(prompts=prompts, max_new_tokens=max_new_tokens, steps=steps, k=k, vocab=vocab)
+    cfg = LexicalTrainConfig(prompts=prompts, max_new_tokens=max_new_tokens, steps=steps, k=k, vocab=vocab,
+                             corpus=corpus)
     train_lexical(decoder, work, target, cfg, log=log)
     click.echo(str(target))
 

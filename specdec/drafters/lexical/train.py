@@ -1,7 +1,10 @@
 """`specdec train lexical`: self-distil the placeholder embeddings from the target (frozen) on its own outputs.
 
-1. corpus: the target's greedy outputs on `specdec.drafters.training_prompts` (never a benchmark prompt), shared
-   with `specdec train diffusion` when both use one work dir (`specdec.drafters.corpus`, resumable).
+1. corpus: the target's greedy outputs on `specdec.drafters.training_prompts` (never a benchmark prompt): a
+   packed corpus folder (`cfg.corpus`, what `specdec train corpus` fills) or one generated in the work dir, shared
+   with `specdec train diffusion` when both use one work dir (`specdec.drafters.corpus`, resumable). Rows in the
+   held-out slice (`corpus.held_out`) are never trained on: their P_1 top-1 and tau are printed at every
+   checkpoint (`evaluate`).
 2. head vocabulary: the corpus's most frequent tokens (the drafter reads predictions through those rows).
 3. training: per step one sequence and `anchors` positions in its output; each anchor gets a group P_1..P_k
    (`placeholders.group_states`, one pass of the target's layers over the sequence and all its groups); the
@@ -25,7 +28,8 @@ from typing import Callable
 import torch
 
 from specdec.drafters import checkpoint
-from specdec.drafters.corpus import check_enough, generate_corpus, head_vocab, prepare_work_dir, writing_output
+from specdec.drafters.corpus import (check_enough, corpus_rows, generate_corpus, head_vocab, prepare_work_dir,
+                                     split_rows, writing_output)
 from specdec.drafters.lexical import placeholders
 from specdec.verifiers.lean_model import LeanModel
 
@@ -43,6 +47,8 @@ class LexicalTrainConfig:
     decay: float = 0.8  # loss weight of P_j: decay ** (j - 1) (PPD's)
     checkpoint_every: int = 50
     seed: int = 0
+    corpus: str | None = None  # a packed corpus folder (`specdec train corpus`); None: generate one in the work dir
+    eval_rows: int = 64  # held-out rows evaluated at each checkpoint (at most)
 
 
 def train_lexical(decoder, work_dir: str | Path, out: str | Path, cfg: LexicalTrainConfig = LexicalTrainConfig(),
@@ -50,20 +56,27 @@ def train_lexical(decoder, work_dir: str | Path, out: str | Path, cfg: LexicalTr
     """Everything from corpus to weights file; returns `out`."""
     work = Path(work_dir)
     prepare_work_dir(work, Path(out), decoder)
-    rows = generate_corpus(decoder, work / "corpus.jsonl", cfg.prompts, cfg.max_new_tokens, log=log)
-    check_enough(rows, work / "corpus.jsonl")
+    if cfg.corpus is not None:
+        corpus_path = Path(cfg.corpus)
+        rows = corpus_rows(corpus_path, int(decoder.model.config.vocab_size))
+    else:
+        corpus_path = work / "corpus.jsonl"
+        rows = generate_corpus(decoder, corpus_path, cfg.prompts, cfg.max_new_tokens, log=log)
+    rows, held = split_rows(rows)
+    check_enough(rows, corpus_path)
     model = decoder.model
-    seqs = [r["prompt_ids"] + r["output_ids"] for r in rows]
-    starts = [len(r["prompt_ids"]) - 1 for r in rows]
-    vocab_ids = head_vocab(seqs, cfg.vocab, decoder.eos_ids())
+    seqs = [r["prompt_ids"] + r["output_ids"] for r in rows + held]  # the held-out sequences last
+    starts = [len(r["prompt_ids"]) - 1 for r in rows + held]
+    vocab_ids = head_vocab(seqs[: len(rows)], cfg.vocab, decoder.eos_ids())
     lean = LeanModel(model)  # the default plan: plain torch products, so autograd reaches the placeholders
     head = lean.lm_head.weight[vocab_ids].float()  # [V', H]
     rope = lean.rope_tables(max(len(s) for s in seqs) + cfg.k + 1)
     init = lean.embed_table().float().mean(0) * (1.0 if lean.embed_scale is None else float(lean.embed_scale))
     embeds = torch.nn.Parameter(init.repeat(cfg.k, 1).clone())  # [k, H]
     log(f"lexical: {cfg.k} placeholders x {embeds.shape[1]} ({embeds.numel()} parameters), head {vocab_ids.numel()} "
-        f"tokens, {len(seqs)} sequences")
-    fit(lean, embeds, head, seqs, starts, rope, cfg, work / "lexical-checkpoint.safetensors", log)
+        f"tokens, {len(rows)} sequences, {len(held)} held out")
+    fit(lean, embeds, head, seqs, starts, rope, cfg, work / "lexical-checkpoint.safetensors", log,
+        train=list(range(len(rows))), held_out=list(range(len(rows), len(seqs)))[: cfg.eval_rows])
     recipe = {"prompts": f"{len(rows)} prompts from specdec.drafters.training_prompts (templates, word lists, "
                          "Python stdlib docstrings; none shares 8 words with Spec-Bench)",
               "data": f"the target's greedy outputs, max_new_tokens {cfg.max_new_tokens}",
@@ -92,13 +105,43 @@ def loss_of(lean: LeanModel, embeds: torch.Tensor, head: torch.Tensor, seq: torc
     return loss, agree
 
 
-def fit(lean, embeds, head, seqs, starts, rope, cfg: LexicalTrainConfig, ckpt: Path, log) -> None:
+@torch.no_grad()
+def evaluate(lean, embeds, head, seqs, starts, rope, rows: list[int], anchors: int = 32) -> tuple[float, float, int]:
+    """On sequences `rows` (held out of training): (P_1 top-1 agreement with the target, tau, anchors). Anchors
+    evenly spaced over each output; P_j's top token against the target's own at anchor + j (both on the head
+    vocabulary); tau = 1 + the P_j matched in a row from P_1: the tokens a verify step would commit with the chain
+    of the placeholders' top tokens."""
+    k = embeds.shape[0]
+    hits, taus, count = 0, 0.0, 0
+    for i in rows:
+        seq = torch.tensor(seqs[i])
+        last = len(seqs[i]) - 2
+        if last < starts[i]:
+            continue
+        at = torch.tensor(sorted({round(starts[i] + (last - starts[i]) * a / max(1, anchors - 1))
+                                  for a in range(anchors)}))
+        real, ph = placeholders.group_states(lean, seq, at, embeds, rope)  # [T, H], [A, k, H]
+        label_pos = at[:, None] + torch.arange(1, k + 1)[None]  # [A, k]
+        valid = label_pos < seq.numel()
+        want = (real @ head.T).argmax(-1)[label_pos.clamp(max=seq.numel() - 1)]  # [A, k]
+        right = ((ph @ head.T).argmax(-1) == want) & valid
+        hits += int(right[:, 0].sum())
+        taus += float((1 + right.int().cumprod(dim=1).sum(dim=1)).sum())
+        count += int(at.numel())
+    return (hits / count, taus / count, count) if count else (0.0, 1.0, 0)
+
+
+def fit(lean, embeds, head, seqs, starts, rope, cfg: LexicalTrainConfig, ckpt: Path, log,
+        train: list[int] | None = None, held_out: list[int] = ()) -> None:
+    """Trains on the sequences `train` (default: all); at each checkpoint prints the held-out sequences' P_1
+    top-1 and tau (`evaluate`)."""
     from tqdm import tqdm
 
     opt = torch.optim.AdamW([embeds], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step = checkpoint.resume({"embeds": embeds}, opt, ckpt, log)
     rng = random.Random(cfg.seed + step)
-    usable = [i for i, (s, st) in enumerate(zip(seqs, starts)) if len(s) - st >= 3]
+    pool = range(len(seqs)) if train is None else train
+    usable = [i for i in pool if len(seqs[i]) - starts[i] >= 3]
     bar = tqdm(total=cfg.steps, initial=step, desc="train lexical", unit="step", mininterval=5)
     ema_loss = ema_agree = None
     while step < cfg.steps:
@@ -121,4 +164,8 @@ def fit(lean, embeds, head, seqs, starts, rope, cfg: LexicalTrainConfig, ckpt: P
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoint.save({"embeds": embeds}, opt, step, ckpt)
             log(f"step {step}/{cfg.steps}: KL {ema_loss:.3f}, P_1 top-1 agreement {ema_agree:.3f} (checkpoint saved)")
+            if held_out:
+                top1, tau, count = evaluate(lean, embeds, head, seqs, starts, rope, held_out)
+                log(f"step {step}: held-out P_1 top-1 {top1:.3f}, tau {tau:.2f} ({count} anchors in {len(held_out)} "
+                    "sequences never trained on)")
     bar.close()
