@@ -254,6 +254,27 @@ def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return train, [r for r in rows if held_out(r["prompt"])]
 
 
+def held_out_scores(seqs: list[list[int]], starts: list[int], rows: list[int],
+                    right_of: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+                    anchors: int = 32) -> tuple[float, float, int]:
+    """(first-position top-1, tau, anchors) of a drafter on sequences `rows`: roots evenly spaced over each output
+    (from `starts[i]`); right_of(i, seq [T], roots [A]) -> [A, k] bool, whether the drafter's top token at each of
+    the k positions after a root is the target's; tau = 1 + the positions right in a row from the first, what a
+    verify step would commit with that chain (bonus included)."""
+    hits, taus, count = 0, 0.0, 0
+    for i in rows:
+        last = len(seqs[i]) - 2  # a root needs one label after it
+        if last < starts[i]:
+            continue
+        roots = torch.tensor(sorted({round(starts[i] + (last - starts[i]) * a / max(1, anchors - 1))
+                                     for a in range(anchors)}))
+        right = right_of(i, torch.tensor(seqs[i]), roots)
+        hits += int(right[:, 0].sum())
+        taus += float((1 + right.int().cumprod(dim=1).sum(dim=1)).sum())
+        count += int(roots.numel())
+    return (hits / count, taus / count, count) if count else (0.0, 1.0, 0)
+
+
 def corpus_rows(folder: str | Path, vocab_size: int) -> list[dict]:
     """The packed corpus of `folder` (what the repository keeps, `specdec train corpus`), every row checked;
     SpecdecError when it holds none."""

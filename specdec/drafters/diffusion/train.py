@@ -33,8 +33,8 @@ import torch
 
 from specdec.drafters import checkpoint
 from specdec.drafters.diffusion import dflash
-from specdec.drafters.corpus import (check_enough, corpus_rows, generate_corpus, head_vocab, prepare_work_dir,
-                                     split_rows, writing_output)
+from specdec.drafters.corpus import (check_enough, corpus_rows, generate_corpus, head_vocab, held_out_scores,
+                                     prepare_work_dir, split_rows, writing_output)
 
 
 @dataclass(frozen=True)
@@ -180,19 +180,13 @@ def fit(net: dflash.BlockDrafter, seqs, starts, feats, offsets, cfg: TrainConfig
 
 
 @torch.no_grad()
-def evaluate(net: dflash.BlockDrafter, seqs, starts, feats, offsets, rows: list[int], k: int, col: torch.Tensor,
-             anchors: int = 32) -> tuple[float, float, int]:
-    """On sequences `rows` (held out of training): (first-mask top-1, tau, anchors). Roots evenly spaced over each
-    output; a block of k masks is drafted greedily as a chain (each mask's argmax), and tau = 1 + the masks
-    matched in a row from the first: the tokens a verify step would commit with that chain (bonus included)."""
+def evaluate(net: dflash.BlockDrafter, seqs, starts, feats, offsets, rows: list[int], k: int,
+             col: torch.Tensor) -> tuple[float, float, int]:
+    """On sequences `rows` (held out of training): (first-mask top-1, tau, anchors) of blocks of k masks drafted
+    greedily as a chain (each mask's argmax), `corpus.held_out_scores`."""
     net.eval()
-    hits, taus, count = 0, 0.0, 0
-    for i in rows:
-        seq = torch.tensor(seqs[i])
-        last = len(seqs[i]) - 2
-        if last < starts[i]:
-            continue
-        roots = torch.tensor(sorted(set(np.linspace(starts[i], last, num=anchors).round().astype(int).tolist())))
+
+    def right_of(i: int, seq: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:  # -> [A, k] bool
         f = torch.from_numpy(np.array(feats[offsets[i]: offsets[i + 1]]))
         ctx_feats = net.features(f)
         ctx = net.context_kv(ctx_feats, torch.arange(seq.numel()))
@@ -203,11 +197,9 @@ def evaluate(net: dflash.BlockDrafter, seqs, starts, feats, offsets, rows: list[
         label_pos = positions[:, 1:]
         labels = torch.where(label_pos < seq.numel(), col[seq[label_pos.clamp(max=seq.numel() - 1)]],
                              torch.tensor(-100))  # [A, k]
-        right = (logits.argmax(-1) == labels) & (labels >= 0)  # [A, k]
-        hits += int(right[:, 0].sum())
-        taus += float((1 + right.int().cumprod(dim=1).sum(dim=1)).sum())
-        count += int(roots.numel())
-    return (hits / count, taus / count, count) if count else (0.0, 1.0, 0)
+        return (logits.argmax(-1) == labels) & (labels >= 0)
+
+    return held_out_scores(seqs, starts, rows, right_of)
 
 
 def _loss(net, seq, feats, roots, k, col, gamma):

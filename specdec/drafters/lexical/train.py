@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 
 from specdec.drafters import checkpoint
-from specdec.drafters.corpus import (check_enough, corpus_rows, generate_corpus, head_vocab, prepare_work_dir,
-                                     split_rows, writing_output)
+from specdec.drafters.corpus import (check_enough, corpus_rows, generate_corpus, head_vocab, held_out_scores,
+                                     prepare_work_dir, split_rows, writing_output)
 from specdec.drafters.lexical import placeholders
 from specdec.verifiers.lean_model import LeanModel
 
@@ -106,29 +106,18 @@ def loss_of(lean: LeanModel, embeds: torch.Tensor, head: torch.Tensor, seq: torc
 
 
 @torch.no_grad()
-def evaluate(lean, embeds, head, seqs, starts, rope, rows: list[int], anchors: int = 32) -> tuple[float, float, int]:
-    """On sequences `rows` (held out of training): (P_1 top-1 agreement with the target, tau, anchors). Anchors
-    evenly spaced over each output; P_j's top token against the target's own at anchor + j (both on the head
-    vocabulary); tau = 1 + the P_j matched in a row from P_1: the tokens a verify step would commit with the chain
-    of the placeholders' top tokens."""
+def evaluate(lean, embeds, head, seqs, starts, rope, rows: list[int]) -> tuple[float, float, int]:
+    """On sequences `rows` (held out of training): (P_1 top-1 agreement with the target, tau, anchors): P_j's top
+    token against the target's own at anchor + j, both on the head vocabulary (`corpus.held_out_scores`)."""
     k = embeds.shape[0]
-    hits, taus, count = 0, 0.0, 0
-    for i in rows:
-        seq = torch.tensor(seqs[i])
-        last = len(seqs[i]) - 2
-        if last < starts[i]:
-            continue
-        at = torch.tensor(sorted({round(starts[i] + (last - starts[i]) * a / max(1, anchors - 1))
-                                  for a in range(anchors)}))
+
+    def right_of(i: int, seq: torch.Tensor, at: torch.Tensor) -> torch.Tensor:  # -> [A, k] bool
         real, ph = placeholders.group_states(lean, seq, at, embeds, rope)  # [T, H], [A, k, H]
         label_pos = at[:, None] + torch.arange(1, k + 1)[None]  # [A, k]
-        valid = label_pos < seq.numel()
         want = (real @ head.T).argmax(-1)[label_pos.clamp(max=seq.numel() - 1)]  # [A, k]
-        right = ((ph @ head.T).argmax(-1) == want) & valid
-        hits += int(right[:, 0].sum())
-        taus += float((1 + right.int().cumprod(dim=1).sum(dim=1)).sum())
-        count += int(at.numel())
-    return (hits / count, taus / count, count) if count else (0.0, 1.0, 0)
+        return ((ph @ head.T).argmax(-1) == want) & (label_pos < seq.numel())
+
+    return held_out_scores(seqs, starts, rows, right_of)
 
 
 def fit(lean, embeds, head, seqs, starts, rope, cfg: LexicalTrainConfig, ckpt: Path, log,
