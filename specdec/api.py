@@ -37,6 +37,7 @@ from specdec.verifiers.q8act import as_q8
 MAX_DROP_IN_WIDTH = 8  # rows of one drop-in generate() call in flight at once
 _PER_ROW = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 AUTO_MAX_NODES = 32  # the largest tree auto-sizing considers
+FIXED_BUDGET = 8  # nodes a step scores for a drafter the sizer has no prior for
 
 
 def make_verifier(model: PreTrainedModel, backend: str = "auto", strict: bool = False,
@@ -201,14 +202,18 @@ class SpecDecoder:
     def _budget(self, tree_budget: int | None, tree: Tree | None,
                 log: Callable[[str], None] | None) -> tuple[int, LatencyCurve | None]:
         """(max nodes a row, the latency curve that sizes each step; None: a fixed budget). An explicit budget is a
-        fixed one; plain decoding scores one node; otherwise every step scores what pays on this machine's
-        measured verify cost, up to AUTO_MAX_NODES (or the size of a tree preset given, if larger)."""
+        fixed one; plain decoding scores one node, a drafter with no `acceptance_prior` (nor components) up to
+        FIXED_BUDGET as proposed; otherwise every step scores what pays on this machine's measured verify cost, up
+        to AUTO_MAX_NODES (or the size of a tree preset given, if larger)."""
         if tree_budget is not None:
             if tree_budget < 1:
                 raise SpecdecError(f"tree budget must be >= 1 node, got {tree_budget}")
             return tree_budget, None
         if self.drafter.name == "plain":
             return 1, None
+        if getattr(self.drafter, "acceptance_prior", None) is None and not getattr(self.drafter, "components", None):
+            return FIXED_BUDGET, None  # a drafter that states nothing of its acceptance (model, self, your own) drafts
+            # what its own policy chooses, scored whole
         key = verifier_key(self.model.config, self.verifier)  # strict scoring has its own cost curve
         curve = cached_curve(self.verifier, key, Path(self.cache_dir), log)
         return max(AUTO_MAX_NODES, tree.size if tree is not None else 0), curve

@@ -393,3 +393,28 @@ def test_batch_bench_runs_and_reports(tiny_model_dir, tmp_path):
     for bad in (("nope",), ("spec",), ("ngram", "ngram")):
         with pytest.raises(SpecdecError, match="--batch-drafters"):
             run_batch_bench(BatchBenchSpec(model=str(tiny_model_dir), n_prompts=3, others=bad), log=lambda _: None)
+
+
+def test_sizer_explores_a_drafter_whose_prior_cannot_pay():
+    """Where even full chains could not pay (steep costs), a row still scores EXPLORE_NODES nodes once it has been
+    plain for EXPLORE_AFTER steps, so a low prior gets measured; the wait doubles while explorations fail."""
+    from specdec.trees.budget import EXPLORE_AFTER, EXPLORE_NODES
+
+    d = PlainDrafter()
+    d.name = "ngram"
+    sizer = Sizer(d, 8, STEEP)
+    sizer.reset(0)
+    draft, root = chain([1, 5, 6, 7, 8, 9, 10]), chain([1])
+    for _ in range(EXPLORE_AFTER):
+        plan = sizer.plan(d, [0], cap=100)
+        assert not plan.propose
+        sizer.learn([0], [root], [[0]])
+    plan = sizer.plan(d, [0], cap=100)
+    assert plan.propose and plan.explore == (True,)
+    kept = sizer.trim(plan, d, [0], [draft])[0]
+    assert kept.tokens.tolist() == [1, 5, 6, 7, 8][: EXPLORE_NODES + 1]
+    sizer.learn([0], [kept], [[0]])  # nothing accepted: the next exploration waits twice as long
+    for _ in range(2 * EXPLORE_AFTER):
+        assert not sizer.plan(d, [0], cap=100).propose
+        sizer.learn([0], [root], [[0]])
+    assert sizer.plan(d, [0], cap=100).explore == (True,)

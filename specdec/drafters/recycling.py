@@ -103,6 +103,7 @@ class RecyclingDrafter(BaseDrafter):
     """
 
     name = "recycling"
+    acceptance_prior = CPU_RANK_ACCEPT[0]  # its rank-0 child's, what its tree shapes start from too
 
     def __init__(self, vocab_size: int, template: Tree | None = None, k: int = 8):
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:

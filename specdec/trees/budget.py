@@ -29,10 +29,16 @@ from specdec.trees.allocate import NodeAllocator
 from specdec.trees.sizing import LatencyCurve
 
 
+EXPLORE_AFTER = 8  # plain steps after which a row drafts anyway, to measure its drafter (doubling while it fails)
+EXPLORE_MAX = 64  # the longest a row waits between two such steps
+EXPLORE_NODES = 4  # nodes an exploring row keeps, paying or not
+
+
 @dataclass(frozen=True)
 class StepPlan:
     budgets: list[int]  # [B] node budget per row, root included
     propose: bool = True  # False: plain step for every row (drafting could not pay)
+    explore: tuple[bool, ...] = ()  # [B] rows that keep EXPLORE_NODES this step whether they pay or not
 
     @property
     def label(self) -> int:
@@ -47,7 +53,12 @@ class Sizer:
     loop's own steps: each step scores the nodes that pay. None: a fixed budget, every proposed node scored up to
     `max_nodes` a row (plain decoding's one node; `--tree-budget`; tests that want whole drafts scored). Either
     way a draft larger than its budget (a merge of several drafters' trees) keeps its most valuable nodes.
-    min_value: with a curve, nodes less likely than this to be accepted are never scored."""
+    min_value: with a curve, nodes less likely than this to be accepted are never scored.
+
+    Exploration: values start from each drafter's prior, and a prior too low to pay on this machine would never get
+    a node scored, so never be corrected. A row that has scored no draft node for `EXPLORE_AFTER` steps therefore
+    keeps its `EXPLORE_NODES` best nodes once; the wait doubles (up to `EXPLORE_MAX`) each time none is accepted
+    and starts over when one is."""
 
     def __init__(self, drafter: Drafter, max_nodes: int, curve: LatencyCurve | None = None,
                  min_value: float = 0.02):
@@ -57,6 +68,8 @@ class Sizer:
         self.allocator = None if curve is None or max_nodes == 1 else NodeAllocator(curve)
         self.acceptance = Acceptance(sources_of(drafter))
         self.default = drafter.name
+        self._idle: dict[int, int] = {}  # slot -> steps since it last scored a draft node
+        self._wait: dict[int, int] = {}  # slot -> idle steps before it explores
 
     @property
     def fixed(self) -> bool:
@@ -69,8 +82,11 @@ class Sizer:
         if budget <= 1:
             return StepPlan([1] * len(slots), propose=False)
         bounds = [self.acceptance.bound(s, budget) for s in slots]
-        worth = any(self.allocator.allocate(bounds))  # proposing for nothing costs host time
-        return StepPlan([budget] * len(slots), propose=worth)
+        # proposing for nothing costs host time; a drafter with aux nodes drafts through them (lexical's
+        # placeholders predict the next step's draft), so it is asked every step and its real nodes cut as they pay
+        worth = bool(drafter.needs.max_aux) or any(self.allocator.allocate(bounds))
+        explore = tuple(self._idle.get(s, 0) >= self._wait.get(s, EXPLORE_AFTER) for s in slots)
+        return StepPlan([budget] * len(slots), propose=worth or any(explore), explore=explore)
 
     def trim(self, plan: StepPlan, drafter: Drafter, slots: Sequence[int], drafts: list[Draft]) -> list[Draft]:
         """Each row's draft cut to the nodes that pay: its best `budget - 1` nodes (value, then node order: a parent
@@ -87,15 +103,26 @@ class Sizer:
             ranked.append(best)
             values.append(value[best].tolist())
         keep = [len(v) for v in values] if self.allocator is None else self.allocator.allocate(values)
+        for i, exploring in enumerate(plan.explore):
+            if exploring:
+                keep[i] = max(keep[i], min(EXPLORE_NODES, len(values[i])))
         return [d if k + 1 == d.size else d.keep([0] + np.sort(r[:k] + 1).tolist())
                 for d, r, k in zip(drafts, ranked, keep)]
 
     def reset(self, slot: int) -> None:
         self.acceptance.reset(slot)
+        self._idle[slot], self._wait[slot] = 0, EXPLORE_AFTER
 
     def learn(self, slots: Sequence[int], drafts: Sequence[Draft], paths: Sequence[Sequence[int]]) -> None:
         for s, d, p in zip(slots, drafts, paths):
             self.acceptance.learn(s, d, p, self.default)
+            if d.size == 1:
+                self._idle[s] = self._idle.get(s, 0) + 1
+                continue
+            if self._idle.get(s, 0) >= self._wait.get(s, EXPLORE_AFTER):  # this step explored
+                wait = EXPLORE_AFTER if len(p) > 1 else min(EXPLORE_MAX, 2 * self._wait.get(s, EXPLORE_AFTER))
+                self._wait[s] = wait
+            self._idle[s] = 0
 
     def record(self, plan: StepPlan, rows: int, nodes: int, verify_s: float, host_s: float,
                committed: int) -> None:

