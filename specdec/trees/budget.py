@@ -71,10 +71,6 @@ class Sizer:
         self._idle: dict[int, int] = {}  # slot -> steps since it last scored a draft node
         self._wait: dict[int, int] = {}  # slot -> idle steps before it explores
 
-    @property
-    def fixed(self) -> bool:
-        return self.allocator is None
-
     def plan(self, drafter: Drafter, slots: Sequence[int], cap: int) -> StepPlan:
         budget = min(self.max_nodes, cap)
         if self.allocator is None:
