@@ -17,13 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from specdec.drafters.base import BaseDrafter, Draft, DraftRow, Feedback, check_option
 from specdec.drafters.shipped import shipped_weights
 from specdec.drafters.diffusion.adl import CPU, PAPER, ADLConfig, AdaptiveLength
 from specdec.drafters.diffusion.backend import DLMBackend
-from specdec.drafters.diffusion.cps import NgramLM, merge_beams, path_search, top_sets
+from specdec.drafters.diffusion.cps import NgramLM, cps_paths, eos_columns, merge_beams
 from specdec.sampling import SamplingParams
 from specdec.trees.tree import Tree
 
@@ -54,7 +55,7 @@ class DiffusionDrafter(BaseDrafter):
         self.eos = sorted(backend.eos_token_ids)
         self.adl = AdaptiveLength(config.adl_config, fixed=not config.adl)
         self.needs = backend.needs
-        self._raw: dict[int, torch.Tensor] = {}  # slot -> last step's per-position argmax draft (for ADL)
+        self._raw: dict[int, np.ndarray] = {}  # slot -> last step's per-position argmax draft (for ADL)
         self._fresh: set[int] = set()  # slots whose prompt is not yet in the live 3-gram counts
 
     # ---- protocol --------------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ class DiffusionDrafter(BaseDrafter):
     def propose(self, rows: Sequence[DraftRow], budgets: Sequence[int]) -> list[Draft]:
         for r in rows:
             if r.slot in self._fresh:  # the live 3-gram counts start from the whole prompt
-                self.ngram.extend(r.slot, r.context.tolist())
+                self.ngram.extend(r.slot, r.context)
                 self._fresh.discard(r.slot)
         active = [i for i, b in enumerate(budgets) if b > 1]
         drafts = [Draft.root_only(r.context) for r in rows]
@@ -80,17 +81,23 @@ class DiffusionDrafter(BaseDrafter):
             return drafts
         ks = {i: self.adl.k(rows[i].slot) for i in active}
         lattice = self.backend.lattice([rows[i] for i in active], max(ks.values()))
-        logp = lattice.logprobs.float().cpu()  # [A, k, V']
-        ids = None if lattice.ids is None else lattice.ids.cpu()
+        logp = lattice.logprobs.float().cpu().numpy()  # [A, k, V']
+        ids = None if lattice.ids is None else lattice.ids.cpu().numpy()
+        if ids is not None and len(ids) > 1 and not bool(np.all(ids[1:] > ids[:-1])):  # columns in id order
+            order = np.argsort(ids, kind="stable")
+            logp, ids = logp[..., order], ids[order]
+        eos, eos_cols = eos_columns(self.eos, ids, logp.shape[-1])
         for a, i in enumerate(active):
             row, k = rows[i], ks[i]
-            lp = logp[a, :k]
-            raw = lp.argmax(-1) if ids is None else ids[lp.argmax(-1)]
+            lp = logp[a, :k]  # [k, V']
+            best = lp.argmax(-1)
+            raw = best if ids is None else ids[best]
             self._raw[row.slot] = raw
-            drafts[i] = self._draft(row, lp, ids, raw, budgets[i])
+            drafts[i] = self._draft(row, lp, ids, eos, eos_cols, raw, budgets[i])
         return drafts
 
-    def _draft(self, row: DraftRow, lp: torch.Tensor, ids, raw: torch.Tensor, budget: int) -> Draft:
+    def _draft(self, row: DraftRow, lp: np.ndarray, ids: np.ndarray | None, eos: np.ndarray, eos_cols: np.ndarray,
+               raw: np.ndarray, budget: int) -> Draft:
         c = self.config
         root = int(row.context[-1])
         if not c.cps:
@@ -101,10 +108,9 @@ class DiffusionDrafter(BaseDrafter):
                     break
             chain = chain[: budget - 1]
             return Draft(Tree.chain(len(chain)), torch.tensor([root] + chain, dtype=torch.long))
-        sets = top_sets(lp, ids, self.eos, mass=c.mass, cap=c.cap)
         last2 = tuple(int(t) for t in row.context[-2:].tolist())
-        paths = path_search(sets, self.ngram, row.slot, last2, lam=c.lam, beam=c.beam)
-        tree, tokens = merge_beams([p for p, _ in paths], root, budget)
+        paths = cps_paths(lp, ids, eos, eos_cols, self.ngram, row.slot, last2, c.mass, c.cap, c.lam, c.beam)
+        tree, tokens = merge_beams(paths, root, budget)
         return Draft(tree, tokens.long())
 
     def observe(self, rows: Sequence[DraftRow], drafts: Sequence[Draft], feedback: Sequence[Feedback]) -> None:
@@ -113,7 +119,7 @@ class DiffusionDrafter(BaseDrafter):
             if layers:
                 hidden = {layer: f.path_hidden(layer) for layer in layers}  # every committed position, in order
                 self.backend.observe_hidden(r.slot, len(r.context) - 1, hidden)
-            self.ngram.extend(r.slot, f.new_tokens.tolist())
+            self.ngram.extend(r.slot, f.new_tokens)
             if d.size > 1:
                 accepted = len(f.accepted) - 1
                 raw = self._raw.get(r.slot)
@@ -124,10 +130,11 @@ class DiffusionDrafter(BaseDrafter):
 def diffusion_drafter(vocab_size: int, tree=None, *, target=None, weights: str | None = None, dlm: str | None = None,
                       cps: bool = True, adl: bool = True, preset: str = "cpu", k_min: int | None = None,
                       k_max: int | None = None, delta: int | None = None, mass: float = 0.8, cap: int = 15,
-                      lam: float = 0.5, beam: int = 3) -> DiffusionDrafter:
+                      lam: float = 0.5, beam: int = 3, precision: str = "q8") -> DiffusionDrafter:
     """Registry factory for `diffusion`. weights: a `specdec train diffusion` file (default: the one shipped for
     the target's shape); dlm: a real diffusion LM directory (Dream / LLaDA) instead; preset: ADL constants
-    ("cpu" default, "paper" = 20..30, delta 10), k_min / k_max / delta override them."""
+    ("cpu" default, "paper" = 20..30, delta 10), k_min / k_max / delta override them; precision: "q8" (the
+    network's linears on Q8_0 weights through the integer kernel) or "fp32"."""
     from dataclasses import replace
 
     from specdec.errors import SpecdecError
@@ -141,6 +148,8 @@ def diffusion_drafter(vocab_size: int, tree=None, *, target=None, weights: str |
     check_option("diffusion", "cap", cap, 1, 256)
     check_option("diffusion", "lam", lam, 0.0, 1.0, whole=False)
     check_option("diffusion", "beam", beam, 1, 16)
+    if precision not in ("q8", "fp32"):
+        raise ValueError(f"diffusion: precision must be q8 or fp32, got {precision!r}")
     if preset not in PRESETS:
         raise ValueError(f"diffusion: preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     adl_cfg = PRESETS[preset]
@@ -177,4 +186,4 @@ def diffusion_drafter(vocab_size: int, tree=None, *, target=None, weights: str |
                            "with `specdec train diffusion`") from None
     eos = target.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return DiffusionDrafter(dflash.DFlashBackend(net, eos, vocab_size), ngram, config)
+    return DiffusionDrafter(dflash.DFlashBackend(net, eos, vocab_size, quantized=precision == "q8"), ngram, config)
