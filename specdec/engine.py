@@ -340,8 +340,9 @@ class Run:
         cap = self.limit - longest
         eng.verifier.reserve(min(self.limit, longest + self.room))
         slots = [r.slot for r in rows]
-        views = [DraftRow(r.slot, r.context) for r in rows]  # contexts as of this step's start
         plan = eng.sizer.plan(eng.drafter, slots, cap)
+        views = [DraftRow(r.slot, r.context, plan.depth(i)) for i, r in enumerate(rows)]  # contexts as of this
+        # step's start
         drafts, propose_s = self._propose(views, plan, cap)
         batch = pack(drafts, eng.verifier.device)
         t1 = time.perf_counter()

@@ -418,3 +418,27 @@ def test_sizer_explores_a_drafter_whose_prior_cannot_pay():
         assert not sizer.plan(d, [0], cap=100).propose
         sizer.learn([0], [root], [[0]])
     assert sizer.plan(d, [0], cap=100).explore == (True,)
+
+
+def test_sizer_depths_bound_what_trim_keeps():
+    """`StepPlan.depths`: where no node can pay a row may draft nothing (depth 0), an exploring row EXPLORE_NODES,
+    a row whose every node pays the whole budget; and no draft node `trim` keeps is deeper than its row's depth."""
+    from specdec.trees.budget import EXPLORE_AFTER, EXPLORE_NODES
+
+    d = PlainDrafter()
+    d.name = "ngram"
+    draft = chain([1, 5, 6, 7, 8, 9, 10, 11, 12])
+    flat = Sizer(d, 8, FLAT)
+    flat.reset(0)
+    plan = flat.plan(d, [0], cap=100)
+    assert plan.depths == (7,)  # every node pays: the whole budget
+    steep = Sizer(d, 8, STEEP)
+    steep.reset(0)
+    assert steep.plan(d, [0], cap=100).depths == (0,)
+    for _ in range(EXPLORE_AFTER):
+        steep.learn([0], [chain([1])], [[0]])
+    plan = steep.plan(d, [0], cap=100)
+    assert plan.depths == (EXPLORE_NODES,)
+    kept = steep.trim(plan, d, [0], [draft])[0]
+    assert kept.tree.max_depth <= plan.depth(0)
+    assert Sizer(d, 5).plan(d, [0, 1], cap=100).depth(1) == 4  # a fixed budget: budget - 1

@@ -146,3 +146,20 @@ def test_lattice_is_one_distribution_per_position():
     torch.testing.assert_close(lat.logprobs.exp().sum(-1), torch.ones(2, 5))
     alone = backend.lattice([DraftRow(1, torch.tensor(rows[1]))], 5)
     torch.testing.assert_close(alone.logprobs[0], lat.logprobs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_block_drafter_drafts_no_deeper_than_its_row_allows():
+    """`DraftRow.depth`: the block has no mask position deeper than the sizer could score; depth 0 drafts nothing."""
+    arch = "llama"
+    drafter = make_drafter(arch)
+    v = LeanVerifier(target(arch), gemm="linear")
+    row = prompts(1, seed=4)[0]
+    v.reset(1, 64)
+    drafter.reset(0, SamplingParams())
+    hidden = v.prefill(0, torch.tensor(row[:-1]), hidden_layers=drafter.backend.net.cfg.feature_layers)
+    drafter.observe_prefill(0, torch.tensor(row), hidden)
+    context = torch.tensor(row)
+    depths = {None: drafter.propose([DraftRow(0, context)], [12])[0].tree.max_depth}
+    for depth in (0, 1, 2):
+        depths[depth] = drafter.propose([DraftRow(0, context, depth)], [12])[0].tree.max_depth
+    assert depths[0] == 0 and depths[1] == 1 and depths[2] == 2 and depths[None] > 2

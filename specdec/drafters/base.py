@@ -139,6 +139,8 @@ def keep_map(draft: Draft, nodes: Sequence[int]) -> tuple[list[int], list[int]]:
 class DraftRow:
     slot: int  # the row's identity for per-sequence drafter state
     context: torch.Tensor  # [L] int64 committed tokens (prompt + output), CPU
+    depth: int | None = None  # the deepest draft node the sizer could score this step (None: no limit);
+    # a drafter whose cost grows with depth (diffusion's block) drafts no deeper
 
 
 @dataclass

@@ -39,6 +39,10 @@ class StepPlan:
     budgets: list[int]  # [B] node budget per row, root included
     propose: bool = True  # False: plain step for every row (drafting could not pay)
     explore: tuple[bool, ...] = ()  # [B] rows that keep EXPLORE_NODES this step whether they pay or not
+    depths: tuple[int, ...] = ()  # [B] the deepest draft node that could be scored (empty: budget - 1 each)
+
+    def depth(self, row: int) -> int:
+        return self.depths[row] if self.depths else self.budgets[row] - 1
 
     @property
     def label(self) -> int:
@@ -80,9 +84,19 @@ class Sizer:
         bounds = [self.acceptance.bound(s, budget) for s in slots]
         # proposing for nothing costs host time; a drafter with aux nodes drafts through them (lexical's
         # placeholders predict the next step's draft), so it is asked every step and its real nodes cut as they pay
-        worth = bool(drafter.needs.max_aux) or any(self.allocator.allocate(bounds))
+        chains = self.allocator.allocate(bounds)
+        worth = bool(drafter.needs.max_aux) or any(chains)
         explore = tuple(self._idle.get(s, 0) >= self._wait.get(s, EXPLORE_AFTER) for s in slots)
-        return StepPlan([budget] * len(slots), propose=worth or any(explore), explore=explore)
+        return StepPlan([budget] * len(slots), propose=worth or any(explore), explore=explore,
+                        depths=() if drafter.needs.max_aux else self._depths(chains, explore))
+
+    @staticmethod
+    def _depths(chains: list[int], explore: tuple[bool, ...]) -> tuple[int, ...]:
+        """Per row, the deepest node `trim` should keep: a node at depth d comes with its d - 1 ancestors, each
+        valued at most as the row's bound chain, so it pays only if the allocator keeps d nodes of that chain
+        (`chains`: the batch's chains allocated together; a row beside rows whose drafts fall short of their
+        bounds could pay for one more, which it then does not draft); exploring rows keep EXPLORE_NODES."""
+        return tuple(max(n, EXPLORE_NODES if e else 0) for n, e in zip(chains, explore))
 
     def trim(self, plan: StepPlan, drafter: Drafter, slots: Sequence[int], drafts: list[Draft]) -> list[Draft]:
         """Each row's draft cut to the nodes that pay: its best `budget - 1` nodes (value, then node order: a parent

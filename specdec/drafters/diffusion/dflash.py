@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -35,6 +36,7 @@ from specdec.drafters.base import DraftRow, Needs
 from specdec.drafters.diffusion.backend import Lattice
 from specdec.drafters.weights_file import FLOATS, INTS, WeightsFile
 from specdec.errors import SpecdecError
+from specdec.verifiers import glue
 from specdec.verifiers.lean_model import activate, apply_rope, read_arch, rms_norm
 
 FORMAT = "specdec-dflash-2"  # 2: the root input also carries the last context feature (root_proj)
@@ -90,11 +92,18 @@ class BlockDrafter(torch.nn.Module):
                              persistent=False)
         self.rope_scaling = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
         self.fast: _Q8Linears | None = None  # `quantize`
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) [n, D] of positions 0..n-1
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [n] -> cos/sin [n, 1, D]
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.rope_scaling)[:, None], (emb.sin() * self.rope_scaling)[:, None]
+        """Rows of a cos/sin table over 0..max(positions), kept and doubled as positions grow."""
+        need = int(positions.max()) + 1 if positions.numel() else 1
+        if self._rope is None or self._rope[0].shape[0] < need:
+            size = max(need, 2 * (0 if self._rope is None else self._rope[0].shape[0]), 256)
+            freqs = torch.arange(size, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [size, D]
+            self._rope = (emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling)
+        cos, sin = self._rope
+        return cos[positions][:, None], sin[positions][:, None]
 
     def quantize(self) -> "BlockDrafter":
         """Inference: every linear (the layers', fc, root_proj, the head) through the q8act integer kernel on the
@@ -109,7 +118,7 @@ class BlockDrafter(torch.nn.Module):
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, F*H] concatenated layers -> [n, H]
         fc = self.fc(hidden.float()) if self.fast is None else self.fast("fc", hidden)
-        return rms_norm(fc, self.ctx_norm, self.arch.eps)
+        return _norm(fc, self.ctx_norm, self.arch.eps)
 
     def context_kv(self, feats: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (k, v) [n, Hkv, D] of context features [n, H] at `positions` [n]."""
@@ -135,7 +144,7 @@ class BlockDrafter(torch.nn.Module):
         cos, sin = cos.view(b, s, 1, -1), sin.view(b, s, 1, -1)
         for layer, kv in zip(self.layers, ctx):
             x = layer(x, cos, sin, kv, ctx_mask)
-        out = rms_norm(x, self.final_norm, self.arch.eps).float()
+        out = _norm(x, self.final_norm, self.arch.eps)
         return out @ self.head.T if self.fast is None else self.fast("head", out)
 
 
@@ -171,7 +180,7 @@ class _DraftLayer(torch.nn.Module):
     def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [..., H] (cos/sin broadcastable to [..., 1, D]) -> k, v [..., Hkv, D] (normed, rotated)."""
         a = self.a
-        k, v = self.linears("k+v", rms_norm(x, self.in_norm, a.eps))
+        k, v = self.linears("k+v", _norm(x, self.in_norm, a.eps))
         return self._rotated_kv(k, v, cos, sin)
 
     def _rotated_kv(self, k, v, cos, sin):  # k, v [..., Hkv*D] -> [..., Hkv, D] each (k normed, rotated)
@@ -179,39 +188,40 @@ class _DraftLayer(torch.nn.Module):
         k = k.unflatten(-1, (a.num_kv_heads, a.head_dim))
         v = v.unflatten(-1, (a.num_kv_heads, a.head_dim))
         if a.gemma:
-            k = rms_norm(k, self.k_norm, a.eps)
+            k = _norm(k, self.k_norm, a.eps)
         return apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, ctx_kv, ctx_mask):  # x [B, s, H]
         a = self.a
         b, s, _ = x.shape
-        q, k, v = self.linears("q+k+v", rms_norm(x, self.in_norm, a.eps))
+        q, k, v = self.linears("q+k+v", _norm(x, self.in_norm, a.eps))
         q = q.reshape(b, s, a.num_heads, a.head_dim)
         if a.gemma:
-            q = rms_norm(q, self.q_norm, a.eps)
+            q = _norm(q, self.q_norm, a.eps)
         q = apply_rope(q, cos, sin)
         kb, vb = self._rotated_kv(k, v, cos, sin)  # [B, s, Hkv, D]
         groups = a.num_heads // a.num_kv_heads
         outs = []
-        for r in range(b):
+        for r in range(b):  # q head h reads kv head h // groups; written out: SDPA cost ~1 ms at these sizes
             kc, vc = ctx_kv[r] if not isinstance(ctx_kv, tuple) else ctx_kv  # [T, Hkv, D]
-            keys = torch.cat([kc, kb[r]]).transpose(0, 1).repeat_interleave(groups, 0)  # [Hq, T + s, D]
-            vals = torch.cat([vc, vb[r]]).transpose(0, 1).repeat_interleave(groups, 0)
-            mask = None
+            keys = torch.cat([kc, kb[r]]).transpose(0, 1)  # [Hkv, T + s, D]
+            vals = torch.cat([vc, vb[r]]).transpose(0, 1)
+            qr = q[r].transpose(0, 1).reshape(a.num_kv_heads, groups * s, a.head_dim)  # [Hkv, groups * s, D]
+            att = (qr @ keys.transpose(1, 2)) * a.attn_scale  # [Hkv, groups * s, T + s]
             if ctx_mask is not None:
-                mask = torch.cat([ctx_mask[r], ctx_mask.new_ones(s)])[None, None].expand(1, s, -1)
-            out = F.scaled_dot_product_attention(q[r].transpose(0, 1), keys, vals, attn_mask=mask,
-                                                 scale=a.attn_scale)  # [Hq, s, D]
-            outs.append(out.transpose(0, 1).reshape(s, -1))
+                seen = torch.cat([ctx_mask[r], ctx_mask.new_ones(s)])  # [T + s]
+                att = att.masked_fill(~seen, float("-inf"))
+            out = torch.softmax(att, dim=-1) @ vals  # [Hkv, groups * s, D]
+            outs.append(out.view(a.num_heads, s, a.head_dim).transpose(0, 1).reshape(s, -1))
         attn = torch.stack(outs)  # [B, s, Hq*D]
         h, = self.linears("o", attn)
         if a.gemma:
-            h = rms_norm(h, self.post_attn_norm, a.eps)
+            h = _norm(h, self.post_attn_norm, a.eps)
         x = x + h
-        gate, up = self.linears("gate+up", rms_norm(x, self.ff_norm, a.eps))
+        gate, up = self.linears("gate+up", _norm(x, self.ff_norm, a.eps))
         h, = self.linears("down", activate(gate, a.activation) * up)
         if a.gemma:
-            h = rms_norm(h, self.post_ff_norm, a.eps)
+            h = _norm(h, self.post_ff_norm, a.eps)
         return x + h
 
 
@@ -239,6 +249,15 @@ class _Q8Linears:
         if isinstance(lin, torch.Tensor):
             return F.linear(x.float(), lin)
         return lin(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+
+
+def _norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:  # [..., H] -> [..., H] float32
+    """rms_norm over the last dim; outside autograd through `glue.rms_norm` (one numba call for torch's ~6 ops)."""
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return rms_norm(x.float(), scale, eps)
+    rows = x.detach().float().reshape(-1, x.shape[-1]).contiguous().numpy()
+    out = glue.rms_norm(rows, scale.detach().float().contiguous().numpy(), np.float32(eps))
+    return torch.from_numpy(out).view(x.shape)
 
 
 def _norm_scale(norm: torch.nn.Module, gemma: bool) -> torch.Tensor:

@@ -75,11 +75,13 @@ class DiffusionDrafter(BaseDrafter):
             if r.slot in self._fresh:  # the live 3-gram counts start from the whole prompt
                 self.ngram.extend(r.slot, r.context)
                 self._fresh.discard(r.slot)
-        active = [i for i, b in enumerate(budgets) if b > 1]
+        # no mask position deeper than a node the sizer could score this step
+        depths = [b - 1 if r.depth is None else min(r.depth, b - 1) for r, b in zip(rows, budgets)]
+        active = [i for i, d in enumerate(depths) if d > 0]
         drafts = [Draft.root_only(r.context) for r in rows]
         if not active:
             return drafts
-        ks = {i: self.adl.k(rows[i].slot) for i in active}
+        ks = {i: min(self.adl.k(rows[i].slot), depths[i]) for i in active}
         lattice = self.backend.lattice([rows[i] for i in active], max(ks.values()))
         logp = lattice.logprobs.float().cpu().numpy()  # [A, k, V']
         ids = None if lattice.ids is None else lattice.ids.cpu().numpy()
