@@ -23,7 +23,7 @@ from specdec.hardware import set_threads
 from specdec.config import GGUF_FORMATS, WEIGHT_CHOICES
 from specdec.models.loading import LoadedModel, cache_root, gguf_file, load_model
 from specdec.models.native import load_native
-from specdec.plan import ModelFacts, check_device, is_gguf_spec, model_facts, resolve
+from specdec.plan import check_device, is_gguf_spec, model_facts, resolve
 from specdec.plan import default_weights  # noqa: F401  (re-exported: callers import it from here)
 from specdec.sampling import SamplingParams
 from specdec.text import encode_prompt
@@ -96,9 +96,8 @@ def loads_natively(model: Any, weights: str, backend: str, drafters: Sequence[tu
     if not (model is None or isinstance(model, str)) or not is_gguf_spec(model):
         return False
     fp32 = any(not isinstance(d, str) or needs_target_weights(d, options) for d, options in drafters)
-    facts = ModelFacts("gguf", model or "", lean=True, named_gguf=True)  # what the plan's load rule reads
     try:
-        return resolve(facts, weights=weights, backend=backend, fp32_drafter=fp32).load == "native"
+        return resolve(model_facts(model), weights=weights, backend=backend, fp32_drafter=fp32).load == "native"
     except SpecdecError:
         return False
 

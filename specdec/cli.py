@@ -160,7 +160,7 @@ def bench(config_path: str | None, cache_dir: str | None, prompts: str | None, p
     if cfg.weights == "auto":  # the format `generate` would run in: bench measures the default
         from specdec.api import default_weights
 
-        cfg = cfg.updated(weights=default_weights(cfg.model, cfg.backend, cfg.strict))
+        cfg = cfg.updated(weights=default_weights(cfg.model, cfg.backend, cfg.strict, cache_dir))
     if batch_sizes:
         if cfg.strict:
             raise SpecdecError("--strict is not supported with --batch yet: drop one of them")

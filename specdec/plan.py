@@ -19,7 +19,6 @@ The rules, in order:
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -153,21 +152,11 @@ def _auto_weights(facts: ModelFacts, backend: str, strict: bool, cpu: bool, quan
     return "gguf", ""
 
 
-def default_weights(model: Any = None, backend: str = "auto", strict: bool = False) -> str:
-    """What weights="auto" picks for `model` judged by its name alone (no file read): gguf for a built-in, an
-    existing .gguf file or a loaded built-in, fp32 otherwise and with the hf backend or strict scoring. `resolve`
-    also reads the file (an architecture the lean forward lacks, no kernel block types: fp32)."""
-    from specdec.models.loading import LoadedModel
-
-    if backend == "hf" or strict:
-        return "fp32"
-    if isinstance(model, LoadedModel):
-        return "gguf" if model.name in BUILTINS else "fp32"
-    if model is None:
-        return "gguf"
-    if isinstance(model, (str, os.PathLike)):
-        return "gguf" if is_gguf_spec(os.fspath(model)) else "fp32"
-    return "fp32"
+def default_weights(model: Any = None, backend: str = "auto", strict: bool = False,
+                    cache_dir: str | Path | None = None) -> str:
+    """What weights="auto" picks for `model`: `resolve`'s choice on `model_facts` (the GGUF's header read, no
+    weight)."""
+    return resolve(model_facts(model, cache_dir), backend=backend, strict=strict).weights
 
 
 def is_gguf_spec(spec: str | None) -> bool:

