@@ -86,6 +86,7 @@ def test_hidden_states_reach_the_backend_for_every_committed_position():
     got, res = run(arch, drafter, rows, 2, new=12)
     backend = drafter.backend
     for slot in (0, 1):
+        backend.flush(slot)
         k, _ = dflash._joined(backend._kv[slot][0])
         assert backend._len[slot] == k.shape[0]
     # each slot's row: every committed position but the last has K/V (the last step may commit past the stop,
@@ -108,6 +109,7 @@ def test_context_kv_equals_recomputing_from_the_target(tmp_path):
     hidden = v.prefill(0, torch.tensor(seq[:-1]), hidden_layers=net.cfg.feature_layers)
     feats = torch.cat([hidden[layer] for layer in net.cfg.feature_layers], -1)
     ref = net.context_kv(net.features(feats), torch.arange(len(seq) - 1))
+    drafter.backend.flush(0)
     k, v_ = dflash._joined(drafter.backend._kv[0][0])
     torch.testing.assert_close(k, ref[0][0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(v_, ref[0][1], atol=1e-4, rtol=1e-4)

@@ -348,29 +348,43 @@ class DFlashBackend:
         self._kv: dict[int, list[list[tuple[torch.Tensor, torch.Tensor]]]] = {}  # slot -> layer -> chunks
         self._len: dict[int, int] = {}  # slot -> context positions with K/V
         self._last: dict[int, torch.Tensor] = {}  # slot -> [H] the feature of the last context position
+        self._pending: dict[int, list[torch.Tensor]] = {}  # slot -> [n, F*H] hidden states not yet turned into K/V
+        self._seen: dict[int, int] = {}  # slot -> context positions whose hidden states arrived
 
     def reset(self, slot: int) -> None:
         self._kv[slot] = [[] for _ in self.net.layers]
-        self._len[slot] = 0
+        self._len[slot] = self._seen[slot] = 0
         self._last[slot] = torch.zeros(self.net.arch.hidden)
+        self._pending[slot] = []
 
-    @torch.inference_mode()
     def observe_hidden(self, slot: int, start: int, hidden: dict[int, torch.Tensor]) -> None:
+        """Kept as they arrive; turned into context K/V when the slot next drafts (`flush`), so a step that does
+        not draft costs nothing here and the tokens of several steps go through the network in one call."""
         if slot not in self._len:
             self.reset(slot)
-        if start != self._len[slot]:
+        if start != self._seen[slot]:
             raise ValueError(f"diffusion drafter: hidden states of slot {slot} arrived for position {start}, "
-                             f"expected {self._len[slot]} (they must arrive in order)")
+                             f"expected {self._seen[slot]} (they must arrive in order)")
         feats = torch.cat([hidden[layer].float() for layer in self.net.cfg.feature_layers], dim=-1)  # [n, F*H]
-        n = feats.shape[0]
-        if n == 0:
+        if feats.shape[0]:
+            self._pending[slot].append(feats)
+            self._seen[slot] = start + feats.shape[0]
+
+    @torch.inference_mode()
+    def flush(self, slot: int) -> None:
+        """The slot's pending hidden states -> features -> every layer's context K/V."""
+        if slot not in self._len:
+            self.reset(slot)
+        if not self._pending[slot]:
             return
-        positions = torch.arange(start, start + n)
+        feats = torch.cat(self._pending[slot])  # [n, F*H]
+        start, n = self._len[slot], feats.shape[0]
         ctx = self.net.features(feats)  # [n, H]
-        for layer, kv in zip(self._kv[slot], self.net.context_kv(ctx, positions)):
+        for layer, kv in zip(self._kv[slot], self.net.context_kv(ctx, torch.arange(start, start + n))):
             layer.append(kv)
         self._len[slot] = start + n
         self._last[slot] = ctx[-1]
+        self._pending[slot] = []
 
     @torch.inference_mode()
     def lattice(self, rows: Sequence[DraftRow], k: int) -> Lattice:
@@ -379,8 +393,7 @@ class DFlashBackend:
         starts = []
         ctx: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.net.layers]
         for r in rows:
-            if r.slot not in self._len:
-                self.reset(r.slot)
+            self.flush(r.slot)
             starts.append(len(r.context) - 1)  # the root's position
             for li, chunks in enumerate(self._kv[r.slot]):
                 joined = _joined(chunks)
