@@ -138,13 +138,13 @@ class BlockDrafter(torch.nn.Module):
                       ctx_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Blocks x [B, s, H] at positions [B, s]; ctx[l][b] = (k, v) [T_b, Hkv, D] of row b's context in layer l
         (ctx_mask [B, T] bool: which context keys row b sees, when rows share one context). -> logits
-        [B, s, V'] over the restricted head."""
+        [B, s - 1, V'] of the mask positions (the root's output is never read) over the restricted head."""
         cos, sin = self.rope(positions.reshape(-1))
         b, s, h = x.shape
         cos, sin = cos.view(b, s, 1, -1), sin.view(b, s, 1, -1)
         for layer, kv in zip(self.layers, ctx):
             x = layer(x, cos, sin, kv, ctx_mask)
-        out = _norm(x, self.final_norm, self.arch.eps)
+        out = _norm(x[:, 1:], self.final_norm, self.arch.eps)  # [B, s - 1, H]
         return out @ self.head.T if self.fast is None else self.fast("head", out)
 
 
@@ -401,8 +401,8 @@ class DFlashBackend:
                 ctx[li].append(joined)
         positions = torch.tensor(starts)[:, None] + torch.arange(k + 1)[None]  # [B, k + 1]
         x = self.net.block_inputs(roots, torch.stack([self._last[r.slot] for r in rows]), k)
-        logits = self.net.forward_block(x, positions, ctx)  # [B, k + 1, V']
-        return Lattice(torch.log_softmax(logits[:, 1:].float(), dim=-1), self.net.vocab_ids)
+        logits = self.net.forward_block(x, positions, ctx)  # [B, k, V']
+        return Lattice(torch.log_softmax(logits.float(), dim=-1), self.net.vocab_ids)
 
 
 def _joined(chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -193,7 +193,7 @@ def evaluate(net: dflash.BlockDrafter, seqs, starts, feats, offsets, rows: list[
         positions = roots[:, None] + torch.arange(k + 1)[None]
         prev = torch.where((roots > 0)[:, None], ctx_feats[(roots - 1).clamp(min=0)], 0.0)
         logits = net.forward_block(net.block_inputs(seq[roots], prev, k), positions, ctx,
-                                   torch.arange(seq.numel())[None] < roots[:, None])[:, 1:]  # [A, k, V']
+                                   torch.arange(seq.numel())[None] < roots[:, None])  # [A, k, V']
         label_pos = positions[:, 1:]
         labels = torch.where(label_pos < seq.numel(), col[seq[label_pos.clamp(max=seq.numel() - 1)]],
                              torch.tensor(-100))  # [A, k]
@@ -211,7 +211,7 @@ def _loss(net, seq, feats, roots, k, col, gamma):
     last = torch.where((roots > 0)[:, None], ctx_feats[(roots - 1).clamp(min=0)], 0.0)  # [A, H] feature at root - 1
     x = net.block_inputs(seq[roots], last, k)
     ctx_mask = torch.arange(T)[None] < roots[:, None]  # [A, T]: context positions before the root
-    logits = net.forward_block(x, positions, ctx, ctx_mask)[:, 1:]  # [A, k, V']
+    logits = net.forward_block(x, positions, ctx, ctx_mask)  # [A, k, V']
     label_pos = positions[:, 1:]
     labels = torch.where(label_pos < T, col[seq[label_pos.clamp(max=T - 1)]], torch.tensor(-100))  # [A, k]
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
