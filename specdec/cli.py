@@ -291,14 +291,14 @@ def train_diffusion_cmd(model: str, work_dir: str | None, out: str | None, steps
     """Train the block-diffusion drafter for --model (`--drafter diffusion`)."""
     from pathlib import Path
 
-    from specdec.api import SpecDecoder
+    from specdec.drafters.corpus import training_decoder
     from specdec.drafters.diffusion.train import TrainConfig, train_diffusion
     from specdec.models.loading import cache_root
 
     setup(threads)
     work = Path(work_dir) if work_dir else cache_root(cache_dir) / "train" / f"diffusion-{Path(model).name}"
     target = Path(out) if out else work / "diffusion.safetensors"
-    decoder = SpecDecoder(model, drafter="ngram", cache_dir=cache_dir, log=log)
+    decoder = training_decoder(model, cache_dir, log)
     layers = decoder.verifier.num_layers
     cfg = TrainConfig(prompts=prompts, max_new_tokens=max_new_tokens, steps=steps, block=block,
                       num_layers=num_layers, vocab=vocab,
@@ -326,14 +326,14 @@ def train_lexical_cmd(model: str, work_dir: str | None, out: str | None, steps: 
     """Train the lexical drafter's placeholder embeddings for --model (`--drafter lexical`)."""
     from pathlib import Path
 
-    from specdec.api import SpecDecoder
+    from specdec.drafters.corpus import training_decoder
     from specdec.drafters.lexical.train import LexicalTrainConfig, train_lexical
     from specdec.models.loading import cache_root
 
     setup(threads)
     work = Path(work_dir) if work_dir else cache_root(cache_dir) / "train" / Path(model).name
     target = Path(out) if out else work / "lexical.safetensors"
-    decoder = SpecDecoder(model, drafter="ngram", cache_dir=cache_dir, log=log)
+    decoder = training_decoder(model, cache_dir, log)
     cfg = LexicalTrainConfig(prompts=prompts, max_new_tokens=max_new_tokens, steps=steps, k=k, vocab=vocab,
                              corpus=corpus)
     train_lexical(decoder, work, target, cfg, log=log)

@@ -336,3 +336,22 @@ def test_llama3_rope_factors_in_the_gguf_are_applied(tmp_path):
     for prompt, want in zip(prompts, wants):
         assert native.generate_ids(prompt, max_new_tokens=48, eos_token_id=[]).tokens == want
         assert fp32.generate_ids(prompt, max_new_tokens=48, eos_token_id=[]).tokens == want
+
+
+def test_drafters_train_on_the_targets_real_weights_and_its_default_format(tmp_path):
+    """`training_decoder`: a GGUF target that would load natively (quantised linears and embedding, a meta shell)
+    is loaded with its fp32 weights for training, verified in the gguf format; the diffusion drafter's network
+    builds from it (it copies the embedding and the last layer)."""
+    from specdec.drafters.corpus import training_decoder
+    from specdec.drafters.diffusion import dflash
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(make_tiny_model("qwen2"), path)
+    decoder = training_decoder(str(path), str(tmp_path / "cache"))
+    assert decoder.weights == "gguf"
+    assert not any(p.is_meta for p in decoder.model.parameters())
+    m = decoder.model
+    cfg = dflash.DFlashConfig(target=m.config.model_type, hidden=m.config.hidden_size, num_layers=1,
+                              target_layers=m.config.num_hidden_layers, feature_layers=(1,), block=4, vocab=8)
+    net = dflash.BlockDrafter(m, cfg, torch.arange(8))
+    assert not any(t.is_meta for t in [*net.parameters(), *net.buffers()])

@@ -35,6 +35,20 @@ from specdec.text import encode_prompt
 MIN_SEQUENCES = 4  # corpus rows with at least 2 output tokens (a root and one label) a training run needs
 
 
+def training_decoder(model: str, cache_dir: str | None, log: Callable[[str], None] | None = None):
+    """The target a trained drafter learns from: its fp32 weights loaded (the drafter copies its embedding and
+    last layers, which a natively loaded GGUF keeps quantised), verified in the format `weights=auto` picks for
+    `model`, the one the drafter's hidden states come from at inference (a drafter that computes with the
+    target's weights loads it the same way: `specdec.plan`'s load "dequantised")."""
+    from specdec.api import SpecDecoder, default_weights, gguf_weights
+    from specdec.models.loading import load_model
+
+    weights = default_weights(model, cache_dir=cache_dir)
+    loaded = load_model(model, cache_dir=cache_dir, log=log)
+    quant = gguf_weights(model, loaded.model, cache_dir, log) if weights == "gguf" else None
+    return SpecDecoder(loaded, drafter="ngram", cache_dir=cache_dir, log=log, weights=weights, quant=quant)
+
+
 def prepare_work_dir(work: Path, out: Path, decoder) -> None:
     """Before training: `work` and `out`'s folder can be written, and `work` was made for this model. The first
     run stamps it (`target.json`: the model's shape, vocabulary size and a fingerprint of its tokenizer), later
