@@ -88,7 +88,7 @@ class Sizer:
         worth = bool(drafter.needs.max_aux) or any(chains)
         explore = tuple(self._idle.get(s, 0) >= self._wait.get(s, EXPLORE_AFTER) for s in slots)
         return StepPlan([budget] * len(slots), propose=worth or any(explore), explore=explore,
-                        depths=() if drafter.needs.max_aux else self._depths(chains, explore))
+                        depths=self._depths(chains, explore))
 
     @staticmethod
     def _depths(chains: list[int], explore: tuple[bool, ...]) -> tuple[int, ...]:
