@@ -13,7 +13,8 @@ for themselves:
   than `min_samples` were near it), kept non-decreasing in the node count (the curve can be off by a different
   factor at each size: batched attention, the machine's load, a calibration timed round robin);
 - K maximises expected committed tokens per second, (B + sum of the K best values) / (T(B + K) + host), host
-  being the measured drafting + acceptance seconds of a step; unless that beats plain (K = 0) by at least
+  being the measured drafting + acceptance seconds of a step that proposed (deciding whether to propose at all,
+  plain is priced with the host seconds of steps that did not: the drafter's own time counts); unless that beats plain (K = 0) by at least
   `min_gain` (10%), K = 0: what the model leaves out (padding and packing, acceptance estimated per slot)
   costs a few percent.
 
@@ -44,7 +45,8 @@ class NodeAllocator:
         self._near: dict[int, deque[float]] = {n: deque(maxlen=window) for n in curve.sizes}  # the same, by the
         # calibrated size nearest each step's node count
         self._corrected: LatencyCurve | None = curve  # the curve as corrected by the steps so far (None: stale)
-        self._host: float | None = None  # seconds of drafting + acceptance per step
+        self._host: float | None = None  # seconds of drafting + acceptance per step that proposed
+        self._plain_host: float | None = None  # the same, per step that did not (no drafter propose)
         self._table: np.ndarray | None = None  # [N] latency(n) of n = 0..N-1 by the corrected curve (None: stale)
 
     def latency(self, nodes: int) -> float:
@@ -71,26 +73,36 @@ class NodeAllocator:
                 seconds[-1] = max(seconds[-1], seconds[-2])  # a larger call never costs less
         return LatencyCurve(self.curve.sizes, tuple(seconds))
 
-    def record(self, nodes: int, verify_s: float, host_s: float) -> None:
-        """One step: `nodes` nodes (roots included) scored in `verify_s`, plus `host_s` of host work."""
+    def record(self, nodes: int, verify_s: float, host_s: float, proposed: bool = True) -> None:
+        """One step: `nodes` nodes (roots included) scored in `verify_s`, plus `host_s` of host work; proposed:
+        whether the drafter was asked (its host time is kept apart from plain steps')."""
         ratio = verify_s / max(self.curve(nodes), 1e-9)
         self._scale.append(ratio)
         self._near[min(self.curve.sizes, key=lambda n: (abs(n - nodes), n))].append(ratio)
         self._corrected, self._table = None, None
+        if not proposed:
+            self._plain_host = host_s if self._plain_host is None else (
+                (1 - self.alpha) * self._plain_host + self.alpha * host_s)
+            return
         self._host = host_s if self._host is None else (1 - self.alpha) * self._host + self.alpha * host_s
 
-    def allocate(self, values: Sequence[Sequence[float]]) -> list[int]:
+    def allocate(self, values: Sequence[Sequence[float]], proposing: bool = False) -> list[int]:
         """values[b]: acceptance probabilities of row b's candidate nodes, best first (a parent before its children).
+        proposing: whether to ask the drafter at all (`Sizer.plan`): plain (K = 0) is then priced with the host
+        time of steps that did not propose, so a drafter's own cost counts against its nodes; once drafts exist
+        (`Sizer.trim`) that cost is spent and both sides carry it.
 
         Returns how many of them each row keeps (a prefix of its list)."""
         rows = len(values)
         host = self._host or 0.0
+        plain_host = host if not proposing or self._plain_host is None else min(host, self._plain_host)
         value = np.fromiter((v for vs in values for v in vs), dtype=np.float64)  # [K] every row's nodes
         row = np.repeat(np.arange(rows), [len(vs) for vs in values])  # [K]
         depth = np.concatenate([np.arange(len(vs)) for vs in values]) if rows else np.zeros(0, dtype=np.int64)
         order = np.lexsort((depth, -value))  # best first; a parent before its child on ties; stable: row order
         latency = self._latencies(rows + value.shape[0])[rows: rows + value.shape[0] + 1]  # [K + 1] of 0..K draft nodes
         rate = (rows + np.concatenate(([0.0], np.cumsum(value[order])))) / (latency + host)  # [K + 1]
+        rate[0] = rows / (latency[0] + plain_host)
         best_k = int(np.argmax(rate))  # the first best: fewer nodes on ties
         if rate[best_k] < (1 + self.min_gain) * rate[0]:  # too close to call: plain is never slower than plain
             best_k = 0
@@ -98,4 +110,5 @@ class NodeAllocator:
 
     def as_dict(self) -> dict:
         return {"scale": round(statistics.median(self._scale), 3) if self._scale else None,
-                "host_ms": round(1e3 * self._host, 3) if self._host is not None else None}
+                "host_ms": round(1e3 * self._host, 3) if self._host is not None else None,
+                "plain_host_ms": round(1e3 * self._plain_host, 3) if self._plain_host is not None else None}

@@ -84,7 +84,7 @@ class Sizer:
         bounds = [self.acceptance.bound(s, budget) for s in slots]
         # proposing for nothing costs host time; a drafter with aux nodes drafts through them (lexical's
         # placeholders predict the next step's draft), so it is asked every step and its real nodes cut as they pay
-        chains = self.allocator.allocate(bounds)
+        chains = self.allocator.allocate(bounds, proposing=True)
         worth = bool(drafter.needs.max_aux) or any(chains)
         explore = tuple(self._idle.get(s, 0) >= self._wait.get(s, EXPLORE_AFTER) for s in slots)
         return StepPlan([budget] * len(slots), propose=worth or any(explore), explore=explore,
@@ -137,4 +137,4 @@ class Sizer:
     def record(self, plan: StepPlan, rows: int, nodes: int, verify_s: float, host_s: float,
                committed: int) -> None:
         if self.allocator is not None:
-            self.allocator.record(nodes, verify_s, host_s)
+            self.allocator.record(nodes, verify_s, host_s, proposed=plan.propose)
