@@ -95,7 +95,9 @@ def train_diffusion(decoder, work_dir: str | Path, out: str | Path, cfg: TrainCo
     ngram = NgramLM.fit([r["output_ids"] for r in train_rows], max_entries=cfg.ngram_entries)
     recipe = {"prompts": f"{n_train} prompts from specdec.drafters.training_prompts "
                          "(templates, word lists, Python stdlib docstrings; none shares 8 words with Spec-Bench)",
-              "data": f"the target's greedy outputs, max_new_tokens {cfg.max_new_tokens}",
+              "data": (f"the target's greedy outputs, max_new_tokens {cfg.max_new_tokens}" if cfg.corpus is None else
+                       f"the target's greedy outputs in the packed corpus {cfg.corpus} ({len(rows)} rows, "
+                       f"{len(held)} held out by corpus.held_out)"),
               "train": json.dumps(cfg.__dict__)}
     extra = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ngram.to_arrays().items()}
     with writing_output(Path(out)):

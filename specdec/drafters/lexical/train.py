@@ -79,7 +79,9 @@ def train_lexical(decoder, work_dir: str | Path, out: str | Path, cfg: LexicalTr
         train=list(range(len(rows))), held_out=list(range(len(rows), len(seqs)))[: cfg.eval_rows])
     recipe = {"prompts": f"{len(rows)} prompts from specdec.drafters.training_prompts (templates, word lists, "
                          "Python stdlib docstrings; none shares 8 words with Spec-Bench)",
-              "data": f"the target's greedy outputs, max_new_tokens {cfg.max_new_tokens}",
+              "data": (f"the target's greedy outputs, max_new_tokens {cfg.max_new_tokens}" if cfg.corpus is None else
+                       f"the target's greedy outputs in the packed corpus {cfg.corpus} ({len(rows) + len(held)} "
+                       f"rows, {len(held)} held out by corpus.held_out)"),
               "train": json.dumps(cfg.__dict__)}
     with writing_output(Path(out)):
         placeholders.save(out, embeds, vocab_ids, placeholders.target_shape(model), recipe)
