@@ -245,25 +245,31 @@ def attend(
     return out
 
 
+@numba.njit(cache=True, inline="always")
+def top_k_row(row, k, vals, out):
+    """vals[:n], out[:n] = the n = min(k, len(row)) largest values of row and their indices, descending (equal
+    values: lower index first; NaN never enters); returns n."""
+    filled = 0
+    for i in range(row.shape[0]):
+        v = row[i]
+        if filled == k and not v > vals[k - 1]:
+            continue
+        j = filled if filled < k else k - 1
+        while j > 0 and v > vals[j - 1]:
+            vals[j], out[j] = vals[j - 1], out[j - 1]
+            j -= 1
+        vals[j], out[j] = v, i
+        if filled < k:
+            filled += 1
+    return filled
+
+
 @numba.njit(cache=True)
 def _top_k_rows(x, k, ids, lo, hi):
     """ids[m] = the k largest of x[m] in descending order (equal values: lower index first), m in lo..hi-1."""
-    n = x.shape[1]
     vals = np.empty(k, np.float32)
     for m in range(lo, hi):
-        row, out = x[m], ids[m]
-        filled = 0
-        for i in range(n):
-            v = row[i]
-            if filled == k and not v > vals[k - 1]:
-                continue
-            j = filled if filled < k else k - 1
-            while j > 0 and v > vals[j - 1]:
-                vals[j], out[j] = vals[j - 1], out[j - 1]
-                j -= 1
-            vals[j], out[j] = v, i
-            if filled < k:
-                filled += 1
+        top_k_row(x[m], k, vals, ids[m])
 
 
 @numba.njit(cache=True, parallel=True)

@@ -24,6 +24,7 @@ import torch
 from numba import njit
 
 from specdec.trees.tree import Tree
+from specdec.verifiers.glue import top_k_row
 
 MASS_TOL = 1e-6  # a top set within this of `mass` reaches it (probabilities come from exp of float32 log-probs)
 ID_BITS = 21  # bits per token id in the packed n-gram keys: ids < 2**21; 3 ids fill 63 bits of an int64
@@ -107,22 +108,11 @@ def top_sets(logprobs: torch.Tensor, ids: torch.Tensor | None, eos_ids: Iterable
 
 @njit(cache=True)
 def _top_sets(lp, ids, eos, eos_cols, threshold, c, tokens, logq, is_eos, sizes):  # -> positions kept
-    k, v = lp.shape
+    k = lp.shape[0]
     vals = np.empty(c + len(eos_cols), dtype=np.float32)
     cols = np.empty(c + len(eos_cols), dtype=np.int64)
     for j in range(k):
-        n = 0  # the c best columns, by value descending, ties to the lower column (insertion, stable)
-        for col in range(v):
-            x = lp[j, col]
-            if n == c and not x > vals[c - 1]:
-                continue
-            i = n if n < c else c - 1
-            while i > 0 and x > vals[i - 1]:
-                vals[i], cols[i] = vals[i - 1], cols[i - 1]
-                i -= 1
-            vals[i], cols[i] = x, col
-            if n < c:
-                n += 1
+        n = top_k_row(lp[j], c, vals, cols)  # the c best columns, by value descending, ties to the lower column
         cum, m = np.float32(0.0), 1  # the smallest prefix reaching the mass
         for i in range(n):
             cum += np.float32(np.exp(vals[i]))
