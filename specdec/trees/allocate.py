@@ -14,9 +14,9 @@ for themselves:
   factor at each size: batched attention, the machine's load, a calibration timed round robin);
 - K maximises expected committed tokens per second, (B + sum of the K best values) / (T(B + K) + host), host
   being the measured drafting + acceptance seconds of a step that proposed (deciding whether to propose at all,
-  plain is priced with the host seconds of steps that did not: the drafter's own time counts); unless that beats plain (K = 0) by at least
-  `min_gain` (10%), K = 0: what the model leaves out (padding and packing, acceptance estimated per slot)
-  costs a few percent.
+  plain is priced with the host seconds of steps that did not: the drafter's own time counts); unless that
+  beats plain (K = 0) by at least `min_gain` (10%), K = 0: what the model leaves out (padding and packing,
+  acceptance estimated per slot) costs a few percent.
 
 At large batch the GEMMs turn compute-bound, T rises steeply with K, and K falls to what still pays, down
 to 0: plain batched decoding. When even full-length drafts for every row could not pay, the batch does not

@@ -436,7 +436,8 @@ def path_search(sets: Sequence[TopSet], ngram: NgramLM, slot: int, context_last2
                                                                             dtype=np.int64))
     for j, s in enumerate(sets):
         m = len(s.tokens)
-        arrays.tokens[j, :m], arrays.logq[j, :m], arrays.is_eos[j, :m] = s.tokens.numpy(), s.logq.numpy(), s.is_eos.numpy()
+        arrays.tokens[j, :m], arrays.logq[j, :m] = s.tokens.numpy(), s.logq.numpy()
+        arrays.is_eos[j, :m] = s.is_eos.numpy()
     return search_arrays(arrays, ngram, slot, context_last2, lam, beam)
 
 
