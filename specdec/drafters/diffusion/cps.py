@@ -54,11 +54,11 @@ class SetArrays(NamedTuple):
 
 
 def id_order(logprobs: np.ndarray, ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Columns put in token-id order (the order the kernels break ties by): (logprobs [k, V'], ids [V'])."""
+    """Columns put in token-id order (the order the kernels break ties by): (logprobs [..., V'], ids [V'])."""
     if ids is None or len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1])):
         return logprobs, ids
     order = np.argsort(ids, kind="stable")
-    return logprobs[:, order], ids[order]
+    return logprobs[..., order], ids[order]
 
 
 def eos_columns(eos_ids: Iterable[int], ids: np.ndarray | None, v: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ from specdec.drafters.base import BaseDrafter, Draft, DraftRow, Feedback, check_
 from specdec.drafters.shipped import shipped_weights
 from specdec.drafters.diffusion.adl import CPU, PAPER, ADLConfig, AdaptiveLength
 from specdec.drafters.diffusion.backend import DLMBackend
-from specdec.drafters.diffusion.cps import NgramLM, cps_paths, eos_columns, merge_beams
+from specdec.drafters.diffusion.cps import NgramLM, cps_paths, eos_columns, id_order, merge_beams
 from specdec.sampling import SamplingParams
 from specdec.trees.tree import Tree
 
@@ -83,11 +83,8 @@ class DiffusionDrafter(BaseDrafter):
             return drafts
         ks = {i: min(self.adl.k(rows[i].slot), depths[i]) for i in active}
         lattice = self.backend.lattice([rows[i] for i in active], max(ks.values()))
-        logp = lattice.logprobs.float().cpu().numpy()  # [A, k, V']
-        ids = None if lattice.ids is None else lattice.ids.cpu().numpy()
-        if ids is not None and len(ids) > 1 and not bool(np.all(ids[1:] > ids[:-1])):  # columns in id order
-            order = np.argsort(ids, kind="stable")
-            logp, ids = logp[..., order], ids[order]
+        logp, ids = id_order(lattice.logprobs.float().cpu().numpy(),  # [A, k, V'], columns in id order
+                             None if lattice.ids is None else lattice.ids.cpu().numpy())
         eos, eos_cols = eos_columns(self.eos, ids, logp.shape[-1])
         for a, i in enumerate(active):
             row, k = rows[i], ks[i]
