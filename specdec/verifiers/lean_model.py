@@ -10,9 +10,10 @@ Weights are the model's own tensors, no copies.
 GEMM orientation per shape and row count comes from a `GemmPlan` (`specdec.verifiers.gemm`).
 Attention is either batched (one key range and mask per window for all rows: the draft model's runner) or,
 with `Step.rows` (the verifier's ragged batches), row by row over each row's own key range.
-With GGUF-native weights (`quant`) on fp32 rows, the verifier's row-by-row calls run `_layers_glued`: the
-quantised kernel for the linears and `specdec.verifiers.glue`'s fused row-wise kernels for the norms, rotary,
-K/V writes, residual joins (one call where the torch forward dispatches ~20 small ops a layer) and attention.
+`run_layers` is the one layer loop; its backends (`TorchOps` and subclasses, `_GlueOps`) own the steps. With
+GGUF-native weights (`quant`) on fp32 rows, the verifier's row-by-row calls run `_GlueOps`: the quantised kernel
+for the linears and `specdec.verifiers.glue`'s fused row-wise kernels for the norms, rotary, K/V writes,
+residual joins (one call where torch dispatches ~20 small ops a layer) and attention.
 `tiled(tile)` gives the strict (batch-invariant) view: fixed-size GEMM row tiles; with `Step.canonical` set,
 attention runs per query over its canonical keys (`specdec.verifiers.strict`).
 """
@@ -181,7 +182,7 @@ class LeanModel:
             raise ValueError(f"quantised weights for modules the model does not have: {sorted(unused)[:3]}")
         self._inv_freq = _inv_freqs(base.rotary_emb, set(arch.rope_kinds), arch.gemma)
         self._gqa = bool(arch.num_heads != arch.num_kv_heads)
-        # GGUF-native weights on fp32 rows: the layers run through `glue` (`_layers_glued`)
+        # GGUF-native weights on fp32 rows: the layers run through `glue` (`_GlueOps`)
         self._glue = [_GlueNorms.of(lw) for lw in self.layers] if self._quant and self.dtype == torch.float32 else None
         self._glue_final = None if self._glue is None else self.final_norm.contiguous().numpy()
 
@@ -199,7 +200,7 @@ class LeanModel:
 
     @property
     def glued(self) -> bool:
-        """Whether a step with `Step.rows` (and no tree kernel) runs the row-wise numba forward (`_layers_glued`):
+        """Whether a step with `Step.rows` (and no tree kernel) runs the row-wise numba forward (`_GlueOps`):
         GGUF-native weights on fp32 rows."""
         return self._glue is not None
 
@@ -317,28 +318,10 @@ class LeanModel:
         if embeds is not None:
             x = x.index_copy(0, embeds[0], embeds[1].to(x.dtype))
         if self._glue is not None and step.rows is not None and step.rows.trees is None:
-            hidden = self._layers_glued(x, positions, step.rows, caches, rope, capture)  # [R, hidden]
-            if capture is not None and len(self.layers) in capture:
-                capture[len(self.layers)] = hidden
-            return hidden if step.real is not None else hidden.view(batch, n, a.hidden)
-        cos_sin = {kind: (c[positions].unsqueeze(2), s[positions].unsqueeze(2))  # [B, n, 1, D] or packed [R, 1, 1, D]
-                   for kind, (c, s) in rope.items()}
-        pre, post = self.pre_attention, self.post_attention
-        for i, lw in enumerate(self.layers):
-            if capture is not None and i in capture:
-                capture[i] = x
-            q, k, v = pre(x, lw, *cos_sin[a.rope_kinds[i]])
-            if step.rows is not None:  # row by row over the nodes in packed order ([R, H, D]; all real: R = B*n)
-                q, k, v = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
-                x = post(x, self._attend_rows(q, k, v, step.rows, caches[i], a.windows[i]), lw)
-                continue
-            if step.real is not None:
-                q, k, v = (_unpack(t[:, 0], step.real, batch, n) for t in (q, k, v))  # [B, n, H, D]
-            out = self._attend_cached(q, k, v, step, caches[i], a.windows[i])  # [B*n, Hq*D]
-            x = post(x, out if step.real is None else out[step.real], lw)
-        hidden = rms_norm(x, self.final_norm, a.eps)  # [B*n or R, hidden]
-        if capture is not None and len(self.layers) in capture:
-            capture[len(self.layers)] = hidden
+            ops = _GlueOps(self, positions, step.rows, caches, rope)
+        else:
+            ops = _CacheOps(self, positions, step, caches, rope)
+        hidden = run_layers(ops, self.layers, x, capture)  # [B*n or R, hidden]
         return hidden if step.real is not None else hidden.view(batch, n, a.hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., V] float32
@@ -347,94 +330,133 @@ class LeanModel:
             out = torch.tanh(out / self.arch.final_softcap) * self.arch.final_softcap
         return out.contiguous().view(*hidden.shape[:-1], -1)
 
-    def _layers_glued(self, x: torch.Tensor, positions: torch.Tensor, rows: RowSpans, caches, rope,
-                      capture: dict[int, torch.Tensor | None] | None) -> torch.Tensor:
-        """The layers and the final norm with GGUF-native weights, on numpy rows: the quantised kernel for the
-        linears, `glue` for norms, rotary, cache writes and residual joins (one call each instead of ~20 torch
-        ops a layer) and attention (`glue.attend`: each node over the keys it sees, in cache order), torch for
-        the activation. x [R, hidden] float32 embeddings of the packed nodes, positions [R] -> [R, hidden] final
-        normed states; the same values for a node whatever else the call holds (every step here is row-wise)."""
-        a, eps, norms = self.arch, np.float32(self.arch.eps), self._glue
-        xs = x.contiguous().numpy()  # [R, hidden] the residual stream
-        pos = positions.reshape(-1).contiguous().numpy()  # [R]
-        node_slot, node_write = rows.node_slot.numpy(), rows.node_write.numpy()  # [R] each
-        tables = {kind: (c.numpy(), s.numpy()) for kind, (c, s) in rope.items()}  # [max_len, D] each
-        keys = {w: glue.visible_keys(spans, rows.bounds) for w, spans in rows.ranges.items()}  # per window
-        h = glue.rms_norm(xs, norms[0].in_norm, eps)
-        for i, (lw, g) in enumerate(zip(self.layers, norms)):
-            if capture is not None and i in capture:
-                capture[i] = torch.from_numpy(xs)
-            cos, sin = tables[a.rope_kinds[i]]
-            q = glue.qk_rope_write(_project(lw.qkv, h), a.num_heads, a.num_kv_heads, a.head_dim, g.q_norm,
-                                   g.k_norm, eps, cos, sin, pos, caches[i][0].numpy(), caches[i][1].numpy(),
-                                   node_slot, node_write)  # [R, Hq, D]; k, v written
-            key_ptr, key_index = keys[a.windows[i]]
-            attn = glue.attend(q, caches[i][0].numpy(), caches[i][1].numpy(), node_slot, key_ptr, key_index,
-                               a.attn_scale, a.attn_softcap)  # [R, Hq*D]
-            xs, h = glue.add_norm(xs, _project([lw.o], attn), g.post_attn_norm, g.ff_norm, eps)
-            gate, up = torch.from_numpy(_project(lw.gate_up, h)).chunk(2, dim=-1)
-            act = activate(gate, a.activation) * up
-            following = norms[i + 1].in_norm if i + 1 < len(norms) else self._glue_final
-            xs, h = glue.add_norm(xs, _project([lw.down], act.numpy()), g.post_ff_norm, following, eps)
-        return torch.from_numpy(h)
 
-    def pre_attention(self, x: torch.Tensor, lw: _Layer, cos: torch.Tensor, sin: torch.Tensor):
-        """x [B*n, hidden] -> q [B, n, Hq, D], k and v [B, n, Hkv, D] (normed, rotated); cos/sin [B, n, 1, D]."""
+# ---- the layer loop and its backends -----------------------------------------------------------------------
+
+def run_layers(ops, layers: list, x, capture: dict[int, torch.Tensor | None] | None = None) -> torch.Tensor:
+    """The decoder layers and the final norm: the one layer loop of every forward in specdec (the verifier, the
+    draft model, the diffusion drafter's block, the lexical drafter's training). x [M, hidden] the residual
+    stream entering layer 0 -> [M, hidden] final normed states (a tensor).
+
+    `ops` is the backend (`TorchOps` and its subclasses: torch tensors, autograd-safe; `_GlueOps`: numpy rows
+    through the numba kernels) and owns everything but the order of the steps: the norm scales (`ops.norms[i]`,
+    `ops.final`), the projections (`layers[i].qkv` / `.o` / `.gate_up` / `.down`: lists of callables the backend
+    knows), where K/V go and what each query attends over. capture: as `LeanModel.forward`'s."""
+    norms, last = ops.norms, len(layers)
+    x = ops.rows(x)
+    h = ops.norm(x, norms[0].in_norm if layers else ops.final)  # no layers: a self-speculative view that skips all
+    for i, lw in enumerate(layers):
+        g = norms[i]
+        if capture is not None and i in capture:
+            capture[i] = ops.tensor(x)
+        q = ops.qk_rope_write(i, ops.project(lw.qkv, h), g)  # q/k norms, rotary; K/V where the backend keeps them
+        x, h = ops.add_norm(x, ops.project([lw.o], ops.attend(i, q)), g.post_attn_norm, g.ff_norm)
+        following = norms[i + 1].in_norm if i + 1 < last else ops.final
+        x, h = ops.add_norm(x, ops.project([lw.down], ops.gated(ops.project(lw.gate_up, h))), g.post_ff_norm,
+                            following)
+    hidden = ops.tensor(h)
+    if capture is not None and last in capture:
+        capture[last] = hidden
+    return hidden
+
+
+class TorchOps:
+    """The layer steps on torch tensors ([M, hidden] rows; any device; autograd flows through them). Subclasses
+    say where K/V go and what the queries attend over (`qk_rope_write`, `attend`).
+
+    norms[i]: layer i's norm scales (attributes in_norm, post_attn_norm, ff_norm, post_ff_norm, q_norm, k_norm;
+    None where the architecture has none); final: the final norm's scale; rope: kind -> (cos, sin) [B, n, 1, D]
+    of the rows' positions (M = B * n)."""
+
+    def __init__(self, arch: Arch, norms: list, final: torch.Tensor,
+                 rope: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.arch, self.norms, self.final, self.rope = arch, norms, final, rope
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:  # the backend's rows of a tensor, and back (`tensor`)
+        return x
+
+    def tensor(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def norm(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, scale, self.arch.eps)
+
+    def project(self, lins: list, h: torch.Tensor):  # -> [M, out], or a tuple of them for several linears
+        return lins[0](h) if len(lins) == 1 else tuple(lin(h) for lin in lins)
+
+    def add_norm(self, x, y, post, following):
+        """(x + norm(y, post) (x + y without `post`), norm(that, following))."""
+        if post is not None:
+            y = self.norm(y, post)
+        x = x + y
+        return x, self.norm(x, following)
+
+    def gated(self, gate_up) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1) if isinstance(gate_up, torch.Tensor) else gate_up
+        return activate(gate, self.arch.activation) * up
+
+    def qkv(self, i: int, qkv, g):
+        """The q|k|v projection (one tensor or three) -> q [B, n, Hq, D], k and v [B, n, Hkv, D], q and k normed
+        and rotated at layer i's rotary kind."""
         a = self.arch
-        batch, n = cos.shape[:2]
-        h = rms_norm(x, lw.in_norm, a.eps)
         qd, kd = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        if len(lw.qkv) == 1:
-            q, k, v = lw.qkv[0](h).split([qd, kd, kd], dim=-1)
-        else:
-            q, k, v = (lin(h) for lin in lw.qkv)
+        q, k, v = qkv.split([qd, kd, kd], dim=-1) if isinstance(qkv, torch.Tensor) else qkv
+        cos, sin = self.rope[a.rope_kinds[i]]
+        batch, n = cos.shape[:2]
         q = q.reshape(batch, n, a.num_heads, a.head_dim)
         k = k.reshape(batch, n, a.num_kv_heads, a.head_dim)
         v = v.reshape(batch, n, a.num_kv_heads, a.head_dim)
-        if lw.q_norm is not None:
-            q, k = rms_norm(q, lw.q_norm, a.eps), rms_norm(k, lw.k_norm, a.eps)
+        if g.q_norm is not None:
+            q, k = self.norm(q, g.q_norm), self.norm(k, g.k_norm)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def post_attention(self, x: torch.Tensor, attn: torch.Tensor, lw: _Layer) -> torch.Tensor:
-        """Residual stream after the layer: x [B*n, hidden], attn [B*n, Hq*D] (heads concatenated)."""
-        a = self.arch
-        h = lw.o(attn)
-        if lw.post_attn_norm is not None:
-            h = rms_norm(h, lw.post_attn_norm, a.eps)
-        x = x + h
-        h = rms_norm(x, lw.ff_norm, a.eps)
-        if len(lw.gate_up) == 1:
-            gate, up = lw.gate_up[0](h).chunk(2, dim=-1)
-        else:
-            gate, up = (lin(h) for lin in lw.gate_up)
-        h = lw.down(activate(gate, a.activation) * up)
-        if lw.post_ff_norm is not None:
-            h = rms_norm(h, lw.post_ff_norm, a.eps)
-        return x + h
 
-    def _attend_cached(self, q, k, v, step: Step, cache, window: int | None) -> torch.Tensor:
-        """Write k/v [B, n, Hkv, D] by position, attend q [B, n, Hq, D] over the step's range -> [B*n, Hq*D]."""
-        a = self.arch
-        batch, n = q.shape[:2]
-        k_cache, v_cache = cache
+class _CacheOps(TorchOps):
+    """The lean forward's torch backend: K/V written into the caches by position, attention batched with the
+    step's masks, per query over canonical keys (strict), or row by row over each row's key range (`Step.rows`:
+    SDPA or the tree-attention kernel)."""
+
+    def __init__(self, lean: LeanModel, positions: torch.Tensor, step: Step, caches, rope):
+        cos_sin = {kind: (c[positions].unsqueeze(2), s[positions].unsqueeze(2))  # [B, n, 1, D] or packed [R, 1, 1, D]
+                   for kind, (c, s) in rope.items()}
+        super().__init__(lean.arch, lean.layers, lean.final_norm, cos_sin)
+        self.lean, self.step, self.caches = lean, step, caches
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None  # this layer's new k, v (strict attention)
+
+    def qk_rope_write(self, i: int, qkv, g) -> torch.Tensor:
+        q, k, v = self.qkv(i, qkv, g)
+        step, (k_cache, v_cache) = self.step, self.caches[i]
+        if step.rows is not None:  # packed order ([R, H, D]; all real: R = B*n)
+            q, k, v = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
+            k_cache[step.rows.node_slot, :, step.rows.node_write] = k  # advanced dims first: [R, Hkv, D]
+            v_cache[step.rows.node_slot, :, step.rows.node_write] = v
+            return q
+        if step.real is not None:
+            batch, n = step.positions.shape
+            q, k, v = (_unpack(t[:, 0], step.real, batch, n) for t in (q, k, v))  # [B, n, H, D]
         k_cache[step.slots[:, None], :, step.write_index] = k  # advanced dims first: [B, n, Hkv, D]
         v_cache[step.slots[:, None], :, step.write_index] = v
-        if step.canonical is not None:
-            return attend_canonical(q, k, v, cache, step.slots.tolist(), step.canonical, window, a.attn_scale,
-                                    a.attn_softcap)
-        start, end = step.kv_start[window], step.kv_end
-        rows = step.slot_slice if step.slot_slice is not None else step.slots
-        keys, values = k_cache[rows, :, start:end], v_cache[rows, :, start:end]  # [B, Hkv, S, D]
-        out = attend(q.transpose(1, 2), keys, values, step.masks[window], a.attn_scale, a.attn_softcap, self._gqa)
-        return out.transpose(1, 2).reshape(batch * n, a.num_heads * a.head_dim)
+        self._kv = (k, v)
+        return q
 
-    def _attend_rows(self, q, k, v, rows: RowSpans, cache, window: int | None) -> torch.Tensor:
-        """Write packed k/v [R, Hkv, D] by position; each row's queries q [R, Hq, D] attend over that row's own
-        key range -> [R, Hq*D]."""
-        k_cache, v_cache = cache
-        k_cache[rows.node_slot, :, rows.node_write] = k  # advanced dims first: [R, Hkv, D]
-        v_cache[rows.node_slot, :, rows.node_write] = v
-        return self._attend_ranges(q, rows, cache, window)
+    def attend(self, i: int, q: torch.Tensor) -> torch.Tensor:  # -> [M, Hq*D]
+        a, step, window = self.arch, self.step, self.arch.windows[i]
+        if step.rows is not None:
+            return self._attend_ranges(q, step.rows, self.caches[i], window)
+        batch, n = q.shape[:2]
+        if step.canonical is not None:
+            out = attend_canonical(q, *self._kv, self.caches[i], step.slots.tolist(), step.canonical, window,
+                                   a.attn_scale, a.attn_softcap)
+        else:
+            k_cache, v_cache = self.caches[i]
+            start, end = step.kv_start[window], step.kv_end
+            rows = step.slot_slice if step.slot_slice is not None else step.slots
+            keys, values = k_cache[rows, :, start:end], v_cache[rows, :, start:end]  # [B, Hkv, S, D]
+            out = attend(q.transpose(1, 2), keys, values, step.masks[window], a.attn_scale, a.attn_softcap,
+                         self.lean._gqa)
+            out = out.transpose(1, 2).reshape(batch * n, a.num_heads * a.head_dim)
+        return out if step.real is None else out[step.real]
+
 
     def _attend_ranges(self, q, rows: RowSpans, cache, window: int | None) -> torch.Tensor:
         """Each row's queries q [R, Hq, D] attend over that row's key range of the cache -> [R, Hq*D]."""
@@ -449,12 +471,58 @@ class LeanModel:
                 out = tree_attention(qr, k_cache[slot: slot + 1], v_cache[slot: slot + 1],
                                      torch.tensor([length], device=q.device), depth[None], tree_mask[None],
                                      a.attn_scale, window, a.attn_softcap, force="triton")  # [1, Hq, s, D]
-                outs.append(out[0].transpose(0, 1).reshape(hi - lo, a.num_heads * a.head_dim))
-                continue
-            keys, values = k_cache[slot: slot + 1, :, start:end], v_cache[slot: slot + 1, :, start:end]  # [1, Hkv, S, D]
-            out = attend(qr, keys, values, mask, a.attn_scale, a.attn_softcap, self._gqa)  # [1, Hq, s, D]
+            else:
+                keys = k_cache[slot: slot + 1, :, start:end]  # [1, Hkv, S, D]
+                values = v_cache[slot: slot + 1, :, start:end]
+                out = attend(qr, keys, values, mask, a.attn_scale, a.attn_softcap, self.lean._gqa)  # [1, Hq, s, D]
             outs.append(out[0].transpose(0, 1).reshape(hi - lo, a.num_heads * a.head_dim))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class _GlueOps:
+    """The lean forward's numba backend (GGUF-native weights on fp32 rows, `Step.rows` without the tree kernel):
+    numpy rows, the quantised kernel for the linears, `glue` for norms, rotary, cache writes and residual joins
+    (one call each instead of ~20 torch ops a layer) and attention (`glue.attend`: each node over the keys it
+    sees, in cache order), torch for the activation. The same values for a node whatever else the call holds."""
+
+    def __init__(self, lean: LeanModel, positions: torch.Tensor, rows: RowSpans, caches, rope):
+        self.arch, self.eps, self.caches = lean.arch, np.float32(lean.arch.eps), caches
+        self.norms, self.final = lean._glue, lean._glue_final
+        self.pos = positions.reshape(-1).contiguous().numpy()  # [R]
+        self.node_slot, self.node_write = rows.node_slot.numpy(), rows.node_write.numpy()  # [R] each
+        self.tables = {kind: (c.numpy(), s.numpy()) for kind, (c, s) in rope.items()}  # [max_len, D] each
+        self.keys = {w: glue.visible_keys(spans, rows.bounds) for w, spans in rows.ranges.items()}  # per window
+
+    def rows(self, x: torch.Tensor) -> np.ndarray:
+        return x.contiguous().numpy()
+
+    def tensor(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x)
+
+    def norm(self, x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        return glue.rms_norm(x, scale, self.eps)
+
+    def project(self, lins: list, h: np.ndarray) -> np.ndarray:
+        return _project(lins, h)
+
+    def add_norm(self, x, y: np.ndarray, post, following):
+        return glue.add_norm(x, y, post, following, self.eps)
+
+    def gated(self, gate_up: np.ndarray) -> np.ndarray:
+        gate, up = torch.from_numpy(gate_up).chunk(2, dim=-1)
+        return (activate(gate, self.arch.activation) * up).numpy()
+
+    def qk_rope_write(self, i: int, qkv: np.ndarray, g: "_GlueNorms") -> np.ndarray:  # -> q [R, Hq, D]
+        a, (cos, sin) = self.arch, self.tables[self.arch.rope_kinds[i]]
+        return glue.qk_rope_write(qkv, a.num_heads, a.num_kv_heads, a.head_dim, g.q_norm, g.k_norm, self.eps,
+                                  cos, sin, self.pos, self.caches[i][0].numpy(), self.caches[i][1].numpy(),
+                                  self.node_slot, self.node_write)
+
+    def attend(self, i: int, q: np.ndarray) -> np.ndarray:  # -> [R, Hq*D]
+        a = self.arch
+        key_ptr, key_index = self.keys[a.windows[i]]
+        return glue.attend(q, self.caches[i][0].numpy(), self.caches[i][1].numpy(), self.node_slot, key_ptr,
+                           key_index, a.attn_scale, a.attn_softcap)
 
 
 def _project(lins: list[Linear | QuantLinear], h: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ from specdec.drafters.diffusion.backend import Lattice
 from specdec.drafters.weights_file import FLOATS, INTS, WeightsFile
 from specdec.errors import SpecdecError
 from specdec.verifiers import glue
-from specdec.verifiers.lean_model import activate, apply_rope, read_arch, rms_norm
+from specdec.verifiers.lean_model import TorchOps, apply_rope, read_arch, rms_norm, run_layers
 
 FORMAT = "specdec-dflash-2"  # 2: the root input also carries the last context feature (root_proj)
 MAX_BLOCK = 256  # mask positions a weights file may declare
@@ -113,7 +113,8 @@ class BlockDrafter(torch.nn.Module):
         self.fast = _Q8Linears({"fc": self.fc.weight, "root_proj": self.root_proj, "head": self.head})
         for layer in self.layers:
             layer.fast = _Q8Linears({"qkv": torch.cat([layer.q, layer.k, layer.v]), "kv": torch.cat([layer.k, layer.v]),
-                                     "o": layer.o, "gate_up": torch.cat([layer.gate, layer.up]), "down": layer.down})
+                                     "o": layer.o, "gate_up": torch.cat([layer.gate, layer.up]),
+                                     "down": layer.down})
         return self
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, F*H] concatenated layers -> [n, H]
@@ -134,22 +135,33 @@ class BlockDrafter(torch.nn.Module):
         return torch.cat([root[:, None], masks], dim=1)
 
     def forward_block(self, x: torch.Tensor, positions: torch.Tensor,
-                      ctx: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
+                      ctx: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, torch.Tensor]],
                       ctx_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Blocks x [B, s, H] at positions [B, s]; ctx[l][b] = (k, v) [T_b, Hkv, D] of row b's context in layer l
-        (ctx_mask [B, T] bool: which context keys row b sees, when rows share one context). -> logits
-        [B, s - 1, V'] of the mask positions (the root's output is never read) over the restricted head."""
-        cos, sin = self.rope(positions.reshape(-1))
+        """Blocks x [B, s, H] at positions [B, s]; ctx[l][b] = (k, v) [T_b, Hkv, D] of row b's context in layer l,
+        or ctx[l] = (k, v) [T, Hkv, D] one context all rows share (ctx_mask [B, T] bool: which of its keys row b
+        sees). -> logits [B, s - 1, V'] of the mask positions (the root's output is never read) over the
+        restricted head. The layers run `lean_model.run_layers` (`_BlockOps`: bidirectional over the block)."""
         b, s, h = x.shape
-        cos, sin = cos.view(b, s, 1, -1), sin.view(b, s, 1, -1)
-        for layer, kv in zip(self.layers, ctx):
-            x = layer(x, cos, sin, kv, ctx_mask)
-        out = _norm(x[:, 1:], self.final_norm, self.arch.eps)  # [B, s - 1, H]
+        cos, sin = self.rope(positions.reshape(-1))
+        ops = _BlockOps(self, (cos.view(b, s, 1, -1), sin.view(b, s, 1, -1)), ctx, ctx_mask)
+        layers = [layer.projections() for layer in self.layers]
+        out = run_layers(ops, layers, x.reshape(b * s, h)).view(b, s, h)[:, 1:]  # [B, s - 1, H]
         return out @ self.head.T if self.fast is None else self.fast("head", out)
 
 
+@dataclass(frozen=True)
+class _Projections:
+    """A drafter layer's linears as `lean_model.run_layers` reads a layer: callables [M, H] -> [M, N]."""
+
+    qkv: list  # one stacked callable, or q, k, v
+    o: object
+    gate_up: list  # one stacked callable, or gate, up
+    down: object
+
+
 class _DraftLayer(torch.nn.Module):
-    """One decoder layer of the target's shape (a copy of one of its layers, trainable)."""
+    """One decoder layer of the target's shape (a copy of one of its layers, trainable). Its linears run the fp32
+    parameters, or the q8act kernel after `BlockDrafter.quantize` (q|k|v and gate|up one call each)."""
 
     def __init__(self, layer: torch.nn.Module, a):
         super().__init__()
@@ -166,63 +178,70 @@ class _DraftLayer(torch.nn.Module):
             self.post_attn_norm, self.post_ff_norm = norm(layer.post_attention_layernorm), norm(
                 layer.post_feedforward_layernorm)
             self.q_norm, self.k_norm = norm(att.q_norm), norm(att.k_norm)
+        else:
+            self.post_attn_norm = self.post_ff_norm = self.q_norm = self.k_norm = None
         self.fast: _Q8Linears | None = None  # `BlockDrafter.quantize`
 
-    def linears(self, names: str, x: torch.Tensor) -> list[torch.Tensor]:
-        """x [..., H] through the weights `names` ("q+k+v": one stacked kernel call when quantised)."""
+    def projections(self) -> "_Projections":
+        """The layer's linears as `run_layers` reads them."""
+        return _Projections(self._linears("q+k+v"), self._linears("o")[0], self._linears("gate+up"),
+                            self._linears("down")[0])
+
+    def _linears(self, names: str) -> list:
+        """The weights `names` ("q+k+v") as callables x [M, H] -> [M, N]: one per weight, or one stacked kernel
+        call (outputs side by side) when quantised."""
         if self.fast is None:
-            return [F.linear(x, getattr(self, n)) for n in names.split("+")]
-        joint = {"q+k+v": "qkv", "k+v": "kv", "gate+up": "gate_up"}.get(names, names)
-        y = self.fast(joint, x)
-        sizes = [getattr(self, n).shape[0] for n in names.split("+")]
-        return list(y.split(sizes, dim=-1))
+            return [lambda x, w=getattr(self, n): F.linear(x, w) for n in names.split("+")]
+        joint = {"q+k+v": "qkv", "gate+up": "gate_up"}.get(names, names)
+        return [lambda x: self.fast(joint, x)]
 
     def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [..., H] (cos/sin broadcastable to [..., 1, D]) -> k, v [..., Hkv, D] (normed, rotated)."""
         a = self.a
-        k, v = self.linears("k+v", _norm(x, self.in_norm, a.eps))
-        return self._rotated_kv(k, v, cos, sin)
-
-    def _rotated_kv(self, k, v, cos, sin):  # k, v [..., Hkv*D] -> [..., Hkv, D] each (k normed, rotated)
-        a = self.a
+        h = _norm(x, self.in_norm, a.eps)
+        k, v = ([F.linear(h, self.k), F.linear(h, self.v)] if self.fast is None
+                else self.fast("kv", h).split([self.k.shape[0], self.v.shape[0]], dim=-1))
         k = k.unflatten(-1, (a.num_kv_heads, a.head_dim))
         v = v.unflatten(-1, (a.num_kv_heads, a.head_dim))
         if a.gemma:
             k = _norm(k, self.k_norm, a.eps)
         return apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, ctx_kv, ctx_mask):  # x [B, s, H]
-        a = self.a
-        b, s, _ = x.shape
-        q, k, v = self.linears("q+k+v", _norm(x, self.in_norm, a.eps))
-        q = q.reshape(b, s, a.num_heads, a.head_dim)
-        if a.gemma:
-            q = _norm(q, self.q_norm, a.eps)
-        q = apply_rope(q, cos, sin)
-        kb, vb = self._rotated_kv(k, v, cos, sin)  # [B, s, Hkv, D]
+
+class _BlockOps(TorchOps):
+    """`run_layers`' backend for the block: norms through `_norm`, each row's queries over its context's keys and
+    the whole block (bidirectional), attention written out (SDPA costs ~1 ms a call at these sizes)."""
+
+    def __init__(self, net: BlockDrafter, rope: tuple[torch.Tensor, torch.Tensor], ctx, ctx_mask):
+        super().__init__(net.arch, list(net.layers), net.final_norm, {kind: rope for kind in set(net.arch.rope_kinds)})
+        self.ctx, self.ctx_mask = ctx, ctx_mask
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None  # the block's k, v [B, s, Hkv, D]
+
+    def norm(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return _norm(x, scale, self.arch.eps)
+
+    def qk_rope_write(self, i: int, qkv, g) -> torch.Tensor:  # -> q [B, s, Hq, D]
+        q, k, v = self.qkv(i, qkv, g)
+        self._kv = (k, v)
+        return q
+
+    def attend(self, i: int, q: torch.Tensor) -> torch.Tensor:  # q [B, s, Hq, D] -> [B*s, Hq*D]
+        a, (kb, vb) = self.arch, self._kv
+        b, s = q.shape[:2]
         groups = a.num_heads // a.num_kv_heads
         outs = []
-        for r in range(b):  # q head h reads kv head h // groups; written out: SDPA cost ~1 ms at these sizes
-            kc, vc = ctx_kv[r] if not isinstance(ctx_kv, tuple) else ctx_kv  # [T, Hkv, D]
+        for r in range(b):  # q head h reads kv head h // groups
+            kc, vc = self.ctx[i] if isinstance(self.ctx[i], tuple) else self.ctx[i][r]  # [T, Hkv, D]
             keys = torch.cat([kc, kb[r]]).transpose(0, 1)  # [Hkv, T + s, D]
             vals = torch.cat([vc, vb[r]]).transpose(0, 1)
             qr = q[r].transpose(0, 1).reshape(a.num_kv_heads, groups * s, a.head_dim)  # [Hkv, groups * s, D]
             att = (qr @ keys.transpose(1, 2)) * a.attn_scale  # [Hkv, groups * s, T + s]
-            if ctx_mask is not None:
-                seen = torch.cat([ctx_mask[r], ctx_mask.new_ones(s)])  # [T + s]
+            if self.ctx_mask is not None:
+                seen = torch.cat([self.ctx_mask[r], self.ctx_mask.new_ones(s)])  # [T + s]
                 att = att.masked_fill(~seen, float("-inf"))
             out = torch.softmax(att, dim=-1) @ vals  # [Hkv, groups * s, D]
             outs.append(out.view(a.num_heads, s, a.head_dim).transpose(0, 1).reshape(s, -1))
-        attn = torch.stack(outs)  # [B, s, Hq*D]
-        h, = self.linears("o", attn)
-        if a.gemma:
-            h = _norm(h, self.post_attn_norm, a.eps)
-        x = x + h
-        gate, up = self.linears("gate+up", _norm(x, self.ff_norm, a.eps))
-        h, = self.linears("down", activate(gate, a.activation) * up)
-        if a.gemma:
-            h = _norm(h, self.post_ff_norm, a.eps)
-        return x + h
+        return torch.cat(outs)
 
 
 class _Q8Linears:

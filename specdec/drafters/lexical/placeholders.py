@@ -7,9 +7,9 @@ prefix, a's ancestors, a and P_1..P_{j-1}, and its final hidden state predicts t
 (the real node a predicts p + 1). Predictions are read through the target's own head restricted to
 `vocab_ids` (the corpus's frequent tokens), so a draft costs a [k, H] x [H, V'] product, not a head pass.
 
-`group_states` is that forward for training: the target's layers (`LeanModel`'s own per-layer pieces, plain
-torch ops, so autograd reaches the placeholders) over a whole sequence (no gradient) and A groups anchored at
-real positions, each group attending to the sequence up to its anchor and causally to itself.
+`group_states` is that forward for training: the target's layers (`lean_model.run_layers` on torch ops, so
+autograd reaches the placeholders) over a whole sequence and A groups anchored at real positions, each group
+attending to the sequence up to its anchor and causally to itself.
 
 File: safetensors, `embeds` [k, H] float32 and `vocab_ids` [V'] int64, header {"format", "target", "recipe"}.
 """
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from specdec.drafters.weights_file import FLOATS, WeightsFile
 from specdec.errors import SpecdecError
-from specdec.verifiers.lean_model import LeanModel, attend, rms_norm
+from specdec.verifiers.lean_model import LeanModel, TorchOps, attend, run_layers
 
 FORMAT = "specdec-lexical-1"
 MAX_PLACEHOLDERS = 64  # k: each group adds k auxiliary nodes to a verify
@@ -85,22 +85,30 @@ def group_states(lean: LeanModel, seq: torch.Tensor, anchors: torch.Tensor, embe
         x_real = lean.embed_rows(seq)
         if lean.embed_scale is not None:
             x_real = x_real * lean.embed_scale
-    x_ph = embeds.to(lean.dtype).repeat(A, 1)  # [A*k, H]
-    n = T + A * k
-    for i, lw in enumerate(lean.layers):
-        cos, sin = rope[a.rope_kinds[i]]
-        cos, sin = cos[pos_all][None, :, None], sin[pos_all][None, :, None]  # [1, n, 1, D]
-        with torch.no_grad():
-            qr, kr, vr = lean.pre_attention(x_real, lw, cos[:, :T], sin[:, :T])
-        qp, kp, vp = lean.pre_attention(x_ph, lw, cos[:, T:], sin[:, T:])
-        q = torch.cat([qr, qp], 1).transpose(1, 2)  # [1, Hq, n, D]
-        keys, values = torch.cat([kr, kp], 1).transpose(1, 2), torch.cat([vr, vp], 1).transpose(1, 2)
-        out = attend(q, keys, values, masks[a.windows[i]], a.attn_scale, a.attn_softcap,
-                     a.num_heads != a.num_kv_heads)  # [1, Hq, n, D]
-        out = out[0].transpose(0, 1).reshape(n, a.num_heads * a.head_dim)
-        with torch.no_grad():
-            x_real = lean.post_attention(x_real, out[:T].detach(), lw)
-        x_ph = lean.post_attention(x_ph, out[T:], lw)
-    with torch.no_grad():
-        real = rms_norm(x_real.float(), lean.final_norm, a.eps)
-    return real, rms_norm(x_ph.float(), lean.final_norm, a.eps).view(A, k, H)
+    x = torch.cat([x_real, embeds.to(lean.dtype).repeat(A, 1)])  # [T + A*k, H]
+    cos_sin = {kind: (c[pos_all][None, :, None], s[pos_all][None, :, None])  # [1, n, 1, D]
+               for kind, (c, s) in rope.items()}
+    hidden = run_layers(_GroupOps(lean, cos_sin, masks), lean.layers, x)  # [n, H]
+    return hidden[:T].detach(), hidden[T:].view(A, k, H)
+
+
+class _GroupOps(TorchOps):
+    """The target's layers over a sequence and its groups in one call: attention with the groups' masks, no
+    cache (the sequence's rows never see a placeholder, so only the placeholders' rows carry a gradient)."""
+
+    def __init__(self, lean: LeanModel, rope: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 masks: dict[int | None, torch.Tensor]):
+        super().__init__(lean.arch, lean.layers, lean.final_norm, rope)
+        self.masks = masks
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def qk_rope_write(self, i: int, qkv, g) -> torch.Tensor:  # -> q [1, n, Hq, D]
+        q, k, v = self.qkv(i, qkv, g)
+        self._kv = (k, v)
+        return q
+
+    def attend(self, i: int, q: torch.Tensor) -> torch.Tensor:  # -> [n, Hq*D]
+        a, (k, v) = self.arch, self._kv
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.masks[a.windows[i]],
+                     a.attn_scale, a.attn_softcap, a.num_heads != a.num_kv_heads)  # [1, Hq, n, D]
+        return out[0].transpose(0, 1).reshape(q.shape[1], a.num_heads * a.head_dim)
