@@ -87,8 +87,8 @@ def test_hidden_states_reach_the_backend_for_every_committed_position():
     backend = drafter.backend
     for slot in (0, 1):
         backend.flush(slot)
-        k, _ = dflash._joined(backend._kv[slot][0])
-        assert backend._len[slot] == k.shape[0]
+        k, _ = backend.context(slot)[0]  # [Hkv, T, D]
+        assert backend._len[slot] == k.shape[1]
     # each slot's row: every committed position but the last has K/V (the last step may commit past the stop,
     # which the output then drops)
     for slot, (p, o) in enumerate(zip(rows, got)):
@@ -110,7 +110,7 @@ def test_context_kv_equals_recomputing_from_the_target(tmp_path):
     feats = torch.cat([hidden[layer] for layer in net.cfg.feature_layers], -1)
     ref = net.context_kv(net.features(feats), torch.arange(len(seq) - 1))
     drafter.backend.flush(0)
-    k, v_ = dflash._joined(drafter.backend._kv[0][0])
+    k, v_ = drafter.backend.context(0)[0]
     torch.testing.assert_close(k, ref[0][0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(v_, ref[0][1], atol=1e-4, rtol=1e-4)
 

@@ -52,3 +52,17 @@ def test_bytes_round_rows_up_to_blocks():
     assert blocked.bytes(4, 100) == 2 * 3 * 4 * 2 * 128 * 8 * 4
     blocked.reset(1, 100)
     assert blocked.layers[0][0].shape[2] == 128 and blocked.capacity == 100
+
+
+def test_slots_grow_from_nothing_and_keep_what_they_hold():
+    """The diffusion drafter's use: slots appear as the engine names them, positions as context arrives."""
+    cache = KVCache(layers=2, kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu", max_positions=1000)
+    assert cache.reserve_slots(1) and cache.layers[0][0].shape == (1, 1, 0, 2)
+    assert cache.reserve(5, at_least=8) and cache.capacity == 8
+    filled(cache)
+    before = [(k.clone(), v.clone()) for k, v in cache.layers]
+    assert not cache.reserve_slots(1)
+    assert cache.reserve_slots(3) and cache.layers[1][1].shape == (3, 1, 8, 2)
+    for (k0, v0), (k1, v1) in zip(before, cache.layers):
+        assert torch.equal(k1[:1], k0) and torch.equal(v1[:1], v0)
+        assert not k1[1:].any() and not v1[1:].any()

@@ -1,4 +1,5 @@
-"""The KV cache of the lean forward: one for the verifier's slots, one per draft-model sequence (`DraftRunner`).
+"""The KV cache of every forward: the verifier's slots, each draft-model sequence (`DraftRunner`), the diffusion
+drafter's per-slot context (`DFlashBackend`).
 
 Per layer a (keys, values) pair of [slots, Hkv, S, D] tensors on one device; a slot's committed tokens sit at cache
 index = position, and the nodes a call scores after them at `length + j`. It grows by doubling (keeping what it
@@ -45,6 +46,17 @@ class KVCache:
             k_new[:, :, : k_old.shape[2]] = k_old
             v_new[:, :, : v_old.shape[2]] = v_old
         self.layers, self.capacity = layers, grown
+        return True
+
+    def reserve_slots(self, slots: int) -> bool:
+        """At least `slots` slots, keeping what each holds (the new ones zero). Whether it grew."""
+        have = self.layers[0][0].shape[0] if self.layers else 0
+        if slots <= have:
+            return False
+        layers = self._allocate(slots, self.capacity)
+        for (k_new, v_new), (k_old, v_old) in zip(layers, self.layers):
+            k_new[:have], v_new[:have] = k_old, v_old
+        self.layers = layers
         return True
 
     def keep(self, slot: int, base: int, nodes: Sequence[int]) -> None:

@@ -12,8 +12,9 @@ restricted to `vocab_ids` (the tokens frequent in the training corpus) as the LM
 ms instead of a target pass. The mask position j predicts the token at T + j.
 
 `DFlashBackend` is the `DLMBackend` the diffusion drafter calls: per slot it keeps the context K/V of every
-layer, extended as hidden states arrive (prefill, then each verify's accepted nodes), and runs the block of all
-rows in one batched pass (attention row by row, ragged contexts).
+layer in a `KVCache` (the verifier's and the draft model's class), extended as hidden states arrive (prefill,
+then each verify's accepted nodes), and runs the block of all rows in one batched pass (attention row by row,
+ragged contexts).
 
 Weights: one safetensors file (`save` / `load_weights`): the trained tensors, `vocab_ids`, and a JSON header
 (`config`) naming the target shape and the feature layers; the embedding is the target's, never stored.
@@ -37,6 +38,7 @@ from specdec.drafters.diffusion.backend import Lattice
 from specdec.drafters.weights_file import FLOATS, INTS, WeightsFile
 from specdec.errors import SpecdecError
 from specdec.verifiers import glue
+from specdec.verifiers.kv_cache import KVCache
 from specdec.verifiers.lean_model import TorchOps, apply_rope, read_arch, rms_norm, run_layers
 
 FORMAT = "specdec-dflash-2"  # 2: the root input also carries the last context feature (root_proj)
@@ -122,9 +124,9 @@ class BlockDrafter(torch.nn.Module):
         return _norm(fc, self.ctx_norm, self.arch.eps)
 
     def context_kv(self, feats: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (k, v) [n, Hkv, D] of context features [n, H] at `positions` [n]."""
+        """Per layer (k, v) [Hkv, n, D] (the cache's layout) of context features [n, H] at `positions` [n]."""
         cos, sin = self.rope(positions)
-        return [layer.kv(feats, cos, sin) for layer in self.layers]
+        return [tuple(t.transpose(0, 1) for t in layer.kv(feats, cos, sin)) for layer in self.layers]
 
     def block_inputs(self, roots: torch.Tensor, last_feats: torch.Tensor, k: int) -> torch.Tensor:
         """roots [B] tokens, last_feats [B, H] the context feature (`features`) at the position before each root
@@ -137,8 +139,8 @@ class BlockDrafter(torch.nn.Module):
     def forward_block(self, x: torch.Tensor, positions: torch.Tensor,
                       ctx: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, torch.Tensor]],
                       ctx_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Blocks x [B, s, H] at positions [B, s]; ctx[l][b] = (k, v) [T_b, Hkv, D] of row b's context in layer l,
-        or ctx[l] = (k, v) [T, Hkv, D] one context all rows share (ctx_mask [B, T] bool: which of its keys row b
+        """Blocks x [B, s, H] at positions [B, s]; ctx[l][b] = (k, v) [Hkv, T_b, D] of row b's context in layer l,
+        or ctx[l] = (k, v) [Hkv, T, D] one context all rows share (ctx_mask [B, T] bool: which of its keys row b
         sees). -> logits [B, s - 1, V'] of the mask positions (the root's output is never read) over the
         restricted head. The layers run `lean_model.run_layers` (`_BlockOps`: bidirectional over the block)."""
         b, s, h = x.shape
@@ -231,9 +233,9 @@ class _BlockOps(TorchOps):
         groups = a.num_heads // a.num_kv_heads
         outs = []
         for r in range(b):  # q head h reads kv head h // groups
-            kc, vc = self.ctx[i] if isinstance(self.ctx[i], tuple) else self.ctx[i][r]  # [T, Hkv, D]
-            keys = torch.cat([kc, kb[r]]).transpose(0, 1)  # [Hkv, T + s, D]
-            vals = torch.cat([vc, vb[r]]).transpose(0, 1)
+            kc, vc = self.ctx[i] if isinstance(self.ctx[i], tuple) else self.ctx[i][r]  # [Hkv, T, D]
+            keys = torch.cat([kc, kb[r].transpose(0, 1)], dim=1)  # [Hkv, T + s, D]
+            vals = torch.cat([vc, vb[r].transpose(0, 1)], dim=1)
             qr = q[r].transpose(0, 1).reshape(a.num_kv_heads, groups * s, a.head_dim)  # [Hkv, groups * s, D]
             att = (qr @ keys.transpose(1, 2)) * a.attn_scale  # [Hkv, groups * s, T + s]
             if self.ctx_mask is not None:
@@ -352,10 +354,12 @@ def _is_int(x: object) -> bool:
 # ---- the backend the drafter runs ----------------------------------------------------------------------------
 
 class DFlashBackend:
-    """`DLMBackend` over a trained `BlockDrafter`: per-slot context K/V, one batched block pass per step.
+    """`DLMBackend` over a trained `BlockDrafter`: per-slot context K/V in a `KVCache` (slot = the engine's slot,
+    index = position), one batched block pass per step.
     quantized: the network's linears run the q8act kernel (`BlockDrafter.quantize`); False keeps fp32."""
 
-    def __init__(self, net: BlockDrafter, eos_token_ids: Sequence[int], vocab_size: int, quantized: bool = True):
+    def __init__(self, net: BlockDrafter, eos_token_ids: Sequence[int], vocab_size: int, quantized: bool = True,
+                 max_positions: int = 1 << 20):
         self.net = net.eval()
         order = torch.argsort(net.vocab_ids)  # head columns in token-id order, as path search reads them
         net.vocab_ids, net.head = net.vocab_ids[order], net.head[order]
@@ -364,14 +368,14 @@ class DFlashBackend:
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.needs = Needs(hidden_layers=net.cfg.feature_layers, prefill_hidden=True)
-        self._kv: dict[int, list[list[tuple[torch.Tensor, torch.Tensor]]]] = {}  # slot -> layer -> chunks
+        a = net.arch
+        self.cache = KVCache(len(net.layers), a.num_kv_heads, a.head_dim, torch.float32, "cpu", max_positions)
         self._len: dict[int, int] = {}  # slot -> context positions with K/V
         self._last: dict[int, torch.Tensor] = {}  # slot -> [H] the feature of the last context position
         self._pending: dict[int, list[torch.Tensor]] = {}  # slot -> [n, F*H] hidden states not yet turned into K/V
         self._seen: dict[int, int] = {}  # slot -> context positions whose hidden states arrived
 
     def reset(self, slot: int) -> None:
-        self._kv[slot] = [[] for _ in self.net.layers]
         self._len[slot] = self._seen[slot] = 0
         self._last[slot] = torch.zeros(self.net.arch.hidden)
         self._pending[slot] = []
@@ -389,18 +393,29 @@ class DFlashBackend:
             self._pending[slot].append(feats)
             self._seen[slot] = start + feats.shape[0]
 
+    def context(self, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (k, v) [Hkv, T, D]: views of the slot's T context positions in the cache."""
+        n = self._len.get(slot, 0)
+        if not n:
+            raise SpecdecError("diffusion drafter: no context hidden states for this row (declare prefill_hidden)")
+        return [(k[slot, :, :n], v[slot, :, :n]) for k, v in self.cache.layers]
+
     @torch.inference_mode()
     def flush(self, slot: int) -> None:
-        """The slot's pending hidden states -> features -> every layer's context K/V."""
+        """The slot's pending hidden states -> features -> every layer's context K/V, written at their positions."""
         if slot not in self._len:
             self.reset(slot)
         if not self._pending[slot]:
             return
         feats = torch.cat(self._pending[slot])  # [n, F*H]
         start, n = self._len[slot], feats.shape[0]
+        self.cache.reserve_slots(slot + 1)
+        self.cache.reserve(start + n, at_least=256)
         ctx = self.net.features(feats)  # [n, H]
-        for layer, kv in zip(self._kv[slot], self.net.context_kv(ctx, torch.arange(start, start + n))):
-            layer.append(kv)
+        kv = self.net.context_kv(ctx, torch.arange(start, start + n))  # per layer (k, v) [Hkv, n, D]
+        for (k_cache, v_cache), (k, v) in zip(self.cache.layers, kv):
+            k_cache[slot, :, start: start + n] = k
+            v_cache[slot, :, start: start + n] = v
         self._len[slot] = start + n
         self._last[slot] = ctx[-1]
         self._pending[slot] = []
@@ -409,27 +424,15 @@ class DFlashBackend:
     def lattice(self, rows: Sequence[DraftRow], k: int) -> Lattice:
         k = min(k, self.net.cfg.block)
         roots = torch.stack([r.context[-1] for r in rows])
-        starts = []
-        ctx: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.net.layers]
         for r in rows:
             self.flush(r.slot)
-            starts.append(len(r.context) - 1)  # the root's position
-            for li, chunks in enumerate(self._kv[r.slot]):
-                joined = _joined(chunks)
-                self._kv[r.slot][li] = [joined]
-                ctx[li].append(joined)
-        positions = torch.tensor(starts)[:, None] + torch.arange(k + 1)[None]  # [B, k + 1]
+        per_row = [self.context(r.slot) for r in rows]  # row -> layer -> (k, v)
+        ctx = [[layers[li] for layers in per_row] for li in range(len(self.net.layers))]  # layer -> row -> (k, v)
+        starts = torch.tensor([len(r.context) - 1 for r in rows])  # the roots' positions
+        positions = starts[:, None] + torch.arange(k + 1)[None]  # [B, k + 1]
         x = self.net.block_inputs(roots, torch.stack([self._last[r.slot] for r in rows]), k)
         logits = self.net.forward_block(x, positions, ctx)  # [B, k, V']
         return Lattice(torch.log_softmax(logits.float(), dim=-1), self.net.vocab_ids)
-
-
-def _joined(chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(chunks) == 1:
-        return chunks[0]
-    if not chunks:
-        raise SpecdecError("diffusion drafter: no context hidden states for this row (declare prefill_hidden)")
-    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
 
 def param_count(net: BlockDrafter) -> int:

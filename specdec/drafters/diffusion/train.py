@@ -208,7 +208,7 @@ def _loss(net, seq, feats, roots, k, col, gamma):
     """Cross-entropy of blocks rooted at `roots` [A] (positions in seq) with k masks each."""
     T = seq.numel()
     ctx_feats = net.features(feats)  # [T, H]
-    ctx = net.context_kv(ctx_feats, torch.arange(T))  # per layer (k, v) [T, Hkv, D], shared by the anchors
+    ctx = net.context_kv(ctx_feats, torch.arange(T))  # per layer (k, v) [Hkv, T, D], shared by the anchors
     positions = roots[:, None] + torch.arange(k + 1)[None]  # [A, k + 1]
     last = torch.where((roots > 0)[:, None], ctx_feats[(roots - 1).clamp(min=0)], 0.0)  # [A, H] feature at root - 1
     x = net.block_inputs(seq[roots], last, k)
