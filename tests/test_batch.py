@@ -442,3 +442,27 @@ def test_sizer_depths_bound_what_trim_keeps():
     kept = steep.trim(plan, d, [0], [draft])[0]
     assert kept.tree.max_depth <= plan.depth(0)
     assert Sizer(d, 5).plan(d, [0, 1], cap=100).depth(1) == 4  # a fixed budget: budget - 1
+
+
+def test_aux_nodes_are_kept_only_while_their_source_pays():
+    """Aux nodes (lexical units) are scored now for a draft next step: kept when that draft's expected accepted
+    length pays for the verify time they add, dropped when their source's drafts stop being accepted, and the
+    real nodes are cut as before either way."""
+    from specdec.drafters.base import AuxNodes, Needs
+
+    d = PlainDrafter()
+    d.name = "lexical"
+    d.needs = Needs(max_aux=6)
+    aux = AuxNodes(torch.tensor([0, 6, 7, 1, 9, 10]), torch.zeros(6, dtype=torch.long))  # two groups of 3
+    draft = Draft(Tree.chain(5), torch.tensor([1, 5, 6, 7, 8, 9]), aux=aux)
+    curve = LatencyCurve((1, 6, 12), (0.010, 0.011, 0.012))  # a node costs a tenth of a step's 10 ms
+    sizer = Sizer(d, 8, curve)
+    sizer.reset(0)
+    kept = sizer.trim(sizer.plan(d, [0], cap=100), d, [0], [draft])[0]
+    assert kept.aux is not None and kept.aux.size == 6  # the prior (0.4 at depth 1) pays for them
+    for _ in range(40):  # lexical's drafts keep failing at depth 1
+        sizer.learn([0], [draft], [[0]])
+    cut = sizer.trim(sizer.plan(d, [0], cap=100), d, [0], [draft])[0]
+    assert cut.aux is None
+    fixed = Sizer(d, 8)  # a fixed budget scores every proposed node, aux included
+    assert fixed.trim(fixed.plan(d, [0], cap=100), d, [0], [draft])[0].aux is not None

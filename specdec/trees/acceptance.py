@@ -158,6 +158,14 @@ class Acceptance:
         rank0 = self._slot_rates(slot).table()[np.arange(tables) * len(REGIMES) + g][:, depth, 0]  # [tables, d]
         return np.cumprod(rank0, axis=1).max(axis=0).tolist()
 
+    def chain(self, slot: int, source: str, depth: int) -> float:
+        """Expected accepted nodes of a rank-0 chain of `depth` nodes from `source` in this row now (its regime)."""
+        if depth < 1:
+            return 0.0
+        t = self._table(source) * len(REGIMES) + self._regime.get(slot, 1)
+        rates = self._slot_rates(slot).table()[t, np.minimum(np.arange(1, depth + 1), MAX_DEPTH), 0]
+        return float(np.cumprod(rates).sum())
+
     def learn(self, slot: int, draft: Draft, path: Sequence[int], default: str) -> None:
         """The row's step is verified: `draft` as scored, `path` its accepted nodes (root first). Counts, for the
         nodes whose parent was accepted, which were accepted too, each in the table it was valued by (the regime

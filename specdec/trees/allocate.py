@@ -49,6 +49,11 @@ class NodeAllocator:
         self._plain_host: float | None = None  # the same, per step that did not (no drafter propose)
         self._table: np.ndarray | None = None  # [N] latency(n) of n = 0..N-1 by the corrected curve (None: stale)
 
+    @property
+    def host(self) -> float:
+        """Seconds of host work of a step that proposed (0 before the first)."""
+        return self._host or 0.0
+
     def latency(self, nodes: int) -> float:
         """Predicted seconds of one verify call over `nodes` nodes in all."""
         return float(self._latencies(nodes)[nodes])

@@ -17,7 +17,7 @@ proposed node scored, up to the budget (plain decoding's one node, `--tree-budge
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -83,7 +83,8 @@ class Sizer:
             return StepPlan([1] * len(slots), propose=False)
         bounds = [self.acceptance.bound(s, budget) for s in slots]
         # proposing for nothing costs host time; a drafter with aux nodes drafts through them (lexical's
-        # placeholders predict the next step's draft), so it is asked every step and its real nodes cut as they pay
+        # placeholders predict the next step's draft), so it is asked every step: trim keeps of its real nodes and
+        # of its aux nodes those that pay
         chains = self.allocator.allocate(bounds, proposing=True)
         worth = bool(drafter.needs.max_aux) or any(chains)
         explore = tuple(self._idle.get(s, 0) >= self._wait.get(s, EXPLORE_AFTER) for s in slots)
@@ -116,8 +117,40 @@ class Sizer:
         for i, exploring in enumerate(plan.explore):
             if exploring:
                 keep[i] = max(keep[i], min(EXPLORE_NODES, len(values[i])))
-        return [d if k + 1 == d.size else d.keep([0] + np.sort(r[:k] + 1).tolist())
-                for d, r, k in zip(drafts, ranked, keep)]
+        out = [d if k + 1 == d.size else d.keep([0] + np.sort(r[:k] + 1).tolist())
+               for d, r, k in zip(drafts, ranked, keep)]
+        if self.allocator is None or all(d.aux is None for d in out):
+            return out
+        gain = sum(sum(v[:k]) for v, k in zip(values, keep))
+        return self._aux_that_pays(drafter, slots, out, gain)
+
+    def _aux_that_pays(self, drafter: Drafter, slots: Sequence[int], drafts: list[Draft], gain: float) -> list[Draft]:
+        """Each row's aux nodes, kept only where they pay like draft nodes. They are scored now and pay next step:
+        a group of k aux nodes gives the row a k-node draft of its drafter (lexical units), worth the expected
+        accepted length of a rank-0 chain of that source in the row's regime (`Acceptance.chain`). A row keeps its
+        aux nodes when that value per second they add to the verify is at least the step's own tokens per second
+        (the allocator's rule for a node); rows best value per aux node first. A source whose drafts stop paying
+        loses its aux nodes, and is tried again as its rates fade back to its prior."""
+        source = _aux_source(drafter)
+        if source is None:
+            return drafts
+        alloc = self.allocator
+        nodes = sum(d.size for d in drafts)
+        rate = (len(drafts) + gain) / (alloc.latency(nodes) + alloc.host)
+        worth = []
+        for i, (slot, d) in enumerate(zip(slots, drafts)):
+            if d.aux is not None:
+                groups = max(1, int((d.aux.parents < d.size).sum()))
+                worth.append((self.acceptance.chain(slot, source, d.aux.size // groups) / d.aux.size, i))
+        out = list(drafts)
+        for per_node, i in sorted(worth, reverse=True):
+            m = out[i].aux.size
+            extra = alloc.latency(nodes + m) - alloc.latency(nodes)
+            if per_node * m >= rate * extra:
+                nodes += m
+            else:
+                out[i] = replace(out[i], aux=None)
+        return out
 
     def reset(self, slot: int) -> None:
         self.acceptance.reset(slot)
@@ -138,3 +171,9 @@ class Sizer:
                committed: int) -> None:
         if self.allocator is not None:
             self.allocator.record(nodes, verify_s, host_s, proposed=plan.propose)
+
+
+def _aux_source(drafter: Drafter) -> str | None:
+    """The source whose drafts a drafter's aux nodes feed: the (component) drafter that declares aux nodes."""
+    parts = getattr(drafter, "components", None) or [drafter]
+    return next((p.name for p in parts if p.needs.max_aux), None)
