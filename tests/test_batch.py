@@ -464,5 +464,13 @@ def test_aux_nodes_are_kept_only_while_their_source_pays():
         sizer.learn([0], [draft], [[0]])
     cut = sizer.trim(sizer.plan(d, [0], cap=100), d, [0], [draft])[0]
     assert cut.aux is None
+    from specdec.trees.budget import EXPLORE_AFTER
+
+    group = AuxNodes(torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.long))
+    alone = Draft(Tree.chain(0), torch.tensor([1]), aux=group)
+    for _ in range(EXPLORE_AFTER):  # without its aux nodes the row drafts nothing: it idles, then explores
+        sizer.learn([0], [Draft.root_only(torch.tensor([1]))], [[0]])
+    plan = sizer.plan(d, [0], cap=100)
+    assert plan.explore == (True,) and sizer.trim(plan, d, [0], [alone])[0].aux is not None
     fixed = Sizer(d, 8)  # a fixed budget scores every proposed node, aux included
     assert fixed.trim(fixed.plan(d, [0], cap=100), d, [0], [draft])[0].aux is not None

@@ -122,15 +122,17 @@ class Sizer:
         if self.allocator is None or all(d.aux is None for d in out):
             return out
         gain = sum(sum(v[:k]) for v, k in zip(values, keep))
-        return self._aux_that_pays(drafter, slots, out, gain)
+        return self._aux_that_pays(drafter, slots, out, gain, plan.explore)
 
-    def _aux_that_pays(self, drafter: Drafter, slots: Sequence[int], drafts: list[Draft], gain: float) -> list[Draft]:
+    def _aux_that_pays(self, drafter: Drafter, slots: Sequence[int], drafts: list[Draft], gain: float,
+                       explore: tuple[bool, ...]) -> list[Draft]:
         """Each row's aux nodes, kept only where they pay like draft nodes. They are scored now and pay next step:
         a group of k aux nodes gives the row a k-node draft of its drafter (lexical units), worth the expected
         accepted length of a rank-0 chain of that source in the row's regime (`Acceptance.chain`). A row keeps its
         aux nodes when that value per second they add to the verify is at least the step's own tokens per second
-        (the allocator's rule for a node); rows best value per aux node first. A source whose drafts stop paying
-        loses its aux nodes, and is tried again as its rates fade back to its prior."""
+        (the allocator's rule for a node); rows best value per aux node first. An exploring row keeps them, paying
+        or not (a row whose aux nodes are dropped drafts nothing, so it explores as any idle row does: its drafter
+        gets measured, and a source whose drafts stop paying loses its aux nodes until then)."""
         source = _aux_source(drafter)
         if source is None:
             return drafts
@@ -146,7 +148,7 @@ class Sizer:
         for per_node, i in sorted(worth, reverse=True):
             m = out[i].aux.size
             extra = alloc.latency(nodes + m) - alloc.latency(nodes)
-            if per_node * m >= rate * extra:
+            if (explore and explore[i]) or per_node * m >= rate * extra:
                 nodes += m
             else:
                 out[i] = replace(out[i], aux=None)
