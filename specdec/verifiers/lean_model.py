@@ -371,6 +371,14 @@ class TorchOps:
     def __init__(self, arch: Arch, norms: list, final: torch.Tensor,
                  rope: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         self.arch, self.norms, self.final, self.rope = arch, norms, final, rope
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None  # this layer's new k, v [B, n, Hkv, D]
+
+    def qk_rope_write(self, i: int, qkv, g) -> torch.Tensor:
+        """-> q [B, n, Hq, D]; this layer's k and v kept for `attend` (no cache: the subclass's attention reads
+        them; `_CacheOps` writes them into the cache instead)."""
+        q, k, v = self.qkv(i, qkv, g)
+        self._kv = (k, v)
+        return q
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:  # the backend's rows of a tensor, and back (`tensor`)
         return x
@@ -421,7 +429,6 @@ class _CacheOps(TorchOps):
                    for kind, (c, s) in rope.items()}
         super().__init__(lean.arch, lean.layers, lean.final_norm, cos_sin)
         self.lean, self.step, self.caches = lean, step, caches
-        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None  # this layer's new k, v (strict attention)
 
     def qk_rope_write(self, i: int, qkv, g) -> torch.Tensor:
         q, k, v = self.qkv(i, qkv, g)
@@ -436,7 +443,7 @@ class _CacheOps(TorchOps):
             q, k, v = (_unpack(t[:, 0], step.real, batch, n) for t in (q, k, v))  # [B, n, H, D]
         k_cache[step.slots[:, None], :, step.write_index] = k  # advanced dims first: [B, n, Hkv, D]
         v_cache[step.slots[:, None], :, step.write_index] = v
-        self._kv = (k, v)
+        self._kv = (k, v)  # strict attention reads them beside the cache
         return q
 
     def attend(self, i: int, q: torch.Tensor) -> torch.Tensor:  # -> [M, Hq*D]
@@ -456,7 +463,6 @@ class _CacheOps(TorchOps):
                          self.lean._gqa)
             out = out.transpose(1, 2).reshape(batch * n, a.num_heads * a.head_dim)
         return out if step.real is None else out[step.real]
-
 
     def _attend_ranges(self, q, rows: RowSpans, cache, window: int | None) -> torch.Tensor:
         """Each row's queries q [R, Hq, D] attend over that row's key range of the cache -> [R, Hq*D]."""

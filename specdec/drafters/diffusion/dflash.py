@@ -217,18 +217,12 @@ class _BlockOps(TorchOps):
     def __init__(self, net: BlockDrafter, rope: tuple[torch.Tensor, torch.Tensor], ctx, ctx_mask):
         super().__init__(net.arch, list(net.layers), net.final_norm, {kind: rope for kind in set(net.arch.rope_kinds)})
         self.ctx, self.ctx_mask = ctx, ctx_mask
-        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None  # the block's k, v [B, s, Hkv, D]
 
     def norm(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return _norm(x, scale, self.arch.eps)
 
-    def qk_rope_write(self, i: int, qkv, g) -> torch.Tensor:  # -> q [B, s, Hq, D]
-        q, k, v = self.qkv(i, qkv, g)
-        self._kv = (k, v)
-        return q
-
     def attend(self, i: int, q: torch.Tensor) -> torch.Tensor:  # q [B, s, Hq, D] -> [B*s, Hq*D]
-        a, (kb, vb) = self.arch, self._kv
+        a, (kb, vb) = self.arch, self._kv  # the block's k, v [B, s, Hkv, D]
         b, s = q.shape[:2]
         groups = a.num_heads // a.num_kv_heads
         outs = []

@@ -100,12 +100,6 @@ class _GroupOps(TorchOps):
                  masks: dict[int | None, torch.Tensor]):
         super().__init__(lean.arch, lean.layers, lean.final_norm, rope)
         self.masks = masks
-        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def qk_rope_write(self, i: int, qkv, g) -> torch.Tensor:  # -> q [1, n, Hq, D]
-        q, k, v = self.qkv(i, qkv, g)
-        self._kv = (k, v)
-        return q
 
     def attend(self, i: int, q: torch.Tensor) -> torch.Tensor:  # -> [n, Hq*D]
         a, (k, v) = self.arch, self._kv
