@@ -13,7 +13,7 @@ from specdec.engine import Engine, Request, StopConditions
 from specdec.models.gguf_weights import read_quant_weights
 from specdec.sampling import SamplingParams
 from specdec.verifiers.lean import LeanVerifier
-from specdec.verifiers.q8act import (Q8Weight, as_q8, codes_of, from_quant, q8_matmul, q8_reference,
+from specdec.verifiers.q8act import (Q8Weight, as_q8, codes_of, from_quant, has_vnni, q8_matmul, q8_reference,
                                      quantize_rows, stacked)
 from specdec.verifiers.quant import BLOCK_BYTES, QuantLinear, dequantize, random_blocks, unpack
 from test_quant import _write_gguf
@@ -23,22 +23,49 @@ def _weight(kind: str, rows: int, cols: int, seed: int = 0) -> Q8Weight:
     return from_quant(unpack(kind, random_blocks(kind, rows, cols, seed), rows, cols))
 
 
+KERNELS = [False, True] if has_vnni() else [False]  # AVX2 everywhere; AVX512-VNNI where this CPU has it
+
+
+@pytest.mark.parametrize("vnni", KERNELS)
 @pytest.mark.parametrize("kind", list(BLOCK_BYTES))
-def test_kernel_equals_its_oracle_and_each_row_alone_for_every_row_count(kind):
+def test_kernel_equals_its_oracle_and_each_row_alone_for_every_row_count(kind, vnni):
     w = _weight(kind, 72, 512, seed=3)  # 72 rows: a padded last tile
     x = np.random.default_rng(1).standard_normal((40, 512)).astype(np.float32)
     x[7, 32:64] = 0.0  # an all-zero activation block (scale 0)
-    alone = np.concatenate([q8_matmul(x[i: i + 1], w) for i in range(40)])
+    x[9, :32] = 1e-30  # a block whose codes all round to 127
+    alone = np.concatenate([q8_matmul(x[i: i + 1], w, vnni=vnni) for i in range(40)])
     assert np.array_equal(alone, q8_reference(x, w))
-    for m in range(1, 41):  # every split into passes of up to MAX_ROWS rows
-        assert np.array_equal(q8_matmul(x[:m], w), alone[:m]), m
+    for m in range(1, 41):  # every split into passes of up to MAX_ROWS (VNNI_ROWS) rows
+        assert np.array_equal(q8_matmul(x[:m], w, vnni=vnni), alone[:m]), m
 
 
-def test_parallel_and_serial_paths_give_the_same_bits():
+@pytest.mark.parametrize("vnni", KERNELS)
+def test_parallel_and_serial_paths_give_the_same_bits(vnni):
     w = _weight("Q4_K", 4096, 256, seed=2)  # big enough for the threaded path at 8 rows
     x = np.random.default_rng(2).standard_normal((8, 256)).astype(np.float32)
-    assert np.array_equal(q8_matmul(x, w), np.concatenate([q8_matmul(x[i: i + 1], w) for i in range(8)]))
-    assert np.array_equal(q8_matmul(x, w), q8_reference(x, w))
+    one = np.concatenate([q8_matmul(x[i: i + 1], w, vnni=vnni) for i in range(8)])
+    assert np.array_equal(q8_matmul(x, w, vnni=vnni), one)
+    assert np.array_equal(q8_matmul(x, w, vnni=vnni), q8_reference(x, w))
+
+
+@pytest.mark.parametrize("kind", list(BLOCK_BYTES))
+def test_largest_codes_and_activations_do_not_overflow(kind):
+    """Every code at its largest magnitude times activations of +-127: the kernels' int16 / int32 sums stay exact."""
+    w = _weight(kind, 32, 256, seed=5)
+    codes = w.codes.copy()
+    if w.signed:
+        codes[:] = np.uint8(0x80)  # -128
+    elif w.nibbles:
+        codes[:] = np.uint8(0xFF)  # 15 in both nibbles
+    else:
+        codes[:] = np.uint8(w.zero + {"Q5_0": 15, "Q6_K": 31}.get(kind, 0))
+    big = Q8Weight(w.kind, codes, w.scale, w.offset, w.group, w.zero, w.signed, w.flush, w.nibbles, w.rows,
+                   w.cols, w.file_bytes)
+    x = np.where(np.arange(256) % 2 == 0, 1.0, -1.0).astype(np.float32)[None].repeat(3, 0)
+    x[1] = np.abs(x[1])
+    x[2] = -np.abs(x[2])
+    for vnni in KERNELS:
+        assert np.array_equal(q8_matmul(x, big, vnni=vnni), q8_reference(x, big)), vnni
 
 
 @pytest.mark.parametrize("kind", list(BLOCK_BYTES))
