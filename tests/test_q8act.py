@@ -3,6 +3,8 @@ and speculation in it giving plain decoding's tokens (greedy and sampled), alone
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -19,29 +21,33 @@ from specdec.verifiers.quant import BLOCK_BYTES, QuantLinear, dequantize, random
 from test_quant import _write_gguf
 
 
-def _weight(kind: str, rows: int, cols: int, seed: int = 0) -> Q8Weight:
-    return from_quant(unpack(kind, random_blocks(kind, rows, cols, seed), rows, cols))
+def _weight(kind: str, rows: int, cols: int, seed: int = 0, compact: bool = False) -> Q8Weight:
+    return from_quant(unpack(kind, random_blocks(kind, rows, cols, seed), rows, cols), compact=compact)
 
 
 KERNELS = [False, True] if has_vnni() else [False]  # AVX2 everywhere; AVX512-VNNI where this CPU has it
+# (vnni, compact constants): the VNNI kernel also reads K-quant constants as the file keeps them
+LAYOUTS = [(False, False)] + ([(True, False), (True, True)] if has_vnni() else [])
 
 
-@pytest.mark.parametrize("vnni", KERNELS)
+@pytest.mark.parametrize("vnni, compact", LAYOUTS)
 @pytest.mark.parametrize("kind", list(BLOCK_BYTES))
-def test_kernel_equals_its_oracle_and_each_row_alone_for_every_row_count(kind, vnni):
-    w = _weight(kind, 72, 512, seed=3)  # 72 rows: a padded last tile
+def test_kernel_equals_its_oracle_and_each_row_alone_for_every_row_count(kind, vnni, compact):
+    w = _weight(kind, 72, 512, seed=3, compact=compact)  # 72 rows: a padded last tile
+    assert w.compact == (compact and kind in ("Q4_K", "Q6_K"))
     x = np.random.default_rng(1).standard_normal((40, 512)).astype(np.float32)
     x[7, 32:64] = 0.0  # an all-zero activation block (scale 0)
     x[9, :32] = 1e-30  # a block whose codes all round to 127
     alone = np.concatenate([q8_matmul(x[i: i + 1], w, vnni=vnni) for i in range(40)])
     assert np.array_equal(alone, q8_reference(x, w))
+    assert np.array_equal(alone, q8_reference(x, _weight(kind, 72, 512, seed=3)))  # the same values either layout
     for m in range(1, 41):  # every split into passes of up to MAX_ROWS (VNNI_ROWS) rows
         assert np.array_equal(q8_matmul(x[:m], w, vnni=vnni), alone[:m]), m
 
 
-@pytest.mark.parametrize("vnni", KERNELS)
-def test_parallel_and_serial_paths_give_the_same_bits(vnni):
-    w = _weight("Q4_K", 4096, 256, seed=2)  # big enough for the threaded path at 8 rows
+@pytest.mark.parametrize("vnni, compact", LAYOUTS)
+def test_parallel_and_serial_paths_give_the_same_bits(vnni, compact):
+    w = _weight("Q4_K", 4096, 256, seed=2, compact=compact)  # big enough for the threaded path at 8 rows
     x = np.random.default_rng(2).standard_normal((8, 256)).astype(np.float32)
     one = np.concatenate([q8_matmul(x[i: i + 1], w, vnni=vnni) for i in range(8)])
     assert np.array_equal(q8_matmul(x, w, vnni=vnni), one)
@@ -59,8 +65,7 @@ def test_largest_codes_and_activations_do_not_overflow(kind):
         codes[:] = np.uint8(0xFF)  # 15 in both nibbles
     else:
         codes[:] = np.uint8(w.zero + {"Q5_0": 15, "Q6_K": 31}.get(kind, 0))
-    big = Q8Weight(w.kind, codes, w.scale, w.offset, w.group, w.zero, w.signed, w.flush, w.nibbles, w.rows,
-                   w.cols, w.file_bytes)
+    big = replace(w, codes=codes)
     x = np.where(np.arange(256) % 2 == 0, 1.0, -1.0).astype(np.float32)[None].repeat(3, 0)
     x[1] = np.abs(x[1])
     x[2] = -np.abs(x[2])
@@ -145,16 +150,50 @@ def test_tiny_model_samples_in_q8act_as_plain_sampling_does(tiny_q8):
 
 
 
+@pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("kind", ["Q4_K", "Q8_0"])
-def test_a_tall_weight_converts_slice_by_slice_to_the_same_arrays(kind):
-    from specdec.verifiers.q8act import _from_quant
+def test_a_tall_weight_converts_slice_by_slice_to_the_same_arrays(kind, compact):
+    from specdec.verifiers.q8act import _ARRAYS, _from_quant
     from specdec.verifiers.quant import UNPACK_ROWS
     from specdec.verifiers.quant import random_blocks, unpack
 
     rows = UNPACK_ROWS + 80  # one whole slice and a ragged one (not whole tiles of either layout)
     w = unpack(kind, random_blocks(kind, rows, 256, seed=7), rows, 256)
-    sliced, whole = from_quant(w), _from_quant(w)
-    assert (sliced.rows, sliced.cols, sliced.nibbles, sliced.flush) == (whole.rows, whole.cols, whole.nibbles, whole.flush)
-    for name in ("codes", "scale", "offset"):
+    sliced, whole = from_quant(w, compact), _from_quant(w, compact)
+    assert (sliced.rows, sliced.cols, sliced.nibbles, sliced.flush, sliced.compact) == (
+        whole.rows, whole.cols, whole.nibbles, whole.flush, whole.compact)
+    for name in _ARRAYS:
         a, b = getattr(sliced, name), getattr(whole, name)
         assert (a is None and b is None) or np.array_equal(a, b), name
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+def test_k_quant_constants_held_compact_give_every_constant_back(kind):
+    """Sub-scales (and Q4_K mins) one integer a group, one fp32 a superblock: the fp32 products are the
+    QuantWeight's constants bit for bit, in fewer bytes; stacking and tall-weight slicing keep the layout."""
+    from specdec.verifiers.q8act import UNPACK_ROWS, group_constants
+
+    rows = UNPACK_ROWS + 48  # a tall weight: converted slice by slice
+    qw = unpack(kind, random_blocks(kind, rows, 512, seed=9), rows, 512)
+    full, small = from_quant(qw, compact=False), from_quant(qw, compact=True)
+    assert small.compact and small.scale is None and small.nbytes < full.nbytes
+    for a, b in zip(group_constants(small), group_constants(full)):
+        assert (a is None and b is None) or np.array_equal(a.view(np.int32), b.view(np.int32))
+    a, b = _weight(kind, 64, 512, 1, compact=True), _weight(kind, 32, 512, 2, compact=True)
+    both = stacked([a, b])
+    assert both.compact and stacked([a, _weight(kind, 32, 512, 2)]) is None  # one layout a call
+    x = np.random.default_rng(6).standard_normal((5, 512)).astype(np.float32)
+    assert np.array_equal(q8_reference(x, both), np.concatenate([q8_reference(x, a), q8_reference(x, b)], axis=1))
+    for vnni in [v for v in KERNELS if v]:
+        assert np.array_equal(q8_matmul(x, both, vnni=vnni), q8_reference(x, both))
+    if not has_vnni():
+        with pytest.raises(ValueError, match="VNNI kernel only"):
+            q8_matmul(x, both)
+
+
+def test_constants_that_do_not_factor_stay_fp32():
+    qw = unpack("Q4_K", random_blocks("Q4_K", 32, 256, seed=3), 32, 256)
+    scale = qw.scale.copy()
+    scale[0, 0, 0] = np.float32(0.1)  # not an fp16 times a 6-bit integer with the rest of its superblock
+    w = from_quant(replace(qw, scale=scale), compact=True)
+    assert not w.compact and w.scale is not None

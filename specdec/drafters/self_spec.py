@@ -236,7 +236,8 @@ def model_fingerprint(model: PreTrainedModel, lean: LeanModel) -> str:
     else:  # a QuantLinear over a QuantWeight (codes in q) or a q8act Q8Weight (codes)
         w = down.quant
         codes = w.q if hasattr(w, "q") else w.codes
-        kind, held = type(w).__name__.encode(), [w.scale.reshape(-1)[:4096], codes.reshape(-1)[:4096]]
+        scale = w.scale if w.scale is not None else w.super_d  # a q8act weight may hold its constants compact
+        kind, held = type(w).__name__.encode(), [scale.reshape(-1)[:4096], codes.reshape(-1)[:4096]]
     h.update(kind)
     with torch.no_grad():
         h.update(lean.embed_rows(torch.arange(4)).float().numpy().tobytes())

@@ -29,7 +29,9 @@ gives iv; for unsigned codes the pairs of `flush` quads are first added in int16
 2 x 128 x 127: one quad a `vpmaddwd`). A pass serves up to MAX_ROWS = 4 input rows x 2 registers of sums.
 Where the CPU has AVX512-VNNI (`has_vnni`), `_vnni_microkernel` computes the same iv with one `vpdpbusd` a quad
 (the tile's 16 rows in one zmm, up to VNNI_ROWS = 8 input rows a pass) and folds it in the same order: the same
-bits as the AVX2 kernel and the oracle, about 1.4-1.9x its speed from 4 rows on (docs/benchmarks.md).
+bits as the AVX2 kernel and the oracle, about 1.4-1.9x its speed from 4 rows on (docs/benchmarks.md). There a
+K-quant's constants are also read as the file keeps them (`compact_constants`: s = d x sc, one integer a group and
+one fp32 a superblock, the same fp32 products): Q4_K reads 4.75 bits a weight instead of 6, Q6_K 8.6 instead of 10.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ class Q8Weight:
     kind: str  # GGUF block type(s) it came from
     codes: np.ndarray  # [Np / TILE, K / 4, TILE, 4] uint8 (int8 viewed as uint8 when signed); nibbles:
     #                    [Np / TILE, K / 8, TILE, 4], quad 2j in the low nibbles, quad 2j + 1 in the high ones
-    scale: np.ndarray  # [Np / TILE, K // g, TILE] float32
-    offset: np.ndarray | None  # [Np / TILE, K // g, TILE] float32, or None (o = 0)
+    scale: np.ndarray | None  # [Np / TILE, K // g, TILE] float32 (None: held as `sub_scale` x `super_d`)
+    offset: np.ndarray | None  # [Np / TILE, K // g, TILE] float32, or None (o = 0, or held as sub_min x super_dmin)
     group: int
     zero: int  # z: u - z is the GGUF code (unsigned codes)
     signed: bool  # codes are int8 as they are (Q8_0), z = 0
@@ -70,10 +72,24 @@ class Q8Weight:
     rows: int  # N, the real output rows
     cols: int  # K
     file_bytes: int
+    # A K-quant's constants as the file keeps them (`compact_constants`): s = super_d * sub_scale (o = super_dmin
+    # * sub_min), exact fp32 products, 1 byte a group and one fp32 a 256-input superblock instead of fp32 a group
+    sub_scale: np.ndarray | None = None  # [Np / TILE, K // g, TILE] int8 (Q6_K) or uint8 (Q4_K)
+    sub_min: np.ndarray | None = None  # [Np / TILE, K // g, TILE] uint8 (Q4_K)
+    super_d: np.ndarray | None = None  # [Np / TILE, K // SUPER, TILE] float32
+    super_dmin: np.ndarray | None = None  # [Np / TILE, K // SUPER, TILE] float32
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.rows, self.cols
+
+    @property
+    def compact(self) -> bool:
+        return self.sub_scale is not None
+
+    @property
+    def has_offset(self) -> bool:
+        return self.offset is not None or self.sub_min is not None
 
     @property
     def padded_rows(self) -> int:
@@ -82,7 +98,8 @@ class Q8Weight:
     @property
     def nbytes(self) -> int:
         """Bytes one pass over the weight reads."""
-        return self.codes.nbytes + self.scale.nbytes + (0 if self.offset is None else self.offset.nbytes)
+        return sum(a.nbytes for a in (self.codes, self.scale, self.offset, self.sub_scale, self.sub_min, self.super_d,
+                                      self.super_dmin) if a is not None)
 
     def matmul(self, x: np.ndarray) -> np.ndarray:  # x [m, K] float32 -> [m, N] float32
         return q8_matmul(x, self)
@@ -92,31 +109,39 @@ class Q8Weight:
         return stacked(weights)
 
 
-def from_quant(w: QuantWeight) -> Q8Weight:
+def from_quant(w: QuantWeight, compact: bool | None = None) -> Q8Weight:
     """`QuantWeight` (tiles of 64 rows, int8 codes) -> `Q8Weight` (tiles of 16 rows, input quads): same values.
     A tall weight is converted UNPACK_ROWS rows at a time into the result's arrays, so the conversion's int16 and
-    transposed temporaries stay a slice's (a 262k-row head's were ~700 MB)."""
+    transposed temporaries stay a slice's (a 262k-row head's were ~700 MB). compact: K-quant constants as the file
+    keeps them where they factor exactly (`compact_constants`); None: where the kernel reads them (`has_vnni`)."""
+    compact = has_vnni() if compact is None else compact
     if w.rows <= UNPACK_ROWS:
-        return _from_quant(w)
+        return _from_quant(w, compact)
     out = None
     for first in range(0, w.rows, UNPACK_ROWS):
         t0, t1 = first // QTILE, min(first + UNPACK_ROWS, w.padded_rows) // QTILE  # the gguf layout's tiles
         part = _from_quant(replace(w, q=w.q[t0:t1], scale=w.scale[t0:t1],
                                    offset=None if w.offset is None else w.offset[t0:t1],
-                                   rows=min(UNPACK_ROWS, w.rows - first)))
+                                   rows=min(UNPACK_ROWS, w.rows - first)), compact)
+        if out is not None and part.compact != out.compact:  # one slice did not factor: the whole weight in fp32
+            return from_quant(w, compact=False)
         if out is None:
             tiles = -(-w.rows // TILE)  # as one call pads: to whole tiles of this layout
             empty = lambda a: None if a is None else np.empty((tiles, *a.shape[1:]), a.dtype)  # noqa: E731
-            out = replace(part, codes=empty(part.codes), scale=empty(part.scale), offset=empty(part.offset),
-                          rows=w.rows, file_bytes=w.file_bytes)
+            out = replace(part, rows=w.rows, file_bytes=w.file_bytes,
+                          **{name: empty(getattr(part, name)) for name in _ARRAYS})
         at = first // TILE
-        for name in ("codes", "scale", "offset"):
+        for name in _ARRAYS:
             if getattr(part, name) is not None:
                 getattr(out, name)[at: at + getattr(part, name).shape[0]] = getattr(part, name)
     return out
 
 
-def _from_quant(w: QuantWeight) -> Q8Weight:
+_ARRAYS = ("codes", "scale", "offset", "sub_scale", "sub_min", "super_d", "super_dmin")  # tiles along axis 0
+SUPER = 256  # inputs a K-quant superblock's fp16 scale covers
+
+
+def _from_quant(w: QuantWeight, compact: bool = False) -> Q8Weight:
     kinds = set(w.kind.split("+"))
     zeros = {ZERO_POINT[k] for k in kinds}
     if len(zeros) != 1:
@@ -137,9 +162,71 @@ def _from_quant(w: QuantWeight) -> Q8Weight:
     nibbles = max(MAX_CODE[k] for k in kinds) < 16 and not signed and flush % 2 == 0
     if nibbles:  # quads 2j and 2j + 1 share a byte: read at half the bytes, split in registers
         codes = pack_pairs(codes)
-    tiled = lambda a: np.ascontiguousarray(a.reshape(tiles, TILE, -1).transpose(0, 2, 1))  # noqa: E731
-    return Q8Weight(w.kind, codes, tiled(scale), None if offset is None else tiled(offset), w.group, zero, signed,
-                    flush, nibbles, rows, k, w.file_bytes)
+    tiled = lambda a: None if a is None else np.ascontiguousarray(  # noqa: E731
+        a.reshape(tiles, TILE, -1).transpose(0, 2, 1))
+    ints = compact_constants(w.kind, scale, offset, w.group) if compact else None
+    if ints is not None:
+        sub_scale, super_d, sub_min, super_dmin = ints
+        return Q8Weight(w.kind, codes, None, None, w.group, zero, signed, flush, nibbles, rows, k, w.file_bytes,
+                        tiled(sub_scale), tiled(sub_min), tiled(super_d), tiled(super_dmin))
+    return Q8Weight(w.kind, codes, tiled(scale), tiled(offset), w.group, zero, signed, flush, nibbles, rows, k,
+                    w.file_bytes)
+
+
+# the integer range of a K-quant's group scales, and first the integer llama.cpp's quantiser gives the largest one
+_SUB_RANGE = {"Q4_K": (0, 63, (63,)), "Q6_K": (-128, 127, (-128, 127))}
+
+
+def _factor(s: np.ndarray, per: int, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """s [N, C] float32 -> (ints [N, C], d [N, C / per]) with d[:, c // per] * float32(ints) == s bit for bit, or
+    None. Each superblock's d is its largest |s| divided by the integer that group has: llama.cpp's quantisers give
+    it the range's end (tried first, for every superblock at once), any other is tried on the superblocks left."""
+    low, high, first = _SUB_RANGE[kind]
+    n, c = s.shape
+    blocks = s.reshape(n * c // per, per)
+    top = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[:, None], -1)  # [S, 1]
+    ints = np.zeros(blocks.shape, np.int32)
+    d = np.zeros(top.shape, np.float32)
+    left = np.arange(blocks.shape[0])
+    others = sorted((e for e in range(low, high + 1) if e and e not in first), key=lambda e: (-abs(e), e))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for e in (*first, *others):
+            part, de = blocks[left], (top[left] / np.float32(e)).astype(np.float32)
+            q = np.where(de != 0, np.rint(part / de), 0)
+            ok = (q >= low) & (q <= high)
+            qi = np.where(ok, q, 0).astype(np.int32)
+            ok = (ok & ((de * qi.astype(np.float32)).view(np.int32) == part.view(np.int32))).all(-1)
+            ints[left[ok]], d[left[ok]] = qi[ok], de[ok]
+            left = left[~ok]
+            if not left.size:
+                return ints.reshape(n, c), d.reshape(n, c // per)
+    return None
+
+
+def compact_constants(kind: str, scale: np.ndarray, offset: np.ndarray | None, group: int) -> tuple | None:
+    """A Q4_K / Q6_K weight's fp32 group constants ([N, K // g] each) as the file holds them: (sub_scale, super_d,
+    sub_min, super_dmin), sub_* one integer a group (int8 for Q6_K, uint8 for Q4_K), super_* one fp32 a superblock of
+    SUPER inputs, whose products give every constant back bit for bit (checked; the file's fp16 d times its 6- or
+    8-bit scale is exact in fp32). None for other kinds or when any superblock does not factor: then fp32."""
+    if kind not in _SUB_RANGE or (scale.shape[1] * group) % SUPER:
+        return None
+    per = SUPER // group
+    s = _factor(scale, per, kind)
+    o = None if offset is None else _factor(offset, per, kind)
+    if s is None or (offset is not None and o is None):
+        return None
+    dtype = np.int8 if _SUB_RANGE[kind][0] < 0 else np.uint8
+    return (s[0].astype(dtype), s[1], None if o is None else o[0].astype(dtype), None if o is None else o[1])
+
+
+def group_constants(w: Q8Weight) -> tuple[np.ndarray, np.ndarray | None]:
+    """([N, K // g] s, [N, K // g] o or None) float32, whichever way `w` holds them."""
+    if not w.compact:
+        return _rows(w.scale, w.rows), None if w.offset is None else _rows(w.offset, w.rows)
+    per = SUPER // w.group
+    expand = lambda ints, d: (np.repeat(_rows(d, w.rows), per, axis=1)  # noqa: E731
+                              * _rows(ints, w.rows).astype(np.float32))
+    return expand(w.sub_scale, w.super_d), None if w.sub_min is None else expand(w.sub_min, w.super_dmin)
 
 
 @numba.njit(cache=True)
@@ -191,14 +278,13 @@ def stacked(weights: list[Q8Weight]) -> Q8Weight | None:
     one: another width, group, zero point or signedness, offsets in some only, rows that are not whole tiles."""
     first = weights[0]
     if any(w.cols != first.cols or w.group != first.group or w.zero != first.zero or w.signed != first.signed
-           or w.flush != first.flush or w.nibbles != first.nibbles or (w.offset is None) != (first.offset is None)
-           or w.rows != w.padded_rows for w in weights):
+           or w.flush != first.flush or w.nibbles != first.nibbles or w.has_offset != first.has_offset
+           or w.compact != first.compact or w.rows != w.padded_rows for w in weights):
         return None
-    return Q8Weight("+".join(sorted({w.kind for w in weights})), concat_tiles([w.codes for w in weights]),
-                    concat_tiles([w.scale for w in weights]),
-                    None if first.offset is None else concat_tiles([w.offset for w in weights]),
-                    first.group, first.zero, first.signed, first.flush, first.nibbles, sum(w.rows for w in weights),
-                    first.cols, sum(w.file_bytes for w in weights))
+    joined = {name: None if getattr(first, name) is None else concat_tiles([getattr(w, name) for w in weights])
+              for name in _ARRAYS}
+    return replace(first, kind="+".join(sorted({w.kind for w in weights})), rows=sum(w.rows for w in weights),
+                   file_bytes=sum(w.file_bytes for w in weights), **joined)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -245,8 +331,7 @@ def q8_reference(x: np.ndarray, w: Q8Weight) -> np.ndarray:
     k, g = xq.shape[1], w.group
     codes = codes_of(w)  # [N, K] uint8
     q = codes.view(np.int8).astype(np.int64) if w.signed else codes.astype(np.int64) - w.zero
-    s = _rows(w.scale, w.rows)  # [N, K / g]
-    o = None if w.offset is None else _rows(w.offset, w.rows)
+    s, o = group_constants(w)  # [N, K / g] each
     y = np.zeros((x.shape[0], w.rows), dtype=np.float32)
     for b in range(k // g):
         iv = (xq[:, b * g: (b + 1) * g].astype(np.int64) @ q[:, b * g: (b + 1) * g].T).astype(np.float32)
@@ -476,16 +561,17 @@ def _vnni_microkernel(rows: int):
     The group's quads are unrolled (the variant fixes the group)."""
 
     @intrinsic
-    def kernel(typingctx, xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t,
-               r0):
-        sig = types.void(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t,
-                         r0)
+    def kernel(typingctx, xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group,
+               flush, nibbles, compact, out, t, r0):
+        sig = types.void(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group,
+                         flush, nibbles, compact, out, t, r0)
 
         def codegen(context, builder, sig, args):
-            xa, da, sa, ca, sca, oa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(6))
-            outa = context.make_array(sig.args[12])(context, builder, args[12])
-            is_signed, has_off, zero_, group_, nib = args[6], args[7], args[8], args[9], args[11]  # zero_: int64
-            tile, row0 = args[13], args[14]
+            xa, da, sa, ca, sca, oa, suba, mina, supa, supmina = (
+                context.make_array(sig.args[i])(context, builder, args[i]) for i in range(10))
+            outa = context.make_array(sig.args[17])(context, builder, args[17])
+            is_signed, has_off, zero_, group_, nib, comp = args[10], args[11], args[12], args[13], args[15], args[16]
+            tile, row0 = args[18], args[19]
             const = lambda v: ir.Constant(_I64, v)  # noqa: E731
             dpbusd = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_I32x16, [_I32x16, _I32x16, _I32x16]), "llvm.x86.avx512.vpdpbusd.512")
@@ -497,6 +583,10 @@ def _vnni_microkernel(rows: int):
             tile_codes = builder.gep(ca.data, [builder.mul(builder.mul(tile, stored), const(4 * TILE))])
             consts = builder.mul(builder.mul(tile, groups), const(TILE))
             scales, offsets = builder.gep(sca.data, [consts]), builder.gep(oa.data, [consts])
+            subs_at, mins_at = builder.gep(suba.data, [consts]), builder.gep(mina.data, [consts])
+            supers = builder.sdiv(k_cols, const(SUPER))
+            sup_consts = builder.mul(builder.mul(tile, supers), const(TILE))
+            sup_at, supmin_at = builder.gep(supa.data, [sup_consts]), builder.gep(supmina.data, [sup_consts])
             rowk = [builder.mul(builder.add(row0, const(r)), k_cols) for r in range(rows)]
             y = [cgutils.alloca_once(builder, _F32x16) for _ in range(rows)]
             for a in y:
@@ -505,7 +595,17 @@ def _vnni_microkernel(rows: int):
             low4 = ir.Constant(_I8x64, [0x0F] * 64)
             four = ir.Constant(_I8x64, [4] * 64)
 
-            def body(signed_codes: bool, with_offset: bool, nibbles: bool, group: int, zero: int) -> None:
+            def constants(b, group: int, ints, per_super, signed_ints: bool):
+                """16 lanes of a group's constant from its integers and its superblock's fp32 (compact)."""
+                at = builder.mul(b, const(TILE))
+                raw = _at(builder, ints, at, ir.VectorType(ir.IntType(8), 16), 1)
+                wide = builder.sext(raw, _I32x16) if signed_ints else builder.zext(raw, _I32x16)
+                sb = builder.sdiv(builder.mul(b, const(group)), const(SUPER))
+                dv = _at(builder, per_super, builder.mul(sb, const(TILE)), _F32x16, 4)
+                return builder.fmul(dv, builder.sitofp(wide, _F32x16))
+
+            def body(signed_codes: bool, with_offset: bool, nibbles: bool, group: int, zero: int,
+                     compact: bool) -> None:
                 quads = group // 4
                 z = 128 if signed_codes else zero  # the codes' zero point, as the variant fixes it
                 with cgutils.for_range(builder, groups) as b:
@@ -527,8 +627,12 @@ def _vnni_microkernel(rows: int):
                                 x4 = _at(builder, xa.data, builder.add(rowk[r], builder.mul(kq, const(4))), _I32, 1)
                                 acc[r] = builder.call(dpbusd, [acc[r], w32, _splat(builder, x4, _I32x16)])
                     at = builder.mul(b.index, const(TILE))
-                    s = _at(builder, scales, at, _F32x16, 4)
-                    o = _at(builder, offsets, at, _F32x16, 4) if with_offset else None
+                    if compact:  # Q6_K's integer scales are signed, Q4_K's unsigned
+                        s = constants(b.index, group, subs_at, sup_at, zero == ZERO_POINT["Q6_K"])
+                        o = constants(b.index, group, mins_at, supmin_at, False) if with_offset else None
+                    else:
+                        s = _at(builder, scales, at, _F32x16, 4)
+                        o = _at(builder, offsets, at, _F32x16, 4) if with_offset else None
                     block = builder.sdiv(builder.mul(b.index, const(group)), const(XBLOCK))
                     for r in range(rows):
                         row_sum = builder.load(builder.gep(sa.data, [builder.add(
@@ -545,21 +649,22 @@ def _vnni_microkernel(rows: int):
                             yv = builder.fsub(yv, builder.fmul(builder.fmul(o, dv), fsum))
                         builder.store(yv, y[r])
 
-            def choose(variants: list[tuple[bool, bool, bool, int, int]]) -> None:
-                """Branch to the body of the first variant whose (signed, has_offset, nibbles, group, zero) the call
-                has."""
-                sig_, off_, nib_, grp_, zero = variants[0]
+            def choose(variants: list[tuple[bool, bool, bool, int, int, bool]]) -> None:
+                """Branch to the body of the first variant whose (signed, has_offset, nibbles, group, zero, compact)
+                the call has."""
+                sig_, off_, nib_, grp_, zero, cmp_ = variants[0]
                 if len(variants) == 1:
-                    body(sig_, off_, nib_, grp_, zero)  # the caller checked that the call is one of the variants
+                    body(sig_, off_, nib_, grp_, zero, cmp_)  # the caller checked that the call is one of them
                     return
                 match = builder.and_(builder.icmp_unsigned("==", builder.zext(is_signed, _I64), const(int(sig_))),
                                      builder.icmp_unsigned("==", builder.zext(has_off, _I64), const(int(off_))))
                 match = builder.and_(match, builder.icmp_unsigned("==", builder.zext(nib, _I64), const(int(nib_))))
                 match = builder.and_(match, builder.icmp_signed("==", group_, const(grp_)))
                 match = builder.and_(match, builder.icmp_signed("==", zero_, const(zero)))
+                match = builder.and_(match, builder.icmp_unsigned("==", builder.zext(comp, _I64), const(int(cmp_))))
                 with builder.if_else(match) as (yes, no):
                     with yes:
-                        body(sig_, off_, nib_, grp_, zero)
+                        body(sig_, off_, nib_, grp_, zero, cmp_)
                     with no:
                         choose(variants[1:])
 
@@ -575,15 +680,19 @@ def _vnni_microkernel(rows: int):
     return kernel
 
 
-# (signed, offsets, nibbles, group, zero) of the VNNI kernels compiled: Q8_0, Q4_K, Q5_0, Q6_K
-VNNI_VARIANTS = [(True, False, False, 32, 0), (False, True, True, 32, 0), (False, False, False, 32, 16),
-                 (False, False, False, 16, 32)]
+# (signed, offsets, nibbles, group, zero, compact) of the VNNI kernels compiled: Q8_0, Q4_K, Q5_0, Q6_K, and Q4_K
+# and Q6_K with compact constants
+VNNI_VARIANTS = [(True, False, False, 32, 0, False), (False, True, True, 32, 0, False),
+                 (False, False, False, 32, 16, False), (False, False, False, 16, 32, False),
+                 (False, True, True, 32, 0, True), (False, False, False, 16, 32, True)]
 _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8 = (_vnni_microkernel(r) for r in range(1, VNNI_ROWS + 1))
 
 
 @numba.njit(cache=True)
-def _pass_vnni(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0, n):
-    a = (xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0)
+def _pass_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group, flush,
+               nibbles, compact, out, t, r0, n):
+    a = (xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group, flush, nibbles,
+         compact, out, t, r0)
     if n == 8:
         _v8(*a)
     elif n == 7:
@@ -603,7 +712,8 @@ def _pass_vnni(xq, d, sums, codes, scale, offset, signed, has_offset, zero, grou
 
 
 @numba.njit(cache=True)
-def _tiles_vnni(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, lo, hi):
+def _tiles_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group, flush,
+                nibbles, compact, out, lo, hi):
     """`_tiles` with the VNNI passes of up to VNNI_ROWS rows."""
     m = xq.shape[0]
     passes = (m + VNNI_ROWS - 1) // VNNI_ROWS
@@ -611,18 +721,19 @@ def _tiles_vnni(xq, d, sums, codes, scale, offset, signed, has_offset, zero, gro
         r0 = 0
         for p in range(passes):
             n = (m - r0) // (passes - p)
-            _pass_vnni(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t,
-                       r0, n)
+            _pass_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group,
+                       flush, nibbles, compact, out, t, r0, n)
             r0 += n
 
 
 @numba.njit(cache=True, parallel=True)
-def _matmul_vnni(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, chunk):
+def _matmul_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group, flush,
+                 nibbles, compact, out, chunk):
     """`_matmul` with the VNNI passes."""
     tiles = codes.shape[0]
     for c in numba.prange((tiles + chunk - 1) // chunk):
-        _tiles_vnni(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out,
-                    c * chunk, min(tiles, (c + 1) * chunk))
+        _tiles_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group,
+                    flush, nibbles, compact, out, c * chunk, min(tiles, (c + 1) * chunk))
 
 
 SERIAL_WORK = 1 << 18  # rows x weights below which the product runs on one thread
@@ -639,19 +750,27 @@ def q8_matmul(x: np.ndarray, w: Q8Weight, vnni: bool | None = None) -> np.ndarra
         x = np.ascontiguousarray(x, dtype=np.float32)
     xq, d, sums = quantize_rows(x, w.group)
     out = np.empty((m, w.padded_rows), dtype=np.float32)
-    offset = w.offset if w.offset is not None else w.scale  # unused without offsets
-    if (w.signed, w.offset is not None, w.flush, w.nibbles) not in VARIANTS:
-        raise ValueError(f"q8_matmul: no kernel for signed={w.signed}, offsets={w.offset is not None}, "
-                         f"flush={w.flush}, nibbles={w.nibbles}")
-    args = (xq, d, sums, w.codes, w.scale, offset, w.signed, w.offset is not None, w.zero, w.group, w.flush,
-            w.nibbles, out)
     tiles = w.codes.shape[0]
+    floats = np.zeros((1, 1, TILE), np.float32)  # stands in for arrays a weight does not have
     if has_vnni() if vnni is None else vnni:
-        if (w.signed, w.offset is not None, w.nibbles, w.group, w.zero) not in VNNI_VARIANTS:
-            raise ValueError(f"q8_matmul: no VNNI kernel for signed={w.signed}, offsets={w.offset is not None}, "
-                             f"nibbles={w.nibbles}, group={w.group}, zero={w.zero}")
+        key = (w.signed, w.has_offset, w.nibbles, w.group, w.zero, w.compact)
+        if key not in VNNI_VARIANTS:
+            raise ValueError(f"q8_matmul: no VNNI kernel for (signed, offsets, nibbles, group, zero, compact) = {key}")
+        ints = np.zeros((1, 1, TILE), np.uint8)
+        either = lambda a, dummy: dummy if a is None else a  # noqa: E731
+        args = (xq, d, sums, w.codes, either(w.scale, floats), either(w.offset, floats),
+                ints if w.sub_scale is None else w.sub_scale.view(np.uint8), either(w.sub_min, ints),
+                either(w.super_d, floats), either(w.super_dmin, floats), w.signed, w.has_offset, w.zero, w.group,
+                w.flush, w.nibbles, w.compact, out)
         serial, parallel = _tiles_vnni, _matmul_vnni
     else:
+        if w.compact or (w.signed, w.offset is not None, w.flush, w.nibbles) not in VARIANTS:
+            raise ValueError(f"q8_matmul: no AVX2 kernel for signed={w.signed}, offsets={w.offset is not None}, "
+                             f"flush={w.flush}, nibbles={w.nibbles}, compact constants={w.compact} (compact "
+                             "constants are read by the VNNI kernel only: from_quant(w, compact=False))")
+        offset = w.offset if w.offset is not None else w.scale  # unused without offsets
+        args = (xq, d, sums, w.codes, w.scale, offset, w.signed, w.offset is not None, w.zero, w.group, w.flush,
+                w.nibbles, out)
         serial, parallel = _tiles, _matmul
     if m * w.padded_rows * w.cols < SERIAL_WORK or tiles <= CHUNK:
         serial(*args, 0, tiles)
