@@ -204,9 +204,8 @@ def test_gguf_weights_need_the_lean_backend():
 
 def test_stacking_views_of_one_stacked_weight_copies_nothing():
     from specdec.verifiers.q8act import from_quant
-    from specdec.verifiers.quant import split_stacked
-
     from specdec.verifiers.q8act import q8_matmul
+    from specdec.verifiers.quant import _TILED_FIELDS, split_stacked
 
     for kind in ("Q8_0", "Q4_K"):  # the integer layout: tiles of 16 rows, Q4_K's codes two a byte
         parts = [unpack(kind, random_blocks(kind, rows, 256, seed=rows), rows, 256) for rows in (128, 64, 64)]
@@ -218,7 +217,7 @@ def test_stacking_views_of_one_stacked_weight_copies_nothing():
             assert [v.rows for v in views] == [128, 64, 64] and [v.kind for v in views] == [kind] * 3
             again = stacked(views)
             assert again is not None and again.shape == whole.shape
-            arrays = [f for f in ("q", "codes", "scale", "offset") if isinstance(getattr(whole, f, None), np.ndarray)]
+            arrays = [f for f in _TILED_FIELDS if isinstance(getattr(whole, f, None), np.ndarray)]  # incl. compact
             assert len(arrays) >= 2
             for f in arrays:
                 assert np.shares_memory(getattr(again, f), getattr(whole, f))  # no copy
