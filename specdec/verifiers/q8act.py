@@ -166,9 +166,8 @@ def _from_quant(w: QuantWeight, compact: bool = False) -> Q8Weight:
         a.reshape(tiles, TILE, -1).transpose(0, 2, 1))
     ints = compact_constants(w.kind, scale, offset, w.group) if compact else None
     if ints is not None:
-        sub_scale, super_d, sub_min, super_dmin = ints
         return Q8Weight(w.kind, codes, None, None, w.group, zero, signed, flush, nibbles, rows, k, w.file_bytes,
-                        tiled(sub_scale), tiled(sub_min), tiled(super_d), tiled(super_dmin))
+                        *(tiled(a) for a in ints))
     return Q8Weight(w.kind, codes, tiled(scale), tiled(offset), w.group, zero, signed, flush, nibbles, rows, k,
                     w.file_bytes)
 
@@ -204,10 +203,10 @@ def _factor(s: np.ndarray, per: int, kind: str) -> tuple[np.ndarray, np.ndarray]
 
 
 def compact_constants(kind: str, scale: np.ndarray, offset: np.ndarray | None, group: int) -> tuple | None:
-    """A Q4_K / Q6_K weight's fp32 group constants ([N, K // g] each) as the file holds them: (sub_scale, super_d,
-    sub_min, super_dmin), sub_* one integer a group (int8 for Q6_K, uint8 for Q4_K), super_* one fp32 a superblock of
-    SUPER inputs, whose products give every constant back bit for bit (checked; the file's fp16 d times its 6- or
-    8-bit scale is exact in fp32). None for other kinds or when any superblock does not factor: then fp32."""
+    """A Q4_K / Q6_K weight's fp32 group constants ([N, K // g] each) as the file holds them: (sub_scale, sub_min,
+    super_d, super_dmin) in `Q8Weight`'s order, sub_* one integer a group (int8 for Q6_K, uint8 for Q4_K),
+    super_* one fp32 a superblock of SUPER inputs, whose products give every constant back bit for bit (checked;
+    the file's fp16 d times its 6- or 8-bit scale is exact in fp32). None for other kinds or when any superblock does not factor: then fp32."""
     if kind not in _SUB_RANGE or (scale.shape[1] * group) % SUPER:
         return None
     per = SUPER // group
@@ -216,7 +215,7 @@ def compact_constants(kind: str, scale: np.ndarray, offset: np.ndarray | None, g
     if s is None or (offset is not None and o is None):
         return None
     dtype = np.int8 if _SUB_RANGE[kind][0] < 0 else np.uint8
-    return (s[0].astype(dtype), s[1], None if o is None else o[0].astype(dtype), None if o is None else o[1])
+    return s[0].astype(dtype), None if o is None else o[0].astype(dtype), s[1], None if o is None else o[1]
 
 
 def group_constants(w: Q8Weight) -> tuple[np.ndarray, np.ndarray | None]:
@@ -751,12 +750,11 @@ def q8_matmul(x: np.ndarray, w: Q8Weight, vnni: bool | None = None) -> np.ndarra
     xq, d, sums = quantize_rows(x, w.group)
     out = np.empty((m, w.padded_rows), dtype=np.float32)
     tiles = w.codes.shape[0]
-    floats = np.zeros((1, 1, TILE), np.float32)  # stands in for arrays a weight does not have
     if has_vnni() if vnni is None else vnni:
         key = (w.signed, w.has_offset, w.nibbles, w.group, w.zero, w.compact)
         if key not in VNNI_VARIANTS:
             raise ValueError(f"q8_matmul: no VNNI kernel for (signed, offsets, nibbles, group, zero, compact) = {key}")
-        ints = np.zeros((1, 1, TILE), np.uint8)
+        floats, ints = np.zeros((1, 1, TILE), np.float32), np.zeros((1, 1, TILE), np.uint8)  # for arrays w lacks
         either = lambda a, dummy: dummy if a is None else a  # noqa: E731
         args = (xq, d, sums, w.codes, either(w.scale, floats), either(w.offset, floats),
                 ints if w.sub_scale is None else w.sub_scale.view(np.uint8), either(w.sub_min, ints),
