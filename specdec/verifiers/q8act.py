@@ -206,7 +206,8 @@ def compact_constants(kind: str, scale: np.ndarray, offset: np.ndarray | None, g
     """A Q4_K / Q6_K weight's fp32 group constants ([N, K // g] each) as the file holds them: (sub_scale, sub_min,
     super_d, super_dmin) in `Q8Weight`'s order, sub_* one integer a group (int8 for Q6_K, uint8 for Q4_K),
     super_* one fp32 a superblock of SUPER inputs, whose products give every constant back bit for bit (checked;
-    the file's fp16 d times its 6- or 8-bit scale is exact in fp32). None for other kinds or when any superblock does not factor: then fp32."""
+    the file's fp16 d times its 6- or 8-bit scale is exact in fp32). None for other kinds or when any superblock
+    does not factor: then fp32."""
     if kind not in _SUB_RANGE or (scale.shape[1] * group) % SUPER:
         return None
     per = SUPER // group
