@@ -34,7 +34,7 @@ LAYOUTS = [(False, False)] + ([(True, False), (True, True)] if has_vnni() else [
 @pytest.mark.parametrize("kind", list(BLOCK_BYTES))
 def test_kernel_equals_its_oracle_and_each_row_alone_for_every_row_count(kind, vnni, compact):
     w = _weight(kind, 72, 512, seed=3, compact=compact)  # 72 rows: a padded last tile
-    assert w.compact == (compact and kind in ("Q4_K", "Q6_K"))
+    assert w.compact == (compact and kind in ("Q4_K", "Q6_K")) and w.planes == (compact and kind == "Q6_K")
     x = np.random.default_rng(1).standard_normal((40, 512)).astype(np.float32)
     x[7, 32:64] = 0.0  # an all-zero activation block (scale 0)
     x[9, :32] = 1e-30  # a block whose codes all round to 127
@@ -71,6 +71,12 @@ def test_largest_codes_and_activations_do_not_overflow(kind):
     x[2] = -np.abs(x[2])
     for vnni in KERNELS:
         assert np.array_equal(q8_matmul(x, big, vnni=vnni), q8_reference(x, big)), vnni
+    if kind == "Q6_K" and has_vnni():  # the code 31 (u = 63) in planes: every low and every high bit set
+        planes = _weight(kind, 32, 256, seed=5, compact=True)
+        planes = replace(planes, codes=np.full_like(planes.codes, 0xFF), high=np.full_like(planes.high, 0xFF))
+        assert (codes_of(planes) == 63).all()
+        assert np.array_equal(q8_matmul(x, planes, vnni=True), q8_reference(x, planes))
+        assert np.array_equal(q8_reference(x, planes), q8_reference(x, big))
 
 
 @pytest.mark.parametrize("kind", list(BLOCK_BYTES))
@@ -177,6 +183,9 @@ def test_k_quant_constants_held_compact_give_every_constant_back(kind):
     qw = unpack(kind, random_blocks(kind, rows, 512, seed=9), rows, 512)
     full, small = from_quant(qw, compact=False), from_quant(qw, compact=True)
     assert small.compact and small.scale is None and small.nbytes < full.nbytes
+    assert np.array_equal(codes_of(small), codes_of(full))  # Q6_K's codes in planes: the same codes
+    bits = {"Q4_K": 4 + 8 / 32 + 8 / 32 + 64 / 256, "Q6_K": 6 + 8 / 16 + 32 / 256}[kind]  # codes, ints, fp32s
+    assert small.nbytes * 8 == bits * small.padded_rows * 512, small.nbytes
     for a, b in zip(group_constants(small), group_constants(full)):
         assert (a is None and b is None) or np.array_equal(a.view(np.int32), b.view(np.int32))
     a, b = _weight(kind, 64, 512, 1, compact=True), _weight(kind, 32, 512, 2, compact=True)

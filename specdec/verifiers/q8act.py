@@ -31,7 +31,9 @@ Where the CPU has AVX512-VNNI (`has_vnni`), `_vnni_microkernel` computes the sam
 (the tile's 16 rows in one zmm, up to VNNI_ROWS = 8 input rows a pass) and folds it in the same order: the same
 bits as the AVX2 kernel and the oracle, about 1.4-1.9x its speed from 4 rows on (docs/benchmarks.md). There a
 K-quant's constants are also read as the file keeps them (`compact_constants`: s = d x sc, one integer a group and
-one fp32 a superblock, the same fp32 products): Q4_K reads 4.75 bits a weight instead of 6, Q6_K 8.6 instead of 10.
+one fp32 a superblock, the same fp32 products), and Q6_K's 6-bit codes as the file's two planes (`high`: the low
+nibbles as Q4_K's, the top two bits of four quads a byte, joined in registers): Q4_K reads 4.75 bits a weight
+instead of 6, Q6_K 6.6 instead of 10 (the file: 4.5 and 6.56).
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ class Q8Weight:
     sub_min: np.ndarray | None = None  # [Np / TILE, K // g, TILE] uint8 (Q4_K)
     super_d: np.ndarray | None = None  # [Np / TILE, K // SUPER, TILE] float32
     super_dmin: np.ndarray | None = None  # [Np / TILE, K // SUPER, TILE] float32
+    # Q6_K's codes as the file's planes (compact layout only): `codes` holds the low nibbles (as Q4_K's), and
+    # bits 2i, 2i + 1 of high[t, j, lane, c] the top two bits of quad 4j + i's code c
+    high: np.ndarray | None = None  # [Np / TILE, K / 16, TILE, 4] uint8
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -86,6 +91,10 @@ class Q8Weight:
     @property
     def compact(self) -> bool:
         return self.sub_scale is not None
+
+    @property
+    def planes(self) -> bool:
+        return self.high is not None
 
     @property
     def has_offset(self) -> bool:
@@ -98,8 +107,7 @@ class Q8Weight:
     @property
     def nbytes(self) -> int:
         """Bytes one pass over the weight reads."""
-        return sum(a.nbytes for a in (self.codes, self.scale, self.offset, self.sub_scale, self.sub_min, self.super_d,
-                                      self.super_dmin) if a is not None)
+        return sum(getattr(self, name).nbytes for name in _ARRAYS if getattr(self, name) is not None)
 
     def matmul(self, x: np.ndarray) -> np.ndarray:  # x [m, K] float32 -> [m, N] float32
         return q8_matmul(x, self)
@@ -137,7 +145,7 @@ def from_quant(w: QuantWeight, compact: bool | None = None) -> Q8Weight:
     return out
 
 
-_ARRAYS = ("codes", "scale", "offset", "sub_scale", "sub_min", "super_d", "super_dmin")  # tiles along axis 0
+_ARRAYS = ("codes", "scale", "offset", "sub_scale", "sub_min", "super_d", "super_dmin", "high")  # tiles along axis 0
 SUPER = 256  # inputs a K-quant superblock's fp16 scale covers
 
 
@@ -166,8 +174,12 @@ def _from_quant(w: QuantWeight, compact: bool = False) -> Q8Weight:
         a.reshape(tiles, TILE, -1).transpose(0, 2, 1))
     ints = compact_constants(w.kind, scale, offset, w.group) if compact else None
     if ints is not None:
+        high = None
+        if kinds == {"Q6_K"}:  # 6-bit codes in the file's two planes
+            codes, high = split_planes(codes)
+            nibbles = True
         return Q8Weight(w.kind, codes, None, None, w.group, zero, signed, flush, nibbles, rows, k, w.file_bytes,
-                        *(tiled(a) for a in ints))
+                        *(tiled(a) for a in ints), high=high)
     return Q8Weight(w.kind, codes, tiled(scale), tiled(offset), w.group, zero, signed, flush, nibbles, rows, k,
                     w.file_bytes)
 
@@ -243,9 +255,26 @@ def _retile(q, zero, rows, out):  # q [Tq, K, QTILE] int8 (quant's layout) -> ou
                     out[t, j, lane, i] = np.uint8((code + zero) & 0xFF)
 
 
+def split_planes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """6-bit codes [T, K / 4, TILE, 4] uint8 -> (low nibbles [T, K / 8, TILE, 4] as `pack_pairs` packs them,
+    top two bits [T, K / 16, TILE, 4]: quad 4j + i's at bits 2i, 2i + 1)."""
+    top = codes >> 4
+    high = top[:, 0::4] | (top[:, 1::4] << 2) | (top[:, 2::4] << 4) | (top[:, 3::4] << 6)
+    return pack_pairs(codes & 0x0F), np.ascontiguousarray(high)
+
+
+def join_planes(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The inverse of `split_planes`."""
+    top = np.stack([(high >> (2 * i)) & 3 for i in range(4)], axis=2)  # [T, K / 16, 4, TILE, 4]
+    return unpack_pairs(low) | (top.reshape(low.shape[0], -1, *low.shape[2:]) << 4)
+
+
 def codes_of(w: Q8Weight) -> np.ndarray:
     """[N, K] the weight's unsigned (or, signed, int8-as-uint8) codes, from whichever layout it is stored in."""
-    codes = unpack_pairs(w.codes) if w.nibbles else w.codes  # [Np / TILE, K / 4, TILE, 4]
+    if w.planes:
+        codes = join_planes(w.codes, w.high)
+    else:
+        codes = unpack_pairs(w.codes) if w.nibbles else w.codes  # [Np / TILE, K / 4, TILE, 4]
     return codes.transpose(0, 2, 1, 3).reshape(-1, w.cols)[: w.rows]
 
 
@@ -279,7 +308,7 @@ def stacked(weights: list[Q8Weight]) -> Q8Weight | None:
     first = weights[0]
     if any(w.cols != first.cols or w.group != first.group or w.zero != first.zero or w.signed != first.signed
            or w.flush != first.flush or w.nibbles != first.nibbles or w.has_offset != first.has_offset
-           or w.compact != first.compact or w.rows != w.padded_rows for w in weights):
+           or w.compact != first.compact or w.planes != first.planes or w.rows != w.padded_rows for w in weights):
         return None
     joined = {name: None if getattr(first, name) is None else concat_tiles([getattr(w, name) for w in weights])
               for name in _ARRAYS}
@@ -557,21 +586,23 @@ def _vnni_microkernel(rows: int):
     unsigned codes and the input row's four broadcast int8 codes into that row's int32 lane: 64 multiply-adds in one
     instruction, exact in int32. Signed Q8_0 codes q are read as q + 128 (the sign bit flipped) and 128 x the
     group's activation sum taken off, as the unsigned formats take off z x that sum: the same exact iv, so the
-    same fp32 fold gives the same bits as the AVX2 kernel and the oracle. Q4_K's nibbles are split in registers.
-    The group's quads are unrolled (the variant fixes the group)."""
+    same fp32 fold gives the same bits as the AVX2 kernel and the oracle. Q4_K's nibbles are split in registers,
+    and Q6_K's planes joined there (low nibble | top two bits << 4). The group's quads are unrolled (the variant
+    fixes the group)."""
 
     @intrinsic
-    def kernel(typingctx, xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group,
-               flush, nibbles, compact, out, t, r0):
-        sig = types.void(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group,
-                         flush, nibbles, compact, out, t, r0)
+    def kernel(typingctx, xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero,
+               group, flush, nibbles, compact, planes, out, t, r0):
+        sig = types.void(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero,
+                         group, flush, nibbles, compact, planes, out, t, r0)
 
         def codegen(context, builder, sig, args):
-            xa, da, sa, ca, sca, oa, suba, mina, supa, supmina = (
-                context.make_array(sig.args[i])(context, builder, args[i]) for i in range(10))
-            outa = context.make_array(sig.args[17])(context, builder, args[17])
-            is_signed, has_off, zero_, group_, nib, comp = args[10], args[11], args[12], args[13], args[15], args[16]
-            tile, row0 = args[18], args[19]
+            xa, da, sa, ca, sca, oa, suba, mina, supa, supmina, higha = (
+                context.make_array(sig.args[i])(context, builder, args[i]) for i in range(11))
+            outa = context.make_array(sig.args[19])(context, builder, args[19])
+            is_signed, has_off, zero_, group_ = args[11], args[12], args[13], args[14]
+            nib, comp, pln = args[16], args[17], args[18]
+            tile, row0 = args[20], args[21]
             const = lambda v: ir.Constant(_I64, v)  # noqa: E731
             dpbusd = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_I32x16, [_I32x16, _I32x16, _I32x16]), "llvm.x86.avx512.vpdpbusd.512")
@@ -587,6 +618,8 @@ def _vnni_microkernel(rows: int):
             supers = builder.sdiv(k_cols, const(SUPER))
             sup_consts = builder.mul(builder.mul(tile, supers), const(TILE))
             sup_at, supmin_at = builder.gep(supa.data, [sup_consts]), builder.gep(supmina.data, [sup_consts])
+            tile_high = builder.gep(higha.data, [builder.mul(builder.mul(tile, builder.sdiv(k_cols, const(16))),
+                                                             const(4 * TILE))])
             rowk = [builder.mul(builder.add(row0, const(r)), k_cols) for r in range(rows)]
             y = [cgutils.alloca_once(builder, _F32x16) for _ in range(rows)]
             for a in y:
@@ -594,6 +627,16 @@ def _vnni_microkernel(rows: int):
             flip = ir.Constant(_I8x64, [0x80] * 64)
             low4 = ir.Constant(_I8x64, [0x0F] * 64)
             four = ir.Constant(_I8x64, [4] * 64)
+            top2 = ir.Constant(_I8x64, [0x30] * 64)
+
+            def joined(low, quad, first_quad):
+                """Q6_K: quad `quad`'s low nibbles | its two top bits (a byte of `high` holds four quads')."""
+                hv = _at(builder, tile_high, builder.mul(builder.add(builder.lshr(first_quad, const(2)),
+                                                                     const(quad // 4)), const(4 * TILE)), _I8x64, 1)
+                shift = 2 * (quad % 4) - 4  # bits 2i, 2i + 1 to bits 4, 5
+                by = ir.Constant(_I8x64, [abs(shift)] * 64)
+                moved = builder.shl(hv, by) if shift < 0 else builder.lshr(hv, by) if shift > 0 else hv
+                return builder.or_(low, builder.and_(moved, top2))
 
             def constants(b, group: int, ints, per_super, signed_ints: bool):
                 """16 lanes of a group's constant from its integers and its superblock's fp32 (compact)."""
@@ -605,7 +648,7 @@ def _vnni_microkernel(rows: int):
                 return builder.fmul(dv, builder.sitofp(wide, _F32x16))
 
             def body(signed_codes: bool, with_offset: bool, nibbles: bool, group: int, zero: int,
-                     compact: bool) -> None:
+                     compact: bool, planes: bool) -> None:
                 quads = group // 4
                 z = 128 if signed_codes else zero  # the codes' zero point, as the variant fixes it
                 with cgutils.for_range(builder, groups) as b:
@@ -616,6 +659,8 @@ def _vnni_microkernel(rows: int):
                             pair = builder.add(builder.lshr(first_quad, const(1)), const(j))
                             raw = _at(builder, tile_codes, builder.mul(pair, const(4 * TILE)), _I8x64, 1)
                             ws = [(builder.and_(raw, low4), 2 * j), (builder.lshr(raw, four), 2 * j + 1)]
+                            if planes:  # first_quad is a multiple of 4 (groups of 16 inputs)
+                                ws = [(joined(w, quad, first_quad), quad) for w, quad in ws]
                         else:
                             raw = _at(builder, tile_codes, builder.mul(builder.add(first_quad, const(j)),
                                                                        const(4 * TILE)), _I8x64, 1)
@@ -649,12 +694,12 @@ def _vnni_microkernel(rows: int):
                             yv = builder.fsub(yv, builder.fmul(builder.fmul(o, dv), fsum))
                         builder.store(yv, y[r])
 
-            def choose(variants: list[tuple[bool, bool, bool, int, int, bool]]) -> None:
-                """Branch to the body of the first variant whose (signed, has_offset, nibbles, group, zero, compact)
-                the call has."""
-                sig_, off_, nib_, grp_, zero, cmp_ = variants[0]
+            def choose(variants: list[tuple[bool, bool, bool, int, int, bool, bool]]) -> None:
+                """Branch to the body of the first variant whose (signed, has_offset, nibbles, group, zero, compact,
+                planes) the call has."""
+                sig_, off_, nib_, grp_, zero, cmp_, pln_ = variants[0]
                 if len(variants) == 1:
-                    body(sig_, off_, nib_, grp_, zero, cmp_)  # the caller checked that the call is one of them
+                    body(sig_, off_, nib_, grp_, zero, cmp_, pln_)  # the caller checked that the call is one of them
                     return
                 match = builder.and_(builder.icmp_unsigned("==", builder.zext(is_signed, _I64), const(int(sig_))),
                                      builder.icmp_unsigned("==", builder.zext(has_off, _I64), const(int(off_))))
@@ -662,9 +707,10 @@ def _vnni_microkernel(rows: int):
                 match = builder.and_(match, builder.icmp_signed("==", group_, const(grp_)))
                 match = builder.and_(match, builder.icmp_signed("==", zero_, const(zero)))
                 match = builder.and_(match, builder.icmp_unsigned("==", builder.zext(comp, _I64), const(int(cmp_))))
+                match = builder.and_(match, builder.icmp_unsigned("==", builder.zext(pln, _I64), const(int(pln_))))
                 with builder.if_else(match) as (yes, no):
                     with yes:
-                        body(sig_, off_, nib_, grp_, zero, cmp_)
+                        body(sig_, off_, nib_, grp_, zero, cmp_, pln_)
                     with no:
                         choose(variants[1:])
 
@@ -680,19 +726,19 @@ def _vnni_microkernel(rows: int):
     return kernel
 
 
-# (signed, offsets, nibbles, group, zero, compact) of the VNNI kernels compiled: Q8_0, Q4_K, Q5_0, Q6_K, and Q4_K
-# and Q6_K with compact constants
-VNNI_VARIANTS = [(True, False, False, 32, 0, False), (False, True, True, 32, 0, False),
-                 (False, False, False, 32, 16, False), (False, False, False, 16, 32, False),
-                 (False, True, True, 32, 0, True), (False, False, False, 16, 32, True)]
+# (signed, offsets, nibbles, group, zero, compact, planes) of the VNNI kernels compiled: Q8_0, Q4_K, Q5_0, Q6_K,
+# and Q4_K with compact constants, Q6_K with compact constants and its codes in planes
+VNNI_VARIANTS = [(True, False, False, 32, 0, False, False), (False, True, True, 32, 0, False, False),
+                 (False, False, False, 32, 16, False, False), (False, False, False, 16, 32, False, False),
+                 (False, True, True, 32, 0, True, False), (False, False, True, 16, 32, True, True)]
 _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8 = (_vnni_microkernel(r) for r in range(1, VNNI_ROWS + 1))
 
 
 @numba.njit(cache=True)
-def _pass_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group, flush,
-               nibbles, compact, out, t, r0, n):
-    a = (xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group, flush, nibbles,
-         compact, out, t, r0)
+def _pass_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero, group,
+               flush, nibbles, compact, planes, out, t, r0, n):
+    a = (xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero, group, flush,
+         nibbles, compact, planes, out, t, r0)
     if n == 8:
         _v8(*a)
     elif n == 7:
@@ -712,8 +758,8 @@ def _pass_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signe
 
 
 @numba.njit(cache=True)
-def _tiles_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group, flush,
-                nibbles, compact, out, lo, hi):
+def _tiles_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero, group,
+                flush, nibbles, compact, planes, out, lo, hi):
     """`_tiles` with the VNNI passes of up to VNNI_ROWS rows."""
     m = xq.shape[0]
     passes = (m + VNNI_ROWS - 1) // VNNI_ROWS
@@ -721,19 +767,19 @@ def _tiles_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, sign
         r0 = 0
         for p in range(passes):
             n = (m - r0) // (passes - p)
-            _pass_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group,
-                       flush, nibbles, compact, out, t, r0, n)
+            _pass_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero,
+                       group, flush, nibbles, compact, planes, out, t, r0, n)
             r0 += n
 
 
 @numba.njit(cache=True, parallel=True)
-def _matmul_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group, flush,
-                 nibbles, compact, out, chunk):
+def _matmul_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero,
+                 group, flush, nibbles, compact, planes, out, chunk):
     """`_matmul` with the VNNI passes."""
     tiles = codes.shape[0]
     for c in numba.prange((tiles + chunk - 1) // chunk):
-        _tiles_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, signed, has_offset, zero, group,
-                    flush, nibbles, compact, out, c * chunk, min(tiles, (c + 1) * chunk))
+        _tiles_vnni(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero,
+                    group, flush, nibbles, compact, planes, out, c * chunk, min(tiles, (c + 1) * chunk))
 
 
 SERIAL_WORK = 1 << 18  # rows x weights below which the product runs on one thread
@@ -752,15 +798,17 @@ def q8_matmul(x: np.ndarray, w: Q8Weight, vnni: bool | None = None) -> np.ndarra
     out = np.empty((m, w.padded_rows), dtype=np.float32)
     tiles = w.codes.shape[0]
     if has_vnni() if vnni is None else vnni:
-        key = (w.signed, w.has_offset, w.nibbles, w.group, w.zero, w.compact)
+        key = (w.signed, w.has_offset, w.nibbles, w.group, w.zero, w.compact, w.planes)
         if key not in VNNI_VARIANTS:
-            raise ValueError(f"q8_matmul: no VNNI kernel for (signed, offsets, nibbles, group, zero, compact) = {key}")
+            raise ValueError("q8_matmul: no VNNI kernel for (signed, offsets, nibbles, group, zero, compact, planes) = "
+                             f"{key}")
         floats, ints = np.zeros((1, 1, TILE), np.float32), np.zeros((1, 1, TILE), np.uint8)  # for arrays w lacks
+        codes4 = np.zeros((1, 1, TILE, 4), np.uint8)
         either = lambda a, dummy: dummy if a is None else a  # noqa: E731
         args = (xq, d, sums, w.codes, either(w.scale, floats), either(w.offset, floats),
                 ints if w.sub_scale is None else w.sub_scale.view(np.uint8), either(w.sub_min, ints),
-                either(w.super_d, floats), either(w.super_dmin, floats), w.signed, w.has_offset, w.zero, w.group,
-                w.flush, w.nibbles, w.compact, out)
+                either(w.super_d, floats), either(w.super_dmin, floats), either(w.high, codes4), w.signed,
+                w.has_offset, w.zero, w.group, w.flush, w.nibbles, w.compact, w.planes, out)
         serial, parallel = _tiles_vnni, _matmul_vnni
     else:
         if w.compact or (w.signed, w.offset is not None, w.flush, w.nibbles) not in VARIANTS:

@@ -319,8 +319,8 @@ def concat_tiles(arrays: list[np.ndarray]) -> np.ndarray:
                       offset=first.ctypes.data - owner.ctypes.data)
 
 
-_TILED_FIELDS = ("q", "codes", "scale", "offset", "sub_scale", "sub_min", "super_d", "super_dmin")  # the arrays of
-# QuantWeight / Q8Weight, tiles along axis 0
+# the arrays of QuantWeight / Q8Weight, tiles along axis 0
+_TILED_FIELDS = ("q", "codes", "scale", "offset", "sub_scale", "sub_min", "super_d", "super_dmin", "high")
 
 
 def split_stacked(joint, parts: list) -> list:
