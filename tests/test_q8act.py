@@ -34,7 +34,9 @@ LAYOUTS = [(False, False)] + ([(True, False), (True, True)] if has_vnni() else [
 @pytest.mark.parametrize("kind", list(BLOCK_BYTES))
 def test_kernel_equals_its_oracle_and_each_row_alone_for_every_row_count(kind, vnni, compact):
     w = _weight(kind, 72, 512, seed=3, compact=compact)  # 72 rows: a padded last tile
-    assert w.compact == (compact and kind in ("Q4_K", "Q6_K")) and w.planes == (compact and kind == "Q6_K")
+    assert w.compact == (compact and kind in ("Q4_K", "Q6_K")) and w.planes == (compact and kind in ("Q5_0", "Q6_K"))
+    if w.planes:  # the file's bits a code, the nibbles and the top bits
+        assert w.codes.nbytes + w.high.nbytes == w.padded_rows * 512 * {"Q5_0": 5, "Q6_K": 6}[kind] // 8
     x = np.random.default_rng(1).standard_normal((40, 512)).astype(np.float32)
     x[7, 32:64] = 0.0  # an all-zero activation block (scale 0)
     x[9, :32] = 1e-30  # a block whose codes all round to 127
@@ -71,10 +73,10 @@ def test_largest_codes_and_activations_do_not_overflow(kind):
     x[2] = -np.abs(x[2])
     for vnni in KERNELS:
         assert np.array_equal(q8_matmul(x, big, vnni=vnni), q8_reference(x, big)), vnni
-    if kind == "Q6_K" and has_vnni():  # the code 31 (u = 63) in planes: every low and every high bit set
+    if kind in ("Q5_0", "Q6_K") and has_vnni():  # the largest code in planes: every low and every high bit set
         planes = _weight(kind, 32, 256, seed=5, compact=True)
         planes = replace(planes, codes=np.full_like(planes.codes, 0xFF), high=np.full_like(planes.high, 0xFF))
-        assert (codes_of(planes) == 63).all()
+        assert (codes_of(planes) == w.zero + {"Q5_0": 15, "Q6_K": 31}[kind]).all()
         assert np.array_equal(q8_matmul(x, planes, vnni=True), q8_reference(x, planes))
         assert np.array_equal(q8_reference(x, planes), q8_reference(x, big))
 

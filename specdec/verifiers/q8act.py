@@ -31,9 +31,9 @@ Where the CPU has AVX512-VNNI (`has_vnni`), `_vnni_microkernel` computes the sam
 (the tile's 16 rows in one zmm, up to VNNI_ROWS = 8 input rows a pass) and folds it in the same order: the same
 bits as the AVX2 kernel and the oracle, about 1.4-1.9x its speed from 4 rows on (docs/benchmarks.md). There a
 K-quant's constants are also read as the file keeps them (`compact_constants`: s = d x sc, one integer a group and
-one fp32 a superblock, the same fp32 products), and Q6_K's 6-bit codes as the file's two planes (`high`: the low
-nibbles as Q4_K's, the top two bits of four quads a byte, joined in registers): Q4_K reads 4.75 bits a weight
-instead of 6, Q6_K 6.6 instead of 10 (the file: 4.5 and 6.56).
+one fp32 a superblock, the same fp32 products), and Q6_K's and Q5_0's codes as the file's two planes (`high`: the
+low nibbles as Q4_K's, the top bits of four (Q6_K) or eight (Q5_0) quads a byte, joined in registers): a weight
+reads 4.75 bits (Q4_K), 6.6 (Q6_K) and 6 (Q5_0) instead of 6, 10 and 9 (the file: 4.5, 6.56 and 5.5).
 """
 
 from __future__ import annotations
@@ -80,9 +80,10 @@ class Q8Weight:
     sub_min: np.ndarray | None = None  # [Np / TILE, K // g, TILE] uint8 (Q4_K)
     super_d: np.ndarray | None = None  # [Np / TILE, K // SUPER, TILE] float32
     super_dmin: np.ndarray | None = None  # [Np / TILE, K // SUPER, TILE] float32
-    # Q6_K's codes as the file's planes (compact layout only): `codes` holds the low nibbles (as Q4_K's), and
-    # bits 2i, 2i + 1 of high[t, j, lane, c] the top two bits of quad 4j + i's code c
-    high: np.ndarray | None = None  # [Np / TILE, K / 16, TILE, 4] uint8
+    # Q6_K's and Q5_0's codes as the file's planes (VNNI layout only): `codes` holds the low nibbles (as Q4_K's),
+    # and bits b * i .. b * i + b - 1 of high[t, j, lane, c] the top b = `high_bits` bits of quad per * j + i's
+    # code c, per = 8 / b quads a byte
+    high: np.ndarray | None = None  # [Np / TILE, K / (4 per), TILE, 4] uint8
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -95,6 +96,11 @@ class Q8Weight:
     @property
     def planes(self) -> bool:
         return self.high is not None
+
+    @property
+    def high_bits(self) -> int:
+        """Bits a code has above its low nibble (codes held in planes)."""
+        return HIGH_BITS[self.zero]
 
     @property
     def has_offset(self) -> bool:
@@ -121,7 +127,8 @@ def from_quant(w: QuantWeight, compact: bool | None = None) -> Q8Weight:
     """`QuantWeight` (tiles of 64 rows, int8 codes) -> `Q8Weight` (tiles of 16 rows, input quads): same values.
     A tall weight is converted UNPACK_ROWS rows at a time into the result's arrays, so the conversion's int16 and
     transposed temporaries stay a slice's (a 262k-row head's were ~700 MB). compact: K-quant constants as the file
-    keeps them where they factor exactly (`compact_constants`); None: where the kernel reads them (`has_vnni`)."""
+    keeps them where they factor exactly (`compact_constants`), and 5- and 6-bit codes in the file's planes (`high`);
+    None: where the kernel reads them (`has_vnni`)."""
     compact = has_vnni() if compact is None else compact
     if w.rows <= UNPACK_ROWS:
         return _from_quant(w, compact)
@@ -172,16 +179,16 @@ def _from_quant(w: QuantWeight, compact: bool = False) -> Q8Weight:
         codes = pack_pairs(codes)
     tiled = lambda a: None if a is None else np.ascontiguousarray(  # noqa: E731
         a.reshape(tiles, TILE, -1).transpose(0, 2, 1))
+    high = None
+    if compact and len(kinds) == 1 and zero in HIGH_BITS:  # 5- and 6-bit codes in the file's two planes
+        codes, high = split_planes(codes, HIGH_BITS[zero])
+        nibbles = True
     ints = compact_constants(w.kind, scale, offset, w.group) if compact else None
     if ints is not None:
-        high = None
-        if kinds == {"Q6_K"}:  # 6-bit codes in the file's two planes
-            codes, high = split_planes(codes)
-            nibbles = True
         return Q8Weight(w.kind, codes, None, None, w.group, zero, signed, flush, nibbles, rows, k, w.file_bytes,
                         *(tiled(a) for a in ints), high=high)
     return Q8Weight(w.kind, codes, tiled(scale), tiled(offset), w.group, zero, signed, flush, nibbles, rows, k,
-                    w.file_bytes)
+                    w.file_bytes, high=high)
 
 
 # the integer range of a K-quant's group scales, and first the integer llama.cpp's quantiser gives the largest one
@@ -255,24 +262,30 @@ def _retile(q, zero, rows, out):  # q [Tq, K, QTILE] int8 (quant's layout) -> ou
                     out[t, j, lane, i] = np.uint8((code + zero) & 0xFF)
 
 
-def split_planes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """6-bit codes [T, K / 4, TILE, 4] uint8 -> (low nibbles [T, K / 8, TILE, 4] as `pack_pairs` packs them,
-    top two bits [T, K / 16, TILE, 4]: quad 4j + i's at bits 2i, 2i + 1)."""
-    top = codes >> 4
-    high = top[:, 0::4] | (top[:, 1::4] << 2) | (top[:, 2::4] << 4) | (top[:, 3::4] << 6)
-    return pack_pairs(codes & 0x0F), np.ascontiguousarray(high)
+HIGH_BITS = {32: 2, 16: 1}  # zero point -> bits above the low nibble: Q6_K's codes have 6, Q5_0's 5
 
 
-def join_planes(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+def split_planes(codes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(4 + bits)-bit codes [T, K / 4, TILE, 4] uint8 -> (low nibbles [T, K / 8, TILE, 4] as `pack_pairs` packs
+    them, top bits [T, K / (4 per), TILE, 4]: quad per * j + i's at bits bits * i.., per = 8 / bits quads a byte)."""
+    top, per = codes >> 4, 8 // bits
+    high = np.zeros_like(top[:, 0::per])
+    for i in range(per):
+        high |= top[:, i::per] << (bits * i)
+    return pack_pairs(codes & 0x0F), high
+
+
+def join_planes(low: np.ndarray, high: np.ndarray, bits: int) -> np.ndarray:
     """The inverse of `split_planes`."""
-    top = np.stack([(high >> (2 * i)) & 3 for i in range(4)], axis=2)  # [T, K / 16, 4, TILE, 4]
+    per = 8 // bits
+    top = np.stack([(high >> (bits * i)) & ((1 << bits) - 1) for i in range(per)], axis=2)  # [T, K/4/per, per, ..]
     return unpack_pairs(low) | (top.reshape(low.shape[0], -1, *low.shape[2:]) << 4)
 
 
 def codes_of(w: Q8Weight) -> np.ndarray:
     """[N, K] the weight's unsigned (or, signed, int8-as-uint8) codes, from whichever layout it is stored in."""
     if w.planes:
-        codes = join_planes(w.codes, w.high)
+        codes = join_planes(w.codes, w.high, w.high_bits)
     else:
         codes = unpack_pairs(w.codes) if w.nibbles else w.codes  # [Np / TILE, K / 4, TILE, 4]
     return codes.transpose(0, 2, 1, 3).reshape(-1, w.cols)[: w.rows]
@@ -587,7 +600,7 @@ def _vnni_microkernel(rows: int):
     instruction, exact in int32. Signed Q8_0 codes q are read as q + 128 (the sign bit flipped) and 128 x the
     group's activation sum taken off, as the unsigned formats take off z x that sum: the same exact iv, so the
     same fp32 fold gives the same bits as the AVX2 kernel and the oracle. Q4_K's nibbles are split in registers,
-    and Q6_K's planes joined there (low nibble | top two bits << 4). The group's quads are unrolled (the variant
+    and Q6_K's and Q5_0's planes joined there (low nibble | top bits << 4). The group's quads are unrolled (the variant
     fixes the group)."""
 
     @intrinsic
@@ -618,8 +631,6 @@ def _vnni_microkernel(rows: int):
             supers = builder.sdiv(k_cols, const(SUPER))
             sup_consts = builder.mul(builder.mul(tile, supers), const(TILE))
             sup_at, supmin_at = builder.gep(supa.data, [sup_consts]), builder.gep(supmina.data, [sup_consts])
-            tile_high = builder.gep(higha.data, [builder.mul(builder.mul(tile, builder.sdiv(k_cols, const(16))),
-                                                             const(4 * TILE))])
             rowk = [builder.mul(builder.add(row0, const(r)), k_cols) for r in range(rows)]
             y = [cgutils.alloca_once(builder, _F32x16) for _ in range(rows)]
             for a in y:
@@ -627,16 +638,20 @@ def _vnni_microkernel(rows: int):
             flip = ir.Constant(_I8x64, [0x80] * 64)
             low4 = ir.Constant(_I8x64, [0x0F] * 64)
             four = ir.Constant(_I8x64, [4] * 64)
-            top2 = ir.Constant(_I8x64, [0x30] * 64)
 
-            def joined(low, quad, first_quad):
-                """Q6_K: quad `quad`'s low nibbles | its two top bits (a byte of `high` holds four quads')."""
-                hv = _at(builder, tile_high, builder.mul(builder.add(builder.lshr(first_quad, const(2)),
-                                                                     const(quad // 4)), const(4 * TILE)), _I8x64, 1)
-                shift = 2 * (quad % 4) - 4  # bits 2i, 2i + 1 to bits 4, 5
+            def joined(low, quad, first_quad, bits):
+                """Codes in planes: quad `quad`'s low nibbles | its top `bits` bits (a byte of `high` holds the
+                top bits of per = 8 / bits quads; first_quad is a multiple of per)."""
+                per = 8 // bits
+                quads_held = builder.sdiv(k_cols, const(4 * per))
+                tile_high = builder.gep(higha.data, [builder.mul(builder.mul(tile, quads_held), const(4 * TILE))])
+                at = builder.add(builder.sdiv(first_quad, const(per)), const(quad // per))
+                hv = _at(builder, tile_high, builder.mul(at, const(4 * TILE)), _I8x64, 1)
+                shift = bits * (quad % per) - 4  # bits b * i.. to bits 4..
                 by = ir.Constant(_I8x64, [abs(shift)] * 64)
                 moved = builder.shl(hv, by) if shift < 0 else builder.lshr(hv, by) if shift > 0 else hv
-                return builder.or_(low, builder.and_(moved, top2))
+                mask = ir.Constant(_I8x64, [((1 << bits) - 1) << 4] * 64)
+                return builder.or_(low, builder.and_(moved, mask))
 
             def constants(b, group: int, ints, per_super, signed_ints: bool):
                 """16 lanes of a group's constant from its integers and its superblock's fp32 (compact)."""
@@ -659,8 +674,8 @@ def _vnni_microkernel(rows: int):
                             pair = builder.add(builder.lshr(first_quad, const(1)), const(j))
                             raw = _at(builder, tile_codes, builder.mul(pair, const(4 * TILE)), _I8x64, 1)
                             ws = [(builder.and_(raw, low4), 2 * j), (builder.lshr(raw, four), 2 * j + 1)]
-                            if planes:  # first_quad is a multiple of 4 (groups of 16 inputs)
-                                ws = [(joined(w, quad, first_quad), quad) for w, quad in ws]
+                            if planes:
+                                ws = [(joined(w, quad, first_quad, HIGH_BITS[zero]), quad) for w, quad in ws]
                         else:
                             raw = _at(builder, tile_codes, builder.mul(builder.add(first_quad, const(j)),
                                                                        const(4 * TILE)), _I8x64, 1)
@@ -727,10 +742,12 @@ def _vnni_microkernel(rows: int):
 
 
 # (signed, offsets, nibbles, group, zero, compact, planes) of the VNNI kernels compiled: Q8_0, Q4_K, Q5_0, Q6_K,
-# and Q4_K with compact constants, Q6_K with compact constants and its codes in planes
+# and as `from_quant` lays them out for this kernel: Q4_K with compact constants, Q5_0 in planes, Q6_K with
+# compact constants and in planes
 VNNI_VARIANTS = [(True, False, False, 32, 0, False, False), (False, True, True, 32, 0, False, False),
                  (False, False, False, 32, 16, False, False), (False, False, False, 16, 32, False, False),
-                 (False, True, True, 32, 0, True, False), (False, False, True, 16, 32, True, True)]
+                 (False, True, True, 32, 0, True, False), (False, False, True, 32, 16, False, True),
+                 (False, False, True, 16, 32, True, True)]
 _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8 = (_vnni_microkernel(r) for r in range(1, VNNI_ROWS + 1))
 
 
