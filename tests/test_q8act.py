@@ -34,9 +34,10 @@ LAYOUTS = [(False, False)] + ([(True, False), (True, True)] if has_vnni() else [
 @pytest.mark.parametrize("kind", list(BLOCK_BYTES))
 def test_kernel_equals_its_oracle_and_each_row_alone_for_every_row_count(kind, vnni, compact):
     w = _weight(kind, 72, 512, seed=3, compact=compact)  # 72 rows: a padded last tile
-    assert w.compact == (compact and kind in ("Q4_K", "Q6_K")) and w.planes == (compact and kind in ("Q5_0", "Q6_K"))
-    if w.planes:  # the file's bits a code, the nibbles and the top bits
-        assert w.codes.nbytes + w.high.nbytes == w.padded_rows * 512 * {"Q5_0": 5, "Q6_K": 6}[kind] // 8
+    assert w.compact == compact and w.planes == (compact and kind in ("Q5_0", "Q6_K"))
+    if compact:  # the file's bits a weight: codes (nibbles and top bits), then 8-bit integers and fp32s a 256
+        bits = {"Q8_0": 8 + 16 / 32, "Q5_0": 5 + 16 / 32, "Q4_K": 4 + 16 / 32 + 64 / 256, "Q6_K": 6 + 8 / 16 + 32 / 256}
+        assert w.nbytes * 8 == bits[kind] * w.padded_rows * 512, (w.nbytes, kind)
     x = np.random.default_rng(1).standard_normal((40, 512)).astype(np.float32)
     x[7, 32:64] = 0.0  # an all-zero activation block (scale 0)
     x[9, :32] = 1e-30  # a block whose codes all round to 127
@@ -186,8 +187,6 @@ def test_k_quant_constants_held_compact_give_every_constant_back(kind):
     full, small = from_quant(qw, compact=False), from_quant(qw, compact=True)
     assert small.compact and small.scale is None and small.nbytes < full.nbytes
     assert np.array_equal(codes_of(small), codes_of(full))  # Q6_K's codes in planes: the same codes
-    bits = {"Q4_K": 4 + 8 / 32 + 8 / 32 + 64 / 256, "Q6_K": 6 + 8 / 16 + 32 / 256}[kind]  # codes, ints, fp32s
-    assert small.nbytes * 8 == bits * small.padded_rows * 512, small.nbytes
     for a, b in zip(group_constants(small), group_constants(full)):
         assert (a is None and b is None) or np.array_equal(a.view(np.int32), b.view(np.int32))
     a, b = _weight(kind, 64, 512, 1, compact=True), _weight(kind, 32, 512, 2, compact=True)
@@ -201,9 +200,15 @@ def test_k_quant_constants_held_compact_give_every_constant_back(kind):
         q8_matmul(x, both, vnni=False)
 
 
-def test_constants_that_do_not_factor_stay_fp32():
-    qw = unpack("Q4_K", random_blocks("Q4_K", 32, 256, seed=3), 32, 256)
+@pytest.mark.parametrize("kind", list(BLOCK_BYTES))
+def test_constants_that_do_not_factor_stay_fp32(kind):
+    """A constant the file's form cannot hold (not an fp16 times a 6- or 8-bit integer with the rest of its
+    superblock; not an fp16): the whole weight in the fp32 layout, codes as bytes, which every kernel reads."""
+    qw = unpack(kind, random_blocks(kind, 32, 256, seed=3), 32, 256)
     scale = qw.scale.copy()
-    scale[0, 0, 0] = np.float32(0.1)  # not an fp16 times a 6-bit integer with the rest of its superblock
+    scale[0, 0, 0] = np.float32(0.1)
     w = from_quant(replace(qw, scale=scale), compact=True)
-    assert not w.compact and w.scale is not None
+    assert not w.compact and not w.planes and w.scale.dtype == np.float32
+    x = np.random.default_rng(3).standard_normal((3, 256)).astype(np.float32)
+    for vnni in KERNELS:
+        assert np.array_equal(q8_matmul(x, w, vnni=vnni), q8_reference(x, w))

@@ -64,7 +64,8 @@ class Q8Weight:
     kind: str  # GGUF block type(s) it came from
     codes: np.ndarray  # [Np / TILE, K / 4, TILE, 4] uint8 (int8 viewed as uint8 when signed); nibbles:
     #                    [Np / TILE, K / 8, TILE, 4], quad 2j in the low nibbles, quad 2j + 1 in the high ones
-    scale: np.ndarray | None  # [Np / TILE, K // g, TILE] float32 (None: held as `sub_scale` x `super_d`)
+    scale: np.ndarray | None  # [Np / TILE, K // g, TILE] float32, or float16 (Q8_0's and Q5_0's as the file
+    #                           keeps them, compact), or None (held as `sub_scale` x `super_d`)
     offset: np.ndarray | None  # [Np / TILE, K // g, TILE] float32, or None (o = 0, or held as sub_min x super_dmin)
     group: int
     zero: int  # z: u - z is the GGUF code (unsigned codes)
@@ -91,7 +92,8 @@ class Q8Weight:
 
     @property
     def compact(self) -> bool:
-        return self.sub_scale is not None
+        """Constants as the file keeps them: a K-quant's integers and superblock fp32s, Q8_0's / Q5_0's fp16s."""
+        return self.sub_scale is not None or (self.scale is not None and self.scale.dtype == np.float16)
 
     @property
     def planes(self) -> bool:
@@ -179,14 +181,18 @@ def _from_quant(w: QuantWeight, compact: bool = False) -> Q8Weight:
         codes = pack_pairs(codes)
     tiled = lambda a: None if a is None else np.ascontiguousarray(  # noqa: E731
         a.reshape(tiles, TILE, -1).transpose(0, 2, 1))
+    ints = compact_constants(w.kind, scale, offset, w.group) if compact else None
+    half = compact and ints is None and offset is None and kinds <= {"Q8_0", "Q5_0"} and np.array_equal(
+        scale.astype(np.float16).astype(np.float32).view(np.int32), scale.view(np.int32))  # the file's fp16 d
     high = None
-    if compact and len(kinds) == 1 and zero in HIGH_BITS:  # 5- and 6-bit codes in the file's two planes
+    if (ints is not None or half) and len(kinds) == 1 and zero in HIGH_BITS:  # 5- and 6-bit codes in planes
         codes, high = split_planes(codes, HIGH_BITS[zero])
         nibbles = True
-    ints = compact_constants(w.kind, scale, offset, w.group) if compact else None
     if ints is not None:
         return Q8Weight(w.kind, codes, None, None, w.group, zero, signed, flush, nibbles, rows, k, w.file_bytes,
                         *(tiled(a) for a in ints), high=high)
+    if half:
+        scale = scale.astype(np.float16)
     return Q8Weight(w.kind, codes, tiled(scale), tiled(offset), w.group, zero, signed, flush, nibbles, rows, k,
                     w.file_bytes, high=high)
 
@@ -240,8 +246,8 @@ def compact_constants(kind: str, scale: np.ndarray, offset: np.ndarray | None, g
 
 def group_constants(w: Q8Weight) -> tuple[np.ndarray, np.ndarray | None]:
     """([N, K // g] s, [N, K // g] o or None) float32, whichever way `w` holds them."""
-    if not w.compact:
-        return _rows(w.scale, w.rows), None if w.offset is None else _rows(w.offset, w.rows)
+    if w.sub_scale is None:
+        return _rows(w.scale, w.rows).astype(np.float32), None if w.offset is None else _rows(w.offset, w.rows)
     per = SUPER // w.group
     expand = lambda ints, d: (np.repeat(_rows(d, w.rows), per, axis=1)  # noqa: E731
                               * _rows(ints, w.rows).astype(np.float32))
@@ -578,6 +584,7 @@ def _matmul(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, 
 # the AVX512-VNNI kernel: the same integer sums and the same fp32 fold, 16 output rows a register
 
 _I8x64 = ir.VectorType(ir.IntType(8), 64)
+_F16x16 = ir.VectorType(ir.HalfType(), 16)
 _I32x16 = ir.VectorType(ir.IntType(32), 16)
 _F32x16 = ir.VectorType(ir.FloatType(), 16)
 VNNI_ROWS = 8  # input rows a VNNI pass serves: 8 sums + 8 results of AVX-512's 32 registers
@@ -687,7 +694,11 @@ def _vnni_microkernel(rows: int):
                                 x4 = _at(builder, xa.data, builder.add(rowk[r], builder.mul(kq, const(4))), _I32, 1)
                                 acc[r] = builder.call(dpbusd, [acc[r], w32, _splat(builder, x4, _I32x16)])
                     at = builder.mul(b.index, const(TILE))
-                    if compact:  # Q6_K's integer scales are signed, Q4_K's unsigned
+                    if compact and (signed_codes or zero == ZERO_POINT["Q5_0"]):  # the file's fp16 scales
+                        halves = builder.bitcast(suba.data, ir.HalfType().as_pointer())
+                        s = builder.fpext(_at(builder, halves, builder.add(consts, at), _F16x16, 2), _F32x16)
+                        o = None
+                    elif compact:  # Q6_K's integer scales are signed, Q4_K's unsigned
                         s = constants(b.index, group, subs_at, sup_at, zero == ZERO_POINT["Q6_K"])
                         o = constants(b.index, group, mins_at, supmin_at, False) if with_offset else None
                     else:
@@ -742,12 +753,12 @@ def _vnni_microkernel(rows: int):
 
 
 # (signed, offsets, nibbles, group, zero, compact, planes) of the VNNI kernels compiled: Q8_0, Q4_K, Q5_0, Q6_K,
-# and as `from_quant` lays them out for this kernel: Q4_K with compact constants, Q5_0 in planes, Q6_K with
-# compact constants and in planes
+# and as `from_quant` lays them out for this kernel: Q8_0 with fp16 scales, Q4_K with compact constants, Q5_0
+# with fp16 scales and in planes, Q6_K with compact constants and in planes
 VNNI_VARIANTS = [(True, False, False, 32, 0, False, False), (False, True, True, 32, 0, False, False),
                  (False, False, False, 32, 16, False, False), (False, False, False, 16, 32, False, False),
-                 (False, True, True, 32, 0, True, False), (False, False, True, 32, 16, False, True),
-                 (False, False, True, 16, 32, True, True)]
+                 (True, False, False, 32, 0, True, False), (False, True, True, 32, 0, True, False),
+                 (False, False, True, 32, 16, True, True), (False, False, True, 16, 32, True, True)]
 _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8 = (_vnni_microkernel(r) for r in range(1, VNNI_ROWS + 1))
 
 
@@ -822,8 +833,10 @@ def q8_matmul(x: np.ndarray, w: Q8Weight, vnni: bool | None = None) -> np.ndarra
         floats, ints = np.zeros((1, 1, TILE), np.float32), np.zeros((1, 1, TILE), np.uint8)  # for arrays w lacks
         codes4 = np.zeros((1, 1, TILE, 4), np.uint8)
         either = lambda a, dummy: dummy if a is None else a  # noqa: E731
-        args = (xq, d, sums, w.codes, either(w.scale, floats), either(w.offset, floats),
-                ints if w.sub_scale is None else w.sub_scale.view(np.uint8), either(w.sub_min, ints),
+        half = w.scale is not None and w.scale.dtype == np.float16  # read through `subs`, as bytes
+        args = (xq, d, sums, w.codes, floats if half else either(w.scale, floats), either(w.offset, floats),
+                w.scale.view(np.uint8) if half else ints if w.sub_scale is None else w.sub_scale.view(np.uint8),
+                either(w.sub_min, ints),
                 either(w.super_d, floats), either(w.super_dmin, floats), either(w.high, codes4), w.signed,
                 w.has_offset, w.zero, w.group, w.flush, w.nibbles, w.compact, w.planes, out)
         serial, parallel = _tiles_vnni, _matmul_vnni
