@@ -31,9 +31,10 @@ Where the CPU has AVX512-VNNI (`has_vnni`), `_vnni_microkernel` computes the sam
 (the tile's 16 rows in one zmm, up to VNNI_ROWS = 8 input rows a pass) and folds it in the same order: the same
 bits as the AVX2 kernel and the oracle, about 1.4-1.9x its speed from 4 rows on (docs/benchmarks.md). There a
 K-quant's constants are also read as the file keeps them (`compact_constants`: s = d x sc, one integer a group and
-one fp32 a superblock, the same fp32 products), and Q6_K's and Q5_0's codes as the file's two planes (`high`: the
-low nibbles as Q4_K's, the top bits of four (Q6_K) or eight (Q5_0) quads a byte, joined in registers): a weight
-reads 4.75 bits (Q4_K), 6.6 (Q6_K) and 6 (Q5_0) instead of 6, 10 and 9 (the file: 4.5, 6.56 and 5.5).
+one fp32 a superblock, the same fp32 products; Q8_0's and Q5_0's scales as the file's fp16), and Q6_K's and Q5_0's
+codes as the file's two planes (`high`: the low nibbles as Q4_K's, the top bits of four (Q6_K) or eight (Q5_0)
+quads a byte, joined in registers): a weight reads 4.75 bits (Q4_K), 6.6 (Q6_K), 5.5 (Q5_0) and 8.5 (Q8_0)
+instead of 6, 10, 9 and 9 (the file: 4.5, 6.56, 5.5 and 8.5).
 """
 
 from __future__ import annotations
