@@ -1,7 +1,8 @@
 """Verify ms of q8act with every weight in the VNNI layout (`from_quant(w, compact=True)`: constants as the file
 keeps them, 5- and 6-bit codes in planes) and with one block type's weights in the plain layout (fp32 constants,
 codes as bytes) instead, in one process, alternating: python scripts/q8act_layout_ab.py MODEL PREFIX KIND
-(e.g. gemma3-270m 512 Q8_0). Needs a VNNI CPU (the compact layout is read by the VNNI kernel only)."""
+(e.g. gemma3-270m 512 Q8_0; KIND all: every weight in the plain layout). Needs a VNNI CPU (the compact layout is
+read by the VNNI kernel only)."""
 import statistics
 import sys
 
@@ -19,7 +20,7 @@ torch.manual_seed(0)
 name, prefix_len, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 model = load(name)
 quant = gguf_weights(name, model, None, print)
-layouts = {"vnni": lambda w: True, f"{kind} plain": lambda w: w.kind != kind}
+layouts = {"vnni": lambda w: True, f"{kind} plain": lambda w: kind != "all" and w.kind != kind}
 weights = {n: {k: from_quant(w, compact=rule(w)) if isinstance(w, QuantWeight) else w for k, w in quant.items()}
            for n, rule in layouts.items()}
 print("MiB a pass:", {n: round(sum(w.nbytes for w in q.values() if hasattr(w, "codes")) / 2**20, 1)
