@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +166,40 @@ def test_block_drafter_drafts_no_deeper_than_its_row_allows():
     for depth in (0, 1, 2):
         depths[depth] = drafter.propose([DraftRow(0, context, depth)], [12])[0].tree.max_depth
     assert depths[0] == 0 and depths[1] == 1 and depths[2] == 2 and depths[None] > 2
+
+
+def test_training_features_resume_where_a_killed_run_stopped(tmp_path):
+    """A feature pass killed after its second flush goes on from the count it wrote, and the file it finishes
+    equals one written in a single pass; a pass over other sequences starts over."""
+    from specdec.drafters.diffusion.train import features
+
+    v = LeanVerifier(target("qwen2"), gemm="linear")
+    seqs = prompts(5, seed=11)
+    layers = (1, 2)
+    whole, offsets = features(v, seqs, layers, _mkdir(tmp_path / "whole"), lambda _: None, flush_every=2)
+
+    class Killed(Exception):
+        pass
+
+    said: list[str] = []
+
+    def kill_after_second_flush(line: str) -> None:
+        said.append(line)
+        if len(said) == 2:
+            raise Killed
+
+    work = _mkdir(tmp_path / "killed")
+    with pytest.raises(Killed):
+        features(v, seqs, layers, work, kill_after_second_flush, flush_every=2)
+    said.clear()
+    got, got_offsets = features(v, seqs, layers, work, said.append, flush_every=2)
+    assert said[0] == "features: resuming after 4/5 sequences"
+    assert got_offsets == offsets and np.array_equal(np.asarray(got), np.asarray(whole))
+    said.clear()
+    features(v, seqs[1:], layers, work, said.append, flush_every=2)
+    assert not any("resuming" in s for s in said)
+
+
+def _mkdir(path):
+    path.mkdir()
+    return path

@@ -7,7 +7,7 @@ Steps, each resumable in `work_dir`:
    hash) are never trained on: their first-mask top-1 and tau are printed at every checkpoint.
 2. features: the target's hidden states at the feature layers of every corpus position, through the lean
    verifier's prefill, in one float32 memory map (`features.f32`, rows = positions of all sequences, with
-   `features.json` giving each sequence's offset); recomputed if incomplete.
+   `features.json` giving each sequence's offset and how many are written); a killed run goes on where it was.
 3. head vocabulary (the most frequent tokens of the corpus) and the corpus 3-gram table for CPS.
 4. training: per step one sequence, `anchors` root positions in its output; each anchor's block is the root
    followed by k masks (k drawn from 4..block so every draft length is trained), the labels the target's own
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -107,8 +108,10 @@ def train_diffusion(decoder, work_dir: str | Path, out: str | Path, cfg: TrainCo
 
 
 def features(verifier, seqs: list[list[int]], layers: tuple[int, ...], work: Path,
-             log: Callable[[str], None]) -> tuple[np.memmap, list[int]]:
-    """float32 [sum(len), F*H] hidden states of every position (memory map in work), offsets [N + 1]."""
+             log: Callable[[str], None], flush_every: int = 100) -> tuple[np.memmap, list[int]]:
+    """float32 [sum(len), F*H] hidden states of every position (memory map in work), offsets [N + 1]. Resumable:
+    `features.json` records how many sequences are written (flushed every `flush_every`), and a run with the same
+    offsets and layers goes on from there; anything else starts over."""
     offsets = [0]
     for s in seqs:
         offsets.append(offsets[-1] + len(s))
@@ -116,20 +119,30 @@ def features(verifier, seqs: list[list[int]], layers: tuple[int, ...], work: Pat
     width = hidden * len(layers)
     meta_path, data_path = work / "features.json", work / "features.f32"
     meta = {"offsets": offsets, "layers": list(layers), "width": width}
-    if meta_path.is_file() and json.loads(meta_path.read_text()) == meta | {"done": True} and data_path.is_file():
-        return np.memmap(data_path, dtype=np.float32, mode="r", shape=(offsets[-1], width)), offsets
-    out = np.memmap(data_path, dtype=np.float32, mode="w+", shape=(offsets[-1], width))
+    shape = (offsets[-1], width)
+    old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    written = 0
+    if {k: old.get(k) for k in meta} == meta and data_path.is_file() and \
+            data_path.stat().st_size == offsets[-1] * width * 4:
+        if old.get("done"):
+            return np.memmap(data_path, dtype=np.float32, mode="r", shape=shape), offsets
+        written = int(old.get("written", 0))
+    out = np.memmap(data_path, dtype=np.float32, mode="r+" if written else "w+", shape=shape)
+    if written:
+        log(f"features: resuming after {written}/{len(seqs)} sequences")
     verifier.reset(1, max(len(s) for s in seqs) + 1)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for i, s in enumerate(seqs):
-            got = verifier.prefill(0, torch.tensor(s), hidden_layers=layers)
+        for i in range(written, len(seqs)):
+            got = verifier.prefill(0, torch.tensor(seqs[i]), hidden_layers=layers)
             out[offsets[i]: offsets[i + 1]] = torch.cat([got[l].float() for l in layers], -1).numpy()
-            if (i + 1) % 50 == 0 or i + 1 == len(seqs):
+            if (i + 1) % flush_every == 0 or i + 1 == len(seqs):
+                out.flush()  # the data before the count that says it is there
+                tmp = meta_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(meta | {"written": i + 1, "done": i + 1 == len(seqs)}))
+                os.replace(tmp, meta_path)  # a kill leaves the old count or the new, never half a file
                 log(f"features: {i + 1}/{len(seqs)} sequences ({time.perf_counter() - t0:.0f} s)")
-    out.flush()
-    meta_path.write_text(json.dumps(meta | {"done": True}))
-    return np.memmap(data_path, dtype=np.float32, mode="r", shape=(offsets[-1], width)), offsets
+    return np.memmap(data_path, dtype=np.float32, mode="r", shape=shape), offsets
 
 
 def fit(net: dflash.BlockDrafter, seqs, starts, feats, offsets, cfg: TrainConfig, ckpt: Path,
