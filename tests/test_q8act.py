@@ -26,8 +26,8 @@ def _weight(kind: str, rows: int, cols: int, seed: int = 0, compact: bool = Fals
 
 
 KERNELS = [False, True] if has_vnni() else [False]  # AVX2 everywhere; AVX512-VNNI where this CPU has it
-# (vnni, compact constants): the VNNI kernel also reads K-quant constants as the file keeps them
-LAYOUTS = [(False, False)] + ([(True, False), (True, True)] if has_vnni() else [])
+# (vnni, compact): every kernel reads both layouts, the file's bytes (compact) and codes as bytes with fp32 constants
+LAYOUTS = [(vnni, compact) for vnni in KERNELS for compact in (False, True)]
 
 
 @pytest.mark.parametrize("vnni, compact", LAYOUTS)
@@ -74,11 +74,12 @@ def test_largest_codes_and_activations_do_not_overflow(kind):
     x[2] = -np.abs(x[2])
     for vnni in KERNELS:
         assert np.array_equal(q8_matmul(x, big, vnni=vnni), q8_reference(x, big)), vnni
-    if kind in ("Q5_0", "Q6_K") and has_vnni():  # the largest code in planes: every low and every high bit set
+    if kind in ("Q5_0", "Q6_K"):  # the largest code in planes: every low and every high bit set
         planes = _weight(kind, 32, 256, seed=5, compact=True)
         planes = replace(planes, codes=np.full_like(planes.codes, 0xFF), high=np.full_like(planes.high, 0xFF))
         assert (codes_of(planes) == w.zero + {"Q5_0": 15, "Q6_K": 31}[kind]).all()
-        assert np.array_equal(q8_matmul(x, planes, vnni=True), q8_reference(x, planes))
+        for vnni in KERNELS:
+            assert np.array_equal(q8_matmul(x, planes, vnni=vnni), q8_reference(x, planes)), vnni
         assert np.array_equal(q8_reference(x, planes), q8_reference(x, big))
 
 
@@ -194,10 +195,8 @@ def test_k_quant_constants_held_compact_give_every_constant_back(kind):
     assert both.compact and stacked([a, _weight(kind, 32, 512, 2)]) is None  # one layout a call
     x = np.random.default_rng(6).standard_normal((5, 512)).astype(np.float32)
     assert np.array_equal(q8_reference(x, both), np.concatenate([q8_reference(x, a), q8_reference(x, b)], axis=1))
-    for vnni in [v for v in KERNELS if v]:
+    for vnni in KERNELS:
         assert np.array_equal(q8_matmul(x, both, vnni=vnni), q8_reference(x, both))
-    with pytest.raises(ValueError, match="VNNI kernel only"):  # the AVX2 kernel reads fp32 constants only
-        q8_matmul(x, both, vnni=False)
 
 
 @pytest.mark.parametrize("kind", list(BLOCK_BYTES))

@@ -29,12 +29,12 @@ gives iv; for unsigned codes the pairs of `flush` quads are first added in int16
 2 x 128 x 127: one quad a `vpmaddwd`). A pass serves up to MAX_ROWS = 4 input rows x 2 registers of sums.
 Where the CPU has AVX512-VNNI (`has_vnni`), `_vnni_microkernel` computes the same iv with one `vpdpbusd` a quad
 (the tile's 16 rows in one zmm, up to VNNI_ROWS = 8 input rows a pass) and folds it in the same order: the same
-bits as the AVX2 kernel and the oracle, about 1.4-1.9x its speed from 4 rows on (docs/benchmarks.md). There a
-K-quant's constants are also read as the file keeps them (`compact_constants`: s = d x sc, one integer a group and
-one fp32 a superblock, the same fp32 products; Q8_0's and Q5_0's scales as the file's fp16), and Q6_K's and Q5_0's
-codes as the file's two planes (`high`: the low nibbles as Q4_K's, the top bits of four (Q6_K) or eight (Q5_0)
-quads a byte, joined in registers): a weight reads 4.75 bits (Q4_K), 6.6 (Q6_K), 5.5 (Q5_0) and 8.5 (Q8_0)
-instead of 6, 10, 9 and 9 (the file: 4.5, 6.56, 5.5 and 8.5).
+bits as the AVX2 kernel and the oracle, about 1.4-1.9x its speed from 4 rows on (docs/benchmarks.md). Both read
+a weight as the file keeps it (`from_quant`'s default): a K-quant's constants as s = d x sc (`compact_constants`:
+one integer a group and one fp32 a superblock, the same fp32 products), Q8_0's and Q5_0's scales as the file's
+fp16, and Q6_K's and Q5_0's codes as the file's two planes (`high`: the low nibbles as Q4_K's, the top bits of
+four (Q6_K) or eight (Q5_0) quads a byte, joined in registers): a weight reads 4.75 bits (Q4_K), 6.6 (Q6_K), 5.5
+(Q5_0) and 8.5 (Q8_0) instead of 6, 10, 9 and 9 (the file: 4.5, 6.56, 5.5 and 8.5).
 """
 
 from __future__ import annotations
@@ -126,13 +126,13 @@ class Q8Weight:
         return stacked(weights)
 
 
-def from_quant(w: QuantWeight, compact: bool | None = None) -> Q8Weight:
+def from_quant(w: QuantWeight, compact: bool = True) -> Q8Weight:
     """`QuantWeight` (tiles of 64 rows, int8 codes) -> `Q8Weight` (tiles of 16 rows, input quads): same values.
     A tall weight is converted UNPACK_ROWS rows at a time into the result's arrays, so the conversion's int16 and
-    transposed temporaries stay a slice's (a 262k-row head's were ~700 MB). compact: K-quant constants as the file
-    keeps them where they factor exactly (`compact_constants`), and 5- and 6-bit codes in the file's planes (`high`);
-    None: where the kernel reads them (`has_vnni`)."""
-    compact = has_vnni() if compact is None else compact
+    transposed temporaries stay a slice's (a 262k-row head's were ~700 MB). compact (the default; both kernels read
+    either layout): constants as the file keeps them where they factor exactly (`compact_constants`, fp16 scales),
+    and 5- and 6-bit codes in the file's planes (`high`); False: codes as bytes and fp32 constants (the A/B's
+    baseline)."""
     if w.rows <= UNPACK_ROWS:
         return _from_quant(w, compact)
     out = None
@@ -413,19 +413,60 @@ def _at(builder, base, index, ty, align):
     return builder.load(builder.bitcast(builder.gep(base, [index]), ty.as_pointer()), align=align)
 
 
+def _plane_joined(builder, higha, tile, k_cols, low, quad: int, first_quad, bits: int, byte: int, vec):
+    """Codes in planes (`Q8Weight.high`): `low` (vector `vec` of a quad's low nibbles, the tile's bytes from `byte`)
+    | the top `bits` bits of the group's quad `quad` moved to bits 4.. (a byte of `high` holds the top bits of
+    per = 8 / bits quads; first_quad, the group's first, is a multiple of per)."""
+    const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    per = 8 // bits
+    quads_held = builder.sdiv(k_cols, const(4 * per))
+    tile_high = builder.gep(higha.data, [builder.mul(builder.mul(tile, quads_held), const(4 * TILE))])
+    at = builder.add(builder.sdiv(first_quad, const(per)), const(quad // per))
+    hv = _at(builder, tile_high, builder.add(builder.mul(at, const(4 * TILE)), const(byte)), vec, 1)
+    shift = bits * (quad % per) - 4  # bits b * i.. to bits 4..
+    by = ir.Constant(vec, [abs(shift)] * vec.count)
+    moved = builder.shl(hv, by) if shift < 0 else builder.lshr(hv, by) if shift > 0 else hv
+    return builder.or_(low, builder.and_(moved, ir.Constant(vec, [((1 << bits) - 1) << 4] * vec.count)))
+
+
+def _group_constant(builder, b, group: int, ints, per_super, signed_ints: bool, lanes: int, lane0: int):
+    """`lanes` lanes (from `lane0`) of group b's constant from its integers and its superblock's fp32 (compact
+    K-quant constants): d x float(int), the product `group_constants` takes."""
+    const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    f32s, i32s = ir.VectorType(ir.FloatType(), lanes), ir.VectorType(_I32, lanes)
+    raw = _at(builder, ints, builder.add(builder.mul(b, const(TILE)), const(lane0)),
+              ir.VectorType(ir.IntType(8), lanes), 1)
+    wide = builder.sext(raw, i32s) if signed_ints else builder.zext(raw, i32s)
+    sb = builder.sdiv(builder.mul(b, const(group)), const(SUPER))
+    dv = _at(builder, per_super, builder.add(builder.mul(sb, const(TILE)), const(lane0)), f32s, 4)
+    return builder.fmul(dv, builder.sitofp(wide, f32s))
+
+
+def _fp16_scales(builder, subs_data, consts, b, lanes: int, lane0: int):
+    """`lanes` lanes of group b's scale held as the file's fp16 (Q8_0, Q5_0; passed as bytes through `subs`)."""
+    const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    halves = builder.bitcast(subs_data, ir.HalfType().as_pointer())
+    at = builder.add(builder.add(consts, builder.mul(b, const(TILE))), const(lane0))
+    return builder.fpext(_at(builder, halves, at, ir.VectorType(ir.HalfType(), lanes), 2),
+                         ir.VectorType(ir.FloatType(), lanes))
+
+
 def _microkernel(rows: int):
-    """A numba intrinsic: out[r0: r0 + rows, tile t's 16 outputs] for `rows` input rows (module docstring)."""
+    """A numba intrinsic: out[r0: r0 + rows, tile t's 16 outputs] for `rows` input rows (module docstring), with
+    `_vnni_microkernel`'s arguments; the layout of either (codes as bytes or the file's planes, constants in fp32 or
+    as the file keeps them). The variant fixes the group, so its quads are unrolled."""
 
     @intrinsic
-    def kernel(typingctx, xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0):
-        sig = types.void(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t,
-                         r0)
+    def kernel(typingctx, xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero,
+               group, flush, nibbles, compact, planes, out, t, r0):
+        sig = types.void(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero,
+                         group, flush, nibbles, compact, planes, out, t, r0)
 
         def codegen(context, builder, sig, args):
-            xa, da, sa, ca, sca, oa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(6))
-            outa = context.make_array(sig.args[12])(context, builder, args[12])
-            is_signed, has_off, zero_, group_, flush_, nib = args[6], args[7], args[8], args[9], args[10], args[11]
-            tile, row0 = args[13], args[14]
+            xa, da, sa, ca, sca, oa, suba, mina, supa, supmina, higha = (
+                context.make_array(sig.args[i])(context, builder, args[i]) for i in range(11))
+            outa = context.make_array(sig.args[19])(context, builder, args[19])
+            tile, row0 = args[20], args[21]
             const = lambda v: ir.Constant(_I64, v)  # noqa: E731
             module = builder.module
             maddubs = cgutils.get_or_insert_function(module, ir.FunctionType(_I16x16, [_I8x32, _I8x32]),
@@ -439,45 +480,50 @@ def _microkernel(rows: int):
             ones = ir.Constant(_I16x16, [1] * 16)
             k_cols = cgutils.unpack_tuple(builder, xa.shape, 2)[1]
             n_pad = cgutils.unpack_tuple(builder, outa.shape, 2)[1]
+            group_ = args[14]
             groups = builder.sdiv(k_cols, group_)
-            quads = builder.sdiv(group_, const(4))
             blocks = builder.sdiv(k_cols, const(XBLOCK))
             stored = cgutils.unpack_tuple(builder, ca.shape, 4)[1]  # quads (bytes) or quad pairs (nibbles)
             tile_codes = builder.gep(ca.data, [builder.mul(builder.mul(tile, stored), const(4 * TILE))])
             consts = builder.mul(builder.mul(tile, groups), const(TILE))
             scales, offsets = builder.gep(sca.data, [consts]), builder.gep(oa.data, [consts])
+            subs_at, mins_at = builder.gep(suba.data, [consts]), builder.gep(mina.data, [consts])
+            sup_consts = builder.mul(builder.mul(tile, builder.sdiv(k_cols, const(SUPER))), const(TILE))
+            sup_at, supmin_at = builder.gep(supa.data, [sup_consts]), builder.gep(supmina.data, [sup_consts])
             rowk = [builder.mul(builder.add(row0, const(r)), k_cols) for r in range(rows)]
             y = [[cgutils.alloca_once(builder, _F32x8) for _ in range(_VECTORS)] for _ in range(rows)]
-            acc = [[cgutils.alloca_once(builder, _I32x8) for _ in range(_VECTORS)] for _ in range(rows)]
             for a in (a for row in y for a in row):
                 builder.store(ir.Constant(_F32x8, [0.0] * 8), a)
-            zero32 = builder.trunc(zero_, _I32)
-
             low4 = ir.Constant(_I8x32, [0x0F] * 32)
             four = ir.Constant(_I8x32, [4] * 32)
 
-            def body(signed_codes: bool, with_offset: bool, flush: int, nibbles: bool) -> None:
+            def body(signed_codes: bool, with_offset: bool, flush: int, nibbles: bool, group: int, zero: int,
+                     compact: bool, planes: bool) -> None:
                 """The loops for one kind of codes; `flush` quads' vpmaddubsw pairs are added in int16 before
                 one vpmaddwd turns them into int32 (`Q8Weight.flush`: no int16 sum can overflow)."""
+                quads = group // 4
                 with cgutils.for_range(builder, groups) as b:
-                    for a in (a for row in acc for a in row):
-                        builder.store(ir.Constant(_I32x8, [0] * 8), a)
-                    first_quad = builder.mul(b.index, quads)
-                    with cgutils.for_range(builder, builder.sdiv(quads, const(flush))) as j:
+                    acc = [[ir.Constant(_I32x8, [0] * 8)] * _VECTORS for _ in range(rows)]
+                    first_quad = builder.mul(b.index, const(quads))
+                    for j in range(quads // flush):
                         pairs: list[list] = [[None] * _VECTORS for _ in range(rows)]
                         for f in range(flush):
-                            kq = builder.add(first_quad, builder.add(builder.mul(j.index, const(flush)), const(f)))
+                            quad = j * flush + f
+                            kq = builder.add(first_quad, const(quad))
                             if not nibbles:
                                 w = [_at(builder, tile_codes, builder.add(builder.mul(kq, const(4 * TILE)),
                                                                           const(32 * v)), _I8x32, 1)
                                      for v in range(_VECTORS)]
-                            elif f % 2 == 0:  # quads 2j, 2j + 1 in one load: kq is even (flush, quads even)
+                            elif quad % 2 == 0:  # quads 2j, 2j + 1 in one load (flush and quads even)
                                 at_pair = builder.mul(builder.lshr(kq, const(1)), const(4 * TILE))
                                 raw = [_at(builder, tile_codes, builder.add(at_pair, const(32 * v)), _I8x32, 1)
                                        for v in range(_VECTORS)]
                                 w = [builder.and_(r_, low4) for r_ in raw]
                             else:
                                 w = [builder.lshr(r_, four) for r_ in raw]
+                            if planes:
+                                w = [_plane_joined(builder, higha, tile, k_cols, w[v], quad, first_quad,
+                                                   HIGH_BITS[zero], 32 * v, _I8x32) for v in range(_VECTORS)]
                             wa = [builder.call(vabs, [wv, ir.Constant(ir.IntType(1), 0)]) for wv in w] \
                                 if signed_codes else w
                             for r in range(rows):
@@ -489,13 +535,21 @@ def _microkernel(rows: int):
                                     pairs[r][v] = pair if f == 0 else builder.add(pairs[r][v], pair)
                         for r in range(rows):
                             for v in range(_VECTORS):
-                                builder.store(builder.add(builder.load(acc[r][v]),
-                                                          builder.call(maddwd, [pairs[r][v], ones])), acc[r][v])
+                                acc[r][v] = builder.add(acc[r][v], builder.call(maddwd, [pairs[r][v], ones]))
                     at = builder.mul(b.index, const(TILE))
-                    s = [_at(builder, scales, builder.add(at, const(8 * v)), _F32x8, 4) for v in range(_VECTORS)]
-                    o = [_at(builder, offsets, builder.add(at, const(8 * v)), _F32x8, 4) for v in range(_VECTORS)
-                         ] if with_offset else []
-                    block = builder.sdiv(builder.mul(b.index, group_), const(XBLOCK))
+                    if compact and (signed_codes or zero == ZERO_POINT["Q5_0"]):  # the file's fp16 scales
+                        s = [_fp16_scales(builder, suba.data, consts, b.index, 8, 8 * v) for v in range(_VECTORS)]
+                        o = []
+                    elif compact:  # Q6_K's integer scales are signed, Q4_K's unsigned
+                        s = [_group_constant(builder, b.index, group, subs_at, sup_at, zero == ZERO_POINT["Q6_K"],
+                                             8, 8 * v) for v in range(_VECTORS)]
+                        o = [_group_constant(builder, b.index, group, mins_at, supmin_at, False, 8, 8 * v)
+                             for v in range(_VECTORS)] if with_offset else []
+                    else:
+                        s = [_at(builder, scales, builder.add(at, const(8 * v)), _F32x8, 4) for v in range(_VECTORS)]
+                        o = [_at(builder, offsets, builder.add(at, const(8 * v)), _F32x8, 4)
+                             for v in range(_VECTORS)] if with_offset else []
+                    block = builder.sdiv(builder.mul(b.index, const(group)), const(XBLOCK))
                     for r in range(rows):
                         row_sum = builder.load(builder.gep(sa.data, [builder.add(
                             builder.mul(builder.add(row0, const(r)), groups), b.index)]))  # int32
@@ -503,32 +557,16 @@ def _microkernel(rows: int):
                             builder.mul(builder.add(row0, const(r)), blocks), block)]))
                         dv = _splat(builder, db, _F32x8)
                         fsum = _splat(builder, builder.sitofp(row_sum, ir.FloatType()), _F32x8)
-                        shift = _splat(builder, builder.mul(zero32, row_sum), _I32x8)
+                        shift = _splat(builder, builder.mul(ir.Constant(_I32, zero), row_sum), _I32x8)
                         for v in range(_VECTORS):
-                            iv = builder.sub(builder.load(acc[r][v]), shift)
+                            iv = builder.sub(acc[r][v], shift) if zero else acc[r][v]
                             yv = builder.fadd(builder.load(y[r][v]),
                                               builder.fmul(builder.fmul(s[v], dv), builder.sitofp(iv, _F32x8)))
                             if with_offset:
                                 yv = builder.fsub(yv, builder.fmul(builder.fmul(o[v], dv), fsum))
                             builder.store(yv, y[r][v])
 
-            def choose(variants: list[tuple[bool, bool, int, bool]]) -> None:
-                """Branch to the body of the first variant whose (signed, has_offset, flush, nibbles) the call has."""
-                sig_, off_, fl_, nib_ = variants[0]
-                match = builder.and_(builder.icmp_unsigned("==", builder.zext(is_signed, _I64), const(int(sig_))),
-                                     builder.icmp_unsigned("==", builder.zext(has_off, _I64), const(int(off_))))
-                match = builder.and_(match, builder.icmp_signed("==", flush_, const(fl_)))
-                match = builder.and_(match, builder.icmp_unsigned("==", builder.zext(nib, _I64), const(int(nib_))))
-                if len(variants) == 1:
-                    body(sig_, off_, fl_, nib_)  # the caller checked that the call is one of the variants
-                    return
-                with builder.if_else(match) as (yes, no):
-                    with yes:
-                        body(sig_, off_, fl_, nib_)
-                    with no:
-                        choose(variants[1:])
-
-            choose(VARIANTS)
+            _choose(builder, args, VARIANTS, body)
             col = builder.mul(tile, const(TILE))
             for r in range(rows):
                 dst = builder.gep(outa.data, [builder.add(builder.mul(builder.add(row0, const(r)), n_pad), col)])
@@ -542,25 +580,58 @@ def _microkernel(rows: int):
     return kernel
 
 
-# (signed, offsets, flush, nibbles) of the kernels compiled: Q8_0, Q4_K, Q5_0, Q6_K
-VARIANTS = [(True, False, 1, False), (False, True, 8, True), (False, False, 4, False), (False, False, 2, False)]
+def _choose(builder, args, variants: list[tuple], body) -> None:
+    """Branch to `body(*variant)` of the first variant whose (signed, has_offset, flush, nibbles, group, zero,
+    compact, planes) the call's arguments (`_microkernel`'s, positions 11..18) have; the last is taken unchecked
+    (`q8_matmul` checked that the call is one of them)."""
+    if len(variants) == 1:
+        body(*variants[0])
+        return
+    const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    signed, has_off, zero, group, flush, nib, comp, pln = (args[i] for i in range(11, 19))
+    sig_, off_, fl_, nib_, grp_, zero_, cmp_, pln_ = variants[0]
+    flag = lambda a, v: builder.icmp_unsigned("==", builder.zext(a, _I64), const(int(v)))  # noqa: E731
+    match = builder.and_(flag(signed, sig_), flag(has_off, off_))
+    for a, v in ((nib, nib_), (comp, cmp_), (pln, pln_)):
+        match = builder.and_(match, flag(a, v))
+    for a, v in ((flush, fl_), (group, grp_), (zero, zero_)):
+        match = builder.and_(match, builder.icmp_signed("==", a, const(v)))
+    with builder.if_else(match) as (yes, no):
+        with yes:
+            body(*variants[0])
+        with no:
+            _choose(builder, args, variants[1:], body)
+
+
+# (signed, offsets, flush, nibbles, group, zero, compact, planes) of the kernels compiled: Q8_0, Q4_K, Q5_0, Q6_K
+# with codes as bytes (Q4_K's as nibbles) and fp32 constants, then as `from_quant` lays them out by default (the
+# file's bytes): Q8_0 with fp16 scales, Q4_K with compact constants, Q5_0 with fp16 scales and in planes, Q6_K with
+# compact constants and in planes. The VNNI kernel takes the same keys (and ignores flush).
+VARIANTS = [(True, False, 1, False, 32, 0, False, False), (False, True, 8, True, 32, 0, False, False),
+            (False, False, 4, False, 32, 16, False, False), (False, False, 2, False, 16, 32, False, False),
+            (True, False, 1, False, 32, 0, True, False), (False, True, 8, True, 32, 0, True, False),
+            (False, False, 4, True, 32, 16, True, True), (False, False, 2, True, 16, 32, True, True)]
 _k1, _k2, _k3, _k4 = (_microkernel(r) for r in range(1, MAX_ROWS + 1))
 
 
 @numba.njit(cache=True)
-def _pass(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0, n):
+def _pass(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero, group, flush,
+          nibbles, compact, planes, out, t, r0, n):
+    a = (xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero, group, flush,
+         nibbles, compact, planes, out, t, r0)
     if n == 4:
-        _k4(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0)
+        _k4(*a)
     elif n == 3:
-        _k3(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0)
+        _k3(*a)
     elif n == 2:
-        _k2(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0)
+        _k2(*a)
     else:
-        _k1(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0)
+        _k1(*a)
 
 
 @numba.njit(cache=True)
-def _tiles(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, lo, hi):
+def _tiles(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero, group, flush,
+           nibbles, compact, planes, out, lo, hi):
     """Tiles lo..hi-1 on the calling thread: per tile, ceil(M / MAX_ROWS) passes of near-equal row counts."""
     m = xq.shape[0]
     passes = (m + MAX_ROWS - 1) // MAX_ROWS
@@ -568,17 +639,19 @@ def _tiles(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, f
         r0 = 0
         for p in range(passes):
             n = (m - r0) // (passes - p)
-            _pass(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, t, r0, n)
+            _pass(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero, group,
+                  flush, nibbles, compact, planes, out, t, r0, n)
             r0 += n
 
 
 @numba.njit(cache=True, parallel=True)
-def _matmul(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, chunk):
+def _matmul(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero, group, flush,
+            nibbles, compact, planes, out, chunk):
     """The tiles in chunks of `chunk`, shared among numba's threads."""
     tiles = codes.shape[0]
     for c in numba.prange((tiles + chunk - 1) // chunk):
-        _tiles(xq, d, sums, codes, scale, offset, signed, has_offset, zero, group, flush, nibbles, out, c * chunk,
-               min(tiles, (c + 1) * chunk))
+        _tiles(xq, d, sums, codes, scale, offset, subs, mins, sup, supmin, high, signed, has_offset, zero, group,
+               flush, nibbles, compact, planes, out, c * chunk, min(tiles, (c + 1) * chunk))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -621,9 +694,7 @@ def _vnni_microkernel(rows: int):
             xa, da, sa, ca, sca, oa, suba, mina, supa, supmina, higha = (
                 context.make_array(sig.args[i])(context, builder, args[i]) for i in range(11))
             outa = context.make_array(sig.args[19])(context, builder, args[19])
-            is_signed, has_off, zero_, group_ = args[11], args[12], args[13], args[14]
-            nib, comp, pln = args[16], args[17], args[18]
-            tile, row0 = args[20], args[21]
+            group_, tile, row0 = args[14], args[20], args[21]
             const = lambda v: ir.Constant(_I64, v)  # noqa: E731
             dpbusd = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_I32x16, [_I32x16, _I32x16, _I32x16]), "llvm.x86.avx512.vpdpbusd.512")
@@ -647,31 +718,8 @@ def _vnni_microkernel(rows: int):
             low4 = ir.Constant(_I8x64, [0x0F] * 64)
             four = ir.Constant(_I8x64, [4] * 64)
 
-            def joined(low, quad, first_quad, bits):
-                """Codes in planes: quad `quad`'s low nibbles | its top `bits` bits (a byte of `high` holds the
-                top bits of per = 8 / bits quads; first_quad is a multiple of per)."""
-                per = 8 // bits
-                quads_held = builder.sdiv(k_cols, const(4 * per))
-                tile_high = builder.gep(higha.data, [builder.mul(builder.mul(tile, quads_held), const(4 * TILE))])
-                at = builder.add(builder.sdiv(first_quad, const(per)), const(quad // per))
-                hv = _at(builder, tile_high, builder.mul(at, const(4 * TILE)), _I8x64, 1)
-                shift = bits * (quad % per) - 4  # bits b * i.. to bits 4..
-                by = ir.Constant(_I8x64, [abs(shift)] * 64)
-                moved = builder.shl(hv, by) if shift < 0 else builder.lshr(hv, by) if shift > 0 else hv
-                mask = ir.Constant(_I8x64, [((1 << bits) - 1) << 4] * 64)
-                return builder.or_(low, builder.and_(moved, mask))
-
-            def constants(b, group: int, ints, per_super, signed_ints: bool):
-                """16 lanes of a group's constant from its integers and its superblock's fp32 (compact)."""
-                at = builder.mul(b, const(TILE))
-                raw = _at(builder, ints, at, ir.VectorType(ir.IntType(8), 16), 1)
-                wide = builder.sext(raw, _I32x16) if signed_ints else builder.zext(raw, _I32x16)
-                sb = builder.sdiv(builder.mul(b, const(group)), const(SUPER))
-                dv = _at(builder, per_super, builder.mul(sb, const(TILE)), _F32x16, 4)
-                return builder.fmul(dv, builder.sitofp(wide, _F32x16))
-
-            def body(signed_codes: bool, with_offset: bool, nibbles: bool, group: int, zero: int,
-                     compact: bool, planes: bool) -> None:
+            def body(signed_codes: bool, with_offset: bool, flush: int, nibbles: bool, group: int, zero: int,
+                     compact: bool, planes: bool) -> None:  # flush: unused (vpdpbusd sums in int32)
                 quads = group // 4
                 z = 128 if signed_codes else zero  # the codes' zero point, as the variant fixes it
                 with cgutils.for_range(builder, groups) as b:
@@ -683,7 +731,8 @@ def _vnni_microkernel(rows: int):
                             raw = _at(builder, tile_codes, builder.mul(pair, const(4 * TILE)), _I8x64, 1)
                             ws = [(builder.and_(raw, low4), 2 * j), (builder.lshr(raw, four), 2 * j + 1)]
                             if planes:
-                                ws = [(joined(w, quad, first_quad, HIGH_BITS[zero]), quad) for w, quad in ws]
+                                ws = [(_plane_joined(builder, higha, tile, k_cols, w, quad, first_quad,
+                                                     HIGH_BITS[zero], 0, _I8x64), quad) for w, quad in ws]
                         else:
                             raw = _at(builder, tile_codes, builder.mul(builder.add(first_quad, const(j)),
                                                                        const(4 * TILE)), _I8x64, 1)
@@ -696,12 +745,11 @@ def _vnni_microkernel(rows: int):
                                 acc[r] = builder.call(dpbusd, [acc[r], w32, _splat(builder, x4, _I32x16)])
                     at = builder.mul(b.index, const(TILE))
                     if compact and (signed_codes or zero == ZERO_POINT["Q5_0"]):  # the file's fp16 scales
-                        halves = builder.bitcast(suba.data, ir.HalfType().as_pointer())
-                        s = builder.fpext(_at(builder, halves, builder.add(consts, at), _F16x16, 2), _F32x16)
-                        o = None
+                        s, o = _fp16_scales(builder, suba.data, consts, b.index, 16, 0), None
                     elif compact:  # Q6_K's integer scales are signed, Q4_K's unsigned
-                        s = constants(b.index, group, subs_at, sup_at, zero == ZERO_POINT["Q6_K"])
-                        o = constants(b.index, group, mins_at, supmin_at, False) if with_offset else None
+                        s = _group_constant(builder, b.index, group, subs_at, sup_at, zero == ZERO_POINT["Q6_K"], 16, 0)
+                        o = _group_constant(builder, b.index, group, mins_at, supmin_at, False, 16, 0) \
+                            if with_offset else None
                     else:
                         s = _at(builder, scales, at, _F32x16, 4)
                         o = _at(builder, offsets, at, _F32x16, 4) if with_offset else None
@@ -721,27 +769,7 @@ def _vnni_microkernel(rows: int):
                             yv = builder.fsub(yv, builder.fmul(builder.fmul(o, dv), fsum))
                         builder.store(yv, y[r])
 
-            def choose(variants: list[tuple[bool, bool, bool, int, int, bool, bool]]) -> None:
-                """Branch to the body of the first variant whose (signed, has_offset, nibbles, group, zero, compact,
-                planes) the call has."""
-                sig_, off_, nib_, grp_, zero, cmp_, pln_ = variants[0]
-                if len(variants) == 1:
-                    body(sig_, off_, nib_, grp_, zero, cmp_, pln_)  # the caller checked that the call is one of them
-                    return
-                match = builder.and_(builder.icmp_unsigned("==", builder.zext(is_signed, _I64), const(int(sig_))),
-                                     builder.icmp_unsigned("==", builder.zext(has_off, _I64), const(int(off_))))
-                match = builder.and_(match, builder.icmp_unsigned("==", builder.zext(nib, _I64), const(int(nib_))))
-                match = builder.and_(match, builder.icmp_signed("==", group_, const(grp_)))
-                match = builder.and_(match, builder.icmp_signed("==", zero_, const(zero)))
-                match = builder.and_(match, builder.icmp_unsigned("==", builder.zext(comp, _I64), const(int(cmp_))))
-                match = builder.and_(match, builder.icmp_unsigned("==", builder.zext(pln, _I64), const(int(pln_))))
-                with builder.if_else(match) as (yes, no):
-                    with yes:
-                        body(sig_, off_, nib_, grp_, zero, cmp_, pln_)
-                    with no:
-                        choose(variants[1:])
-
-            choose(VNNI_VARIANTS)
+            _choose(builder, args, VARIANTS, body)
             col = builder.mul(tile, const(TILE))
             for r in range(rows):
                 dst = builder.gep(outa.data, [builder.add(builder.mul(builder.add(row0, const(r)), n_pad), col)])
@@ -753,13 +781,6 @@ def _vnni_microkernel(rows: int):
     return kernel
 
 
-# (signed, offsets, nibbles, group, zero, compact, planes) of the VNNI kernels compiled: Q8_0, Q4_K, Q5_0, Q6_K,
-# and as `from_quant` lays them out for this kernel: Q8_0 with fp16 scales, Q4_K with compact constants, Q5_0
-# with fp16 scales and in planes, Q6_K with compact constants and in planes
-VNNI_VARIANTS = [(True, False, False, 32, 0, False, False), (False, True, True, 32, 0, False, False),
-                 (False, False, False, 32, 16, False, False), (False, False, False, 16, 32, False, False),
-                 (True, False, False, 32, 0, True, False), (False, True, True, 32, 0, True, False),
-                 (False, False, True, 32, 16, True, True), (False, False, True, 16, 32, True, True)]
 _v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8 = (_vnni_microkernel(r) for r in range(1, VNNI_ROWS + 1))
 
 
@@ -826,30 +847,19 @@ def q8_matmul(x: np.ndarray, w: Q8Weight, vnni: bool | None = None) -> np.ndarra
     xq, d, sums = quantize_rows(x, w.group)
     out = np.empty((m, w.padded_rows), dtype=np.float32)
     tiles = w.codes.shape[0]
-    if has_vnni() if vnni is None else vnni:
-        key = (w.signed, w.has_offset, w.nibbles, w.group, w.zero, w.compact, w.planes)
-        if key not in VNNI_VARIANTS:
-            raise ValueError("q8_matmul: no VNNI kernel for (signed, offsets, nibbles, group, zero, compact, planes) = "
-                             f"{key}")
-        floats, ints = np.zeros((1, 1, TILE), np.float32), np.zeros((1, 1, TILE), np.uint8)  # for arrays w lacks
-        codes4 = np.zeros((1, 1, TILE, 4), np.uint8)
-        either = lambda a, dummy: dummy if a is None else a  # noqa: E731
-        half = w.scale is not None and w.scale.dtype == np.float16  # read through `subs`, as bytes
-        args = (xq, d, sums, w.codes, floats if half else either(w.scale, floats), either(w.offset, floats),
-                w.scale.view(np.uint8) if half else ints if w.sub_scale is None else w.sub_scale.view(np.uint8),
-                either(w.sub_min, ints),
-                either(w.super_d, floats), either(w.super_dmin, floats), either(w.high, codes4), w.signed,
-                w.has_offset, w.zero, w.group, w.flush, w.nibbles, w.compact, w.planes, out)
-        serial, parallel = _tiles_vnni, _matmul_vnni
-    else:
-        if w.compact or (w.signed, w.offset is not None, w.flush, w.nibbles) not in VARIANTS:
-            raise ValueError(f"q8_matmul: no AVX2 kernel for signed={w.signed}, offsets={w.offset is not None}, "
-                             f"flush={w.flush}, nibbles={w.nibbles}, compact constants={w.compact} (compact "
-                             "constants are read by the VNNI kernel only: from_quant(w, compact=False))")
-        offset = w.offset if w.offset is not None else w.scale  # unused without offsets
-        args = (xq, d, sums, w.codes, w.scale, offset, w.signed, w.offset is not None, w.zero, w.group, w.flush,
-                w.nibbles, out)
-        serial, parallel = _tiles, _matmul
+    key = (w.signed, w.has_offset, w.flush, w.nibbles, w.group, w.zero, w.compact, w.planes)
+    if key not in VARIANTS:
+        raise ValueError("q8_matmul: no kernel for (signed, offsets, flush, nibbles, group, zero, compact, planes) = "
+                         f"{key}")
+    floats, ints = np.zeros((1, 1, TILE), np.float32), np.zeros((1, 1, TILE), np.uint8)  # for arrays w lacks
+    codes4 = np.zeros((1, 1, TILE, 4), np.uint8)
+    either = lambda a, dummy: dummy if a is None else a  # noqa: E731
+    half = w.scale is not None and w.scale.dtype == np.float16  # read through `subs`, as bytes
+    args = (xq, d, sums, w.codes, floats if half else either(w.scale, floats), either(w.offset, floats),
+            w.scale.view(np.uint8) if half else ints if w.sub_scale is None else w.sub_scale.view(np.uint8),
+            either(w.sub_min, ints), either(w.super_d, floats), either(w.super_dmin, floats), either(w.high, codes4),
+            w.signed, w.has_offset, w.zero, w.group, w.flush, w.nibbles, w.compact, w.planes, out)
+    serial, parallel = (_tiles_vnni, _matmul_vnni) if (has_vnni() if vnni is None else vnni) else (_tiles, _matmul)
     if m * w.padded_rows * w.cols < SERIAL_WORK or tiles <= CHUNK:
         serial(*args, 0, tiles)
     else:
