@@ -211,3 +211,34 @@ def test_constants_that_do_not_factor_stay_fp32(kind):
     x = np.random.default_rng(3).standard_normal((3, 256)).astype(np.float32)
     for vnni in KERNELS:
         assert np.array_equal(q8_matmul(x, w, vnni=vnni), q8_reference(x, w))
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+def test_the_files_integer_constants_give_the_factored_layout(kind):
+    """`unpack(ints=True)` keeps a K-quant's integer scales and superblock d from the blocks; the q8act weight made
+    from them (no factoring) holds the same constants and gives the same bits as the factored one, through a tall
+    weight's slices, stacking and a row permutation."""
+    from specdec.verifiers.q8act import UNPACK_ROWS, group_constants
+    from specdec.verifiers.quant import stacked as stack_quant
+    from specdec.verifiers.quant import take_rows
+
+    rows = UNPACK_ROWS + 48
+    raw = random_blocks(kind, rows, 512, seed=12)
+    with_ints, plain = unpack(kind, raw, rows, 512, ints=True), unpack(kind, raw, rows, 512)
+    assert with_ints.sub_scale is not None and plain.sub_scale is None and with_ints.nbytes == plain.nbytes
+    assert np.array_equal(dequantize(with_ints), dequantize(plain))
+    x = np.random.default_rng(8).standard_normal((5, 512)).astype(np.float32)
+    order = np.random.default_rng(9).permutation(rows)
+    for a, b in ((with_ints, plain), (take_rows(with_ints, order), take_rows(plain, order))):
+        fast, slow = from_quant(a), from_quant(b)
+        assert fast.compact and slow.compact
+        for u, v in zip(group_constants(fast), group_constants(slow)):
+            assert (u is None and v is None) or np.array_equal(u.view(np.int32), v.view(np.int32))
+        for kernel in KERNELS:
+            assert np.array_equal(q8_matmul(x, fast, vnni=kernel), q8_matmul(x, slow, vnni=kernel))
+    first = unpack(kind, random_blocks(kind, 64, 512, seed=1), 64, 512, ints=True)
+    both = stack_quant([first, unpack(kind, random_blocks(kind, 128, 512, seed=2), 128, 512, ints=True)])
+    assert both.sub_scale is not None and both.sub_scale.shape[0] == 3
+    assert stack_quant([first, unpack(kind, random_blocks(kind, 64, 512, seed=2), 64, 512)]) is None
+    assert np.array_equal(q8_reference(x, from_quant(both)), q8_reference(x, from_quant(replace(both, sub_scale=None,
+                                                                                               sub_min=None))))

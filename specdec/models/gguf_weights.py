@@ -320,7 +320,7 @@ def read_quant_weights(gguf: str | Path, model: PreTrainedModel,
         kind = tensor.kind
         cols, rows = tensor.shape[:2]  # GGUF shapes list the inner dimension first
         try:
-            weight = unpack(kind, tensor.data, rows, cols)
+            weight = unpack(kind, tensor.data, rows, cols, ints=fmt == "q8act")
         except ValueError:
             report.fp32.append(f"{name} ({kind})")
             continue

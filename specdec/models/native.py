@@ -147,7 +147,7 @@ def load_native(spec: str | None, fmt: str = "gguf", cache_dir: str | Path | Non
     report = QuantReport(fmt=fmt)
     nibbles = pack_nibbles(sum(t.data.size for t in plan.linears.values() if t.kind == "Q4_K"))
     for group in _input_groups(plan.linears):
-        weights = [_unpack(plan.linears[m], processor, path, nibbles) for m in group]
+        weights = [_unpack(plan.linears[m], processor, path, nibbles, ints=fmt == "q8act") for m in group]
         for module, weight in zip(group, _for_kernel(weights, fmt)):
             quant[module] = weight
             kind = plan.linears[module].kind
@@ -335,13 +335,14 @@ def _row_order(processor, name: str, rows: int) -> np.ndarray | None:
     return None if np.array_equal(order, np.arange(rows)) else order
 
 
-def _unpack(t: TensorEntry, processor, path: Path, nibbles: bool | None = None) -> QuantWeight:
+def _unpack(t: TensorEntry, processor, path: Path, nibbles: bool | None = None, ints: bool = False) -> QuantWeight:
     """The tensor as the gguf kernel holds it, in transformers' row order; its bytes are read, not mapped.
-    nibbles: Q4_K codes two a byte (None: `quant.pack_nibbles` for this tensor alone)."""
+    nibbles: Q4_K codes two a byte (None: `quant.pack_nibbles` for this tensor alone); ints: with the file's
+    integer K-quant constants (for q8act)."""
     cols, rows = t.shape[:2]
     row_bytes = t.data.size // rows
     weight = unpack_rows(t.kind, lambda first, n: t.read(path, first * row_bytes, n * row_bytes), rows, cols,
-                         nibbles)
+                         nibbles, ints)
     order = _row_order(processor, t.name, rows)
     return weight if order is None else take_rows(weight, order)
 

@@ -138,9 +138,7 @@ def from_quant(w: QuantWeight, compact: bool = True) -> Q8Weight:
     out = None
     for first in range(0, w.rows, UNPACK_ROWS):
         t0, t1 = first // QTILE, min(first + UNPACK_ROWS, w.padded_rows) // QTILE  # the gguf layout's tiles
-        part = _from_quant(replace(w, q=w.q[t0:t1], scale=w.scale[t0:t1],
-                                   offset=None if w.offset is None else w.offset[t0:t1],
-                                   rows=min(UNPACK_ROWS, w.rows - first)), compact)
+        part = _from_quant(replace(w.tiles(slice(t0, t1)), rows=min(UNPACK_ROWS, w.rows - first)), compact)
         if out is not None and part.compact != out.compact:  # one slice did not factor: the whole weight in fp32
             return from_quant(w, compact=False)
         if out is None:
@@ -182,7 +180,8 @@ def _from_quant(w: QuantWeight, compact: bool = False) -> Q8Weight:
         codes = pack_pairs(codes)
     tiled = lambda a: None if a is None else np.ascontiguousarray(  # noqa: E731
         a.reshape(tiles, TILE, -1).transpose(0, 2, 1))
-    ints = compact_constants(w.kind, scale, offset, w.group) if compact else None
+    ints = (_file_ints(w, rows + pad) if w.sub_scale is not None else compact_constants(w.kind, scale, offset,
+                                                                                          w.group)) if compact else None
     half = compact and ints is None and offset is None and kinds <= {"Q8_0", "Q5_0"} and np.array_equal(
         scale.astype(np.float16).astype(np.float32).view(np.int32), scale.view(np.int32))  # the file's fp16 d
     high = None
@@ -196,6 +195,18 @@ def _from_quant(w: QuantWeight, compact: bool = False) -> Q8Weight:
         scale = scale.astype(np.float16)
     return Q8Weight(w.kind, codes, tiled(scale), tiled(offset), w.group, zero, signed, flush, nibbles, rows, k,
                     w.file_bytes, high=high)
+
+
+def _file_ints(w: QuantWeight, rows: int) -> tuple:
+    """`compact_constants`' result from the integers `unpack(ints=True)` kept from the file (no factoring): rows
+    [rows, ...] each, zero past the weight's."""
+    def part(a):
+        if a is None:
+            return None
+        real = _rows(a, w.rows)
+        return np.concatenate([real, np.zeros((rows - w.rows, real.shape[1]), real.dtype)])
+
+    return tuple(part(getattr(w, f)) for f in ("sub_scale", "sub_min", "super_d", "super_dmin"))
 
 
 # the integer range of a K-quant's group scales, and first the integer llama.cpp's quantiser gives the largest one

@@ -51,6 +51,9 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 TILE = 64  # output rows per tile, innermost in memory (N is padded to a multiple)
+SUPER = 256  # inputs a K-quant superblock's fp16 d (and dmin) covers
+_FIELDS = ("q", "scale", "offset", "sub_scale", "sub_min", "super_d", "super_dmin")  # QuantWeight's per-row
+# arrays, tiles along axis 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,13 @@ class QuantWeight:
     rows: int  # N, the real output rows
     file_bytes: int  # bytes of the tensor in the GGUF
     nibbles: bool = False  # 4-bit codes two a byte (Q4_K: the file's code bytes, split in registers)
+    # A K-quant's constants as the file holds them, kept when `unpack` is asked (`ints`) for the q8act layout:
+    # s = super_d x sub_scale and o = super_dmin x sub_min, the same fp32 products as scale and offset. This kernel
+    # does not read them (not in `nbytes`).
+    sub_scale: np.ndarray | None = None  # [Np / TILE, K // group, TILE] uint8 (Q4_K) or int8 (Q6_K)
+    sub_min: np.ndarray | None = None  # [Np / TILE, K // group, TILE] uint8 (Q4_K)
+    super_d: np.ndarray | None = None  # [Np / TILE, K // SUPER, TILE] float32
+    super_dmin: np.ndarray | None = None  # [Np / TILE, K // SUPER, TILE] float32
 
     @property
     def cols(self) -> int:
@@ -78,6 +88,12 @@ class QuantWeight:
     def codes(self) -> np.ndarray:
         """[Np / TILE, K, TILE] int8: one code a byte, whichever layout `q` is stored in."""
         return unpack_pairs(self.q).view(np.int8) if self.nibbles else self.q
+
+    def tiles(self, index) -> "QuantWeight":
+        """The weight of the tiles `index` picks (a slice or an index array along the tiles): their rows, the same
+        values; `rows` counts whole tiles."""
+        parts = {f: getattr(self, f)[index] for f in _FIELDS if getattr(self, f) is not None}
+        return replace(self, rows=parts["q"].shape[0] * TILE, **parts)
 
     @property
     def padded_rows(self) -> int:
@@ -104,16 +120,20 @@ UNPACK_ROWS = 4096  # rows unpacked (and converted to q8act) at a time, whole ti
 # head's temporaries stay a slice's
 
 
-def unpack(kind: str, raw: np.ndarray, rows: int, cols: int, nibbles: bool | None = None) -> QuantWeight:
+def unpack(kind: str, raw: np.ndarray, rows: int, cols: int, nibbles: bool | None = None,
+           ints: bool = False) -> QuantWeight:
     """The GGUF tensor's raw bytes (uint8, any shape holding rows * cols weights' blocks) -> QuantWeight.
     `nibbles`: Q4_K codes two a byte (default: `pack_nibbles()`, this CPU's faster layout; both give the same
-    values). ValueError for a block type not handled here."""
+    values). `ints`: keep a K-quant's integer scales and superblock d as the file holds them (what q8act's layout
+    reads). ValueError for a block type not handled here."""
     data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     row_bytes = data.size // rows
-    return unpack_rows(kind, lambda first, n: data[first * row_bytes: (first + n) * row_bytes], rows, cols, nibbles)
+    return unpack_rows(kind, lambda first, n: data[first * row_bytes: (first + n) * row_bytes], rows, cols, nibbles,
+                       ints)
 
 
-def unpack_rows(kind: str, read, rows: int, cols: int, nibbles: bool | None = None) -> QuantWeight:
+def unpack_rows(kind: str, read, rows: int, cols: int, nibbles: bool | None = None,
+                ints: bool = False) -> QuantWeight:
     """`unpack` of a tensor whose raw bytes come UNPACK_ROWS rows at a time from read(first, n) (uint8 of rows
     first..first+n-1), each slice decoded straight into the result's tiles (numba, `_decode_codes`), so unpacking never
     holds more than the result and one slice's bytes (read from the file when `read` reads it)."""
@@ -125,40 +145,63 @@ def unpack_rows(kind: str, read, rows: int, cols: int, nibbles: bool | None = No
     q = np.zeros((tiles, cols, TILE), np.int8)  # padding rows stay zero
     scale = np.zeros((tiles, per_row, TILE), np.float32)
     offset = np.zeros((tiles, per_row, TILE), np.float32) if has_offset else None
+    held = {}  # the file's integer constants, when asked: field -> [tiles, C, TILE]
+    if ints and kind in _INT_DTYPES:
+        supers = cols // SUPER
+        held = {"sub_scale": np.zeros((tiles, per_row, TILE), _INT_DTYPES[kind]),
+                "super_d": np.zeros((tiles, supers, TILE), np.float32)}
+        if has_offset:
+            held |= {"sub_min": np.zeros((tiles, per_row, TILE), np.uint8),
+                     "super_dmin": np.zeros((tiles, supers, TILE), np.float32)}
     nbytes = 0
     for first in range(0, rows, UNPACK_ROWS):
         n = min(UNPACK_ROWS, rows - first)
         blocks = np.ascontiguousarray(read(first, n)).view(np.uint8).reshape(n, cols // per, size)
         nbytes += blocks.size
         _decode_codes(blocks, q, first, _KIND_IDS[kind], per)
-        s, o = _constants(kind, blocks)  # [n, per_row] float32 each (o None)
+        parts = _file_constants(kind, blocks)
+        s, o = _products(parts, n)  # [n, per_row] float32 each (o None)
         _tile_into(s, scale, first)
         if o is not None:
             _tile_into(o, offset, first)
+        for name, out in held.items():
+            _tile_into(np.ascontiguousarray(parts[name].reshape(n, -1)), out, first)
     nibbles = kind == "Q4_K" and (pack_nibbles() if nibbles is None else nibbles)  # codes 0..15, groups of 32
     codes = pack_pairs(q.view(np.uint8)) if nibbles else q  # pairs of inputs share a byte, as in the file
-    return QuantWeight(kind, codes, scale, offset, group, rows, nbytes, nibbles)
+    return QuantWeight(kind, codes, scale, offset, group, rows, nbytes, nibbles, **held)
 
 
 _BLOCKS = {"Q8_0": (34, 32, 32, False), "Q5_0": (22, 32, 32, False), "Q6_K": (210, 256, 16, False),
            "Q4_K": (144, 256, 32, True)}  # block bytes, weights a block, group, has an offset
+_INT_DTYPES = {"Q6_K": np.int8, "Q4_K": np.uint8}  # a K-quant's integer group scales (and Q4_K's mins)
 
 
 def _fp16(blocks: np.ndarray, at: int) -> np.ndarray:  # [n, bpr, size] -> [n, bpr] float32 of the fp16 at byte `at`
     return np.ascontiguousarray(blocks[:, :, at: at + 2]).view(np.float16)[..., 0].astype(np.float32)
 
 
-def _constants(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """A slice's group constants [n, per_row] float32: s (and o), the fp32 products gguf-py computes."""
-    n = blocks.shape[0]
+def _file_constants(kind: str, blocks: np.ndarray) -> dict[str, np.ndarray]:
+    """A slice's constants as its blocks ([n, bpr, size]) hold them: Q8_0 / Q5_0 "d" [n, bpr] float32; a K-quant's
+    "super_d" (and "super_dmin") [n, bpr] float32 and "sub_scale" (and "sub_min") [n, bpr, groups a block]
+    integers."""
     if kind in ("Q8_0", "Q5_0"):
-        return _fp16(blocks, 0), None
+        return {"d": _fp16(blocks, 0)}
     if kind == "Q6_K":
-        sc = np.ascontiguousarray(blocks[:, :, 192:208]).view(np.int8).astype(np.float32)  # [n, bpr, 16]
-        return (_fp16(blocks, 208)[:, :, None] * sc).reshape(n, -1), None  # exact: 11-bit by 8-bit products
+        return {"super_d": _fp16(blocks, 208), "sub_scale": np.ascontiguousarray(blocks[:, :, 192:208]).view(np.int8)}
+    n, bpr = blocks.shape[:2]
     sc, mn = _k_scale_min(blocks[:, :, 4:16].reshape(-1, 12))  # Q4_K: [n * bpr, 8] each
-    d, dmin = _fp16(blocks, 0).reshape(-1, 1), _fp16(blocks, 2).reshape(-1, 1)
-    return (d * sc.astype(np.float32)).reshape(n, -1), (dmin * mn.astype(np.float32)).reshape(n, -1)
+    return {"super_d": _fp16(blocks, 0), "super_dmin": _fp16(blocks, 2),
+            "sub_scale": sc.reshape(n, bpr, -1).astype(np.uint8), "sub_min": mn.reshape(n, bpr, -1).astype(np.uint8)}
+
+
+def _products(parts: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The group constants [n, per_row] float32, s (and o): the fp32 products gguf-py computes (exact: an 11-bit
+    fp16 significand times a 6- or 8-bit integer)."""
+    if "d" in parts:
+        return parts["d"], None
+    times = lambda d, ints: (d[:, :, None] * ints.astype(np.float32)).reshape(n, -1)  # noqa: E731
+    s = times(parts["super_d"], parts["sub_scale"])
+    return s, times(parts["super_dmin"], parts["sub_min"]) if "sub_min" in parts else None
 
 
 @numba.njit(parallel=True, cache=True)
@@ -268,16 +311,14 @@ def dequantize(w: QuantWeight) -> np.ndarray:
 
 def take_rows(w: QuantWeight, order: np.ndarray) -> QuantWeight:
     """The weight whose row i is `w`'s row order[i] (a permutation of its rows: llama's q/k as transformers
-    reorders them): codes and constants move with their rows, so every value is unchanged."""
+    reorders them): codes and constants move with their rows (every array is per row; nibble pairs lie along the
+    inputs), so every value is unchanged."""
     def moved(a: np.ndarray) -> np.ndarray:
         rows = _rows(a, w.rows)[order]
         pad = np.zeros((w.padded_rows - w.rows, rows.shape[1]), a.dtype)
         return _tiled(np.concatenate([rows, pad]))
 
-    q = w.q if not w.nibbles else unpack_pairs(w.q)
-    q = moved(q)
-    return QuantWeight(w.kind, pack_pairs(q) if w.nibbles else q, moved(w.scale),
-                       None if w.offset is None else moved(w.offset), w.group, w.rows, w.file_bytes, w.nibbles)
+    return replace(w, **{f: moved(getattr(w, f)) for f in _FIELDS if getattr(w, f) is not None})
 
 
 def stacked(weights: list):  # -> a weight of the same class as `weights`, or None
@@ -292,14 +333,14 @@ def stacked(weights: list):  # -> a weight of the same class as `weights`, or No
 
 def _stack(weights: list[QuantWeight]) -> QuantWeight | None:
     first = weights[0]
-    if any(w.q.shape[1] != first.q.shape[1] or w.group != first.group or (w.offset is None) != (first.offset is None)
-           or w.nibbles != first.nibbles or w.rows != w.padded_rows for w in weights):
+    if any(w.q.shape[1] != first.q.shape[1] or w.group != first.group or w.nibbles != first.nibbles
+           or any((getattr(w, f) is None) != (getattr(first, f) is None) for f in _FIELDS)
+           or w.rows != w.padded_rows for w in weights):
         return None
     kinds = sorted({w.kind for w in weights})
-    return QuantWeight("+".join(kinds), concat_tiles([w.q for w in weights]),
-                       concat_tiles([w.scale for w in weights]),
-                       None if first.offset is None else concat_tiles([w.offset for w in weights]),
-                       first.group, sum(w.rows for w in weights), sum(w.file_bytes for w in weights), first.nibbles)
+    return replace(first, kind="+".join(kinds), rows=sum(w.rows for w in weights),
+                   file_bytes=sum(w.file_bytes for w in weights),
+                   **{f: concat_tiles([getattr(w, f) for w in weights]) for f in _FIELDS if getattr(first, f) is not None})
 
 
 def concat_tiles(arrays: list[np.ndarray]) -> np.ndarray:
