@@ -40,7 +40,7 @@ four (Q6_K) or eight (Q5_0) quads a byte, joined in registers): a weight reads 4
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numba
 import numpy as np
@@ -120,6 +120,25 @@ class Q8Weight:
 
     def matmul(self, x: np.ndarray) -> np.ndarray:  # x [m, K] float32 -> [m, N] float32
         return q8_matmul(x, self)
+
+    @cached_property
+    def kernel_args(self) -> tuple:
+        """The microkernels' weight arguments (codes .. planes), stand-ins for the arrays this layout lacks; built
+        once per weight, not per call. ValueError for a layout no kernel reads."""
+        key = (self.signed, self.has_offset, self.flush, self.nibbles, self.group, self.zero, self.compact,
+               self.planes)
+        if key not in VARIANTS:
+            raise ValueError("q8_matmul: no kernel for (signed, offsets, flush, nibbles, group, zero, compact, "
+                             f"planes) = {key}")
+        floats, ints = np.zeros((1, 1, TILE), np.float32), np.zeros((1, 1, TILE), np.uint8)
+        codes4 = np.zeros((1, 1, TILE, 4), np.uint8)
+        either = lambda a, dummy: dummy if a is None else a  # noqa: E731
+        half = self.scale is not None and self.scale.dtype == np.float16  # read through `subs`, as bytes
+        subs = self.scale.view(np.uint8) if half else ints if self.sub_scale is None else self.sub_scale.view(np.uint8)
+        return (self.codes, floats if half else either(self.scale, floats), either(self.offset, floats), subs,
+                either(self.sub_min, ints), either(self.super_d, floats), either(self.super_dmin, floats),
+                either(self.high, codes4), *key[:2], self.zero, self.group, self.flush, self.nibbles, self.compact,
+                self.planes)
 
     @staticmethod
     def stack(weights: list["Q8Weight"]) -> "Q8Weight | None":
@@ -858,18 +877,7 @@ def q8_matmul(x: np.ndarray, w: Q8Weight, vnni: bool | None = None) -> np.ndarra
     xq, d, sums = quantize_rows(x, w.group)
     out = np.empty((m, w.padded_rows), dtype=np.float32)
     tiles = w.codes.shape[0]
-    key = (w.signed, w.has_offset, w.flush, w.nibbles, w.group, w.zero, w.compact, w.planes)
-    if key not in VARIANTS:
-        raise ValueError("q8_matmul: no kernel for (signed, offsets, flush, nibbles, group, zero, compact, planes) = "
-                         f"{key}")
-    floats, ints = np.zeros((1, 1, TILE), np.float32), np.zeros((1, 1, TILE), np.uint8)  # for arrays w lacks
-    codes4 = np.zeros((1, 1, TILE, 4), np.uint8)
-    either = lambda a, dummy: dummy if a is None else a  # noqa: E731
-    half = w.scale is not None and w.scale.dtype == np.float16  # read through `subs`, as bytes
-    args = (xq, d, sums, w.codes, floats if half else either(w.scale, floats), either(w.offset, floats),
-            w.scale.view(np.uint8) if half else ints if w.sub_scale is None else w.sub_scale.view(np.uint8),
-            either(w.sub_min, ints), either(w.super_d, floats), either(w.super_dmin, floats), either(w.high, codes4),
-            w.signed, w.has_offset, w.zero, w.group, w.flush, w.nibbles, w.compact, w.planes, out)
+    args = (xq, d, sums, *w.kernel_args, out)
     serial, parallel = (_tiles_vnni, _matmul_vnni) if (has_vnni() if vnni is None else vnni) else (_tiles, _matmul)
     if m * w.padded_rows * w.cols < SERIAL_WORK or tiles <= CHUNK:
         serial(*args, 0, tiles)
