@@ -137,3 +137,27 @@ def test_models_lists_built_ins_architectures_and_block_types():
     assert "gemma3-270m" in result.output and "(the default)" in result.output
     assert "qwen3" in result.output and "mistral" in result.output  # architectures that load
     assert "Q4_K" in result.output and "--weights fp32" in result.output  # block types, and the way out
+
+
+def _executable(*args: str, stdin: str | None = None):
+    """`specdec ARGS` as the installed executable runs it (`specdec.cli.run`, in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from specdec.cli import run; sys.argv = ['specdec'] + sys.argv[1:]; run()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, input=stdin,
+                          timeout=300)
+
+
+def test_the_executable_ends_generate_quickly_with_its_output_and_status(tiny_model_dir):
+    """`run` ends `generate` with os._exit after the atexit handlers: the same stdout as the command in-process,
+    exit status 0, and 2 with one error line for bad input; other commands exit as Python does."""
+    args = ["generate", "the quick brown fox", "--model", str(tiny_model_dir), "--max-new-tokens", "12", "--json"]
+    proc = _executable(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["token_ids"] == json.loads(run(*args).stdout)["token_ids"]
+    bad = _executable("generate", "", "--model", str(tiny_model_dir))
+    lines = [x for x in bad.stderr.strip().splitlines() if not x.startswith("[specdec] ")]
+    assert bad.returncode == 2 and len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr
+    version = _executable("--version")
+    assert version.returncode == 0 and "version" in version.stdout
