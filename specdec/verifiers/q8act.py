@@ -49,7 +49,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from specdec.verifiers.quant import TILE as QTILE
-from specdec.verifiers.quant import UNPACK_ROWS, QuantWeight, _rows, concat_tiles, pack_pairs, unpack_pairs
+from specdec.verifiers.quant import SUPER, UNPACK_ROWS, QuantWeight, _rows, concat_tiles, pack_pairs, unpack_pairs
 
 TILE = 16  # output rows per tile: two registers of 8 int32 lanes
 XBLOCK = 32  # activation values per int8 block (one fp32 scale each)
@@ -173,7 +173,6 @@ def from_quant(w: QuantWeight, compact: bool = True) -> Q8Weight:
 
 
 _ARRAYS = ("codes", "scale", "offset", "sub_scale", "sub_min", "super_d", "super_dmin", "high")  # tiles along axis 0
-SUPER = 256  # inputs a K-quant superblock's fp16 scale covers
 
 
 def _from_quant(w: QuantWeight, compact: bool = False) -> Q8Weight:
