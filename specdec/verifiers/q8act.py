@@ -82,7 +82,7 @@ class Q8Weight:
     sub_min: np.ndarray | None = None  # [Np / TILE, K // g, TILE] uint8 (Q4_K)
     super_d: np.ndarray | None = None  # [Np / TILE, K // SUPER, TILE] float32
     super_dmin: np.ndarray | None = None  # [Np / TILE, K // SUPER, TILE] float32
-    # Q6_K's and Q5_0's codes as the file's planes (VNNI layout only): `codes` holds the low nibbles (as Q4_K's),
+    # Q6_K's and Q5_0's codes as the file's planes (compact layout): `codes` holds the low nibbles (as Q4_K's),
     # and bits b * i .. b * i + b - 1 of high[t, j, lane, c] the top b = `high_bits` bits of quad per * j + i's
     # code c, per = 8 / b quads a byte
     high: np.ndarray | None = None  # [Np / TILE, K / (4 per), TILE, 4] uint8
@@ -92,9 +92,14 @@ class Q8Weight:
         return self.rows, self.cols
 
     @property
+    def fp16_scale(self) -> bool:
+        """Q8_0's / Q5_0's scales held as the file's fp16s."""
+        return self.scale is not None and self.scale.dtype == np.float16
+
+    @property
     def compact(self) -> bool:
         """Constants as the file keeps them: a K-quant's integers and superblock fp32s, Q8_0's / Q5_0's fp16s."""
-        return self.sub_scale is not None or (self.scale is not None and self.scale.dtype == np.float16)
+        return self.sub_scale is not None or self.fp16_scale
 
     @property
     def planes(self) -> bool:
@@ -133,12 +138,12 @@ class Q8Weight:
         floats, ints = np.zeros((1, 1, TILE), np.float32), np.zeros((1, 1, TILE), np.uint8)
         codes4 = np.zeros((1, 1, TILE, 4), np.uint8)
         either = lambda a, dummy: dummy if a is None else a  # noqa: E731
-        half = self.scale is not None and self.scale.dtype == np.float16  # read through `subs`, as bytes
+        half = self.fp16_scale  # read through `subs`, as bytes
         subs = self.scale.view(np.uint8) if half else ints if self.sub_scale is None else self.sub_scale.view(np.uint8)
         return (self.codes, floats if half else either(self.scale, floats), either(self.offset, floats), subs,
                 either(self.sub_min, ints), either(self.super_d, floats), either(self.super_dmin, floats),
-                either(self.high, codes4), *key[:2], self.zero, self.group, self.flush, self.nibbles, self.compact,
-                self.planes)
+                either(self.high, codes4), self.signed, self.has_offset, self.zero, self.group, self.flush,
+                self.nibbles, self.compact, self.planes)
 
     @staticmethod
     def stack(weights: list["Q8Weight"]) -> "Q8Weight | None":
@@ -458,26 +463,44 @@ def _plane_joined(builder, higha, tile, k_cols, low, quad: int, first_quad, bits
     return builder.or_(low, builder.and_(moved, ir.Constant(vec, [((1 << bits) - 1) << 4] * vec.count)))
 
 
-def _group_constant(builder, b, group: int, ints, per_super, signed_ints: bool, lanes: int, lane0: int):
-    """`lanes` lanes (from `lane0`) of group b's constant from its integers and its superblock's fp32 (compact
-    K-quant constants): d x float(int), the product `group_constants` takes."""
-    const = lambda v: ir.Constant(_I64, v)  # noqa: E731
-    f32s, i32s = ir.VectorType(ir.FloatType(), lanes), ir.VectorType(_I32, lanes)
-    raw = _at(builder, ints, builder.add(builder.mul(b, const(TILE)), const(lane0)),
-              ir.VectorType(ir.IntType(8), lanes), 1)
-    wide = builder.sext(raw, i32s) if signed_ints else builder.zext(raw, i32s)
-    sb = builder.sdiv(builder.mul(b, const(group)), const(SUPER))
-    dv = _at(builder, per_super, builder.add(builder.mul(sb, const(TILE)), const(lane0)), f32s, 4)
-    return builder.fmul(dv, builder.sitofp(wide, f32s))
+class _GroupConstants:
+    """A tile's group constants inside a microkernel: `at` gives `lanes` lanes (from `lane0`) of group b's s and o
+    as fp32 vectors, from whichever form the weight holds them in (the variant says): fp32 arrays; the file's fp16
+    scales (Q8_0, Q5_0; passed as the bytes of `subs`); or a K-quant's integers times its superblock's fp32 (Q6_K's
+    signed, Q4_K's unsigned), the products `group_constants` takes."""
 
+    def __init__(self, builder, tile, groups, k_cols, scale, offset, subs, mins, sup, supmin):
+        const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+        self.builder = builder
+        self.consts = builder.mul(builder.mul(tile, groups), const(TILE))  # the tile's first group, lane 0
+        self.scales, self.offsets = builder.gep(scale.data, [self.consts]), builder.gep(offset.data, [self.consts])
+        self.subs, self.mins = builder.gep(subs.data, [self.consts]), builder.gep(mins.data, [self.consts])
+        self.halves = builder.gep(builder.bitcast(subs.data, ir.HalfType().as_pointer()), [self.consts])
+        sup_consts = builder.mul(builder.mul(tile, builder.sdiv(k_cols, const(SUPER))), const(TILE))
+        self.sup, self.supmin = builder.gep(sup.data, [sup_consts]), builder.gep(supmin.data, [sup_consts])
 
-def _fp16_scales(builder, subs_data, consts, b, lanes: int, lane0: int):
-    """`lanes` lanes of group b's scale held as the file's fp16 (Q8_0, Q5_0; passed as bytes through `subs`)."""
-    const = lambda v: ir.Constant(_I64, v)  # noqa: E731
-    halves = builder.bitcast(subs_data, ir.HalfType().as_pointer())
-    at = builder.add(builder.add(consts, builder.mul(b, const(TILE))), const(lane0))
-    return builder.fpext(_at(builder, halves, at, ir.VectorType(ir.HalfType(), lanes), 2),
-                         ir.VectorType(ir.FloatType(), lanes))
+    def at(self, b, group: int, zero: int, signed_codes: bool, compact: bool, with_offset: bool, lanes: int,
+           lane0: int) -> tuple:
+        """(s, o or None) of group b (b: the group index), `lanes` fp32 lanes from `lane0`."""
+        builder = self.builder
+        const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+        f32s = ir.VectorType(ir.FloatType(), lanes)
+        at = builder.add(builder.mul(b, const(TILE)), const(lane0))
+        if compact and (signed_codes or zero == ZERO_POINT["Q5_0"]):  # the file's fp16 scales
+            return builder.fpext(_at(builder, self.halves, at, ir.VectorType(ir.HalfType(), lanes), 2), f32s), None
+        if not compact:
+            return _at(builder, self.scales, at, f32s, 4), _at(builder, self.offsets, at, f32s, 4) if with_offset \
+                else None
+        sb = builder.add(builder.mul(builder.sdiv(builder.mul(b, const(group)), const(SUPER)), const(TILE)),
+                         const(lane0))
+
+        def times_super(ints, per_super, signed_ints: bool):
+            wide = _at(builder, ints, at, ir.VectorType(ir.IntType(8), lanes), 1)
+            wide = (builder.sext if signed_ints else builder.zext)(wide, ir.VectorType(_I32, lanes))
+            return builder.fmul(_at(builder, per_super, sb, f32s, 4), builder.sitofp(wide, f32s))
+
+        return (times_super(self.subs, self.sup, zero == ZERO_POINT["Q6_K"]),
+                times_super(self.mins, self.supmin, False) if with_offset else None)
 
 
 def _microkernel(rows: int):
@@ -514,11 +537,7 @@ def _microkernel(rows: int):
             blocks = builder.sdiv(k_cols, const(XBLOCK))
             stored = cgutils.unpack_tuple(builder, ca.shape, 4)[1]  # quads (bytes) or quad pairs (nibbles)
             tile_codes = builder.gep(ca.data, [builder.mul(builder.mul(tile, stored), const(4 * TILE))])
-            consts = builder.mul(builder.mul(tile, groups), const(TILE))
-            scales, offsets = builder.gep(sca.data, [consts]), builder.gep(oa.data, [consts])
-            subs_at, mins_at = builder.gep(suba.data, [consts]), builder.gep(mina.data, [consts])
-            sup_consts = builder.mul(builder.mul(tile, builder.sdiv(k_cols, const(SUPER))), const(TILE))
-            sup_at, supmin_at = builder.gep(supa.data, [sup_consts]), builder.gep(supmina.data, [sup_consts])
+            constants = _GroupConstants(builder, tile, groups, k_cols, sca, oa, suba, mina, supa, supmina)
             rowk = [builder.mul(builder.add(row0, const(r)), k_cols) for r in range(rows)]
             y = [[cgutils.alloca_once(builder, _F32x8) for _ in range(_VECTORS)] for _ in range(rows)]
             for a in (a for row in y for a in row):
@@ -565,19 +584,8 @@ def _microkernel(rows: int):
                         for r in range(rows):
                             for v in range(_VECTORS):
                                 acc[r][v] = builder.add(acc[r][v], builder.call(maddwd, [pairs[r][v], ones]))
-                    at = builder.mul(b.index, const(TILE))
-                    if compact and (signed_codes or zero == ZERO_POINT["Q5_0"]):  # the file's fp16 scales
-                        s = [_fp16_scales(builder, suba.data, consts, b.index, 8, 8 * v) for v in range(_VECTORS)]
-                        o = []
-                    elif compact:  # Q6_K's integer scales are signed, Q4_K's unsigned
-                        s = [_group_constant(builder, b.index, group, subs_at, sup_at, zero == ZERO_POINT["Q6_K"],
-                                             8, 8 * v) for v in range(_VECTORS)]
-                        o = [_group_constant(builder, b.index, group, mins_at, supmin_at, False, 8, 8 * v)
-                             for v in range(_VECTORS)] if with_offset else []
-                    else:
-                        s = [_at(builder, scales, builder.add(at, const(8 * v)), _F32x8, 4) for v in range(_VECTORS)]
-                        o = [_at(builder, offsets, builder.add(at, const(8 * v)), _F32x8, 4)
-                             for v in range(_VECTORS)] if with_offset else []
+                    s, o = zip(*(constants.at(b.index, group, zero, signed_codes, compact, with_offset, 8, 8 * v)
+                                 for v in range(_VECTORS)))
                     block = builder.sdiv(builder.mul(b.index, const(group)), const(XBLOCK))
                     for r in range(rows):
                         row_sum = builder.load(builder.gep(sa.data, [builder.add(
@@ -733,12 +741,7 @@ def _vnni_microkernel(rows: int):
             blocks = builder.sdiv(k_cols, const(XBLOCK))
             stored = cgutils.unpack_tuple(builder, ca.shape, 4)[1]
             tile_codes = builder.gep(ca.data, [builder.mul(builder.mul(tile, stored), const(4 * TILE))])
-            consts = builder.mul(builder.mul(tile, groups), const(TILE))
-            scales, offsets = builder.gep(sca.data, [consts]), builder.gep(oa.data, [consts])
-            subs_at, mins_at = builder.gep(suba.data, [consts]), builder.gep(mina.data, [consts])
-            supers = builder.sdiv(k_cols, const(SUPER))
-            sup_consts = builder.mul(builder.mul(tile, supers), const(TILE))
-            sup_at, supmin_at = builder.gep(supa.data, [sup_consts]), builder.gep(supmina.data, [sup_consts])
+            constants = _GroupConstants(builder, tile, groups, k_cols, sca, oa, suba, mina, supa, supmina)
             rowk = [builder.mul(builder.add(row0, const(r)), k_cols) for r in range(rows)]
             y = [cgutils.alloca_once(builder, _F32x16) for _ in range(rows)]
             for a in y:
@@ -772,16 +775,7 @@ def _vnni_microkernel(rows: int):
                             for r in range(rows):
                                 x4 = _at(builder, xa.data, builder.add(rowk[r], builder.mul(kq, const(4))), _I32, 1)
                                 acc[r] = builder.call(dpbusd, [acc[r], w32, _splat(builder, x4, _I32x16)])
-                    at = builder.mul(b.index, const(TILE))
-                    if compact and (signed_codes or zero == ZERO_POINT["Q5_0"]):  # the file's fp16 scales
-                        s, o = _fp16_scales(builder, suba.data, consts, b.index, 16, 0), None
-                    elif compact:  # Q6_K's integer scales are signed, Q4_K's unsigned
-                        s = _group_constant(builder, b.index, group, subs_at, sup_at, zero == ZERO_POINT["Q6_K"], 16, 0)
-                        o = _group_constant(builder, b.index, group, mins_at, supmin_at, False, 16, 0) \
-                            if with_offset else None
-                    else:
-                        s = _at(builder, scales, at, _F32x16, 4)
-                        o = _at(builder, offsets, at, _F32x16, 4) if with_offset else None
+                    s, o = constants.at(b.index, group, zero, signed_codes, compact, with_offset, 16, 0)
                     block = builder.sdiv(builder.mul(b.index, const(group)), const(XBLOCK))
                     for r in range(rows):
                         row_sum = builder.load(builder.gep(sa.data, [builder.add(
