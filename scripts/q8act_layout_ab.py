@@ -1,8 +1,8 @@
-"""Verify ms of q8act with every weight in the VNNI layout (`from_quant(w, compact=True)`: constants as the file
+"""Verify ms of q8act with every weight in the file's layout (`from_quant(w, compact=True)`: constants as the file
 keeps them, 5- and 6-bit codes in planes) and with one block type's weights in the plain layout (fp32 constants,
 codes as bytes) instead, in one process, alternating: python scripts/q8act_layout_ab.py MODEL PREFIX KIND
-(e.g. gemma3-270m 512 Q8_0; KIND all: every weight in the plain layout). Needs a VNNI CPU (the compact layout is
-read by the VNNI kernel only)."""
+(e.g. gemma3-270m 512 Q8_0; KIND all: every weight in the plain layout). Runs this CPU's kernel (VNNI or AVX2;
+both read either layout)."""
 import statistics
 import sys
 
