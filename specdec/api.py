@@ -10,10 +10,9 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
-from transformers import PreTrainedModel
 
 from specdec.drafters.base import Drafter, missing_members
 from specdec.drafters.registry import make_drafter, needs_target_weights, unknown_drafter
@@ -33,6 +32,9 @@ from specdec.trees.sizing import LatencyCurve, cached_curve, verifier_key
 from specdec.trees.tree import Tree
 from specdec.verifiers.hf import HFVerifier
 from specdec.verifiers.q8act import as_q8
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 MAX_DROP_IN_WIDTH = 8  # rows of one drop-in generate() call in flight at once
 _PER_ROW = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")

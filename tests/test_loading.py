@@ -156,9 +156,10 @@ def test_a_gguf_path_decodes_in_the_format_auto_picks(tmp_path):
     decoder = SpecDecoder(str(path), drafter="plain", cache_dir=str(tmp_path / "cache"))
     assert decoder.weights == "fp32" and decoder.verifier.weights == "fp32"
     ids = [3, 7, 11, 5]
-    with torch.inference_mode():
-        ref = decoder.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=6, min_new_tokens=6,
-                                     pad_token_id=0, top_k=None, top_p=None, temperature=None)[0, 4:].tolist()
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.inference_mode():  # transformers reading the same file
+        ref = reference.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=6, min_new_tokens=6,
+                                 pad_token_id=0, top_k=None, top_p=None, temperature=None)[0, 4:].tolist()
     assert decoder.generate_ids(ids, max_new_tokens=6, stop_strings=()).tokens[:len(ref)] == ref
 
 

@@ -185,16 +185,19 @@ def test_all_float_gguf_runs_natively_in_fp32(tmp_path):
         SpecDecoder(str(path), drafter="plain", weights="gguf", cache_dir=str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "phi3"])
 def test_tensor_names_are_transformers_own(arch):
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
     from specdec.models.native import _processor, gguf_names
+    from specdec.models.native_model import hf_names
 
     model = tiny(arch)
-    theirs = get_gguf_hf_weights_map(model, _processor(model, arch))
+    theirs = get_gguf_hf_weights_map(model, _processor(model.config, arch))
     params = dict(model.named_parameters(remove_duplicate=False))  # theirs also names buffers
-    assert gguf_names(model, arch) == {g: p for g, p in theirs.items() if p in params}
+    want = {g: p for g, p in theirs.items() if p in params}
+    assert gguf_names(model, arch) == want
+    assert hf_names(list(want) + ["rope_freqs.weight"]) == want  # from the file's names alone, no model
 
 
 def test_draft_model_named_by_a_gguf_loads_natively_and_stays_lossless(tmp_path):
@@ -355,3 +358,72 @@ def test_drafters_train_on_the_targets_real_weights_and_its_default_format(tmp_p
                               target_layers=m.config.num_hidden_layers, feature_layers=(1,), block=4, vocab=8)
     net = dflash.BlockDrafter(m, cfg, torch.arange(8))
     assert not any(t.is_meta for t in [*net.parameters(), *net.buffers()])
+
+
+def test_a_warm_native_load_imports_no_transformers_model_code(tmp_path):
+    # transformers' modeling code costs a start ~2 s of imports: the entry is written once with it (the check
+    # against transformers' own model), a later load builds `NativeModel` from the file alone
+    import subprocess
+    import sys
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(tiny("gemma3"), path)
+    cache = str(tmp_path / "cache")
+    want = SpecDecoder(str(path), drafter="plain", cache_dir=cache).generate_ids(PROMPTS[0], max_new_tokens=8,
+                                                                                 eos_token_id=[]).tokens
+    code = ("import sys; from specdec.api import SpecDecoder; "
+            f"d = SpecDecoder({str(path)!r}, drafter='ngram', cache_dir={cache!r}); "
+            f"print(d.generate_ids({PROMPTS[0]!r}, max_new_tokens=8, eos_token_id=[]).tokens); "
+            "print(sorted(m for m in sys.modules if m.startswith(('transformers.modeling_utils', 'torch._dynamo', "
+            "'transformers.models.gemma3.modeling'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == [str(want), "[]"]
+
+
+def test_the_native_model_is_refused_unless_it_is_transformers_own(tmp_path):
+    from specdec.models.gguf_weights import tensor_index
+    from specdec.models.native import _shell
+    from specdec.models.native_model import check_same, native_model
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(tiny("gemma3"), path)
+    reference = transformers_of(path)
+    shell = _shell(reference.config)
+    ours = native_model(reference.config, reference.generation_config, tensor_index(path))
+    check_same(ours, shell, path.name)  # the same names, shapes, rotary tables and embedding scale
+    rotary = ours.model.rotary_emb
+    rotary.register_buffer("sliding_attention_inv_freq", rotary.sliding_attention_inv_freq * 1.0001,
+                           persistent=False)
+    with pytest.raises(SpecdecError, match="computes model.rotary_emb.sliding_attention_inv_freq unlike"):
+        check_same(ours, shell, path.name)
+    ours = native_model(reference.config, reference.generation_config, tensor_index(path))
+    ours.model.layers[0].add_module("extra", torch.nn.Linear(2, 2, device="meta"))
+    with pytest.raises(SpecdecError, match="another model than transformers'"):
+        check_same(ours, shell, path.name)
+    ours = native_model(reference.config, reference.generation_config, tensor_index(path))
+    ours.model.rotary_emb.sliding_attention_attention_scaling = 2.0
+    with pytest.raises(SpecdecError, match="rope settings differ"):
+        check_same(ours, shell, path.name)
+
+
+def test_an_entry_checked_by_an_older_version_is_checked_again(tmp_path):
+    import json
+
+    from specdec.models import native
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(tiny("qwen2"), path)
+    lines: list[str] = []
+    load_native(str(path), cache_dir=tmp_path / "cache", log=lines.append)
+    entry = next((tmp_path / "cache" / "models").glob("*.gguf-meta"))
+    record = json.loads((entry / "checked.json").read_text())
+    assert record["version"] == native._CHECK_VERSION and any("checking" in line for line in lines)
+    lines.clear()
+    load_native(str(path), cache_dir=tmp_path / "cache", log=lines.append)
+    assert not any("checking" in line for line in lines)  # a current entry is trusted
+    (entry / "checked.json").write_text(json.dumps(record | {"version": native._CHECK_VERSION - 1}))
+    loaded = load_native(str(path), cache_dir=tmp_path / "cache", log=lines.append)
+    assert any("checking" in line for line in lines)
+    assert json.loads((entry / "checked.json").read_text())["version"] == native._CHECK_VERSION
+    assert sorted(p.name for p in entry.parent.iterdir() if not p.name.endswith(".lock")) == [entry.name]
+    assert loaded.tokenizer.get_vocab()  # the rewritten entry loads

@@ -30,10 +30,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
-from transformers import PreTrainedModel
 
 from specdec.data.spec_bench import read_questions
 from specdec.drafters.base import BaseDrafter, Draft, Feedback, Needs
@@ -43,6 +42,9 @@ from specdec.trees.tree import Tree
 from specdec.verifiers.gemm import Linear
 from specdec.verifiers.kv_cache import KVCache
 from specdec.verifiers.lean_model import LeanModel, RowSpans, Step
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 FEED_CHUNK = 256  # tokens per forward when the draft model catches up on a long context (the prompt)
 
@@ -536,13 +538,13 @@ def lean_forward(model: PreTrainedModel, gemm: str = "auto", cache_dir: str | Pa
 
 def resolve_model(spec: Any, cache_dir: str | Path | None = None) -> tuple[PreTrainedModel, Any, str]:
     """A name/path for load_model, a LoadedModel or a PreTrainedModel -> (model, tokenizer or None, name)."""
-    from specdec.models.loading import LoadedModel, load_model
+    from specdec.models.loading import LoadedModel, is_transformers_model, load_model
 
     if isinstance(spec, (str, Path)):
         spec = load_model(str(spec), cache_dir=cache_dir)
     if isinstance(spec, LoadedModel):
         return spec.model, spec.tokenizer, spec.name
-    if isinstance(spec, PreTrainedModel):
+    if is_transformers_model(spec):
         return spec.eval(), None, getattr(spec.config, "_name_or_path", "") or spec.config.model_type
     raise SpecdecError(f"draft_model must be a model name, a directory, a .gguf file or a loaded model, "
                        f"got {type(spec).__name__}")

@@ -29,11 +29,10 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel
 
 from specdec.data.spec_bench import read_questions
 from specdec.drafters.model import DraftRunner, ModelDrafter, draft_vocabulary, lean_forward, resolve_model
@@ -45,6 +44,9 @@ from specdec.trees.tree import Tree
 from specdec.verifiers import gemm as gemm_plan
 from specdec.verifiers.gemm import Linear
 from specdec.verifiers.lean_model import LeanModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)

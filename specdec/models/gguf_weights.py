@@ -16,13 +16,16 @@ import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from transformers import PreTrainedModel
 
 from specdec.errors import SpecdecError
 from specdec.verifiers.q8act import Q8Weight, from_quant
 from specdec.verifiers.quant import QuantWeight, dequantize, unpack
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF metadata value types
 _U32, _STRING, _ARRAY = 4, 8, 9
@@ -132,21 +135,19 @@ class _Header:
         else:
             raise self.fail(f"unknown metadata type {vtype} of {what}")
 
-    def metadata(self, n_kv: int, wanted: dict[str, int], stop: bool = False) -> dict[str, int | str]:
-        """Walks `n_kv` metadata entries, reading the value of each `wanted` key (key -> the type it must have: a
-        u32 or a string) and skipping every other entry by its length; `stop`: return once all wanted are read."""
+    def metadata(self, n_kv: int) -> dict[str, int | str]:
+        """Walks `n_kv` metadata entries, reading every u32 and string value and skipping every other entry (arrays:
+        the vocabulary) by its length."""
         found: dict[str, int | str] = {}
         for _ in range(n_kv):
             key = self.string("a metadata key")
             (vtype,) = self.unpack("<I", f"the type of {key}")
-            if wanted.get(key) == vtype == _STRING:
+            if vtype == _STRING:
                 found[key] = self.string(key)
-            elif wanted.get(key) == vtype == _U32:
+            elif vtype == _U32:
                 (found[key],) = self.unpack("<I", key)
             else:
                 self.skip(vtype, key)
-            if stop and len(found) == len(wanted):
-                break
         return found
 
 
@@ -162,13 +163,17 @@ def tensor_index(path: str | Path) -> list[TensorEntry]:
     return list(_tensor_index(str(Path(path).resolve()), st.st_size, st.st_mtime_ns))
 
 
-@lru_cache(maxsize=8)
-def _tensor_index(path: str, size: int, mtime_ns: int) -> tuple[TensorEntry, ...]:  # size, mtime: the cache key
-    from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
+def _header(path: str | Path) -> tuple[_Header, dict[str, int | str], int]:
+    """(a reader at the tensor infos, the u32 and string metadata values, the tensor count) of a GGUF (v2/v3), each
+    count checked against the file's size: the one walk over its metadata, however many facts are asked."""
+    st = os.stat(path)
+    return _walked(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
+
+@lru_cache(maxsize=8)
+def _walked(path: str, size: int, mtime_ns: int) -> tuple[_Header, dict[str, int | str], int]:  # size, mtime: key
     name = Path(path).name
-    raw = _mapped(path)
-    r = _opened(raw, name)
+    r = _opened(_mapped(path), name)
     (version,) = r.unpack("<I", "the version")
     if version not in (2, 3):
         raise BadGGUF(f"{name}: GGUF version {version} is not supported (2 or 3): convert it with a current llama.cpp")
@@ -176,8 +181,20 @@ def _tensor_index(path: str, size: int, mtime_ns: int) -> tuple[TensorEntry, ...
     for count, least, what in ((n_tensors, _MIN_TENSOR_BYTES, "tensor count"), (n_kv, _MIN_KV_BYTES, "metadata count")):
         if count * least > r.size - r.at:
             raise r.fail(f"{what} {count} does not fit in the {r.size - r.at} bytes left")
-    alignment = r.metadata(n_kv, {"general.alignment": _U32}).get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
-    if alignment < 1 or alignment & (alignment - 1):
+    return r, r.metadata(n_kv), n_tensors
+
+
+@lru_cache(maxsize=8)
+def _tensor_index(path: str, size: int, mtime_ns: int) -> tuple[TensorEntry, ...]:  # size, mtime: the cache key
+    from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
+
+    name = Path(path).name
+    walked, values, n_tensors = _walked(path, size, mtime_ns)
+    r = _Header(walked.buf, name)
+    r.at = walked.at
+    raw = np.frombuffer(walked.buf, dtype=np.uint8)
+    alignment = values.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
         raise r.fail(f"general.alignment {alignment} is not a power of two")
     infos, seen = [], set()
     for _ in range(n_tensors):
@@ -212,14 +229,12 @@ def _tensor_index(path: str, size: int, mtime_ns: int) -> tuple[TensorEntry, ...
 
 def gguf_architecture(path: str | Path) -> str:
     """The file's `general.architecture` (llama.cpp's name: "llama", "qwen2", "gemma3", ...), read by the checked
-    header reader, which stops at that key (llama.cpp writes it first). BadGGUF when the file has none."""
-    r = _opened(_mapped(path), Path(path).name)
-    r.unpack("<I", "the version")
-    _, n_kv = r.unpack("<QQ", "the header")
-    found = r.metadata(n_kv, {"general.architecture": _STRING}, stop=True)
-    if "general.architecture" not in found:
-        raise BadGGUF(f"{r.name} has no general.architecture: give a GGUF written by llama.cpp or gguf-py")
-    return found["general.architecture"]
+    header reader. BadGGUF when the file has none."""
+    _, values, _ = _header(path)
+    arch = values.get("general.architecture")
+    if not isinstance(arch, str):
+        raise BadGGUF(f"{Path(path).name} has no general.architecture: give a GGUF written by llama.cpp or gguf-py")
+    return arch
 
 
 def gguf_shape(path: str | Path) -> dict[str, int | str]:
@@ -227,12 +242,8 @@ def gguf_shape(path: str | Path) -> dict[str, int | str]:
     file has them as u32, "rope_dims" (`<arch>.rope.dimension_count`) and "head_dim" (`<arch>.attention.key_length`,
     else `<arch>.embedding_length` / `<arch>.attention.head_count`). BadGGUF for a malformed file."""
     arch = gguf_architecture(path)
-    keys = {f"{arch}.{k}": _U32 for k in ("rope.dimension_count", "attention.key_length", "embedding_length",
-                                          "attention.head_count")}
-    r = _opened(_mapped(path), Path(path).name)
-    r.unpack("<I", "the version")
-    _, n_kv = r.unpack("<QQ", "the header")
-    found = r.metadata(n_kv, keys, stop=True)
+    _, values, _ = _header(path)
+    found = {k: v for k, v in values.items() if k.startswith(f"{arch}.") and isinstance(v, int)}
     out: dict[str, int | str] = {"arch": arch}
     if f"{arch}.rope.dimension_count" in found:
         out["rope_dims"] = found[f"{arch}.rope.dimension_count"]

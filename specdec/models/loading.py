@@ -19,19 +19,24 @@ import math
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from specdec.errors import SpecdecError
 from specdec.measured import load_json
 from specdec.models.builtin import BUILTINS, DEFAULT_BUILTIN, Builtin, assemble
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SUPPORTED_MODEL_TYPES = ("gemma3_text", "gemma3", "qwen2", "qwen3", "llama", "mistral", "phi3")
 _PROBE_TEXT = "def fibonacci(n):\n    return n if n < 2 else"  # tokens the cache is verified on
@@ -58,6 +63,13 @@ class _Probe:
     ids: list[int]  # the tokenizer's ids for _PROBE_TEXT
     logits: torch.Tensor  # [len(ids), vocab] float32
     generation: dict  # _GENERATION_KEYS of the generation config
+
+
+def is_transformers_model(obj) -> bool:
+    """isinstance(obj, transformers.PreTrainedModel), without importing transformers' modeling code (~2 s of a
+    start that loads a GGUF natively) when no module has: no object can be one then."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return modeling is not None and isinstance(obj, modeling.PreTrainedModel)
 
 
 def default_cache_dir() -> Path:
@@ -231,6 +243,8 @@ def _dequantize_into(gguf: Path, out: Path) -> _Probe:
 
     The file's header is checked by specdec's own reader first (`tensor_index`: every count, length and offset
     against the file's size), so a crafted or cut-short file is refused in one line before gguf-py parses it."""
+    from transformers import AutoModelForCausalLM
+
     from specdec.models.gguf_weights import rope_factors, tensor_index
 
     tensors = tensor_index(gguf)
@@ -285,6 +299,8 @@ def _check_described_size(config, stored: int, gguf: Path) -> None:
     """The model the GGUF's metadata describes (built on the meta device: no memory) must be about the weights the
     file holds: missing or forged hyperparameters would otherwise have transformers allocate a default-sized model
     (a 7B Llama) around a few stored tensors."""
+    from transformers import AutoModelForCausalLM
+
     try:
         with torch.device("meta"):
             shell = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
@@ -300,6 +316,8 @@ def _check_described_size(config, stored: int, gguf: Path) -> None:
 def _save_plain(model: PreTrainedModel, out: Path) -> None:
     """save_pretrained refuses GGUF-quantized models, but their weights are already floats: rebuild the
     model without the quantization config around the same tensors (no copy) and save that."""
+    from transformers import AutoModelForCausalLM
+
     config = copy.deepcopy(model.config)
     del config.quantization_config
     with torch.device("meta"):
@@ -389,6 +407,8 @@ def _check_safetensors(path: Path) -> None:
 
 
 def _load_dir(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
     config = _read_config(path)
     model_type = _check_architecture(config, str(path))
     _check_safetensors(path)
@@ -425,6 +445,8 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
 def _gemma3_text_model(path: Path, config, dtype: torch.dtype) -> PreTrainedModel:
     """A multimodal Gemma 3 checkpoint as a text-only Gemma3ForCausalLM (the vision tower is dropped)."""
+    from transformers import AutoModelForCausalLM
+
     full = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
                                                 trust_remote_code=False, use_safetensors=True)
     text = AutoModelForCausalLM.from_config(config.text_config, dtype=dtype, attn_implementation="sdpa",

@@ -1,24 +1,27 @@
 """A GGUF loaded in its own memory: for the quantised formats (gguf, q8act), no fp32 copy of the big weights.
 
-`load_native(spec, fmt)` gives a `LoadedModel` whose transformers model is a shell built on the meta device
-from the GGUF's config: its norms, biases and any tensor the file stores as F32 / F16 / BF16 are real fp32
-tensors read from the file; every quantised linear stays on meta and is served by `LoadedModel.quant` (the
-file's blocks read and unpacked slice by slice for the kernel, `specdec.verifiers.quant` / `q8act`, a layer's
-q/k/v and gate/up as views of one stacked weight), and a quantised token embedding
-by a `RowTable` that dequantises the rows a step asks for straight from the memory-mapped file. Nothing is
-computed with the shell itself: it carries the config, the module names and the small tensors the lean forward
-(`specdec.verifiers.lean_model`) reads.
+`load_native(spec, fmt)` gives a `LoadedModel` whose model is a `specdec.models.native_model.NativeModel`: the
+GGUF's config and its module tree named as transformers names it, with the norms, biases and any tensor the file
+stores as F32 / F16 / BF16 as real fp32 tensors read from the file; every quantised linear stays on meta and is
+served by `LoadedModel.quant` (the file's blocks read and unpacked slice by slice for the kernel,
+`specdec.verifiers.quant` / `q8act`, a layer's q/k/v and gate/up as views of one stacked weight), and a quantised
+token embedding by a `RowTable` that dequantises the rows a step asks for straight from the memory-mapped file.
+Nothing computes with the model itself: the lean forward (`specdec.verifiers.lean_model`) reads it.
 
 This module owns the small cache entry of each GGUF (`<cache>/models/<name>.gguf-meta/`: config, tokenizer,
 generation config and the record of the exactness check; no weights). The entry is written once, staged and
 renamed into place under a lock as `specdec.models.loading` writes its caches; writing it runs the check:
 every tensor the kernels compute with, unpacked, must be bitwise gguf-py's `dequantize` of the same tensor
 after transformers' own per-architecture conversion (`TENSOR_PROCESSORS`: llama's q/k row order, ...), one
-tensor at a time, so the whole model is never held in fp32. A later load trusts the entry (the file's size
-and modification time are part of its name for a user's .gguf; a built-in is checked against its sha256).
+tensor at a time, so the whole model is never held in fp32. Writing it also builds
+transformers' own model of the file (on the meta device) and refuses the file unless `NativeModel` has its names,
+shapes, rotary tables and embedding scale. A later load trusts the entry (the file's size and modification time
+are part of its name for a user's .gguf; a built-in is checked against its sha256) and imports none of
+transformers' modeling code.
 
-Tensor names are gguf-py's name map of the file's `general.architecture`, applied as transformers'
-`get_gguf_hf_weights_map` applies it (`gguf_names`), so an architecture needs no table here. Loading never runs
+Tensor names: `native_model.hf_names` (llama.cpp's names are the same for every architecture), checked when the
+entry is written against gguf-py's name map of the file's `general.architecture` applied as transformers'
+`get_gguf_hf_weights_map` applies it (`gguf_names`). Loading never runs
 code from the file: config and tokenizer are read as data by transformers' GGUF readers with
 trust_remote_code=False, and the chat template renders in specdec's sandbox (`specdec.chat_template`).
 """
@@ -31,15 +34,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
 
 from specdec.errors import SpecdecError
 from specdec.models.builtin import BUILTINS, DEFAULT_BUILTIN
 from specdec.models.gguf_weights import QuantReport, TensorEntry, gguf_architecture, rope_factors, tensor_index
+from specdec.models.native_model import check_same, hf_names, native_model
 from specdec.models.loading import (
     STAGING,
     LoadedModel,
@@ -61,9 +66,13 @@ from specdec.verifiers.q8act import from_quant
 from specdec.verifiers.quant import (QuantWeight, dequantize, pack_nibbles, split_stacked, stacked, take_rows,
                                      unpack, unpack_rows)
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 FLOAT_KINDS = ("F32", "F16", "BF16")  # stored as values: read as fp32 tensors
 KERNEL_KINDS = ("Q8_0", "Q5_0", "Q6_K", "Q4_K")  # the block types the gguf and q8act kernels run
-_CHECK_VERSION = 1  # bump when unpacking changes: entries checked by an older version are checked again
+_CHECK_VERSION = 2  # bump when what the entry's check covers changes: an entry of an older version is written again
+# (2: `NativeModel` checked against transformers' model)
 _META = ".gguf-meta"
 _CHECK_ROWS = 16384  # rows of a tensor checked at a time
 
@@ -102,6 +111,7 @@ class _Plan:
     linears: dict[str, TensorEntry]  # linear module -> its quantised weight
     embedding: tuple[str, TensorEntry] | None  # (embedding module, tensor) kept as a RowTable
     unsupported: list[tuple[str, str]]  # (gguf name, block type) of quantised tensors no kernel runs
+    tied: bool  # the file has no `output`: the head is the embedding
 
 
 def load_native(spec: str | None, fmt: str = "gguf", cache_dir: str | Path | None = None,
@@ -117,32 +127,39 @@ def load_native(spec: str | None, fmt: str = "gguf", cache_dir: str | Path | Non
     entry = cache_root(cache_dir) / "models" / f"{name}{_META}"
     index = tensor_index(path)  # the header checked against the file's size (BadGGUF: one line)
     arch = gguf_architecture(path)
-    if not entry.is_dir():
+    if not _current(entry):
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
             with _exclusive(entry, say):
-                if not entry.is_dir():
+                if not _current(entry):
                     remove_stale_staging(entry)
+                    _retire(entry)
                     _write_entry(path, index, arch, entry, say)
         except OSError as err:
             raise SpecdecError(f"cannot write the model cache {entry.parent} ({err.strerror or err}): point "
                                "--cache-dir / SPECDEC_CACHE at a writable folder") from None
     tokenizer = load_tokenizer(entry)  # first: its peak (a 262k vocabulary: ~450 MB while it is built, ~300 MB
     # after) then does not sit on top of the weights
+    model, quant, report = _read(entry, index, path, arch, fmt)
+    say(report.summary())
+    return LoadedModel(model, tokenizer, spec if spec in BUILTINS else path.stem, str(path), quant=quant, report=report)
+
+
+def _read(entry: Path, index: list[TensorEntry], path: Path, arch: str, fmt: str) -> tuple:
+    """(the `NativeModel` with the file's small tensors, module -> the kernel's weight, the `QuantReport`)."""
     config = AutoConfig.from_pretrained(entry, trust_remote_code=False)
-    shell = _shell(config)
+    model = native_model(config, GenerationConfig.from_pretrained(entry), index)  # no transformers model class
     factors = rope_factors(index)
     if factors is not None:
-        apply_rope_factors(shell, factors)
-    shell.generation_config = GenerationConfig.from_pretrained(entry)
-    plan = _plan(shell, index, path, arch)
+        apply_rope_factors(model, factors)
+    plan = _plan(model, hf_names([t.name for t in index]), index, path)
     if plan.unsupported:
         gname, kind = plan.unsupported[0]
         raise SpecdecError(f"{path.name}: tensor {gname} is {kind}, a block type the gguf and q8act kernels lack "
                            f"(they run {', '.join(KERNEL_KINDS)}): use --weights fp32 (dequantised, ~4x the file's "
                            "memory) or a GGUF quantised to those types")
-    processor = _processor(shell, arch)
-    _fill_floats(shell, plan, processor)
+    processor = _processor(config, arch)
+    _fill_floats(model, plan, processor)
     quant: dict = {}
     report = QuantReport(fmt=fmt)
     nibbles = pack_nibbles(sum(t.data.size for t in plan.linears.values() if t.kind == "Q4_K"))
@@ -156,13 +173,26 @@ def load_native(spec: str | None, fmt: str = "gguf", cache_dir: str | Path | Non
             report.kernel_bytes += weight.nbytes
     if plan.embedding is not None:
         quant[plan.embedding[0]] = RowTable(plan.embedding[1])
-    left = [n for n, p in shell.named_parameters() if p.is_meta and n.rsplit(".", 1)[0] not in quant]
+    left = [n for n, p in model.named_parameters() if p.is_meta and n.rsplit(".", 1)[0] not in quant]
     if left:
         raise SpecdecError(f"{path.name} holds no usable tensor for {left[0]} ({len(left)} parameters missing): the "
                            "file is incomplete or of another model; use a GGUF written by llama.cpp")
-    say(report.summary())
-    return LoadedModel(shell.eval(), tokenizer, spec if spec in BUILTINS else path.stem, str(path), quant=quant,
-                       report=report)
+    return model, quant, report
+
+def _current(entry: Path) -> bool:
+    """Whether the cache entry exists and was checked by this version's check (`_CHECK_VERSION`)."""
+    try:
+        return json.loads((entry / "checked.json").read_text(encoding="utf-8")).get("version") == _CHECK_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _retire(entry: Path) -> None:
+    """An outdated entry moved aside in one step (a load reading it keeps its open files), then removed."""
+    if entry.is_dir():
+        aside = Path(tempfile.mkdtemp(prefix=f".{entry.name}.old", dir=entry.parent))
+        entry.rename(aside / entry.name)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 _SHARED_INPUT = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
@@ -221,6 +251,8 @@ def load_tokenizer(entry: Path):
 def _shell(config) -> PreTrainedModel:
     """The model with every parameter on the meta device (no memory) and its buffers (rotary tables, embedding
     scales) computed on the CPU, as the model's own constructors compute them."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         shell = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa",
                                                  trust_remote_code=False)
@@ -238,12 +270,12 @@ def _shell(config) -> PreTrainedModel:
     return shell
 
 
-def _processor(shell: PreTrainedModel, arch: str):
+def _processor(config, arch: str):
     """transformers' per-architecture conversion of GGUF tensors (llama's q/k row order, Gemma's norm offsets),
     chosen by the file's architecture as transformers chooses it (a Mistral GGUF is a llama one)."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=shell.config.to_dict())
+    return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
 
 
 def gguf_names(shell: PreTrainedModel, arch: str) -> dict[str, str]:
@@ -265,14 +297,14 @@ def gguf_names(shell: PreTrainedModel, arch: str) -> dict[str, str]:
     return out
 
 
-def _plan(shell: PreTrainedModel, index: list[TensorEntry], path: Path, arch: str) -> _Plan:
-    names = gguf_names(shell, arch)  # gguf name -> parameter name
-    modules = dict(shell.named_modules())
-    embed_module = next(n for n, m in modules.items() if m is shell.get_input_embeddings())
-    head_module = next(n for n, m in modules.items() if m is shell.get_output_embeddings())
+def _plan(model: torch.nn.Module, names: dict[str, str], index: list[TensorEntry], path: Path) -> _Plan:
+    """names: GGUF tensor -> parameter of `model` (transformers' model or a `NativeModel`)."""
+    modules = dict(model.named_modules())
+    embed_module = next(n for n, m in modules.items() if m is model.get_input_embeddings())
+    head_module = next(n for n, m in modules.items() if m is model.get_output_embeddings())
     tied = not any(t.name == "output.weight" for t in index)
     floats, linears, unsupported, embedding = {}, {}, [], None
-    params = dict(shell.named_parameters(remove_duplicate=False))
+    params = dict(model.named_parameters(remove_duplicate=False))
     for t in index:
         param = names.get(t.name)
         if param is None:
@@ -299,11 +331,11 @@ def _plan(shell: PreTrainedModel, index: list[TensorEntry], path: Path, arch: st
                 linears[head_module] = t
         else:
             linears[module] = t
-    return _Plan(floats, linears, embedding, unsupported)
+    return _Plan(floats, linears, embedding, unsupported, tied)
 
 
-def _fill_floats(shell: PreTrainedModel, plan: _Plan, processor) -> None:
-    """The tensors the file stores as values, as real fp32 parameters of the shell."""
+def _fill_floats(model: torch.nn.Module, plan: _Plan, processor) -> None:
+    """The tensors the file stores as values, as real fp32 parameters of `model`."""
     from gguf import GGMLQuantizationType
     from gguf import dequantize as gguf_dequantize
 
@@ -312,15 +344,16 @@ def _fill_floats(shell: PreTrainedModel, plan: _Plan, processor) -> None:
         values = gguf_dequantize(t.data, GGMLQuantizationType[t.kind]).reshape(tuple(reversed(t.shape)))
         values = processor.process(weights=values, name=t.name).weights
         state[param] = torch.from_numpy(np.array(values, dtype=np.float32))
-    wanted = dict(shell.named_parameters())
+    wanted = dict(model.named_parameters())
     for param, value in state.items():
         if tuple(value.shape) != tuple(wanted[param].shape):
             raise SpecdecError(f"tensor for {param} has shape {tuple(value.shape)}, the model "
                                f"{tuple(wanted[param].shape)}: the GGUF's metadata does not describe its tensors; "
                                "get the file again")
-    shell.load_state_dict(state, strict=False, assign=True)
-    if shell.config.tie_word_embeddings and not shell.get_input_embeddings().weight.is_meta:
-        shell.tie_weights()  # an F32 / F16 embedding is the head too: one tensor
+    model.load_state_dict(state, strict=False, assign=True)
+    embed = model.get_input_embeddings().weight
+    if plan.tied and not embed.is_meta:
+        model.get_output_embeddings().weight = embed  # an F32 / F16 embedding is the head too: one tensor
 
 
 def _row_order(processor, name: str, rows: int) -> np.ndarray | None:
@@ -365,9 +398,14 @@ def _write_entry(path: Path, index: list[TensorEntry], arch: str, entry: Path, l
             raise SpecdecError(f"cannot read {path.name} ({type(err).__name__}: {_first_line(err)}): give a GGUF "
                                "of a supported model written by llama.cpp") from None
         shell = _shell(config)
-        plan = _plan(shell, index, path, arch)
+        names = gguf_names(shell, arch)
+        plan = _plan(shell, names, index, path)  # the tensors' shapes against the model the metadata describes
+        if hf_names([t.name for t in index]) != {t.name: names[t.name] for t in index if t.name in names}:
+            raise SpecdecError(f"{path.name}: specdec names its tensors unlike transformers: report this as a "
+                               "specdec bug; use --weights fp32 meanwhile")
+        check_same(native_model(config, GenerationConfig.from_model_config(config), index), shell, path.name)
         log(f"checking {len(plan.linears)} quantised tensors against gguf-py (one time)...")
-        checked = _check_exact(plan, _processor(shell, arch), path)
+        checked = _check_exact(plan, _processor(config, arch), path)
         config.save_pretrained(staging)
         GenerationConfig.from_model_config(config).save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -10,12 +10,14 @@ plus the accepted nodes: a crop when the accepted nodes are the first ones (chai
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
 
 from specdec.verifiers.base import DenseScores, NodeInputs, hidden_keys
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache, PreTrainedModel
 
 
 class HFVerifier:
@@ -36,6 +38,8 @@ class HFVerifier:
         self._pending = 0
 
     def reset(self, num_slots: int, max_len: int) -> None:
+        from transformers import DynamicCache
+
         if num_slots != 1:
             raise ValueError("the transformers verifier runs one sequence at a time; use backend='lean' for batches")
         self._cache, self._len, self._pending = DynamicCache(), 0, 0

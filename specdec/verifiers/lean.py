@@ -25,10 +25,9 @@ position, whatever else is in the call; it costs verify time (docs/design.md, st
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
-from transformers import PreTrainedModel
 
 from specdec.verifiers import gemm, glue
 from specdec.verifiers.base import NodeInputs, captured, hidden_keys
@@ -39,6 +38,9 @@ from specdec.verifiers.screen import IntScreenedHead, ScreenedHead, measure_scre
 from specdec.verifiers.strict import BLOCK, TILE, CanonicalTree
 from specdec.verifiers.kv_cache import KVCache
 from specdec.verifiers.tree_attention import triton_available
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 PREFILL_CHUNK = 256
 

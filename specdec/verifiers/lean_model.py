@@ -23,17 +23,20 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
 
 from specdec.verifiers import glue
 from specdec.verifiers.gemm import GemmPlan, Linear
 from specdec.verifiers.quant import QuantLinear, QuantWeight, stacked
 from specdec.verifiers.strict import CanonicalTree, TiledLinear, attend_canonical
 from specdec.verifiers.tree_attention import tree_attention
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq independent of sequence length

@@ -25,13 +25,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import PreTrainedModel
 
 from specdec.drafters.base import DraftRow, Needs
 from specdec.drafters.diffusion.backend import Lattice
@@ -40,6 +39,9 @@ from specdec.errors import SpecdecError
 from specdec.verifiers import glue
 from specdec.verifiers.kv_cache import KVCache
 from specdec.verifiers.lean_model import TorchOps, apply_rope, read_arch, rms_norm, run_layers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 FORMAT = "specdec-dflash-2"  # 2: the root input also carries the last context feature (root_proj)
 MAX_BLOCK = 256  # mask positions a weights file may declare
