@@ -189,11 +189,12 @@ def test_all_float_gguf_runs_natively_in_fp32(tmp_path):
 def test_tensor_names_are_transformers_own(arch):
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
-    from specdec.models.native import _processor, gguf_names
+    from specdec.models.conversion import processor
+    from specdec.models.native import gguf_names
     from specdec.models.native_model import hf_names
 
     model = tiny(arch)
-    theirs = get_gguf_hf_weights_map(model, _processor(model.config, arch))
+    theirs = get_gguf_hf_weights_map(model, processor(model.config, arch))
     params = dict(model.named_parameters(remove_duplicate=False))  # theirs also names buffers
     want = {g: p for g, p in theirs.items() if p in params}
     assert gguf_names(model, arch) == want
@@ -427,3 +428,26 @@ def test_an_entry_checked_by_an_older_version_is_checked_again(tmp_path):
     assert json.loads((entry / "checked.json").read_text())["version"] == native._CHECK_VERSION
     assert sorted(p.name for p in entry.parent.iterdir() if not p.name.endswith(".lock")) == [entry.name]
     assert loaded.tokenizer.get_vocab()  # the rewritten entry loads
+
+
+def test_the_entry_records_transformers_conversion_as_orders_and_values(tmp_path):
+    # llama's q/k rows are permuted (as orders, even for an all-float file: no second copy of the values), Gemma's
+    # norms are stored as 1 + w (their converted values); a load then decodes as transformers without its processor
+    from specdec.models.conversion import FILE, Conversion
+
+    for arch, kinds in (("llama", ("F32",)), ("gemma3", ("Q8_0",))):
+        path = tmp_path / f"{arch}.gguf"
+        write_gguf(tiny(arch), path, kinds=kinds, embed_kind=kinds[0])
+        cache = str(tmp_path / f"cache-{arch}")
+        decoder = SpecDecoder(str(path), drafter="plain", cache_dir=cache)
+        conversion = Conversion.read(next((tmp_path / f"cache-{arch}" / "models").glob("*.gguf-meta")))
+        layers = tiny(arch).config.num_hidden_layers
+        if arch == "llama":
+            assert sorted(conversion.orders) == sorted(f"blk.{i}.attn_{x}.weight" for i in range(layers) for x in "qk")
+            assert conversion.values == {}
+        else:
+            assert conversion.orders == {} and all("norm" in name for name in conversion.values)
+            assert len(conversion.values) == 6 * layers + 1  # four norms and q/k norms a layer, the final norm
+        want = hf_greedy(transformers_of(path), PROMPTS[0], 16)
+        assert decoder.generate_ids(PROMPTS[0], max_new_tokens=16, eos_token_id=[]).tokens == want
+        assert (next((tmp_path / f"cache-{arch}" / "models").glob("*.gguf-meta")) / FILE).stat().st_size < 2**20

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from specdec.errors import SpecdecError
 from specdec.measured import load_json
@@ -243,7 +243,7 @@ def _dequantize_into(gguf: Path, out: Path) -> _Probe:
 
     The file's header is checked by specdec's own reader first (`tensor_index`: every count, length and offset
     against the file's size), so a crafted or cut-short file is refused in one line before gguf-py parses it."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from specdec.models.gguf_weights import rope_factors, tensor_index
 
@@ -366,6 +366,8 @@ def _read_config(directory: Path, gguf: Path | None = None):
     """The model's config. A directory's config.json is read as plain JSON first: an architecture specdec does
     not support is refused before transformers sees it, so its `auto_map` code is never offered or run (and
     trust_remote_code is False everywhere anyway)."""
+    from transformers import AutoConfig
+
     kwargs = {"gguf_file": gguf.name} if gguf is not None else {}
     if gguf is None:
         try:
@@ -436,6 +438,8 @@ def _rope_record(record: dict) -> None:
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as err:

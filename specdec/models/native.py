@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+from transformers import GenerationConfig
 
 from specdec.errors import SpecdecError
 from specdec.models.builtin import BUILTINS, DEFAULT_BUILTIN
+from specdec.models.conversion import Conversion, processor
 from specdec.models.gguf_weights import QuantReport, TensorEntry, gguf_architecture, rope_factors, tensor_index
-from specdec.models.native_model import check_same, hf_names, native_model
+from specdec.models.native_model import ModelConfig, check_same, hf_names, native_model
 from specdec.models.loading import (
     STAGING,
     LoadedModel,
@@ -71,8 +71,8 @@ if TYPE_CHECKING:
 
 FLOAT_KINDS = ("F32", "F16", "BF16")  # stored as values: read as fp32 tensors
 KERNEL_KINDS = ("Q8_0", "Q5_0", "Q6_K", "Q4_K")  # the block types the gguf and q8act kernels run
-_CHECK_VERSION = 2  # bump when what the entry's check covers changes: an entry of an older version is written again
-# (2: `NativeModel` checked against transformers' model)
+_CHECK_VERSION = 4  # bump when what the entry's check covers changes: an entry of an older version is written again
+# (2: `NativeModel` checked against transformers' model; 3: its config as data; 4: the tensor conversion as data)
 _META = ".gguf-meta"
 _CHECK_ROWS = 16384  # rows of a tensor checked at a time
 
@@ -140,14 +140,14 @@ def load_native(spec: str | None, fmt: str = "gguf", cache_dir: str | Path | Non
                                "--cache-dir / SPECDEC_CACHE at a writable folder") from None
     tokenizer = load_tokenizer(entry)  # first: its peak (a 262k vocabulary: ~450 MB while it is built, ~300 MB
     # after) then does not sit on top of the weights
-    model, quant, report = _read(entry, index, path, arch, fmt)
+    model, quant, report = _read(entry, index, path, fmt)
     say(report.summary())
     return LoadedModel(model, tokenizer, spec if spec in BUILTINS else path.stem, str(path), quant=quant, report=report)
 
 
-def _read(entry: Path, index: list[TensorEntry], path: Path, arch: str, fmt: str) -> tuple:
+def _read(entry: Path, index: list[TensorEntry], path: Path, fmt: str) -> tuple:
     """(the `NativeModel` with the file's small tensors, module -> the kernel's weight, the `QuantReport`)."""
-    config = AutoConfig.from_pretrained(entry, trust_remote_code=False)
+    config = ModelConfig.read(entry)
     model = native_model(config, GenerationConfig.from_pretrained(entry), index)  # no transformers model class
     factors = rope_factors(index)
     if factors is not None:
@@ -158,13 +158,13 @@ def _read(entry: Path, index: list[TensorEntry], path: Path, arch: str, fmt: str
         raise SpecdecError(f"{path.name}: tensor {gname} is {kind}, a block type the gguf and q8act kernels lack "
                            f"(they run {', '.join(KERNEL_KINDS)}): use --weights fp32 (dequantised, ~4x the file's "
                            "memory) or a GGUF quantised to those types")
-    processor = _processor(config, arch)
-    _fill_floats(model, plan, processor)
+    conversion = Conversion.read(entry)
+    _fill_floats(model, plan, conversion)
     quant: dict = {}
     report = QuantReport(fmt=fmt)
     nibbles = pack_nibbles(sum(t.data.size for t in plan.linears.values() if t.kind == "Q4_K"))
     for group in _input_groups(plan.linears):
-        weights = [_unpack(plan.linears[m], processor, path, nibbles, ints=fmt == "q8act") for m in group]
+        weights = [_unpack(plan.linears[m], conversion, path, nibbles, ints=fmt == "q8act") for m in group]
         for module, weight in zip(group, _for_kernel(weights, fmt)):
             quant[module] = weight
             kind = plan.linears[module].kind
@@ -240,6 +240,8 @@ def load_tokenizer(entry: Path):
     from transformers import PreTrainedTokenizerFast
 
     if not (entry / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(entry, trust_remote_code=False)
     settings = json.loads((entry / "tokenizer_config.json").read_text(encoding="utf-8"))
     kwargs = {k: v for k, v in settings.items() if k not in _NOT_KWARGS}
@@ -268,14 +270,6 @@ def _shell(config) -> PreTrainedModel:
         raise SpecdecError(f"cannot build {config.model_type} without its weights (buffer {meta[0]}): use "
                            "--weights fp32")
     return shell
-
-
-def _processor(config, arch: str):
-    """transformers' per-architecture conversion of GGUF tensors (llama's q/k row order, Gemma's norm offsets),
-    chosen by the file's architecture as transformers chooses it (a Mistral GGUF is a llama one)."""
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
-
-    return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
 
 
 def gguf_names(shell: PreTrainedModel, arch: str) -> dict[str, str]:
@@ -334,16 +328,11 @@ def _plan(model: torch.nn.Module, names: dict[str, str], index: list[TensorEntry
     return _Plan(floats, linears, embedding, unsupported, tied)
 
 
-def _fill_floats(model: torch.nn.Module, plan: _Plan, processor) -> None:
-    """The tensors the file stores as values, as real fp32 parameters of `model`."""
-    from gguf import GGMLQuantizationType
-    from gguf import dequantize as gguf_dequantize
-
-    state = {}
-    for param, t in plan.floats.items():
-        values = gguf_dequantize(t.data, GGMLQuantizationType[t.kind]).reshape(tuple(reversed(t.shape)))
-        values = processor.process(weights=values, name=t.name).weights
-        state[param] = torch.from_numpy(np.array(values, dtype=np.float32))
+def _fill_floats(model: torch.nn.Module, plan: _Plan, conversion: Conversion) -> None:
+    """The tensors the file stores as values, converted as transformers converts them, as real fp32 parameters of
+    `model`."""
+    state = {param: torch.from_numpy(np.array(conversion.floats(t), dtype=np.float32))
+             for param, t in plan.floats.items()}
     wanted = dict(model.named_parameters())
     for param, value in state.items():
         if tuple(value.shape) != tuple(wanted[param].shape):
@@ -356,19 +345,8 @@ def _fill_floats(model: torch.nn.Module, plan: _Plan, processor) -> None:
         model.get_output_embeddings().weight = embed  # an F32 / F16 embedding is the head too: one tensor
 
 
-def _row_order(processor, name: str, rows: int) -> np.ndarray | None:
-    """The row permutation transformers' conversion applies to tensor `name` (llama's q/k), or None for none.
-    SpecdecError when it changes values, which a permutation of rows cannot express."""
-    probe = np.arange(rows, dtype=np.float64)[:, None]
-    out = np.asarray(processor.process(weights=probe, name=name).weights)
-    order = out.reshape(-1).astype(np.int64)
-    if out.shape != probe.shape or not np.array_equal(np.sort(order), np.arange(rows)) or \
-            not np.array_equal(order.astype(np.float64), out.reshape(-1)):
-        raise SpecdecError(f"transformers converts GGUF tensor {name} by more than a row order: use --weights fp32")
-    return None if np.array_equal(order, np.arange(rows)) else order
-
-
-def _unpack(t: TensorEntry, processor, path: Path, nibbles: bool | None = None, ints: bool = False) -> QuantWeight:
+def _unpack(t: TensorEntry, conversion: Conversion, path: Path, nibbles: bool | None = None,
+            ints: bool = False) -> QuantWeight:
     """The tensor as the gguf kernel holds it, in transformers' row order; its bytes are read, not mapped.
     nibbles: Q4_K codes two a byte (None: `quant.pack_nibbles` for this tensor alone); ints: with the file's
     integer K-quant constants (for q8act)."""
@@ -376,13 +354,18 @@ def _unpack(t: TensorEntry, processor, path: Path, nibbles: bool | None = None, 
     row_bytes = t.data.size // rows
     weight = unpack_rows(t.kind, lambda first, n: t.read(path, first * row_bytes, n * row_bytes), rows, cols,
                          nibbles, ints)
-    order = _row_order(processor, t.name, rows)
+    order = conversion.order(t.name)
     return weight if order is None else take_rows(weight, order)
 
 
 def _write_entry(path: Path, index: list[TensorEntry], arch: str, entry: Path, log: Log) -> None:
     """Config, tokenizer and generation config read from the GGUF, the kernel's tensors checked (streamed) against
     gguf-py, then the entry renamed into place."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    from specdec.verifiers.lean_model import arch_of
+
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}{STAGING}", suffix=".partial", dir=entry.parent))
     staging.chmod(0o755)
     try:
@@ -403,10 +386,19 @@ def _write_entry(path: Path, index: list[TensorEntry], arch: str, entry: Path, l
         if hf_names([t.name for t in index]) != {t.name: names[t.name] for t in index if t.name in names}:
             raise SpecdecError(f"{path.name}: specdec names its tensors unlike transformers: report this as a "
                                "specdec bug; use --weights fp32 meanwhile")
-        check_same(native_model(config, GenerationConfig.from_model_config(config), index), shell, path.name)
+        light = ModelConfig(**config.to_dict())
+        if arch_of(light) != arch_of(config):
+            raise SpecdecError(f"{path.name}: specdec reads its config unlike transformers: report this as a specdec "
+                               "bug; use --weights fp32 meanwhile")
+        check_same(native_model(light, GenerationConfig.from_model_config(config), index), shell, path.name)
         log(f"checking {len(plan.linears)} quantised tensors against gguf-py (one time)...")
-        checked = _check_exact(plan, _processor(config, arch), path)
+        proc = processor(config, arch)
+        conversion = Conversion.of(proc, list({t.name: t for t in plan.linears.values()}.values()),
+                                   list(plan.floats.values()))
+        checked = _check_exact(plan, proc, conversion, path)
+        conversion.save(staging)
         config.save_pretrained(staging)
+        ModelConfig.save(config, staging)
         GenerationConfig.from_model_config(config).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "checked.json").write_text(json.dumps({"version": _CHECK_VERSION, "file": path.name,
@@ -416,9 +408,10 @@ def _write_entry(path: Path, index: list[TensorEntry], arch: str, entry: Path, l
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_exact(plan: _Plan, processor, path: Path) -> int:
-    """Every quantised linear, unpacked (and reordered) as the kernels hold it, bitwise equal to gguf-py's
-    dequantisation after transformers' conversion: one tensor at a time. Returns how many were checked."""
+def _check_exact(plan: _Plan, proc, conversion: Conversion, path: Path) -> int:
+    """Every quantised linear, unpacked (and reordered by `conversion`) as the kernels hold it, bitwise equal to
+    gguf-py's dequantisation after transformers' conversion (`proc`): one tensor at a time. Returns how many were
+    checked."""
     from gguf import GGMLQuantizationType
     from gguf import dequantize as gguf_dequantize
 
@@ -428,15 +421,15 @@ def _check_exact(plan: _Plan, processor, path: Path) -> int:
             continue
         seen.add(t.name)
         cols, rows = t.shape[:2]
-        whole = _row_order(processor, t.name, rows) is not None  # reordered rows: check the tensor in one piece
+        whole = conversion.order(t.name) is not None  # reordered rows: check the tensor in one piece
         step = rows if whole else _CHECK_ROWS  # else in slices of rows: a large head never sits in fp32 twice
         row_bytes = t.data.size // rows
         for first in range(0, rows, step):
             n = min(step, rows - first)
             raw = t.read(path, first * row_bytes, n * row_bytes)
-            ours = dequantize(_unpack(t, processor, path) if whole else unpack(t.kind, raw, n, cols))
+            ours = dequantize(_unpack(t, conversion, path) if whole else unpack(t.kind, raw, n, cols))
             theirs = gguf_dequantize(raw, GGMLQuantizationType[t.kind]).reshape(n, cols)
-            theirs = np.asarray(processor.process(weights=theirs, name=t.name).weights, dtype=np.float32)
+            theirs = np.asarray(proc.process(weights=theirs, name=t.name).weights, dtype=np.float32)
             if ours.shape != theirs.shape or not np.array_equal(ours.view(np.int32), theirs.view(np.int32)):
                 raise SpecdecError(f"{path.name}: tensor {t.name} ({t.kind}) unpacks to other values than gguf-py's: "
                                    "report this as a specdec bug; use --weights fp32 meanwhile")

@@ -15,7 +15,10 @@ when it writes a GGUF's cache entry, and refuses the file unless names, shapes a
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +27,38 @@ from specdec.errors import SpecdecError
 
 if TYPE_CHECKING:
     from specdec.models.gguf_weights import TensorEntry
+
+CONFIG_FILE = "model_config.json"  # a cache entry's config, every field (`ModelConfig`)
+
+
+class ModelConfig(SimpleNamespace):
+    """A model's transformers config as the values it holds: every field, defaults included, as its `to_dict()`
+    gave them when the cache entry was written (`save`). What the lean forward, the plan and the drafters read of
+    a config, without importing transformers' config classes (their model registry costs a start ~0.3 s); the
+    entry's check builds the same `Arch` and `NativeModel` from it as from transformers' config."""
+
+    @classmethod
+    def read(cls, entry: Path) -> ModelConfig:
+        values = json.loads((entry / CONFIG_FILE).read_text(encoding="utf-8"))
+        return cls(**(values | {"_name_or_path": str(entry)}))
+
+    @staticmethod
+    def save(config, entry: Path) -> None:
+        (entry / CONFIG_FILE).write_text(json.dumps(config.to_dict()), encoding="utf-8")
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+    def to_json_string(self, use_diff: bool = False) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2) + "\n"
+
+    def transformers(self):
+        """transformers' config of these values (for the rope types transformers computes)."""
+        from transformers import AutoConfig
+
+        values = {k: v for k, v in self.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+
 
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK = {  # GGUF tensor in block N -> transformers' module under model.layers.N
@@ -157,6 +192,7 @@ def _frequencies(config, params: dict, layer_type: str | None) -> tuple[torch.Te
     if params["rope_type"] != "default":
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+        config = config.transformers() if isinstance(config, ModelConfig) else config
         if layer_type is None:
             return ROPE_INIT_FUNCTIONS[params["rope_type"]](config)
         return ROPE_INIT_FUNCTIONS[params["rope_type"]](config, None, layer_type=layer_type)
