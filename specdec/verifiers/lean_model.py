@@ -52,13 +52,14 @@ class Arch:
     num_kv_heads: int
     head_dim: int
     eps: float
-    gemma: bool  # (1 + w) norms, q/k norms, sandwich norms, scaled embedding
+    norm_offset: float  # an RMSNorm scales by norm_offset + w (Gemma: 1)
     activation: str  # "gelu_tanh" | "silu"
     attn_scale: float
     attn_softcap: float | None
     final_softcap: float | None
     windows: tuple[int | None, ...]  # per layer; None = global attention
-    rope_kinds: tuple[str, ...]  # per layer: key into the rotary tables
+    rope_kinds: tuple[str, ...]  # per layer: key into the rotary tables ("default", or its layer type when the
+    # config has rope parameters per layer type)
 
 
 @dataclass
@@ -129,19 +130,26 @@ def read_arch(model: PreTrainedModel) -> Arch:
     return arch_of(model.config)
 
 
+_NORM_OFFSET = {"gemma3_text": 1.0}  # families whose RMSNorm scales by 1 + w (not in their configs)
+
+
 def arch_of(cfg) -> Arch:
-    """The lean forward's constants of a transformers config; ValueError for one it does not run."""
+    """The lean forward's constants of a transformers config, read as data: what a config lacks takes the common
+    value (no query_pre_attn_scalar: head_dim; no softcapping: none; rope parameters per layer type or one rope).
+    What the weights say (q/k norms, the norms around attention and MLP, biases, a tied head) the forward reads
+    from the modules present. ValueError for a config it does not run."""
     if cfg.model_type not in SUPPORTED:
         raise ValueError(f"lean verifier: unsupported model type {cfg.model_type!r} (supported: {SUPPORTED})")
-    gemma = cfg.model_type == "gemma3_text"
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    act = cfg.hidden_activation if gemma else cfg.hidden_act
+    act = getattr(cfg, "hidden_activation", None) or cfg.hidden_act
     if act not in ("gelu_pytorch_tanh", "silu"):
         raise ValueError(f"lean verifier: unsupported activation {act!r}")
     rope = getattr(cfg, "rope_parameters", None) or {}
-    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError(f"lean verifier: partial rotary embeddings (factor {rope['partial_rotary_factor']}) "
-                         "are unsupported")
+    per_type = bool(rope) and "rope_type" not in rope  # {layer type: parameters} (Gemma 3)
+    for params in (rope.values() if per_type else [rope]):
+        if float((params or {}).get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError(f"lean verifier: partial rotary embeddings (factor {params['partial_rotary_factor']}) "
+                             "are unsupported")
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types is None:  # Mistral, Phi-3: one sliding window for every layer when the config sets one
         everywhere = getattr(cfg, "sliding_window", None) is not None
@@ -149,12 +157,13 @@ def arch_of(cfg) -> Arch:
     windows = tuple(cfg.sliding_window if t == "sliding_attention" else None for t in layer_types)
     return Arch(
         model_type=cfg.model_type, hidden=cfg.hidden_size, num_heads=cfg.num_attention_heads,
-        num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim, eps=cfg.rms_norm_eps, gemma=gemma,
+        num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim, eps=cfg.rms_norm_eps,
+        norm_offset=_NORM_OFFSET.get(cfg.model_type, 0.0),
         activation="gelu_tanh" if act == "gelu_pytorch_tanh" else "silu",
-        attn_scale=(cfg.query_pre_attn_scalar if gemma else head_dim) ** -0.5,
-        attn_softcap=getattr(cfg, "attn_logit_softcapping", None) if gemma else None,
-        final_softcap=getattr(cfg, "final_logit_softcapping", None) if gemma else None,
-        windows=windows, rope_kinds=tuple(layer_types) if gemma else ("default",) * len(windows),
+        attn_scale=(getattr(cfg, "query_pre_attn_scalar", None) or head_dim) ** -0.5,
+        attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
+        final_softcap=getattr(cfg, "final_logit_softcapping", None),
+        windows=windows, rope_kinds=tuple(layer_types) if per_type else ("default",) * len(windows),
     )
 
 
@@ -183,7 +192,7 @@ class LeanModel:
         unused = set(self._quant) - set(self._names.values())
         if unused:
             raise ValueError(f"quantised weights for modules the model does not have: {sorted(unused)[:3]}")
-        self._inv_freq = _inv_freqs(base.rotary_emb, set(arch.rope_kinds), arch.gemma)
+        self._inv_freq = _inv_freqs(base.rotary_emb, set(arch.rope_kinds))
         self._gqa = bool(arch.num_heads != arch.num_kv_heads)
         # GGUF-native weights on fp32 rows: the layers run through `glue` (`_GlueOps`)
         self._glue = [_GlueNorms.of(lw) for lw in self.layers] if self._quant and self.dtype == torch.float32 else None
@@ -210,24 +219,19 @@ class LeanModel:
     # ---- weights -------------------------------------------------------------------------------------
 
     def _norm_scale(self, norm: torch.nn.Module) -> torch.Tensor:
-        w = norm.weight.detach().float()
-        return (1.0 + w) if self.arch.gemma else w
+        return norm_scale(norm, self.arch)
 
     def _layer(self, layer: torch.nn.Module) -> _Layer:
-        att, mlp, g = layer.self_attn, layer.mlp, self.arch.gemma
+        att, mlp = layer.self_attn, layer.mlp
+        norms = {name: None if norm is None else self._norm_scale(norm) for name, norm in layer_norms(layer).items()}
         return _Layer(
-            in_norm=self._norm_scale(layer.input_layernorm),
             qkv=self._linears([att.qkv_proj] if hasattr(att, "qkv_proj")  # Phi-3 stores [q; k; v] as one linear
                               else [att.q_proj, att.k_proj, att.v_proj]),
             o=self._linear(att.o_proj),
-            post_attn_norm=self._norm_scale(layer.post_attention_layernorm) if g else None,
-            ff_norm=self._norm_scale(layer.pre_feedforward_layernorm if g else layer.post_attention_layernorm),
-            post_ff_norm=self._norm_scale(layer.post_feedforward_layernorm) if g else None,
-            q_norm=self._norm_scale(att.q_norm) if getattr(att, "q_norm", None) is not None else None,  # Gemma,
-            k_norm=self._norm_scale(att.k_norm) if getattr(att, "k_norm", None) is not None else None,  # Qwen3
             gate_up=self._linears([mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj")  # Phi-3: [gate; up] as one
                                   else [mlp.gate_proj, mlp.up_proj]),
             down=self._linear(mlp.down_proj),
+            **norms,
         )
 
     def _linear(self, mod: torch.nn.Linear) -> Linear | QuantLinear:
@@ -589,12 +593,32 @@ def attend(
     return (scores.to(v.dtype) @ v)
 
 
-def _inv_freqs(rotary: torch.nn.Module, kinds: set[str], gemma: bool) -> dict[str, tuple[torch.Tensor, float]]:
-    """kind -> (inv_freq [D/2] float32, attention scaling), taken from the model's rotary module."""
+def layer_norms(layer: torch.nn.Module) -> dict[str, torch.nn.Module | None]:
+    """A decoder layer's norms by their place in the forward (`_Layer`'s names), from the modules it has: with a
+    pre-feedforward norm (Gemma) the layer wraps attention and MLP in norms before and after, and transformers'
+    post_attention_layernorm is the one after attention; without, post_attention_layernorm is the MLP's input
+    norm. q/k norms where the layer has them (Gemma, Qwen3)."""
+    att = layer.self_attn
+    sandwich = getattr(layer, "pre_feedforward_layernorm", None) is not None
+    return {"in_norm": layer.input_layernorm,
+            "post_attn_norm": layer.post_attention_layernorm if sandwich else None,
+            "ff_norm": layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm,
+            "post_ff_norm": getattr(layer, "post_feedforward_layernorm", None) if sandwich else None,
+            "q_norm": getattr(att, "q_norm", None), "k_norm": getattr(att, "k_norm", None)}
+
+
+def norm_scale(norm: torch.nn.Module, arch: Arch) -> torch.Tensor:  # [size] the RMSNorm's effective scale
+    w = norm.weight.detach().float()
+    return arch.norm_offset + w if arch.norm_offset else w
+
+
+def _inv_freqs(rotary: torch.nn.Module, kinds: set[str]) -> dict[str, tuple[torch.Tensor, float]]:
+    """kind -> (inv_freq [D/2] float32, attention scaling), taken from the model's rotary module: its
+    `{layer type}_inv_freq` tables for rope parameters per layer type, else its one `inv_freq`."""
     out = {}
     for kind in kinds:
-        prefix = f"{kind}_" if gemma else ""
-        rope_type = rotary.rope_type[kind] if gemma else rotary.rope_type
+        prefix = "" if kind == "default" else f"{kind}_"
+        rope_type = rotary.rope_type if kind == "default" else rotary.rope_type[kind]
         if rope_type not in _STATIC_ROPE:
             raise ValueError(f"lean verifier: rope type {rope_type!r} depends on sequence length; unsupported")
         inv_freq = getattr(rotary, f"{prefix}inv_freq").detach().float()

@@ -38,7 +38,8 @@ from specdec.drafters.weights_file import FLOATS, INTS, WeightsFile
 from specdec.errors import SpecdecError
 from specdec.verifiers import glue
 from specdec.verifiers.kv_cache import KVCache
-from specdec.verifiers.lean_model import TorchOps, apply_rope, read_arch, rms_norm, run_layers
+from specdec.verifiers.lean_model import (TorchOps, apply_rope, layer_norms, norm_scale, read_arch, rms_norm,
+                                          run_layers)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -86,12 +87,12 @@ class BlockDrafter(torch.nn.Module):
         self.mask_embed = torch.nn.Parameter(emb.mean(0) * scale)
         first = len(base.layers) - cfg.num_layers
         self.layers = torch.nn.ModuleList(_DraftLayer(base.layers[first + i], a) for i in range(cfg.num_layers))
-        self.final_norm = torch.nn.Parameter(_norm_scale(base.norm, a.gemma).clone())
+        self.final_norm = torch.nn.Parameter(norm_scale(base.norm, a).clone())
         self.register_buffer("vocab_ids", vocab_ids.long().clone(), persistent=False)
         self.register_buffer("embed", emb, persistent=False)  # [V, H] the target's (frozen, tied head)
         self.register_buffer("head", emb[vocab_ids.long()].clone(), persistent=False)  # [V', H]
         rotary = base.rotary_emb
-        prefix = "full_attention_" if a.gemma else ""
+        prefix = "" if a.rope_kinds[0] == "default" else "full_attention_"  # rope per layer type: the global one
         self.register_buffer("inv_freq", getattr(rotary, f"{prefix}inv_freq").detach().float().clone(),
                              persistent=False)
         self.rope_scaling = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
@@ -174,16 +175,8 @@ class _DraftLayer(torch.nn.Module):
         copy = lambda m: torch.nn.Parameter(m.weight.detach().float().clone())  # noqa: E731
         self.q, self.k, self.v, self.o = (copy(m) for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj))
         self.gate, self.up, self.down = (copy(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-        g = a.gemma
-        norm = lambda m: torch.nn.Parameter(_norm_scale(m, g).clone())  # noqa: E731
-        self.in_norm = norm(layer.input_layernorm)
-        self.ff_norm = norm(layer.pre_feedforward_layernorm if g else layer.post_attention_layernorm)
-        if g:
-            self.post_attn_norm, self.post_ff_norm = norm(layer.post_attention_layernorm), norm(
-                layer.post_feedforward_layernorm)
-            self.q_norm, self.k_norm = norm(att.q_norm), norm(att.k_norm)
-        else:
-            self.post_attn_norm = self.post_ff_norm = self.q_norm = self.k_norm = None
+        for name, norm in layer_norms(layer).items():  # the target layer's norms, where it has them
+            setattr(self, name, None if norm is None else torch.nn.Parameter(norm_scale(norm, a).clone()))
         self.fast: _Q8Linears | None = None  # `BlockDrafter.quantize`
 
     def projections(self) -> "_Projections":
@@ -207,7 +200,7 @@ class _DraftLayer(torch.nn.Module):
                 else self.fast("kv", h).split([self.k.shape[0], self.v.shape[0]], dim=-1))
         k = k.unflatten(-1, (a.num_kv_heads, a.head_dim))
         v = v.unflatten(-1, (a.num_kv_heads, a.head_dim))
-        if a.gemma:
+        if self.k_norm is not None:
             k = _norm(k, self.k_norm, a.eps)
         return apply_rope(k, cos, sin), v
 
@@ -275,11 +268,6 @@ def _norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:  # 
     rows = x.detach().float().reshape(-1, x.shape[-1]).contiguous().numpy()
     out = glue.rms_norm(rows, scale.detach().float().contiguous().numpy(), np.float32(eps))
     return torch.from_numpy(out).view(x.shape)
-
-
-def _norm_scale(norm: torch.nn.Module, gemma: bool) -> torch.Tensor:
-    w = norm.weight.detach().float()
-    return (1.0 + w) if gemma else w
 
 
 # ---- weights file ------------------------------------------------------------------------------------------
