@@ -216,25 +216,40 @@ def _tile_into(src, out, first):  # src [n, C] rows first.. -> out [T, C, TILE]
 
 
 @numba.njit(inline="always")
-def _code(blocks, r, b, e, kind):
-    """Code e of block b of row r (blocks [n, bpr, bytes]) as gguf-py's dequantisation orders them. kind: 0 Q8_0
-    (fp16 d, 32 int8), 1 Q5_0 (fp16 d, 32 high bits, 16 bytes of low nibbles), 2 Q6_K (ql 128, qh 64, int8
-    scales 16, fp16 d; two halves of 128 codes), 3 Q4_K (fp16 d, fp16 dmin, 12 bytes of scales, 128 of nibbles:
-    chunks of 64, 32 low nibbles then the same 32 bytes' high nibbles)."""
+def _block_codes(blocks, r, b, kind, q, tile, k0, lane):
+    """The codes of block b of row r (blocks [n, bpr, bytes]) into q[tile, k0 + e, lane], e in gguf-py's
+    dequantisation order. kind: 0 Q8_0 (fp16 d, 32 int8), 1 Q5_0 (fp16 d, 32 high bits, 16 bytes of low nibbles:
+    codes j and j + 16 in byte j's low and high nibble), 2 Q6_K (ql 128, qh 64, int8 scales 16, fp16 d; two halves
+    of 128 codes, each 4 runs of 32 from ql's low / high nibbles and qh's 2-bit fields), 3 Q4_K (fp16 d, fp16
+    dmin, 12 bytes of scales, 128 of nibbles: chunks of 64, 32 low nibbles then the same 32 bytes' high ones)."""
     if kind == 0:
-        c = np.int64(blocks[r, b, 2 + e])
-        return c - 256 if c > 127 else c
-    if kind == 1:
-        byte = np.int64(blocks[r, b, 6 + e % 16])
-        low = (byte & 0x0F) if e < 16 else (byte >> 4)
-        high = (np.int64(blocks[r, b, 2 + e // 8]) >> (e % 8)) & 1
-        return (low | (high << 4)) - 16
-    if kind == 2:
-        half, rest = e // 128, e % 128
-        low = (np.int64(blocks[r, b, half * 64 + rest % 64]) >> (4 * (rest // 64))) & 0x0F
-        high = (np.int64(blocks[r, b, 128 + half * 32 + rest % 32]) >> (2 * (rest // 32))) & 0x03
-        return (low | (high << 4)) - 32
-    return (np.int64(blocks[r, b, 16 + (e // 64) * 32 + e % 32]) >> (4 * ((e // 32) % 2))) & 0x0F
+        for e in range(32):
+            c = np.int64(blocks[r, b, 2 + e])
+            q[tile, k0 + e, lane] = np.int8(c - 256 if c > 127 else c)
+    elif kind == 1:
+        high = (np.int64(blocks[r, b, 2]) | (np.int64(blocks[r, b, 3]) << 8) | (np.int64(blocks[r, b, 4]) << 16)
+                | (np.int64(blocks[r, b, 5]) << 24))
+        for j in range(16):
+            byte = np.int64(blocks[r, b, 6 + j])
+            q[tile, k0 + j, lane] = np.int8(((byte & 0x0F) | (((high >> j) & 1) << 4)) - 16)
+            q[tile, k0 + 16 + j, lane] = np.int8(((byte >> 4) | (((high >> (16 + j)) & 1) << 4)) - 16)
+    elif kind == 2:
+        for half in range(2):
+            base = k0 + half * 128
+            for j in range(32):
+                low0 = np.int64(blocks[r, b, half * 64 + j])
+                low1 = np.int64(blocks[r, b, half * 64 + 32 + j])
+                hi = np.int64(blocks[r, b, 128 + half * 32 + j])
+                q[tile, base + j, lane] = np.int8(((low0 & 0x0F) | ((hi & 3) << 4)) - 32)
+                q[tile, base + 32 + j, lane] = np.int8(((low1 & 0x0F) | (((hi >> 2) & 3) << 4)) - 32)
+                q[tile, base + 64 + j, lane] = np.int8(((low0 >> 4) | (((hi >> 4) & 3) << 4)) - 32)
+                q[tile, base + 96 + j, lane] = np.int8(((low1 >> 4) | (((hi >> 6) & 3) << 4)) - 32)
+    else:
+        for chunk in range(4):
+            for j in range(32):
+                byte = np.int64(blocks[r, b, 16 + chunk * 32 + j])
+                q[tile, k0 + chunk * 64 + j, lane] = np.int8(byte & 0x0F)
+                q[tile, k0 + chunk * 64 + 32 + j, lane] = np.int8(byte >> 4)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -245,8 +260,7 @@ def _decode_codes(blocks, q, first, kind, per):  # blocks [n, bpr, bytes] of row
             r = t * TILE + i
             row = first + r
             for b in range(bpr):
-                for e in range(per):
-                    q[row // TILE, b * per + e, row % TILE] = np.int8(_code(blocks, r, b, e, kind))
+                _block_codes(blocks, r, b, kind, q, row // TILE, b * per, row % TILE)
 
 
 _KIND_IDS = {"Q8_0": 0, "Q5_0": 1, "Q6_K": 2, "Q4_K": 3}  # `_code`'s kind numbers
