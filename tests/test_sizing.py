@@ -36,6 +36,26 @@ def test_cached_curve_round_trip(tmp_path):
     assert all(s > 0 for s in first.seconds)
 
 
+def test_a_curve_is_provisional_only_when_the_machine_was_busy_before_measuring(tmp_path, monkeypatch):
+    # the measurement's own threads raise the load average: judged after it, a calm 2-core machine read as busy
+    # and every start measured the curve again (~10 s of a warm start)
+    import json
+
+    load = iter([False, True])  # calm when it starts, busy (its own threads) when it ends
+    monkeypatch.setattr("specdec.trees.sizing.overloaded", lambda: next(load, True))
+    verifier = HFVerifier(make_tiny_model("llama"))
+    first = cached_curve(verifier, "tiny-key", tmp_path)
+    assert not json.loads((tmp_path / "latency" / "tiny-key.json").read_text())["provisional"]
+    monkeypatch.setattr("specdec.trees.sizing.overloaded", lambda: False)
+    monkeypatch.setattr("specdec.trees.sizing.calibrate", lambda v: pytest.fail("measured again"))
+    assert cached_curve(verifier, "tiny-key", tmp_path) == first
+    monkeypatch.setattr("specdec.trees.sizing.overloaded", lambda: True)  # busy before: provisional, used
+    (tmp_path / "latency" / "tiny-key.json").unlink()
+    monkeypatch.setattr("specdec.trees.sizing.calibrate", lambda v: first)
+    cached_curve(verifier, "tiny-key", tmp_path)
+    assert json.loads((tmp_path / "latency" / "tiny-key.json").read_text())["provisional"]
+
+
 def test_allocator_folds_the_measured_host_time_into_the_cut():
     # verify cost 10 ms + 10 ms a node; each node is accepted with 0.3. No host time: 1 token / 10 ms beats any
     # draft (7 nodes: 3.1 tokens / 80 ms). 100 ms of host work a step (drafting, say): 7 nodes win, 3.1 / 180 >

@@ -213,7 +213,7 @@ def calibrate(lean: LeanModel, prompts: list[list[int]], settings: Calibration, 
     return {"skip": list(best.skip), "k": best.k, "agreement": best.agreement, "tau": best.tau,
             "predicted_speedup": best.speedup, "history": [asdict(c) for c in history],
             "costs": asdict(costs), "settings": asdict(settings), "seconds": time.perf_counter() - t0,
-            "threads": torch.get_num_threads(), "provisional": busy or overloaded()}
+            "threads": torch.get_num_threads(), "provisional": busy}  # judged before: its own threads count after
 
 
 # ------------------------------------------------------------------------------------------------------

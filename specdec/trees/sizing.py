@@ -137,8 +137,10 @@ def calibrate(verifier, sizes: Sequence[int] = CALIBRATION_SIZES, prefix_len: in
 def cached_curve(verifier, key: str, cache_dir: Path | None, log: Callable[[str], None] | None = None) -> LatencyCurve:
     """Load the curve for `key` from cache_dir/latency/, or measure and store it.
 
-    A curve measured while the machine was overloaded is used but marked provisional, and measured again the
-    next time the machine is calmer.
+    A curve measured while the machine was overloaded (judged before measuring: the measurement's own threads
+    would count otherwise, and on a machine with as many cores as threads every calm record would read as busy
+    and be measured again at each start) is used but marked provisional, and measured again the next time the
+    machine is calmer.
     """
     path = None if cache_dir is None else Path(cache_dir) / "latency" / f"{key}.json"
     data = load_json(path, check=LatencyCurve.from_json, log=log)  # a damaged record is set aside, with a notice
@@ -148,7 +150,6 @@ def cached_curve(verifier, key: str, cache_dir: Path | None, log: Callable[[str]
         log("calibrating verify latency for this machine and model (once, a few seconds)...")
     busy = overloaded()
     curve = calibrate(verifier)
-    busy = busy or overloaded()
     if path is not None:
         save_json(path, curve.to_json() | {"provisional": busy, "loadavg": load_average()})
     return curve
