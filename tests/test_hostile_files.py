@@ -87,6 +87,12 @@ CRAFTED = [  # (id, file bytes, what the one line says)
      "length of k 4611686018427387904 does not fit"),
     ("key length past the end", gguf_bytes(kvs=(struct.pack("<Q", 2**50),)), "length of a metadata key"),
     ("unknown metadata type", gguf_bytes(kvs=(_s("k") + struct.pack("<I", 99),)), "unknown metadata type 99"),
+    ("vocabulary string past the end", gguf_bytes(kvs=(kv_array("v", 8, 2, _s("ab") + struct.pack("<Q", 2**40)),)),
+     "(v runs past the end"),
+    ("vocabulary string of 2^63 bytes", gguf_bytes(kvs=(kv_array("v", 8, 2, _s("ab") + struct.pack("<Q", 2**63)),)),
+     "(v runs past the end"),
+    ("vocabulary cut inside a length", b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + kv_array("v", 8, 2, _s("abcdefgh"))
+     + bytes(4), "length of v runs past the end"),
     ("alignment 0", gguf_bytes(kvs=(kv_u32("general.alignment", 0),)), "general.alignment 0 is not a power of two"),
     ("n_dims absurd", gguf_bytes(infos=(tensor_info("t", (32,), n_dims=100_000),)), "has 100000 dimensions"),
     ("dimension of zero", gguf_bytes(infos=(tensor_info("t", (0,)),)), "has shape (0,)"),

@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 
 from specdec.errors import SpecdecError
@@ -117,16 +118,12 @@ class _Header:
                 self.at += n * _SCALAR_BYTES[item]
             elif item == _STRING:  # a vocabulary: hundreds of thousands of strings, skipped by their lengths
                 n = self.count(f"length of array {what}", 8)
-                buf, at, size = self.buf, self.at, self.size
-                for _ in range(n):
-                    if at + 8 > size:
-                        self.at = at
-                        raise self.fail(f"length of {what} runs past the end of the file")
-                    at += 8 + struct.unpack_from("<Q", buf, at)[0]
-                    if at > size:
-                        self.at = size
-                        raise self.fail(f"{what} runs past the end of the file")
+                status, at = _skip_strings(np.frombuffer(self.buf, dtype=np.uint8), self.at, n)
                 self.at = at
+                if status == 1:
+                    raise self.fail(f"length of {what} runs past the end of the file")
+                if status == 2:
+                    raise self.fail(f"{what} runs past the end of the file")
             elif item == _ARRAY:
                 for _ in range(self.count(f"length of array {what}", 12)):
                     self.skip(item, what)
@@ -149,6 +146,24 @@ class _Header:
             else:
                 self.skip(vtype, key)
         return found
+
+
+@numba.njit(cache=True)
+def _skip_strings(raw, at, n):  # raw [size] uint8: the n (u64 length, bytes) strings from byte `at`
+    """(0, the offset after them); (1, where a length field runs past the end); (2, the file's size) when a
+    string does. A Python loop over a 262k-token vocabulary took ~0.13 s of every start."""
+    size = raw.shape[0]
+    for _ in range(n):
+        if at + 8 > size:
+            return 1, at
+        length = np.int64(0)
+        for k in range(8):
+            length |= np.int64(raw[at + k]) << (8 * k)
+        at += 8
+        if length < 0 or length > size - at:  # negative: a length of 2^63 or more
+            return 2, size
+        at += length
+    return 0, at
 
 
 def tensor_index(path: str | Path) -> list[TensorEntry]:

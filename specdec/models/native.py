@@ -71,8 +71,9 @@ if TYPE_CHECKING:
 
 FLOAT_KINDS = ("F32", "F16", "BF16")  # stored as values: read as fp32 tensors
 KERNEL_KINDS = ("Q8_0", "Q5_0", "Q6_K", "Q4_K")  # the block types the gguf and q8act kernels run
-_CHECK_VERSION = 4  # bump when what the entry's check covers changes: an entry of an older version is written again
-# (2: `NativeModel` checked against transformers' model; 3: its config as data; 4: the tensor conversion as data)
+_CHECK_VERSION = 5  # bump when what the entry holds or its check covers changes: an older entry is written again
+# (2: `NativeModel` checked against transformers' model; 3: its config as data; 4: the tensor conversion as data;
+# 5: tokenizer.json without indentation)
 _META = ".gguf-meta"
 _CHECK_ROWS = 16384  # rows of a tensor checked at a time
 
@@ -401,11 +402,20 @@ def _write_entry(path: Path, index: list[TensorEntry], arch: str, entry: Path, l
         ModelConfig.save(config, staging)
         GenerationConfig.from_model_config(config).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        _compact_json(staging / "tokenizer.json")
         (staging / "checked.json").write_text(json.dumps({"version": _CHECK_VERSION, "file": path.name,
                                                           "bytes": path.stat().st_size, "tensors": checked}))
         _publish(staging, entry)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _compact_json(path: Path) -> None:
+    """The same JSON without indentation: a 262k-token tokenizer.json is 14 MB instead of 33 and parses ~0.15 s
+    faster at every start."""
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
 
 
 def _check_exact(plan: _Plan, proc, conversion: Conversion, path: Path) -> int:
