@@ -138,7 +138,7 @@ def native_model(config, generation_config, index: list[TensorEntry]) -> NativeM
         for part in parents:
             owner = owner[int(part)] if part.isdigit() else _child(owner, part)
         owner.add_module(name, _leaf(name, shape, f"{path}.bias" in shapes))
-    if "model" not in dict(model.named_children()) or not hasattr(model.model, "embed_tokens"):
+    if not hasattr(model.model, "embed_tokens"):
         raise SpecdecError("the GGUF holds no token embedding: the file is incomplete; get it again")
     model.model.rotary_emb = Rotary(config)
     if config.model_type == "gemma3_text":  # Gemma scales the embedding by sqrt(hidden), as a float32 buffer

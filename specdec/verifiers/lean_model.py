@@ -185,7 +185,7 @@ class LeanModel:
         self.embed = base.embed_tokens.weight.detach() if table is None else table  # [V, hidden] or a RowTable
         scale = getattr(base.embed_tokens, "embed_scale", None)
         self.embed_scale = None if scale is None else scale.detach().to(self.dtype)
-        self.final_norm = self._norm_scale(base.norm)
+        self.final_norm = norm_scale(base.norm, arch)
         head = model.get_output_embeddings()
         self.lm_head = self._linear(head)
         self.layers = [self._layer(layer) for layer in base.layers]
@@ -218,12 +218,10 @@ class LeanModel:
 
     # ---- weights -------------------------------------------------------------------------------------
 
-    def _norm_scale(self, norm: torch.nn.Module) -> torch.Tensor:
-        return norm_scale(norm, self.arch)
-
     def _layer(self, layer: torch.nn.Module) -> _Layer:
         att, mlp = layer.self_attn, layer.mlp
-        norms = {name: None if norm is None else self._norm_scale(norm) for name, norm in layer_norms(layer).items()}
+        norms = {name: None if norm is None else norm_scale(norm, self.arch)
+                 for name, norm in layer_norms(layer).items()}
         return _Layer(
             qkv=self._linears([att.qkv_proj] if hasattr(att, "qkv_proj")  # Phi-3 stores [q; k; v] as one linear
                               else [att.q_proj, att.k_proj, att.v_proj]),
