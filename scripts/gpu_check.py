@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from specdec.drafters.registry import make_drafter  # noqa: E402
 from specdec.engine import Engine, Request, StopConditions  # noqa: E402
 from specdec.sampling import SamplingParams  # noqa: E402
-from specdec.trees.budget import Sizer  # noqa: E402
-from specdec.trees.presets import CPU_RANK_ACCEPT, best_tree, load_tree  # noqa: E402
+from specdec.trees.sizer import Sizer  # noqa: E402
+from specdec.trees.presets import load_tree  # noqa: E402
+from specdec.trees.tree import CPU_RANK_ACCEPT, best_tree  # noqa: E402
 from specdec.trees.tree import Tree  # noqa: E402
 from specdec.verifiers.lean import LeanVerifier  # noqa: E402
 from specdec.verifiers.lean_model import attend  # noqa: E402

@@ -3,7 +3,7 @@
 Gemma 3 270M in the gguf format decodes 26 training prompts (`specdec.drafters.training_prompts`, seed 1; never
 Spec-Bench) for 96 new tokens with the ngram drafter at a fixed budget (default 6 nodes: a 5-token chain
 wherever a match exists), then prints P(depth d accepted | depth d - 1 accepted) per depth over the chains the
-loop scored, from the sizer's acceptance table (`specdec.trees.acceptance`: measured counts, every regime). Usage: python scripts/ngram_acceptance.py [BUDGET]
+loop scored, from the sizer's acceptance table (`specdec.trees.sizer`: measured counts, every regime). Usage: python scripts/ngram_acceptance.py [BUDGET]
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from specdec.engine import Engine, StopConditions
 from specdec.hardware import set_threads
 from specdec.models.loading import load_model
 from specdec.text import encode_prompt
-from specdec.trees.acceptance import REGIMES
-from specdec.trees.budget import Sizer
+from specdec.trees.sizer import REGIMES
+from specdec.trees.sizer import Sizer
 from specdec.verifiers.lean import LeanVerifier
 
 

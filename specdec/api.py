@@ -26,9 +26,10 @@ from specdec.plan import check_device, is_gguf_spec, model_facts, resolve
 from specdec.plan import default_weights  # noqa: F401  (re-exported: callers import it from here)
 from specdec.sampling import SamplingParams
 from specdec.text import encode_prompt
-from specdec.trees.budget import Sizer
+from specdec.trees.sizer import Sizer
 from specdec.trees.presets import load_tree
-from specdec.trees.sizing import LatencyCurve, cached_curve, verifier_key
+from specdec.trees.calibration import cached_curve, verifier_key
+from specdec.trees.sizer import LatencyCurve
 from specdec.trees.tree import Tree
 from specdec.verifiers.hf import HFVerifier
 from specdec.verifiers.q8act import as_q8

@@ -6,9 +6,9 @@ The engine knows nothing about text: token ids in, token ids out (stop strings c
 
 One step, for the B active rows (`width` at most; a finished row frees its slot for the next pending request at
 once, continuous batching):
-1. the sizer (`specdec.trees.budget`) gives each row a node budget; the drafter proposes all rows' trees in
+1. the sizer (`specdec.trees.sizer`) gives each row a node budget; the drafter proposes all rows' trees in
    one call (`specdec.drafters.base`), optionally with auxiliary nodes; the sizer keeps of them the nodes that
-   pay for their share of the step, valued by what the loop has seen accepted (`specdec.trees.acceptance`);
+   pay for their share of the step, valued by what the loop has seen accepted (`specdec.trees.sizer`);
 2. the trees (real nodes, then aux nodes) are padded to the same node count with dummy nodes and stacked;
    ONE `verifier.score_nodes` scores the real nodes of every row: each row at its own position (its slot's
    length), its KV written by position, so rows of different lengths need no padding or realignment;
@@ -40,7 +40,7 @@ from specdec.errors import SpecdecError
 from specdec.hardware import available_memory
 from specdec.sampling import (SamplingParams, SampledTargets, Uniforms, accept_greedy, accept_sampled,
                               step_generator, target_probs)
-from specdec.trees.budget import Sizer, StepPlan
+from specdec.trees.sizer import Sizer, StepPlan
 from specdec.verifiers.base import NodeInputs, NodeScores, Verifier
 
 
@@ -184,7 +184,7 @@ def check_memory(needed: int, width: int, limit: int, available: int | None = No
 class Engine:
     """The loop over `width` rows in flight on one verifier with `width` slots and ONE drafter for all rows.
 
-    sizer: what each step scores (`specdec.trees.budget.Sizer`): with a latency curve the nodes that pay on this
+    sizer: what each step scores (`specdec.trees.sizer.Sizer`): with a latency curve the nodes that pay on this
     machine; an int is a fixed budget (every proposed node, up to that many a row). The engine keeps its drafter
     and sizer across calls (hot start).
     """

@@ -21,7 +21,7 @@ from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.recycling import RecyclingDrafter
 from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams
-from specdec.trees.budget import Sizer, StepPlan
+from specdec.trees.sizer import Sizer, StepPlan
 from specdec.trees.tree import Tree
 
 VOCAB = 512
@@ -133,7 +133,7 @@ def test_a_source_that_stopped_paying_is_tried_again_after_a_while():
     """Counts fade (`horizon`): after a run of rejected drafts and then steps that proposed nothing (skipped as
     not worth it), the bound on the row's node values climbs back, so the row proposes again (ngram before
     the text starts to repeat); without fading it would stay shut out for the rest of the request."""
-    from specdec.trees.acceptance import Acceptance
+    from specdec.trees.sizer import Acceptance
 
     draft = Draft(Tree.chain(3), torch.tensor([3, 5, 6, 7]))
     root = Draft.root_only(torch.tensor([1, 2, 3]))

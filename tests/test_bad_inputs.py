@@ -190,7 +190,7 @@ def test_api_bad_prompts_and_drafters(decoder):
 def test_latency_cache_holding_null_is_measured_again(tmp_path):
     from conftest import make_tiny_model
 
-    from specdec.trees.sizing import cached_curve
+    from specdec.trees.calibration import cached_curve
     from specdec.verifiers.lean import LeanVerifier
 
     v = LeanVerifier(make_tiny_model("llama"), gemm="linear")

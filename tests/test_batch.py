@@ -22,10 +22,10 @@ from specdec.drafters.registry import make_drafter
 from specdec.engine import Engine, Request, StopConditions
 from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams, inverse_cdf
-from specdec.trees.allocate import NodeAllocator
-from specdec.trees.budget import Sizer, StepPlan
+from specdec.trees.sizer import NodeAllocator
+from specdec.trees.sizer import Sizer, StepPlan
 from specdec.trees.presets import load_tree
-from specdec.trees.sizing import LatencyCurve
+from specdec.trees.sizer import LatencyCurve
 from specdec.trees.tree import Tree
 from specdec.verifiers.lean import LeanVerifier
 
@@ -398,7 +398,7 @@ def test_batch_bench_runs_and_reports(tiny_model_dir, tmp_path):
 def test_sizer_explores_a_drafter_whose_prior_cannot_pay():
     """Where even full chains could not pay (steep costs), a row still scores EXPLORE_NODES nodes once it has been
     plain for EXPLORE_AFTER steps, so a low prior gets measured; the wait doubles while explorations fail."""
-    from specdec.trees.budget import EXPLORE_AFTER, EXPLORE_NODES
+    from specdec.trees.sizer import EXPLORE_AFTER, EXPLORE_NODES
 
     d = PlainDrafter()
     d.name = "ngram"
@@ -423,7 +423,7 @@ def test_sizer_explores_a_drafter_whose_prior_cannot_pay():
 def test_sizer_depths_bound_what_trim_keeps():
     """`StepPlan.depths`: where no node can pay a row may draft nothing (depth 0), an exploring row EXPLORE_NODES,
     a row whose every node pays the whole budget; and no draft node `trim` keeps is deeper than its row's depth."""
-    from specdec.trees.budget import EXPLORE_AFTER, EXPLORE_NODES
+    from specdec.trees.sizer import EXPLORE_AFTER, EXPLORE_NODES
 
     d = PlainDrafter()
     d.name = "ngram"
@@ -464,7 +464,7 @@ def test_aux_nodes_are_kept_only_while_their_source_pays():
         sizer.learn([0], [draft], [[0]])
     cut = sizer.trim(sizer.plan(d, [0], cap=100), d, [0], [draft])[0]
     assert cut.aux is None
-    from specdec.trees.budget import EXPLORE_AFTER
+    from specdec.trees.sizer import EXPLORE_AFTER
 
     group = AuxNodes(torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.long))
     alone = Draft(Tree.chain(0), torch.tensor([1]), aux=group)

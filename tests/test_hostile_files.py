@@ -448,7 +448,7 @@ DAMAGED_CURVES = [
 
 @pytest.mark.parametrize("name, record", DAMAGED_CURVES, ids=[c[0] for c in DAMAGED_CURVES])
 def test_damaged_latency_curves_are_refused_by_from_json(name, record):
-    from specdec.trees.sizing import LatencyCurve
+    from specdec.trees.sizer import LatencyCurve
 
     assert LatencyCurve.from_json(GOOD_CURVE)(3) == pytest.approx(0.016)
     with pytest.raises((ValueError, KeyError)):
@@ -467,7 +467,7 @@ def tiny_verifier():
 @pytest.mark.parametrize("text", [json.dumps(DAMAGED_CURVES[0][1]), json.dumps(DAMAGED_CURVES[8][1]), "[1, 2]",
                                   '{"sizes": [1, 2', "\xff\xfe not UTF-8"])
 def test_damaged_latency_record_is_set_aside_and_measured_again(tiny_verifier, tmp_path, text):
-    from specdec.trees.sizing import cached_curve
+    from specdec.trees.calibration import cached_curve
 
     (tmp_path / "latency").mkdir()
     record = tmp_path / "latency" / "k.json"

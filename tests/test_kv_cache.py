@@ -1,11 +1,11 @@
-"""The one KV cache (`specdec.verifiers.kv_cache`): growth keeps what it holds, `keep` moves the accepted nodes."""
+"""The one KV cache (`specdec.verifiers.lean_model.KVCache`): growth keeps what it holds, `keep` moves the accepted nodes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from specdec.verifiers.kv_cache import KVCache
+from specdec.verifiers.lean_model import KVCache
 
 
 def filled(cache: KVCache) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_tiny_model
-from specdec.trees.allocate import NodeAllocator
-from specdec.trees.sizing import LatencyCurve, RankRates, cached_curve
+from specdec.trees.sizer import NodeAllocator
+from specdec.drafters.recycling import RankRates
+from specdec.trees.calibration import cached_curve
+from specdec.trees.sizer import LatencyCurve
 from specdec.trees.tree import Tree
 from specdec.verifiers.hf import HFVerifier
 
@@ -42,16 +44,16 @@ def test_a_curve_is_provisional_only_when_the_machine_was_busy_before_measuring(
     import json
 
     load = iter([False, True])  # calm when it starts, busy (its own threads) when it ends
-    monkeypatch.setattr("specdec.trees.sizing.overloaded", lambda: next(load, True))
+    monkeypatch.setattr("specdec.trees.calibration.overloaded", lambda: next(load, True))
     verifier = HFVerifier(make_tiny_model("llama"))
     first = cached_curve(verifier, "tiny-key", tmp_path)
     assert not json.loads((tmp_path / "latency" / "tiny-key.json").read_text())["provisional"]
-    monkeypatch.setattr("specdec.trees.sizing.overloaded", lambda: False)
-    monkeypatch.setattr("specdec.trees.sizing.calibrate", lambda v: pytest.fail("measured again"))
+    monkeypatch.setattr("specdec.trees.calibration.overloaded", lambda: False)
+    monkeypatch.setattr("specdec.trees.calibration.calibrate", lambda v: pytest.fail("measured again"))
     assert cached_curve(verifier, "tiny-key", tmp_path) == first
-    monkeypatch.setattr("specdec.trees.sizing.overloaded", lambda: True)  # busy before: provisional, used
+    monkeypatch.setattr("specdec.trees.calibration.overloaded", lambda: True)  # busy before: provisional, used
     (tmp_path / "latency" / "tiny-key.json").unlink()
-    monkeypatch.setattr("specdec.trees.sizing.calibrate", lambda v: first)
+    monkeypatch.setattr("specdec.trees.calibration.calibrate", lambda v: first)
     cached_curve(verifier, "tiny-key", tmp_path)
     assert json.loads((tmp_path / "latency" / "tiny-key.json").read_text())["provisional"]
 

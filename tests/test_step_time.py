@@ -14,7 +14,7 @@ from specdec.bench import step_time
 from specdec.bench.spec_bench import Row, summarise
 from specdec.drafters.base import BaseDrafter, Draft
 from specdec.engine import DecodeStats, Engine, Request, StopConditions
-from specdec.trees.sizing import LatencyCurve
+from specdec.trees.sizer import LatencyCurve
 from specdec.trees.tree import Tree
 from specdec.verifiers.hf import HFVerifier
 from specdec.verifiers.lean import LeanVerifier

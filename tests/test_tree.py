@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from specdec.trees.presets import CPU_RANK_ACCEPT, best_tree, list_trees, load_tree, preset_dirs
+from specdec.trees.presets import list_trees, load_tree, preset_dirs
+from specdec.trees.tree import CPU_RANK_ACCEPT, best_tree
 from specdec.trees.tree import Tree
 
 

@@ -3,7 +3,7 @@
 For each batch size B the same N Spec-Bench prompts are decoded twice with B rows in flight (continuous
 batching), greedy: "plain" (the plain drafter, tree budget 1) and "spec" (the chosen drafter; nodes per step
 chosen by measurement, at most the tree budget (default `BATCH_MAX_NODES`), by the one sizer every call uses:
-`specdec.trees.budget.Sizer`). Reported per B and method: total
+`specdec.trees.sizer.Sizer`). Reported per B and method: total
 tokens/s (all new tokens / wall time of the run), speedup over plain at batch 1 and over plain at the same
 B, tau (tokens per row per step), the tree budgets the sizer planned, and the exact-match rate of every row
 against its plain batch-1 output. Every run starts from fresh drafters and a fresh sizer (cold), so runs are
@@ -64,7 +64,7 @@ def run_batch_bench(spec: BatchBenchSpec, log: Callable[[str], None] = print,
     from specdec.models.loading import default_cache_dir, load_model
     from specdec.models.native import load_native
     from specdec.text import encode_prompt
-    from specdec.trees.sizing import cached_curve, verifier_key
+    from specdec.trees.calibration import cached_curve, verifier_key
 
     if not spec.batch_sizes or min(spec.batch_sizes) < 1:
         raise SpecdecError("--batch takes batch sizes >= 1, e.g. 1,2,4,8,16")
@@ -220,7 +220,7 @@ class _Runner:
     def _run_engine(self, method: str, prompts: list[list[int]], width: int, max_new: int) -> dict:
         from specdec.drafters.registry import make_drafter
         from specdec.engine import Engine, Request, StopConditions
-        from specdec.trees.budget import Sizer
+        from specdec.trees.sizer import Sizer
         from specdec.trees.presets import load_tree
 
         if method == "plain":

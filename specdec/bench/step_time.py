@@ -1,6 +1,6 @@
 """Predicted vs measured step time: the sizing curve checked against the steps a bench really ran.
 
-Tree sizing (`specdec.trees.sizing`, `specdec.trees.budget.Sizer`) prices a step of n scored nodes at
+Tree sizing (`specdec.trees.calibration`, `specdec.trees.sizer.Sizer`) prices a step of n scored nodes at
 curve(n) + host: curve(n) the calibrated verify latency (a chain of n nodes after a 256-token prefix, the
 median of a few rounds, cached per machine), host the step's work outside the verifier (sizing, drafting,
 acceptance, the drafter's observe, the loop's Python), which the curve does not time and the sizer measures
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from specdec.trees.sizing import LatencyCurve, cached_curve, verifier_key
+from specdec.trees.calibration import cached_curve, verifier_key
+from specdec.trees.sizer import LatencyCurve
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ Owns the merge and the remapping of one merged verification back onto each compo
   `propose_nodes` nodes; the trees are merged into one trie rooted at the row's last token (the same token
   under the same parent is one node, whoever proposed it). Each node carries its sources (`Draft.sources`: a
   component's name, or several joined by "+") and, as its rank, the best rank any source gave it. The merge is
-  not cut here: the loop's sizer values every node by what it has measured of its sources (`specdec.trees.
-  acceptance`) and keeps the nodes that pay (`specdec.trees.budget.Sizer`); aux nodes of the components
+  not cut here: the loop's sizer (`specdec.trees.sizer.Sizer`) values every node by what it has measured of its
+  sources and keeps the nodes that pay; aux nodes of the components
   (lexical placeholders) ride along under their parents if kept;
 - observe: each component is told about exactly the nodes of its own that were scored, in its own indices
   (a pruned copy of its tree, found again in the scored draft by (parent, token)), the part of the accepted path

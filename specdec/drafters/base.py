@@ -28,8 +28,8 @@ What a drafter may use or offer is declared here, not discovered:
   any embedding scale the model applies). This is how a drafter gets predictions for the next step without a
   forward of its own (lexical-unit placeholders).
 - How many of a draft's nodes a step scores is not the drafter's business: the loop's sizer values every node by
-  what it has measured of the node's source, depth and rank (`specdec.trees.acceptance`) and keeps the nodes
-  that pay (`specdec.trees.budget`). A drafter may state `acceptance_prior`, the rate its nodes start from
+  what it has measured of the node's source, depth and rank (`specdec.trees.sizer`) and keeps the nodes
+  that pay (`specdec.trees.sizer`). A drafter may state `acceptance_prior`, the rate its nodes start from
   before anything is measured, and a drafter that merges others exposes them as `components` (`auto`).
 
 Drafts are deterministic (q = 1, the default) unless ``q`` carries the distribution each draft token was sampled
@@ -241,7 +241,7 @@ class BaseDrafter:
     name = "base"
     needs = Needs()
     # P(a draft node is accepted | its parent was) assumed before anything is measured, for the loop's acceptance
-    # table (`specdec.trees.acceptance.sources_of`); None: its default
+    # table (`specdec.trees.sizer.sources_of`); None: its default
     acceptance_prior: float | None = None
 
     def reset(self, slot: int, sampling: SamplingParams) -> None:

@@ -40,8 +40,7 @@ from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams, target_probs
 from specdec.trees.tree import Tree
 from specdec.verifiers.gemm import Linear
-from specdec.verifiers.kv_cache import KVCache
-from specdec.verifiers.lean_model import LeanModel, RowSpans, Step
+from specdec.verifiers.lean_model import KVCache, LeanModel, RowSpans, Step
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -12,7 +12,7 @@ end sooner, so the continuation then keeps copying with the same offset (LZ77-st
 `period` tokens back predicts that the last `period` tokens repeat), which always fills the budget.
 
 Drafts are deterministic (q = 1). The drafter needs nothing from the target's scores (`Needs()`) and keeps no
-state; how many of its nodes a step scores is the loop's sizer's (`specdec.trees.budget`).
+state; how many of its nodes a step scores is the loop's sizer's (`specdec.trees.sizer`).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ The expansion is a numba kernel (`expand`) with a plain-Python oracle (`expand_r
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -27,9 +28,7 @@ from numba import njit
 
 from specdec.drafters.base import BaseDrafter, Draft, Feedback, Needs
 from specdec.sampling import SamplingParams
-from specdec.trees.presets import CPU_RANK_ACCEPT, best_tree
-from specdec.trees.sizing import RankRates
-from specdec.trees.tree import Tree
+from specdec.trees.tree import CPU_RANK_ACCEPT, Tree, best_tree
 
 
 @njit(cache=True)
@@ -224,3 +223,29 @@ class _Table:
                 self._pruned.clear()
             self._pruned[key] = tree
         return tree
+
+
+class RankRates:
+    """Running P(the rank-r child is accepted | its parent was accepted and had a rank-r child proposed)."""
+
+    def __init__(self, prior: Sequence[float], strength: float = 20.0):
+        self.hits = [p * strength for p in prior]  # pseudo-counts
+        self.tries = [strength] * len(prior)
+
+    def update(self, tree: Tree, accepted: Sequence[int]) -> None:
+        """accepted: node indices root..last accepted. Each accepted node's proposed children are tries."""
+        on_path = set(accepted)
+        for node in accepted:
+            for child in tree.children(node):
+                r = tree.ranks[child]
+                if r < len(self.tries):
+                    self.tries[r] += 1
+                    self.hits[r] += child in on_path
+
+    def rates(self) -> tuple[float, ...]:
+        """Non-increasing (best_tree needs it), each in (0, 1)."""
+        out, cap = [], 1.0
+        for h, t in zip(self.hits, self.tries):
+            cap = min(cap, max(1e-4, min(0.999, h / t)))
+            out.append(cap)
+        return tuple(out)

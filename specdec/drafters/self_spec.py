@@ -19,7 +19,7 @@ Calibration (train-free, seconds to a couple of minutes, cached):
    skip set included (with a reduced draft head, `draft_vocab`, the head alone can make drafting cheap).
 Cached as JSON under <cache_dir>/self_spec/, keyed by model fingerprint + settings + machine + threads. Timings
 taken while the machine is overloaded (load > cores) make the record provisional: it is used, and measured
-again the next time the machine is calmer (as `specdec.trees.sizing` does for the verify curve).
+again the next time the machine is calmer (as `specdec.trees.calibration` does for the verify curve).
 """
 
 from __future__ import annotations

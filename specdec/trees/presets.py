@@ -7,24 +7,21 @@ Where the files live: ``configs/trees/*.yaml``, the one copy, found from a sourc
 installed). A wheel must carry them as package data at ``specdec/trees/data/*.yaml`` (pyproject maps that
 package directory onto ``configs/trees``); that directory is searched first, the checkout's second.
 
-`best_tree` is how the ``cpu-*`` presets were made: the N rank paths with the highest path probability under
-an assumed per-rank acceptance rate. Re-run it with measured rates to resize or retune a preset.
+The ``cpu-*`` presets were made by `specdec.trees.tree.best_tree`: the N rank paths with the highest path
+probability under an assumed per-rank acceptance rate (`specdec.trees.tree.CPU_RANK_ACCEPT`). Re-run it with
+measured rates to resize or retune a preset.
 """
 
 from __future__ import annotations
 
-import heapq
-import math
 import re
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
 from specdec.trees.tree import Tree
 
 _CHAIN = re.compile(r"chain-(\d+)")
-CPU_RANK_ACCEPT = (0.6, 0.15, 0.08, 0.05)  # assumed acceptance of the rank-r child; made the cpu-* presets
 _SHOWN_CHAINS = tuple(f"chain-{k}" for k in range(1, 9))  # listed by list_trees(); any K works
 
 
@@ -106,28 +103,3 @@ def tree_from_dict(data: object) -> Tree:
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def best_tree(num_nodes: int, rank_accept: Sequence[float]) -> list[tuple[int, ...]]:
-    """The num_nodes rank paths of highest path probability, in BFS order.
-
-    rank_accept[r] is the assumed probability that the rank-r child is the accepted one, independent of depth,
-    so a path's probability is the product over its ranks. Path probability never grows along a path, so the
-    top-N set is prefix-closed: a valid tree. Ties go to the shorter, then lexicographically smaller path.
-    """
-    if not all(0.0 < p <= 1.0 for p in rank_accept) or list(rank_accept) != sorted(rank_accept, reverse=True):
-        raise ValueError("rank_accept must be non-increasing values in (0, 1]")
-
-    def entry(path: tuple[int, ...]) -> tuple[float, int, tuple[int, ...]]:
-        return (-math.prod(rank_accept[r] for r in path), len(path), path)
-
-    # Every path is pushed once, by its previous sibling or (rank 0) by its parent, and neither is less likely.
-    heap = [entry((0,))]
-    chosen: list[tuple[int, ...]] = []
-    while heap and len(chosen) < num_nodes:
-        path = heapq.heappop(heap)[2]
-        chosen.append(path)
-        heapq.heappush(heap, entry(path + (0,)))
-        if path[-1] + 1 < len(rank_accept):
-            heapq.heappush(heap, entry(path[:-1] + (path[-1] + 1,)))
-    return sorted(chosen, key=lambda p: (len(p), p))

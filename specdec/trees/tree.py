@@ -11,10 +11,13 @@ draft token. One pure derivation turns either form into a frozen `Tree` (cached 
 - ``retrieve``  [leaves, max_depth + 1]  node indices root..leaf of every root-to-leaf path, -1 padded
 
 A chain of k drafts is the tree with parents (-1, 0, 1, ..., k - 1). Plain decoding is the 1-node tree.
+`best_tree` gives the rank paths of the likeliest n nodes under per-rank acceptance rates.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Sequence
@@ -166,3 +169,31 @@ def _derive(parents: tuple[int, ...], ranks: tuple[int, ...]) -> Tree:
         depth[i] = depth[parents[i]] + 1
         children[parents[i]].append(i)
     return Tree(parents, ranks, tuple(tuple(c) for c in children), torch.tensor(depth, dtype=torch.int64))
+
+
+CPU_RANK_ACCEPT = (0.6, 0.15, 0.08, 0.05)  # assumed acceptance of the rank-r child; made the cpu-* presets
+
+
+def best_tree(num_nodes: int, rank_accept: Sequence[float]) -> list[tuple[int, ...]]:
+    """The num_nodes rank paths of highest path probability, in BFS order.
+
+    rank_accept[r] is the assumed probability that the rank-r child is the accepted one, independent of depth,
+    so a path's probability is the product over its ranks. Path probability never grows along a path, so the
+    top-N set is prefix-closed: a valid tree. Ties go to the shorter, then lexicographically smaller path.
+    """
+    if not all(0.0 < p <= 1.0 for p in rank_accept) or list(rank_accept) != sorted(rank_accept, reverse=True):
+        raise ValueError("rank_accept must be non-increasing values in (0, 1]")
+
+    def entry(path: tuple[int, ...]) -> tuple[float, int, tuple[int, ...]]:
+        return (-math.prod(rank_accept[r] for r in path), len(path), path)
+
+    # Every path is pushed once, by its previous sibling or (rank 0) by its parent, and neither is less likely.
+    heap = [entry((0,))]
+    chosen: list[tuple[int, ...]] = []
+    while heap and len(chosen) < num_nodes:
+        path = heapq.heappop(heap)[2]
+        chosen.append(path)
+        heapq.heappush(heap, entry(path + (0,)))
+        if path[-1] + 1 < len(rank_accept):
+            heapq.heappush(heap, entry(path[:-1] + (path[-1] + 1,)))
+    return sorted(chosen, key=lambda p: (len(p), p))

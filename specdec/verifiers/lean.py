@@ -31,12 +31,11 @@ import torch
 
 from specdec.verifiers import gemm, glue
 from specdec.verifiers.base import NodeInputs, captured, hidden_keys
-from specdec.verifiers.lean_model import LeanModel, RowSpans, Step
+from specdec.verifiers.lean_model import KVCache, LeanModel, RowSpans, Step
 from specdec.verifiers.q8act import quant_format
 from specdec.verifiers.quant import QuantLinear, QuantWeight
 from specdec.verifiers.screen import IntScreenedHead, ScreenedHead, measure_screen
 from specdec.verifiers.strict import BLOCK, TILE, CanonicalTree
-from specdec.verifiers.kv_cache import KVCache
 from specdec.verifiers.tree_attention import triton_available
 
 if TYPE_CHECKING:

@@ -37,8 +37,7 @@ from specdec.drafters.diffusion.backend import Lattice
 from specdec.drafters.weights_file import FLOATS, INTS, WeightsFile
 from specdec.errors import SpecdecError
 from specdec.verifiers import glue
-from specdec.verifiers.kv_cache import KVCache
-from specdec.verifiers.lean_model import (TorchOps, apply_rope, layer_norms, norm_scale, read_arch, rms_norm,
+from specdec.verifiers.lean_model import (KVCache, TorchOps, apply_rope, layer_norms, norm_scale, read_arch, rms_norm,
                                           run_layers)
 
 if TYPE_CHECKING:

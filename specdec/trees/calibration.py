@@ -1,84 +1,35 @@
 """The verifier's measured cost: how long scoring n nodes takes on this machine, for this model.
 
-- `LatencyCurve`: the verifier's cost of scoring n nodes, measured once per machine / model / backend / thread
-  count (`calibrate`) and cached as JSON. Piecewise-linear in between the measured sizes. The loop's sizer
-  (`specdec.trees.budget.Sizer`) prices every step with it, corrected by the steps it has run
-  (`specdec.trees.allocate.NodeAllocator`); `specdec bench` prints curve + host time beside the measured steps.
-- `RankRates`: per child rank, how often the rank-r child was the accepted one when its parent was reached,
-  smoothed by a prior so a cold start behaves like the prior (what Token Recycling shapes its tree by).
+`calibrate` times the verifier at a few node counts into a `specdec.trees.sizer.LatencyCurve`, once per machine /
+model / backend / thread count (`cached_curve`: cached as JSON under a key of all of them and of the verifiers'
+code). The loop's sizer (`specdec.trees.sizer.Sizer`) prices every step with it, corrected by the steps it has
+run; `specdec bench` prints curve + host time beside the measured steps.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import statistics
 import time
-from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from specdec.hardware import cpu_name
 from specdec.measured import load_average, load_json, overloaded, save_json
+from specdec.trees.sizer import LatencyCurve
 from specdec.trees.tree import Tree
 
 CALIBRATION_SIZES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CURVE_VERSION = 3  # part of the cache key: v2 kept the fastest round, before it no screened LM head
 
 
-@dataclass(frozen=True)
-class LatencyCurve:
-    sizes: tuple[int, ...]  # node counts, increasing
-    seconds: tuple[float, ...]  # verify latency at each size (median of a few runs)
-
-    def __call__(self, n: int) -> float:
-        """Seconds at n nodes: the first size's below it, linear between sizes, the last segment's slope past them."""
-        return float(self.at(np.asarray(n)))
-
-    def at(self, n: np.ndarray) -> np.ndarray:
-        """`self(n)` for every entry of n at once (the allocator prices every prefix of a step's candidates)."""
-        s, t = self._points
-        n = np.asarray(n, dtype=np.float64)
-        out = np.interp(n, s, t)  # t[0] below the first size
-        if len(s) > 1:
-            slope = (t[-1] - t[-2]) / (s[-1] - s[-2])
-            out = np.where(n > s[-1], t[-1] + slope * (n - s[-1]), out)
-        return out
-
-    @cached_property
-    def _points(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(self.sizes, dtype=np.float64), np.asarray(self.seconds, dtype=np.float64)
-
-    def ratios(self) -> dict[int, float]:
-        return {n: sec / self.seconds[0] for n, sec in zip(self.sizes, self.seconds)}
-
-    def to_json(self) -> dict:
-        return {"sizes": list(self.sizes), "seconds": list(self.seconds)}
-
-    @staticmethod
-    def from_json(d: dict) -> "LatencyCurve":
-        """The curve of a cached record; ValueError unless sizes are whole numbers >= 1, strictly increasing,
-        and seconds as many finite positive numbers (a damaged record is measured again, never used)."""
-        sizes, seconds = d["sizes"], d["seconds"]
-        if not isinstance(sizes, list) or not isinstance(seconds, list) or not sizes or len(sizes) != len(seconds):
-            raise ValueError("sizes and seconds must be two non-empty lists of one length")
-        if any(type(n) is not int or n < 1 for n in sizes) or any(b <= a for a, b in zip(sizes, sizes[1:])):
-            raise ValueError(f"sizes must be increasing whole numbers >= 1, got {sizes[:12]}")
-        if any(type(t) not in (int, float) or not math.isfinite(t) or t <= 0 for t in seconds):
-            raise ValueError(f"seconds must be finite positive numbers, got {seconds[:12]}")
-        return LatencyCurve(tuple(sizes), tuple(float(t) for t in seconds))
-
-
 @lru_cache(maxsize=1)
 def code_digest() -> str:
     """8 hex digits of the verifiers' source (specdec/verifiers/*.py), in the latency-curve key: a curve times
-    the code that ran, so changed code is timed again rather than read from the cache. (It replaces a kernel
-    version bumped by hand, which missed changes outside the kernel: stacking q/k/v and gate/up cut the gguf
-    step's kernel calls from 127 to 73 without touching the kernel.)"""
+    the code that ran, so changed code is timed again rather than read from the cache."""
     h = hashlib.sha1()
     for path in sorted((Path(__file__).resolve().parents[1] / "verifiers").glob("*.py")):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -153,29 +104,3 @@ def cached_curve(verifier, key: str, cache_dir: Path | None, log: Callable[[str]
     if path is not None:
         save_json(path, curve.to_json() | {"provisional": busy, "loadavg": load_average()})
     return curve
-
-
-class RankRates:
-    """Running P(the rank-r child is accepted | its parent was accepted and had a rank-r child proposed)."""
-
-    def __init__(self, prior: Sequence[float], strength: float = 20.0):
-        self.hits = [p * strength for p in prior]  # pseudo-counts
-        self.tries = [strength] * len(prior)
-
-    def update(self, tree: Tree, accepted: Sequence[int]) -> None:
-        """accepted: node indices root..last accepted. Each accepted node's proposed children are tries."""
-        on_path = set(accepted)
-        for node in accepted:
-            for child in tree.children(node):
-                r = tree.ranks[child]
-                if r < len(self.tries):
-                    self.tries[r] += 1
-                    self.hits[r] += child in on_path
-
-    def rates(self) -> tuple[float, ...]:
-        """Non-increasing (best_tree needs it), each in (0, 1)."""
-        out, cap = [], 1.0
-        for h, t in zip(self.hits, self.tries):
-            cap = min(cap, max(1e-4, min(0.999, h / t)))
-            out.append(cap)
-        return tuple(out)
