@@ -31,6 +31,8 @@ from specdec.sampling import SamplingParams
 from specdec.trees.tree import Tree
 
 MAX_PROPOSE = 1024  # nodes a row may propose a step (past this the merge's tables alone are gigabytes)
+_NONE = np.zeros(0, dtype=np.int64)
+_ROOT = Tree.chain(0)
 
 
 @dataclass
@@ -62,7 +64,7 @@ class AutoDrafter:
                            max_aux=sum(n.max_aux for n in needs),
                            prefill_hidden=any(n.prefill_hidden for n in needs))
         self._parts: dict[int, list[_Part]] = {}  # slot -> this step's proposals
-        self._merged: dict[int, Draft] = {}  # slot -> this step's merged draft
+        self._merged: dict[int, tuple[Draft, dict]] = {}  # slot -> this step's merged draft, its trie
         self._labels: dict[int, str] = {}  # source bit mask -> its label
 
     # ---- protocol --------------------------------------------------------------------------------------
@@ -103,12 +105,13 @@ class AutoDrafter:
         if parts is None or full is None:  # the loop did not ask for a draft this step (plain step)
             root = Draft.root_only(row.context)
             return [_Part(root, np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)) for _ in self.components]
+        full, trie = full
         if scored.size == full.size:
             return parts
-        child = {(full.tree.parents[i], int(full.tokens[i])): i for i in range(1, full.size)}
         where = [0]  # scored node -> merged node
+        parents, tokens = scored.tree.parents, scored.tokens.tolist()
         for i in range(1, scored.size):
-            where.append(child[(where[scored.tree.parents[i]], int(scored.tokens[i]))])
+            where.append(trie[(where[parents[i]], tokens[i])])
         real, aux_new = keep_map(full, where)
         real_np, aux_np = np.asarray(real, dtype=np.int64), np.asarray(aux_new + [-1], dtype=np.int64)
         n = full.size
@@ -124,32 +127,34 @@ class AutoDrafter:
 
     def _merge(self, slot: int, drafts: list[Draft]) -> Draft:
         root = int(drafts[0].tokens[0])
-        trie: dict[tuple[int, int], int] = {}
+        trie: dict[tuple[int, int], int] = {}  # (parent, token) -> merged node
         parent, token, sources, rank = [-1], [root], [0], [0]  # per trie node
         maps = []
         for c, d in enumerate(drafts):
-            tree = d.tree
-            toks = d.tokens.tolist()
-            mapped = np.zeros(d.size, dtype=np.int64)  # component node -> trie node
+            parents, ranks, toks = d.tree.parents, d.tree.ranks, d.tokens.tolist()
+            mapped = [0] * d.size  # component node -> trie node
+            bit = 1 << c
             for i in range(1, d.size):
-                key = (int(mapped[tree.parents[i]]), toks[i])
+                key = (mapped[parents[i]], toks[i])
                 node = trie.get(key)
                 if node is None:
                     node = trie[key] = len(parent)
                     parent.append(key[0])
                     token.append(key[1])
-                    sources.append(0)
-                    rank.append(tree.ranks[i])
-                sources[node] |= 1 << c
-                rank[node] = min(rank[node], tree.ranks[i])
+                    sources.append(bit)
+                    rank.append(ranks[i])
+                else:
+                    sources[node] |= bit
+                    if ranks[i] < rank[node]:
+                        rank[node] = ranks[i]
                 mapped[i] = node
-            maps.append(mapped)
+            maps.append(np.array(mapped, dtype=np.int64))
         labels = tuple(self._label(b) for b in sources)
-        parts = [_Part(d, m, np.zeros(0, dtype=np.int64)) for d, m in zip(drafts, maps)]
+        parts = [_Part(d, m, _NONE) for d, m in zip(drafts, maps)]
         aux = self._merge_aux(parts, len(parent))
-        self._parts[slot] = parts
         draft = Draft(Tree.from_parents(parent, rank), torch.tensor(token, dtype=torch.long), aux=aux, sources=labels)
-        self._merged[slot] = draft
+        self._parts[slot] = parts
+        self._merged[slot] = (draft, trie)
         return draft
 
     def _label(self, sources: int) -> str:
@@ -192,21 +197,29 @@ class AutoDrafter:
         d = part.draft
         scored_aux = merged.aux is not None  # the loop drops every aux node of a draft it has no room for
         kept = np.flatnonzero(part.to_merged >= 0)  # component indices, parents first (root: 0)
-        own = np.full(d.size, -1, dtype=np.int64)
-        own[kept] = np.arange(len(kept))
-        if len(kept) == d.size:  # nothing of it cut
+        if len(kept) == 1 and (d.aux is None or not scored_aux):  # only the root: what a plain step shows
+            root = torch.zeros(1, dtype=torch.long)  # node 0
+            return Draft(_ROOT, d.tokens[:1]), Feedback(
+                accepted=root, new_tokens=f.new_tokens, topk_tokens=f.topk_tokens[:1], context_len=f.context_len,
+                scores=f.scores, lo=f.lo, n=1, m=0, nodes=root.clone(), aux_nodes=torch.zeros(0, dtype=torch.long),
+                path=f.accepted)
+        kept_list = kept.tolist()
+        own = [-1] * d.size  # component index -> index in the view
+        for j, i in enumerate(kept_list):
+            own[i] = j
+        if len(kept_list) == d.size:  # nothing of it cut
             tree = d.tree
-        elif len(kept) == 1:  # only the root: what a plain step shows
-            tree = Tree.chain(0)
         else:
-            parents = own[np.asarray(d.tree.parents, dtype=np.int64)[kept[1:]]]
-            tree = Tree.from_parents([-1] + parents.tolist(), np.asarray(d.tree.ranks)[kept].tolist())
+            parents, ranks = d.tree.parents, d.tree.ranks
+            tree = Tree.from_parents([-1] + [own[parents[i]] for i in kept_list[1:]], [ranks[i] for i in kept_list])
         merged_idx = part.to_merged[kept]  # [n'] merged index of each kept node
-        position = np.full(merged.size, -1, dtype=np.int64)
-        position[merged_idx] = np.arange(len(kept))
-        accepted = position[path]  # [a] own index of each accepted node; the path leaves them at the first -1
-        off = np.flatnonzero(accepted < 0)
-        accepted = accepted[: off[0]] if off.size else accepted
+        position = dict(zip(merged_idx.tolist(), range(len(kept_list))))  # merged index -> index in the view
+        accepted = []  # own index of each accepted node; the path leaves the component at its first other node
+        for node in path.tolist():
+            if node not in position:
+                break
+            accepted.append(position[node])
+        accepted = np.asarray(accepted, dtype=np.int64)
         aux, aux_idx = None, torch.zeros(0, dtype=torch.long)
         if d.aux is not None and scored_aux and (part.aux_to_merged >= 0).any():
             kept_aux = np.flatnonzero(part.aux_to_merged >= 0)
