@@ -151,6 +151,34 @@ def test_lattice_is_one_distribution_per_position():
     torch.testing.assert_close(alone.logprobs[0], lat.logprobs[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_through_the_cpu_backend_matches_the_torch_block(arch):
+    """At inference the quantised network's block runs `lean_model.GlueOps` (numba norms, rotary and attention,
+    its K/V written after the row's context in the cache): the logits of the torch block (`forward_block`, what
+    training runs) over the same context and inputs, and the context the cache holds is left as it was."""
+    backend = dflash.DFlashBackend(block_net(arch), [2], VOCAB)
+    net = backend.net
+    v = LeanVerifier(target(arch), gemm="linear")
+    row = prompts(1, seed=6)[0]
+    v.reset(1, 64)
+    backend.reset(0)
+    backend.observe_hidden(0, 0, v.prefill(0, torch.tensor(row[:-1]), hidden_layers=net.cfg.feature_layers))
+    backend.flush(0)
+    context = len(row) - 1
+    k = 5
+    positions = (context + torch.arange(k + 1))[None]  # [1, k + 1]: the root at the context's end
+    x = net.block_inputs(torch.tensor(row[-1:]), backend._last[0][None], k)
+    with torch.inference_mode():
+        held = [(kc.clone(), vc.clone()) for kc, vc in backend.context(0)]
+        torch_block = net.forward_block(x, positions, backend.context(0))
+        backend.cache.reserve(context + k + 1)
+        cached = net.forward_cached(x, positions, backend.cache, [0], [context])
+    assert cached.shape == torch_block.shape == (1, k, VOCAB // 2)
+    torch.testing.assert_close(cached, torch_block, atol=1e-4, rtol=1e-4)
+    for (kc, vc), (k_was, v_was) in zip(backend.context(0), held):
+        assert torch.equal(kc, k_was) and torch.equal(vc, v_was)
+
+
 def test_block_drafter_drafts_no_deeper_than_its_row_allows():
     """`DraftRow.depth`: the block has no mask position deeper than the sizer could score; depth 0 drafts nothing."""
     arch = "llama"

@@ -10,8 +10,8 @@ Weights are the model's own tensors, no copies.
 GEMM orientation per shape and row count comes from a `GemmPlan` (`specdec.verifiers.gemm`).
 Attention is either batched (one key range and mask per window for all rows: the draft model's runner) or,
 with `Step.rows` (the verifier's ragged batches), row by row over each row's own key range.
-`run_layers` is the one layer loop; its backends (`TorchOps` and subclasses, `_GlueOps`) own the steps. With
-GGUF-native weights (`quant`) on fp32 rows, the verifier's row-by-row calls run `_GlueOps`: the quantised kernel
+`run_layers` is the one layer loop; its backends (`TorchOps` and subclasses, `GlueOps`) own the steps. With
+GGUF-native weights (`quant`) on fp32 rows, the verifier's row-by-row calls run `GlueOps`: the quantised kernel
 for the linears and `specdec.verifiers.glue`'s fused row-wise kernels for the norms, rotary, K/V writes,
 residual joins (one call where torch dispatches ~20 small ops a layer) and attention.
 `KVCache` is the one KV cache every forward writes (the verifier's slots, each draft-model sequence, the diffusion
@@ -111,7 +111,7 @@ class _Layer:
 
 
 @dataclass(frozen=True)
-class _GlueNorms:
+class GlueNorms:
     """One layer's norm scales as numpy views of `_Layer`'s tensors, for the `glue` kernels."""
 
     in_norm: np.ndarray  # [hidden]
@@ -122,9 +122,9 @@ class _GlueNorms:
     k_norm: np.ndarray | None  # [head_dim]
 
     @staticmethod
-    def of(lw: _Layer) -> "_GlueNorms":
+    def of(lw: _Layer) -> "GlueNorms":
         view = lambda t: None if t is None else t.detach().float().contiguous().numpy()  # noqa: E731
-        return _GlueNorms(view(lw.in_norm), view(lw.post_attn_norm), view(lw.ff_norm), view(lw.post_ff_norm),
+        return GlueNorms(view(lw.in_norm), view(lw.post_attn_norm), view(lw.ff_norm), view(lw.post_ff_norm),
                           view(lw.q_norm), view(lw.k_norm))
 
 
@@ -196,8 +196,8 @@ class LeanModel:
             raise ValueError(f"quantised weights for modules the model does not have: {sorted(unused)[:3]}")
         self._inv_freq = _inv_freqs(base.rotary_emb, set(arch.rope_kinds))
         self._gqa = bool(arch.num_heads != arch.num_kv_heads)
-        # GGUF-native weights on fp32 rows: the layers run through `glue` (`_GlueOps`)
-        self._glue = [_GlueNorms.of(lw) for lw in self.layers] if self._quant and self.dtype == torch.float32 else None
+        # GGUF-native weights on fp32 rows: the layers run through `glue` (`GlueOps`)
+        self._glue = [GlueNorms.of(lw) for lw in self.layers] if self._quant and self.dtype == torch.float32 else None
         self._glue_final = None if self._glue is None else self.final_norm.contiguous().numpy()
 
     @property
@@ -214,7 +214,7 @@ class LeanModel:
 
     @property
     def glued(self) -> bool:
-        """Whether a step with `Step.rows` (and no tree kernel) runs the row-wise numba forward (`_GlueOps`):
+        """Whether a step with `Step.rows` (and no tree kernel) runs the row-wise numba forward (`GlueOps`):
         GGUF-native weights on fp32 rows."""
         return self._glue is not None
 
@@ -325,7 +325,7 @@ class LeanModel:
         if embeds is not None:
             x = x.index_copy(0, embeds[0], embeds[1].to(x.dtype))
         if self._glue is not None and step.rows is not None and step.rows.trees is None:
-            ops = _GlueOps(self, positions, step.rows, caches, rope)
+            ops = GlueOps(a, self._glue, self._glue_final, positions, step.rows, caches, rope)
         else:
             ops = _CacheOps(self, positions, step, caches, rope)
         hidden = run_layers(ops, self.layers, x, capture)  # [B*n or R, hidden]
@@ -345,7 +345,7 @@ def run_layers(ops, layers: list, x, capture: dict[int, torch.Tensor | None] | N
     draft model, the diffusion drafter's block, the lexical drafter's training). x [M, hidden] the residual
     stream entering layer 0 -> [M, hidden] final normed states (a tensor).
 
-    `ops` is the backend (`TorchOps` and its subclasses: torch tensors, autograd-safe; `_GlueOps`: numpy rows
+    `ops` is the backend (`TorchOps` and its subclasses: torch tensors, autograd-safe; `GlueOps`: numpy rows
     through the numba kernels) and owns everything but the order of the steps: the norm scales (`ops.norms[i]`,
     `ops.final`), the projections (`layers[i].qkv` / `.o` / `.gate_up` / `.down`: lists of callables the backend
     knows), where K/V go and what each query attends over. capture: as `LeanModel.forward`'s."""
@@ -492,15 +492,20 @@ class _CacheOps(TorchOps):
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-class _GlueOps:
-    """The lean forward's numba backend (GGUF-native weights on fp32 rows, `Step.rows` without the tree kernel):
-    numpy rows, the quantised kernel for the linears, `glue` for norms, rotary, cache writes and residual joins
-    (one call each instead of ~20 torch ops a layer) and attention (`glue.attend`: each node over the keys it
-    sees, in cache order), torch for the activation. The same values for a node whatever else the call holds."""
+class GlueOps:
+    """`run_layers`' numba backend on CPU fp32 rows (the verifier's GGUF-native forward with `Step.rows` and no
+    tree kernel; the diffusion drafter's block at inference): numpy rows, the quantised kernel for the linears,
+    `glue` for norms, rotary, cache writes and residual joins (one call each instead of ~20 torch ops a layer) and
+    attention (`glue.attend`: each node over the keys `rows.ranges` gives it, in cache order), torch for the
+    activation. The same values for a node whatever else the call holds.
 
-    def __init__(self, lean: LeanModel, positions: torch.Tensor, rows: RowSpans, caches, rope):
-        self.arch, self.eps, self.caches = lean.arch, np.float32(lean.arch.eps), caches
-        self.norms, self.final = lean._glue, lean._glue_final
+    norms: per layer `GlueNorms`; final: the final norm's scale [hidden]; positions [R] rotary positions;
+    caches: per layer (k, v) [slots, Hkv, max_len, D] float32; rope: kind -> (cos, sin) [max_len, D]."""
+
+    def __init__(self, arch: Arch, norms: list["GlueNorms"], final: np.ndarray, positions: torch.Tensor,
+                 rows: RowSpans, caches, rope):
+        self.arch, self.eps, self.caches = arch, np.float32(arch.eps), caches
+        self.norms, self.final = norms, final
         self.pos = positions.reshape(-1).contiguous().numpy()  # [R]
         self.node_slot, self.node_write = rows.node_slot.numpy(), rows.node_write.numpy()  # [R] each
         self.tables = {kind: (c.numpy(), s.numpy()) for kind, (c, s) in rope.items()}  # [max_len, D] each
@@ -525,7 +530,7 @@ class _GlueOps:
         gate, up = torch.from_numpy(gate_up).chunk(2, dim=-1)
         return (activate(gate, self.arch.activation) * up).numpy()
 
-    def qk_rope_write(self, i: int, qkv: np.ndarray, g: "_GlueNorms") -> np.ndarray:  # -> q [R, Hq, D]
+    def qk_rope_write(self, i: int, qkv: np.ndarray, g: "GlueNorms") -> np.ndarray:  # -> q [R, Hq, D]
         a, (cos, sin) = self.arch, self.tables[self.arch.rope_kinds[i]]
         return glue.qk_rope_write(qkv, a.num_heads, a.num_kv_heads, a.head_dim, g.q_norm, g.k_norm, self.eps,
                                   cos, sin, self.pos, self.caches[i][0].numpy(), self.caches[i][1].numpy(),

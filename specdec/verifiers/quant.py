@@ -635,7 +635,7 @@ def qmatmul_np(x: np.ndarray, w: QuantWeight, narrow: bool | None = None) -> np.
 class QuantLinear:
     """``y = x @ dequant(weight).T + bias`` through the weight's own kernel (`QuantWeight.matmul`: the gguf
     format; `q8act.Q8Weight.matmul`: the q8act format); the `Linear` interface of the lean forward, and `rows`
-    for the glued forward's numpy rows (`specdec.verifiers.lean_model._GlueOps`)."""
+    for the glued forward's numpy rows (`specdec.verifiers.lean_model.GlueOps`)."""
 
     def __init__(self, weight, bias: torch.Tensor | None = None):  # weight: QuantWeight | q8act.Q8Weight
         self.quant = weight

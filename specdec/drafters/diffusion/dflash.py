@@ -37,8 +37,8 @@ from specdec.drafters.diffusion.backend import Lattice
 from specdec.drafters.weights_file import FLOATS, INTS, WeightsFile
 from specdec.errors import SpecdecError
 from specdec.verifiers import glue
-from specdec.verifiers.lean_model import (KVCache, TorchOps, apply_rope, layer_norms, norm_scale, read_arch, rms_norm,
-                                          run_layers)
+from specdec.verifiers.lean_model import (GlueNorms, GlueOps, KVCache, RowSpans, TorchOps, apply_rope, layer_norms,
+                                          norm_scale, read_arch, rms_norm, run_layers)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -96,6 +96,7 @@ class BlockDrafter(torch.nn.Module):
                              persistent=False)
         self.rope_scaling = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
         self.fast: _Q8Linears | None = None  # `quantize`
+        self._glue: tuple[list[GlueNorms], np.ndarray] | None = None  # `quantize`: the layers' and final norms
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) [n, D] of positions 0..n-1
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [n] -> cos/sin [n, 1, D]
@@ -119,6 +120,8 @@ class BlockDrafter(torch.nn.Module):
             layer.fast = _Q8Linears({"qkv": torch.cat([layer.q, layer.k, layer.v]), "kv": torch.cat([layer.k, layer.v]),
                                      "o": layer.o, "gate_up": torch.cat([layer.gate, layer.up]),
                                      "down": layer.down})
+        self._glue = ([GlueNorms.of(layer) for layer in self.layers],
+                      self.final_norm.detach().float().contiguous().numpy())
         return self
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, F*H] concatenated layers -> [n, H]
@@ -152,6 +155,26 @@ class BlockDrafter(torch.nn.Module):
         out = run_layers(ops, layers, x.reshape(b * s, h)).view(b, s, h)[:, 1:]  # [B, s - 1, H]
         return out @ self.head.T if self.fast is None else self.fast("head", out)
 
+    def forward_cached(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: Sequence[int],
+                       lengths: Sequence[int]) -> torch.Tensor:
+        """`forward_block` at inference after `quantize`, through the verifier's CPU backend (`GlueOps`: numba
+        norms, rotary, attention, the q8act linears): blocks x [B, s, H] at positions [B, s]; row b's context is
+        the first lengths[b] entries of cache slot slots[b], and its block's K/V are written right after them
+        (past what the context holds: the next `DFlashBackend.flush` writes over them). -> logits [B, s - 1, V']."""
+        b, s, h = x.shape
+        assert self.fast is not None and self._glue is not None, "forward_cached runs a quantised network"
+        node_slot = torch.tensor(list(slots), dtype=torch.long).repeat_interleave(s)  # [B*s]
+        node_write = (torch.tensor(list(lengths), dtype=torch.long)[:, None] + torch.arange(s)[None]).view(-1)
+        spans = [(0, int(n) + s, None) for n in lengths]  # every context key and the whole block (bidirectional)
+        windows = {self.arch.windows[i] for i in range(len(self.layers))}
+        rows = RowSpans(list(slots), [r * s for r in range(b + 1)], node_slot, node_write, {w: spans for w in windows})
+        self.rope(positions.reshape(-1))  # the table covers every position
+        ops = GlueOps(self.arch, self._glue[0], self._glue[1], positions.reshape(-1), rows, cache.layers,
+                      {kind: self._rope for kind in self.arch.rope_kinds})
+        layers = [layer.glue_projections() for layer in self.layers]
+        out = run_layers(ops, layers, x.reshape(b * s, h).float()).view(b, s, h)[:, 1:]  # [B, s - 1, H]
+        return self.fast("head", out)
+
 
 @dataclass(frozen=True)
 class _Projections:
@@ -182,6 +205,11 @@ class _DraftLayer(torch.nn.Module):
         """The layer's linears as `run_layers` reads them."""
         return _Projections(self._linears("q+k+v"), self._linears("o")[0], self._linears("gate+up"),
                             self._linears("down")[0])
+
+    def glue_projections(self) -> "_Projections":
+        """The quantised linears as `GlueOps` reads them: the q8act kernels themselves (numpy rows in and out)."""
+        lins = [self.fast.glue(name) for name in ("qkv", "o", "gate_up", "down")]
+        return _Projections([lins[0]], lins[1], [lins[2]], lins[3])
 
     def _linears(self, names: str) -> list:
         """The weights `names` ("q+k+v") as callables x [M, H] -> [M, N]: one per weight, or one stacked kernel
@@ -252,6 +280,11 @@ class _Q8Linears:
                 continue
             raw = quants.quantize(w.numpy(), GGMLQuantizationType.Q8_0)
             self.lins[name] = QuantLinear(from_quant(unpack("Q8_0", raw, *w.shape)))
+
+    def glue(self, name: str):
+        """The weight as `lean_model.GlueOps` projects with: the `QuantLinear`, or a torch callable (fp32)."""
+        lin = self.lins[name]
+        return (lambda x: F.linear(x.float(), lin)) if isinstance(lin, torch.Tensor) else lin
 
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:  # x [..., K] -> [..., N] float32
         lin = self.lins[name]
@@ -414,7 +447,12 @@ class DFlashBackend:
         starts = torch.tensor([len(r.context) - 1 for r in rows])  # the roots' positions
         positions = starts[:, None] + torch.arange(k + 1)[None]  # [B, k + 1]
         x = self.net.block_inputs(roots, torch.stack([self._last[r.slot] for r in rows]), k)
-        logits = self.net.forward_block(x, positions, ctx)  # [B, k, V']
+        if self.net.fast is not None:  # the block's K/V go after each row's context
+            self.cache.reserve(int(positions.max()) + 1)
+            logits = self.net.forward_cached(x, positions, self.cache, [r.slot for r in rows],
+                                             [self._len[r.slot] for r in rows])
+        else:
+            logits = self.net.forward_block(x, positions, ctx)  # [B, k, V']
         return Lattice(torch.log_softmax(logits.float(), dim=-1), self.net.vocab_ids)
 
 
