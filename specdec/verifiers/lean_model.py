@@ -1,4 +1,4 @@
-"""The lean forward of Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 3 (text) decoders, on the loaded transformers model's own weights.
+"""The lean forward of Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 3 (text) decoders, on the model's own weights.
 
 One function of (tokens, positions, KV write indices, masks) -> hidden states, in the gpt-fast manner: no
 module hooks, no cache objects, masks and positions passed in, the KV written by position into preallocated
@@ -633,18 +633,20 @@ def _inv_freqs(rotary: torch.nn.Module, kinds: set[str]) -> dict[str, tuple[torc
 
 
 class KVCache:
-    """The KV cache of every forward: the verifier's slots, each draft-model sequence (`DraftRunner`), the diffusion
-    drafter's per-slot context (`DFlashBackend`).
-    
-    Per layer a (keys, values) pair of [slots, Hkv, S, D] tensors on one device; a slot's committed tokens sit at cache
-    index = position, and the nodes a call scores after them at `length + j`. It grows by doubling (keeping what it
-    holds) up to the model's positions, and `keep` moves the accepted nodes' entries to follow the committed ones.
-    Zeros, not empty memory: masked keys past a row's end must not hold NaN/inf (0 * NaN poisons an output)."""
+    """The KV cache of every forward: the verifier's slots, each draft-model sequence (`DraftRunner`), the
+    diffusion drafter's per-slot context (`DFlashBackend`).
+
+    Per layer a (keys, values) pair of [slots, Hkv, S, D] tensors on one device; a slot's committed tokens sit at
+    cache index = position, and the nodes a call scores after them at `length + j`. It grows by doubling (keeping
+    what it holds) up to the model's positions, and `keep` moves the accepted nodes' entries to follow the
+    committed ones. Zeros, not empty memory: masked keys past a row's end must not hold NaN/inf (0 * NaN poisons an
+    output)."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
                  max_positions: int, round_to: int = 1):
         self.shape = (layers, kv_heads, head_dim)
-        self.dtype, self.device, self.max_positions, self.round_to = dtype, torch.device(device), max_positions, round_to
+        self.dtype, self.device = dtype, torch.device(device)
+        self.max_positions, self.round_to = max_positions, round_to
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (k, v) [slots, Hkv, S, D]
         self.capacity = 0  # positions a slot holds (S may be rounded up past it)
 
