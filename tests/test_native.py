@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from conftest import VOCAB, add_byte_vocab, hf_greedy, make_tiny_model, random_prompts
 from specdec.api import SpecDecoder
 from specdec.errors import SpecdecError
-from specdec.models.native import RowTable, load_native
+from specdec.models.native import load_native
+from specdec.verifiers.quant import RowTable
 from specdec.verifiers.quant import QuantWeight
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3"}

@@ -5,7 +5,8 @@ GGUF's config and its module tree named as transformers names it, with the norms
 stores as F32 / F16 / BF16 as real fp32 tensors read from the file; every quantised linear stays on meta and is
 served by `LoadedModel.quant` (the file's blocks read and unpacked slice by slice for the kernel,
 `specdec.verifiers.quant` / `q8act`, a layer's q/k/v and gate/up as views of one stacked weight), and a quantised
-token embedding by a `RowTable` that dequantises the rows a step asks for straight from the memory-mapped file.
+token embedding by a `quant.RowTable` that dequantises the rows a step asks for straight from the memory-mapped
+file.
 Nothing computes with the model itself: the lean forward (`specdec.verifiers.lean_model`) reads it.
 
 This module owns the small cache entry of each GGUF (`<cache>/models/<name>.gguf-meta/`: config, tokenizer,
@@ -63,8 +64,8 @@ from specdec.models.loading import (
     remove_stale_staging,
 )
 from specdec.verifiers.q8act import from_quant
-from specdec.verifiers.quant import (QuantWeight, dequantize, pack_nibbles, split_stacked, stacked, take_rows,
-                                     unpack, unpack_rows)
+from specdec.verifiers.quant import (QuantWeight, RowTable, dequantize, pack_nibbles, split_stacked, stacked,
+                                     take_rows, unpack, unpack_rows)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -76,32 +77,6 @@ _CHECK_VERSION = 5  # bump when what the entry holds or its check covers changes
 # 5: tokenizer.json without indentation)
 _META = ".gguf-meta"
 _CHECK_ROWS = 16384  # rows of a tensor checked at a time
-
-
-class RowTable:
-    """A [V, H] matrix kept as the GGUF's raw blocks (a memory map of the file): `rows(ids)` dequantises the
-    rows asked for with gguf-py, the values a dequantised copy would hold, without the copy."""
-
-    def __init__(self, entry: TensorEntry):
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-        self.kind = entry.kind
-        self._qtype = GGMLQuantizationType[entry.kind]
-        block, size = GGML_QUANT_SIZES[self._qtype]
-        cols, rows = entry.shape[:2]
-        self.shape = (rows, cols)
-        self._raw = entry.data.reshape(rows, cols // block * size)  # [V, bytes a row], mapped
-        self.file_bytes = int(entry.data.size)
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int64 -> [..., H] float32
-        from gguf import dequantize as gguf_dequantize
-
-        flat = ids.reshape(-1).cpu().numpy()
-        values = gguf_dequantize(self._raw[flat], self._qtype).reshape(len(flat), self.shape[1])
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(*ids.shape, self.shape[1])
-
-    def dense(self) -> torch.Tensor:  # [V, H] float32: the whole table (what a trainer needs)
-        return self.rows(torch.arange(self.shape[0]))
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ instead (`narrow_schedule`, the same values). Timings of both: docs/benchmarks.m
 
 Threads: numba's, set by the caller (`numba.set_num_threads`); results do not depend on their number. The
 tiles are numba's prange iterations (equal blocks per thread), so a call asks numba nothing about its threads.
+
+`RowTable` keeps a quantised token embedding as the file's blocks and dequantises only the rows a step reads.
 """
 
 from __future__ import annotations
@@ -657,3 +659,30 @@ class QuantLinear:
     def rows(self, x: np.ndarray) -> np.ndarray:  # x [m, in] float32 -> [m, out] float32, on numpy rows
         y = self.quant.matmul(x)
         return y if self._bias_np is None else y + self._bias_np
+
+
+class RowTable:
+    """A [V, H] matrix kept as the GGUF's raw blocks (a memory map of the file; the token embedding): `rows(ids)`
+    dequantises the rows asked for with gguf-py, the values a dequantised copy would hold, without the copy.
+    entry: the tensor's `specdec.models.gguf_weights.TensorEntry` (kind, shape as the file gives it, data)."""
+
+    def __init__(self, entry):
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        self.kind = entry.kind
+        self._qtype = GGMLQuantizationType[entry.kind]
+        block, size = GGML_QUANT_SIZES[self._qtype]
+        cols, rows = entry.shape[:2]
+        self.shape = (rows, cols)
+        self._raw = entry.data.reshape(rows, cols // block * size)  # [V, bytes a row], mapped
+        self.file_bytes = int(entry.data.size)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int64 -> [..., H] float32
+        from gguf import dequantize as gguf_dequantize
+
+        flat = ids.reshape(-1).cpu().numpy()
+        values = gguf_dequantize(self._raw[flat], self._qtype).reshape(len(flat), self.shape[1])
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(*ids.shape, self.shape[1])
+
+    def dense(self) -> torch.Tensor:  # [V, H] float32: the whole table (what a trainer needs)
+        return self.rows(torch.arange(self.shape[0]))
