@@ -442,8 +442,7 @@ class DFlashBackend:
         roots = torch.stack([r.context[-1] for r in rows])
         for r in rows:
             self.flush(r.slot)
-        per_row = [self.context(r.slot) for r in rows]  # row -> layer -> (k, v)
-        ctx = [[layers[li] for layers in per_row] for li in range(len(self.net.layers))]  # layer -> row -> (k, v)
+        per_row = [self.context(r.slot) for r in rows]  # row -> layer -> (k, v); raises for a row without context
         starts = torch.tensor([len(r.context) - 1 for r in rows])  # the roots' positions
         positions = starts[:, None] + torch.arange(k + 1)[None]  # [B, k + 1]
         x = self.net.block_inputs(roots, torch.stack([self._last[r.slot] for r in rows]), k)
@@ -452,6 +451,7 @@ class DFlashBackend:
             logits = self.net.forward_cached(x, positions, self.cache, [r.slot for r in rows],
                                              [self._len[r.slot] for r in rows])
         else:
+            ctx = [[layers[li] for layers in per_row] for li in range(len(self.net.layers))]  # layer -> row -> (k, v)
             logits = self.net.forward_block(x, positions, ctx)  # [B, k, V']
         return Lattice(torch.log_softmax(logits.float(), dim=-1), self.net.vocab_ids)
 
